@@ -1,0 +1,571 @@
+"""MPT decoder in Flax NNX with llm-foundry's exact math.
+
+Shape legend: B batch, S sequence, D d_model, H heads, G kv heads, N = H + 2G fused qkv heads,
+K head dim, F FFN width, V vocab, L layers.
+
+Parameters carry logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `qkv_heads`, `kv`
+(head dim), `mlp`, `layers`) as `out_sharding` metadata; [train] maps them onto a mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mpt_jax import attention as attention_lib
+from mpt_jax import hf_checkpoint
+from mpt_jax.config import InitConfig, ModelConfig, param_shapes
+
+Initializer = Callable[[jax.Array, tuple[int, ...]], jax.Array]
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialization (llm-foundry's param_init_fns.py)
+
+
+def _gain(init: InitConfig) -> float:
+    if init.init_nonlinearity == "relu":
+        return math.sqrt(2.0)
+    if init.init_nonlinearity == "leaky_relu":
+        return math.sqrt(2.0 / (1.0 + init.init_gain**2))
+    return 1.0
+
+
+def _residual_divisor(cfg: ModelConfig) -> float:
+    init = cfg.init_config
+    if init.name == "neox_init_":
+        return cfg.n_layers / math.sqrt(10)
+    if init.init_div_is_residual is True:
+        return math.sqrt(2 * cfg.n_layers)
+    if init.init_div_is_residual is False:
+        return 1.0
+    return float(init.init_div_is_residual)
+
+
+def weight_init(
+    cfg: ModelConfig, *, fan_in: int, fan_out: int, residual: bool = False
+) -> Initializer:
+    """Initializer for a matrix or embedding with torch fans `fan_in`, `fan_out`."""
+    init = cfg.init_config
+    divisor = _residual_divisor(cfg) if residual else 1.0
+
+    def normal(std: float) -> Initializer:
+        return lambda key, shape: (std / divisor) * jax.random.normal(key, shape, jnp.float32)
+
+    if init.name in ("kaiming_normal_", "kaiming_uniform_"):
+        fan = fan_in if init.fan_mode == "fan_in" else fan_out
+        std = _gain(init) / math.sqrt(fan)
+        if init.name == "kaiming_normal_":
+            return normal(std)
+        bound = math.sqrt(3.0) * std / divisor
+        return lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+    if init.name == "baseline_":
+        return normal(init.init_std)
+    return normal(math.sqrt(2.0 / (5 * cfg.d_model)))  # small_init_, neox_init_
+
+
+def embedding_init(cfg: ModelConfig, n_rows: int) -> Initializer:
+    """llm-foundry's rule: emb_init_std, else emb_init_uniform_lim, else the weight init."""
+    init = cfg.init_config
+    if init.emb_init_std is not None:
+        std = init.emb_init_std
+        return lambda key, shape: std * jax.random.normal(key, shape, jnp.float32)
+    lim = init.emb_init_uniform_lim
+    if lim is not None:
+        low, high = (-lim, lim) if isinstance(lim, int | float) else lim
+        return lambda key, shape: jax.random.uniform(key, shape, jnp.float32, low, high)
+    # torch's kaiming on an (n_rows, D) embedding: fan_in = D, fan_out = n_rows
+    return weight_init(cfg, fan_in=cfg.d_model, fan_out=n_rows)
+
+
+def _param(value: jax.Array, names: tuple[str | None, ...], dtype: Any) -> nnx.Param:
+    return nnx.Param(value.astype(dtype), sharding_names=names, eager_sharding=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias); kernel shape in_shape + out_shape, contracted over in_shape."""
+
+    def __init__(
+        self,
+        in_shape: tuple[int, ...],
+        out_shape: tuple[int, ...],
+        names: tuple[str | None, ...],
+        init: Initializer,
+        *,
+        use_bias: bool,
+        dtype: Any,
+        param_dtype: Any,
+        rngs: nnx.Rngs,
+    ):
+        self.n_in = len(in_shape)
+        self.dtype = dtype
+        self.kernel = _param(init(rngs.params(), in_shape + out_shape), names, param_dtype)
+        zeros = jnp.zeros(out_shape, jnp.float32)
+        self.bias = _param(zeros, names[self.n_in :], param_dtype) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...].astype(self.dtype)
+        contract = tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())))
+        if self.bias is not None:
+            y = y + _leading_ones(self.bias[...].astype(self.dtype), y.ndim)
+        return y
+
+
+def _leading_ones(p: jax.Array, ndim: int) -> jax.Array:
+    """Reshape a trailing-axes parameter to rank `ndim` (explicit broadcasting)."""
+    return p.reshape((1,) * (ndim - p.ndim) + p.shape)
+
+
+class Norm(nnx.Module):
+    """LayerNorm / RMSNorm over the last axis; `low_precision_*` runs in the compute dtype.
+
+    The plain variants compute and return float32, as torch autocast does; the low-precision
+    ones cast input and parameters to the compute dtype (statistics still in float32).
+    """
+
+    def __init__(self, width: int, cfg: ModelConfig, *, names, dtype: Any, param_dtype: Any):
+        self.rms = cfg.norm_type.endswith("rmsnorm")
+        self.eps = cfg.norm_eps
+        self.dtype = dtype if cfg.norm_type.startswith("low_precision") else jnp.float32
+        self.scale = _param(jnp.ones((width,), jnp.float32), names, param_dtype)
+        has_bias = not cfg.no_bias and not self.rms
+        zeros = jnp.zeros((width,), jnp.float32)
+        self.bias = _param(zeros, names, param_dtype) if has_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(self.dtype).astype(jnp.float32)
+        if self.rms:
+            y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        else:
+            mean = jnp.mean(x32, axis=-1, keepdims=True)
+            var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+            y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y.astype(self.dtype) * _leading_ones(self.scale[...].astype(self.dtype), y.ndim)
+        if self.bias is not None:
+            y = y + _leading_ones(self.bias[...].astype(self.dtype), y.ndim)
+        return y
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    if not rate or key is None:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+class Attention(nnx.Module):
+    """Fused-QKV attention (MHA / MQA / GQA) with clip_qkv, qk_ln and ALiBi."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, H, G, K = cfg.d_model, cfg.n_heads, cfg.num_kv_heads, cfg.head_dim
+        N = H + 2 * G
+        common = dict(use_bias=not cfg.no_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # fan_out is per head: llm-foundry initializes the fused Wqkv head slice by head slice
+        self.Wqkv = Dense(
+            (D,),
+            (N, K),
+            ("embed", "qkv_heads", "kv"),
+            weight_init(cfg, fan_in=D, fan_out=K),
+            **common,
+        )
+        norm = dict(dtype=dtype, param_dtype=param_dtype, names=(None,))
+        self.q_ln = Norm(H * K, cfg, **norm) if cfg.qk_ln else None
+        self.k_ln = Norm(G * K, cfg, **norm) if cfg.qk_ln else None
+        self.out_proj = Dense(
+            (H, K),
+            (D,),
+            ("heads", "kv", "embed"),
+            weight_init(cfg, fan_in=H * K, fan_out=D, residual=True),
+            **common,
+        )
+        self.dtype = dtype
+        # static python floats: constants of the compiled step, not parameters
+        self.slopes = (
+            tuple(attention_lib.alibi_slopes(H, cfg.alibi_bias_max).tolist()) if cfg.alibi else None
+        )
+
+    def __call__(
+        self, x_BSD: jax.Array, segment_ids: jax.Array | None, key: jax.Array | None
+    ) -> jax.Array:
+        cfg = self.cfg
+        B, S, _ = x_BSD.shape
+        H, G, K = cfg.n_heads, cfg.num_kv_heads, cfg.head_dim
+        qkv_BSNK = self.Wqkv(x_BSD)
+        if cfg.clip_qkv is not None:
+            qkv_BSNK = jnp.clip(qkv_BSNK, -cfg.clip_qkv, cfg.clip_qkv)
+        q_BSHK, k_BSGK, v_BSGK = jnp.split(qkv_BSNK, [H, H + G], axis=2)
+        if self.q_ln is not None:
+            q_BSHK = self.q_ln(q_BSHK.reshape(B, S, H * K)).astype(self.dtype).reshape(B, S, H, K)
+            k_BSGK = self.k_ln(k_BSGK.reshape(B, S, G * K)).astype(self.dtype).reshape(B, S, G, K)
+        out_BSHK = attention_lib.attention(
+            q_BSHK,
+            k_BSGK,
+            v_BSGK,
+            alibi_slopes=None if self.slopes is None else np.asarray(self.slopes, np.float32),
+            segment_ids=segment_ids if cfg.attn_uses_sequence_id else None,
+            causal=True,
+            impl=cfg.attn_impl,
+            softmax_scale=cfg.resolved_softmax_scale,
+            dropout_rate=cfg.attn_pdrop if key is not None else 0.0,
+            dropout_key=key,
+        )
+        return self.out_proj(out_BSHK)
+
+
+_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
+class FFN(nnx.Module):
+    """mptmlp: down(act(up(x))); mptglu: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        D, F = cfg.d_model, cfg.ffn_hidden
+        common = dict(use_bias=not cfg.no_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        up_init = weight_init(cfg, fan_in=D, fan_out=F)
+        self.up_proj = Dense((D,), (F,), ("embed", "mlp"), up_init, **common)
+        glu = cfg.ffn_type == "mptglu"
+        self.gate_proj = Dense((D,), (F,), ("embed", "mlp"), up_init, **common) if glu else None
+        down_init = weight_init(cfg, fan_in=F, fan_out=D, residual=True)
+        self.down_proj = Dense((F,), (D,), ("mlp", "embed"), down_init, **common)
+        self.act = cfg.ffn_act_fn
+
+    def __call__(self, x_BSD: jax.Array) -> jax.Array:
+        act = _ACTIVATIONS[self.act]
+        if self.gate_proj is None:
+            return self.down_proj(act(self.up_proj(x_BSD)))
+        return self.down_proj(act(self.gate_proj(x_BSD)) * self.up_proj(x_BSD))
+
+
+class Block(nnx.Module):
+    """Pre-LN transformer block."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        norm = dict(names=("embed",), dtype=dtype, param_dtype=param_dtype)
+        self.norm_1 = Norm(cfg.d_model, cfg, **norm)
+        self.attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm_2 = Norm(cfg.d_model, cfg, **norm)
+        self.ffn = FFN(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.resid_pdrop = cfg.resid_pdrop
+
+    def __call__(
+        self, x_BSD: jax.Array, segment_ids: jax.Array | None, key: jax.Array | None
+    ) -> jax.Array:
+        k_attn, k_resid_attn, k_resid_ffn = (
+            jax.random.split(key, 3) if key is not None else [None] * 3
+        )
+        h_BSD = self.attn(self.norm_1(x_BSD), segment_ids, k_attn)
+        x_BSD = x_BSD + _dropout(h_BSD, self.resid_pdrop, k_resid_attn)
+        h_BSD = self.ffn(self.norm_2(x_BSD))
+        return x_BSD + _dropout(h_BSD, self.resid_pdrop, k_resid_ffn)
+
+
+class Embedding(nnx.Module):
+    """A lookup table (rows, D); also the tied output projection."""
+
+    def __init__(
+        self, rows: int, width: int, init: Initializer, *, names, param_dtype: Any, rngs: nnx.Rngs
+    ):
+        self.embedding = _param(init(rngs.params(), (rows, width)), names, param_dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+
+class MPTForCausalLM(nnx.Module):
+    """MPT decoder with its LM head: `model(input_ids)` -> logits (B, S, V)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+    ):
+        cfg = self.config = config
+        self.dtype = dtype
+        D = cfg.d_model
+        V, S_max = cfg.vocab_size, cfg.max_seq_len
+        self.wte = Embedding(
+            V,
+            D,
+            embedding_init(cfg, V),
+            names=("vocab", "embed"),
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.wpe = (
+            Embedding(
+                S_max,
+                D,
+                embedding_init(cfg, S_max),
+                names=(None, "embed"),
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
+            if cfg.learned_pos_emb
+            else None
+        )
+        block_keys = jax.random.split(rngs.params(), cfg.n_layers)
+
+        def make_block(key: jax.Array) -> Block:
+            return Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(params=key))
+
+        if cfg.scan_layers:
+            stack = nnx.vmap(
+                make_block, in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"}
+            )
+            self.blocks = stack(block_keys)
+        else:
+            self.blocks = nnx.List([make_block(block_keys[i]) for i in range(cfg.n_layers)])
+        self.norm_f = Norm(D, cfg, names=("embed",), dtype=dtype, param_dtype=param_dtype)
+        self.lm_head = (
+            Dense(
+                (D,),
+                (V,),
+                ("embed", "vocab"),
+                weight_init(cfg, fan_in=D, fan_out=V),
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
+            if not cfg.tie_word_embeddings
+            else None
+        )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        *,
+        segment_ids: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array:
+        """input_ids (B, S) ints -> logits (B, S, V) in the compute dtype.
+
+        segment_ids (B, S) masks attention across packed documents when the config has
+        attn_uses_sequence_id; dropout runs only when dropout_key is given.
+        """
+        cfg = self.config
+        S = input_ids.shape[1]
+        if cfg.max_seq_len < S:
+            raise ValueError(
+                f"input_ids: sequence length {S} exceeds model.max_seq_len ({cfg.max_seq_len})"
+            )
+        x_BSD = self.wte(input_ids)
+        if self.wpe is not None:
+            x_BSD = x_BSD + self.wpe.embedding[:S][None]
+        if cfg.embedding_fraction < 1.0:
+            f = cfg.embedding_fraction
+            x_BSD = x_BSD * f + jax.lax.stop_gradient(x_BSD) * (1.0 - f)
+        emb_key = block_key = None
+        if dropout_key is not None:
+            emb_key, block_key = jax.random.split(dropout_key)
+        x_BSD = _dropout(x_BSD, cfg.emb_pdrop, emb_key)
+        x_BSD = self._blocks(x_BSD, segment_ids, block_key)
+        h_BSD = self.norm_f(x_BSD).astype(self.dtype)
+        if self.lm_head is None:
+            wte_VD = self.wte.embedding[...].astype(self.dtype)
+            logits_BSV = jnp.einsum("bsd,vd->bsv", h_BSD, wte_VD)
+        else:
+            logits_BSV = self.lm_head(h_BSD)
+        if cfg.resolved_logit_scale is not None:
+            logits_BSV = logits_BSV * cfg.resolved_logit_scale
+        return logits_BSV
+
+    def _blocks(self, x_BSD, segment_ids, key):
+        def layer_key(i):
+            return None if key is None else jax.random.fold_in(key, i)
+
+        if not self.config.scan_layers:
+            for i, block in enumerate(self.blocks):
+                x_BSD = block(x_BSD, segment_ids, layer_key(i))
+            return x_BSD
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def body(x, xs):
+            layer_state, i = xs
+            return nnx.merge(graphdef, layer_state)(x, segment_ids, layer_key(i)), None
+
+        x_BSD, _ = jax.lax.scan(body, x_BSD, (stacked, jnp.arange(self.config.n_layers)))
+        return x_BSD
+
+    # -- HF checkpoints -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        allow_pickle: bool = False,
+        **config_overrides: Any,
+    ) -> MPTForCausalLM:
+        """Load an HF MPT folder (transformers' or llm-foundry's config keys), tensor by tensor."""
+        config = hf_checkpoint.read_config(path, **config_overrides)
+        with hf_checkpoint.CheckpointReader(path, allow_pickle=allow_pickle) as reader:
+            hf_checkpoint.check_tensors(config, reader)
+            abstract = nnx.eval_shape(
+                lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
+            )
+            graphdef, state = nnx.split(abstract)
+            flat = dict(nnx.to_flat_state(state))
+            layout = hf_layout(config)
+            for path_key, names in _group_by_param(layout).items():
+                var = flat[path_key]
+                var.set_value(_load_param(reader, names, layout, var, param_dtype))
+        return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+    def save_pretrained(
+        self,
+        out_dir: str | Path,
+        *,
+        dtype: str | None = None,
+        max_shard_size: int | str = "5GB",
+        overwrite: bool = False,
+    ) -> Path:
+        """Write an HF MPT folder (config.json + safetensors), streaming one tensor at a time.
+
+        dtype: 'float32', 'bfloat16' or 'float16' for the stored weights (default: as held).
+        """
+        config = self.config
+        flat = dict(nnx.to_flat_state(nnx.state(self, nnx.Param)))
+        layout = hf_layout(config)
+        shapes = param_shapes(config)
+        entries = [
+            (name, shapes[name], np.dtype(flat[layout[name][0]].get_value().dtype))
+            for name in shapes
+        ]
+
+        def fetch(name: str) -> np.ndarray:
+            path_key, layer, n_in = layout[name]
+            value = flat[path_key].get_value()
+            if layer is not None:
+                value = value[layer]
+            return _to_hf(np.asarray(jax.device_get(value)), n_in, shapes[name])
+
+        return hf_checkpoint.write_folder(
+            config,
+            entries,
+            fetch,
+            out_dir,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+        )
+
+    def hf_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(name, array) pairs in llm-foundry's state-dict names and torch layout, one at a time."""
+        flat = dict(nnx.to_flat_state(nnx.state(self, nnx.Param)))
+        layout = hf_layout(self.config)
+        for name, shape in param_shapes(self.config).items():
+            path_key, layer, n_in = layout[name]
+            value = flat[path_key].get_value()
+            value = value if layer is None else value[layer]
+            yield name, _to_hf(np.asarray(jax.device_get(value)), n_in, shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mapping between our parameters and llm-foundry's state-dict names
+
+ParamPath = tuple[Any, ...]
+
+
+def hf_layout(cfg: ModelConfig) -> dict[str, tuple[ParamPath, int | None, int | None]]:
+    """HF name -> (our param path, layer index into a stacked param or None, n_in).
+
+    n_in is the number of leading input axes of a kernel (HF stores its transpose, flattened);
+    None means the tensor is the same up to a reshape.
+    """
+    layout: dict[str, tuple[ParamPath, int | None, int | None]] = {
+        "transformer.wte.weight": (("wte", "embedding"), None, None),
+        "transformer.wpe.weight": (("wpe", "embedding"), None, None),
+        "transformer.norm_f.weight": (("norm_f", "scale"), None, None),
+        "transformer.norm_f.bias": (("norm_f", "bias"), None, None),
+        "lm_head.weight": (("lm_head", "kernel"), None, 1),
+    }
+    block_params = {
+        "norm_1.weight": (("norm_1", "scale"), None),
+        "norm_1.bias": (("norm_1", "bias"), None),
+        "attn.Wqkv.weight": (("attn", "Wqkv", "kernel"), 1),
+        "attn.Wqkv.bias": (("attn", "Wqkv", "bias"), None),
+        "attn.q_ln.weight": (("attn", "q_ln", "scale"), None),
+        "attn.q_ln.bias": (("attn", "q_ln", "bias"), None),
+        "attn.k_ln.weight": (("attn", "k_ln", "scale"), None),
+        "attn.k_ln.bias": (("attn", "k_ln", "bias"), None),
+        "attn.out_proj.weight": (("attn", "out_proj", "kernel"), 2),
+        "attn.out_proj.bias": (("attn", "out_proj", "bias"), None),
+        "norm_2.weight": (("norm_2", "scale"), None),
+        "norm_2.bias": (("norm_2", "bias"), None),
+        "ffn.up_proj.weight": (("ffn", "up_proj", "kernel"), 1),
+        "ffn.up_proj.bias": (("ffn", "up_proj", "bias"), None),
+        "ffn.gate_proj.weight": (("ffn", "gate_proj", "kernel"), 1),
+        "ffn.gate_proj.bias": (("ffn", "gate_proj", "bias"), None),
+        "ffn.down_proj.weight": (("ffn", "down_proj", "kernel"), 1),
+        "ffn.down_proj.bias": (("ffn", "down_proj", "bias"), None),
+    }
+    for i in range(cfg.n_layers):
+        for suffix, (sub_path, n_in) in block_params.items():
+            if cfg.scan_layers:
+                layout[f"transformer.blocks.{i}.{suffix}"] = (("blocks", *sub_path), i, n_in)
+            else:
+                layout[f"transformer.blocks.{i}.{suffix}"] = (("blocks", i, *sub_path), None, n_in)
+    shapes = param_shapes(cfg)
+    return {name: layout[name] for name in shapes}
+
+
+def _group_by_param(layout) -> dict[ParamPath, list[str]]:
+    groups: dict[ParamPath, list[str]] = {}
+    for name, (path_key, _, _) in layout.items():
+        groups.setdefault(path_key, []).append(name)
+    return groups
+
+
+def _to_hf(value: np.ndarray, n_in: int | None, hf_shape: tuple[int, ...]) -> np.ndarray:
+    if n_in is None:
+        return value.reshape(hf_shape)
+    return np.ascontiguousarray(value.reshape(math.prod(value.shape[:n_in]), -1).T)
+
+
+def _from_hf(value: np.ndarray, n_in: int | None, shape: tuple[int, ...]) -> np.ndarray:
+    if n_in is None:
+        return value.reshape(shape)
+    return value.T.reshape(shape)
+
+
+def _load_param(reader, names: list[str], layout, var, param_dtype) -> jax.Array:
+    """Assemble one parameter (stacked over layers when scanning) from its HF tensors."""
+    abstract = var.get_value()
+    if len(names) == 1 and layout[names[0]][1] is None:
+        _, _, n_in = layout[names[0]]
+        value = _from_hf(reader.read(names[0]), n_in, abstract.shape)
+        return jnp.asarray(value, dtype=param_dtype)
+    # stacked: fill layer by layer so only one layer's tensor is converted at a time
+    out = np.empty(abstract.shape, dtype=jnp.dtype(param_dtype))
+    for name in names:
+        _, layer, n_in = layout[name]
+        out[layer] = _from_hf(reader.read(name), n_in, abstract.shape[1:])
+    return jnp.asarray(out)
+
+
+def from_pretrained(path: str | Path, **kwargs: Any) -> MPTForCausalLM:
+    """Load an HF MPT folder into an MPTForCausalLM (see MPTForCausalLM.from_pretrained)."""
+    return MPTForCausalLM.from_pretrained(path, **kwargs)

@@ -1,0 +1,59 @@
+"""Shared test fixtures: random llm-foundry state dicts and HF folders made from them."""
+
+import warnings
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mpt_jax import hf_checkpoint
+from mpt_jax.config import ModelConfig, param_shapes
+
+
+def random_hf_tensors(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float32 weights in torch layout; norms around 1, biases and matrices non-trivial."""
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, shape in param_shapes(cfg).items():
+        if "norm" in name or "_ln." in name:
+            base = 1.0 if name.endswith(".weight") else 0.0
+            value = base + 0.3 * rng.standard_normal(shape)
+        elif name.endswith(".bias"):
+            value = 0.3 * rng.standard_normal(shape)
+        elif name.startswith(("transformer.wte", "transformer.wpe")):
+            value = rng.standard_normal(shape)
+        else:
+            value = rng.standard_normal(shape) / np.sqrt(shape[-1])
+        tensors[name] = value.astype(np.float32)
+    return tensors
+
+
+def write_hf_folder(cfg: ModelConfig, tensors: dict[str, np.ndarray], path: Path, **kw) -> Path:
+    """An HF MPT folder holding `tensors`, written by mpt_jax's own writer."""
+    entries = [(n, t.shape, t.dtype) for n, t in tensors.items()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return hf_checkpoint.write_folder(cfg, entries, tensors.__getitem__, path, **kw)
+
+
+def packed_segments(batch: int, seq: int, seed: int = 0) -> np.ndarray:
+    """Segment ids of randomly cut packed documents, (batch, seq)."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((batch, seq), np.int32)
+    for b in range(batch):
+        cuts = np.sort(rng.choice(np.arange(1, seq), size=3, replace=False))
+        for c in cuts:
+            out[b, c:] += 1
+    return out
+
+
+@nnx.jit
+def _forward(model, ids, segment_ids):
+    return model(ids, segment_ids=segment_ids)
+
+
+def forward(model, ids, segment_ids=None) -> np.ndarray:
+    """Jitted logits as NumPy (eager NNX forward passes dispatch op by op and are slow)."""
+    seg = None if segment_ids is None else jnp.asarray(segment_ids)
+    return np.asarray(_forward(model, jnp.asarray(ids), seg))

@@ -1,0 +1,260 @@
+"""MPT model: NumPy-reference parity for every feature, causality, scan, bf16, init, dropout."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import forward, packed_segments, random_hf_tensors, write_hf_folder
+from mpt_numpy_reference import mpt_forward
+
+from mpt_jax import MPTForCausalLM, from_pretrained
+from mpt_jax.config import ModelConfig
+from mpt_jax.loss import causal_lm_loss
+
+BASE = dict(d_model=64, n_heads=8, n_layers=2, vocab_size=120, max_seq_len=32)
+
+FEATURE_CONFIGS = {
+    "qk_ln+clip_qkv": dict(qk_ln=True, clip_qkv=0.4, alibi=True, learned_pos_emb=False),
+    "gqa": dict(
+        attn_type="grouped_query_attention",
+        kv_n_heads=2,
+        qk_ln=True,
+        alibi=True,
+        learned_pos_emb=False,
+    ),
+    "mqa": dict(attn_type="multiquery_attention", alibi=True, learned_pos_emb=False, no_bias=True),
+    "sequence_id": dict(attn_uses_sequence_id=True, alibi=True, learned_pos_emb=False),
+    "learned_pos+biases+logit_scale": dict(logit_scale=0.7, n_layers=3),
+    "mptglu+silu+untied": dict(
+        ffn_type="mptglu",
+        ffn_act_fn="silu",
+        expansion_ratio=2.5,
+        logit_scale="inv_sqrt_d_model",
+        tie_word_embeddings=False,
+    ),
+    "rmsnorm+relu": dict(norm_type="rmsnorm", ffn_act_fn="relu", no_bias=True),
+    "12_heads_layernorm_alibi": dict(
+        d_model=96,
+        n_heads=12,
+        norm_type="layernorm",
+        alibi=True,
+        learned_pos_emb=False,
+        alibi_bias_max=6,
+        softmax_scale=0.2,
+    ),
+    "scan+gqa+seq_id": dict(
+        scan_layers=True,
+        attn_type="grouped_query_attention",
+        kv_n_heads=4,
+        attn_uses_sequence_id=True,
+        alibi=True,
+        learned_pos_emb=False,
+    ),
+}
+
+
+def _ids(cfg, batch=2, seq=24, seed=0):
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, seq), dtype=np.int32)
+
+
+@pytest.mark.parametrize("name", sorted(FEATURE_CONFIGS))
+def test_matches_independent_numpy_reference(name, tmp_path):
+    cfg = ModelConfig(**{**BASE, **FEATURE_CONFIGS[name]})
+    tensors = random_hf_tensors(cfg, seed=1)
+    folder = write_hf_folder(cfg, tensors, tmp_path / "m")
+    model = from_pretrained(folder, scan_layers=cfg.scan_layers)
+    assert model.config == cfg
+    ids = _ids(cfg)
+    seg = packed_segments(*ids.shape) if cfg.attn_uses_sequence_id else None
+    ours = forward(model, ids, seg)
+    ref = mpt_forward(cfg.to_dict(), tensors, ids, seg)
+    assert np.abs(ours - ref).max() <= 1e-4, np.abs(ours - ref).max()
+    if seg is not None:  # the mask matters: without it the logits differ
+        unmasked = forward(model, ids)
+        assert np.abs(unmasked - ref).max() > 1e-2
+
+
+@pytest.mark.parametrize("fields", [dict(alibi=True, learned_pos_emb=False), dict()])
+def test_causality(fields):
+    cfg = ModelConfig(**{**BASE, **fields})
+    model = MPTForCausalLM(cfg, rngs=nnx.Rngs(3))
+    ids = _ids(cfg, seq=20)
+    t = 11
+    changed = ids.copy()
+    changed[:, t + 1 :] = (changed[:, t + 1 :] + 7) % cfg.vocab_size
+    a, b = forward(model, ids), forward(model, changed)
+    np.testing.assert_allclose(a[:, : t + 1], b[:, : t + 1], atol=1e-6, rtol=0)
+    assert np.abs(a[:, t + 1 :] - b[:, t + 1 :]).max() > 1e-3
+
+
+def test_packed_documents_are_independent_with_sequence_id():
+    cfg = ModelConfig(**BASE, attn_uses_sequence_id=True, alibi=True, learned_pos_emb=False)
+    model = MPTForCausalLM(cfg, rngs=nnx.Rngs(0))
+    ids = _ids(cfg, batch=1, seq=24)
+    seg = np.zeros_like(ids)
+    seg[:, 10:] = 1
+    packed = forward(model, ids, seg)
+    alone = forward(model, ids[:, 10:])  # ALiBi is relative: no position offset
+    np.testing.assert_allclose(packed[:, 10:], alone, atol=2e-5, rtol=0)
+
+
+def test_scan_equals_unrolled_forward_and_gradients():
+    fields = dict(BASE, n_layers=3, alibi=True, learned_pos_emb=False, qk_ln=True)
+    unrolled = MPTForCausalLM(ModelConfig(**fields), rngs=nnx.Rngs(5))
+    scanned = MPTForCausalLM(ModelConfig(**fields, scan_layers=True), rngs=nnx.Rngs(5))
+    # the same seed gives the same parameters, layer for layer
+    for (n1, t1), (n2, t2) in zip(unrolled.hf_tensors(), scanned.hf_tensors(), strict=True):
+        assert n1 == n2 and np.array_equal(t1, t2), n1
+    ids = jnp.asarray(_ids(unrolled.config))
+
+    def loss_and_grads(model):
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def loss(p):
+            return causal_lm_loss(nnx.merge(graphdef, p)(ids), ids)
+
+        value, grads = jax.jit(jax.value_and_grad(loss))(params)
+        return value, nnx.merge(graphdef, grads)
+
+    l1, g1 = loss_and_grads(unrolled)
+    l2, g2 = loss_and_grads(scanned)
+    np.testing.assert_allclose(forward(unrolled, ids), forward(scanned, ids), atol=1e-5)
+    assert abs(float(l1) - float(l2)) < 1e-6
+    for (n1, t1), (_, t2) in zip(g1.hf_tensors(), g2.hf_tensors(), strict=True):
+        np.testing.assert_allclose(t1, t2, atol=1e-6, err_msg=n1)
+
+
+def test_bf16_compute_within_1e2_of_fp32(tmp_path):
+    cfg = ModelConfig(**{**BASE, "n_layers": 3}, alibi=True, learned_pos_emb=False)
+    folder = write_hf_folder(cfg, random_hf_tensors(cfg), tmp_path / "m")
+    ids = jnp.asarray(_ids(cfg))
+    fp32 = forward(from_pretrained(folder), ids).astype(np.float64)
+    bf16_model = from_pretrained(folder, dtype=jnp.bfloat16)
+    out = forward(bf16_model, ids)
+    assert out.dtype == jnp.bfloat16
+    assert bf16_model.wte.embedding[...].dtype == jnp.float32  # parameters stay fp32
+    rel = np.linalg.norm(np.asarray(out, np.float64) - fp32) / np.linalg.norm(fp32)
+    assert 0 < rel <= 1e-2, rel
+
+
+def test_low_precision_layernorm_runs_in_compute_dtype_plain_layernorm_in_fp32():
+    from mpt_jax.model import Norm
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8)), jnp.bfloat16)
+    for norm_type, expected in (
+        ("low_precision_layernorm", jnp.bfloat16),
+        ("layernorm", jnp.float32),
+    ):
+        cfg = ModelConfig(**BASE, norm_type=norm_type)
+        assert (
+            Norm(8, cfg, names=(None,), dtype=jnp.bfloat16, param_dtype=jnp.float32)(x).dtype
+            == expected
+        )
+
+
+def test_init_statistics_match_llm_foundry_kaiming_default():
+    d, L = 256, 4
+    cfg = ModelConfig(d_model=d, n_heads=4, n_layers=L, vocab_size=4096, max_seq_len=512)
+    tensors = dict(MPTForCausalLM(cfg, rngs=nnx.Rngs(0)).hf_tensors())
+    resid = math.sqrt(2 * L)
+    expected_std = {
+        "attn.Wqkv.weight": math.sqrt(2 / d),
+        "attn.out_proj.weight": math.sqrt(2 / d) / resid,
+        "ffn.up_proj.weight": math.sqrt(2 / d),
+        "ffn.down_proj.weight": math.sqrt(2 / (4 * d)) / resid,
+    }
+    for suffix, std in expected_std.items():
+        values = np.concatenate(
+            [tensors[f"transformer.blocks.{i}.{suffix}"].ravel() for i in range(L)]
+        )
+        assert abs(values.std() / std - 1) < 0.02, suffix
+        assert abs(values.mean()) < 0.05 * std, suffix
+    for emb in ("transformer.wte.weight", "transformer.wpe.weight"):
+        assert abs(tensors[emb].std() / math.sqrt(2 / d) - 1) < 0.02, emb
+    for name, t in tensors.items():
+        if name.endswith(".bias"):
+            assert not t.any(), name
+        elif "norm" in name:
+            assert np.all(t == 1), name
+    # independent draws per layer
+    w0, w1 = (tensors[f"transformer.blocks.{i}.attn.Wqkv.weight"] for i in (0, 1))
+    assert abs(np.corrcoef(w0.ravel(), w1.ravel())[0, 1]) < 0.02
+
+
+def test_init_config_variants():
+    base = dict(d_model=128, n_heads=4, n_layers=2, vocab_size=2048, max_seq_len=16)
+
+    def tensors(init_config):
+        cfg = ModelConfig.from_dict({**base, "init_config": init_config})
+        return dict(MPTForCausalLM(cfg, rngs=nnx.Rngs(0)).hf_tensors())
+
+    assert abs(tensors({"emb_init_std": 0.02})["transformer.wte.weight"].std() / 0.02 - 1) < 0.02
+    wte = tensors({"emb_init_uniform_lim": 0.1})["transformer.wte.weight"]
+    assert wte.min() >= -0.1 and wte.max() <= 0.1 and wte.std() > 0.05
+    small = tensors({"name": "small_init_"})
+    std = math.sqrt(2 / (5 * 128))
+    assert abs(small["transformer.blocks.0.ffn.up_proj.weight"].std() / std - 1) < 0.03
+    down = small["transformer.blocks.0.ffn.down_proj.weight"].std()
+    assert abs(down / (std / math.sqrt(4)) - 1) < 0.03  # residual: / sqrt(2 * n_layers)
+    baseline = tensors({"name": "baseline_", "init_std": 0.01, "init_div_is_residual": False})
+    assert abs(baseline["transformer.blocks.1.attn.out_proj.weight"].std() / 0.01 - 1) < 0.03
+
+
+def test_sequence_longer_than_max_seq_len_is_refused():
+    model = MPTForCausalLM(ModelConfig(**BASE), rngs=nnx.Rngs(0))
+    with pytest.raises(
+        ValueError, match=r"input_ids: sequence length 33 exceeds model\.max_seq_len \(32\)"
+    ):
+        model(jnp.zeros((1, 33), jnp.int32))
+
+
+def test_dropout_only_with_key_and_reproducible():
+    cfg = ModelConfig(**BASE, resid_pdrop=0.2, emb_pdrop=0.1, attn_pdrop=0.3)
+    model = MPTForCausalLM(cfg, rngs=nnx.Rngs(0))
+    ids = jnp.asarray(_ids(cfg))
+    quiet = ModelConfig(**BASE)
+    same_weights = MPTForCausalLM(quiet, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(forward(model, ids), forward(same_weights, ids))
+    k1, k2 = jax.random.key(1), jax.random.key(2)
+    a, b, c = (np.asarray(model(ids, dropout_key=k)) for k in (k1, k1, k2))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3 and np.abs(a - np.asarray(model(ids))).max() > 1e-3
+
+
+def test_embedding_fraction_scales_embedding_gradient_only():
+    fields = dict(**BASE, tie_word_embeddings=False, learned_pos_emb=False, alibi=True)
+    ids = jnp.asarray(_ids(ModelConfig(**fields)))
+
+    def wte_grad(fraction):
+        model = MPTForCausalLM(ModelConfig(**fields, embedding_fraction=fraction), rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(model, nnx.Param)
+        fn = lambda p: causal_lm_loss(nnx.merge(graphdef, p)(ids), ids)
+        value, grads = jax.jit(jax.value_and_grad(fn))(params)
+        return float(value), np.asarray(grads["wte"]["embedding"][...])
+
+    l_full, g_full = wte_grad(1.0)
+    l_frac, g_frac = wte_grad(0.25)
+    assert l_full == pytest.approx(l_frac, abs=1e-6)
+    np.testing.assert_allclose(g_frac, 0.25 * g_full, rtol=1e-4, atol=1e-9)
+
+
+def test_loss_matches_torch_cross_entropy_with_ignore_index():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((3, 7, 11)).astype(np.float32)
+    labels = rng.integers(0, 11, (3, 7))
+    labels[0, 2] = labels[2, 5] = -100
+    targets = np.roll(labels, -1, axis=1)
+    targets[:, -1] = -100
+    ref = torch.nn.functional.cross_entropy(
+        torch.tensor(logits).reshape(-1, 11), torch.tensor(targets).reshape(-1), ignore_index=-100
+    )
+    ours = causal_lm_loss(jnp.asarray(logits), jnp.asarray(labels))
+    assert float(ours) == pytest.approx(float(ref), rel=1e-6)
+    everything_ignored = np.full((2, 4), -100)
+    assert (
+        float(causal_lm_loss(jnp.asarray(logits[:2, :4]), jnp.asarray(everything_ignored))) == 0.0
+    )

@@ -1,0 +1,69 @@
+"""Convert an HF MPT folder through mpt_jax: re-shard, change dtype, turn .bin into safetensors.
+
+    python tools/convert_hf.py SRC DST [--dtype bfloat16] [--max-shard-size 5GB] [--allow-pickle]
+                               [--overwrite] [--check]
+
+SRC is an HF MPT folder (transformers' or llm-foundry's config); DST receives config.json and
+safetensors that transformers' MptForCausalLM loads (or llm-foundry's class, for configs
+transformers cannot express). --check compares logits of DST against SRC on random tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("src", help="HF MPT folder to read")
+    parser.add_argument("dst", help="folder to write")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="stored weight dtype (default: float32)",
+    )
+    parser.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB")
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read a PyTorch .bin checkpoint (torch.load with weights_only=True)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    parser.add_argument("--check", action="store_true", help="compare logits of DST with SRC")
+    args = parser.parse_args(argv)
+
+    import jax.numpy as jnp
+
+    from mpt_jax import count_params, from_pretrained
+    from mpt_jax.config import ConfigError
+    from mpt_jax.hf_checkpoint import transformers_incompatibilities
+
+    try:
+        model = from_pretrained(args.src, allow_pickle=args.allow_pickle)
+        out = model.save_pretrained(
+            args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite
+        )
+    except (ConfigError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg = model.config
+    print(f"wrote {out} ({count_params(cfg):,} parameters)")
+    problems = transformers_incompatibilities(cfg)
+    if problems:
+        print(f"transformers: needs llm-foundry's MPT code (lacks {', '.join(problems)})")
+    else:
+        print("transformers: loadable with MptForCausalLM")
+    if args.check:
+        ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, min(64, cfg.max_seq_len)))
+        before = np.asarray(model(jnp.asarray(ids)), np.float64)
+        after = np.asarray(from_pretrained(out)(jnp.asarray(ids)), np.float64)
+        print(f"max |logits diff| SRC vs DST (mpt_jax): {np.abs(before - after).max():.3g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
