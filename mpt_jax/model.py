@@ -446,24 +446,9 @@ class MPTForCausalLM(nnx.Module):
 
         dtype: 'float32', 'bfloat16' or 'float16' for the stored weights (default: as held).
         """
-        config = self.config
-        flat = dict(nnx.to_flat_state(nnx.state(self, nnx.Param)))
-        layout = hf_layout(config)
-        shapes = param_shapes(config)
-        entries = [
-            (name, shapes[name], np.dtype(flat[layout[name][0]].get_value().dtype))
-            for name in shapes
-        ]
-
-        def fetch(name: str) -> np.ndarray:
-            path_key, layer, n_in = layout[name]
-            value = flat[path_key].get_value()
-            if layer is not None:
-                value = value[layer]
-            return _to_hf(np.asarray(jax.device_get(value)), n_in, shapes[name])
-
+        entries, fetch = self._hf_export()
         return hf_checkpoint.write_folder(
-            config,
+            self.config,
             entries,
             fetch,
             out_dir,
@@ -474,13 +459,27 @@ class MPTForCausalLM(nnx.Module):
 
     def hf_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """(name, array) pairs in llm-foundry's state-dict names and torch layout, one at a time."""
+        entries, fetch = self._hf_export()
+        for name, _, _ in entries:
+            yield name, fetch(name)
+
+    def _hf_export(self) -> tuple[list[tuple[str, tuple[int, ...], np.dtype]], Callable]:
+        """(name, shape, dtype) entries and a fetch(name) giving that tensor in torch layout."""
         flat = dict(nnx.to_flat_state(nnx.state(self, nnx.Param)))
         layout = hf_layout(self.config)
-        for name, shape in param_shapes(self.config).items():
+        shapes = param_shapes(self.config)
+        entries = [
+            (name, shape, np.dtype(flat[layout[name][0]].get_value().dtype))
+            for name, shape in shapes.items()
+        ]
+
+        def fetch(name: str) -> np.ndarray:
             path_key, layer, n_in = layout[name]
             value = flat[path_key].get_value()
             value = value if layer is None else value[layer]
-            yield name, _to_hf(np.asarray(jax.device_get(value)), n_in, shape)
+            return _to_hf(np.asarray(jax.device_get(value)), n_in, shapes[name])
+
+        return entries, fetch
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 REPO = Path(__file__).resolve().parent.parent
+TINY = dict(d_model=32, n_heads=4, n_layers=1, vocab_size=50, max_seq_len=16)
 
 HF_CONFIGS = {
     "12_heads": dict(d_model=48, n_heads=12, n_layers=2),
@@ -153,11 +154,7 @@ def test_pickle_checkpoint_refused_unless_opted_in(tmp_path):
 
 def test_llm_foundry_only_config_exports_with_foundry_keys(tmp_path):
     cfg = ModelConfig(
-        d_model=32,
-        n_heads=4,
-        n_layers=1,
-        vocab_size=50,
-        max_seq_len=16,
+        **TINY,
         qk_ln=True,
         attn_type="grouped_query_attention",
         kv_n_heads=2,
@@ -196,11 +193,7 @@ def test_transformers_config_semantics_are_applied(tmp_path):
 
 def test_export_refuses_non_empty_folder_and_leaves_nothing_on_failure(tmp_path):
     cfg = ModelConfig(
-        d_model=32,
-        n_heads=4,
-        n_layers=1,
-        vocab_size=50,
-        max_seq_len=16,
+        **TINY,
         alibi=True,
         learned_pos_emb=False,
         no_bias=True,
@@ -257,7 +250,7 @@ def _corrupt(folder: Path, how: str) -> None:
     ],
 )
 def test_bad_hf_folders_give_one_clear_error(tmp_path, how, message):
-    cfg = ModelConfig(d_model=32, n_heads=4, n_layers=1, vocab_size=50, max_seq_len=16)
+    cfg = ModelConfig(**TINY)
     folder = write_hf_folder(cfg, random_hf_tensors(cfg), tmp_path / "m")
     _corrupt(folder, how)
     with pytest.raises(CheckpointError, match=message) as info:
@@ -268,7 +261,7 @@ def test_bad_hf_folders_give_one_clear_error(tmp_path, how, message):
 def test_missing_folder_and_wrong_tensors(tmp_path):
     with pytest.raises(CheckpointError, match=r"nope: not a directory"):
         from_pretrained(tmp_path / "nope")
-    cfg = ModelConfig(d_model=32, n_heads=4, n_layers=1, vocab_size=50, max_seq_len=16)
+    cfg = ModelConfig(**TINY)
     tensors = random_hf_tensors(cfg)
     bad_shape = dict(tensors)
     bad_shape["transformer.blocks.0.attn.Wqkv.weight"] = np.zeros((95, 32), np.float32)
@@ -289,7 +282,7 @@ def test_missing_folder_and_wrong_tensors(tmp_path):
 
 
 def test_unsupported_llm_foundry_features_are_named(tmp_path):
-    cfg = ModelConfig(d_model=32, n_heads=4, n_layers=1, vocab_size=50, max_seq_len=16)
+    cfg = ModelConfig(**TINY)
     folder = write_hf_folder(cfg, random_hf_tensors(cfg), tmp_path / "m")
     config = json.loads((folder / "config.json").read_text())
     config["attn_config"]["rope"] = True
@@ -340,7 +333,7 @@ def test_convert_hf_command_line(tmp_path):
 
 
 def test_jnp_dtype_names_accepted(tmp_path):
-    cfg = ModelConfig(d_model=32, n_heads=4, n_layers=1, vocab_size=50, max_seq_len=16)
+    cfg = ModelConfig(**TINY)
     model = from_pretrained(
         write_hf_folder(cfg, random_hf_tensors(cfg), tmp_path / "m"), param_dtype=jnp.bfloat16
     )

@@ -1,0 +1,98 @@
+"""attention(): ALiBi slopes, GQA, segment masking, the ALiBi form, argument errors."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mpt_jax.attention import alibi_slopes, attention
+
+
+def closed_form_slopes(n: int, bias_max: float = 8) -> np.ndarray:
+    """The ALiBi paper's slopes: geometric for powers of two, interleaved otherwise."""
+
+    def pow2(m: int) -> list[float]:
+        return [2.0 ** (-bias_max * (h + 1) / m) for h in range(m)]
+
+    if math.log2(n).is_integer():
+        return np.array(pow2(n))
+    closest = 2 ** math.floor(math.log2(n))
+    return np.array(pow2(closest) + pow2(2 * closest)[0::2][: n - closest])
+
+
+@pytest.mark.parametrize("n_heads", [1, 4, 8, 12, 16, 20, 32, 40, 56, 64])
+def test_alibi_slopes_closed_form(n_heads):
+    np.testing.assert_allclose(alibi_slopes(n_heads), closed_form_slopes(n_heads), rtol=1e-6)
+    assert alibi_slopes(n_heads).dtype == np.float32
+
+
+def test_alibi_slopes_match_transformers():
+    torch = pytest.importorskip("torch")
+    from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
+
+    for n_heads in (12, 16, 20):
+        bias = build_mpt_alibi_tensor(n_heads, 8, alibi_bias_max=8)  # (H, 1, S): slope * (j - 7)
+        theirs = (bias[:, 0, 0] / -7.0).to(torch.float32).numpy()
+        np.testing.assert_allclose(alibi_slopes(n_heads), theirs, rtol=1e-6)
+
+
+def _qkv(B=2, S=20, H=8, G=8, K=16, seed=0):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((B, S, H, K)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((B, S, G, K)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((B, S, G, K)), jnp.float32)
+    return q, k, v
+
+
+def naive(q, k, v, slopes, causal, scale, key_form=False):
+    """Dense per-head reference repeating kv heads; key_form: ALiBi as llm-foundry's torch path."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    S, H = q.shape[1], q.shape[2]
+    r = H // k.shape[2]
+    k, v = np.repeat(k, r, axis=2), np.repeat(v, r, axis=2)
+    s = np.einsum("bshk,bthk->bhst", q, k) * scale
+    i, j = np.arange(S)[:, None], np.arange(S)[None, :]
+    if slopes is not None:
+        dist = (j - (S - 1)) if key_form else -np.abs(i - j)
+        s = s + np.asarray(slopes, np.float64)[None, :, None, None] * dist
+    if causal:
+        s = np.where(i >= j, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhst,bthk->bshk", p, v)
+
+
+@pytest.mark.parametrize(("H", "G"), [(8, 8), (8, 2), (6, 1)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_xla_attention_matches_naive_reference(H, G, causal):
+    q, k, v = _qkv(H=H, G=G)
+    slopes = alibi_slopes(H)
+    out = attention(q, k, v, alibi_slopes=slopes, causal=causal, impl="xla", softmax_scale=0.3)
+    ref = naive(q, k, v, slopes, causal, 0.3)
+    np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5)
+    if causal:  # MPT's key-position ALiBi gives the same causal softmax
+        np.testing.assert_allclose(ref, naive(q, k, v, slopes, True, 0.3, key_form=True), atol=1e-9)
+
+
+def test_segment_ids_confine_attention_to_each_document():
+    q, k, v = _qkv(B=1, S=12)
+    seg = jnp.asarray([[0] * 5 + [1] * 7])
+    out = np.asarray(attention(q, k, v, alibi_slopes=alibi_slopes(8), segment_ids=seg))
+    first = attention(q[:, :5], k[:, :5], v[:, :5], alibi_slopes=alibi_slopes(8))
+    second = attention(q[:, 5:], k[:, 5:], v[:, 5:], alibi_slopes=alibi_slopes(8))
+    np.testing.assert_allclose(out[:, :5], np.asarray(first), atol=1e-6)
+    np.testing.assert_allclose(out[:, 5:], np.asarray(second), atol=1e-6)
+
+
+def test_default_scale_and_argument_errors():
+    q, k, v = _qkv(K=16)
+    default = attention(q, k, v, impl="xla")
+    explicit = attention(q, k, v, impl="xla", softmax_scale=0.25)
+    np.testing.assert_array_equal(np.asarray(default), np.asarray(explicit))
+    with pytest.raises(ValueError, match="attention impl: must be one of auto, xla, cudnn"):
+        attention(q, k, v, impl="flash")
+    with pytest.raises(ValueError, match="not a multiple of 3 kv heads"):
+        attention(q, k[:, :, :3], v[:, :, :3])
+    with pytest.raises(ValueError, match="needs a dropout_key"):
+        attention(q, k, v, dropout_rate=0.1)
