@@ -1,0 +1,48 @@
+"""Dataset names to folders: `builtin:NAME` corpora are prepared on first use and cached."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from mpt_jax.data.errors import DataError
+from mpt_jax.data.loader import DatasetMeta, open_dataset
+from mpt_jax.data.prepare import META_FILE, prepare_dataset
+from mpt_jax.data.sources import BUILTIN_PREFIX
+
+BUILTIN_VAL_FRACTION = 0.02
+
+
+def cache_root() -> Path:
+    """$MPT_JAX_CACHE, else ~/.cache/mpt_jax."""
+    return Path(os.environ.get("MPT_JAX_CACHE", Path.home() / ".cache" / "mpt_jax"))
+
+
+def resolve_dataset(
+    spec: str, *, seq_len: int, tokenizer: str = "byte", progress: bool = True
+) -> DatasetMeta:
+    """Open a prepared folder, or prepare and cache a built-in corpus for this seq_len/tokenizer."""
+    if not spec.startswith(BUILTIN_PREFIX):
+        return open_dataset(spec)
+    if tokenizer != "byte" and not Path(tokenizer).exists():
+        raise DataError(f"data.tokenizer: {tokenizer!r} is neither 'byte' nor an existing path")
+    name = spec[len(BUILTIN_PREFIX) :]
+    tok_tag = "byte" if tokenizer == "byte" else Path(tokenizer).stem
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    folder = cache_root() / "datasets" / f"{name}-{py}-{tok_tag}-seq{seq_len}"
+    if not (folder / META_FILE).is_file():
+        print(f"preparing {spec} into {folder} (once)", file=sys.stderr)
+        try:
+            prepare_dataset(
+                [spec],
+                folder,
+                seq_len=seq_len,
+                tokenizer=tokenizer,
+                val_fraction=BUILTIN_VAL_FRACTION,
+                progress=progress,
+            )
+        except DataError:
+            if not (folder / META_FILE).is_file():  # another process may have won the race
+                raise
+    return open_dataset(folder)

@@ -1,0 +1,353 @@
+"""Deterministic, resumable grain pipelines over prepared datasets, sharded across processes.
+
+Global order: each dataset's rows are shuffled with the seed (a new permutation every epoch) and
+repeated endlessly; several datasets are interleaved by their weights. Global batch b is samples
+[b*G, (b+1)*G) of that order, and process p of P reads only its contiguous share
+[b*G + p*G/P, b*G + (p+1)*G/P). The order depends on the seed, the datasets and G, not on the
+number of processes, so a run can resume on a different process count with the same batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from mpt_jax.data.errors import DataError
+from mpt_jax.data.prepare import FORMAT_VERSION, META_FILE
+
+
+@dataclass(frozen=True)
+class DatasetMeta:
+    """A prepared dataset folder and its meta.json."""
+
+    folder: Path
+    seq_len: int
+    dtype: np.dtype
+    vocab_size: int
+    eos_id: int
+    tokenizer: dict[str, Any]
+    splits: dict[str, dict[str, Any]]
+
+    def shard_paths(self, split: str) -> list[Path]:
+        if split not in self.splits:
+            raise DataError(f"{self.folder / META_FILE}: no split {split!r}")
+        return [self.folder / s["file"] for s in self.splits[split]["shards"]]
+
+
+def open_dataset(folder: str | Path) -> DatasetMeta:
+    """Read meta.json and check that every shard is present with its recorded size."""
+    folder = Path(folder)
+    path = folder / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(
+            f"{path}: missing (not a prepared dataset; see tools/prepare_data.py)"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable ({e})") from e
+    try:
+        if meta["format_version"] != FORMAT_VERSION:
+            raise DataError(f"{path}: format_version {meta['format_version']} is not supported")
+        info = DatasetMeta(
+            folder,
+            int(meta["seq_len"]),
+            np.dtype(meta["dtype"]).newbyteorder("<"),
+            int(meta["vocab_size"]),
+            int(meta["eos_id"]),
+            dict(meta["tokenizer"]),
+            dict(meta["splits"]),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{path}: malformed ({type(e).__name__}: {e})") from e
+    for split, counts in info.splits.items():
+        for shard in counts["shards"]:
+            shard_path = folder / shard["file"]
+            if not shard_path.is_file():
+                raise DataError(f"{shard_path}: shard of split {split!r} is missing")
+            size = shard_path.stat().st_size
+            if size != shard["bytes"]:
+                raise DataError(
+                    f"{shard_path}: {size} bytes, meta.json records {shard['bytes']} "
+                    "(truncated or corrupted)"
+                )
+    return info
+
+
+def check_compatible(
+    meta: DatasetMeta, *, seq_len: int, vocab_size: int, tokenizer: str | None = None
+) -> None:
+    """Refuse a dataset whose seq_len, vocabulary or tokenizer disagrees with the training."""
+    where = meta.folder / META_FILE
+    if meta.seq_len != seq_len:
+        raise DataError(
+            f"{where}: seq_len {meta.seq_len} differs from the training seq_len {seq_len}"
+        )
+    if meta.vocab_size > vocab_size:
+        raise DataError(
+            f"{where}: tokenizer vocabulary {meta.vocab_size} exceeds model.vocab_size {vocab_size}"
+        )
+    if tokenizer is not None:
+        kind = meta.tokenizer.get("kind")
+        ok = kind == tokenizer if tokenizer == "byte" else kind != "byte"
+        if not ok:
+            raise DataError(
+                f"{where}: prepared with tokenizer {kind!r}, the config asks for {tokenizer!r}"
+            )
+
+
+class RowSource(grain.sources.RandomAccessDataSource):
+    """Rows of one split as uint arrays; a bad record is an error naming its shard and index."""
+
+    def __init__(self, meta: DatasetMeta, split: str):
+        self.meta, self.split = meta, split
+        self.paths = meta.shard_paths(split)
+        self.counts = [s["rows"] for s in meta.splits[split]["shards"]]
+        self.starts = np.cumsum([0, *self.counts])
+        self._source = None
+
+    def _open(self):
+        if self._source is None:
+            try:
+                self._source = grain.sources.ArrayRecordDataSource([str(p) for p in self.paths])
+            except Exception as e:  # array_record raises plain RuntimeErrors
+                raise DataError(f"{self.meta.folder}: cannot open shards ({e})") from e
+            if len(self._source) != self.starts[-1]:
+                raise DataError(
+                    f"{self.meta.folder}: {len(self._source)} rows in the {self.split} shards, "
+                    f"meta.json records {self.starts[-1]} (truncated or corrupted)"
+                )
+        return self._source
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _where(self, index: int) -> str:
+        shard = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return f"{self.paths[shard]} record {index - self.starts[shard]}"
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        try:
+            raw = self._open()[index]
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"{self._where(index)}: unreadable ({e})") from e
+        row = np.frombuffer(raw, dtype=self.meta.dtype)
+        if row.size != self.meta.seq_len:
+            raise DataError(
+                f"{self._where(index)}: {len(raw)} bytes, expected {self.meta.seq_len} tokens "
+                "(corrupted)"
+            )
+        return row
+
+    def __getstate__(self):
+        return {**self.__dict__, "_source": None}
+
+
+def sequence_ids(row: np.ndarray, eos_id: int) -> np.ndarray:
+    """llm-foundry's sequence_id: count of EOS strictly before each position (EOS ends its doc)."""
+    is_eos = (row == eos_id).astype(np.int32)
+    return np.concatenate([[0], np.cumsum(is_eos[:-1])]).astype(np.int32)
+
+
+class _ProcessShare(grain.MapDataset):
+    """Process p's contiguous share of every global batch of the parent's order."""
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, index: int, count: int):
+        super().__init__(parent)
+        self.global_batch, self.local = global_batch, global_batch // count
+        self.offset = index * self.local
+
+    def __len__(self) -> int:
+        return len(self._parent) // self.global_batch * self.local
+
+    def __getitem__(self, n):
+        if isinstance(n, slice):
+            return self.slice(n)
+        b, j = divmod(n, self.local)
+        return self._parent[b * self.global_batch + self.offset + j]
+
+
+class BatchLoader:
+    """Batches of `input_ids` (and `segment_ids`) from one dataset or a weighted mixture.
+
+    Without `sharding` each call returns this process's rows as NumPy arrays (G/P, S); with a
+    `jax.sharding.Sharding` for the (G, S) batch it returns global jax.Arrays built with
+    `jax.make_array_from_process_local_data`. Batches are prepared `prefetch` ahead in a
+    background thread; `state()` counts only the batches handed out.
+    """
+
+    def __init__(
+        self,
+        datasets: Sequence[tuple[DatasetMeta, float]],
+        *,
+        global_batch: int,
+        split: str = "train",
+        seed: int = 0,
+        shuffle: bool = True,
+        repeat: bool = True,
+        segment_ids: bool = False,
+        sharding: Any = None,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        num_threads: int = 2,
+        prefetch: int = 2,
+    ):
+        if not datasets:
+            raise DataError("data: no dataset given")
+        seq_lens = {m.seq_len for m, _ in datasets}
+        if len(seq_lens) != 1:
+            raise DataError(
+                f"data: datasets of different seq_len {sorted(seq_lens)} cannot be mixed"
+            )
+        if process_index is None or process_count is None:
+            import jax
+
+            process_index, process_count = jax.process_index(), jax.process_count()
+        if global_batch <= 0 or global_batch % process_count:
+            raise DataError(
+                f"data: global_batch {global_batch} must be a positive multiple of the "
+                f"{process_count} processes"
+            )
+        if len(datasets) > 1 and not repeat:
+            raise DataError("data: a mixture of datasets must repeat (repeat=True)")
+        self.seq_len = seq_lens.pop()
+        self.global_batch, self.split, self.seed = global_batch, split, seed
+        self.process_index, self.process_count = process_index, process_count
+        self.local_batch = global_batch // process_count
+        self.sharding, self.prefetch = sharding, max(1, prefetch)
+        self._names = [str(m.folder) for m, _ in datasets]
+        parts = []
+        for i, (meta, _) in enumerate(datasets):
+            ds = grain.MapDataset.source(RowSource(meta, split))
+            if len(ds) == 0:
+                raise DataError(f"{meta.folder}: the {split} split has no rows")
+            if shuffle:
+                ds = ds.shuffle(seed=seed * 1_000_003 + i)
+            if repeat:
+                ds = ds.repeat(None)
+            eos = meta.eos_id
+            ds = ds.map(lambda row, eos=eos: _example(row, eos, segment_ids))
+            parts.append(ds)
+        if len(parts) == 1:
+            order = parts[0]
+        else:
+            weights = [float(w) for _, w in datasets]
+            if min(weights) <= 0:
+                raise DataError(f"data: mixture weights must be > 0, got {weights}")
+            order = grain.MapDataset.mix(parts, weights)
+        share = _ProcessShare(order, global_batch, process_index, process_count)
+        if len(share) == 0:
+            raise DataError(f"data: the {split} split has fewer rows than one global batch")
+        self._dataset = share.batch(self.local_batch, drop_remainder=True)
+        self._options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4)
+        self._consumed = 0
+        self._thread: threading.Thread | None = None
+        self._start(0)
+
+    def __len__(self) -> int:
+        """Global batches per pass (very large when repeating)."""
+        return len(self._dataset)
+
+    def _start(self, batches: int) -> None:
+        self._stop()
+        iterator = iter(self._dataset.to_iter_dataset(self._options))
+        if batches:
+            iterator.set_state({"next_index": batches})
+        self._queue: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(iterator,), daemon=True)
+        self._thread.start()
+
+    def _produce(self, iterator) -> None:
+        try:
+            for batch in iterator:
+                item = self._to_global(batch)
+                while not self._halt.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._halt.is_set():
+                    return
+            self._queue.put(StopIteration())
+        except BaseException as e:  # handed to the consumer
+            self._queue.put(e)
+
+    def _to_global(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        if self.sharding is None:
+            return batch
+        import jax
+
+        shape = (self.global_batch, self.seq_len)
+        return {
+            k: jax.make_array_from_process_local_data(self.sharding, v, shape)
+            for k, v in batch.items()
+        }
+
+    def _stop(self) -> None:
+        if self._thread is not None:
+            self._halt.set()
+            self._thread.join()
+            self._thread = None
+
+    def __iter__(self) -> BatchLoader:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        item = self._queue.get()
+        if isinstance(item, StopIteration):
+            self._queue.put(item)
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        self._consumed += 1
+        return item
+
+    def state(self) -> dict[str, Any]:
+        """The position as plain data (JSON-serializable), independent of the process count."""
+        return {
+            "batches": self._consumed,
+            "global_batch": self.global_batch,
+            "seed": self.seed,
+            "split": self.split,
+            "datasets": self._names,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue exactly after the batches `state` counts."""
+        for key in ("global_batch", "seed", "split"):
+            if state.get(key) != getattr(self, key):
+                raise DataError(
+                    f"data state: {key} {state.get(key)!r} differs from this loader's "
+                    f"{getattr(self, key)!r}; the sample order would change"
+                )
+        self._consumed = int(state["batches"])
+        self._start(self._consumed)
+
+    def close(self) -> None:
+        self._stop()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self._stop()
+
+
+def _example(row: np.ndarray, eos_id: int, with_segments: bool) -> dict[str, np.ndarray]:
+    out = {"input_ids": row.astype(np.int32)}
+    if with_segments:
+        out["segment_ids"] = sequence_ids(row, eos_id)
+    return out

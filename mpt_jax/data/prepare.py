@@ -1,0 +1,294 @@
+"""Tokenize and pack documents into fixed-length rows stored as ArrayRecord shards plus meta.json.
+
+Packing follows llm-foundry's concatenating dataset: every document is followed by EOS, the token
+stream is cut into rows of seq_len tokens (documents span rows), and the incomplete tail is
+dropped. Output is byte-identical for the same inputs and options.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from mpt_jax.data import sources
+from mpt_jax.data.errors import DataError
+from mpt_jax.data.tokenizer import ByteTokenizer, JsonTokenizer, load_tokenizer, train_bpe
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+SPLITS = ("train", "val")
+_BATCH_CHARS = 1 << 21  # documents are sent to workers in batches of about 2M characters
+_SHARD_BYTES = 128 << 20
+
+
+def prepare_dataset(
+    inputs: Sequence[str],
+    out_dir: str | Path,
+    *,
+    seq_len: int = 2048,
+    tokenizer: str = "byte",
+    eos_token: str | None = None,
+    train_bpe_vocab: int | None = None,
+    val_fraction: float = 0.01,
+    val_inputs: Sequence[str] = (),
+    text_field: str = "text",
+    column: str = "text",
+    workers: int | None = None,
+    shard_bytes: int = _SHARD_BYTES,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Prepare a dataset folder; see tools/prepare_data.py for the meaning of each option."""
+    out_dir = Path(out_dir)
+    if seq_len < 2:
+        raise DataError(f"seq_len: must be at least 2, got {seq_len}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction: must be in [0, 1), got {val_fraction}")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise DataError(f"{out_dir}: already exists and is not empty (pass overwrite)")
+    files = sources.resolve_inputs(inputs)
+    val_files = sources.resolve_inputs(val_inputs) if val_inputs else []
+    read = dict(text_field=text_field, column=column)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        if train_bpe_vocab is not None:
+            train_docs = (
+                d.text
+                for d in sources.iter_documents(files, **read)
+                if val_files or not _is_val(d, val_fraction)
+            )
+            tok = JsonTokenizer(train_bpe(train_docs, train_bpe_vocab, tmp / "tokenizer.json"))
+        else:
+            tok = load_tokenizer(tokenizer, eos_token)
+            if isinstance(tok, JsonTokenizer):
+                shutil.copyfile(tok.path, tmp / "tokenizer.json")
+        spec = tok.spec()
+        if isinstance(tok, JsonTokenizer):
+            spec["path"] = "tokenizer.json"  # the dataset carries its own copy
+        dtype = np.dtype("<u2") if tok.vocab_size <= 1 << 16 else np.dtype("<u4")
+
+        writers = {s: _SplitWriter(tmp, s, seq_len, dtype, shard_bytes) for s in SPLITS}
+        docs = sources.iter_documents(files, **read)
+        if val_files:
+            docs = _chain(docs, sources.iter_documents(val_files, **read))
+        total_bytes = sum(f.path.stat().st_size for f in files + val_files)
+        bar = tqdm(
+            total=total_bytes,
+            unit="B",
+            unit_scale=True,
+            desc="prepare",
+            disable=not progress,
+            smoothing=0.1,
+        )
+        val_names = {f.name for f in val_files}
+        for batch, token_lists in _tokenize(docs, spec, tmp, workers):
+            for doc, tokens in zip(batch, token_lists, strict=True):
+                if tokens.size and int(tokens.max()) >= tok.vocab_size:
+                    raise DataError(
+                        f"{doc.source.name} record {doc.record}: token id {int(tokens.max())} "
+                        f"is beyond the vocabulary ({tok.vocab_size})"
+                    )
+                is_val = doc.source.name in val_names if val_files else _is_val(doc, val_fraction)
+                writers["val" if is_val else "train"].add(tokens, tok.eos_id)
+            bar.update(sum(len(d.text.encode("utf-8")) for d in batch))
+        bar.close()
+        counts = {s: w.close() for s, w in writers.items()}
+        _check_counts(counts, files, val_fraction, bool(val_files), seq_len)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "seq_len": seq_len,
+            "dtype": dtype.name,
+            "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id,
+            "tokenizer": spec,
+            "packing": "concat: EOS after each document, rows of seq_len, tail dropped",
+            "val": {"inputs": list(val_inputs)} if val_files else {"fraction": val_fraction},
+            "splits": counts,
+            "sources": sources.describe(files),
+            "val_sources": sources.describe(val_files),
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        _install(tmp, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _chain(*iterators: Iterator) -> Iterator:
+    for it in iterators:
+        yield from it
+
+
+def _is_val(doc: sources.Document, fraction: float) -> bool:
+    """A stable per-document draw from the source name and record number."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha1(f"{doc.source.name}\0{doc.record}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < fraction
+
+
+def _check_counts(counts, files, val_fraction, separate_val, seq_len) -> None:
+    names = ", ".join(f.name for f in files[:3]) + (" ..." if len(files) > 3 else "")
+    if counts["train"]["documents"] == 0:
+        raise DataError(f"input: no documents found in {names}")
+    if counts["train"]["rows"] == 0:
+        raise DataError(
+            f"input: {counts['train']['documents']} documents give fewer than seq_len "
+            f"({seq_len}) tokens, so no complete row ({names})"
+        )
+    if (separate_val or val_fraction > 0) and counts["val"]["rows"] == 0:
+        raise DataError(
+            f"input: the validation split has no complete row of {seq_len} tokens "
+            f"({counts['val']['documents']} documents); raise val_fraction or give val inputs"
+        )
+
+
+def _install(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists():
+        if not overwrite and any(out_dir.iterdir()):
+            raise DataError(f"{out_dir}: appeared while preparing; not replaced")
+        old = out_dir.with_name(f".{out_dir.name}.old-{tmp.name[-8:]}")
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization in worker processes, results in input order
+
+_WORKER_TOKENIZER: Any = None
+
+
+def _worker_init(spec: dict[str, Any], folder: str) -> None:
+    global _WORKER_TOKENIZER
+    from mpt_jax.data.tokenizer import tokenizer_from_spec
+
+    _WORKER_TOKENIZER = tokenizer_from_spec(spec, Path(folder))
+
+
+def _encode(texts: list[str]) -> list[np.ndarray]:
+    return _WORKER_TOKENIZER.encode_batch(texts)
+
+
+def _batches(docs: Iterator[sources.Document]) -> Iterator[list[sources.Document]]:
+    batch, chars = [], 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc.text)
+        if chars >= _BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _tokenize(docs, spec, folder: Path, workers: int | None):
+    """Yield (documents, token arrays) batch by batch, in input order."""
+    workers = workers or os.cpu_count() or 1
+    if workers <= 1 or spec["kind"] == "byte":
+        # bytes need no real work: a pool would only add pickling
+        tok = ByteTokenizer() if spec["kind"] == "byte" else None
+        if tok is None:
+            _worker_init(spec, str(folder))
+            tok = _WORKER_TOKENIZER
+        for batch in _batches(docs):
+            yield batch, tok.encode_batch([d.text for d in batch])
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(spec, str(folder))) as pool:
+
+        def encoded(window):
+            return zip(
+                window, pool.imap(_encode, [[d.text for d in b] for b in window]), strict=True
+            )
+
+        window: list[list[sources.Document]] = []
+        # bounded look-ahead keeps memory flat while both cores stay busy
+        for batch in _batches(docs):
+            window.append(batch)
+            if len(window) == 4 * workers:
+                yield from encoded(window)
+                window = []
+        yield from encoded(window)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing and shard writing
+
+
+class _SplitWriter:
+    """Concatenates documents (+EOS), cuts rows of seq_len, writes ArrayRecord shards."""
+
+    def __init__(self, folder: Path, split: str, seq_len: int, dtype: np.dtype, shard_bytes: int):
+        self.folder, self.split, self.seq_len, self.dtype = folder, split, seq_len, dtype
+        self.rows_per_shard = max(1, shard_bytes // (seq_len * dtype.itemsize))
+        self.pending: list[np.ndarray] = []
+        self.pending_len = 0
+        self.shards: list[dict[str, Any]] = []
+        self.writer = None
+        self.rows_in_shard = 0
+        self.documents = 0
+        self.dropped = 0
+
+    def add(self, tokens: np.ndarray, eos_id: int) -> None:
+        limit = np.iinfo(self.dtype).max
+        if tokens.size and int(tokens.max()) > limit:
+            raise DataError(
+                f"{self.split}: token id {int(tokens.max())} does not fit the stored "
+                f"{self.dtype.name}"
+            )
+        self.documents += 1
+        self.pending.append(tokens.astype(self.dtype, copy=False))
+        self.pending.append(np.asarray([eos_id], self.dtype))
+        self.pending_len += tokens.size + 1
+        if self.pending_len >= self.seq_len:
+            stream = np.concatenate(self.pending)
+            n_rows = stream.size // self.seq_len
+            for row in stream[: n_rows * self.seq_len].reshape(n_rows, self.seq_len):
+                self._write(row)
+            rest = stream[n_rows * self.seq_len :]
+            self.pending, self.pending_len = [rest], rest.size
+
+    def _write(self, row: np.ndarray) -> None:
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        if self.writer is None:
+            name = f"{self.split}-{len(self.shards):05d}.arrayrecord"
+            self.writer = ArrayRecordWriter(str(self.folder / name), "group_size:1")
+            self.shards.append({"file": name, "rows": 0})
+        self.writer.write(row.tobytes())
+        self.shards[-1]["rows"] += 1
+        if self.shards[-1]["rows"] == self.rows_per_shard:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        self.writer.close()
+        self.writer = None
+        self.shards[-1]["bytes"] = (self.folder / self.shards[-1]["file"]).stat().st_size
+
+    def close(self) -> dict[str, Any]:
+        if self.writer is not None:
+            self._close_shard()
+        rows = sum(s["rows"] for s in self.shards)
+        return {
+            "rows": rows,
+            "tokens": rows * self.seq_len,
+            "documents": self.documents,
+            "dropped_tail_tokens": self.pending_len,
+            "shards": self.shards,
+        }

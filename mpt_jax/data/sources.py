@@ -1,0 +1,179 @@
+"""Input documents for data preparation: text, JSON Lines and Parquet files, the built-in corpus."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mpt_jax.data.errors import DataError
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_CORPORA = ("python-stdlib",)
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".text")
+JSONL_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One input file; `name` is how meta.json and errors refer to it."""
+
+    path: Path
+    name: str
+    kind: str  # text | jsonl | parquet
+    skip_invalid: bool = False  # only for the built-in corpus: skip files that are not UTF-8
+
+
+@dataclass(frozen=True)
+class Document:
+    source: SourceFile
+    record: int  # line (JSON Lines, 1-based), row (Parquet, 0-based) or 0 for a text file
+    text: str
+
+
+def _kind(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        return "jsonl"
+    if suffix in PARQUET_SUFFIXES:
+        return "parquet"
+    return "text"
+
+
+def builtin_files(corpus: str) -> list[SourceFile]:
+    """The files of a built-in corpus; python-stdlib is the running Python's own .py sources."""
+    if corpus not in BUILTIN_CORPORA:
+        raise DataError(
+            f"{BUILTIN_PREFIX}{corpus}: unknown built-in corpus "
+            f"(known: {', '.join(BUILTIN_CORPORA)})"
+        )
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "__pycache__"))
+        for fname in sorted(filenames):
+            if fname.endswith(".py"):
+                path = Path(dirpath) / fname
+                files.append(SourceFile(path, str(path.relative_to(root)), "text", True))
+    return files
+
+
+def resolve_inputs(inputs: Sequence[str]) -> list[SourceFile]:
+    """Expand files, folders, globs and builtin:NAME into a sorted, de-duplicated file list."""
+    if not inputs:
+        raise DataError("input: no input given")
+    files: list[SourceFile] = []
+    for item in inputs:
+        if item.startswith(BUILTIN_PREFIX):
+            files.extend(builtin_files(item[len(BUILTIN_PREFIX) :]))
+            continue
+        if any(c in item for c in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            if not matches:
+                raise DataError(f"{item}: the pattern matches no file")
+        elif Path(item).is_dir():
+            matches = sorted(
+                p for p in Path(item).rglob("*") if p.is_file() and p.suffix.lower() in _SUFFIXES
+            )
+            if not matches:
+                raise DataError(f"{item}: the folder holds no .txt, .jsonl or .parquet file")
+        elif Path(item).is_file():
+            matches = [Path(item)]
+        else:
+            raise DataError(f"{item}: no such file or folder")
+        files.extend(SourceFile(p, str(p), _kind(p)) for p in matches)
+    seen: set[Path] = set()
+    unique = []
+    for f in files:
+        key = f.path.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
+
+
+def describe(files: Sequence[SourceFile]) -> list[dict]:
+    """Name, size and sha256 of each input file, for meta.json."""
+    out = []
+    for f in files:
+        digest = hashlib.sha256()
+        with open(f.path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        out.append({"name": f.name, "bytes": f.path.stat().st_size, "sha256": digest.hexdigest()})
+    return out
+
+
+def iter_documents(
+    files: Sequence[SourceFile], *, text_field: str = "text", column: str = "text"
+) -> Iterator[Document]:
+    """Documents in file order: a text file is one document, a JSON line or Parquet row one each."""
+    for f in files:
+        if f.kind == "text":
+            doc = _read_text(f)
+            if doc is not None:
+                yield doc
+        elif f.kind == "jsonl":
+            yield from _read_jsonl(f, text_field)
+        else:
+            yield from _read_parquet(f, column)
+
+
+def _read_text(f: SourceFile) -> Document | None:
+    data = f.path.read_bytes()
+    try:
+        return Document(f, 0, data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        if f.skip_invalid:
+            return None
+        raise DataError(f"{f.name}: invalid UTF-8 at byte {e.start}") from None
+
+
+def _read_jsonl(f: SourceFile, field: str) -> Iterator[Document]:
+    with open(f.path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{f.name} line {lineno}: invalid UTF-8 at byte {e.start}"
+                ) from None
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{f.name} line {lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or field not in obj:
+                raise DataError(f"{f.name} line {lineno}: no {field!r} field")
+            text = obj[field]
+            if not isinstance(text, str):
+                raise DataError(f"{f.name} line {lineno}: field {field!r} is not a string")
+            yield Document(f, lineno, text)
+
+
+def _read_parquet(f: SourceFile, column: str) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(f.path)
+    except Exception as e:  # pyarrow raises ArrowInvalid and friends
+        raise DataError(f"{f.name}: not a readable Parquet file ({str(e).splitlines()[0]})") from e
+    names = pf.schema_arrow.names
+    if column not in names:
+        raise DataError(f"{f.name}: no column {column!r} (columns: {', '.join(names)})")
+    row = 0
+    for batch in pf.iter_batches(columns=[column], batch_size=4096):
+        for text in batch.column(0).to_pylist():
+            if text is not None and not isinstance(text, str):
+                raise DataError(f"{f.name} row {row}: column {column!r} is not a string")
+            if text is not None:
+                yield Document(f, row, text)
+            row += 1

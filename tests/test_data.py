@@ -1,0 +1,438 @@
+"""Data: prepare -> ArrayRecord -> batches round trip, determinism, resume, sharding, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mpt_jax.data import (
+    BatchLoader,
+    ByteTokenizer,
+    DataError,
+    check_compatible,
+    open_dataset,
+    prepare_dataset,
+    resolve_dataset,
+    sequence_ids,
+    tokenizer_from_spec,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
+
+
+def make_docs(n: int, seed: int = 0, prefix: str = "") -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [
+        prefix + " ".join(rng.choice(WORDS, size=rng.integers(3, 40))) + f" ({i}) é"
+        for i in range(n)
+    ]
+
+
+def write_inputs(folder: Path, docs: list[str]) -> list[str]:
+    """The documents spread over a text file, a JSON Lines file and a Parquet file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "a.txt").write_text(docs[0])
+    with open(folder / "b.jsonl", "w") as f:
+        for d in docs[1:20]:
+            f.write(json.dumps({"text": d, "id": 1}) + "\n")
+    pq.write_table(pa.table({"content": docs[20:]}), folder / "c.parquet")
+    return [str(folder / "a.txt"), str(folder / "b.jsonl"), str(folder / "c.parquet")]
+
+
+def loader(meta, **kw):
+    kw = {"global_batch": 4, "process_index": 0, "process_count": 1, "seed": 3, **kw}
+    return BatchLoader([(meta, 1.0)], **kw)
+
+
+def take(batches, n):
+    return [next(batches)["input_ids"] for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    docs = make_docs(400)
+    inputs = write_inputs(root / "in", docs)
+    out = prepare_dataset(
+        inputs, root / "ds", seq_len=32, val_fraction=0.1, column="content", progress=False
+    )
+    return open_dataset(out), docs, inputs
+
+
+def test_round_trip_text_to_batches(tmp_path):
+    docs = make_docs(60)
+    inputs = write_inputs(tmp_path / "in", docs)
+    meta = open_dataset(
+        prepare_dataset(
+            inputs, tmp_path / "ds", seq_len=48, val_fraction=0.0, column="content", progress=False
+        )
+    )
+    assert meta.dtype == np.dtype("<u2") and meta.eos_id == 256 and meta.vocab_size == 258
+    rows = [b["input_ids"][0] for b in loader(meta, global_batch=1, shuffle=False, repeat=False)]
+    stream = np.concatenate(rows)
+    expected = np.concatenate([np.append(ByteTokenizer().encode(d), 256) for d in docs])
+    assert len(rows) == len(expected) // 48 == meta.splits["train"]["rows"]
+    np.testing.assert_array_equal(stream, expected[: len(stream)])
+    decoded = ByteTokenizer().decode(stream).split("\ufffd")[0]  # stop at any cut character
+    pieces = [p for p in bytes(int(t) if t < 256 else 0 for t in stream).split(b"\0")]
+    assert [p.decode() for p in pieces[:-1]] == docs[: len(pieces) - 1]
+    assert decoded.startswith(docs[0])
+    info = json.loads((tmp_path / "ds" / "meta.json").read_text())
+    assert [s["name"] for s in info["sources"]] == inputs
+    assert all(len(s["sha256"]) == 64 and s["bytes"] > 0 for s in info["sources"])
+    assert info["splits"]["train"]["documents"] == 60
+
+
+def test_prepare_is_deterministic_byte_for_byte(tmp_path):
+    inputs = write_inputs(tmp_path / "in", make_docs(120))
+    outs = [
+        prepare_dataset(
+            inputs,
+            tmp_path / name,
+            seq_len=32,
+            val_fraction=0.2,
+            column="content",
+            progress=False,
+            shard_bytes=512,
+        )
+        for name in ("one", "two")
+    ]
+    files = sorted(p.name for p in outs[0].iterdir())
+    assert len([f for f in files if f.startswith("train-")]) > 1  # several shards
+    assert files == sorted(p.name for p in outs[1].iterdir())
+    for name in files:
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+
+def test_trained_bpe_round_trips_and_is_deterministic(tmp_path):
+    docs = make_docs(200, seed=5)
+    inputs = write_inputs(tmp_path / "in", docs)
+    kw = dict(
+        seq_len=32,
+        val_fraction=0.0,
+        column="content",
+        train_bpe_vocab=320,
+        progress=False,
+        workers=2,
+    )
+    a = prepare_dataset(inputs, tmp_path / "a", **kw)
+    b = prepare_dataset(inputs, tmp_path / "b", **kw)
+    for name in ("tokenizer.json", "train-00000.arrayrecord", "meta.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    meta = open_dataset(a)
+    tok = tokenizer_from_spec(meta.tokenizer, meta.folder)
+    assert meta.vocab_size == 320 and meta.tokenizer["eos_token"] == "<|endoftext|>"
+    rows = [r["input_ids"][0] for r in loader(meta, global_batch=1, shuffle=False, repeat=False)]
+    text = tok.decode(np.concatenate(rows))
+    assert text.startswith(docs[0] + "<|endoftext|>" + docs[1] + "<|endoftext|>")
+
+
+def test_tokenizer_json_input_and_transformers_folder(tmp_path):
+    docs = make_docs(80, seed=2)
+    inputs = write_inputs(tmp_path / "in", docs)
+    first = prepare_dataset(
+        inputs,
+        tmp_path / "bpe",
+        seq_len=16,
+        val_fraction=0.0,
+        column="content",
+        train_bpe_vocab=300,
+        progress=False,
+    )
+    folder = tmp_path / "tok_folder"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_bytes((first / "tokenizer.json").read_bytes())
+    for source in (str(first / "tokenizer.json"), str(folder)):
+        out = prepare_dataset(
+            inputs,
+            tmp_path / f"x{len(source)}",
+            seq_len=16,
+            val_fraction=0.0,
+            column="content",
+            tokenizer=source,
+            progress=False,
+            workers=2,
+        )
+        assert (out / "train-00000.arrayrecord").read_bytes() == (
+            first / "train-00000.arrayrecord"
+        ).read_bytes()
+
+
+def test_loader_determinism_and_epoch_reshuffle(dataset):
+    meta = dataset[0]
+    a, b = take(loader(meta), 10), take(loader(meta), 10)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    c = take(loader(meta, seed=4), 10)
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
+    n = meta.splits["train"]["rows"]
+    rows = np.concatenate(take(loader(meta, global_batch=1), 2 * n))
+    first, second = rows[:n], rows[n:]
+    as_set = lambda r: sorted(map(bytes, r.astype(np.uint16)))
+    assert as_set(first) == as_set(second)  # each epoch is a permutation of all rows
+    assert not np.array_equal(first, second)  # ... in a new order
+
+
+@pytest.mark.parametrize("stop", [0, 1, 7, 23])
+def test_exact_resume_from_saved_state(dataset, stop):
+    meta = dataset[0]
+    straight = take(loader(meta, segment_ids=True), stop + 6)
+    first = loader(meta, segment_ids=True)
+    take(first, stop)
+    state = json.loads(json.dumps(first.state()))  # it is plain data
+    first.close()
+    resumed = loader(meta, segment_ids=True)
+    resumed.restore(state)
+    for expected in straight[stop:]:
+        np.testing.assert_array_equal(next(resumed)["input_ids"], expected)
+    with pytest.raises(DataError, match="global_batch 4 differs"):
+        loader(meta, global_batch=8).restore(state)
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_process_shares_tile_each_global_batch(dataset, processes):
+    meta = dataset[0]
+    single = take(loader(meta, global_batch=8), 5)
+    shares = [
+        take(loader(meta, global_batch=8, process_index=p, process_count=processes), 5)
+        for p in range(processes)
+    ]
+    for step in range(5):
+        joined = np.concatenate([shares[p][step] for p in range(processes)])
+        np.testing.assert_array_equal(joined, single[step])
+    # resume on a different process count: same global order
+    one = loader(meta, global_batch=8)
+    take(one, 3)
+    state = one.state()
+    parts = []
+    for p in range(processes):
+        other = loader(meta, global_batch=8, process_index=p, process_count=processes)
+        other.restore(state)
+        parts.append(next(other)["input_ids"])
+    np.testing.assert_array_equal(np.concatenate(parts), single[3])
+
+
+def test_global_jax_array_on_a_mesh(dataset):
+    meta = dataset[0]
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))
+    sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
+    batch = next(loader(meta, global_batch=8, sharding=sharding, segment_ids=True))
+    expected = take(loader(meta, global_batch=8), 1)[0]
+    assert isinstance(batch["input_ids"], jax.Array) and batch["input_ids"].sharding == sharding
+    np.testing.assert_array_equal(np.asarray(batch["input_ids"]), expected)
+    assert batch["segment_ids"].shape == (8, 32)
+
+
+def test_segment_ids_follow_eos():
+    row = np.array([5, 256, 7, 8, 256, 256, 9, 1])
+    np.testing.assert_array_equal(sequence_ids(row, 256), [0, 0, 1, 1, 1, 2, 3, 3])
+
+
+def test_mixture_weights_and_determinism(tmp_path):
+    metas = []
+    for name, letter in (("a", "a"), ("b", "b")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "d.jsonl").write_text(
+            "".join(json.dumps({"text": letter * (20 + i)}) + "\n" for i in range(300))
+        )
+        metas.append(
+            open_dataset(
+                prepare_dataset(
+                    [str(tmp_path / name / "d.jsonl")],
+                    tmp_path / f"ds_{name}",
+                    seq_len=16,
+                    val_fraction=0.0,
+                    progress=False,
+                )
+            )
+        )
+
+    def fraction_a(seed):
+        mix = BatchLoader(
+            [(metas[0], 0.7), (metas[1], 0.3)],
+            global_batch=10,
+            seed=seed,
+            process_index=0,
+            process_count=1,
+        )
+        rows = np.concatenate(take(mix, 100))
+        from_a = np.isin(rows, [ord("a")]).any(axis=1)
+        return from_a.mean(), rows
+
+    frac, rows1 = fraction_a(0)
+    _, rows2 = fraction_a(0)
+    assert abs(frac - 0.7) < 0.03, frac
+    np.testing.assert_array_equal(rows1, rows2)
+
+
+def test_builtin_corpus_prepared_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("MPT_JAX_CACHE", str(tmp_path / "cache"))
+    meta = resolve_dataset("builtin:python-stdlib", seq_len=512, progress=False)
+    assert meta.splits["train"]["rows"] > 10_000 and meta.splits["val"]["rows"] > 50
+    stamp = (meta.folder / "meta.json").stat().st_mtime_ns
+    again = resolve_dataset("builtin:python-stdlib", seq_len=512, progress=False)
+    assert again.folder == meta.folder and (meta.folder / "meta.json").stat().st_mtime_ns == stamp
+    row = next(loader(meta, global_batch=2))["input_ids"][0]
+    assert b"def " in bytes(int(t) for t in row if t < 256) or b"import" in bytes(
+        int(t) for t in np.concatenate(take(loader(meta, global_batch=2), 20)).ravel() if t < 256
+    )
+
+
+def test_check_compatible(dataset):
+    meta = dataset[0]
+    check_compatible(meta, seq_len=32, vocab_size=300, tokenizer="byte")
+    with pytest.raises(
+        DataError, match=r"meta\.json: seq_len 32 differs from the training seq_len 64"
+    ):
+        check_compatible(meta, seq_len=64, vocab_size=300)
+    with pytest.raises(DataError, match=r"vocabulary 258 exceeds model\.vocab_size 200"):
+        check_compatible(meta, seq_len=32, vocab_size=200)
+    with pytest.raises(DataError, match=r"prepared with tokenizer 'byte'"):
+        check_compatible(meta, seq_len=32, vocab_size=300, tokenizer="gpt-neox/tokenizer.json")
+
+
+def _bad_input(tmp_path: Path, case: str) -> tuple[list[str], dict, str]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    good = tmp_path / "good.txt"
+    good.write_text("x" * 200)
+    if case == "missing":
+        return [str(tmp_path / "nope.txt")], {}, r"nope\.txt: no such file or folder"
+    if case == "empty":
+        (tmp_path / "e.jsonl").write_text("")
+        return [str(tmp_path / "e.jsonl")], {}, r"input: no documents found in .*e\.jsonl"
+    if case == "utf8_text":
+        (tmp_path / "bad.txt").write_bytes(b"ok \xff\xfe no")
+        return [str(good), str(tmp_path / "bad.txt")], {}, r"bad\.txt: invalid UTF-8 at byte 3"
+    if case == "utf8_jsonl":
+        (tmp_path / "bad.jsonl").write_bytes(b'{"text": "a"}\n{"text": "\xff"}\n')
+        return [str(tmp_path / "bad.jsonl")], {}, r"bad\.jsonl line 2: invalid UTF-8"
+    if case == "no_field":
+        (tmp_path / "f.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n')
+        return [str(tmp_path / "f.jsonl")], {}, r"f\.jsonl line 2: no 'text' field"
+    if case == "bad_json":
+        (tmp_path / "j.jsonl").write_text('{"text": "a"}\n{"text": \n')
+        return [str(tmp_path / "j.jsonl")], {}, r"j\.jsonl line 2: invalid JSON"
+    if case == "no_column":
+        pq.write_table(pa.table({"body": ["a" * 100]}), tmp_path / "p.parquet")
+        return [str(tmp_path / "p.parquet")], {}, r"p\.parquet: no column 'text' \(columns: body\)"
+    if case == "glob":
+        return [str(tmp_path / "*.none")], {}, r"the pattern matches no file"
+    if case == "too_short":
+        return [str(good)], {"seq_len": 4096}, r"fewer than seq_len \(4096\) tokens"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "empty",
+        "utf8_text",
+        "utf8_jsonl",
+        "no_field",
+        "bad_json",
+        "no_column",
+        "glob",
+        "too_short",
+    ],
+)
+def test_bad_inputs_name_the_file_and_leave_nothing(tmp_path, case):
+    inputs, kw, message = _bad_input(tmp_path / "in", case)
+    with pytest.raises(DataError, match=message) as info:
+        prepare_dataset(
+            inputs,
+            tmp_path / "out",
+            **{"seq_len": 16, "val_fraction": 0.0, "progress": False, **kw},
+        )
+    assert "\n" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # no output, no temp folder
+
+
+def test_token_ids_beyond_stored_dtype_are_refused(tmp_path):
+    from mpt_jax.data.prepare import _SplitWriter
+
+    writer = _SplitWriter(tmp_path, "train", 8, np.dtype("<u2"), 1 << 20)
+    with pytest.raises(DataError, match="token id 70000 does not fit the stored uint16"):
+        writer.add(np.array([1, 70000], np.uint32), 0)
+
+
+def test_truncated_and_corrupted_shards(tmp_path):
+    docs = make_docs(100)
+    out = prepare_dataset(
+        write_inputs(tmp_path / "in", docs),
+        tmp_path / "ds",
+        seq_len=32,
+        val_fraction=0.0,
+        column="content",
+        progress=False,
+    )
+    shard = out / "train-00000.arrayrecord"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-1000])
+    with pytest.raises(DataError, match=r"train-00000\.arrayrecord: \d+ bytes, meta\.json records"):
+        open_dataset(out)
+    corrupted = bytearray(data)
+    corrupted[100:200] = bytes(b ^ 0xFF for b in corrupted[100:200])
+    shard.write_bytes(bytes(corrupted))
+    with pytest.raises(DataError, match=r"train-00000\.arrayrecord record \d+: unreadable"):
+        list(loader(open_dataset(out), global_batch=1, shuffle=False, repeat=False))
+    (out / "meta.json").unlink()
+    with pytest.raises(DataError, match=r"meta\.json: missing"):
+        open_dataset(out)
+
+
+def test_existing_output_refused(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("keep")
+    (tmp_path / "a.txt").write_text("y" * 100)
+    with pytest.raises(DataError, match=r"out: already exists and is not empty"):
+        prepare_dataset([str(tmp_path / "a.txt")], tmp_path / "out", seq_len=8, val_fraction=0.0)
+    assert (tmp_path / "out" / "x").read_text() == "keep"
+
+
+def test_prepare_command_line(tmp_path):
+    inputs = write_inputs(tmp_path / "in", make_docs(50))
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "prepare_data.py"),
+            *inputs,
+            "--out",
+            str(tmp_path / "ds"),
+            "--seq-len",
+            "32",
+            "--column",
+            "content",
+            "--val-fraction",
+            "0.2",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "train:" in result.stdout and "val:" in result.stdout
+    bad = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "prepare_data.py"),
+            str(tmp_path / "missing.txt"),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
+    assert "missing.txt: no such file or folder" in bad.stderr

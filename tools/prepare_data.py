@@ -1,0 +1,73 @@
+"""Tokenize and pack text into ArrayRecord shards plus meta.json for training.
+
+    python tools/prepare_data.py INPUT [INPUT ...] --out DIR [--seq-len 2048] [--tokenizer byte]
+        [--train-bpe VOCAB] [--val-fraction 0.01 | --val-input FILE ...] [--text-field text]
+        [--column text] [--workers N] [--overwrite]
+
+INPUT: text files (one document each), JSON Lines (one document per line, field --text-field),
+Parquet (one per row, column --column), folders and globs of these, or builtin:python-stdlib.
+--tokenizer: 'byte' (built in), a tokenizer.json, or a transformers tokenizer folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("inputs", nargs="+", help="files, folders, globs or builtin:python-stdlib")
+    parser.add_argument("--out", required=True, help="dataset folder to create")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--tokenizer", default="byte", help="byte | tokenizer.json | folder")
+    parser.add_argument("--eos-token", default=None, help="end-of-text token of the tokenizer")
+    parser.add_argument(
+        "--train-bpe",
+        type=int,
+        default=None,
+        metavar="VOCAB",
+        help="train a byte-level BPE tokenizer of this size on the input",
+    )
+    parser.add_argument("--val-fraction", type=float, default=0.01)
+    parser.add_argument("--val-input", nargs="+", default=(), help="separate validation input")
+    parser.add_argument("--text-field", default="text", help="JSON Lines field")
+    parser.add_argument("--column", default="text", help="Parquet column")
+    parser.add_argument("--workers", type=int, default=None, help="default: all cores")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    from mpt_jax.data import DataError, open_dataset, prepare_dataset
+
+    try:
+        out = prepare_dataset(
+            args.inputs,
+            args.out,
+            seq_len=args.seq_len,
+            tokenizer=args.tokenizer,
+            eos_token=args.eos_token,
+            train_bpe_vocab=args.train_bpe,
+            val_fraction=0.0 if args.val_input else args.val_fraction,
+            val_inputs=args.val_input,
+            text_field=args.text_field,
+            column=args.column,
+            workers=args.workers,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+        )
+    except (DataError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    meta = open_dataset(out)
+    for split, counts in meta.splits.items():
+        print(
+            f"{split}: {counts['rows']:,} rows, {counts['tokens']:,} tokens, "
+            f"{counts['documents']:,} documents, {len(counts['shards'])} shards"
+        )
+    print(f"wrote {out} (vocab {meta.vocab_size}, eos {meta.eos_id}, {meta.dtype.name})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
