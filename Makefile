@@ -1,10 +1,16 @@
-# `make test` and (from the [train] issue on) `make quickstart` set everything up on a fresh
-# machine: a virtualenv in .venv with torch's CPU build installed first (an unpinned torch
-# would pull a multi-GB CUDA build), then mpt_jax with its test extra.
+# `make quickstart` and `make test` set everything up on a fresh machine in a virtualenv in .venv.
+# The tests need torch: its CPU build is installed first (an unpinned torch would pull a
+# multi-GB CUDA build), then mpt_jax with its test extra.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+RUNTIME_STAMP := $(VENV)/.runtime-stamp
+
+$(RUNTIME_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e .
+	touch $(RUNTIME_STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,8 +18,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-.PHONY: setup test lint format
+.PHONY: setup quickstart test lint format
 setup: $(STAMP)
+
+# the main job: prepare the built-in corpus (once), train experiments/quickstart.yaml, export to HF
+quickstart: $(RUNTIME_STAMP)
+	$(BIN)/mpt-jax train experiments/quickstart.yaml --overwrite
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -199,6 +199,222 @@ class ModelConfig:
 
 
 # ---------------------------------------------------------------------------------------------
+# Training run configs
+
+Precision = Literal["amp_bf16", "fp32", "pure_bf16"]
+Remat = Literal["none", "dots_saveable", "full"]
+OptimName = Literal["decoupled_adamw", "decoupled_lionw", "adamw"]
+ScheduleName = Literal[
+    "cosine_with_warmup", "linear_decay_with_warmup", "constant_with_warmup", "inv_sqrt_with_warmup"
+]
+_TIME_UNITS = ("ba", "tok", "sp", "dur")
+
+
+def check_time(value: str, where: str, *, allow_dur: bool = True) -> None:
+    """Validate a composer time string: `100ba`, `2.5e9tok`, `512sp`, `0.05dur`."""
+    unit = next((u for u in _TIME_UNITS if value.endswith(u)), None)
+    number = value[: -len(unit)] if unit else ""
+    try:
+        ok = unit is not None and float(number) >= 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(
+            f"{where}: {value!r} is not a time (a number with ba, tok, sp or dur, e.g. 100ba)"
+        )
+    if unit == "dur" and not allow_dur:
+        raise ConfigError(f"{where}: {value!r} cannot be in units of dur")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataSource:
+    """One dataset of a weighted mixture."""
+
+    path: str
+    weight: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where batches come from; `path` is a prepared folder or `builtin:python-stdlib`."""
+
+    path: str | None = None
+    mixture: tuple[DataSource, ...] = ()
+    tokenizer: str = "byte"  # 'byte' or a tokenizer.json; built-in corpora are prepared with it
+    shuffle: bool = True
+    num_threads: int = 2
+    prefetch: int = 2
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (not self.mixture):
+            raise ConfigError("data: give exactly one of data.path and data.mixture")
+        for i, source in enumerate(self.mixture):
+            if source.weight <= 0:
+                raise ConfigError(f"data.mixture[{i}].weight: must be > 0, got {source.weight}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """composer's DecoupledAdamW / llm-foundry's DecoupledLionW, or optax-style AdamW."""
+
+    name: OptimName = "decoupled_adamw"
+    lr: float = 6.0e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1.0e-8
+    weight_decay: float = 0.0
+    clipping_threshold: float | None = 1.0  # global gradient L2 norm; null disables
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr: must be > 0, got {self.lr}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas: each must be in [0, 1), got {list(self.betas)}")
+        if self.eps < 0 or self.weight_decay < 0:
+            raise ConfigError("optim.eps and optim.weight_decay: must be >= 0")
+        if self.clipping_threshold is not None and self.clipping_threshold <= 0:
+            raise ConfigError(
+                f"optim.clipping_threshold: must be > 0, got {self.clipping_threshold}"
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScheduleConfig:
+    """LR multiplier schedules with composer's semantics and time strings."""
+
+    name: ScheduleName = "cosine_with_warmup"
+    t_warmup: str = "100ba"
+    t_max: str = "1dur"
+    alpha_f: float = 0.0  # cosine / linear: final multiplier
+    alpha_i: float = 1.0  # linear: multiplier after warmup
+    alpha: float = 1.0  # constant: multiplier after warmup
+    t_scale: str = "100ba"  # inv_sqrt
+    t_cooldown: str = "0ba"  # inv_sqrt
+    alpha_f_decay: float = 0.0  # inv_sqrt
+    alpha_f_cooldown: float = 0.0  # inv_sqrt
+
+    def __post_init__(self) -> None:
+        inv_sqrt = self.name == "inv_sqrt_with_warmup"
+        check_time(self.t_warmup, "schedule.t_warmup", allow_dur=not inv_sqrt)
+        check_time(self.t_max, "schedule.t_max")
+        check_time(self.t_scale, "schedule.t_scale", allow_dur=False)
+        check_time(self.t_cooldown, "schedule.t_cooldown", allow_dur=False)
+        if inv_sqrt and self.alpha_f_decay < self.alpha_f_cooldown:
+            raise ConfigError("schedule.alpha_f_decay: must be >= alpha_f_cooldown")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+    """Device mesh sizes; one of them may be -1 (filled from the device count)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def __post_init__(self) -> None:
+        sizes = (self.data, self.fsdp, self.tensor)
+        if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
+            raise ConfigError(f"mesh: sizes must be positive with at most one -1, got {sizes}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Batch, duration, precision and logging of a training run."""
+
+    global_batch: int = 8  # sequences per optimizer step
+    microbatch: int | None = None  # sequences per forward/backward (accumulated); null: global
+    steps: int | None = None
+    tokens: int | None = None  # token budget instead of steps (rounded up to whole steps)
+    seed: int = 17
+    precision: Precision = "amp_bf16"
+    remat: Remat = "none"
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_batches: int = 8
+    profile: tuple[int, int] | None = None  # [first, last) steps traced with jax.profiler
+    progress: bool = True
+    export_hf: bool = False  # write RUN_DIR/hf with save_pretrained at the end
+    wandb_project: str | None = None  # logs to Weights & Biases when set and wandb is installed
+    wandb_mode: Literal["online", "offline", "disabled"] = "offline"
+
+    def __post_init__(self) -> None:
+        if self.global_batch <= 0:
+            raise ConfigError(f"train.global_batch: must be > 0, got {self.global_batch}")
+        if self.microbatch is not None and (
+            self.microbatch <= 0 or self.global_batch % self.microbatch
+        ):
+            raise ConfigError(
+                f"train.microbatch: must divide train.global_batch ({self.global_batch}), "
+                f"got {self.microbatch}"
+            )
+        if (self.steps is None) == (self.tokens is None):
+            raise ConfigError("train: give exactly one of train.steps and train.tokens")
+        for field in ("steps", "tokens"):
+            value = getattr(self, field)
+            if value is not None and value <= 0:
+                raise ConfigError(f"train.{field}: must be > 0, got {value}")
+        if self.log_every <= 0 or self.eval_every < 0 or self.eval_batches <= 0:
+            raise ConfigError("train.log_every and train.eval_batches: must be > 0")
+        if self.profile is not None and not 0 <= self.profile[0] < self.profile[1]:
+            raise ConfigError(f"train.profile: expected [first, last) steps, got {self.profile}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Everything `mpt-jax train` needs."""
+
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    train: TrainConfig
+    run_dir: str
+
+    @property
+    def seq_len(self) -> int:
+        return self.model.max_seq_len
+
+    @property
+    def total_steps(self) -> int:
+        if self.train.steps is not None:
+            return self.train.steps
+        return -(-self.train.tokens // (self.train.global_batch * self.seq_len))
+
+
+def _model_section(value: Any, where: str) -> ModelConfig:
+    """`model:` is a preset name, or fields with an optional `preset:` to start from."""
+    if isinstance(value, str):
+        return load_model_config(value)
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a preset name or a mapping, got {value!r}")
+    fields = dict(value)
+    preset = fields.pop("preset", None)
+    if preset is not None:
+        base = load_model_config(preset).to_dict()
+        base.update(fields)
+        fields = base
+    return ModelConfig.from_dict(fields, where=where)
+
+
+def run_config_from_dict(data: Mapping[str, Any], *, where: str = "config") -> RunConfig:
+    """Validate a whole run config (model section resolved from presets)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping at the top level")
+    data = dict(data)
+    for key in ("model", "data", "train", "run_dir"):
+        if key not in data:
+            raise ConfigError(f"{where}: the {key!r} section is missing")
+    data["model"] = _model_section(data["model"], "model")
+    return from_dict(RunConfig, data, where="")
+
+
+def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Load a run YAML and apply dotted `key=value` overrides."""
+    data = apply_overrides(load_yaml(path), overrides)
+    return run_config_from_dict(data, where=str(path))
+
+
+# ---------------------------------------------------------------------------------------------
 # Generic typed loading: unknown keys and wrong types are errors naming the dotted field.
 
 
@@ -209,7 +425,10 @@ def _type_name(tp: Any) -> str:
     if origin in (Union, types.UnionType):
         return " | ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is tuple:
-        return "a list of " + ", ".join(_type_name(a) for a in typing.get_args(tp))
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return "a list of " + ", ".join(_type_name(a) for a in args)
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -231,6 +450,10 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: must be one of {_type_name(tp)}, got {value!r}")
     if origin is tuple:
         args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            if isinstance(value, Sequence) and not isinstance(value, str):
+                return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
         if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == len(args):
             return tuple(
                 _convert(a, v, f"{where}[{i}]")
@@ -269,12 +492,13 @@ def from_dict(cls: type, data: Mapping[str, Any], *, where: str) -> Any:
         raise ConfigError(f"{where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    prefix = f"{where}." if where else ""
     unknown = sorted(set(data) - fields)
     if unknown:
         raise ConfigError(
-            f"{where}.{unknown[0]}: unknown key; allowed keys are {', '.join(sorted(fields))}"
+            f"{prefix}{unknown[0]}: unknown key; allowed keys are {', '.join(sorted(fields))}"
         )
-    kwargs = {key: _convert(hints[key], value, f"{where}.{key}") for key, value in data.items()}
+    kwargs = {key: _convert(hints[key], value, f"{prefix}{key}") for key, value in data.items()}
     try:
         return cls(**kwargs)
     except ConfigError:

@@ -25,6 +25,13 @@ from mpt_jax.config import InitConfig, ModelConfig, param_shapes
 
 Initializer = Callable[[jax.Array, tuple[int, ...]], jax.Array]
 
+# activation checkpointing per block: what the backward pass may keep instead of recomputing
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
 
 # ---------------------------------------------------------------------------------------------
 # Initialization (llm-foundry's param_init_fns.py)
@@ -298,8 +305,12 @@ class MPTForCausalLM(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
+        remat: str = "none",
     ):
         cfg = self.config = config
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat: must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
+        self.remat = remat
         self.dtype = dtype
         D = cfg.d_model
         V, S_max = cfg.vocab_size, cfg.max_seq_len
@@ -394,15 +405,22 @@ class MPTForCausalLM(nnx.Module):
         def layer_key(i):
             return None if key is None else jax.random.fold_in(key, i)
 
+        def apply(graphdef, layer_state, x, i):
+            return nnx.merge(graphdef, layer_state)(x, segment_ids, layer_key(i))
+
+        if self.remat != "none":
+            policy = REMAT_POLICIES[self.remat]
+            apply = jax.checkpoint(apply, policy=policy, static_argnums=(0,))
         if not self.config.scan_layers:
             for i, block in enumerate(self.blocks):
-                x_BSD = block(x_BSD, segment_ids, layer_key(i))
+                graphdef, layer_state = nnx.split(block)
+                x_BSD = apply(graphdef, layer_state, x_BSD, i)
             return x_BSD
         graphdef, stacked = nnx.split(self.blocks)
 
         def body(x, xs):
             layer_state, i = xs
-            return nnx.merge(graphdef, layer_state)(x, segment_ids, layer_key(i)), None
+            return apply(graphdef, layer_state, x, i), None
 
         x_BSD, _ = jax.lax.scan(body, x_BSD, (stacked, jnp.arange(self.config.n_layers)))
         return x_BSD

@@ -1,0 +1,102 @@
+"""The device mesh and the one table that maps logical axis names onto it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from mpt_jax.config import ConfigError, MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axes. FSDP shards the embed axis of every matrix; tensor parallelism
+# splits heads, MLP and vocabulary when mesh.tensor > 1. Batch rows go over data and fsdp.
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("qkv_heads", "tensor"),
+    ("kv", None),
+    ("layers", None),
+)
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) with a -1 filled in; a product that misses n_devices is an error."""
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        if n_devices % known:
+            raise ConfigError(
+                f"mesh: {n_devices} devices cannot be split as data={cfg.data} fsdp={cfg.fsdp} "
+                f"tensor={cfg.tensor}"
+            )
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise ConfigError(
+            f"mesh: data*fsdp*tensor = {math.prod(sizes)} ({sizes[0]}x{sizes[1]}x{sizes[2]}) "
+            f"but there are {n_devices} devices"
+        )
+    return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh over all (or the given) devices, GSPMD-style axes."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(cfg, len(devices))
+    grid = np.array(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(
+    names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=LOGICAL_RULES
+) -> PartitionSpec:
+    """PartitionSpec for an array with these logical axis names.
+
+    A dimension that the mapped mesh axes do not divide evenly, or a mesh axis already used by
+    an earlier dimension, stays unsharded (e.g. a 258-token vocabulary over tensor=4).
+    """
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(names, shape, strict=True):
+        axes = table.get(name) if name is not None else None
+        if axes is None:
+            spec.append(None)
+            continue
+        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        axes = tuple(a for a in axes if mesh.shape[a] > 1 and a not in used)
+        if not axes or size % math.prod(mesh.shape[a] for a in axes):
+            spec.append(None)
+            continue
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def state_shardings(abstract_state: nnx.State, mesh: Mesh) -> nnx.State:
+    """NamedShardings for an (abstract) NNX state from each variable's logical axis names."""
+
+    def one(var):
+        value = var.get_value()
+        names = var.get_metadata().get("out_sharding") or (None,) * value.ndim
+        return NamedSharding(mesh, logical_to_spec(names, value.shape, mesh))
+
+    return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """(batch, seq) arrays: rows over data and fsdp."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

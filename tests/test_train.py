@@ -1,0 +1,257 @@
+"""Training: sharded == single device, accumulation == one batch, overfit, runs and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+
+from mpt_jax.config import ConfigError, MeshConfig, run_config_from_dict
+from mpt_jax.data import DataError, prepare_dataset
+from mpt_jax.sharding import batch_sharding, make_mesh
+from mpt_jax.train import NonFiniteLossError, init_state, make_train_step, run
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_MODEL = dict(
+    d_model=64,
+    n_heads=4,
+    n_layers=2,
+    max_seq_len=32,
+    vocab_size=258,
+    alibi=True,
+    learned_pos_emb=False,
+    no_bias=True,
+)
+
+
+def config(tmp_path, **sections):
+    raw = {
+        "model": dict(TINY_MODEL),
+        "data": {"path": str(tmp_path / "ds")},
+        "optim": {"lr": 1e-3},
+        "schedule": {"t_warmup": "2ba"},
+        "train": {"global_batch": 8, "steps": 5, "precision": "fp32", "progress": False},
+        "run_dir": str(tmp_path / "run"),
+    }
+    for key, value in sections.items():
+        merge = isinstance(value, dict) and key != "model"
+        raw[key] = {**raw.get(key, {}), **value} if merge else value
+    return run_config_from_dict(raw)
+
+
+def batches(n, batch=8, seq=32, vocab=258, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, (batch, seq), dtype=np.int32) for _ in range(n)]
+
+
+def train_losses(cfg, mesh, data):
+    graphdef, state, shardings = init_state(cfg, mesh)
+    step = jax.jit(
+        make_train_step(graphdef, cfg),
+        in_shardings=(shardings, batch_sharding(mesh)),
+        out_shardings=(shardings, None),
+        donate_argnums=0,
+    )
+    losses = []
+    for ids in data:
+        batch = {"input_ids": jax.device_put(ids, batch_sharding(mesh))}
+        state, out = step(state, batch)
+        losses.append(float(out["loss"]))
+    return losses, state
+
+
+def test_eight_device_mesh_matches_one_device(tmp_path):
+    cfg = config(tmp_path, mesh={"data": 2, "fsdp": 2, "tensor": 2})
+    data = batches(5)
+    one = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    eight = make_mesh(cfg.mesh)
+    assert eight.devices.size == 8
+    losses_1, _ = train_losses(cfg, one, data)
+    losses_8, state_8 = train_losses(cfg, eight, data)
+    np.testing.assert_allclose(losses_8, losses_1, rtol=0, atol=1e-5)
+    wqkv = state_8.params["blocks"][0]["attn"]["Wqkv"]["kernel"][...]
+    assert "fsdp" in str(wqkv.sharding.spec) and "tensor" in str(wqkv.sharding.spec)
+
+
+def test_accumulation_over_four_microbatches_equals_one_batch(tmp_path):
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
+    data = batches(3)
+    full, state_full = train_losses(config(tmp_path), mesh, data)
+    micro, state_micro = train_losses(config(tmp_path, train={"microbatch": 2}), mesh, data)
+    np.testing.assert_allclose(micro, full, rtol=0, atol=1e-6)
+    for a, b in zip(
+        jax.tree.leaves(state_full.params), jax.tree.leaves(state_micro.params), strict=True
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+
+
+def test_accumulation_is_token_weighted(tmp_path):
+    """Microbatches with different numbers of counted tokens still give the global token mean."""
+    from mpt_jax.loss import IGNORE_INDEX  # noqa: F401  (documents the convention)
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    cfg = config(tmp_path, train={"microbatch": 4})
+    graphdef, state, _ = init_state(cfg, mesh)
+    ids = batches(1)[0]
+    _, out = jax.jit(make_train_step(graphdef, cfg))(state, {"input_ids": jnp.asarray(ids)})
+    # 8 sequences of 32 tokens: 31 counted targets each
+    assert float(out["tokens"]) == 8 * 31
+
+
+def test_overfits_one_batch(tmp_path):
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
+    cfg = config(
+        tmp_path,
+        optim={"lr": 3e-3},
+        schedule={"name": "constant_with_warmup", "t_warmup": "5ba"},
+        train={"steps": 150},
+    )
+    data = batches(1, batch=8, vocab=64) * 150
+    losses, _ = train_losses(cfg, mesh, data)
+    assert losses[0] > 3.5 and losses[-1] < 0.1, (losses[0], losses[-1])
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "self", "import", "class", "for", "in", "if", "else", "x", "y"]
+    with open(root / "docs.jsonl", "w") as f:
+        for _ in range(400):
+            f.write(json.dumps({"text": " ".join(rng.choice(words, 30))}) + "\n")
+    prepare_dataset(
+        [str(root / "docs.jsonl")], root / "ds", seq_len=32, val_fraction=0.1, progress=False
+    )
+    return root
+
+
+def test_end_to_end_run_writes_run_folder(small_dataset, tmp_path):
+    cfg = config(
+        small_dataset,
+        run_dir=str(tmp_path / "run"),
+        train={
+            "steps": 6,
+            "log_every": 2,
+            "eval_every": 3,
+            "eval_batches": 2,
+            "export_hf": True,
+            "profile": [2, 4],
+        },
+    )
+    final = run(cfg)
+    run_dir = tmp_path / "run"
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [x for x in lines if "loss" in x]
+    keys = {
+        "step",
+        "tokens",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "tflops_per_device",
+        "mfu",
+        "step_time",
+        "data_wait",
+    }
+    assert keys <= set(train_lines[-1]) and train_lines[-1]["step"] == 6
+    assert train_lines[-1]["tokens"] == 6 * 8 * 32
+    assert [x["step"] for x in lines if "val_loss" in x] == [3, 6]
+    assert final["val_loss"] < 5.6  # below ln(258): it learned something
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["model"]["d_model"] == 64 and saved["train"]["steps"] == 6
+    assert any((run_dir / "tensorboard").iterdir())
+    assert any((run_dir / "profile").rglob("*.xplane.pb"))
+    transformers = pytest.importorskip("transformers")
+    model = transformers.MptForCausalLM.from_pretrained(final["hf_dir"])
+    assert model.config.n_layers == 2
+
+    # the same folder with another config is refused, unless overwritten
+    other = config(small_dataset, run_dir=str(run_dir), optim={"lr": 5e-4}, train={"steps": 2})
+    with pytest.raises(ConfigError, match=r"holds a run with a different config \(optim\.lr"):
+        run(other)
+    run(other, overwrite=True)
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 2
+
+
+def test_bad_inputs(small_dataset, tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"mesh: data\*fsdp\*tensor = 27 .* but there are 8 devices"
+    ):
+        run(
+            config(
+                small_dataset, mesh={"data": 3, "fsdp": 3, "tensor": 3}, run_dir=str(tmp_path / "a")
+            )
+        )
+    with pytest.raises(DataError, match=r"seq_len 32 differs from the training seq_len 64"):
+        run(
+            config(
+                small_dataset, model={**TINY_MODEL, "max_seq_len": 64}, run_dir=str(tmp_path / "b")
+            )
+        )
+    with pytest.raises(DataError, match=r"vocabulary 258 exceeds model\.vocab_size 200"):
+        run(
+            config(
+                small_dataset, model={**TINY_MODEL, "vocab_size": 200}, run_dir=str(tmp_path / "c")
+            )
+        )
+    with pytest.raises(NonFiniteLossError, match=r"step \d+: non-finite loss"):
+        run(
+            config(
+                small_dataset,
+                optim={"lr": 1e30, "clipping_threshold": None},
+                schedule={"t_warmup": "0ba"},
+                train={"steps": 8},
+                run_dir=str(tmp_path / "d"),
+            )
+        )
+
+
+def test_command_line_with_overrides(small_dataset, tmp_path):
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(
+        yaml.safe_dump(
+            {
+                "model": TINY_MODEL,
+                "data": {"path": str(small_dataset / "ds")},
+                "train": {"global_batch": 8, "steps": 100, "precision": "fp32"},
+                "run_dir": str(tmp_path / "unused"),
+            }
+        )
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mpt_jax",
+            "train",
+            str(cfg_path),
+            f"run_dir={tmp_path / 'r'}",
+            "train.steps=3",
+            "optim.lr=3e-4",
+            "train.progress=false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"run folder: {tmp_path / 'r'}" in result.stdout
+    saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert saved["train"]["steps"] == 3 and saved["optim"]["lr"] == 3e-4
+    bad = subprocess.run(
+        [sys.executable, "-m", "mpt_jax", "train", str(cfg_path), "train.stepz=3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert bad.returncode == 2 and "train.stepz: unknown key" in bad.stderr
