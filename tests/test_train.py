@@ -255,3 +255,32 @@ def test_command_line_with_overrides(small_dataset, tmp_path):
         env=env,
     )
     assert bad.returncode == 2 and "train.stepz: unknown key" in bad.stderr
+
+
+def test_remat_policies_do_not_change_the_math(tmp_path):
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    data = batches(2)
+    reference, _ = train_losses(config(tmp_path), mesh, data)
+    for remat, scan in (("dots_saveable", False), ("full", True)):
+        cfg = config(tmp_path, train={"remat": remat}, model={**TINY_MODEL, "scan_layers": scan})
+        losses, _ = train_losses(cfg, mesh, data)
+        np.testing.assert_allclose(losses, reference, rtol=0, atol=2e-6, err_msg=remat)
+
+
+@pytest.mark.parametrize("precision", ["amp_bf16", "pure_bf16"])
+def test_bf16_precisions_train(tmp_path, precision):
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
+    cfg = config(
+        tmp_path, train={"precision": precision}, optim={"lr": 3e-3}, schedule={"t_warmup": "1ba"}
+    )
+    _, state, _ = init_state(cfg, mesh)
+    param_dtype = {"amp_bf16": jnp.float32, "pure_bf16": jnp.bfloat16}[precision]
+    assert all(x.dtype == param_dtype for x in jax.tree.leaves(state.params))
+    fp32, _ = train_losses(
+        config(tmp_path, optim={"lr": 3e-3}, schedule={"t_warmup": "1ba"}),
+        mesh,
+        batches(1, vocab=64) * 6,
+    )
+    losses, _ = train_losses(cfg, mesh, batches(1, vocab=64) * 6)
+    assert losses[-1] < losses[0] - 0.5
+    np.testing.assert_allclose(losses[0], fp32[0], rtol=2e-2)
