@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import shutil
 import sys
@@ -316,12 +315,13 @@ def run(cfg: RunConfig, *, overwrite: bool = False) -> dict:
     flops_per_seq = metrics_lib.flops_per_sequence(cfg.model, cfg.seq_len)
     total = cfg.total_steps
     bar = _progress(total, show)
+    profiler = _Profiler(cfg.train.profile, run_dir / "profile")
     final: dict[str, Any] = {}
     pending: tuple[int, dict, float, float] | None = None
     last_time = time.perf_counter()
     try:
         for step in range(total):
-            _maybe_profile(cfg, step, run_dir)
+            profiler.at_step(step)
             t0 = time.perf_counter()
             batch = next(loader)
             data_wait = time.perf_counter() - t0
@@ -338,6 +338,7 @@ def run(cfg: RunConfig, *, overwrite: bool = False) -> dict:
                 pending = None
                 val = evaluate(eval_fn, state.params, datasets, cfg, batch_sharding)
                 logger.log(step + 1, {"val_loss": val, "val_perplexity": math.exp(min(val, 50))})
+                last_time = time.perf_counter()  # evaluation time is not step time
         if pending is not None:
             final = _log_step(pending, cfg, logger, flops_per_seq, peak, bar, force=True)
         jax.block_until_ready(state)
@@ -345,7 +346,7 @@ def run(cfg: RunConfig, *, overwrite: bool = False) -> dict:
         final.update(val_loss=val, val_perplexity=math.exp(min(val, 50)))
         logger.log(total, {"val_loss": val, "val_perplexity": final["val_perplexity"]})
     finally:
-        _maybe_profile(cfg, None, run_dir)
+        profiler.stop()
         loader.close()
         logger.close()
         bar.close()
@@ -390,22 +391,25 @@ def _progress(total: int, show: bool):
     return tqdm(total=total, desc="train", unit="step", disable=not show, file=sys.stderr)
 
 
-@functools.cache
-def _profile_state() -> dict:
-    return {"active": False}
+class _Profiler:
+    """Traces steps [first, last) of train.profile with jax.profiler (TensorBoard / Perfetto)."""
 
+    def __init__(self, window: tuple[int, int] | None, out_dir: Path):
+        self.window, self.out_dir, self.active = window, out_dir, False
 
-def _maybe_profile(cfg: RunConfig, step: int | None, run_dir: Path) -> None:
-    """Trace steps [first, last) of train.profile with jax.profiler (TensorBoard / Perfetto)."""
-    window, state = cfg.train.profile, _profile_state()
-    if window is None:
-        return
-    if step is not None and step == window[0] and not state["active"]:
-        jax.profiler.start_trace(str(run_dir / "profile"))
-        state["active"] = True
-    elif state["active"] and (step is None or step == window[1]):
-        jax.profiler.stop_trace()
-        state["active"] = False
+    def at_step(self, step: int) -> None:
+        if self.window is None:
+            return
+        if step == self.window[0] and not self.active:
+            jax.profiler.start_trace(str(self.out_dir))
+            self.active = True
+        elif step == self.window[1]:
+            self.stop()
+
+    def stop(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
 
 
 def load_and_run(config_path: str, overrides: list[str], *, overwrite: bool = False) -> dict:
