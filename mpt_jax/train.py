@@ -90,21 +90,16 @@ def init_state(cfg: RunConfig, mesh: jax.sharding.Mesh):
 
 
 def _state_shardings(abstract_state: TrainState, param_shardings, mesh) -> TrainState:
-    """Optimizer moments shard like their parameters; scalars are replicated."""
-    by_shape: dict[tuple, Any] = {}
-    for value, shard in zip(
-        jax.tree.leaves(abstract_state.params),
-        jax.tree.leaves(param_shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding)),
-        strict=True,
-    ):
-        by_shape.setdefault(value.shape, shard)
+    """Optimizer moments (subtrees shaped like the params) shard like them; the rest replicates."""
+    params_def = jax.tree.structure(abstract_state.params)
+
+    def like_params(node) -> bool:
+        return jax.tree.structure(node) == params_def
+
     opt_shardings = jax.tree.map(
-        lambda x: (
-            by_shape.get(x.shape, sharding.replicated(mesh))
-            if x.ndim
-            else sharding.replicated(mesh)
-        ),
+        lambda node: param_shardings if like_params(node) else sharding.replicated(mesh),
         abstract_state.opt_state,
+        is_leaf=like_params,
     )
     return TrainState(param_shardings, opt_shardings, sharding.replicated(mesh))
 
@@ -352,7 +347,7 @@ def run(cfg: RunConfig, *, overwrite: bool = False) -> dict:
         bar.close()
     final["run_dir"] = str(run_dir)
     if cfg.train.export_hf and is_main:
-        model = nnx.merge(graphdef, jax.device_get(state.params))
+        model = nnx.merge(graphdef, state.params)  # save_pretrained fetches tensor by tensor
         final["hf_dir"] = str(model.save_pretrained(run_dir / "hf", overwrite=True))
     return final
 
