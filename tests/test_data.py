@@ -436,3 +436,41 @@ def test_prepare_command_line(tmp_path):
     )
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
     assert "missing.txt: no such file or folder" in bad.stderr
+
+
+def test_close_after_partial_read_of_a_finite_split_does_not_hang(dataset):
+    import threading
+    import time
+
+    meta = dataset[0]
+    rows = meta.splits["val"]["rows"]
+    assert rows >= 3
+    # the queue holds every remaining row, so the end-of-split marker finds it full
+    val = BatchLoader(
+        [(meta, 1.0)],
+        global_batch=1,
+        split="val",
+        shuffle=False,
+        repeat=False,
+        prefetch=rows - 1,
+        process_index=0,
+        process_count=1,
+    )
+    next(val)
+    time.sleep(0.5)
+    closer = threading.Thread(target=val.close)
+    closer.start()
+    closer.join(timeout=10)
+    assert not closer.is_alive()
+    full = list(
+        BatchLoader(
+            [(meta, 1.0)],
+            global_batch=1,
+            split="val",
+            shuffle=False,
+            repeat=False,
+            process_index=0,
+            process_count=1,
+        )
+    )
+    assert len(full) == rows

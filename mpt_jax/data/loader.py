@@ -274,18 +274,21 @@ class BatchLoader:
     def _produce(self, iterator) -> None:
         try:
             for batch in iterator:
-                item = self._to_global(batch)
-                while not self._halt.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._halt.is_set():
+                if not self._offer(self._to_global(batch)):
                     return
-            self._queue.put(StopIteration())
+            self._offer(StopIteration())
         except BaseException as e:  # handed to the consumer
-            self._queue.put(e)
+            self._offer(e)
+
+    def _offer(self, item) -> bool:
+        """Queue an item unless the loader is stopping; never blocks a stop."""
+        while not self._halt.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def _to_global(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         if self.sharding is None:
