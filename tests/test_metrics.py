@@ -315,3 +315,20 @@ def test_metrics_module_does_not_import_jax():
         "assert 'jax' not in sys.modules, 'jax imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_real_wandb_offline_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with MetricsLogger(
+        tmp_path,
+        tensorboard=False,
+        wandb_project="mpt-jax-test",
+        wandb_mode="offline",
+        config={"model": {"d_model": 64}},
+    ) as logger:
+        logger.log(1, {"loss": 2.0, "mfu": None})
+        logger.log(2, {"loss": 1.5})
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert any(p.suffix == ".wandb" and p.stat().st_size > 0 for p in runs[0].iterdir())
