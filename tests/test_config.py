@@ -236,3 +236,57 @@ def test_param_shapes_names_follow_llm_foundry():
     assert shapes["transformer.wpe.weight"] == (8, 64)
     assert shapes["lm_head.weight"] == (10, 64)
     assert np.all([not k.startswith("model.") for k in shapes])
+
+
+def _run(**changes):
+    from mpt_jax.config import run_config_from_dict
+
+    raw = {
+        "model": "mpt-125m",
+        "data": {"path": "builtin:python-stdlib"},
+        "train": {"steps": 10},
+        "run_dir": "runs/x",
+    }
+    for key, value in changes.items():
+        merge = isinstance(value, dict) and isinstance(raw.get(key, {}), dict)
+        raw[key] = {**raw.get(key, {}), **value} if merge else value
+    return run_config_from_dict(raw)
+
+
+def test_run_config_presets_budgets_and_defaults():
+    cfg = _run(model={"preset": "mpt-125m", "n_layers": 2, "alibi": True, "learned_pos_emb": False})
+    assert cfg.model.n_layers == 2 and cfg.model.d_model == 768 and cfg.model.alibi
+    assert cfg.optim.name == "decoupled_adamw" and cfg.optim.betas == (0.9, 0.95)
+    assert cfg.schedule.name == "cosine_with_warmup" and cfg.train.precision == "amp_bf16"
+    budget = _run(train={"steps": None, "tokens": 10_000, "global_batch": 4})
+    assert budget.total_steps == math.ceil(10_000 / (4 * 2048))
+    mix = _run(data={"path": None, "mixture": [{"path": "a", "weight": 0.7}, {"path": "b"}]})
+    assert [s.weight for s in mix.data.mixture] == [0.7, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(trian={"steps": 1}), r"^trian: unknown key; allowed keys are"),
+        (dict(train={"steps": None}), r"train: give exactly one of train\.steps and train\.tokens"),
+        (dict(train={"global_batch": 8, "microbatch": 3}), r"train\.microbatch: must divide"),
+        (dict(train={"precision": "fp16"}), r"train\.precision: must be one of 'amp_bf16'"),
+        (dict(schedule={"t_warmup": "100"}), r"schedule\.t_warmup: '100' is not a time"),
+        (
+            dict(schedule={"name": "inv_sqrt_with_warmup", "t_warmup": "0.1dur"}),
+            r"schedule\.t_warmup: '0\.1dur' cannot be in units of dur",
+        ),
+        (dict(optim={"betas": [0.9]}), r"optim\.betas: expected a list of float, float"),
+        (dict(optim={"name": "sgd"}), r"optim\.name: must be one of 'decoupled_adamw'"),
+        (dict(mesh={"data": -1, "fsdp": -1}), r"mesh: sizes must be positive with at most one -1"),
+        (dict(data={"path": None}), r"data: give exactly one of data\.path and data\.mixture"),
+        (
+            dict(data={"path": None, "mixture": [{"path": "a", "weight": 0}]}),
+            r"data\.mixture\[0\]\.weight: must be > 0",
+        ),
+        (dict(model={"preset": "mpt-125m", "n_heads": 7}), r"model\.n_heads: d_model \(768\)"),
+    ],
+)
+def test_run_config_errors_name_the_field(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        _run(**changes)
