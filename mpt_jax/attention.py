@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLS = ("auto", "xla", "cudnn")
+IMPLS = ("auto", "xla", "cudnn", "pallas_gpu")
 
 
 def alibi_slopes(n_heads: int, alibi_bias_max: float = 8) -> np.ndarray:
@@ -56,10 +56,23 @@ def attention(
     scale = 1.0 / math.sqrt(K) if softmax_scale is None else float(softmax_scale)
     if impl == "auto":
         impl = _auto_impl(q_BSHK, dropout_rate)
+    if impl in ("cudnn", "pallas_gpu") and dropout_rate:
+        raise ValueError(f"attention impl {impl!r}: attention dropout is not supported")
     if impl == "cudnn":
-        if dropout_rate:
-            raise ValueError("attention impl 'cudnn': attention dropout is not supported")
         return _cudnn_attention(q_BSHK, k_BTGK, v_BTGK, alibi_slopes, segment_ids, causal, scale)
+    if impl == "pallas_gpu":
+        from mpt_jax.kernels.flash_attention import flash_attention
+
+        return flash_attention(
+            q_BSHK,
+            k_BTGK,
+            v_BTGK,
+            alibi_slopes=alibi_slopes,
+            segment_ids=segment_ids,
+            causal=causal,
+            softmax_scale=scale,
+            interpret=jax.default_backend() != "gpu",  # CPU runs the same kernel interpreted
+        )
     return _xla_attention(
         q_BSHK, k_BTGK, v_BTGK, alibi_slopes, segment_ids, causal, scale, dropout_rate, dropout_key
     )

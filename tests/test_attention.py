@@ -90,7 +90,9 @@ def test_default_scale_and_argument_errors():
     default = attention(q, k, v, impl="xla")
     explicit = attention(q, k, v, impl="xla", softmax_scale=0.25)
     np.testing.assert_array_equal(np.asarray(default), np.asarray(explicit))
-    with pytest.raises(ValueError, match="attention impl: must be one of auto, xla, cudnn"):
+    with pytest.raises(
+        ValueError, match="attention impl: must be one of auto, xla, cudnn, pallas_gpu"
+    ):
         attention(q, k, v, impl="flash")
     with pytest.raises(ValueError, match="not a multiple of 3 kv heads"):
         attention(q, k[:, :, :3], v[:, :, :3])
