@@ -17,6 +17,7 @@ CASES = {
     "12_heads": (1, 64, 12, 12, 16, False, True, jnp.float32),
     "mqa_not_causal_ragged": (1, 80, 4, 1, 32, False, False, jnp.float32),
     "bf16_head_dim_64": (1, 96, 4, 4, 64, True, True, jnp.bfloat16),
+    "fp16_head_dim_112_mpt30b": (1, 64, 2, 2, 112, False, True, jnp.float16),
 }
 
 

@@ -4,7 +4,8 @@ Shapes: B batch, S sequence (queries and keys), H query heads, G kv heads (H % G
 K head dim. Inputs q (B, S, H, K), k and v (B, S, G, K); ALiBi slopes (H,) float32 add
 -slope_h * |i - j| to the scores from iotas (no bias tensor, no bias gradient); segment ids
 (B, S) restrict attention to equal ids; causal blocks above the diagonal are skipped.
-A sequence length that is not a multiple of the block sizes is padded and the tail masked.
+A sequence length that is not a multiple of the block sizes is padded and the tail masked; a
+head dim that is not a power of two (80, 96, 112) is zero-padded.
 Scores, softmax statistics and accumulators are float32 whatever the input dtype.
 """
 
@@ -308,4 +309,8 @@ def flash_attention(
         else jnp.asarray(alibi_slopes, jnp.float32)
     )
     seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
-    return _flash(q_BSHK, k_BSGK, v_BSGK, slopes, seg, scale, causal, block_q, block_k, interpret)
+    # Triton tiles need power-of-two widths: zero columns change neither q.k nor p.v (MPT-30B: 112)
+    K_pad = pl.next_power_of_2(K)
+    q, k, v = (_pad(x, K_pad, 3) for x in (q_BSHK, k_BSGK, v_BSGK))
+    out = _flash(q, k, v, slopes, seg, scale, causal, block_q, block_k, interpret)
+    return out[..., :K]
