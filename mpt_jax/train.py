@@ -305,9 +305,11 @@ def run(cfg: RunConfig, *, overwrite: bool = False) -> dict:
         wandb_mode=cfg.train.wandb_mode,
         config=raw,
     )
-    device_kind = jax.devices()[0].device_kind
-    peak = metrics_lib.peak_flops(device_kind, cfg.train.precision)
-    flops_per_seq = metrics_lib.flops_per_sequence(cfg.model, cfg.seq_len)
+    peak = metrics_lib.peak_flops(jax.devices()[0].device_kind, cfg.train.precision)
+    # a 10-step window, as llm-foundry's speed_monitor
+    throughput = metrics_lib.Throughput.from_config(
+        cfg.model, cfg.seq_len, n_devices=jax.device_count(), peak=peak, remat=cfg.train.remat
+    )
     total = cfg.total_steps
     bar = _progress(total, show)
     profiler = _Profiler(cfg.train.profile, run_dir / "profile")
@@ -323,19 +325,19 @@ def run(cfg: RunConfig, *, overwrite: bool = False) -> dict:
             state, out = step_fn(state, batch)
             # read step n-1's metrics only after step n is dispatched: the host never stalls
             if pending is not None:
-                final = _log_step(pending, cfg, logger, flops_per_seq, peak, bar)
+                final = _log_step(pending, cfg, logger, throughput, bar)
             now = time.perf_counter()
             pending = (step, out, now - last_time, data_wait)
             last_time = now
             evaluate_now = cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0
             if evaluate_now and step + 1 < total:
-                final = _log_step(pending, cfg, logger, flops_per_seq, peak, bar, force=True)
+                final = _log_step(pending, cfg, logger, throughput, bar, force=True)
                 pending = None
                 val = evaluate(eval_fn, state.params, datasets, cfg, batch_sharding)
                 logger.log(step + 1, {"val_loss": val, "val_perplexity": math.exp(min(val, 50))})
                 last_time = time.perf_counter()  # evaluation time is not step time
         if pending is not None:
-            final = _log_step(pending, cfg, logger, flops_per_seq, peak, bar, force=True)
+            final = _log_step(pending, cfg, logger, throughput, bar, force=True)
         jax.block_until_ready(state)
         val = evaluate(eval_fn, state.params, datasets, cfg, batch_sharding)
         final.update(val_loss=val, val_perplexity=math.exp(min(val, 50)))
@@ -352,27 +354,30 @@ def run(cfg: RunConfig, *, overwrite: bool = False) -> dict:
     return final
 
 
-def _log_step(pending, cfg: RunConfig, logger, flops_per_seq, peak, bar, force=False) -> dict:
+def _log_step(pending, cfg: RunConfig, logger, throughput, bar, force=False) -> dict:
     step, out, step_time, data_wait = pending
     values = {k: float(v) for k, v in jax.device_get(out).items()}
     if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
         raise NonFiniteLossError(
             f"step {step}: non-finite loss {values['loss']} (grad_norm {values['grad_norm']})"
         )
-    seqs_per_s = cfg.train.global_batch / step_time if step_time > 0 else 0.0
-    tflops = flops_per_seq * seqs_per_s / jax.device_count() / 1e12
+    batch_tokens = cfg.train.global_batch * cfg.seq_len
+    throughput.update(max(step_time, 1e-9), cfg.train.global_batch, batch_tokens)
+    rates = throughput.compute()
     metrics = {
         "step": step + 1,
-        "tokens": (step + 1) * cfg.train.global_batch * cfg.seq_len,
+        "tokens": (step + 1) * batch_tokens,
         "loss": values["loss"],
         "lr": values["lr"],
         "grad_norm": values["grad_norm"],
-        "tokens_per_s": seqs_per_s * cfg.seq_len,
-        "tflops_per_device": tflops,
-        "mfu": metrics_lib.mfu(seqs_per_s, flops_per_seq, jax.device_count(), peak),
+        "tokens_per_s": rates["tokens_per_s"],
+        "tflops_per_device": rates["tflops_per_device"],
+        "mfu": rates.get("mfu"),
         "step_time": step_time,
         "data_wait": data_wait,
     }
+    if cfg.train.remat == "full" and "hfu" in rates:
+        metrics["hfu"] = rates["hfu"]
     bar.update(1)
     bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
     if force or (step + 1) % cfg.train.log_every == 0 or step == 0:
