@@ -50,26 +50,29 @@ class TrainState:
 # Model, state and step
 
 
-def build_model(cfg: RunConfig, *, seed: int | None = None) -> MPTForCausalLM:
-    """An (unsharded, eager) model with the run's precision and remat settings."""
+def build_model(cfg: RunConfig) -> MPTForCausalLM:
+    """An (unsharded, eager) model with the run's seed, precision and remat settings."""
     param_dtype, dtype = PRECISIONS[cfg.train.precision]
     return MPTForCausalLM(
         cfg.model,
-        rngs=nnx.Rngs(cfg.train.seed if seed is None else seed),
+        rngs=nnx.Rngs(cfg.train.seed),
         dtype=dtype,
         param_dtype=param_dtype,
         remat=cfg.train.remat,
     )
 
 
-def make_optimizer_for(cfg: RunConfig) -> optax.GradientTransformation:
-    return make_optimizer(
-        cfg.optim,
-        cfg.schedule,
+def _durations(cfg: RunConfig) -> dict[str, int]:
+    """What composer time strings are resolved against."""
+    return dict(
         total_steps=cfg.total_steps,
         tokens_per_step=cfg.train.global_batch * cfg.seq_len,
         global_batch=cfg.train.global_batch,
     )
+
+
+def make_optimizer_for(cfg: RunConfig) -> optax.GradientTransformation:
+    return make_optimizer(cfg.optim, cfg.schedule, **_durations(cfg))
 
 
 def init_state(cfg: RunConfig, mesh: jax.sharding.Mesh):
@@ -107,12 +110,7 @@ def _state_shardings(abstract_state: TrainState, param_shardings, mesh) -> Train
 def make_train_step(graphdef, cfg: RunConfig) -> Callable:
     """The pure step: microbatched, token-weighted gradients, clipping and the optimizer."""
     optimizer = make_optimizer_for(cfg)
-    schedule = lr_multiplier(
-        cfg.schedule,
-        total_steps=cfg.total_steps,
-        tokens_per_step=cfg.train.global_batch * cfg.seq_len,
-        global_batch=cfg.train.global_batch,
-    )
+    schedule = lr_multiplier(cfg.schedule, **_durations(cfg))
     n_micro = cfg.train.global_batch // (cfg.train.microbatch or cfg.train.global_batch)
     m = cfg.model
     uses_dropout = bool(m.resid_pdrop or m.emb_pdrop or m.attn_pdrop)
