@@ -42,12 +42,17 @@ def _n_key_blocks(qi, *, bq, bk, n_k, causal):
     return jnp.minimum(lax.div((qi + 1) * bq + bk - 1, bk), n_k)
 
 
+def _split_refs(refs, n_inputs: int, has_seg: bool):
+    """(input refs, query-segment ref, key-segment ref, output refs) of a kernel's refs."""
+    n_seg = 2 if has_seg else 0
+    q_seg, k_seg = refs[n_inputs : n_inputs + n_seg] if has_seg else (None, None)
+    return refs[:n_inputs], q_seg, k_seg, refs[n_inputs + n_seg :]
+
+
 def _fwd_kernel(*refs, scale, causal, bq, bk, seq_len, n_k, has_seg):
-    if has_seg:
-        q_ref, k_ref, v_ref, slope_ref, qs_ref, ks_ref, o_ref, lse_ref = refs
-    else:
-        q_ref, k_ref, v_ref, slope_ref, o_ref, lse_ref = refs
-        qs_ref = ks_ref = None
+    (q_ref, k_ref, v_ref, slope_ref), qs_ref, ks_ref, (o_ref, lse_ref) = _split_refs(
+        refs, 4, has_seg
+    )
     qi = pl.program_id(2)
     q = q_ref[...]
     slope = slope_ref[0]
@@ -95,11 +100,8 @@ def _fwd_kernel(*refs, scale, causal, bq, bk, seq_len, n_k, has_seg):
 
 
 def _dq_kernel(*refs, scale, causal, bq, bk, seq_len, n_k, has_seg):
-    if has_seg:
-        q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, d_ref, qs_ref, ks_ref, dq_ref = refs
-    else:
-        q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, d_ref, dq_ref = refs
-        qs_ref = ks_ref = None
+    inputs, qs_ref, ks_ref, (dq_ref,) = _split_refs(refs, 7, has_seg)
+    q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, d_ref = inputs
     qi = pl.program_id(2)
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...], d_ref[...]
@@ -127,13 +129,8 @@ def _dq_kernel(*refs, scale, causal, bq, bk, seq_len, n_k, has_seg):
 
 
 def _dkdv_kernel(*refs, scale, causal, bq, bk, seq_len, n_q, has_seg):
-    if has_seg:
-        q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, d_ref, qs_ref, ks_ref, dk_ref, dv_ref = (
-            refs
-        )
-    else:
-        q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, d_ref, dk_ref, dv_ref = refs
-        qs_ref = ks_ref = None
+    inputs, qs_ref, ks_ref, (dk_ref, dv_ref) = _split_refs(refs, 7, has_seg)
+    q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, d_ref = inputs
     ki = pl.program_id(2)
     k, v = k_ref[...], v_ref[...]
     slope = slope_ref[0]
