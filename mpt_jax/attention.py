@@ -55,7 +55,7 @@ def attention(
         raise ValueError("attention: segment_ids need equal query and key lengths")
     scale = 1.0 / math.sqrt(K) if softmax_scale is None else float(softmax_scale)
     if impl == "auto":
-        impl = _auto_impl(q_BSHK, dropout_rate)
+        impl = auto_impl(q_BSHK, dropout_rate, alibi=alibi_slopes is not None)
     if impl in ("cudnn", "pallas_gpu") and dropout_rate:
         raise ValueError(f"attention impl {impl!r}: attention dropout is not supported")
     if impl == "cudnn":
@@ -78,16 +78,20 @@ def attention(
     )
 
 
-def _auto_impl(q_BSHK: jax.Array, dropout_rate: float) -> str:
+def auto_impl(q_BSHK: jax.Array, dropout_rate: float, *, alibi: bool) -> str:
+    """The fastest correct implementation for this backend and input.
+
+    On a GPU with bf16/fp16 inputs: our Pallas kernel for ALiBi (cuDNN would need a materialized
+    bias; measured faster end to end on an H200, docs/benchmarks.md), cuDNN without ALiBi.
+    Elsewhere, or with attention dropout: the XLA reference.
+    """
+    gpu_half = jax.default_backend() == "gpu" and q_BSHK.dtype in (jnp.bfloat16, jnp.float16)
+    if not gpu_half or dropout_rate:
+        return "xla"
+    if alibi:
+        return "pallas_gpu"
     K = q_BSHK.shape[-1]
-    cudnn_ok = (
-        jax.default_backend() == "gpu"
-        and q_BSHK.dtype in (jnp.bfloat16, jnp.float16)
-        and K % 8 == 0
-        and K <= 128
-        and not dropout_rate
-    )
-    return "cudnn" if cudnn_ok else "xla"
+    return "cudnn" if K % 8 == 0 and K <= 128 else "pallas_gpu"
 
 
 def _bias_and_mask(

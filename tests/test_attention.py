@@ -98,3 +98,10 @@ def test_default_scale_and_argument_errors():
         attention(q, k[:, :, :3], v[:, :, :3])
     with pytest.raises(ValueError, match="needs a dropout_key"):
         attention(q, k, v, dropout_rate=0.1)
+
+
+def test_auto_is_the_xla_reference_on_cpu():
+    from mpt_jax.attention import auto_impl
+
+    q = jnp.zeros((1, 8, 2, 16), jnp.bfloat16)
+    assert auto_impl(q, 0.0, alibi=True) == "xla" and auto_impl(q, 0.0, alibi=False) == "xla"

@@ -76,3 +76,12 @@ def test_train_gradient_runs_under_jit_on_gpu():
     )(params)
     assert np.isfinite(float(loss)) and abs(float(loss) - np.log(256)) < 2.0
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+def test_auto_picks_the_pallas_kernel_for_alibi_and_cudnn_without():
+    from mpt_jax.attention import auto_impl
+
+    q = jnp.zeros((1, 128, 4, 64), jnp.bfloat16)
+    assert auto_impl(q, 0.0, alibi=True) == "pallas_gpu"
+    assert auto_impl(q, 0.0, alibi=False) == "cudnn"
+    assert auto_impl(q.astype(jnp.float32), 0.0, alibi=True) == "xla"
