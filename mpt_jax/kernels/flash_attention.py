@@ -35,6 +35,14 @@ def _scores(q, k, q_pos, k_pos, q_seg, k_seg, slope, *, scale, causal, seq_len):
     return jnp.where(keep, s, _MASKED)
 
 
+def _backward_block(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, slope, **kw):
+    """Probabilities p and score gradients ds (bq, bk) of one block, FlashAttention-2 style."""
+    s = _scores(q, k, q_pos, k_pos, q_seg, k_seg, slope, **kw)
+    p = jnp.exp(s - lse[:, None])
+    dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
+    return p, p * (dp - delta[:, None])
+
+
 def _n_key_blocks(qi, *, bq, bk, n_k, causal):
     """Key blocks a query block needs: all of them, or up to the diagonal when causal."""
     if not causal:
@@ -114,12 +122,22 @@ def _dq_kernel(*refs, scale, causal, bq, bk, seq_len, n_k, has_seg):
         k_pos = kb * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
         k, v = k_ref[ks, :], v_ref[ks, :]
         k_seg = ks_ref[ks] if has_seg else None
-        s = _scores(
-            q, k, q_pos, k_pos, q_seg, k_seg, slope, scale=scale, causal=causal, seq_len=seq_len
+        _, ds = _backward_block(
+            q,
+            k,
+            v,
+            do,
+            lse,
+            delta,
+            q_pos,
+            k_pos,
+            q_seg,
+            k_seg,
+            slope,
+            scale=scale,
+            causal=causal,
+            seq_len=seq_len,
         )
-        p = jnp.exp(s - lse[:, None])
-        dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
-        ds = p * (dp - delta[:, None])
         return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     K = q.shape[-1]
@@ -143,13 +161,23 @@ def _dkdv_kernel(*refs, scale, causal, bq, bk, seq_len, n_q, has_seg):
         q_pos = qb * bq + lax.broadcasted_iota(jnp.int32, (bq,), 0)
         q, do = q_ref[qs, :], do_ref[qs, :]
         q_seg = qs_ref[qs] if has_seg else None
-        s = _scores(
-            q, k, q_pos, k_pos, q_seg, k_seg, slope, scale=scale, causal=causal, seq_len=seq_len
+        p, ds = _backward_block(
+            q,
+            k,
+            v,
+            do,
+            lse_ref[qs],
+            d_ref[qs],
+            q_pos,
+            k_pos,
+            q_seg,
+            k_seg,
+            slope,
+            scale=scale,
+            causal=causal,
+            seq_len=seq_len,
         )
-        p = jnp.exp(s - lse_ref[qs][:, None])
         dv = dv + jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
-        dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
-        ds = p * (dp - d_ref[qs][:, None])
         dk = dk + jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
         return dk, dv
 
