@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLS = ("auto", "xla", "cudnn", "pallas_gpu")
+IMPLS = ("auto", "xla", "cudnn", "pallas_gpu", "pallas_tpu")
 
 
 def alibi_slopes(n_heads: int, alibi_bias_max: float = 8) -> np.ndarray:
@@ -56,7 +56,7 @@ def attention(
     scale = 1.0 / math.sqrt(K) if softmax_scale is None else float(softmax_scale)
     if impl == "auto":
         impl = auto_impl(q_BSHK, dropout_rate, alibi=alibi_slopes is not None)
-    if impl in ("cudnn", "pallas_gpu") and dropout_rate:
+    if impl in ("cudnn", "pallas_gpu", "pallas_tpu") and dropout_rate:
         raise ValueError(f"attention impl {impl!r}: attention dropout is not supported")
     if impl == "cudnn":
         return _cudnn_attention(q_BSHK, k_BTGK, v_BTGK, alibi_slopes, segment_ids, causal, scale)
@@ -73,6 +73,19 @@ def attention(
             softmax_scale=scale,
             interpret=jax.default_backend() != "gpu",  # CPU runs the same kernel interpreted
         )
+    if impl == "pallas_tpu":
+        from mpt_jax.kernels.flash_attention_tpu import flash_attention_tpu
+
+        return flash_attention_tpu(
+            q_BSHK,
+            k_BTGK,
+            v_BTGK,
+            alibi_slopes=alibi_slopes,
+            segment_ids=segment_ids,
+            causal=causal,
+            softmax_scale=scale,
+            interpret=jax.default_backend() != "tpu",
+        )
     return _xla_attention(
         q_BSHK, k_BTGK, v_BTGK, alibi_slopes, segment_ids, causal, scale, dropout_rate, dropout_key
     )
@@ -83,14 +96,19 @@ def auto_impl(q_BSHK: jax.Array, dropout_rate: float, *, alibi: bool) -> str:
 
     On a GPU with bf16/fp16 inputs: our Pallas kernel for ALiBi (cuDNN would need a materialized
     bias; measured faster end to end on an H200, docs/benchmarks.md), cuDNN without ALiBi.
+    On a TPU (bf16, fp16, fp32; head dim up to 256): our Pallas TPU kernel.
     Elsewhere, or with attention dropout: the XLA reference.
     """
-    gpu_half = jax.default_backend() == "gpu" and q_BSHK.dtype in (jnp.bfloat16, jnp.float16)
-    if not gpu_half or dropout_rate:
+    backend, K = jax.default_backend(), q_BSHK.shape[-1]
+    if dropout_rate:
+        return "xla"
+    if backend == "tpu":
+        tpu_ok = q_BSHK.dtype in (jnp.bfloat16, jnp.float16, jnp.float32) and K <= 256
+        return "pallas_tpu" if tpu_ok else "xla"
+    if backend != "gpu" or q_BSHK.dtype not in (jnp.bfloat16, jnp.float16):
         return "xla"
     if alibi:
         return "pallas_gpu"
-    K = q_BSHK.shape[-1]
     return "cudnn" if K % 8 == 0 and K <= 128 else "pallas_gpu"
 
 

@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -91,9 +92,11 @@ def test_default_scale_and_argument_errors():
     explicit = attention(q, k, v, impl="xla", softmax_scale=0.25)
     np.testing.assert_array_equal(np.asarray(default), np.asarray(explicit))
     with pytest.raises(
-        ValueError, match="attention impl: must be one of auto, xla, cudnn, pallas_gpu"
+        ValueError, match="attention impl: must be one of auto, xla, cudnn, pallas_gpu, pallas_tpu"
     ):
         attention(q, k, v, impl="flash")
+    with pytest.raises(ValueError, match="'pallas_tpu': attention dropout is not supported"):
+        attention(q, k, v, impl="pallas_tpu", dropout_rate=0.1, dropout_key=jax.random.key(0))
     with pytest.raises(ValueError, match="not a multiple of 3 kv heads"):
         attention(q, k[:, :, :3], v[:, :, :3])
     with pytest.raises(ValueError, match="needs a dropout_key"):
@@ -105,3 +108,15 @@ def test_auto_is_the_xla_reference_on_cpu():
 
     q = jnp.zeros((1, 8, 2, 16), jnp.bfloat16)
     assert auto_impl(q, 0.0, alibi=True) == "xla" and auto_impl(q, 0.0, alibi=False) == "xla"
+
+
+def test_auto_picks_the_pallas_tpu_kernel_on_a_tpu(monkeypatch):
+    from mpt_jax.attention import auto_impl
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
+        q = jnp.zeros((1, 8, 2, 112), dtype)
+        assert auto_impl(q, 0.0, alibi=True) == "pallas_tpu"
+        assert auto_impl(q, 0.0, alibi=False) == "pallas_tpu"
+    assert auto_impl(jnp.zeros((1, 8, 2, 64), jnp.bfloat16), 0.1, alibi=True) == "xla"
+    assert auto_impl(jnp.zeros((1, 8, 2, 512), jnp.bfloat16), 0.0, alibi=True) == "xla"

@@ -1,36 +1,71 @@
-"""The Pallas flash-attention kernels (interpret mode on CPU) against the XLA reference."""
+"""The Pallas flash-attention kernels, GPU and TPU (interpret mode on CPU), against XLA."""
+
+import functools
+import math
+import re
+import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from mpt_jax import MPTForCausalLM
 from mpt_jax.attention import alibi_slopes, attention
 from mpt_jax.config import ModelConfig
+from mpt_jax.kernels.common import poison
 from mpt_jax.kernels.flash_attention import flash_attention
+from mpt_jax.kernels.flash_attention_tpu import flash_attention_tpu
 
+KERNELS = {"pallas_gpu": flash_attention, "pallas_tpu": flash_attention_tpu}
+
+# interpret-mode kernels are large XLA while loops; the LLVM backend dominates their compile time
+# and optimizing it buys nothing at these sizes
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+f32, bf16, f16 = jnp.float32, jnp.bfloat16, jnp.float16
 CASES = {
-    # B, S, H, G, K, segments, causal, dtype
-    "gqa_segments_ragged": (2, 100, 4, 2, 32, True, True, jnp.float32),
-    "12_heads": (1, 64, 12, 12, 16, False, True, jnp.float32),
-    "mqa_not_causal_ragged": (1, 80, 4, 1, 32, False, False, jnp.float32),
-    "bf16_head_dim_64": (1, 96, 4, 4, 64, True, True, jnp.bfloat16),
-    "fp16_head_dim_112_mpt30b": (1, 64, 2, 2, 112, False, True, jnp.float16),
+    # B, S, H, G, K, segments, causal, dtype, (block_q, block_k)
+    "gqa_6_over_3_segments_ragged_k64": (2, 100, 6, 3, 64, True, True, f32, (32, 32)),
+    "12_heads_k96": (1, 64, 12, 12, 96, False, True, f32, (32, 32)),
+    "mqa_3_heads_not_causal_segments_k80": (1, 80, 3, 1, 80, True, False, f32, (32, 32)),
+    "5_heads_ragged_k128_blocks_16x32": (1, 97, 5, 5, 128, False, True, f32, (16, 32)),
+    "mqa_not_causal_k256": (1, 40, 2, 1, 256, False, False, f32, (16, 16)),
+    "bf16_gqa_segments_k128_blocks_32x64": (1, 130, 4, 2, 128, True, True, bf16, (32, 64)),
+    "bf16_not_causal_segments_k64_blocks_64x32": (2, 70, 6, 2, 64, True, False, bf16, (64, 32)),
+    "fp16_k112_mpt30b": (1, 64, 2, 2, 112, False, True, f16, (32, 32)),
 }
 
 
 def _relative_error(ours, ref):
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert np.isfinite(ours).all()
+    assert np.isfinite(ref).all()
+    assert np.isfinite(ours).all()  # also catches outputs a kernel left poisoned (NaN)
     return np.abs(ours - ref).max() / np.abs(ref).max()
 
 
+def _value_and_grads(fn, do):
+    """Jitted (output, (dq, dk, dv)) of fn for the loss sum(fn(q, k, v) * do)."""
+
+    def loss(q, k, v):
+        out = fn(q, k, v)
+        return (out.astype(jnp.float32) * do).sum(), out
+
+    def out_and_grads(q, k, v):
+        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        return out, grads
+
+    return jax.jit(out_and_grads, compiler_options=FAST_COMPILE)
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_forward_and_gradients_match_reference(name):
-    B, S, H, G, K, with_segments, causal, dtype = CASES[name]
-    rng = np.random.default_rng(abs(hash(name)) % 2**32)  # fresh inputs for each case
+@pytest.mark.parametrize("impl", sorted(KERNELS))
+def test_forward_and_gradients_match_reference(impl, name):
+    B, S, H, G, K, with_segments, causal, dtype, (bq, bk) = CASES[name]
+    rng = np.random.default_rng(zlib.crc32(f"{impl}/{name}".encode()))  # fresh inputs per case
     q = jnp.asarray(rng.standard_normal((B, S, H, K)), dtype)
     k = jnp.asarray(rng.standard_normal((B, S, G, K)), dtype)
     v = jnp.asarray(rng.standard_normal((B, S, G, K)), dtype)
@@ -38,49 +73,144 @@ def test_forward_and_gradients_match_reference(name):
     do = jnp.asarray(rng.standard_normal((B, S, H, K)), jnp.float32)
     kw = dict(alibi_slopes=alibi_slopes(H), segment_ids=seg, causal=causal, softmax_scale=0.2)
 
-    def loss(fn):
-        return lambda q, k, v: (fn(q, k, v).astype(jnp.float32) * do).sum()
-
-    ours_fn = lambda q, k, v: flash_attention(q, k, v, block_q=32, block_k=32, interpret=True, **kw)
-    ref_fn = lambda q, k, v: attention(q, k, v, impl="xla", **kw)
-    out, ref = jax.jit(ours_fn)(q, k, v), ref_fn(q, k, v)
-    grads = jax.jit(jax.grad(loss(ours_fn), argnums=(0, 1, 2)))(q, k, v)
-    ref_grads = jax.grad(loss(ref_fn), argnums=(0, 1, 2))(q, k, v)
+    kernel = functools.partial(
+        KERNELS[impl], block_q=bq, block_k=bk, interpret=True, _poison_outputs=True, **kw
+    )
+    out, grads = _value_and_grads(kernel, do)(q, k, v)
+    ref, ref_grads = _value_and_grads(lambda q, k, v: attention(q, k, v, impl="xla", **kw), do)(
+        q, k, v
+    )
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     assert out.dtype == dtype and out.shape == (B, S, H, K)
     assert _relative_error(out, ref) < tol
     for g, r, label in zip(grads, ref_grads, ("dq", "dk", "dv"), strict=True):
-        assert g.shape == r.shape, label
+        assert g.dtype == r.dtype and g.shape == r.shape, label
         assert _relative_error(g, r) < tol, label
 
 
-def test_model_with_pallas_attention_matches_xla():
-    fields = dict(
-        d_model=64,
-        n_heads=4,
-        n_layers=2,
-        vocab_size=100,
-        max_seq_len=48,
-        alibi=True,
-        learned_pos_emb=False,
-        attn_type="grouped_query_attention",
-        kv_n_heads=2,
-        attn_uses_sequence_id=True,
-    )
+def test_poisoned_outputs_show_unwritten_elements():
+    def half_kernel(x_ref, buf_ref, o_ref):
+        del buf_ref  # the poison buffer: aliased to o, never read
+
+        @pl.when(pl.program_id(0) == 0)
+        def _():
+            o_ref[...] = x_ref[...]
+
+    x = jnp.ones((16, 8), jnp.float32)
+    spec = pl.BlockSpec((8, 8), lambda i: (i, 0))
+    shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
+    bufs, buf_specs, aliases = poison(shape, [spec], 1, True)
+    (out,) = pl.pallas_call(
+        half_kernel,
+        grid=(2,),
+        in_specs=[spec, *buf_specs],
+        out_specs=[spec],
+        out_shape=shape,
+        input_output_aliases=aliases,
+        interpret=True,
+    )(x, *bufs)
+    assert np.isfinite(out[:8]).all() and np.isnan(out[8:]).all()
+
+
+_SHAPE = re.compile(r"\b(?:pred|[su](?:8|16|32|64)|bf16|f16|f32|f64)\[([\d,]*)\]")
+
+
+def _largest_buffer(hlo_text: str) -> int:
+    """Elements of the largest array of any shape in an HLO module's text."""
+    sizes = [math.prod(int(d) for d in m.split(",") if d) for m in _SHAPE.findall(hlo_text)]
+    return max(sizes)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_gpu", "pallas_tpu"])
+def test_compiled_forward_and_backward_hold_no_seq_by_seq_buffer(impl):
+    # B * H * K < S, so inputs and outputs stay below S * S elements; scores cannot
+    B, S, H, G, K = 1, 1024, 2, 1, 64
+    q = jax.ShapeDtypeStruct((B, S, H, K), jnp.float32)
+    kv = jax.ShapeDtypeStruct((B, S, G, K), jnp.float32)
+    seg = jax.ShapeDtypeStruct((B, S), jnp.int32)
+
+    def loss(q, k, v, seg):
+        kw = dict(alibi_slopes=alibi_slopes(H), segment_ids=seg, causal=True, impl=impl)
+        return attention(q, k, v, **kw).sum()
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2))
+    text = jax.jit(grad).lower(q, kv, kv, seg).compile(FAST_COMPILE).as_text()
+    if impl == "xla":  # the check can fail: the reference materializes (S, S) scores
+        assert _largest_buffer(text) >= S * S
+    else:
+        assert _largest_buffer(text) < S * S
+
+
+_MODEL_FIELDS = dict(
+    d_model=64,
+    n_heads=4,
+    n_layers=2,
+    vocab_size=100,
+    max_seq_len=48,
+    alibi=True,
+    learned_pos_emb=False,
+    attn_type="grouped_query_attention",
+    kv_n_heads=2,
+    attn_uses_sequence_id=True,
+)
+
+
+@functools.cache
+def _model_params():
+    """Initialized parameters, built in one quickly compiled program (eagerly: many slow ones)."""
+    cfg = ModelConfig(**_MODEL_FIELDS, attn_impl="xla")
+    init = lambda: nnx.split(MPTForCausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)[1]
+    return jax.jit(init, compiler_options=FAST_COMPILE)()
+
+
+@functools.cache
+def _model_logits_and_grads(impl):
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 100, (2, 40)))
     seg = jnp.asarray(np.repeat([[0] * 15 + [1] * 25], 2, axis=0))
-    results = []
-    for impl in ("xla", "pallas_gpu"):
-        model = MPTForCausalLM(ModelConfig(**fields, attn_impl=impl), rngs=nnx.Rngs(0))
-        graphdef, params = nnx.split(model, nnx.Param)
+    # same parameters for every impl; only the (abstract) module structure differs
+    cfg = ModelConfig(**_MODEL_FIELDS, attn_impl=impl)
+    graphdef = nnx.split(nnx.eval_shape(lambda: MPTForCausalLM(cfg, rngs=nnx.Rngs(0))))[0]
 
-        def loss(p, graphdef=graphdef):
-            logits = nnx.merge(graphdef, p)(ids, segment_ids=seg)
-            return jnp.mean(jax.nn.logsumexp(logits, axis=-1)), logits
+    def loss(p):
+        logits = nnx.merge(graphdef, p)(ids, segment_ids=seg)
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1)), logits
 
-        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-        results.append((logits, jax.tree.leaves(grads)))
-    (ref_logits, ref_grads), (logits, grads) = results
+    grad = jax.value_and_grad(loss, has_aux=True)
+    (_, logits), grads = jax.jit(grad, compiler_options=FAST_COMPILE)(_model_params())
+    return logits, jax.tree.leaves(grads)
+
+
+@pytest.mark.parametrize("impl", sorted(KERNELS))
+def test_model_with_pallas_attention_matches_xla(impl):
+    ref_logits, ref_grads = _model_logits_and_grads("xla")
+    logits, grads = _model_logits_and_grads(impl)
     assert _relative_error(logits, ref_logits) < 1e-5
     for g, r in zip(grads, ref_grads, strict=True):
         assert _relative_error(g, r) < 1e-4
+
+
+def test_tpu_kernel_in_the_tpu_simulator():
+    # Pallas' TPU interpreter models VMEM/SMEM, block DMAs and shuffles the "parallel" grid
+    # axes; uninitialized memory reads as NaN, so a visited block left unwritten shows too
+    B, S, H, G, K = 1, 40, 2, 1, 64
+    rng = np.random.default_rng(7)
+    q = jnp.asarray(rng.standard_normal((B, S, H, K)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((B, S, G, K)), jnp.float32) for _ in range(2))
+    seg = jnp.asarray(np.sort(rng.integers(0, 2, (B, S)), axis=1))
+    do = jnp.asarray(rng.standard_normal((B, S, H, K)), jnp.float32)
+    kw = dict(alibi_slopes=alibi_slopes(H), segment_ids=seg, causal=True, softmax_scale=0.2)
+    kernel = functools.partial(
+        flash_attention_tpu,
+        block_q=16,
+        block_k=16,
+        interpret=pltpu.InterpretParams(),
+        _poison_outputs=True,
+        **kw,
+    )
+    out, grads = _value_and_grads(kernel, do)(q, k, v)
+    ref, ref_grads = _value_and_grads(lambda q, k, v: attention(q, k, v, impl="xla", **kw), do)(
+        q, k, v
+    )
+    assert _relative_error(out, ref) < 1e-5
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert _relative_error(g, r) < 1e-5

@@ -19,28 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-_MASKED = -1e30  # finite: fully masked (padding) rows stay NaN-free
-
-
-def _scores(q, k, q_pos, k_pos, q_seg, k_seg, slope, *, scale, causal, seq_len):
-    """Scaled scores (bq, bk) float32 with ALiBi and every mask applied."""
-    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
-    distance = jnp.abs(q_pos[:, None] - k_pos[None, :]).astype(jnp.float32)
-    s = s - slope * distance
-    keep = k_pos[None, :] < seq_len
-    if causal:
-        keep &= q_pos[:, None] >= k_pos[None, :]
-    if q_seg is not None:
-        keep &= q_seg[:, None] == k_seg[None, :]
-    return jnp.where(keep, s, _MASKED)
-
-
-def _backward_block(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, slope, **kw):
-    """Probabilities p and score gradients ds (bq, bk) of one block, FlashAttention-2 style."""
-    s = _scores(q, k, q_pos, k_pos, q_seg, k_seg, slope, **kw)
-    p = jnp.exp(s - lse[:, None])
-    dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
-    return p, p * (dp - delta[:, None])
+from mpt_jax.kernels.common import MASKED, backward_block, pad_axis, poison, scores
 
 
 def _n_key_blocks(qi, *, bq, bk, n_k, causal):
@@ -50,29 +29,32 @@ def _n_key_blocks(qi, *, bq, bk, n_k, causal):
     return jnp.minimum(lax.div((qi + 1) * bq + bk - 1, bk), n_k)
 
 
-def _split_refs(refs, n_inputs: int, has_seg: bool):
-    """(input refs, query-segment ref, key-segment ref, output refs) of a kernel's refs."""
+def _split_refs(refs, n_inputs: int, has_seg: bool, n_outputs: int):
+    """(input refs, query-segment ref, key-segment ref, output refs) of a kernel's refs.
+
+    Poison buffers (tests), if any, sit between the inputs and the outputs and are unused.
+    """
     n_seg = 2 if has_seg else 0
     q_seg, k_seg = refs[n_inputs : n_inputs + n_seg] if has_seg else (None, None)
-    return refs[:n_inputs], q_seg, k_seg, refs[n_inputs + n_seg :]
+    return refs[:n_inputs], q_seg, k_seg, refs[len(refs) - n_outputs :]
 
 
 def _fwd_kernel(*refs, scale, causal, bq, bk, seq_len, n_k, has_seg):
     (q_ref, k_ref, v_ref, slope_ref), qs_ref, ks_ref, (o_ref, lse_ref) = _split_refs(
-        refs, 4, has_seg
+        refs, 4, has_seg, 2
     )
     qi = pl.program_id(2)
     q = q_ref[...]
     slope = slope_ref[0]
-    q_pos = qi * bq + lax.broadcasted_iota(jnp.int32, (bq,), 0)
-    q_seg = qs_ref[...] if has_seg else None
+    q_pos = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+    q_seg = qs_ref[...][:, None] if has_seg else None
 
     def body(kb, carry):
         acc, m, denom = carry
         ks = pl.ds(pl.multiple_of(kb * bk, bk), bk)
-        k_pos = kb * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
-        k_seg = ks_ref[ks] if has_seg else None
-        s = _scores(
+        k_pos = kb * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+        k_seg = ks_ref[ks][None, :] if has_seg else None
+        s = scores(
             q,
             k_ref[ks, :],
             q_pos,
@@ -96,7 +78,7 @@ def _fwd_kernel(*refs, scale, causal, bq, bk, seq_len, n_k, has_seg):
     K = q.shape[-1]
     init = (
         jnp.zeros((bq, K), jnp.float32),
-        jnp.full((bq,), _MASKED, jnp.float32),
+        jnp.full((bq,), MASKED, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
     )
     acc, m, denom = lax.fori_loop(
@@ -108,21 +90,21 @@ def _fwd_kernel(*refs, scale, causal, bq, bk, seq_len, n_k, has_seg):
 
 
 def _dq_kernel(*refs, scale, causal, bq, bk, seq_len, n_k, has_seg):
-    inputs, qs_ref, ks_ref, (dq_ref,) = _split_refs(refs, 7, has_seg)
+    inputs, qs_ref, ks_ref, (dq_ref,) = _split_refs(refs, 7, has_seg, 1)
     q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, d_ref = inputs
     qi = pl.program_id(2)
     q, do = q_ref[...], do_ref[...]
-    lse, delta = lse_ref[...], d_ref[...]
+    lse, delta = lse_ref[...][:, None], d_ref[...][:, None]
     slope = slope_ref[0]
-    q_pos = qi * bq + lax.broadcasted_iota(jnp.int32, (bq,), 0)
-    q_seg = qs_ref[...] if has_seg else None
+    q_pos = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+    q_seg = qs_ref[...][:, None] if has_seg else None
 
     def body(kb, dq):
         ks = pl.ds(pl.multiple_of(kb * bk, bk), bk)
-        k_pos = kb * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
+        k_pos = kb * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         k, v = k_ref[ks, :], v_ref[ks, :]
-        k_seg = ks_ref[ks] if has_seg else None
-        _, ds = _backward_block(
+        k_seg = ks_ref[ks][None, :] if has_seg else None
+        _, ds = backward_block(
             q,
             k,
             v,
@@ -147,27 +129,27 @@ def _dq_kernel(*refs, scale, causal, bq, bk, seq_len, n_k, has_seg):
 
 
 def _dkdv_kernel(*refs, scale, causal, bq, bk, seq_len, n_q, has_seg):
-    inputs, qs_ref, ks_ref, (dk_ref, dv_ref) = _split_refs(refs, 7, has_seg)
+    inputs, qs_ref, ks_ref, (dk_ref, dv_ref) = _split_refs(refs, 7, has_seg, 2)
     q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, d_ref = inputs
     ki = pl.program_id(2)
     k, v = k_ref[...], v_ref[...]
     slope = slope_ref[0]
-    k_pos = ki * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
-    k_seg = ks_ref[...] if has_seg else None
+    k_pos = ki * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    k_seg = ks_ref[...][None, :] if has_seg else None
 
     def body(qb, carry):
         dk, dv = carry
         qs = pl.ds(pl.multiple_of(qb * bq, bq), bq)
-        q_pos = qb * bq + lax.broadcasted_iota(jnp.int32, (bq,), 0)
+        q_pos = qb * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
         q, do = q_ref[qs, :], do_ref[qs, :]
-        q_seg = qs_ref[qs] if has_seg else None
-        p, ds = _backward_block(
+        q_seg = qs_ref[qs][:, None] if has_seg else None
+        p, ds = backward_block(
             q,
             k,
             v,
             do,
-            lse_ref[qs],
-            d_ref[qs],
+            lse_ref[qs][:, None],
+            d_ref[qs][:, None],
             q_pos,
             k_pos,
             q_seg,
@@ -190,15 +172,6 @@ def _dkdv_kernel(*refs, scale, causal, bq, bk, seq_len, n_q, has_seg):
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _pad(x, length, axis):
-    extra = length - x.shape[axis]
-    if extra == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(x, widths)
-
-
 def _specs(B, H, G, Sp, K, bq, bk, has_seg, *, over_keys=False):
     """BlockSpecs for grid (B, H, blocks): q-side blocked for dq/fwd, k-side for dkdv."""
     R = H // G
@@ -219,19 +192,21 @@ def _specs(B, H, G, Sp, K, bq, bk, has_seg, *, over_keys=False):
     return q_spec, kv_spec, row_spec, slope_spec, seg_specs
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _flash(q, k, v, slopes, segment_ids, scale, causal, bq, bk, interpret):
-    return _forward(q, k, v, slopes, segment_ids, scale, causal, bq, bk, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def _flash(q, k, v, slopes, segment_ids, scale, causal, bq, bk, interpret, poison_outputs):
+    return _forward(q, k, v, slopes, segment_ids, scale, causal, bq, bk, interpret, poison_outputs)[
+        0
+    ]
 
 
-def _forward(q, k, v, slopes, segment_ids, scale, causal, bq, bk, interpret):
+def _forward(q, k, v, slopes, segment_ids, scale, causal, bq, bk, interpret, poison_outputs):
     B, S, H, K = q.shape
     G = k.shape[2]
     Sp = math.lcm(bq, bk) * pl.cdiv(S, math.lcm(bq, bk))
     has_seg = segment_ids is not None
-    qp, kp, vp = (_pad(x, Sp, 1) for x in (q, k, v))
+    qp, kp, vp = (pad_axis(x, Sp, 1) for x in (q, k, v))
     q_spec, kv_spec, row_spec, slope_spec, seg_specs = _specs(B, H, G, Sp, K, bq, bk, has_seg)
-    segs = [_pad(segment_ids, Sp, 1)] * 2 if has_seg else []
+    segs = [pad_axis(segment_ids, Sp, 1)] * 2 if has_seg else []
     kernel = functools.partial(
         _fwd_kernel,
         scale=scale,
@@ -242,62 +217,82 @@ def _forward(q, k, v, slopes, segment_ids, scale, causal, bq, bk, interpret):
         n_k=Sp // bk,
         has_seg=has_seg,
     )
+    out_shape = [
+        jax.ShapeDtypeStruct((B, Sp, H, K), q.dtype),
+        jax.ShapeDtypeStruct((B, H, Sp), jnp.float32),
+    ]
+    args = [qp, kp, vp, slopes, *segs]
+    in_specs = [q_spec, kv_spec, kv_spec, slope_spec, *seg_specs]
+    bufs, buf_specs, aliases = poison(out_shape, [q_spec, row_spec], len(args), poison_outputs)
     o, lse = pl.pallas_call(
         kernel,
         grid=(B, H, Sp // bq),
-        in_specs=[q_spec, kv_spec, kv_spec, slope_spec, *seg_specs],
+        in_specs=[*in_specs, *buf_specs],
         out_specs=[q_spec, row_spec],
-        out_shape=[
-            jax.ShapeDtypeStruct((B, Sp, H, K), q.dtype),
-            jax.ShapeDtypeStruct((B, H, Sp), jnp.float32),
-        ],
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         interpret=interpret,
         name="mpt_flash_fwd",
-    )(qp, kp, vp, slopes, *segs)
+    )(*args, *bufs)
     return o[:, :S], (q, k, v, slopes, segment_ids, o, lse)
 
 
-def _flash_fwd(q, k, v, slopes, segment_ids, scale, causal, bq, bk, interpret):
-    return _forward(q, k, v, slopes, segment_ids, scale, causal, bq, bk, interpret)
+def _flash_fwd(q, k, v, slopes, segment_ids, scale, causal, bq, bk, interpret, poison_outputs):
+    return _forward(q, k, v, slopes, segment_ids, scale, causal, bq, bk, interpret, poison_outputs)
 
 
-def _flash_bwd(scale, causal, bq, bk, interpret, residuals, do):
+def _flash_bwd(scale, causal, bq, bk, interpret, poison_outputs, residuals, do):
     q, k, v, slopes, segment_ids, o_padded, lse = residuals
     B, S, H, K = q.shape
     G = k.shape[2]
     Sp = o_padded.shape[1]
     has_seg = segment_ids is not None
-    qp, kp, vp, dop = (_pad(x, Sp, 1) for x in (q, k, v, do))
+    qp, kp, vp, dop = (pad_axis(x, Sp, 1) for x in (q, k, v, do))
     # D_i = rowsum(dO_i * O_i), the softmax-gradient correction term
     delta = jnp.einsum("bshk,bshk->bhs", dop.astype(jnp.float32), o_padded.astype(jnp.float32))
-    segs = [_pad(segment_ids, Sp, 1)] * 2 if has_seg else []
+    segs = [pad_axis(segment_ids, Sp, 1)] * 2 if has_seg else []
     common = dict(scale=scale, causal=causal, bq=bq, bk=bk, seq_len=S, has_seg=has_seg)
+    args = [qp, kp, vp, slopes, dop, lse, delta, *segs]
 
     q_spec, kv_spec, row_spec, slope_spec, seg_specs = _specs(B, H, G, Sp, K, bq, bk, has_seg)
-    dq = pl.pallas_call(
+    out_shape = [jax.ShapeDtypeStruct((B, Sp, H, K), q.dtype)]
+    bufs, buf_specs, aliases = poison(out_shape, [q_spec], len(args), poison_outputs)
+    (dq,) = pl.pallas_call(
         functools.partial(_dq_kernel, n_k=Sp // bk, **common),
         grid=(B, H, Sp // bq),
-        in_specs=[q_spec, kv_spec, kv_spec, slope_spec, q_spec, row_spec, row_spec, *seg_specs],
-        out_specs=q_spec,
-        out_shape=jax.ShapeDtypeStruct((B, Sp, H, K), q.dtype),
+        in_specs=[
+            *(q_spec, kv_spec, kv_spec, slope_spec, q_spec, row_spec, row_spec),
+            *seg_specs,
+            *buf_specs,
+        ],
+        out_specs=[q_spec],
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         interpret=interpret,
         name="mpt_flash_dq",
-    )(qp, kp, vp, slopes, dop, lse, delta, *segs)
+    )(*args, *bufs)
 
     q_spec, kv_spec, row_spec, slope_spec, seg_specs = _specs(
         B, H, G, Sp, K, bq, bk, has_seg, over_keys=True
     )
     # per query head; heads sharing a kv head are summed below
     head_kv_spec = pl.BlockSpec((None, bk, None, K), lambda b, h, i: (b, i, h, 0))
+    out_shape = [jax.ShapeDtypeStruct((B, Sp, H, K), jnp.float32)] * 2
+    bufs, buf_specs, aliases = poison(out_shape, [head_kv_spec] * 2, len(args), poison_outputs)
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, n_q=Sp // bq, **common),
         grid=(B, H, Sp // bk),
-        in_specs=[q_spec, kv_spec, kv_spec, slope_spec, q_spec, row_spec, row_spec, *seg_specs],
+        in_specs=[
+            *(q_spec, kv_spec, kv_spec, slope_spec, q_spec, row_spec, row_spec),
+            *seg_specs,
+            *buf_specs,
+        ],
         out_specs=[head_kv_spec, head_kv_spec],
-        out_shape=[jax.ShapeDtypeStruct((B, Sp, H, K), jnp.float32)] * 2,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         interpret=interpret,
         name="mpt_flash_dkdv",
-    )(qp, kp, vp, slopes, dop, lse, delta, *segs)
+    )(*args, *bufs)
     R = H // G
     dk = dk[:, :S].reshape(B, S, G, R, K).sum(axis=3).astype(k.dtype)
     dv = dv[:, :S].reshape(B, S, G, R, K).sum(axis=3).astype(v.dtype)
@@ -320,8 +315,12 @@ def flash_attention(
     block_q: int = 64,
     block_k: int = 64,
     interpret: bool = False,
+    _poison_outputs: bool = False,
 ) -> jax.Array:
-    """Fused attention (B, S, H, K) with in-kernel ALiBi; differentiable in q, k and v."""
+    """Fused attention (B, S, H, K) with in-kernel ALiBi; differentiable in q, k and v.
+
+    _poison_outputs (tests only): kernel outputs start as NaN, so unwritten elements show.
+    """
     _, S, H, K = q_BSHK.shape
     if k_BSGK.shape[1] != S:
         raise ValueError("flash_attention: queries and keys must have the same length")
@@ -336,6 +335,6 @@ def flash_attention(
     seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
     # Triton tiles need power-of-two widths: zero columns change neither q.k nor p.v (MPT-30B: 112)
     K_pad = pl.next_power_of_2(K)
-    q, k, v = (_pad(x, K_pad, 3) for x in (q_BSHK, k_BSGK, v_BSGK))
-    out = _flash(q, k, v, slopes, seg, scale, causal, block_q, block_k, interpret)
+    q, k, v = (pad_axis(x, K_pad, 3) for x in (q_BSHK, k_BSGK, v_BSGK))
+    out = _flash(q, k, v, slopes, seg, scale, causal, block_q, block_k, interpret, _poison_outputs)
     return out[..., :K]
