@@ -18,7 +18,7 @@ AttnType = Literal["multihead_attention", "multiquery_attention", "grouped_query
 NormType = Literal["low_precision_layernorm", "layernorm", "low_precision_rmsnorm", "rmsnorm"]
 FfnType = Literal["mptmlp", "mptglu"]
 ActFn = Literal["gelu", "silu", "relu"]
-AttnImpl = Literal["auto", "xla", "cudnn", "pallas_gpu"]
+AttnImpl = Literal["auto", "xla", "cudnn", "pallas_gpu", "pallas_tpu"]
 InitName = Literal["kaiming_normal_", "kaiming_uniform_", "baseline_", "small_init_", "neox_init_"]
 FanMode = Literal["fan_in", "fan_out"]
 Nonlinearity = Literal["relu", "leaky_relu", "linear"]
@@ -335,6 +335,11 @@ class TrainConfig:
     export_hf: bool = False  # write RUN_DIR/hf with save_pretrained at the end
     wandb_project: str | None = None  # logs to Weights & Biases when set and wandb is installed
     wandb_mode: Literal["online", "offline", "disabled"] = "offline"
+    # fault tolerance (docs/fault-tolerance.md)
+    watchdog_minutes: float | None = 30.0  # no step completed for this long: dump stacks, exit 75
+    nonfinite_patience: int = 5  # consecutive skipped (non-finite) steps before a rollback
+    rollback_skip_batches: int = 0  # batches skipped beyond the bad window after a rollback
+    max_rollbacks: int = 3
 
     def __post_init__(self) -> None:
         if self.global_batch <= 0:
@@ -356,6 +361,36 @@ class TrainConfig:
             raise ConfigError("train.log_every and train.eval_batches: must be > 0")
         if self.profile is not None and not 0 <= self.profile[0] < self.profile[1]:
             raise ConfigError(f"train.profile: expected [first, last) steps, got {self.profile}")
+        if self.watchdog_minutes is not None and self.watchdog_minutes <= 0:
+            raise ConfigError(f"train.watchdog_minutes: must be > 0, got {self.watchdog_minutes}")
+        if self.nonfinite_patience < 1:
+            raise ConfigError(
+                f"train.nonfinite_patience: must be >= 1, got {self.nonfinite_patience}"
+            )
+        if self.rollback_skip_batches < 0 or self.max_rollbacks < 0:
+            raise ConfigError("train.rollback_skip_batches and train.max_rollbacks: must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """Orbax checkpoints in RUN_DIR/checkpoints/<step>/ (docs/fault-tolerance.md)."""
+
+    enabled: bool = True
+    every: int | None = 1000  # steps (llm-foundry's save_interval 1000ba); null: time and end only
+    every_minutes: float | None = 30.0  # time backstop between step-based saves
+    keep: int = 3  # the latest K are kept
+    keep_every: int | None = None  # steps that are multiples of P are also kept for good
+    async_save: bool = True  # write in the background while training continues
+
+    def __post_init__(self) -> None:
+        for field in ("every", "keep_every"):
+            value = getattr(self, field)
+            if value is not None and value <= 0:
+                raise ConfigError(f"checkpoint.{field}: must be > 0, got {value}")
+        if self.every_minutes is not None and self.every_minutes <= 0:
+            raise ConfigError(f"checkpoint.every_minutes: must be > 0, got {self.every_minutes}")
+        if self.keep < 1:
+            raise ConfigError(f"checkpoint.keep: must be >= 1, got {self.keep}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -368,6 +403,8 @@ class RunConfig:
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     train: TrainConfig
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    init_from: str | None = None  # weights only: an HF MPT folder, a run folder or a step folder
     run_dir: str
 
     @property

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 import shutil
 import sys
@@ -17,8 +19,8 @@ import optax
 import yaml
 from flax import nnx
 
+from mpt_jax import checkpoint, resilience, sharding
 from mpt_jax import metrics as metrics_lib
-from mpt_jax import sharding
 from mpt_jax.config import ConfigError, RunConfig, run_config_from_dict, to_dict
 from mpt_jax.data import BatchLoader, DataError, check_compatible, resolve_dataset
 from mpt_jax.loss import cross_entropy_sum, shift_targets
@@ -39,11 +41,20 @@ class NonFiniteLossError(FloatingPointError):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TrainState:
-    """Everything the step updates: parameters, optimizer state, step counter."""
+    """Everything the step updates: parameters, optimizer state and counters."""
 
     params: nnx.State
     opt_state: Any
-    step: jax.Array
+    step: jax.Array  # updates attempted (skipped ones included)
+    skipped_steps: jax.Array  # updates skipped for a non-finite loss or gradient norm
+    bad_streak: jax.Array  # consecutive skipped updates up to now
+
+    def counters(self) -> dict[str, jax.Array]:
+        return {
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "bad_streak": self.bad_streak,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,21 +86,40 @@ def make_optimizer_for(cfg: RunConfig) -> optax.GradientTransformation:
     return make_optimizer(cfg.optim, cfg.schedule, **_durations(cfg))
 
 
-def init_state(cfg: RunConfig, mesh: jax.sharding.Mesh):
-    """(graphdef, state, state shardings), the state created sharded by jit (never replicated)."""
-    abstract = nnx.eval_shape(lambda: build_model(cfg))
-    graphdef, abstract_params = nnx.split(abstract)
-    param_shardings = sharding.state_shardings(abstract_params, mesh)
+def _creator(cfg: RunConfig) -> Callable[[], TrainState]:
     optimizer = make_optimizer_for(cfg)
 
     def create() -> TrainState:
         params = nnx.state(build_model(cfg))
-        return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(params, optimizer.init(params), zero, zero, zero)
 
-    abstract_state = jax.eval_shape(create)
-    state_shardings = _state_shardings(abstract_state, param_shardings, mesh)
-    state = jax.jit(create, out_shardings=state_shardings)()
-    return graphdef, state, state_shardings
+    return create
+
+
+def abstract_state(cfg: RunConfig, mesh: jax.sharding.Mesh):
+    """(graphdef, TrainState of jax.ShapeDtypeStruct with shardings, state shardings)."""
+    graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: build_model(cfg)))
+    param_shardings = sharding.state_shardings(abstract_params, mesh)
+    shapes = jax.eval_shape(_creator(cfg))
+    shardings = _state_shardings(shapes, param_shardings, mesh)
+    # shardings is a prefix of the state (one sharding per Param): expand it leaf by leaf
+    abstract = jax.tree.map(
+        lambda s, node: jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), node
+        ),
+        shardings,
+        shapes,
+        is_leaf=lambda s: isinstance(s, jax.sharding.Sharding),
+    )
+    return graphdef, abstract, shardings
+
+
+def init_state(cfg: RunConfig, mesh: jax.sharding.Mesh):
+    """(graphdef, state, state shardings), the state created sharded by jit (never replicated)."""
+    graphdef, _, shardings = abstract_state(cfg, mesh)
+    state = jax.jit(_creator(cfg), out_shardings=shardings)()
+    return graphdef, state, shardings
 
 
 def _state_shardings(abstract_state: TrainState, param_shardings, mesh) -> TrainState:
@@ -104,11 +134,16 @@ def _state_shardings(abstract_state: TrainState, param_shardings, mesh) -> Train
         abstract_state.opt_state,
         is_leaf=like_params,
     )
-    return TrainState(param_shardings, opt_shardings, sharding.replicated(mesh))
+    scalar = sharding.replicated(mesh)
+    return TrainState(param_shardings, opt_shardings, scalar, scalar, scalar)
 
 
-def make_train_step(graphdef, cfg: RunConfig) -> Callable:
-    """The pure step: microbatched, token-weighted gradients, clipping and the optimizer."""
+def make_train_step(graphdef, cfg: RunConfig, *, poison: bool = False) -> Callable:
+    """The pure step: microbatched, token-weighted gradients, clipping and the optimizer.
+
+    A non-finite loss or gradient norm skips the update (params and optimizer state unchanged)
+    and is counted. `poison` makes the loss NaN (fault drills, $MPT_JAX_FAULTS).
+    """
     optimizer = make_optimizer_for(cfg)
     schedule = lr_multiplier(cfg.schedule, **_durations(cfg))
     n_micro = cfg.train.global_batch // (cfg.train.microbatch or cfg.train.global_batch)
@@ -118,7 +153,8 @@ def make_train_step(graphdef, cfg: RunConfig) -> Callable:
 
     def loss_sums(params, ids, seg, key):
         logits = nnx.merge(graphdef, params)(ids, segment_ids=seg, dropout_key=key)
-        return cross_entropy_sum(logits, shift_targets(ids))
+        loss_sum, count = cross_entropy_sum(logits, shift_targets(ids))
+        return (loss_sum * jnp.nan if poison else loss_sum), count
 
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
 
@@ -150,13 +186,28 @@ def make_train_step(graphdef, cfg: RunConfig) -> Callable:
         grad_norm = global_norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        bad = (~finite).astype(jnp.int32)
+
+        def keep_new(new, old):
+            return jnp.where(finite, new, old)
+
+        new_state = TrainState(
+            jax.tree.map(keep_new, params, state.params),
+            jax.tree.map(keep_new, opt_state, state.opt_state),
+            state.step + 1,
+            state.skipped_steps + bad,
+            (state.bad_streak + 1) * bad,
+        )
         out = {
             "loss": loss,
             "grad_norm": grad_norm,
             "lr": cfg.optim.lr * schedule(state.step),
             "tokens": count,
+            "skipped_steps": new_state.skipped_steps,
+            "bad_streak": new_state.bad_streak,
         }
-        return TrainState(params, opt_state, state.step + 1), out
+        return new_state, out
 
     return step
 
@@ -177,15 +228,42 @@ def make_eval_step(graphdef) -> Callable:
 # Run folder
 
 
+# Keys a resumed run may change: they alter speed, logging or duration, not the sample order
+# or the model. Any other difference needs --overwrite or another run_dir.
+RESUMABLE_KEYS = (
+    "mesh.",
+    "checkpoint.",
+    "init_from",
+    "data.num_threads",
+    "data.prefetch",
+    "model.attn_impl",
+    "train.steps",
+    "train.tokens",
+    "train.microbatch",
+    "train.remat",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.profile",
+    "train.progress",
+    "train.export_hf",
+    "train.wandb_project",
+    "train.wandb_mode",
+    "train.watchdog_minutes",
+    "train.nonfinite_patience",
+    "train.rollback_skip_batches",
+    "train.max_rollbacks",
+)
+
+
 def prepare_run_dir(cfg: RunConfig, raw: dict[str, Any], *, overwrite: bool) -> Path:
-    """Create RUN_DIR with the resolved config; refuse a folder that holds a different one."""
+    """Create RUN_DIR with the resolved config; refuse a folder that holds a different run."""
     run_dir = Path(cfg.run_dir)
     config_path = run_dir / "config.yaml"
-    resolved = yaml.safe_dump(raw, sort_keys=False)
-    if config_path.is_file():
+    if config_path.is_file() and not overwrite:
         previous = yaml.safe_load(config_path.read_text())
-        if previous != raw and not overwrite:
-            changed = _diff_keys(previous, raw)
+        changed = [key for key in _diff_keys(previous, raw) if not key.startswith(RESUMABLE_KEYS)]
+        if changed:
             raise ConfigError(
                 f"{run_dir}: holds a run with a different config ({', '.join(changed[:5])}); "
                 "pass --overwrite to replace it or choose another run_dir"
@@ -194,11 +272,8 @@ def prepare_run_dir(cfg: RunConfig, raw: dict[str, Any], *, overwrite: bool) -> 
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = config_path.with_suffix(".yaml.tmp")
-    tmp.write_text(resolved)
+    tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
     tmp.replace(config_path)
-    metrics_file = run_dir / "metrics.jsonl"
-    if metrics_file.exists():  # a restart without checkpoints starts from step 0 again
-        metrics_file.unlink()
     return run_dir
 
 
@@ -207,6 +282,91 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
         keys = sorted(set(a) | set(b))
         return [k for key in keys for k in _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
     return [] if a == b else [prefix.rstrip(".")]
+
+
+def _truncate_metrics(run_dir: Path, last_step: int) -> None:
+    """Drop metrics.jsonl lines after `last_step`: a resumed run logs those steps again."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines(keepends=True)
+        if line.strip() and json.loads(line).get("step", 0) <= last_step
+    ]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
+
+
+def _check_checkpoint_meta(raw: dict[str, Any], step: int, meta: dict[str, Any]) -> None:
+    """Refuse a checkpoint written for another model or another sample order."""
+    saved = meta["config"]
+    changed = [
+        key
+        for key in _diff_keys(
+            {k: saved.get(k) for k in ("model", "optim")}, {k: raw[k] for k in ("model", "optim")}
+        )
+        if key != "model.attn_impl"
+    ]
+    if changed:
+        raise ConfigError(
+            f"checkpoint step {step}: written for a different config ({', '.join(changed[:5])})"
+        )
+
+
+def _meta(cfg: RunConfig, raw: dict, step: int, loader: BatchLoader, rollbacks: int) -> dict:
+    key = jax.random.key_data(jax.random.key(cfg.train.seed))
+    return {
+        "step": step,
+        "tokens": step * cfg.train.global_batch * cfg.seq_len,
+        "data": loader.state(),
+        "rng": {"seed": cfg.train.seed, "key_data": [int(x) for x in jax.device_get(key)]},
+        "rollbacks": rollbacks,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": {"jax": jax.__version__},
+        "config": raw,
+    }
+
+
+def _items(state: TrainState) -> dict[str, Any]:
+    return {"params": state.params, "opt_state": state.opt_state, "counters": state.counters()}
+
+
+def _initial_params(cfg: RunConfig, abstract_params) -> Any:
+    """init_from: weights from an HF MPT folder, a run folder or a checkpoint step folder."""
+    source = Path(cfg.init_from)
+    if (source / "config.json").is_file():
+        param_dtype, _ = PRECISIONS[cfg.train.precision]
+        loaded = MPTForCausalLM.from_pretrained(source, param_dtype=param_dtype)
+        params = nnx.state(loaded, nnx.Param)
+        _check_same_shapes(params, abstract_params, source)
+        return jax.device_put(params, jax.tree.map(lambda a: a.sharding, abstract_params))
+    if not source.exists():
+        raise ConfigError(f"init_from: {source} does not exist")
+    step_dir = checkpoint.find_step_dir(source)
+    meta = checkpoint.read_meta(step_dir)
+    saved_model = meta["config"].get("model", {})
+    ours = to_dict(cfg.model)
+    changed = [k for k in _diff_keys(saved_model, ours) if k != "attn_impl"]
+    if changed:
+        raise ConfigError(
+            f"init_from: {step_dir} holds a different model ({', '.join(changed[:5])})"
+        )
+    return checkpoint.load_params(step_dir, abstract_params)
+
+
+def _check_same_shapes(params, abstract_params, source: Path) -> None:
+    ours = dict(nnx.to_flat_state(abstract_params))
+    for path, var in nnx.to_flat_state(params):
+        want = ours.get(path)
+        if want is None or tuple(want.shape) != tuple(var.shape):
+            name = ".".join(map(str, path))
+            shape = None if want is None else tuple(want.shape)
+            raise ConfigError(
+                f"init_from: {source} tensor {name} has shape {tuple(var.shape)}, the run's "
+                f"model needs {shape}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +389,9 @@ def _datasets(cfg: RunConfig, progress: bool):
     return out
 
 
-def evaluate(eval_fn, params, datasets, cfg: RunConfig, batch_sharding) -> float:
+def evaluate(
+    eval_fn, params, datasets, cfg: RunConfig, batch_sharding, on_batch: Callable | None = None
+) -> float:
     """Mean validation loss over the first eval_batches batches of the first dataset's val split."""
     meta = datasets[0][0]
     rows = meta.splits["val"]["rows"]
@@ -253,112 +415,290 @@ def evaluate(eval_fn, params, datasets, cfg: RunConfig, batch_sharding) -> float
                 break
             s, c = eval_fn(params, b)
             total, count = total + float(s), count + float(c)
+            if on_batch is not None:
+                on_batch()
     finally:
         loader.close()
     return total / max(count, 1.0)
 
 
 def run(cfg: RunConfig, *, overwrite: bool = False) -> dict:
-    """Train as configured; returns the final metrics (and writes RUN_DIR)."""
-    raw = to_dict(cfg)  # the resolved config: every field, the model fully expanded
-    is_main = jax.process_index() == 0
-    run_dir = prepare_run_dir(cfg, raw, overwrite=overwrite) if is_main else Path(cfg.run_dir)
-    mesh = sharding.make_mesh(cfg.mesh)
-    if cfg.train.global_batch % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise ConfigError(
-            f"train.global_batch: {cfg.train.global_batch} is not a multiple of data*fsdp "
-            f"({mesh.shape['data'] * mesh.shape['fsdp']})"
-        )
-    micro = cfg.train.microbatch or cfg.train.global_batch
-    if micro % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise ConfigError(f"train.microbatch: {micro} is not a multiple of data*fsdp")
-    show = cfg.train.progress and is_main
-    datasets = _datasets(cfg, progress=show)
-    batch_sharding = sharding.batch_sharding(mesh)
-
-    graphdef, state, state_shardings = init_state(cfg, mesh)
-    step_fn = jax.jit(
-        make_train_step(graphdef, cfg),
-        in_shardings=(state_shardings, batch_sharding),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
-    eval_fn = jax.jit(
-        make_eval_step(graphdef), in_shardings=(state_shardings.params, batch_sharding)
-    )
-    loader = BatchLoader(
-        datasets,
-        global_batch=cfg.train.global_batch,
-        seed=cfg.train.seed,
-        shuffle=cfg.data.shuffle,
-        segment_ids=cfg.model.attn_uses_sequence_id,
-        sharding=batch_sharding,
-        num_threads=cfg.data.num_threads,
-        prefetch=cfg.data.prefetch,
-    )
-    logger = metrics_lib.MetricsLogger(
-        run_dir,
-        enabled=is_main,
-        wandb_project=cfg.train.wandb_project,
-        wandb_mode=cfg.train.wandb_mode,
-        config=raw,
-    )
-    peak = metrics_lib.peak_flops(jax.devices()[0].device_kind, cfg.train.precision)
-    # a 10-step window, as llm-foundry's speed_monitor
-    throughput = metrics_lib.Throughput.from_config(
-        cfg.model, cfg.seq_len, n_devices=jax.device_count(), peak=peak, remat=cfg.train.remat
-    )
-    total = cfg.total_steps
-    bar = _progress(total, show)
-    profiler = _Profiler(cfg.train.profile, run_dir / "profile")
-    final: dict[str, Any] = {}
-    pending: tuple[int, dict, float, float] | None = None
-    last_time = time.perf_counter()
+    """Train as configured, resuming from RUN_DIR's latest checkpoint; returns final metrics."""
+    trainer = _Trainer(cfg, overwrite=overwrite)
     try:
-        for step in range(total):
-            profiler.at_step(step)
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+class _Trainer:
+    """The host loop: steps, logging, evaluation, checkpoints, preemption and recovery."""
+
+    def __init__(self, cfg: RunConfig, *, overwrite: bool):
+        self.cfg = cfg
+        self.raw = raw = to_dict(cfg)  # the resolved config: every field, the model expanded
+        self.is_main = jax.process_index() == 0
+        self.run_dir = (
+            prepare_run_dir(cfg, raw, overwrite=overwrite) if self.is_main else Path(cfg.run_dir)
+        )
+        self.mesh = mesh = sharding.make_mesh(cfg.mesh)
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        if cfg.train.global_batch % shards:
+            raise ConfigError(
+                f"train.global_batch: {cfg.train.global_batch} is not a multiple of data*fsdp "
+                f"({shards})"
+            )
+        if (cfg.train.microbatch or cfg.train.global_batch) % shards:
+            raise ConfigError(
+                f"train.microbatch: {cfg.train.microbatch} is not a multiple of data*fsdp"
+            )
+        self.show = cfg.train.progress and self.is_main
+        self.datasets = _datasets(cfg, progress=self.show)
+        self.batch_sharding = sharding.batch_sharding(mesh)
+        self.graphdef, self.abstract, shardings = abstract_state(cfg, mesh)
+        jit_step = functools.partial(
+            jax.jit,
+            in_shardings=(shardings, self.batch_sharding),
+            out_shardings=(shardings, sharding.replicated(mesh)),
+            donate_argnums=0,
+        )
+        self.step_fn = jit_step(make_train_step(self.graphdef, cfg))
+        self.faults = resilience.InjectedFaults()
+        self.poisoned_step_fn = (
+            jit_step(make_train_step(self.graphdef, cfg, poison=True))
+            if self.faults.nan_batches
+            else None
+        )
+        self.eval_fn = jax.jit(
+            make_eval_step(self.graphdef), in_shardings=(shardings.params, self.batch_sharding)
+        )
+        self.loader = BatchLoader(
+            self.datasets,
+            global_batch=cfg.train.global_batch,
+            seed=cfg.train.seed,
+            shuffle=cfg.data.shuffle,
+            segment_ids=cfg.model.attn_uses_sequence_id,
+            sharding=self.batch_sharding,
+            num_threads=cfg.data.num_threads,
+            prefetch=cfg.data.prefetch,
+        )
+        self.checkpointer = (
+            checkpoint.Checkpointer(self.run_dir.absolute() / "checkpoints", cfg.checkpoint)
+            if cfg.checkpoint.enabled
+            else None
+        )
+        self.rollbacks = 0
+        self.start_step = self._restore_or_init()
+        self.logger = metrics_lib.MetricsLogger(
+            self.run_dir,
+            enabled=self.is_main,
+            wandb_project=cfg.train.wandb_project,
+            wandb_mode=cfg.train.wandb_mode,
+            config=raw,
+        )
+        peak = metrics_lib.peak_flops(jax.devices()[0].device_kind, cfg.train.precision)
+        # a 10-step window, as llm-foundry's speed_monitor
+        self.throughput = metrics_lib.Throughput.from_config(
+            cfg.model, cfg.seq_len, n_devices=jax.device_count(), peak=peak, remat=cfg.train.remat
+        )
+        self.preemption = resilience.Preemption()
+        minutes = cfg.train.watchdog_minutes
+        self.watchdog = resilience.Watchdog(None if minutes is None else 60.0 * minutes)
+        self.bar = _progress(cfg.total_steps, self.show, initial=self.start_step)
+        self.profiler = _Profiler(cfg.train.profile, self.run_dir / "profile")
+        self.save_times = {"checkpoint_blocked_s": 0.0, "checkpoint_save_s": 0.0, "saves": 0}
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def _abstract_items(self) -> dict[str, Any]:
+        return _items(self.abstract)
+
+    def _restore_or_init(self) -> int:
+        """Resume from the newest readable checkpoint, else initialize (and apply init_from)."""
+        restored = None
+        if self.checkpointer is not None:
+            restored = self.checkpointer.restore_latest(
+                self._abstract_items(),
+                check_meta=functools.partial(_check_checkpoint_meta, self.raw),
+            )
+        if restored is None:
+            _, self.state, _ = init_state(self.cfg, self.mesh)
+            if self.cfg.init_from:
+                self.state.params = _initial_params(self.cfg, self.abstract.params)
+            if self.is_main:
+                _truncate_metrics(self.run_dir, 0)
+            return 0
+        self._adopt(restored)
+        self.loader.restore(restored.meta["data"])
+        if self.is_main:
+            _truncate_metrics(self.run_dir, restored.step)
+            print(
+                f"resuming from {self.checkpointer.directory / str(restored.step)}",
+                file=sys.stderr,
+                flush=True,
+            )
+        return restored.step
+
+    def _adopt(self, restored: checkpoint.Restored) -> None:
+        c = restored.counters
+        self.state = TrainState(
+            restored.params, restored.opt_state, c["step"], c["skipped_steps"], c["bad_streak"]
+        )
+        self.rollbacks = int(restored.meta.get("rollbacks", 0))
+
+    def _save(self, step: int, *, wait: bool = False) -> None:
+        if self.checkpointer is None:
+            return
+        self.watchdog.heartbeat()
+        meta = _meta(self.cfg, self.raw, step, self.loader, self.rollbacks)
+        self.checkpointer.save(step, **_items(self.state), meta=meta, wait=wait)
+        self.watchdog.heartbeat()
+        self._log_saves(step)
+
+    def _log_saves(self, step: int) -> None:
+        self.checkpointer.poll()
+        for done in self.checkpointer.completed:
+            self.save_times["checkpoint_blocked_s"] += done["checkpoint_blocked_s"]
+            self.save_times["checkpoint_save_s"] += done["checkpoint_save_s"]
+            self.save_times["saves"] += 1
+            self.logger.log(step, done)
+        self.checkpointer.completed.clear()
+
+    def _rollback(self, finished: dict[str, Any]) -> int:
+        """After K non-finite steps in a row: back to the last checkpoint, past the bad data."""
+        cfg = self.cfg.train
+        step = last_bad = finished["step"]  # 1-based, as in metrics.jsonl
+        first_bad = last_bad - int(finished.pop("bad_streak")) + 1
+        where = f"steps {first_bad}..{last_bad} had non-finite losses"
+        if self.checkpointer is None or self.rollbacks >= cfg.max_rollbacks:
+            raise NonFiniteLossError(
+                f"{where}; no rollback left (train.max_rollbacks {cfg.max_rollbacks}, "
+                f"checkpoints {'on' if self.checkpointer else 'off'})"
+            )
+        self.checkpointer.wait()
+        consumed = self.loader.state()["batches"]
+        restored = self.checkpointer.restore_latest(self._abstract_items())
+        if restored is None:
+            raise NonFiniteLossError(f"{where}; there is no checkpoint to roll back to")
+        self._adopt(restored)
+        self.state.bad_streak = jax.device_put(
+            jnp.zeros((), jnp.int32), self.abstract.bad_streak.sharding
+        )
+        self.rollbacks += 1
+        resume_at = consumed + cfg.rollback_skip_batches
+        skipped = resume_at - restored.meta["data"]["batches"]
+        self.loader.restore({**restored.meta["data"], "batches": resume_at})
+        message = (
+            f"{where}: rolled back to step {restored.step}, skipping {skipped} data batches "
+            f"({restored.meta['data']['batches']}..{resume_at - 1}); "
+            f"rollback {self.rollbacks} of {cfg.max_rollbacks}"
+        )
+        print(message, file=sys.stderr, flush=True)
+        self.logger.log(
+            step, {"rollback_to_step": restored.step, "rollback_skipped_batches": skipped}
+        )
+        self.bar.reset(total=self.cfg.total_steps)
+        self.bar.update(restored.step)
+        return restored.step
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        cfg, total = self.cfg, self.cfg.total_steps
+        final: dict[str, Any] = {"run_dir": str(self.run_dir)}
+        pending: tuple | None = None
+        step = self.start_step
+        last_time = time.perf_counter()
+
+        def finish(pending) -> dict:
+            metrics = _log_step(pending, cfg, self.logger, self.throughput, self.bar, force=True)
+            self.watchdog.heartbeat()
+            return metrics
+
+        while step < total:
+            self.faults.before_step(step)
+            self.profiler.at_step(step)
             t0 = time.perf_counter()
-            batch = next(loader)
+            batch = next(self.loader)
             data_wait = time.perf_counter() - t0
-            state, out = step_fn(state, batch)
+            poisoned = self.faults.poisons(self.loader.state()["batches"] - 1)
+            step_fn = self.poisoned_step_fn if poisoned else self.step_fn
+            self.state, out = step_fn(self.state, batch)
+            # dispatch returns once compiled; a hung device blocks reading metrics, below
+            self.watchdog.heartbeat()
             # read step n-1's metrics only after step n is dispatched: the host never stalls
             if pending is not None:
-                final = _log_step(pending, cfg, logger, throughput, bar)
+                final.update(_log_step(pending, cfg, self.logger, self.throughput, self.bar))
+                self.watchdog.heartbeat()
             now = time.perf_counter()
             pending = (step, out, now - last_time, data_wait)
             last_time = now
-            evaluate_now = cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0
-            if evaluate_now and step + 1 < total:
-                final = _log_step(pending, cfg, logger, throughput, bar, force=True)
+            step += 1
+            if final.get("bad_streak", 0) >= cfg.train.nonfinite_patience:
+                step = self._rollback(final)
                 pending = None
-                val = evaluate(eval_fn, state.params, datasets, cfg, batch_sharding)
-                logger.log(step + 1, {"val_loss": val, "val_perplexity": math.exp(min(val, 50))})
+                continue
+            preempted = self.preemption.reached(step)
+            save_now = self.checkpointer is not None and (
+                preempted or step == total or self.checkpointer.due(step)
+            )
+            evaluate_now = cfg.train.eval_every and step % cfg.train.eval_every == 0
+            if save_now or preempted or evaluate_now or step == total:
+                final.update(finish(pending))
+                pending = None
+                if final["bad_streak"] >= cfg.train.nonfinite_patience:
+                    step = self._rollback(final)
+                    continue
+            if save_now:
+                self._save(step, wait=preempted or step == total)
+            elif self.checkpointer is not None:
+                self._log_saves(step)
+            if preempted:
+                final["preempted"] = self.preemption.signal_name
+                final["step"] = step
+                return final
+            if evaluate_now and step < total:
+                val = self._evaluate()
+                self.logger.log(step, {"val_loss": val, "val_perplexity": math.exp(min(val, 50))})
                 last_time = time.perf_counter()  # evaluation time is not step time
-        if pending is not None:
-            final = _log_step(pending, cfg, logger, throughput, bar, force=True)
-        jax.block_until_ready(state)
-        val = evaluate(eval_fn, state.params, datasets, cfg, batch_sharding)
-        final.update(val_loss=val, val_perplexity=math.exp(min(val, 50)))
-        logger.log(total, {"val_loss": val, "val_perplexity": final["val_perplexity"]})
-    finally:
-        profiler.stop()
-        loader.close()
-        logger.close()
-        bar.close()
-    final["run_dir"] = str(run_dir)
-    if cfg.train.export_hf and is_main:
-        model = nnx.merge(graphdef, state.params)  # save_pretrained fetches tensor by tensor
-        final["hf_dir"] = str(model.save_pretrained(run_dir / "hf", overwrite=True))
-    return final
+        jax.block_until_ready(self.state)
+        val = self._evaluate()
+        final.update(val_loss=val, val_perplexity=math.exp(min(val, 50)), step=total)
+        self.logger.log(total, {"val_loss": val, "val_perplexity": final["val_perplexity"]})
+        final.update(self.save_times)
+        if cfg.train.export_hf and self.is_main:
+            model = nnx.merge(self.graphdef, self.state.params)  # fetched tensor by tensor
+            final["hf_dir"] = str(model.save_pretrained(self.run_dir / "hf", overwrite=True))
+        return final
+
+    def _evaluate(self) -> float:
+        self.watchdog.heartbeat()
+        return evaluate(
+            self.eval_fn,
+            self.state.params,
+            self.datasets,
+            self.cfg,
+            self.batch_sharding,
+            on_batch=self.watchdog.heartbeat,
+        )
+
+    def close(self) -> None:
+        for closer in (
+            self.watchdog.close,
+            self.preemption.close,
+            self.profiler.stop,
+            self.loader.close,
+            self.logger.close,
+            self.bar.close,
+        ):
+            closer()
+        if self.checkpointer is not None:
+            self.checkpointer.close()
 
 
 def _log_step(pending, cfg: RunConfig, logger, throughput, bar, force=False) -> dict:
     step, out, step_time, data_wait = pending
-    values = {k: float(v) for k, v in jax.device_get(out).items()}
-    if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
-        raise NonFiniteLossError(
-            f"step {step}: non-finite loss {values['loss']} (grad_norm {values['grad_norm']})"
-        )
+    values = {k: v.item() for k, v in jax.device_get(out).items()}
     batch_tokens = cfg.train.global_batch * cfg.seq_len
     throughput.update(max(step_time, 1e-9), cfg.train.global_batch, batch_tokens)
     rates = throughput.compute()
@@ -373,20 +713,32 @@ def _log_step(pending, cfg: RunConfig, logger, throughput, bar, force=False) -> 
         "mfu": rates.get("mfu"),
         "step_time": step_time,
         "data_wait": data_wait,
+        "skipped_steps": values["skipped_steps"],
     }
     if cfg.train.remat == "full" and "hfu" in rates:
         metrics["hfu"] = rates["hfu"]
+    bad = values["bad_streak"] > 0
     bar.update(1)
     bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
-    if force or (step + 1) % cfg.train.log_every == 0 or step == 0:
+    if force or bad or (step + 1) % cfg.train.log_every == 0 or step == 0:
         logger.log(step + 1, {k: v for k, v in metrics.items() if k != "step"})
-    return metrics
+    if bad:
+        print(
+            f"step {step + 1}: non-finite loss {values['loss']} "
+            f"(grad_norm {values['grad_norm']}); "
+            f"update skipped ({values['bad_streak']} in a row)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return {**metrics, "bad_streak": values["bad_streak"]}
 
 
-def _progress(total: int, show: bool):
+def _progress(total: int, show: bool, initial: int = 0):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="train", unit="step", disable=not show, file=sys.stderr)
+    return tqdm(
+        total=total, initial=initial, desc="train", unit="step", disable=not show, file=sys.stderr
+    )
 
 
 class _Profiler:

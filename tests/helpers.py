@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from mpt_jax import hf_checkpoint
-from mpt_jax.config import ModelConfig, param_shapes
+from mpt_jax.config import ModelConfig, param_shapes, run_config_from_dict
 
 
 def random_hf_tensors(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
@@ -57,3 +57,30 @@ def forward(model, ids, segment_ids=None) -> np.ndarray:
     """Jitted logits as NumPy (eager NNX forward passes dispatch op by op and are slow)."""
     seg = None if segment_ids is None else jnp.asarray(segment_ids)
     return np.asarray(_forward(model, jnp.asarray(ids), seg))
+
+
+TINY_MODEL = dict(
+    d_model=64,
+    n_heads=4,
+    n_layers=2,
+    max_seq_len=32,
+    vocab_size=258,
+    alibi=True,
+    learned_pos_emb=False,
+    no_bias=True,
+)
+
+
+def config(tmp_path, **sections):
+    raw = {
+        "model": dict(TINY_MODEL),
+        "data": {"path": str(tmp_path / "ds")},
+        "optim": {"lr": 1e-3},
+        "schedule": {"t_warmup": "2ba"},
+        "train": {"global_batch": 8, "steps": 5, "precision": "fp32", "progress": False},
+        "run_dir": str(tmp_path / "run"),
+    }
+    for key, value in sections.items():
+        merge = isinstance(value, dict) and key != "model"
+        raw[key] = {**raw.get(key, {}), **value} if merge else value
+    return run_config_from_dict(raw)

@@ -1,9 +1,10 @@
-"""Convert an HF MPT folder through mpt_jax: re-shard, change dtype, turn .bin into safetensors.
+"""Export a run folder to HF format, or convert an HF MPT folder (re-shard, dtype, .bin).
 
-    python tools/convert_hf.py SRC DST [--dtype bfloat16] [--max-shard-size 5GB] [--allow-pickle]
-                               [--overwrite] [--check]
+    python tools/convert_hf.py SRC DST [--step N] [--dtype bfloat16] [--max-shard-size 5GB]
+                               [--allow-pickle] [--overwrite] [--check]
 
-SRC is an HF MPT folder (transformers' or llm-foundry's config); DST receives config.json and
+SRC is an mpt_jax run folder (its latest checkpoint, or --step N; or a checkpoint step folder)
+or an HF MPT folder (transformers' or llm-foundry's config); DST receives config.json and
 safetensors that transformers' MptForCausalLM loads (or llm-foundry's class, for configs
 transformers cannot express). --check compares logits of DST against SRC on random tokens.
 """
@@ -18,7 +19,8 @@ import numpy as np
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("src", help="HF MPT folder to read")
+    parser.add_argument("src", help="run folder, checkpoint step folder or HF MPT folder")
+    parser.add_argument("--step", type=int, default=None, help="run folder: this checkpoint")
     parser.add_argument("dst", help="folder to write")
     parser.add_argument(
         "--dtype",
@@ -39,15 +41,17 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
 
     from mpt_jax import count_params, from_pretrained
+    from mpt_jax.checkpoint import CheckpointError
     from mpt_jax.config import ConfigError
     from mpt_jax.hf_checkpoint import transformers_incompatibilities
 
     try:
-        model = from_pretrained(args.src, allow_pickle=args.allow_pickle)
+        extra = {"allow_pickle": True} if args.allow_pickle else {}
+        model = from_pretrained(args.src, step=args.step, **extra)
         out = model.save_pretrained(
             args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite
         )
-    except (ConfigError, OSError, ValueError) as e:
+    except (ConfigError, CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg = model.config

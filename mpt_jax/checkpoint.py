@@ -1,0 +1,290 @@
+"""Orbax checkpoints of a run: async saves, retention, and resume from the newest readable step.
+
+A step folder `RUN_DIR/checkpoints/<step>/` holds four Orbax items: `params` and `opt_state`
+(sharded arrays, OCDBT), `counters` (step and skip counters as arrays) and `meta` (JSON: data
+iterator position, RNG, tokens, the resolved config). Orbax writes each step under a temporary
+name and renames it when complete, so a killed save never looks like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from mpt_jax.config import CheckpointConfig, ConfigError
+
+ITEMS = ("params", "opt_state", "counters", "meta")
+CORRUPT_DIR = "corrupt"  # unreadable steps are moved here (outside Orbax's step names)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read."""
+
+
+@dataclasses.dataclass
+class Restored:
+    """What `Checkpointer.restore_latest` returns."""
+
+    step: int
+    params: Any
+    opt_state: Any
+    counters: Any
+    meta: dict[str, Any]
+
+
+def committed_steps(directory: str | Path) -> list[int]:
+    """Steps with a complete (renamed) folder under `directory`, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _error_line(error: BaseException) -> str:
+    """The first line of an exception, shortened: Orbax and TensorStore errors run long."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+class Checkpointer:
+    """Saves and restores a run's state with an Orbax CheckpointManager.
+
+    Step-based (`every`) and time-based (`every_minutes`) saves, the latest `keep` kept plus every
+    `keep_every`-th step; saves are asynchronous unless `async_save` is off or `wait` is asked.
+    `poll` records finished saves in `completed` (the seconds the loop was blocked, and in all).
+    """
+
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig):
+        self.directory = Path(directory).absolute()
+        self.cfg = cfg
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep,
+            keep_period=cfg.keep_every,
+            enable_async_checkpointing=cfg.async_save,
+            cleanup_tmp_directories=True,  # the leftovers of a save that was killed
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+        self._last_save = time.monotonic()
+        self._in_flight: tuple[int, float, float] | None = None  # step, start, blocked seconds
+        # per finished save: its step, seconds the caller was blocked, seconds until on disk
+        self.completed: list[dict[str, float]] = []
+
+    # -- decisions -------------------------------------------------------------------------------
+
+    def due(self, step: int) -> bool:
+        """Whether `step` should be saved: every N steps, or M minutes since the last save."""
+        if self.cfg.every is not None and step % self.cfg.every == 0:
+            return True
+        if self.cfg.every_minutes is None:
+            return False
+        late = time.monotonic() - self._last_save >= 60.0 * self.cfg.every_minutes
+        if jax.process_count() > 1:  # clocks differ: process 0 decides for everyone
+            from jax.experimental import multihost_utils
+
+            late = bool(multihost_utils.broadcast_one_to_all(late))
+        return late
+
+    # -- saving ----------------------------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        *,
+        params: Any,
+        opt_state: Any,
+        counters: Any,
+        meta: Mapping[str, Any],
+        wait: bool = False,
+    ) -> None:
+        """Start (or, with `wait`, complete) a save of `step`; a save in flight finishes first."""
+        blocked_from = time.perf_counter()  # waiting for the previous save blocks the loop too
+        if self._in_flight is not None:
+            self.wait()
+        self.check()
+        if step in self._manager.all_steps():
+            return
+        start = time.perf_counter()
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            counters=ocp.args.StandardSave(counters),
+            meta=ocp.args.JsonSave(dict(meta)),
+        )
+        try:
+            self._manager.save(step, args=args, force=True)
+        except Exception as e:
+            raise self._save_error(step, e) from e
+        self._in_flight = (step, start, time.perf_counter() - blocked_from)
+        self._last_save = time.monotonic()
+        if wait or not self.cfg.async_save:
+            self.wait()
+
+    def _save_error(self, step: int, error: BaseException) -> CheckpointError:
+        kept = ", ".join(map(str, committed_steps(self.directory))) or "none"
+        return CheckpointError(
+            f"{self.directory / str(step)}: saving the checkpoint failed ({_error_line(error)}); "
+            f"the earlier checkpoints (steps {kept}) are intact"
+        )
+
+    def check(self) -> None:
+        """Raise the error of a failed background save, if any."""
+        try:
+            self._manager.check_for_errors()
+        except Exception as e:
+            step = self._in_flight[0] if self._in_flight else -1
+            self._in_flight = None
+            raise self._save_error(step, e) from e
+
+    def poll(self) -> None:
+        """Record a save that has completed in the background (see `completed`)."""
+        if self._in_flight is None or self._manager.is_saving_in_progress():
+            return
+        self.check()
+        step, start, blocked = self._in_flight
+        self._in_flight = None
+        self.completed.append(
+            {
+                "checkpoint_step": step,
+                "checkpoint_blocked_s": blocked,
+                "checkpoint_save_s": time.perf_counter() - start,
+            }
+        )
+
+    def wait(self) -> None:
+        """Block until a save in flight is on disk."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            step = self._in_flight[0] if self._in_flight else -1
+            self._in_flight = None
+            raise self._save_error(step, e) from e
+        self.poll()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    # -- restoring -------------------------------------------------------------------------------
+
+    def steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def restore_latest(
+        self,
+        abstract: Mapping[str, Any],
+        *,
+        check_meta: Callable[[int, dict[str, Any]], None] | None = None,
+        below: int | None = None,
+    ) -> Restored | None:
+        """The newest readable step (below `below` if given), or None when there is none.
+
+        `abstract` maps params / opt_state / counters to trees of jax.ShapeDtypeStruct with the
+        target shardings (any mesh: Orbax reshards). `check_meta` may reject a step whose meta
+        does not fit this run (raising ConfigError; the step is not touched). A step that cannot
+        be read is reported and moved to checkpoints/corrupt/, and the previous one is tried.
+        """
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            if below is not None and step >= below:
+                continue
+            try:
+                meta = self._read_meta(step)
+            except Exception as e:
+                self._quarantine(step, e)
+                continue
+            if check_meta is not None:
+                check_meta(step, meta)
+            args = ocp.args.Composite(
+                **{k: ocp.args.StandardRestore(v) for k, v in abstract.items()}
+            )
+            try:
+                out = self._manager.restore(step, args=args)
+            except Exception as e:
+                self._quarantine(step, e)
+                continue
+            return Restored(
+                step, out.get("params"), out.get("opt_state"), out.get("counters"), meta
+            )
+        return None
+
+    def _read_meta(self, step: int) -> dict[str, Any]:
+        out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        meta = out["meta"]
+        if not isinstance(meta, dict) or "config" not in meta:
+            raise CheckpointError("meta is not an mpt_jax checkpoint's")
+        return meta
+
+    def _quarantine(self, step: int, error: BaseException) -> None:
+        target = self.directory / CORRUPT_DIR / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        _log(
+            f"checkpoint {self.directory / str(step)} is unreadable ({_error_line(error)}); "
+            f"moved to {target}, trying the previous one"
+        )
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.directory / str(step), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"mpt_jax quarantine {step}")
+        self._manager.reload()
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights only (init_from, from_pretrained of a run folder)
+
+
+def find_step_dir(path: str | Path, step: int | None = None) -> Path:
+    """The step folder of a run folder (latest, or `step`), or `path` itself if it is one."""
+    path = Path(path)
+    if (path / "params").is_dir() and path.name.isdigit():
+        return path
+    checkpoints = path / "checkpoints"
+    if not checkpoints.is_dir():
+        raise ConfigError(
+            f"{path}: neither a run folder (no checkpoints/) nor a checkpoint step folder"
+        )
+    steps = committed_steps(checkpoints)
+    if step is not None:
+        if step not in steps:
+            raise ConfigError(f"{path}: no checkpoint at step {step} (steps: {steps or 'none'})")
+        return checkpoints / str(step)
+    if not steps:
+        raise ConfigError(f"{checkpoints}: holds no complete checkpoint yet")
+    return checkpoints / str(steps[-1])
+
+
+def read_meta(step_dir: str | Path) -> dict[str, Any]:
+    """The JSON `meta` item of a step folder."""
+    import json
+
+    path = Path(step_dir) / "meta" / "metadata"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint metadata ({_error_line(e)})") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{path}: not an mpt_jax checkpoint")
+    return meta
+
+
+def load_params(step_dir: str | Path, abstract_params: Any) -> Any:
+    """Restore only the params item of a step folder into `abstract_params` (shapes, shardings)."""
+    path = Path(step_dir).absolute() / "params"
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(path, abstract_params)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot restore the parameters ({_error_line(e)})") from e

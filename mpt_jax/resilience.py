@@ -1,0 +1,142 @@
+"""Faults seen from inside the trainer: preemption notices, a hang watchdog, injected faults."""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import sys
+import threading
+import time
+
+WATCHDOG_EXIT_CODE = 75  # EX_TEMPFAIL: a hang, worth a restart
+FAULTS_ENV = "MPT_JAX_FAULTS"
+
+
+class Preemption:
+    """Notices SIGTERM / SIGINT and says at which step every process should stop.
+
+    With several processes (jax.distributed) JAX's preemption sync point makes all of them agree
+    on the step (SIGTERM); a single process installs its own SIGTERM and SIGINT handlers (the
+    sync point is inactive there), and a second SIGINT interrupts at once.
+    """
+
+    def __init__(self) -> None:
+        import jax
+
+        self.signal_name: str | None = None
+        self._previous: dict[int, object] = {}
+        # jax.distributed's preemption service owns SIGTERM there; never shadow its handler
+        self._distributed = jax.process_count() > 1
+        if not self._distributed and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        print(
+            f"{self.signal_name} received: finishing the step in flight and saving a checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def reached(self, step: int) -> bool:
+        """Call after every step, on every process; True when training should stop here."""
+        if self._distributed:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signal_name = "SIGTERM"
+                return True
+            return False
+        return self.signal_name is not None
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+class Watchdog:
+    """Exits the process with WATCHDOG_EXIT_CODE and all Python stacks when heartbeats stop.
+
+    Armed by the first heartbeat, after the first step is dispatched (compiling is no hang).
+    """
+
+    def __init__(self, timeout_s: float | None):
+        self.timeout_s = timeout_s
+        self._last: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if timeout_s is not None:
+            self._thread = threading.Thread(target=self._watch, daemon=True, name="watchdog")
+            self._thread.start()
+
+    def heartbeat(self) -> None:
+        self._last = time.monotonic()
+
+    def _watch(self) -> None:
+        interval = min(5.0, max(0.05, self.timeout_s / 10))
+        while not self._stop.wait(interval):
+            last = self._last
+            if last is None or time.monotonic() - last < self.timeout_s:
+                continue
+            print(
+                f"watchdog: no training step completed for {time.monotonic() - last:.0f} s "
+                f"(limit {self.timeout_s:.0f} s, train.watchdog_minutes); a hung device or "
+                "collective? Python stacks follow; exiting so a supervisor can restart",
+                file=sys.stderr,
+                flush=True,
+            )
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            sys.stderr.flush()
+            os._exit(WATCHDOG_EXIT_CODE)
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class InjectedFaults:
+    """Fault drills from $MPT_JAX_FAULTS, e.g. `nan@5-7,hang@12,sigterm@9`.
+
+    `nan@A-B`: data batches A..B (0-based, inclusive) give a NaN loss, as corrupt data would;
+    `hang@N`: the host loop stops before step N (0-based) as a hung collective would;
+    `sigterm@N`: the process sends itself SIGTERM before step N, as a preemption notice.
+    Empty when the variable is unset.
+    """
+
+    def __init__(self, spec: str | None = None):
+        spec = os.environ.get(FAULTS_ENV, "") if spec is None else spec
+        self.nan_batches: set[int] = set()
+        self.hang_step: int | None = None
+        self.sigterm_step: int | None = None
+        for item in filter(None, (part.strip() for part in spec.split(","))):
+            kind, _, where = item.partition("@")
+            first, _, last = where.partition("-")
+            try:
+                lo = int(first)
+                hi = int(last) if last else lo
+            except ValueError:
+                raise ValueError(
+                    f"{FAULTS_ENV}: cannot parse {item!r} (nan@A-B or hang@N)"
+                ) from None
+            if kind == "nan":
+                self.nan_batches.update(range(lo, hi + 1))
+            elif kind == "hang":
+                self.hang_step = lo
+            elif kind == "sigterm":
+                self.sigterm_step = lo
+            else:
+                raise ValueError(f"{FAULTS_ENV}: unknown fault {kind!r} (nan, hang or sigterm)")
+
+    def before_step(self, step: int) -> None:
+        if step == self.sigterm_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if step == self.hang_step:
+            print(f"{FAULTS_ENV}: hanging before step {step}", file=sys.stderr, flush=True)
+            threading.Event().wait()
+
+    def poisons(self, batch_index: int) -> bool:
+        return batch_index in self.nan_batches

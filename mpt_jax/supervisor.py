@@ -1,0 +1,105 @@
+"""`mpt-jax train ... --max-restarts N`: run the trainer as a child and restart it after crashes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from mpt_jax.checkpoint import committed_steps
+
+NO_RETRY_EXIT_CODES = {2}  # bad config or data: a restart cannot help
+MAX_BACKOFF_S = 300.0
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def supervise(
+    child_argv: Sequence[str],
+    *,
+    run_dir: str | Path,
+    max_restarts: int,
+    backoff_s: float = 10.0,
+    first_extra: Sequence[str] = (),
+) -> int:
+    """Run `python -m mpt_jax <child_argv>` until it succeeds or has failed `max_restarts` times.
+
+    The wait before a restart doubles after each failure without progress (a new checkpoint)
+    and resets after one with progress; SIGTERM / SIGINT are passed on to the child and end
+    supervision. `first_extra` is added to the first attempt only (e.g. --overwrite). Each
+    failure is printed and appended to RUN_DIR/restarts.jsonl.
+    """
+    checkpoints = Path(run_dir) / "checkpoints"
+    log_path = Path(run_dir) / "restarts.jsonl"
+    child: subprocess.Popen | None = None
+    stopping = False
+
+    def forward(signum, frame):
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    restarts, delay = 0, backoff_s
+    try:
+        while True:
+            extra = list(first_extra) if restarts == 0 else []
+            before = committed_steps(checkpoints)
+            started = time.time()
+            child = subprocess.Popen([sys.executable, "-m", "mpt_jax", *child_argv, *extra])
+            code = child.wait()
+            if code == 0 or stopping or code in NO_RETRY_EXIT_CODES:
+                return code if code >= 0 else 128 - code
+            after = committed_steps(checkpoints)
+            progressed = bool(after) and (not before or after[-1] > before[-1])
+            delay = backoff_s if progressed else delay
+            record = {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "attempt": restarts + 1,
+                "failure": _describe(code),
+                "seconds": round(time.time() - started, 1),
+                "latest_checkpoint": after[-1] if after else None,
+            }
+            if restarts >= max_restarts:
+                print(
+                    f"supervisor: trainer {record['failure']}; giving up after {max_restarts} "
+                    "restarts",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                _append(log_path, {**record, "action": "gave up"})
+                return code if code > 0 else 1
+            restarts += 1
+            print(
+                f"supervisor: trainer {record['failure']} after {record['seconds']} s; "
+                f"restart {restarts} of {max_restarts} in {delay:.0f} s from checkpoint "
+                f"{record['latest_checkpoint']}",
+                file=sys.stderr,
+                flush=True,
+            )
+            _append(log_path, {**record, "action": f"restart in {delay:.1f} s"})
+            time.sleep(delay)
+            if stopping:
+                return 128 + signal.SIGTERM
+            delay = min(delay * 2, MAX_BACKOFF_S)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _append(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -1,0 +1,343 @@
+"""Checkpoints and faults: exact resume, preemption, SIGKILL, corruption, NaN, bad input."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+from helpers import TINY_MODEL, config
+
+import mpt_jax
+from mpt_jax import checkpoint
+from mpt_jax.config import ConfigError, MeshConfig, run_config_from_dict, to_dict
+from mpt_jax.sharding import batch_sharding, make_mesh
+from mpt_jax.train import (
+    NonFiniteLossError,
+    _initial_params,
+    abstract_state,
+    init_state,
+    make_train_step,
+    run,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def final_params(run_dir, step=None):
+    """The params of a run folder's latest (or `step`) checkpoint as NumPy arrays."""
+    model = mpt_jax.from_pretrained(run_dir, step=step)
+    from flax import nnx
+
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+
+
+def train_lines(run_dir):
+    lines = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {x["step"]: (x["loss"], x["grad_norm"], x["lr"]) for x in lines if "loss" in x}
+
+
+def assert_bitwise_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.dtype == y.dtype and np.array_equal(x, y)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "amp_bf16"])
+def test_sigterm_then_resume_is_bitwise_exact(small_dataset, tmp_path, monkeypatch, precision):
+    sections = dict(
+        train={"steps": 9, "log_every": 1, "precision": precision, "eval_batches": 1},
+        checkpoint={"every": 4},
+        mesh={"data": 2, "fsdp": 4},
+    )
+    run(config(small_dataset, run_dir=str(tmp_path / "whole"), **sections))
+    monkeypatch.setenv("MPT_JAX_FAULTS", "sigterm@5")  # the notice arrives before step 5
+    stopped = run(config(small_dataset, run_dir=str(tmp_path / "cut"), **sections))
+    assert stopped["preempted"] == "SIGTERM" and stopped["step"] == 6  # step 5 was finished
+    assert checkpoint.committed_steps(tmp_path / "cut" / "checkpoints") == [4, 6]
+    monkeypatch.delenv("MPT_JAX_FAULTS")
+    resumed = run(config(small_dataset, run_dir=str(tmp_path / "cut"), **sections))
+    assert resumed["step"] == 9
+    assert_bitwise_equal(final_params(tmp_path / "cut"), final_params(tmp_path / "whole"))
+    assert train_lines(tmp_path / "cut") == train_lines(tmp_path / "whole")
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
+    cfg = config(tmp_path, train={"steps": 4})
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
+    graphdef, state, _shardings = init_state(cfg, mesh)
+    before = [np.asarray(x) for x in jax.tree.leaves((state.params, state.opt_state))]
+    poisoned = jax.jit(make_train_step(graphdef, cfg, poison=True))
+    ids = np.random.default_rng(0).integers(0, 258, (8, 32), dtype=np.int32)
+    batch = {"input_ids": jax.device_put(ids, batch_sharding(mesh))}
+    state, out = poisoned(state, batch)
+    state, out = poisoned(state, batch)
+    after = [np.asarray(x) for x in jax.tree.leaves((state.params, state.opt_state))]
+    assert_bitwise_equal(after, before)
+    assert not np.isfinite(float(out["loss"]))
+    assert int(state.step) == 2 and int(state.skipped_steps) == 2 and int(state.bad_streak) == 2
+    state, out = jax.jit(make_train_step(graphdef, cfg))(state, batch)
+    assert np.isfinite(float(out["loss"])) and int(state.bad_streak) == 0
+    assert int(state.skipped_steps) == 2
+
+
+def test_nan_streak_rolls_back_and_skips_the_bad_data(small_dataset, tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("MPT_JAX_FAULTS", "nan@6-8")  # data batches 6, 7 and 8 are poison
+    cfg = config(
+        small_dataset,
+        run_dir=str(tmp_path / "run"),
+        train={"steps": 14, "log_every": 1, "nonfinite_patience": 3, "eval_batches": 1},
+        checkpoint={"every": 4},
+    )
+    final = run(cfg)
+    err = capfd.readouterr().err
+    assert "steps 7..9 had non-finite losses: rolled back to step 8" in err
+    assert np.isfinite(final["loss"]) and final["step"] == 14
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["rollback_to_step"] for x in lines if "rollback_to_step" in x] == [8]
+    meta = checkpoint.read_meta(tmp_path / "run" / "checkpoints" / "14")
+    # batches 8 and 9 (dispatched before the streak was seen) are skipped with the bad ones
+    assert meta["data"]["batches"] == 16 and meta["rollbacks"] == 1
+    monkeypatch.setenv("MPT_JAX_FAULTS", "nan@0-20")
+    with pytest.raises(NonFiniteLossError, match="no checkpoint to roll back to"):
+        run(config(small_dataset, run_dir=str(tmp_path / "bad"), train={"steps": 8}))
+
+
+def _corrupt_latest(run_dir, how):
+    step_dir = (
+        Path(run_dir)
+        / "checkpoints"
+        / str(checkpoint.committed_steps(Path(run_dir) / "checkpoints")[-1])
+    )
+    if how == "truncate":
+        data = max((step_dir / "params" / "d").iterdir(), key=lambda p: p.stat().st_size)
+        with open(data, "r+b") as f:
+            f.truncate(data.stat().st_size // 2)
+    else:
+        (step_dir / "meta" / "metadata").unlink()
+    return int(step_dir.name)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(small_dataset, tmp_path, capfd):
+    run_dir = tmp_path / "run"
+    cfg8 = config(
+        small_dataset,
+        run_dir=str(run_dir),
+        train={"steps": 8, "log_every": 1, "eval_batches": 1},
+        checkpoint={"every": 4},
+    )
+    run(cfg8)
+    original = train_lines(run_dir)
+    for how in ("truncate", "delete"):
+        assert _corrupt_latest(run_dir, how) == 8
+        run(cfg8)
+        err = capfd.readouterr().err
+        assert f"checkpoint {run_dir / 'checkpoints' / '8'} is unreadable" in err
+        assert f"resuming from {run_dir / 'checkpoints' / '4'}" in err
+        assert train_lines(run_dir) == original  # steps 5..8 again, bit for bit
+    assert len(list((run_dir / "checkpoints" / "corrupt").iterdir())) == 2
+    assert checkpoint.committed_steps(run_dir / "checkpoints") == [4, 8]
+
+    # restore onto another mesh and device count: saved with fsdp 8, read with data 4 on 4 devices
+    cfg4 = run_config_from_dict({**to_dict(cfg8), "mesh": {"data": 4, "fsdp": 1, "tensor": 1}})
+    mesh4 = make_mesh(cfg4.mesh, jax.devices()[:4])
+    _graphdef, abstract, _shardings = abstract_state(cfg4, mesh4)
+    ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", cfg4.checkpoint)
+    restored = ckpt.restore_latest(
+        {
+            "params": abstract.params,
+            "opt_state": abstract.opt_state,
+            "counters": abstract.counters(),
+        }
+    )
+    ckpt.close()
+    assert restored.step == 8
+    leaves = jax.tree.leaves(restored.params)
+    assert all(leaf.sharding.mesh.devices.size == 4 for leaf in leaves)
+    assert_bitwise_equal([np.asarray(x) for x in leaves], final_params(run_dir))
+
+    # weights only: init_from a run folder, and the HF export of the same weights
+    out = tmp_path / "hf"
+    assert (
+        subprocess.run(
+            [sys.executable, str(REPO / "tools" / "convert_hf.py"), str(run_dir), str(out)],
+            capture_output=True,
+            timeout=300,
+        ).returncode
+        == 0
+    )
+    for source in (run_dir, out):
+        cfg = run_config_from_dict({**to_dict(cfg8), "init_from": str(source)})
+        params = _initial_params(cfg, abstract_state(cfg, make_mesh(cfg.mesh))[1].params)
+        assert_bitwise_equal(
+            [np.asarray(x) for x in jax.tree.leaves(params)], final_params(run_dir)
+        )
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 258, (2, 32)))
+    np.testing.assert_allclose(
+        mpt_jax.from_pretrained(run_dir)(ids), mpt_jax.from_pretrained(out)(ids), atol=1e-6
+    )
+
+    # bad input: another model's checkpoint, a foreign folder
+    other = {**to_dict(cfg8), "model": {**TINY_MODEL, "d_model": 32}, "init_from": str(run_dir)}
+    cfg_other = run_config_from_dict(other)
+    abstract_other = abstract_state(cfg_other, make_mesh(cfg_other.mesh))[1].params
+    with pytest.raises(ConfigError, match=r"holds a different model \(d_model"):
+        _initial_params(cfg_other, abstract_other)
+    (tmp_path / "foreign").mkdir()
+    cfg_foreign = run_config_from_dict({**other, "init_from": str(tmp_path / "foreign")})
+    with pytest.raises(ConfigError, match="neither a run folder"):
+        _initial_params(cfg_foreign, abstract_other)
+    copied = tmp_path / "copied"
+    shutil.copytree(run_dir / "checkpoints", copied / "checkpoints")
+    other_run = {**other, "init_from": None, "run_dir": str(copied)}
+    with pytest.raises(ConfigError, match=r"checkpoint step 8: written for a different config"):
+        run(run_config_from_dict(other_run))
+
+
+# ---------------------------------------------------------------------------------------------
+# Real processes: SIGTERM, SIGKILL under the supervisor, a hang, a full disk
+
+ONE_DEVICE = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+
+def write_config(tmp_path, small_dataset, run_dir, **train):
+    path = tmp_path / f"{Path(run_dir).name}.yaml"
+    raw = {
+        "model": TINY_MODEL,
+        "data": {"path": str(small_dataset / "ds")},
+        "optim": {"lr": 1e-3},
+        "train": {
+            "global_batch": 8,
+            "precision": "fp32",
+            "progress": False,
+            "eval_batches": 1,
+            "log_every": 1,
+            **train,
+        },
+        "checkpoint": {"every": 3},
+        "run_dir": str(run_dir),
+    }
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def trainer(cfg_path, *extra, env=ONE_DEVICE, **kw):
+    return subprocess.Popen(
+        [sys.executable, "-m", "mpt_jax", "train", str(cfg_path), *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def children(pid):
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def newest_save(checkpoints):
+    """The highest step with a folder, finished or still being written (a tmp name)."""
+    if not checkpoints.is_dir():
+        return -1
+    steps = [int(p.name.split(".")[0]) for p in checkpoints.iterdir() if p.name[0].isdigit()]
+    return max(steps, default=-1)
+
+
+def test_sigterm_and_ten_sigkills_under_the_supervisor(small_dataset, tmp_path):
+    steps = 90
+    reference = write_config(tmp_path, small_dataset, tmp_path / "ref", steps=steps)
+    result = subprocess.run(
+        [sys.executable, "-m", "mpt_jax", "train", str(reference)],
+        env=ONE_DEVICE,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    cfg = write_config(tmp_path, small_dataset, tmp_path / "faulty", steps=steps)
+    checkpoints = tmp_path / "faulty" / "checkpoints"
+    # preemption: SIGTERM finishes the step in flight, saves synchronously, exits 0
+    proc = trainer(cfg)
+    while newest_save(checkpoints) < 3 and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by SIGTERM at step" in out and "finishing the step in flight" in err
+    stopped_at = int(out.split("stopped by SIGTERM at step ")[1].split(":")[0])
+    assert stopped_at in checkpoint.committed_steps(checkpoints)
+
+    # ten SIGKILLs at random moments (some during async saves); the supervisor restarts each time
+    rng = random.Random(0)
+    supervisor = trainer(cfg, "--max-restarts", "20", "--restart-backoff", "0")
+    kills = 0
+    while kills < 10:
+        seen = newest_save(checkpoints)
+        while newest_save(checkpoints) <= seen and supervisor.poll() is None:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.05))
+        victims = children(supervisor.pid)
+        assert supervisor.poll() is None, "the run finished before ten kills"
+        if victims:
+            os.kill(victims[0], signal.SIGKILL)
+            kills += 1
+            while victims[0] in children(supervisor.pid):
+                time.sleep(0.005)
+    out, err = supervisor.communicate(timeout=600)
+    assert supervisor.returncode == 0, err[-3000:]
+    records = [
+        json.loads(x) for x in (tmp_path / "faulty" / "restarts.jsonl").read_text().splitlines()
+    ]
+    assert len(records) == 10 and all(r["failure"] == "killed by SIGKILL" for r in records)
+    assert err.count("resuming from") == 11  # the first attempt resumes the SIGTERM checkpoint
+    assert_bitwise_equal(final_params(tmp_path / "faulty"), final_params(tmp_path / "ref"))
+    assert train_lines(tmp_path / "faulty") == train_lines(tmp_path / "ref")
+
+
+def test_watchdog_exits_on_a_hang_and_the_supervisor_gives_up(small_dataset, tmp_path):
+    cfg = write_config(tmp_path, small_dataset, tmp_path / "hung", steps=20, watchdog_minutes=0.02)
+    env = {**ONE_DEVICE, "MPT_JAX_FAULTS": "hang@4"}
+    proc = trainer(cfg, "--max-restarts", "1", "--restart-backoff", "0", env=env)
+    _out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 75
+    assert err.count("watchdog: no training step completed") == 2
+    assert "in before_step" in err  # the hung thread's stack was dumped
+    assert "giving up after 1 restarts" in err
+    records = [
+        json.loads(x) for x in (tmp_path / "hung" / "restarts.jsonl").read_text().splitlines()
+    ]
+    assert [r["action"] for r in records] == ["restart in 0.0 s", "gave up"]
+    assert records[0]["failure"] == "exit code 75"
+
+
+def test_disk_full_during_a_save_keeps_earlier_checkpoints(small_dataset, tmp_path):
+    import resource
+
+    cfg = write_config(tmp_path, small_dataset, tmp_path / "full", steps=4)
+    assert trainer(cfg).wait(timeout=600) == 0
+    cfg = write_config(tmp_path, small_dataset, tmp_path / "full", steps=8)
+
+    def small_disk():  # files may not grow past 64 KiB, as on a disk that is full
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    proc = trainer(cfg, preexec_fn=small_disk)
+    _out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "saving the checkpoint failed" in last
+    assert "the earlier checkpoints (steps 3, 4) are intact" in last
+    assert trainer(cfg).wait(timeout=600) == 0  # with room again, it resumes and finishes
+    assert checkpoint.committed_steps(tmp_path / "full" / "checkpoints")[-1] == 8
