@@ -23,6 +23,7 @@ from mpt_jax.config import CheckpointConfig, ConfigError
 
 ITEMS = ("params", "opt_state", "counters", "meta")
 CORRUPT_DIR = "corrupt"  # unreadable steps are moved here (outside Orbax's step names)
+TIME_CHECK_STEPS = 10  # with several processes, the time backstop is checked every 10 steps
 
 
 class CheckpointError(RuntimeError):
@@ -91,8 +92,11 @@ class Checkpointer:
             return True
         if self.cfg.every_minutes is None:
             return False
+        multiprocess = jax.process_count() > 1
+        if multiprocess and step % TIME_CHECK_STEPS:
+            return False  # the decision below is a collective: not on every step
         late = time.monotonic() - self._last_save >= 60.0 * self.cfg.every_minutes
-        if jax.process_count() > 1:  # clocks differ: process 0 decides for everyone
+        if multiprocess:  # clocks differ: process 0 decides for everyone
             from jax.experimental import multihost_utils
 
             late = bool(multihost_utils.broadcast_one_to_all(late))

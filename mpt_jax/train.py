@@ -424,8 +424,9 @@ def evaluate(
 
 def run(cfg: RunConfig, *, overwrite: bool = False) -> dict:
     """Train as configured, resuming from RUN_DIR's latest checkpoint; returns final metrics."""
-    trainer = _Trainer(cfg, overwrite=overwrite)
+    trainer = _Trainer(cfg)
     try:
+        trainer.start(overwrite=overwrite)
         return trainer.train()
     finally:
         trainer.close()
@@ -434,10 +435,16 @@ def run(cfg: RunConfig, *, overwrite: bool = False) -> dict:
 class _Trainer:
     """The host loop: steps, logging, evaluation, checkpoints, preemption and recovery."""
 
-    def __init__(self, cfg: RunConfig, *, overwrite: bool):
+    def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.raw = raw = to_dict(cfg)  # the resolved config: every field, the model expanded
+        self.raw = to_dict(cfg)  # the resolved config: every field, the model expanded
         self.is_main = jax.process_index() == 0
+        self.loader = self.checkpointer = self.logger = self.bar = None
+        self.watchdog = self.preemption = self.profiler = None
+
+    def start(self, *, overwrite: bool) -> None:
+        """Set up the run folder, mesh, data, state (restored or fresh) and the loop's helpers."""
+        cfg, raw = self.cfg, self.raw
         self.run_dir = (
             prepare_run_dir(cfg, raw, overwrite=overwrite) if self.is_main else Path(cfg.run_dir)
         )
@@ -510,15 +517,12 @@ class _Trainer:
 
     # -- state -----------------------------------------------------------------------------------
 
-    def _abstract_items(self) -> dict[str, Any]:
-        return _items(self.abstract)
-
     def _restore_or_init(self) -> int:
         """Resume from the newest readable checkpoint, else initialize (and apply init_from)."""
         restored = None
         if self.checkpointer is not None:
             restored = self.checkpointer.restore_latest(
-                self._abstract_items(),
+                _items(self.abstract),
                 check_meta=functools.partial(_check_checkpoint_meta, self.raw),
             )
         if restored is None:
@@ -577,7 +581,7 @@ class _Trainer:
             )
         self.checkpointer.wait()
         consumed = self.loader.state()["batches"]
-        restored = self.checkpointer.restore_latest(self._abstract_items())
+        restored = self.checkpointer.restore_latest(_items(self.abstract))
         if restored is None:
             raise NonFiniteLossError(f"{where}; there is no checkpoint to roll back to")
         self._adopt(restored)
@@ -683,17 +687,18 @@ class _Trainer:
         )
 
     def close(self) -> None:
-        for closer in (
-            self.watchdog.close,
-            self.preemption.close,
-            self.profiler.stop,
-            self.loader.close,
-            self.logger.close,
-            self.bar.close,
+        """Release what `start` set up, also after a failed start."""
+        for part, method in (
+            (self.watchdog, "close"),
+            (self.preemption, "close"),
+            (self.profiler, "stop"),
+            (self.loader, "close"),
+            (self.logger, "close"),
+            (self.bar, "close"),
+            (self.checkpointer, "close"),
         ):
-            closer()
-        if self.checkpointer is not None:
-            self.checkpointer.close()
+            if part is not None:
+                getattr(part, method)()
 
 
 def _log_step(pending, cfg: RunConfig, logger, throughput, bar, force=False) -> dict:

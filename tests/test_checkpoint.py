@@ -112,6 +112,26 @@ def test_nan_streak_rolls_back_and_skips_the_bad_data(small_dataset, tmp_path, m
         run(config(small_dataset, run_dir=str(tmp_path / "bad"), train={"steps": 8}))
 
 
+def test_checkpointer_retention_and_time_backstop(tmp_path):
+    from mpt_jax.config import CheckpointConfig
+
+    cfg = CheckpointConfig(every=None, every_minutes=0.001, keep=2, keep_every=4)
+    ckpt = checkpoint.Checkpointer(tmp_path / "c", cfg)
+    x = {"w": jnp.arange(4.0)}
+    for step in range(1, 11):
+        ckpt.save(
+            step, params=x, opt_state=x, counters={"step": jnp.int32(step)}, meta={"config": {}}
+        )
+    ckpt.wait()
+    assert checkpoint.committed_steps(tmp_path / "c") == [4, 8, 9, 10]
+    assert [d["checkpoint_step"] for d in ckpt.completed] == list(range(1, 11))
+    assert all(d["checkpoint_blocked_s"] > 0 < d["checkpoint_save_s"] for d in ckpt.completed)
+    assert not ckpt.due(11)  # just saved; the time backstop is 0.06 s
+    time.sleep(0.1)
+    assert ckpt.due(11)
+    ckpt.close()
+
+
 def _corrupt_latest(run_dir, how):
     step_dir = (
         Path(run_dir)
@@ -341,3 +361,57 @@ def test_disk_full_during_a_save_keeps_earlier_checkpoints(small_dataset, tmp_pa
     assert "the earlier checkpoints (steps 3, 4) are intact" in last
     assert trainer(cfg).wait(timeout=600) == 0  # with room again, it resumes and finishes
     assert checkpoint.committed_steps(tmp_path / "full" / "checkpoints")[-1] == 8
+
+
+TWO_PROCESS_TRAINER = """
+import os, sys
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+jax.config.update("jax_num_cpu_devices", 2)
+pid, port = int(sys.argv[1]), sys.argv[2]
+jax.distributed.initialize(f"127.0.0.1:{port}", 2, pid, initialization_timeout=120)
+from mpt_jax.train import load_and_run
+final = load_and_run(sys.argv[3], [])
+print(f"preempted={final.get('preempted')} step={final['step']}", flush=True)
+"""
+
+
+def test_two_processes_agree_on_the_preemption_step(small_dataset, tmp_path):
+    import socket
+
+    script = tmp_path / "trainer.py"
+    script.write_text(TWO_PROCESS_TRAINER)
+    cfg = write_config(tmp_path, small_dataset, tmp_path / "mp", steps=40)
+    env = {k: v for k, v in ONE_DEVICE.items() if k != "XLA_FLAGS"}
+
+    def launch():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return [
+            subprocess.Popen(
+                [sys.executable, str(script), str(i), str(port), str(cfg)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ]
+
+    procs = launch()
+    metrics = tmp_path / "mp" / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-2000:]
+        time.sleep(0.01)
+    procs[1].send_signal(signal.SIGTERM)  # only one process gets the notice
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[1][1][-2000:]
+    steps = {out.split("step=")[-1].strip() for out, _ in outs}
+    assert all("preempted=SIGTERM" in out for out, _ in outs) and len(steps) == 1
+    stopped = int(steps.pop())
+    assert 5 <= stopped < 40 and stopped in checkpoint.committed_steps(
+        tmp_path / "mp" / "checkpoints"
+    )
+    outs = [p.communicate(timeout=300) for p in launch()]  # both resume and finish
+    assert all("preempted=None step=40" in out for out, _ in outs), outs[0][1][-2000:]
