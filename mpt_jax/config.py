@@ -304,16 +304,46 @@ class ScheduleConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MeshConfig:
-    """Device mesh sizes; one of them may be -1 (filled from the device count)."""
+    """Device mesh sizes; one of them may be -1 (filled from the device count).
+
+    The dcn_* factors say how much of each axis crosses slices (TPU multislice) or, on GPU and
+    CPU, processes (one per node): a hybrid mesh. dcn_data null means: all slices on data.
+    """
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    dcn_data: int | None = None
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
 
     def __post_init__(self) -> None:
         sizes = (self.data, self.fsdp, self.tensor)
         if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
             raise ConfigError(f"mesh: sizes must be positive with at most one -1, got {sizes}")
+        for name in ("dcn_data", "dcn_fsdp", "dcn_tensor"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"mesh.{name}: must be >= 1, got {value}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistributedConfig:
+    """jax.distributed settings; unset fields come from MPT_JAX_* variables or auto-detection."""
+
+    coordinator_address: str | None = None  # host:port of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: tuple[int, ...] | None = None  # one process per node driving these GPUs
+    initialization_timeout_s: int = 300
+
+    def __post_init__(self) -> None:
+        if self.num_processes is not None and self.num_processes < 1:
+            raise ConfigError(f"distributed.num_processes: must be >= 1, got {self.num_processes}")
+        if self.process_id is not None and self.process_id < 0:
+            raise ConfigError(f"distributed.process_id: must be >= 0, got {self.process_id}")
+        if self.initialization_timeout_s <= 0:
+            raise ConfigError("distributed.initialization_timeout_s: must be > 0")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -404,6 +434,7 @@ class RunConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     train: TrainConfig
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     init_from: str | None = None  # weights only: an HF MPT folder, a run folder or a step folder
     run_dir: str
 

@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from mpt_jax.config import ConfigError, MeshConfig
@@ -49,11 +50,53 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
-    """A ('data', 'fsdp', 'tensor') mesh over all (or the given) devices, GSPMD-style axes."""
+    """A ('data', 'fsdp', 'tensor') mesh over all (or the given) devices, GSPMD-style axes.
+
+    Hybrid when the devices span several TPU slices or mesh.dcn_* asks for it: each axis is
+    split into a part inside a slice (or process) and a part across them.
+    """
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(cfg, len(devices))
-    grid = np.array(devices).reshape(shape)
+    dcn = dcn_shape(cfg, devices)
+    if dcn is None:
+        grid = np.array(devices).reshape(shape)
+    else:
+        ici = tuple(total // across for total, across in zip(shape, dcn, strict=True))
+        slices = _slice_count(devices)
+        grid = mesh_utils.create_hybrid_device_mesh(
+            ici, dcn, devices, process_is_granule=slices is None
+        )
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _slice_count(devices: Sequence[Any]) -> int | None:
+    """TPU slices among the devices (multislice), or None where devices have no slice index."""
+    if any(d.platform != "tpu" for d in devices):
+        return None  # CPU and GPU devices report slice_index 0 whatever the process
+    indices = {getattr(d, "slice_index", None) for d in devices}
+    return None if None in indices else len(indices)
+
+
+def dcn_shape(cfg: MeshConfig, devices: Sequence[Any]) -> tuple[int, int, int] | None:
+    """The across-slice (or across-process) factor of each axis, or None for a flat mesh."""
+    slices = _slice_count(devices)
+    granules = slices if slices is not None else len({d.process_index for d in devices})
+    dcn_data = cfg.dcn_data
+    if dcn_data is None:
+        dcn_data = granules if slices is not None and slices > 1 else 1
+    dcn = (dcn_data, cfg.dcn_fsdp, cfg.dcn_tensor)
+    if dcn == (1, 1, 1):
+        return None
+    if math.prod(dcn) != granules:
+        kind = "slices" if slices is not None else "processes"
+        raise ConfigError(
+            f"mesh: dcn_data*dcn_fsdp*dcn_tensor = {math.prod(dcn)} but the devices span "
+            f"{granules} {kind}"
+        )
+    for name, total, across in zip(MESH_AXES, mesh_shape(cfg, len(devices)), dcn, strict=True):
+        if total % across:
+            raise ConfigError(f"mesh.dcn_{name}: {across} does not divide mesh.{name} ({total})")
+    return dcn
 
 
 def logical_to_spec(

@@ -19,7 +19,7 @@ import optax
 import yaml
 from flax import nnx
 
-from mpt_jax import checkpoint, resilience, sharding
+from mpt_jax import checkpoint, distributed, resilience, sharding
 from mpt_jax import metrics as metrics_lib
 from mpt_jax.config import ConfigError, RunConfig, run_config_from_dict, to_dict
 from mpt_jax.data import BatchLoader, DataError, check_compatible, resolve_dataset
@@ -232,6 +232,7 @@ def make_eval_step(graphdef) -> Callable:
 # or the model. Any other difference needs --overwrite or another run_dir.
 RESUMABLE_KEYS = (
     "mesh.",
+    "distributed.",
     "checkpoint.",
     "init_from",
     "data.num_threads",
@@ -768,11 +769,12 @@ class _Profiler:
 
 
 def load_and_run(config_path: str, overrides: list[str], *, overwrite: bool = False) -> dict:
-    """Load a YAML run config with overrides and train it."""
+    """Load a YAML run config with overrides, join the other processes if any, and train."""
     from mpt_jax.config import apply_overrides, load_yaml
 
     raw = apply_overrides(load_yaml(config_path), overrides)
     cfg = run_config_from_dict(raw, where=config_path)
+    distributed.initialize(cfg.distributed)  # before any other JAX call
     return run(cfg, overwrite=overwrite)
 
 

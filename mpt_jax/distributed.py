@@ -1,0 +1,115 @@
+"""Joining a multi-process run with jax.distributed: explicit settings or cluster detection."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from collections.abc import Mapping
+
+from mpt_jax.config import ConfigError, DistributedConfig
+
+ENV_PREFIX = "MPT_JAX_"  # MPT_JAX_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID, _LOCAL_DEVICE_IDS
+
+
+def detected_cluster(env: Mapping[str, str] = os.environ) -> str | None:
+    """The multi-process launcher JAX can read its settings from, if the run spans processes."""
+    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_STEP_NODELIST" in env:
+        return "SLURM"
+    if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+        return "Open MPI"
+    if "," in env.get("TPU_WORKER_HOSTNAMES", "") or int(env.get("MEGASCALE_NUM_SLICES", "1")) > 1:
+        return "TPU pod"
+    return None
+
+
+def settings(cfg: DistributedConfig, env: Mapping[str, str] = os.environ) -> dict | None:
+    """jax.distributed.initialize's arguments, or None for a single-process run."""
+    address = cfg.coordinator_address or env.get(f"{ENV_PREFIX}COORDINATOR")
+    count = cfg.num_processes or _int_env(env, "NUM_PROCESSES")
+    index = cfg.process_id if cfg.process_id is not None else _int_env(env, "PROCESS_ID")
+    local = cfg.local_device_ids
+    if local is None and env.get(f"{ENV_PREFIX}LOCAL_DEVICE_IDS"):
+        local = tuple(_int_list(env[f"{ENV_PREFIX}LOCAL_DEVICE_IDS"]))
+    explicit = any(v is not None for v in (address, count, index))
+    if not explicit and detected_cluster(env) is None:
+        return None
+    if explicit and (count is None or index is None or (address is None and count > 1)):
+        raise ConfigError(
+            "distributed: give coordinator_address, num_processes and process_id together "
+            f"(or {ENV_PREFIX}COORDINATOR, {ENV_PREFIX}NUM_PROCESSES, {ENV_PREFIX}PROCESS_ID)"
+        )
+    if explicit and count == 1:
+        return None
+    return {
+        "coordinator_address": address,
+        "num_processes": count,
+        "process_id": index,
+        "local_device_ids": list(local) if local is not None else None,
+        "initialization_timeout": cfg.initialization_timeout_s,
+    }
+
+
+def initialize(cfg: DistributedConfig) -> bool:
+    """Join the run's processes (before any other JAX call); False for a single process."""
+    import jax
+
+    kwargs = settings(cfg)
+    if kwargs is None:
+        return False
+    address = kwargs["coordinator_address"]
+    where = address or f"the {detected_cluster()} launcher's coordinator"
+    if address and kwargs["process_id"] != 0:
+        # JAX aborts the process (no exception) when registration times out: check first
+        _wait_for_coordinator(address, kwargs["initialization_timeout"], kwargs)
+    print(
+        f"joining {where} as process {kwargs['process_id']} of {kwargs['num_processes']}",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as e:  # JAX raises plain RuntimeErrors / XlaRuntimeErrors here
+        raise ConfigError(
+            f"distributed: could not join {where} as process {kwargs['process_id']} of "
+            f"{kwargs['num_processes']} within {kwargs['initialization_timeout']} s "
+            f"(distributed.initialization_timeout_s): {str(e).strip().splitlines()[0][:200]}"
+        ) from e
+    return True
+
+
+def _wait_for_coordinator(address: str, timeout_s: float, kwargs: dict) -> None:
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise ConfigError(
+                    f"distributed: could not join {address} as process {kwargs['process_id']} "
+                    f"of {kwargs['num_processes']}: no coordinator answered within {timeout_s} s "
+                    "(distributed.initialization_timeout_s; is process 0 running?)"
+                ) from None
+            time.sleep(0.5)
+
+
+def _int_env(env: Mapping[str, str], name: str) -> int | None:
+    value = env.get(f"{ENV_PREFIX}{name}")
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{ENV_PREFIX}{name}: expected an integer, got {value!r}") from None
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"{ENV_PREFIX}LOCAL_DEVICE_IDS: expected comma-separated integers, got {text!r}"
+        ) from None

@@ -1,0 +1,195 @@
+"""Multi-process training on localhost: jax.distributed with gloo, real processes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+from helpers import TINY_MODEL
+
+from mpt_jax.data import BatchLoader, open_dataset
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def environment(devices: int, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MPT_JAX_")}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    return {**env, **extra}
+
+
+def train(cfg_path, processes, devices, *overrides, timeout=600):
+    """Run `mpt-jax train` as `processes` processes of `devices` CPU devices each."""
+    port = free_port()
+    procs = []
+    for i in range(processes):
+        extra = {}
+        if processes > 1:
+            extra = {
+                "MPT_JAX_COORDINATOR": f"127.0.0.1:{port}",
+                "MPT_JAX_NUM_PROCESSES": str(processes),
+                "MPT_JAX_PROCESS_ID": str(i),
+            }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "mpt_jax", "train", str(cfg_path), *overrides],
+                env=environment(devices, **extra),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    results = [p.communicate(timeout=timeout) for p in procs]
+    for p, (_, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    return results
+
+
+def write_config(tmp_path, small_dataset, name, **mesh):
+    path = tmp_path / f"{name}.yaml"
+    raw = {
+        "model": TINY_MODEL,
+        "data": {"path": str(small_dataset / "ds")},
+        "optim": {"lr": 1e-3},
+        "schedule": {"t_warmup": "2ba"},
+        "mesh": {"data": 2, "fsdp": 4, "tensor": 1, **mesh},
+        "train": {
+            "global_batch": 8,
+            "steps": 5,
+            "precision": "fp32",
+            "progress": False,
+            "log_every": 1,
+            "eval_batches": 1,
+        },
+        "run_dir": str(tmp_path / name),
+    }
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def losses(run_dir):
+    lines = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [x["step"] for x in lines if "loss" in x]
+    assert len(steps) == len(set(steps)), "a step was logged twice (only process 0 logs)"
+    return {x["step"]: x["loss"] for x in lines if "loss" in x}
+
+
+def test_two_processes_match_one_and_checkpoints_move_between_counts(small_dataset, tmp_path):
+    one = write_config(tmp_path, small_dataset, "one")
+    two = write_config(tmp_path, small_dataset, "two", dcn_data=2)  # hybrid: data across processes
+    train(one, 1, 8)
+    train(two, 2, 4)
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose([b[s] for s in a], list(a.values()), rtol=0, atol=1e-5)
+    assert len(list((tmp_path / "two" / "tensorboard").iterdir())) == 1
+
+    # each run continues with the other process count from its step-5 checkpoint
+    ((_, err_one),) = train(two, 1, 8, "train.steps=7", "mesh.dcn_data=1")
+    results = train(one, 2, 4, "train.steps=7", "mesh.dcn_data=2")
+    assert f"resuming from {tmp_path / 'two' / 'checkpoints' / '5'}" in err_one
+    assert f"resuming from {tmp_path / 'one' / 'checkpoints' / '5'}" in results[0][1]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6, 7]
+    np.testing.assert_allclose([b[s] for s in (6, 7)], [a[s] for s in (6, 7)], atol=1e-4)
+
+
+LOADER = """
+import json, os, sys
+import jax
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]), initialization_timeout=120)
+from mpt_jax.data import BatchLoader, open_dataset
+loader = BatchLoader([(open_dataset(sys.argv[3]), 1.0)], global_batch=8, seed=3)
+rows = [next(loader)["input_ids"].tolist() for _ in range(3)]
+loader.close()
+print(json.dumps(rows))
+"""
+
+
+def test_process_slices_form_the_single_process_batches(small_dataset, tmp_path):
+    script = tmp_path / "loader.py"
+    script.write_text(LOADER)
+    address = f"127.0.0.1:{free_port()}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), address, str(i), str(small_dataset / "ds")],
+            env=environment(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[1][1][-2000:]
+    local = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    whole = BatchLoader([(open_dataset(small_dataset / "ds"), 1.0)], global_batch=8, seed=3)
+    for i in range(3):
+        expected = next(whole)["input_ids"]
+        assert np.array_equal(np.concatenate([local[0][i], local[1][i]]), expected)
+    whole.close()
+
+
+def test_unreachable_coordinator_is_one_clear_error(small_dataset, tmp_path):
+    cfg = write_config(tmp_path, small_dataset, "lonely")
+    address = f"127.0.0.1:{free_port()}"  # nobody listens: process 0 never starts
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mpt_jax",
+            "train",
+            str(cfg),
+            f"distributed.coordinator_address={address}",
+            "distributed.num_processes=2",
+            "distributed.process_id=1",
+            "distributed.initialization_timeout_s=3",
+        ],
+        env=environment(4),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: distributed: could not join {address} as process 1 of 2")
+
+
+def test_launcher_detection_and_explicit_settings():
+    import pytest
+
+    from mpt_jax.config import ConfigError, DistributedConfig
+    from mpt_jax.distributed import detected_cluster, settings
+
+    cfg = DistributedConfig()
+    assert settings(cfg, {}) is None and detected_cluster({}) is None
+    assert settings(cfg, {"SLURM_NTASKS": "1", "SLURM_STEP_NODELIST": "n1"}) is None
+    slurm = {"SLURM_NTASKS": "16", "SLURM_STEP_NODELIST": "n[1-2]"}
+    assert detected_cluster(slurm) == "SLURM"
+    assert settings(cfg, slurm)["coordinator_address"] is None  # JAX reads SLURM's variables
+    assert detected_cluster({"OMPI_COMM_WORLD_SIZE": "4"}) == "Open MPI"
+    assert detected_cluster({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}) == "TPU pod"
+    env = {
+        "MPT_JAX_COORDINATOR": "10.0.0.1:1234",
+        "MPT_JAX_NUM_PROCESSES": "2",
+        "MPT_JAX_PROCESS_ID": "1",
+        "MPT_JAX_LOCAL_DEVICE_IDS": "0,1,2,3",
+    }
+    out = settings(cfg, env)
+    assert out["coordinator_address"] == "10.0.0.1:1234" and out["process_id"] == 1
+    assert out["local_device_ids"] == [0, 1, 2, 3] and out["initialization_timeout"] == 300
+    explicit = DistributedConfig(coordinator_address="h:1", num_processes=4, process_id=3)
+    assert settings(explicit, {})["num_processes"] == 4
+    with pytest.raises(ConfigError, match="give coordinator_address, num_processes and process_id"):
+        settings(DistributedConfig(num_processes=2), {})
+    with pytest.raises(ConfigError, match="MPT_JAX_PROCESS_ID: expected an integer"):
+        settings(cfg, {**env, "MPT_JAX_PROCESS_ID": "one"})
