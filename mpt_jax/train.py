@@ -272,6 +272,7 @@ def prepare_run_dir(cfg: RunConfig, raw: dict[str, Any], *, overwrite: bool) -> 
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "complete.json").unlink(missing_ok=True)  # written again when this run finishes
     tmp = config_path.with_suffix(".yaml.tmp")
     tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
     tmp.replace(config_path)
@@ -674,6 +675,10 @@ class _Trainer:
         if cfg.train.export_hf and self.is_main:
             model = nnx.merge(self.graphdef, self.state.params)  # fetched tensor by tensor
             final["hf_dir"] = str(model.save_pretrained(self.run_dir / "hf", overwrite=True))
+        if self.is_main:  # launch scripts requeue a job until this file exists
+            tmp = self.run_dir / "complete.json.tmp"
+            tmp.write_text(json.dumps(final, indent=1) + "\n")
+            tmp.replace(self.run_dir / "complete.json")
         return final
 
     def _evaluate(self) -> float:

@@ -64,9 +64,11 @@ def test_sigterm_then_resume_is_bitwise_exact(small_dataset, tmp_path, monkeypat
     stopped = run(config(small_dataset, run_dir=str(tmp_path / "cut"), **sections))
     assert stopped["preempted"] == "SIGTERM" and stopped["step"] == 6  # step 5 was finished
     assert checkpoint.committed_steps(tmp_path / "cut" / "checkpoints") == [4, 6]
+    assert not (tmp_path / "cut" / "complete.json").exists()  # launch scripts requeue
     monkeypatch.delenv("MPT_JAX_FAULTS")
     resumed = run(config(small_dataset, run_dir=str(tmp_path / "cut"), **sections))
     assert resumed["step"] == 9
+    assert json.loads((tmp_path / "cut" / "complete.json").read_text())["step"] == 9
     assert_bitwise_equal(final_params(tmp_path / "cut"), final_params(tmp_path / "whole"))
     assert train_lines(tmp_path / "cut") == train_lines(tmp_path / "whole")
 
