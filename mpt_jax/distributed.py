@@ -21,6 +21,8 @@ def detected_cluster(env: Mapping[str, str] = os.environ) -> str | None:
         return "Open MPI"
     if "," in env.get("TPU_WORKER_HOSTNAMES", "") or int(env.get("MEGASCALE_NUM_SLICES", "1")) > 1:
         return "TPU pod"
+    if "KUBERNETES_SERVICE_HOST" in env and "JOB_COMPLETION_INDEX" in env:
+        return "Kubernetes"  # an Indexed Job / JobSet pod; JAX's detection needs jax[k8s]
     return None
 
 

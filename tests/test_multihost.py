@@ -178,6 +178,8 @@ def test_launcher_detection_and_explicit_settings():
     assert settings(cfg, slurm)["coordinator_address"] is None  # JAX reads SLURM's variables
     assert detected_cluster({"OMPI_COMM_WORLD_SIZE": "4"}) == "Open MPI"
     assert detected_cluster({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}) == "TPU pod"
+    k8s = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "JOB_COMPLETION_INDEX": "3"}
+    assert detected_cluster(k8s) == "Kubernetes"
     env = {
         "MPT_JAX_COORDINATOR": "10.0.0.1:1234",
         "MPT_JAX_NUM_PROCESSES": "2",
