@@ -37,6 +37,8 @@ def attention(
     softmax_scale: float | None = None,
     dropout_rate: float = 0.0,
     dropout_key: jax.Array | None = None,
+    query_offset: int | jax.Array | None = None,
+    kv_mask: jax.Array | None = None,
 ) -> jax.Array:
     """Softmax attention; returns (B, S, H, K) in q's dtype.
 
@@ -44,9 +46,16 @@ def attention(
     this equals MPT's slope_h * (j - (S - 1)) up to a per-row constant, which softmax removes).
     segment_ids: (B, S) ints; tokens attend only within their own segment (packed documents).
     softmax_scale: defaults to 1 / sqrt(K).
+    query_offset: key position of the first query (default T - S: the queries are the last S
+    of the T positions); may be traced, as when decoding into a preallocated KV cache.
+    kv_mask: (B, T) bool; False keys are never attended to (left padding, unwritten cache slots).
+    query_offset and kv_mask need the `xla` implementation (`auto` picks it).
     """
     if impl not in IMPLS:
         raise ValueError(f"attention impl: must be one of {', '.join(IMPLS)}, got {impl!r}")
+    decoding = query_offset is not None or kv_mask is not None
+    if decoding and impl not in ("auto", "xla"):
+        raise ValueError(f"attention impl {impl!r}: query_offset and kv_mask need impl 'xla'")
     _, S, H, K = q_BSHK.shape
     G = k_BTGK.shape[2]
     if H % G:
@@ -55,7 +64,8 @@ def attention(
         raise ValueError("attention: segment_ids need equal query and key lengths")
     scale = 1.0 / math.sqrt(K) if softmax_scale is None else float(softmax_scale)
     if impl == "auto":
-        impl = auto_impl(q_BSHK, dropout_rate, alibi=alibi_slopes is not None)
+        alibi = alibi_slopes is not None
+        impl = "xla" if decoding else auto_impl(q_BSHK, dropout_rate, alibi=alibi)
     if impl in ("cudnn", "pallas_gpu", "pallas_tpu") and dropout_rate:
         raise ValueError(f"attention impl {impl!r}: attention dropout is not supported")
     if impl == "cudnn":
@@ -87,7 +97,17 @@ def attention(
             interpret=jax.default_backend() != "tpu",
         )
     return _xla_attention(
-        q_BSHK, k_BTGK, v_BTGK, alibi_slopes, segment_ids, causal, scale, dropout_rate, dropout_key
+        q_BSHK,
+        k_BTGK,
+        v_BTGK,
+        alibi_slopes,
+        segment_ids,
+        causal,
+        scale,
+        dropout_rate,
+        dropout_key,
+        query_offset,
+        kv_mask,
     )
 
 
@@ -118,10 +138,13 @@ def _bias_and_mask(
     slopes_H: jax.Array | np.ndarray | None,
     segment_ids_BS: jax.Array | None,
     causal: bool,
+    query_offset: int | jax.Array | None = None,
+    kv_mask_BT: jax.Array | None = None,
 ) -> tuple[jax.Array | None, jax.Array | None]:
     """ALiBi bias (1, H, S, T) float32 and boolean keep-mask broadcastable to (B, 1, S, T)."""
-    # queries are the last S of T positions (T > S when decoding with a cache)
-    q_pos = jnp.arange(T - S, T)[:, None]
+    # by default the queries are the last S of T positions (T > S when decoding with a cache)
+    offset = T - S if query_offset is None else query_offset
+    q_pos = (offset + jnp.arange(S))[:, None]
     k_pos = jnp.arange(T)[None, :]
     bias = None
     if slopes_H is not None:
@@ -133,10 +156,25 @@ def _bias_and_mask(
     if segment_ids_BS is not None:
         same_BST = segment_ids_BS[:, :, None] == segment_ids_BS[:, None, :]
         mask = same_BST[:, None] if mask is None else mask & same_BST[:, None]
+    if kv_mask_BT is not None:
+        keep_B11T = kv_mask_BT[:, None, None, :]
+        mask = keep_B11T if mask is None else mask & keep_B11T
     return bias, mask
 
 
-def _xla_attention(q, k, v, slopes, segment_ids, causal, scale, dropout_rate, dropout_key):
+def _xla_attention(
+    q,
+    k,
+    v,
+    slopes,
+    segment_ids,
+    causal,
+    scale,
+    dropout_rate,
+    dropout_key,
+    query_offset=None,
+    kv_mask=None,
+):
     """The plain-XLA reference: fp32 scores and softmax, GQA without repeating kv."""
     B, S, H, K = q.shape
     T, G = k.shape[1], k.shape[2]
@@ -144,7 +182,7 @@ def _xla_attention(q, k, v, slopes, segment_ids, causal, scale, dropout_rate, dr
     q_BSGRK = q.reshape(B, S, G, R, K)
     s_BGRST = jnp.einsum("bsgrk,btgk->bgrst", q_BSGRK, k, preferred_element_type=jnp.float32)
     s_BGRST = s_BGRST * scale
-    bias, mask = _bias_and_mask(S, T, slopes, segment_ids, causal)
+    bias, mask = _bias_and_mask(S, T, slopes, segment_ids, causal, query_offset, kv_mask)
     if bias is not None:
         s_BGRST = s_BGRST + bias.reshape(1, G, R, S, T)
     if mask is not None:

@@ -57,7 +57,8 @@ def _log(message: str) -> None:
 def _error_line(error: BaseException) -> str:
     """The first line of an exception, shortened: Orbax and TensorStore errors run long."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
+    # the cause (e.g. "File too large [os_error_code='27']") is at the end of TensorStore's text
+    return text if len(text) <= 300 else f"{text[:120]} ... {text[-170:]}"
 
 
 class Checkpointer:

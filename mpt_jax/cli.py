@@ -30,10 +30,17 @@ def main(argv: list[str] | None = None) -> int:
         metavar="S",
         help="seconds before the first restart, doubled after each failure without progress",
     )
+    _add_eval_parser(sub)
+    _add_generate_parser(sub)
     args = parser.parse_args(argv)
 
     from mpt_jax.config import ConfigError
     from mpt_jax.data import DataError
+
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "generate":
+        return _generate(args)
 
     if args.max_restarts is not None:
         return _supervise(args)
@@ -47,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (CheckpointError, NonFiniteLossError) as e:
+        import logging
+        import warnings
+
+        # a failed save leaves Orbax's other write futures unretrieved and their coroutines
+        # unawaited; their reports at exit would bury this line
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        warnings.simplefilter("ignore")
         print(f"error: {e}", file=sys.stderr)
         return 1
     if final.get("preempted"):
@@ -85,3 +99,71 @@ def _supervise(args: argparse.Namespace) -> int:
         backoff_s=args.restart_backoff,
         first_extra=["--overwrite"] if args.overwrite else [],
     )
+
+
+def _add_eval_parser(sub) -> None:
+    ev = sub.add_parser(
+        "eval", help="perplexity, llm-foundry ICL tasks and gauntlet (docs/eval.md)"
+    )
+    ev.add_argument("model", help="run folder (latest or --step checkpoint) or HF MPT folder")
+    ev.add_argument("--step", type=int, default=None, help="checkpoint step of a run folder")
+    ev.add_argument("--tasks", metavar="TASKS.yaml", help="llm-foundry icl_tasks list")
+    ev.add_argument("--gauntlet", metavar="GAUNTLET.yaml", help="llm-foundry eval_gauntlet")
+    ev.add_argument("--data", metavar="PREPARED_DIR", help="prepared dataset for perplexity")
+    ev.add_argument("--split", default="val", help="dataset split (default val)")
+    ev.add_argument("--seq-lens", metavar="L1,L2", help="window lengths (default max_seq_len)")
+    ev.add_argument("--max-tokens", type=int, default=None, help="perplexity token budget")
+    ev.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    ev.add_argument("--tokenizer", help="'byte' or a tokenizer.json (default: the model's)")
+    ev.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+    ev.add_argument("--mesh", metavar="data=1,fsdp=-1,tensor=1", help="device mesh sizes")
+    ev.add_argument("--out", metavar="results.json", help="write all results as JSON")
+    ev.add_argument("--no-progress", dest="progress", action="store_false", help="no bars")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from mpt_jax.checkpoint import CheckpointError
+    from mpt_jax.config import ConfigError
+    from mpt_jax.data import DataError
+    from mpt_jax.evaluation.runner import run_cli
+    from mpt_jax.safetensors_io import CheckpointError as HFFolderError
+
+    try:
+        run_cli(args)
+    except (ConfigError, DataError, HFFolderError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_generate_parser(sub) -> None:
+    gen = sub.add_parser("generate", help="sample continuations with a KV cache")
+    gen.add_argument("model", help="run folder (latest or --step checkpoint) or HF MPT folder")
+    gen.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    gen.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    gen.add_argument("--top-k", type=int, default=None, metavar="K")
+    gen.add_argument("--top-p", type=float, default=None, metavar="P")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.add_argument("--step", type=int, default=None, help="checkpoint step of a run folder")
+    gen.add_argument("--tokenizer", help="'byte' or a tokenizer.json (default: the model's)")
+    gen.add_argument("--max-seq-len", type=int, default=None, help="ALiBi: a longer context")
+    gen.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from mpt_jax.checkpoint import CheckpointError
+    from mpt_jax.config import ConfigError
+    from mpt_jax.data import DataError
+    from mpt_jax.generate import GenerationError, run_cli
+    from mpt_jax.safetensors_io import CheckpointError as HFFolderError
+
+    try:
+        run_cli(args)
+    except (ConfigError, DataError, GenerationError, CheckpointError, HFFolderError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

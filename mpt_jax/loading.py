@@ -61,3 +61,76 @@ def from_pretrained(
 def _run_param_dtype(raw: dict[str, Any]) -> Any:
     precision = raw.get("train", {}).get("precision", "fp32")
     return jnp.bfloat16 if precision == "pure_bf16" else jnp.float32
+
+
+def load_tokenizer_for(path: str | Path, *, step: int | None = None, tokenizer: str | None = None):
+    """The tokenizer that goes with a model folder (ByteTokenizer or JsonTokenizer).
+
+    `tokenizer` ('byte', a tokenizer.json or a transformers tokenizer folder) wins; else an HF
+    folder's tokenizer.json (EOS from its tokenizer_config.json when present); else the
+    `data.tokenizer` a run folder trained with (also for RUN_DIR/hf, the run's export).
+    """
+    from mpt_jax.data.errors import DataError
+    from mpt_jax.data.tokenizer import load_tokenizer
+
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    path = Path(path)
+    if (path / "tokenizer.json").is_file():
+        return load_tokenizer(str(path), eos_token=_hf_eos_token(path))
+    run = path if is_run_folder(path) else path.parent if is_run_folder(path.parent) else None
+    if run is None:
+        raise DataError(
+            f"{path}: no tokenizer.json and not part of a run folder; "
+            "name the tokenizer (--tokenizer byte|PATH)"
+        )
+    step_dir = checkpoint.find_step_dir(run, step if run == path else None)
+    name = checkpoint.read_meta(step_dir)["config"].get("data", {}).get("tokenizer", "byte")
+    if name != "byte" and not Path(name).exists():
+        run_dir = step_dir.parent.parent
+        if not (run_dir / name).exists():
+            raise DataError(
+                f"{run_dir / 'config.yaml'}: data.tokenizer {name!r} not found; "
+                "name the tokenizer (--tokenizer byte|PATH)"
+            )
+        name = str(run_dir / name)
+    return load_tokenizer(name)
+
+
+def _hf_eos_token(folder: Path) -> str | None:
+    """The eos_token a transformers tokenizer folder declares (a string or an AddedToken dict)."""
+    import json
+
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        try:
+            eos = json.loads((folder / name).read_text()).get("eos_token")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        if isinstance(eos, str) and eos:
+            return eos
+    return None
+
+
+def load_model_and_tokenizer(
+    path: str | Path,
+    *,
+    step: int | None = None,
+    tokenizer: str | None = None,
+    dtype: Any = jnp.float32,
+    **kwargs: Any,
+):
+    """(model, tokenizer) of an HF MPT folder or a run folder; see load_tokenizer_for."""
+    from mpt_jax.data.errors import DataError
+
+    tok = load_tokenizer_for(path, step=step, tokenizer=tokenizer)
+    # a tokenizer that can emit ids the embedding lacks belongs to another model
+    model = from_pretrained(path, step=step, dtype=dtype, **kwargs)
+    if tok.vocab_size > model.config.vocab_size:
+        where = getattr(tok, "path", tokenizer or "byte")
+        raise DataError(
+            f"{where}: tokenizer has {tok.vocab_size} ids, more than the model's vocab_size "
+            f"{model.config.vocab_size}"
+        )
+    return model, tok

@@ -1,7 +1,7 @@
 """MPT decoder in Flax NNX with llm-foundry's exact math.
 
 Shape legend: B batch, S sequence, D d_model, H heads, G kv heads, N = H + 2G fused qkv heads,
-K head dim, F FFN width, V vocab, L layers.
+K head dim, F FFN width, V vocab, L layers, T KV-cache slots.
 
 Parameters carry logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `qkv_heads`, `kv`
 (head dim), `mlp`, `layers`) as `out_sharding` metadata; [train] maps them onto a mesh.
@@ -9,6 +9,8 @@ Parameters carry logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `qkv
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -204,9 +206,8 @@ class Attention(nnx.Module):
             tuple(attention_lib.alibi_slopes(H, cfg.alibi_bias_max).tolist()) if cfg.alibi else None
         )
 
-    def __call__(
-        self, x_BSD: jax.Array, segment_ids: jax.Array | None, key: jax.Array | None
-    ) -> jax.Array:
+    def _qkv(self, x_BSD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Fused projection, clip_qkv, split and qk_ln: q (B, S, H, K), k and v (B, S, G, K)."""
         cfg = self.cfg
         B, S, _ = x_BSD.shape
         H, G, K = cfg.n_heads, cfg.num_kv_heads, cfg.head_dim
@@ -217,11 +218,21 @@ class Attention(nnx.Module):
         if self.q_ln is not None:
             q_BSHK = self.q_ln(q_BSHK.reshape(B, S, H * K)).astype(self.dtype).reshape(B, S, H, K)
             k_BSGK = self.k_ln(k_BSGK.reshape(B, S, G * K)).astype(self.dtype).reshape(B, S, G, K)
+        return q_BSHK, k_BSGK, v_BSGK
+
+    def _slopes(self) -> np.ndarray | None:
+        return None if self.slopes is None else np.asarray(self.slopes, np.float32)
+
+    def __call__(
+        self, x_BSD: jax.Array, segment_ids: jax.Array | None, key: jax.Array | None
+    ) -> jax.Array:
+        cfg = self.cfg
+        q_BSHK, k_BSGK, v_BSGK = self._qkv(x_BSD)
         out_BSHK = attention_lib.attention(
             q_BSHK,
             k_BSGK,
             v_BSGK,
-            alibi_slopes=None if self.slopes is None else np.asarray(self.slopes, np.float32),
+            alibi_slopes=self._slopes(),
             segment_ids=segment_ids if cfg.attn_uses_sequence_id else None,
             causal=True,
             impl=cfg.attn_impl,
@@ -230,6 +241,39 @@ class Attention(nnx.Module):
             dropout_key=key,
         )
         return self.out_proj(out_BSHK)
+
+    def decode(
+        self,
+        x_BSD: jax.Array,
+        k_cache_BTGK: jax.Array,
+        v_cache_BTGK: jax.Array,
+        start_B: jax.Array,
+        end: jax.Array,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Attend from cache slots [end, end + S) to slots [start_B, end + S); new k and v too."""
+        S = x_BSD.shape[1]
+        T = k_cache_BTGK.shape[1]
+        q_BSHK, k_BSGK, v_BSGK = self._qkv(x_BSD)
+        k_BSGK = k_BSGK.astype(k_cache_BTGK.dtype)
+        v_BSGK = v_BSGK.astype(v_cache_BTGK.dtype)
+        k_all_BTGK = jax.lax.dynamic_update_slice(k_cache_BTGK, k_BSGK, (0, end, 0, 0))
+        v_all_BTGK = jax.lax.dynamic_update_slice(v_cache_BTGK, v_BSGK, (0, end, 0, 0))
+        # slots before a row's start are its left padding; slots from end + S are unwritten
+        slot_1T = jnp.arange(T)[None, :]
+        kv_mask_BT = (slot_1T >= start_B[:, None]) & (slot_1T < end + S)
+        # ALiBi depends on slot distances only, so left padding shifts nothing
+        out_BSHK = attention_lib.attention(
+            q_BSHK,
+            k_all_BTGK,
+            v_all_BTGK,
+            alibi_slopes=self._slopes(),
+            causal=True,
+            impl="xla",
+            softmax_scale=self.cfg.resolved_softmax_scale,
+            query_offset=end,
+            kv_mask=kv_mask_BT,
+        )
+        return self.out_proj(out_BSHK), k_BSGK, v_BSGK
 
 
 _ACTIVATIONS = {
@@ -282,6 +326,14 @@ class Block(nnx.Module):
         h_BSD = self.ffn(self.norm_2(x_BSD))
         return x_BSD + _dropout(h_BSD, self.resid_pdrop, k_resid_ffn)
 
+    def decode(self, x_BSD, k_cache_BTGK, v_cache_BTGK, start_B, end):
+        """The block on new tokens against a KV cache (no dropout): x, new k, new v."""
+        h_BSD, k_BSGK, v_BSGK = self.attn.decode(
+            self.norm_1(x_BSD), k_cache_BTGK, v_cache_BTGK, start_B, end
+        )
+        x_BSD = x_BSD + h_BSD
+        return x_BSD + self.ffn(self.norm_2(x_BSD)), k_BSGK, v_BSGK
+
 
 class Embedding(nnx.Module):
     """A lookup table (rows, D); also the tied output projection."""
@@ -293,6 +345,28 @@ class Embedding(nnx.Module):
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], ids, axis=0)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["k_LBTGK", "v_LBTGK", "start_B", "end"],
+    meta_fields=[],
+)
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of every layer for decoding, a pytree passed through jit.
+
+    Slots [0, end) are written; row b's tokens start at slot start_B[b] (left padding before).
+    """
+
+    k_LBTGK: jax.Array
+    v_LBTGK: jax.Array
+    start_B: jax.Array  # int32 (B,)
+    end: jax.Array  # int32 scalar
+
+    @property
+    def max_length(self) -> int:
+        return self.k_LBTGK.shape[2]
 
 
 class MPTForCausalLM(nnx.Module):
@@ -380,26 +454,111 @@ class MPTForCausalLM(nnx.Module):
             raise ValueError(
                 f"input_ids: sequence length {S} exceeds model.max_seq_len ({cfg.max_seq_len})"
             )
-        x_BSD = self.wte(input_ids)
-        if self.wpe is not None:
-            x_BSD = x_BSD + self.wpe.embedding[:S][None]
-        if cfg.embedding_fraction < 1.0:
-            f = cfg.embedding_fraction
-            x_BSD = x_BSD * f + jax.lax.stop_gradient(x_BSD) * (1.0 - f)
+        pos_emb_1SD = None if self.wpe is None else self.wpe.embedding[:S][None]
         emb_key = block_key = None
         if dropout_key is not None:
             emb_key, block_key = jax.random.split(dropout_key)
-        x_BSD = _dropout(x_BSD, cfg.emb_pdrop, emb_key)
+        x_BSD = self._embed(input_ids, pos_emb_1SD, emb_key)
         x_BSD = self._blocks(x_BSD, segment_ids, block_key)
+        return self._head(x_BSD)
+
+    def _embed(self, input_ids, pos_emb_BSD, key):
+        x_BSD = self.wte(input_ids)
+        if pos_emb_BSD is not None:
+            x_BSD = x_BSD + pos_emb_BSD
+        if self.config.embedding_fraction < 1.0:
+            f = self.config.embedding_fraction
+            x_BSD = x_BSD * f + jax.lax.stop_gradient(x_BSD) * (1.0 - f)
+        return _dropout(x_BSD, self.config.emb_pdrop, key)
+
+    def _head(self, x_BSD):
         h_BSD = self.norm_f(x_BSD).astype(self.dtype)
         if self.lm_head is None:
             wte_VD = self.wte.embedding[...].astype(self.dtype)
             logits_BSV = jnp.einsum("bsd,vd->bsv", h_BSD, wte_VD)
         else:
             logits_BSV = self.lm_head(h_BSD)
-        if cfg.resolved_logit_scale is not None:
-            logits_BSV = logits_BSV * cfg.resolved_logit_scale
+        if self.config.resolved_logit_scale is not None:
+            logits_BSV = logits_BSV * self.config.resolved_logit_scale
         return logits_BSV
+
+    # -- decoding with a KV cache ---------------------------------------------------------------
+
+    def init_cache(self, batch_size: int, max_length: int, *, pad_lengths: Any = None) -> KVCache:
+        """An empty cache of `max_length` slots; row b's first pad_lengths[b] slots are padding."""
+        cfg = self.config
+        shape = (cfg.n_layers, batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+        start_B = (
+            jnp.zeros((batch_size,), jnp.int32)
+            if pad_lengths is None
+            else jnp.asarray(pad_lengths, jnp.int32).reshape(batch_size)
+        )
+        # two buffers: jit may donate (update in place) each of them
+        k_LBTGK, v_LBTGK = jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
+        return KVCache(k_LBTGK, v_LBTGK, start_B, jnp.zeros((), jnp.int32))
+
+    def decode(
+        self, input_ids: jax.Array, cache: KVCache, *, last_only: bool = False
+    ) -> tuple[jax.Array, KVCache]:
+        """input_ids (B, S) written at cache slots [end, end + S) -> logits and the new cache.
+
+        Logits are (B, S, V), or (B, 1, V) for the last position with last_only (prefill).
+        The caller keeps end + S <= cache.max_length (a traced end cannot be checked here).
+        Row b's tokens have positions slot - start_B[b] (learned position embeddings); with
+        ALiBi only slot distances matter. No dropout, no segment ids: one document per row.
+        """
+        S = input_ids.shape[1]
+        try:
+            end = int(cache.end)
+        except jax.errors.ConcretizationTypeError:
+            end = None  # traced (under jit): the caller sized the cache
+        if end is not None and end + S > cache.max_length:
+            raise ValueError(
+                f"decode: {S} tokens after slot {end} overflow the KV cache "
+                f"({cache.max_length} slots)"
+            )
+        pos_emb_BSD = None
+        if self.wpe is not None:
+            # padding slots get position 0; nothing attends to them
+            pos_BS = cache.end + jnp.arange(S)[None, :] - cache.start_B[:, None]
+            pos_emb_BSD = self.wpe(jnp.maximum(pos_BS, 0))
+        x_BSD = self._embed(input_ids, pos_emb_BSD, None)
+        x_BSD, k_LBSGK, v_LBSGK = self._decode_blocks(x_BSD, cache)
+        if last_only:
+            x_BSD = x_BSD[:, -1:]
+        at = (0, 0, cache.end, 0, 0)
+        new_cache = KVCache(
+            jax.lax.dynamic_update_slice(cache.k_LBTGK, k_LBSGK, at),
+            jax.lax.dynamic_update_slice(cache.v_LBTGK, v_LBSGK, at),
+            cache.start_B,
+            cache.end + S,
+        )
+        return self._head(x_BSD), new_cache
+
+    def _decode_blocks(self, x_BSD, cache: KVCache):
+        """All blocks against the cache: x and the new tokens' k, v stacked over layers."""
+        start_B, end = cache.start_B, cache.end
+        if not self.config.scan_layers:
+            ks, vs = [], []
+            for i, block in enumerate(self.blocks):
+                x_BSD, k_BSGK, v_BSGK = block.decode(
+                    x_BSD, cache.k_LBTGK[i], cache.v_LBTGK[i], start_B, end
+                )
+                ks.append(k_BSGK)
+                vs.append(v_BSGK)
+            return x_BSD, jnp.stack(ks), jnp.stack(vs)
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def body(x, xs):
+            layer_state, k_cache_BTGK, v_cache_BTGK = xs
+            block = nnx.merge(graphdef, layer_state)
+            x, k_BSGK, v_BSGK = block.decode(x, k_cache_BTGK, v_cache_BTGK, start_B, end)
+            return x, (k_BSGK, v_BSGK)
+
+        x_BSD, (k_LBSGK, v_LBSGK) = jax.lax.scan(
+            body, x_BSD, (stacked, cache.k_LBTGK, cache.v_LBTGK)
+        )
+        return x_BSD, k_LBSGK, v_LBSGK
 
     def _blocks(self, x_BSD, segment_ids, key):
         def layer_key(i):
