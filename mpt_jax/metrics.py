@@ -16,6 +16,7 @@ import json
 import math
 import operator
 import re
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -274,7 +275,7 @@ class MetricsLogger:
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         if tensorboard:
             try:
-                from tensorboardX import SummaryWriter
+                SummaryWriter = _summary_writer_class()
             except ImportError:
                 warnings.warn(
                     "tensorboardX is not installed; skipping TensorBoard logging", stacklevel=2
@@ -362,3 +363,18 @@ def format_metrics(metrics: Mapping[str, Any], step: int | None = None) -> str:
         if value is not None:
             parts.append(fmt.format(float(value)))
     return " | ".join(parts)
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch unless torch is already loaded."""
+    # tensorboardX imports torch (3-4 s per process start) only to accept torch tensors, which
+    # are never logged here; that matters for restarts after preemption
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError, which it handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return SummaryWriter
