@@ -70,10 +70,13 @@ def attention(
         raise ValueError(f"attention impl {impl!r}: attention dropout is not supported")
     if impl == "cudnn":
         return _cudnn_attention(q_BSHK, k_BTGK, v_BTGK, alibi_slopes, segment_ids, causal, scale)
-    if impl == "pallas_gpu":
-        from mpt_jax.kernels.flash_attention import flash_attention
-
-        return flash_attention(
+    if impl in ("pallas_gpu", "pallas_tpu"):
+        if impl == "pallas_gpu":
+            from mpt_jax.kernels.flash_attention import flash_attention as kernel
+        else:
+            from mpt_jax.kernels.flash_attention_tpu import flash_attention_tpu as kernel
+        native = "gpu" if impl == "pallas_gpu" else "tpu"
+        return kernel(
             q_BSHK,
             k_BTGK,
             v_BTGK,
@@ -81,20 +84,7 @@ def attention(
             segment_ids=segment_ids,
             causal=causal,
             softmax_scale=scale,
-            interpret=jax.default_backend() != "gpu",  # CPU runs the same kernel interpreted
-        )
-    if impl == "pallas_tpu":
-        from mpt_jax.kernels.flash_attention_tpu import flash_attention_tpu
-
-        return flash_attention_tpu(
-            q_BSHK,
-            k_BTGK,
-            v_BTGK,
-            alibi_slopes=alibi_slopes,
-            segment_ids=segment_ids,
-            causal=causal,
-            softmax_scale=scale,
-            interpret=jax.default_backend() != "tpu",
+            interpret=jax.default_backend() != native,  # elsewhere the same kernel, interpreted
         )
     return _xla_attention(
         q_BSHK,

@@ -9,6 +9,7 @@ name and renames it when complete, so a killed save never looks like a checkpoin
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -145,14 +146,18 @@ class Checkpointer:
             f"the earlier checkpoints (steps {kept}) are intact"
         )
 
+    def _failed_in_flight(self, error: BaseException) -> CheckpointError:
+        """The error of the save in flight, which is then no longer tracked."""
+        step = self._in_flight[0] if self._in_flight else -1
+        self._in_flight = None
+        return self._save_error(step, error)
+
     def check(self) -> None:
         """Raise the error of a failed background save, if any."""
         try:
             self._manager.check_for_errors()
         except Exception as e:
-            step = self._in_flight[0] if self._in_flight else -1
-            self._in_flight = None
-            raise self._save_error(step, e) from e
+            raise self._failed_in_flight(e) from e
 
     def poll(self) -> None:
         """Record a save that has completed in the background (see `completed`)."""
@@ -174,9 +179,7 @@ class Checkpointer:
         try:
             self._manager.wait_until_finished()
         except Exception as e:
-            step = self._in_flight[0] if self._in_flight else -1
-            self._in_flight = None
-            raise self._save_error(step, e) from e
+            raise self._failed_in_flight(e) from e
         self.poll()
 
     def close(self) -> None:
@@ -184,17 +187,13 @@ class Checkpointer:
 
     # -- restoring -------------------------------------------------------------------------------
 
-    def steps(self) -> list[int]:
-        return list(self._manager.all_steps())
-
     def restore_latest(
         self,
         abstract: Mapping[str, Any],
         *,
         check_meta: Callable[[int, dict[str, Any]], None] | None = None,
-        below: int | None = None,
     ) -> Restored | None:
-        """The newest readable step (below `below` if given), or None when there is none.
+        """The newest readable step, or None when there is none.
 
         `abstract` maps params / opt_state / counters to trees of jax.ShapeDtypeStruct with the
         target shardings (any mesh: Orbax reshards). `check_meta` may reject a step whose meta
@@ -202,10 +201,8 @@ class Checkpointer:
         be read is reported and moved to checkpoints/corrupt/, and the previous one is tried.
         """
         for step in sorted(self._manager.all_steps(), reverse=True):
-            if below is not None and step >= below:
-                continue
             try:
-                meta = self._read_meta(step)
+                meta = read_meta(self.directory / str(step))
             except Exception as e:
                 self._quarantine(step, e)
                 continue
@@ -223,13 +220,6 @@ class Checkpointer:
                 step, out.get("params"), out.get("opt_state"), out.get("counters"), meta
             )
         return None
-
-    def _read_meta(self, step: int) -> dict[str, Any]:
-        out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        meta = out["meta"]
-        if not isinstance(meta, dict) or "config" not in meta:
-            raise CheckpointError("meta is not an mpt_jax checkpoint's")
-        return meta
 
     def _quarantine(self, step: int, error: BaseException) -> None:
         target = self.directory / CORRUPT_DIR / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -273,8 +263,6 @@ def find_step_dir(path: str | Path, step: int | None = None) -> Path:
 
 def read_meta(step_dir: str | Path) -> dict[str, Any]:
     """The JSON `meta` item of a step folder."""
-    import json
-
     path = Path(step_dir) / "meta" / "metadata"
     try:
         meta = json.loads(path.read_text())

@@ -286,6 +286,11 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+def _model_changes(saved: Any, ours: Any, prefix: str = "") -> list[str]:
+    """Model fields that differ, except attn_impl (same weights, another kernel)."""
+    return [k for k in _diff_keys(saved, ours, prefix) if k != f"{prefix}attn_impl"]
+
+
 def _truncate_metrics(run_dir: Path, last_step: int) -> None:
     """Drop metrics.jsonl lines after `last_step`: a resumed run logs those steps again."""
     path = run_dir / "metrics.jsonl"
@@ -304,13 +309,8 @@ def _truncate_metrics(run_dir: Path, last_step: int) -> None:
 def _check_checkpoint_meta(raw: dict[str, Any], step: int, meta: dict[str, Any]) -> None:
     """Refuse a checkpoint written for another model or another sample order."""
     saved = meta["config"]
-    changed = [
-        key
-        for key in _diff_keys(
-            {k: saved.get(k) for k in ("model", "optim")}, {k: raw[k] for k in ("model", "optim")}
-        )
-        if key != "model.attn_impl"
-    ]
+    changed = _model_changes(saved.get("model"), raw["model"], prefix="model.")
+    changed += _diff_keys(saved.get("optim"), raw["optim"], "optim.")
     if changed:
         raise ConfigError(
             f"checkpoint step {step}: written for a different config ({', '.join(changed[:5])})"
@@ -350,7 +350,7 @@ def _initial_params(cfg: RunConfig, abstract_params) -> Any:
     meta = checkpoint.read_meta(step_dir)
     saved_model = meta["config"].get("model", {})
     ours = to_dict(cfg.model)
-    changed = [k for k in _diff_keys(saved_model, ours) if k != "attn_impl"]
+    changed = _model_changes(saved_model, ours)
     if changed:
         raise ConfigError(
             f"init_from: {step_dir} holds a different model ({', '.join(changed[:5])})"
@@ -616,10 +616,11 @@ class _Trainer:
         step = self.start_step
         last_time = time.perf_counter()
 
-        def finish(pending) -> dict:
-            metrics = _log_step(pending, cfg, self.logger, self.throughput, self.bar, force=True)
+        def finish(pending, force: bool = False) -> bool:
+            """Read and log a dispatched step's metrics; True when a rollback is due."""
+            final.update(_log_step(pending, cfg, self.logger, self.throughput, self.bar, force))
             self.watchdog.heartbeat()
-            return metrics
+            return final["bad_streak"] >= cfg.train.nonfinite_patience
 
         while step < total:
             self.faults.before_step(step)
@@ -633,14 +634,12 @@ class _Trainer:
             # dispatch returns once compiled; a hung device blocks reading metrics, below
             self.watchdog.heartbeat()
             # read step n-1's metrics only after step n is dispatched: the host never stalls
-            if pending is not None:
-                final.update(_log_step(pending, cfg, self.logger, self.throughput, self.bar))
-                self.watchdog.heartbeat()
+            rollback_due = pending is not None and finish(pending)
             now = time.perf_counter()
             pending = (step, out, now - last_time, data_wait)
             last_time = now
             step += 1
-            if final.get("bad_streak", 0) >= cfg.train.nonfinite_patience:
+            if rollback_due:
                 step = self._rollback(final)
                 pending = None
                 continue
@@ -650,9 +649,9 @@ class _Trainer:
             )
             evaluate_now = cfg.train.eval_every and step % cfg.train.eval_every == 0
             if save_now or preempted or evaluate_now or step == total:
-                final.update(finish(pending))
+                rollback_due = finish(pending, force=True)
                 pending = None
-                if final["bad_streak"] >= cfg.train.nonfinite_patience:
+                if rollback_due:
                     step = self._rollback(final)
                     continue
             if save_now:
