@@ -1,0 +1,275 @@
+"""Sweeps: expansion and validation of sweep files, device groups, the SLURM array, and a real
+sweep (trainer and eval processes) that is preempted, resumed, reported and skipped."""
+
+import csv
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import TINY_MODEL
+
+from mpt_jax.config import ConfigError, parse_value
+from mpt_jax.sweep import report, runner
+from mpt_jax.sweep.spec import SEED_KEY, load_sweep, override_text
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP_TOOL = ROOT / "tools" / "sweep.py"
+
+
+def write_base(tmp_path: Path, data: Path, **train) -> Path:
+    base = {
+        "model": dict(TINY_MODEL),
+        "data": {"path": str(data)},
+        "optim": {"lr": 1e-3},
+        "schedule": {"t_warmup": "2ba"},
+        "train": {
+            "global_batch": 8,
+            "steps": 40,
+            "precision": "fp32",
+            "progress": False,
+            "log_every": 1,
+            **train,
+        },
+        "checkpoint": {"every": 10},
+        "run_dir": str(tmp_path / "unused"),
+    }
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
+def write_sweep(tmp_path: Path, name: str = "sweep.yaml", **spec) -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump({"base": "base.yaml", **spec}))
+    return path
+
+
+def test_grid_zip_members_and_seeds_expand_to_their_product(tmp_path):
+    write_base(tmp_path, tmp_path / "ds")
+    path = write_sweep(
+        tmp_path,
+        overrides={"train": {"steps": 4}},
+        grid={"optim.lr": [1e-3, 3e-3]},
+        zip={"model.alibi": [True, False], "model.learned_pos_emb": [False, True]},
+        members=[{"name": "wide", "model.d_model": 128}, {"model.n_layers": 3}],
+        seeds=[1, 2],
+    )
+    sweep = load_sweep(path, tmp_path / "out")
+    assert len(sweep.members) == 2 * 2 * 2 * 2
+    assert sweep.axes[:3] == ("optim.lr", "model.alibi", "model.learned_pos_emb")
+    assert sweep.axes[-1] == SEED_KEY
+    names = [m.name for m in sweep.members]
+    assert len(set(names)) == len(names)
+    seen = set()
+    for m in sweep.members:
+        cfg = m.config
+        assert cfg["train"]["steps"] == 4  # common override
+        assert cfg["optim"]["lr"] == m.params["optim.lr"]
+        assert cfg["model"]["alibi"] is not cfg["model"]["learned_pos_emb"]  # zipped, not crossed
+        assert cfg["train"]["seed"] == m.params[SEED_KEY]
+        assert cfg["run_dir"] == str(m.run_dir) and m.run_dir.parent == tmp_path / "out" / "runs"
+        wide = "wide" in m.name.split(",")
+        assert cfg["model"]["d_model"] == (128 if wide else 64)
+        assert cfg["model"]["n_layers"] == (2 if wide else 3)
+        seen.add((m.params["optim.lr"], cfg["model"]["alibi"], wide, cfg["train"]["seed"]))
+    assert len(seen) == 16
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"grid": {"optim.lrr": [1e-3]}}, r"'optim\.lrr' is not a config key"),
+        ({"grid": {"model.d_modle": [64]}}, r"'model\.d_modle' is not a config key"),
+        ({"grid": {"optim.lr.x": [1]}}, r"'optim\.lr\.x' is not a config key"),
+        ({"grid": {"optim.lr": []}}, r"grid axis 'optim\.lr': the list of values is empty"),
+        ({"grid": {"optim.lr": 0.1}}, r"grid axis 'optim\.lr': expected a list"),
+        ({}, r"the sweep has no axes"),
+        ({"grids": {"optim.lr": [1]}}, r"unknown key 'grids'"),
+        (
+            {"zip": {"optim.lr": [1e-3, 2e-3], "train.seed": [1]}},
+            r"zip: lists must have the same length \(optim\.lr has 2, train\.seed has 1\)",
+        ),
+        ({"members": [{"optim.lr": 1e-3}, {"optim.lr": 1e-3}]}, r"two members have the same"),
+        ({"grid": {"optim.lr": ["fast"]}}, r"sweep member lr=fast: .*optim\.lr"),
+        ({"grid": {"run_dir": ["a"]}}, r"run_dir is set per member"),
+        ({"seeds": [1.5]}, r"seeds: expected a list of integers"),
+        ({"grid": {"train.seed": [1]}, "seeds": [2]}, r"train\.seed is also swept"),
+        ({"seeds": [1], "eval": {"tasks": "missing.yaml"}}, r"eval\.tasks: .*does not exist"),
+    ],
+)
+def test_bad_sweep_files_give_one_line_naming_the_fault(tmp_path, spec, message):
+    write_base(tmp_path, tmp_path / "ds")
+    with pytest.raises(ConfigError, match=message) as info:
+        load_sweep(write_sweep(tmp_path, **spec))
+    assert "\n" not in str(info.value)
+
+
+def test_bad_sweep_file_exits_2_with_one_line(tmp_path):
+    write_base(tmp_path, tmp_path / "ds")
+    path = write_sweep(tmp_path, grid={"optim.betass": [[0.9, 0.95]]})
+    result = subprocess.run(
+        [sys.executable, str(SWEEP_TOOL), str(path), "--list"], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "'optim.betass' is not a config key" in result.stderr
+
+
+@pytest.mark.parametrize("value", [1e-3, 3, True, None, [0.9, 0.95], "1e-3", "cosine", "true"])
+def test_override_text_reads_back_as_the_value(value):
+    key, _, text = override_text("k", value).partition("=")
+    assert key == "k" and parse_value(text) == value and type(parse_value(text)) is type(value)
+
+
+def test_device_groups_are_disjoint_and_equal(monkeypatch):
+    groups = runner.device_groups(2, gpus=[0, 1, 2, 3, 4])
+    assert [g.ids for g in groups] == [(0, 1), (2, 3)]
+    assert groups[1].env() == {"CUDA_VISIBLE_DEVICES": "2,3"}
+    with pytest.raises(ConfigError, match=r"--parallel: 3 members at once need at least 3 gpu"):
+        runner.device_groups(3, gpus=[0, 1])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPUs: CPU cores are shared out
+    cores = sorted(os.sched_getaffinity(0))
+    groups = runner.device_groups(len(cores))
+    assert {c for g in groups for c in g.ids} == set(cores) and all(g.kind == "cpu" for g in groups)
+    assert runner.device_groups(1)[0].kind == "all"
+
+
+def test_seed_means_and_best_member_in_the_markdown(tmp_path):
+    write_base(tmp_path, tmp_path / "ds")
+    sweep = load_sweep(write_sweep(tmp_path, grid={"optim.lr": [1e-3, 1e-2]}, seeds=[1, 2, 3]))
+    losses = [3.0, 3.2, 3.7, 2.0, 2.5, 2.6]
+    rows = [
+        {"member": m.name, **m.params, "status": "finished", "val_loss": loss}
+        for m, loss in zip(sweep.members, losses, strict=True)
+    ]
+    text = report.markdown(sweep, report.columns(sweep, rows), rows)
+    assert "| **2** |" in text  # the lowest validation loss
+    low, high = losses[:3], losses[3:]
+    assert f"| 0.001 | 3 | {statistics.mean(low):.4g} ± {statistics.stdev(low):.4g} |" in text
+    assert f"| 0.01 | 3 | {statistics.mean(high):.4g} ± {statistics.stdev(high):.4g} |" in text
+
+
+def _run_tool(*args, env=None, check_rc=0):
+    result = subprocess.run(
+        [sys.executable, str(SWEEP_TOOL), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
+    assert result.returncode == check_rc, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_sweep_preempted_on_slurm_resumes_locally_reports_and_skips(tmp_path, small_dataset):
+    """One member runs through the SLURM array script and is preempted (it requeues itself);
+    the local runner then resumes it and trains the other beside it on its own CPU core, both
+    are evaluated on an ICL task, and a third run skips both."""
+    write_base(tmp_path, small_dataset / "ds")
+    task_rows = [{"context": f"def f{i}(x", "continuation": "):"} for i in range(6)]
+    (tmp_path / "lm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in task_rows))
+    tasks = {
+        "icl_tasks": [
+            {
+                "label": "close_paren",
+                "dataset_uri": str(tmp_path / "lm.jsonl"),
+                "num_fewshot": [0],
+                "icl_task_type": "language_modeling",
+            }
+        ]
+    }
+    (tmp_path / "tasks.yaml").write_text(yaml.safe_dump(tasks))
+    path = write_sweep(
+        tmp_path,
+        out_dir="out",
+        grid={"optim.lr": [1e-3, 3e-3]},
+        eval={"tasks": "tasks.yaml", "batch_size": 8},
+    )
+    out = tmp_path / "out"
+    sweep = load_sweep(path, out)
+    first, second = sweep.members
+
+    _run_tool(path, "--out-dir", out, "--slurm", "--gpus-per-member", "0")
+    lines = (out / "commands.txt").read_text().splitlines()
+    assert len(lines) == 2 and "optim.lr=0.001" in lines[0] and "optim.lr=0.003" in lines[1]
+    sbatch = (out / "sweep.sbatch").read_text()
+    assert "#SBATCH --array=0,1\n" in sbatch
+
+    # array task 0 on a "cluster": scontrol is a stub that records the requeue
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "requeued"}\n')
+    (stub / "scontrol").chmod(0o755)
+    python_dir = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "PATH": f"{stub}:{python_dir}:{os.environ['PATH']}",
+        "SLURM_ARRAY_TASK_ID": "0",
+        "SLURM_ARRAY_JOB_ID": "77",
+        "MPT_JAX_FAULTS": "sigterm@3",  # the trainer is preempted after step 3
+    }
+    done = subprocess.run(
+        ["bash", str(out / "sweep.sbatch")], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "requeued").read_text().split() == ["requeue", "77_0"]
+    assert not (first.run_dir / "complete.json").exists()
+    assert any((first.run_dir / "checkpoints").iterdir())
+    assert not runner.eval_path(first).exists()  # not evaluated before the end
+
+    # the local runner on 2 CPU cores, stopped by SIGTERM once the second member is training
+    sweep_proc = subprocess.Popen(
+        [sys.executable, str(SWEEP_TOOL), str(path), "--out-dir", str(out), "--parallel", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (second.run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sweep_proc.send_signal(signal.SIGTERM)
+    text, _ = sweep_proc.communicate(timeout=300)
+    assert sweep_proc.returncode == 1, text
+    assert "2 members, 0 finished (skipped), 2 to run, 2 at once" in text
+    assert "SIGTERM: stopping" in text and "run the same command again to resume" in text
+    assert not (second.run_dir / "complete.json").exists()
+    assert any((second.run_dir / "checkpoints").iterdir())  # saved on the way out
+
+    text = _run_tool(path, "--out-dir", out, "--parallel", "2")
+    for member in sweep.members:
+        assert "resuming from" in (out / "logs" / f"{member.name}.train.log").read_text()
+    with open(out / "results.csv") as f:
+        rows = {r["member"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {first.name, second.name}
+    for member in sweep.members:
+        row = rows[member.name]
+        assert row["status"] == "finished" and row["steps"] == "40"
+        logged = [json.loads(line) for line in (member.run_dir / "metrics.jsonl").open()]
+        train = [r["loss"] for r in logged if "loss" in r]
+        assert [r["step"] for r in logged if "loss" in r] == list(range(1, 41))  # no gap
+        assert float(row["train_loss"]) == train[-1]
+        assert float(row["best_train_loss"]) == min(train)
+        assert float(row["val_loss"]) == [r["val_loss"] for r in logged if "val_loss" in r][-1]
+        assert 0.0 <= float(row["icl/close_paren/0-shot"]) <= 1.0
+    results_md = (out / "results.md").read_text()
+    assert first.name in results_md and "![loss_curves](loss_curves.png)" in results_md
+    for png in ("loss_curves.png", "metrics_vs_optim_lr.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    again = _run_tool(path, "--out-dir", out)
+    assert "2 members, 2 finished (skipped), 0 to run" in again
+    assert "training on" not in again
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "experiments" / "sweeps").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_shipped_sweeps_validate(path, tmp_path):
+    sweep = load_sweep(path, tmp_path)
+    assert len(sweep.members) >= 2 and len({m.name for m in sweep.members}) == len(sweep.members)
