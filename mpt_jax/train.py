@@ -212,6 +212,16 @@ def make_train_step(graphdef, cfg: RunConfig, *, poison: bool = False) -> Callab
     return step
 
 
+def jit_train_step(graphdef, cfg: RunConfig, mesh, shardings, *, poison: bool = False):
+    """The step jitted as the trainer runs it: sharded state and batch, the state donated."""
+    return jax.jit(
+        make_train_step(graphdef, cfg, poison=poison),
+        in_shardings=(shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
 def make_eval_step(graphdef) -> Callable:
     """(params, batch) -> (loss sum, token count), jitted by the caller."""
 
@@ -465,16 +475,10 @@ class _Trainer:
         self.datasets = _datasets(cfg, progress=self.show)
         self.batch_sharding = sharding.batch_sharding(mesh)
         self.graphdef, self.abstract, shardings = abstract_state(cfg, mesh)
-        jit_step = functools.partial(
-            jax.jit,
-            in_shardings=(shardings, self.batch_sharding),
-            out_shardings=(shardings, sharding.replicated(mesh)),
-            donate_argnums=0,
-        )
-        self.step_fn = jit_step(make_train_step(self.graphdef, cfg))
+        self.step_fn = jit_train_step(self.graphdef, cfg, mesh, shardings)
         self.faults = resilience.InjectedFaults()
         self.poisoned_step_fn = (
-            jit_step(make_train_step(self.graphdef, cfg, poison=True))
+            jit_train_step(self.graphdef, cfg, mesh, shardings, poison=True)
             if self.faults.nan_batches
             else None
         )
@@ -788,6 +792,7 @@ __all__ = [
     "build_model",
     "evaluate",
     "init_state",
+    "jit_train_step",
     "load_and_run",
     "make_eval_step",
     "make_train_step",

@@ -91,6 +91,7 @@ def test_grid_zip_members_and_seeds_expand_to_their_product(tmp_path):
         ({"grid": {"optim.lr": []}}, r"grid axis 'optim\.lr': the list of values is empty"),
         ({"grid": {"optim.lr": 0.1}}, r"grid axis 'optim\.lr': expected a list"),
         ({}, r"the sweep has no axes"),
+        ({"grid": {}, "seeds": [1]}, r"grid: empty \(no axes\)"),
         ({"grids": {"optim.lr": [1]}}, r"unknown key 'grids'"),
         (
             {"zip": {"optim.lr": [1e-3, 2e-3], "train.seed": [1]}},

@@ -94,8 +94,8 @@ def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
         )
     for key in [*common, *axes]:
         _check_key(key, where)
-    members = []
-    seen: dict[str, int] = {}
+    members: list[Member] = []
+    seen: set[str] = set()
     for params in (_merge(combo) for combo in itertools.product(*choices)):
         label = params.pop("__label__", None)
         member_name = _member_name(params, label)
@@ -104,7 +104,7 @@ def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
                 f"{where}: two members have the same settings ({member_name}); "
                 "remove the duplicate or give the member a distinct `name`"
             )
-        seen[member_name] = len(members)
+        seen.add(member_name)
         run_dir = out_dir / "runs" / member_name
         overrides = {**common, **params, "run_dir": str(run_dir)}
         config = _resolve_member(base, base_raw, overrides, member_name)
@@ -124,6 +124,9 @@ def _axes(spec: Mapping[str, Any], where: str) -> tuple[list[str], list[list[dic
     """The swept keys, and per axis the list of override sets it contributes."""
     axes: list[str] = []
     choices: list[list[dict]] = []
+    for section in ("grid", "zip"):
+        if section in spec and not spec[section]:
+            raise ConfigError(f"{where}: {section}: empty (no axes); remove it or give axes")
     grid = _dotted_mapping(spec.get("grid") or {}, f"{where}: grid")
     for key, values in grid.items():
         values = _values(values, f"{where}: grid axis {key!r}")

@@ -1,0 +1,148 @@
+"""tools/bench_train.py: table columns, llm-foundry's MFU/HFU, skipped and non-fitting rows, errors.
+
+Every row that runs uses the same shape (tiny, seq 32, global batch 16, microbatch 8, fp32, full
+remat, 1x8x1 mesh), so the compiled step comes from the persistent XLA cache after the first.
+"""
+
+import csv
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from mpt_jax.config import ModelConfig
+from mpt_jax.metrics import flops_per_sequence
+
+REPO = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("bench_train", REPO / "tools" / "bench_train.py")
+bench_train = importlib.util.module_from_spec(_spec)
+sys.modules["bench_train"] = bench_train
+_spec.loader.exec_module(bench_train)
+
+COL = {name: i for i, name in enumerate(bench_train.COLUMNS)}
+ROW = [
+    "--models=tiny",
+    "--seq-lens=32",
+    "--microbatch=8",
+    "--precision=fp32",
+    "--remat=full",
+    "--warmup=1",
+    "--steps=2",
+]
+
+
+def read(out: Path) -> tuple[list[dict[str, str]], list[list[str]]]:
+    """CSV rows as dicts, and the Markdown table's cells (header first, separator dropped)."""
+    with open(out / "bench_train.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    lines = [line for line in (out / "bench_train.md").read_text().splitlines() if line[:1] == "|"]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return rows, [cells[0], *cells[2:]]
+
+
+def test_table_rows_columns_and_llm_foundry_mfu(tmp_path, capsys):
+    peak_tflops = 0.5
+    code = bench_train.main(
+        [
+            *ROW,
+            "--global-batch=16,12",  # 12: the microbatch 8 does not divide it
+            "--mesh=data=1,fsdp=-1,tensor=1",
+            "--mesh=data=3,fsdp=1,tensor=1",  # 3 devices: not this machine's 8
+            f"--peak-tflops={peak_tflops}",
+            "--in-process",
+            f"--out={tmp_path}",
+        ]
+    )
+    assert code == 0
+    rows, md = read(tmp_path)
+    assert tuple(md[0]) == bench_train.COLUMNS
+    assert tuple(rows[0]) == bench_train.COLUMNS
+    assert len(rows) == len(md) - 1 == 4  # 2 batches x 2 meshes
+    assert [r["GlobalBatchSize"] for r in rows] == ["16", "16", "12", "12"]
+    assert [r["Mesh (data x fsdp x tensor)"] for r in rows] == ["1x8x1", "3x1x1", "1x-1x1", "3x1x1"]
+    assert capsys.readouterr().out.count("\n") == 2 + 4  # the Markdown table is printed
+
+    ok, bad_mesh, *indivisible = rows
+    assert ok["Status"] == "ok", ok["Status"]
+    assert bad_mesh["Status"].startswith("skipped: mesh:") and "8 devices" in bad_mesh["Status"]
+    assert all(r["Status"].startswith("skipped: microbatch 8") for r in indivisible)
+    assert all(r["GradAccum"] == "" for r in indivisible)
+    assert all(r["Device"] == "cpu" and r["# Devices"] == "8" for r in rows)
+    assert bad_mesh["MFU"] == "" and md[2][COL["MFU"]] == "-"
+
+    # llm-foundry's formula, recomputed from the table's own throughput
+    seq, devices = 32, jax.device_count()
+    model = ModelConfig.from_dict({**bench_train.TINY_MODEL, "max_seq_len": seq})
+    seqs_per_s = float(ok["Throughput (S/s)"])
+    tflops = seqs_per_s * flops_per_sequence(model, seq) / devices / 1e12
+    assert math.isclose(float(ok["TFLOP/s/device"]), tflops, rel_tol=1e-4)
+    assert math.isclose(float(ok["MFU"]), 100 * tflops / peak_tflops, rel_tol=1e-4)
+    assert math.isclose(float(ok["HFU"]) / float(ok["MFU"]), 4 / 3, rel_tol=1e-4)  # full remat
+    assert math.isclose(float(ok["Step time (s)"]), 16 / seqs_per_s, rel_tol=1e-4)
+    assert math.isclose(float(ok["Throughput (T/s)"]), seqs_per_s * seq, rel_tol=1e-4)
+    assert math.isclose(
+        float(ok["Throughput (T/s/device)"]), seqs_per_s * seq / devices, rel_tol=1e-4
+    )
+    # per-device microbatch x accumulation x batch shards = global batch, as llm-foundry
+    assert (ok["MicroBatchSize"], ok["GradAccum"]) == ("1", "2")
+    assert ok["Sharding Strategy"] == "fsdp (FULL_SHARD)"
+    assert ok["Activation Checkpointing"] == "full" and ok["Precision"] == "fp32"
+    assert int(ok["NumParams"]) > 0
+    assert ok["Peak memory (GiB/device)"].endswith("(est.)")  # CPU: XLA's estimate
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_row_that_cannot_fit_is_reported_not_crashed(tmp_path):
+    code = bench_train.main(
+        [
+            *ROW,
+            "--global-batch=16",
+            "--device-memory-gib=0.0001",
+            "--in-process",
+            f"--out={tmp_path}",
+        ]
+    )
+    assert code == 0
+    (row,), _ = read(tmp_path)
+    assert row["Status"].startswith("does not fit: needs "), row["Status"]
+    assert "GiB/device, 0.0001 GiB available" in row["Status"]
+    assert row["Throughput (S/s)"] == ""
+
+
+def test_rows_run_in_subprocesses_by_default(tmp_path):
+    """The row process inherits XLA_FLAGS (conftest's 8 host devices) and reports back."""
+    assert bench_train.main([*ROW, "--global-batch=16", f"--out={tmp_path}"]) == 0
+    (row,), _ = read(tmp_path)
+    assert row["Status"] == "ok" and row["# Devices"] == "8"
+    assert float(row["Throughput (S/s)"]) > 0 and row["MFU"] == ""  # no CPU peak
+    assert row["Peak memory (GiB/device)"].endswith("(est.)")
+
+
+@pytest.mark.parametrize(
+    "args, argument",
+    [
+        (["--models=mpt-125m,mpt-9b"], "--models: unknown preset 'mpt-9b' (known: tiny, mpt-125m"),
+        (["--models=tiny", "--mesh=data=2,fsdp=x"], "--mesh: 'data=2,fsdp=x'"),
+        (["--models=tiny", "--mesh=pipeline=2"], "--mesh: 'pipeline=2'"),
+        (["--models=tiny", "--seq-lens=0"], "--seq-lens: '0' is not a positive integer"),
+        (["--models=tiny", "--precision=fp16"], "--precision: unknown value 'fp16'"),
+        (["--models=tiny", "--model-override=n_heads=5"], "--model-override: tiny: model.n_heads"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(args, argument, tmp_path, capsys):
+    assert bench_train.main([*args, f"--out={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {argument}"), err
+    assert err.count("\n") == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_argparse_errors_are_one_line_too(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_train.main(["--steps=many"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: argument --steps") and err.count("\n") == 1

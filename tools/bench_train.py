@@ -1,0 +1,604 @@
+"""Training throughput on synthetic tokens: llm-foundry's benchmark columns as Markdown and CSV.
+
+    python tools/bench_train.py --models mpt-125m,mpt-1b --seq-lens 2048 --global-batch 32 \\
+        [--microbatch N[,N...]] [--mesh data=1,fsdp=-1,tensor=1 [--mesh ...]] \\
+        [--precision amp_bf16[,fp32,...]] [--remat none[,dots_saveable,full]] \\
+        [--warmup 3] [--steps 10] [--out DIR] [--peak-tflops X] [--device-memory-gib X] \\
+        [--model-override key=value ...] [--in-process] [--row-timeout 3600]
+
+Every combination of models x seq lens x global batches x microbatches x meshes x precisions x
+remat policies is one row. A model is a preset (experiments/models/), a YAML file or `tiny` (a
+very small model for CPU); its max_seq_len is set to the row's seq len (so NumParams grows with
+seq when positions are learned, as in llm-foundry's tables). `--microbatch` is train.microbatch:
+sequences per forward/backward over all devices (default: the global batch, no accumulation).
+
+Each row builds the trainer's state and step (mpt_jax.train: same shardings, donation), compiles
+it, checks XLA's memory estimate against the device memory, runs --warmup steps, then times
+--steps steps on a fixed batch of random token ids. MFU/HFU/TFLOP/s use mpt_jax.metrics
+(llm-foundry's formula) with the median step time. Rows run one per subprocess (isolated peak
+memory counters, an OOM or a crash ends only its row) unless --in-process is given.
+
+Writes DIR/bench_train.md and DIR/bench_train.csv with --out, and prints the Markdown table.
+Exit status 0 when the table was written, also when rows did not fit or failed; 2 for bad
+arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.metadata
+import io
+import itertools
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Any
+
+from mpt_jax import metrics
+from mpt_jax.config import (
+    ConfigError,
+    MeshConfig,
+    ModelConfig,
+    Precision,
+    Remat,
+    count_params,
+    load_model_config,
+    preset_names,
+)
+
+# a very small model for CPU runs: the presets' layout (learned positions, biases) scaled down
+TINY_MODEL = dict(
+    d_model=64,
+    n_heads=4,
+    n_layers=2,
+    expansion_ratio=4,
+    max_seq_len=64,
+    vocab_size=512,
+    learned_pos_emb=True,
+    no_bias=False,
+)
+
+COLUMNS = (
+    "Model",
+    "SeqLen (T)",
+    "# Devices",
+    "Device",
+    "MFU",
+    "HFU",
+    "TFLOP/s/device",
+    "MicroBatchSize",
+    "GradAccum",
+    "GlobalBatchSize",
+    "Throughput (S/s)",
+    "Throughput (T/s)",
+    "Throughput (T/s/device)",
+    "Step time (s)",
+    "Precision",
+    "Mesh (data x fsdp x tensor)",
+    "Sharding Strategy",
+    "Activation Checkpointing",
+    "NumParams",
+    "Peak memory (GiB/device)",
+    "Status",
+)
+
+_RESULT_MARKER = "BENCH_TRAIN_ROW "
+_OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory")
+GIB = 2**30
+
+
+class ArgError(Exception):
+    """A bad command-line value; printed as `error: <argument>: <message>`."""
+
+    def __init__(self, argument: str, message: str) -> None:
+        super().__init__(f"{argument}: {message}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        """One line on stderr and exit status 2 (argparse's own adds the usage)."""
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _positive_ints(text: str, argument: str) -> list[int]:
+    """'2048,8192' -> [2048, 8192]; anything else is an ArgError."""
+    values = []
+    for part in _split(text):
+        try:
+            value = int(part)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise ArgError(argument, f"{part!r} is not a positive integer")
+        values.append(value)
+    if not values:
+        raise ArgError(argument, "expected one or more comma-separated integers")
+    return values
+
+
+def _choices(text: str, argument: str, allowed: tuple[str, ...]) -> list[str]:
+    values = _split(text)
+    for value in values:
+        if value not in allowed:
+            raise ArgError(argument, f"unknown value {value!r} (known: {', '.join(allowed)})")
+    if not values:
+        raise ArgError(argument, f"expected one or more of {', '.join(allowed)}")
+    return values
+
+
+def resolve_model(name: str, overrides: list[str]) -> ModelConfig:
+    """A preset name, a YAML file or `tiny`, plus `key=value` overrides."""
+    if name == "tiny":
+        source: Any = TINY_MODEL
+    elif Path(name).is_file() or (Path(name).suffix == "" and name in preset_names()):
+        source = name
+    elif Path(name).suffix in (".yaml", ".yml"):
+        raise ArgError("--models", f"{name}: no such file")
+    else:
+        known = ", ".join(["tiny", *preset_names()])
+        raise ArgError("--models", f"unknown preset {name!r} (known: {known})")
+    try:
+        return load_model_config(source, overrides)
+    except ConfigError as e:
+        argument = "--model-override" if overrides else "--models"
+        raise ArgError(argument, f"{name}: {e}") from e
+
+
+def parse_mesh(spec: str) -> MeshConfig:
+    """'data=1,fsdp=-1,tensor=1' (missing axes take MeshConfig's defaults) -> MeshConfig."""
+    sizes: dict[str, int] = {}
+    for part in _split(spec):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in ("data", "fsdp", "tensor") or key in sizes:
+            raise ArgError("--mesh", f"{spec!r}: expected data=N,fsdp=N,tensor=N (one may be -1)")
+        try:
+            sizes[key] = int(value)
+        except ValueError:
+            raise ArgError("--mesh", f"{spec!r}: {key}={value} is not an integer") from None
+    try:
+        return MeshConfig(**sizes)
+    except ConfigError as e:
+        raise ArgError("--mesh", f"{spec!r}: {e}") from e
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add = parser.add_argument
+    add("--models", default="mpt-125m", help="comma-separated presets, YAML files or 'tiny'")
+    add("--seq-lens", default="2048", help="comma-separated sequence lengths")
+    add("--global-batch", default="32", help="comma-separated global batches (sequences)")
+    add("--microbatch", default=None, help="comma-separated train.microbatch values")
+    add("--mesh", action="append", metavar="SPEC", help="data=N,fsdp=N,tensor=N; repeatable")
+    add("--precision", default="amp_bf16", help="comma-separated: amp_bf16, pure_bf16, fp32")
+    add("--remat", default="none", help="comma-separated: none, dots_saveable, full")
+    add("--model-override", action="append", default=[], metavar="KEY=VALUE", help="repeatable")
+    add("--warmup", type=int, default=3, help="untimed steps after compilation")
+    add("--steps", type=int, default=10, help="timed steps (median step time)")
+    add("--seed", type=int, default=0, help="seed of the synthetic tokens")
+    add("--out", metavar="DIR", help="write DIR/bench_train.md and DIR/bench_train.csv")
+    add("--peak-tflops", type=float, help="peak per device (default: metrics.PEAK_FLOPS)")
+    add("--device-memory-gib", type=float, help="memory per device (default: the device's)")
+    add("--in-process", action="store_true", help="run the rows here, not one per subprocess")
+    add("--row-timeout", type=float, default=3600.0, help="seconds per row subprocess")
+    add("--_row", default=None, help=argparse.SUPPRESS)  # internal: run one row, print JSON
+    return parser
+
+
+def plan_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One spec per combination, in the order of the table; raises ArgError on bad input."""
+    if args.warmup < 0:
+        raise ArgError("--warmup", f"must be >= 0, got {args.warmup}")
+    if args.steps < 1:
+        raise ArgError("--steps", f"must be >= 1, got {args.steps}")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise ArgError("--peak-tflops", f"must be > 0, got {args.peak_tflops}")
+    if args.device_memory_gib is not None and not args.device_memory_gib > 0:
+        raise ArgError("--device-memory-gib", f"must be > 0, got {args.device_memory_gib}")
+    if args.row_timeout <= 0:
+        raise ArgError("--row-timeout", f"must be > 0, got {args.row_timeout}")
+    names = _split(args.models)
+    if not names:
+        raise ArgError("--models", "expected one or more model names")
+    models = [(name, resolve_model(name, args.model_override)) for name in names]
+    seq_lens = _positive_ints(args.seq_lens, "--seq-lens")
+    batches = _positive_ints(args.global_batch, "--global-batch")
+    micros = [None] if args.microbatch is None else _positive_ints(args.microbatch, "--microbatch")
+    meshes = [parse_mesh(spec) for spec in (args.mesh or ["data=1,fsdp=-1,tensor=1"])]
+    precisions = _choices(args.precision, "--precision", typing.get_args(Precision))
+    remats = _choices(args.remat, "--remat", typing.get_args(Remat))
+    specs = []
+    for (name, model), seq, batch, micro, mesh, precision, remat in itertools.product(
+        models, seq_lens, batches, micros, meshes, precisions, remats
+    ):
+        model_dict = {**model.to_dict(), "max_seq_len": seq}
+        specs.append(
+            dict(
+                label=Path(name).stem if name.endswith((".yaml", ".yml")) else name,
+                model=model_dict,
+                seq=seq,
+                global_batch=batch,
+                microbatch=batch if micro is None else micro,
+                mesh={"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor},
+                precision=precision,
+                remat=remat,
+                warmup=args.warmup,
+                steps=args.steps,
+                seed=args.seed,
+                device_memory_gib=args.device_memory_gib,
+                isolated=not args.in_process,
+            )
+        )
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# One row (imports jax: in the row subprocess, or here with --in-process)
+
+
+def _run_config(spec: dict[str, Any]) -> dict[str, Any]:
+    """A RunConfig mapping: nothing reads `data.path` or `run_dir` (no files are touched)."""
+    return {
+        "model": spec["model"],
+        "data": {"path": "synthetic:unused"},
+        "train": {
+            "global_batch": spec["global_batch"],
+            "microbatch": spec["microbatch"],
+            "steps": spec["warmup"] + spec["steps"],
+            "precision": spec["precision"],
+            "remat": spec["remat"],
+            "progress": False,
+        },
+        "mesh": spec["mesh"],
+        "checkpoint": {"enabled": False},
+        "run_dir": "unused",
+    }
+
+
+def _available_bytes(devices: list[Any], gib: float | None) -> int:
+    """Memory per device: --device-memory-gib, the allocator's limit, or host RAM / devices."""
+    if gib is not None:
+        return int(gib * GIB)
+    stats = [d.memory_stats() for d in devices]
+    if all(s and "bytes_limit" in s for s in stats):
+        return min(int(s["bytes_limit"]) for s in stats)
+    with open("/proc/meminfo") as f:
+        meminfo = dict(line.split(":", 1) for line in f)
+    return int(meminfo["MemAvailable"].split()[0]) * 1024 // len(devices)
+
+
+def _estimated_bytes(compiled: Any) -> int | None:
+    """XLA's per-device footprint of the compiled step: arguments + outputs + temps - aliased."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return None
+    return (
+        analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        + analysis.temp_size_in_bytes
+        - analysis.alias_size_in_bytes
+    )
+
+
+def _is_oom(error: BaseException) -> bool:
+    return any(marker in str(error) for marker in _OOM_MARKERS)
+
+
+def _one_line(error: BaseException, limit: int = 160) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}".replace("|", "/")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _timed_steps(step: Any, state: Any, batch: Any, n: int) -> tuple[Any, list[float]]:
+    """Run n steps as the trainer does (step i-1 is read after step i is dispatched)."""
+    import jax
+
+    times: list[float] = []
+    pending = None
+    last = time.perf_counter()
+    for _ in range(n):
+        state, out = step(state, batch)
+        if pending is not None:
+            jax.block_until_ready(pending)
+            now = time.perf_counter()
+            times.append(now - last)
+            last = now
+        pending = out
+    jax.block_until_ready((state, pending))
+    times.append(time.perf_counter() - last)
+    return state, times
+
+
+def run_row(spec: dict[str, Any]) -> dict[str, Any]:
+    """Measure one row; the status says why a row was skipped, did not fit or failed."""
+    import jax
+    import numpy as np
+
+    from mpt_jax import sharding
+    from mpt_jax.config import run_config_from_dict
+    from mpt_jax.train import abstract_state, init_state, jit_train_step
+
+    devices = jax.devices()
+    result: dict[str, Any] = {
+        "n_devices": len(devices),
+        "device_kind": devices[0].device_kind,
+        "mesh": None,
+    }
+    try:
+        shape = sharding.mesh_shape(MeshConfig(**spec["mesh"]), len(devices))
+    except ConfigError as e:
+        return {**result, "status": f"skipped: {e}"}
+    result["mesh"] = list(shape)
+    shards = shape[0] * shape[1]
+    for what, value in (("global batch", spec["global_batch"]), ("microbatch", spec["microbatch"])):
+        if value % shards:
+            reason = f"{what} {value} is not a multiple of data*fsdp ({shards})"
+            return {**result, "status": f"skipped: {reason}"}
+    try:
+        cfg = run_config_from_dict(_run_config(spec))
+        mesh = sharding.make_mesh(cfg.mesh)
+        graphdef, abstract, shardings = abstract_state(cfg, mesh)
+        batch_sharding = sharding.batch_sharding(mesh)
+        step = jit_train_step(graphdef, cfg, mesh, shardings)
+        shape_bs = (cfg.train.global_batch, cfg.seq_len)
+        batch_abstract = {
+            "input_ids": jax.ShapeDtypeStruct(shape_bs, np.int32, sharding=batch_sharding)
+        }
+        if cfg.model.attn_uses_sequence_id:
+            batch_abstract["segment_ids"] = batch_abstract["input_ids"]
+        compiled = step.lower(abstract, batch_abstract).compile()
+        needed = _estimated_bytes(compiled)
+        result["estimated_bytes"] = needed
+        available = _available_bytes(jax.local_devices(), spec["device_memory_gib"])
+        if needed is not None and needed > available:
+            status = (
+                f"does not fit: needs {_gib(needed)} GiB/device, {_gib(available)} GiB available"
+                " (XLA's estimate of the compiled step)"
+            )
+            return {**result, "status": status}
+
+        _, state, _ = init_state(cfg, mesh)
+        rng = np.random.default_rng(spec["seed"])
+        ids_bs = rng.integers(0, cfg.model.vocab_size, shape_bs, dtype=np.int32)
+        batch = {"input_ids": jax.device_put(ids_bs, batch_sharding)}
+        if "segment_ids" in batch_abstract:  # one document per row
+            batch["segment_ids"] = jax.device_put(np.zeros_like(ids_bs), batch_sharding)
+        if spec["warmup"]:
+            state, _ = _timed_steps(compiled, state, batch, spec["warmup"])
+        state, times = _timed_steps(compiled, state, batch, spec["steps"])
+        stats = [d.memory_stats() for d in jax.local_devices()]
+        if spec["isolated"] and all(s and "peak_bytes_in_use" in s for s in stats):
+            result["peak_bytes"] = max(int(s["peak_bytes_in_use"]) for s in stats)
+        del state
+    except Exception as e:  # one row's failure is its status, never the end of the table
+        if _is_oom(e):
+            return {**result, "status": f"does not fit: out of device memory ({_one_line(e)})"}
+        return {**result, "status": f"failed: {_one_line(e)}"}
+    return {**result, "status": "ok", "step_times": times}
+
+
+def run_isolated(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """run_row in a fresh Python (inherits the environment, so XLA_FLAGS' device count too)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--_row", json.dumps(spec)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": f"failed: timed out after {timeout:g} s"}
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith(_RESULT_MARKER):
+            return json.loads(line[len(_RESULT_MARKER) :])
+    if done.returncode == -9:
+        return {"status": "failed: row process killed by SIGKILL (out of host memory?)"}
+    lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+    last = lines[-1].replace("|", "/")[:160] if lines else "no output"
+    if _is_oom(Exception(done.stderr)):
+        return {"status": f"does not fit: out of device memory ({last})"}
+    return {"status": f"failed: row process exited with status {done.returncode} ({last})"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+
+
+def _gib(n_bytes: float) -> str:
+    gib = n_bytes / GIB
+    return f"{gib:,.0f}" if gib >= 1000 else f"{gib:.3g}"
+
+
+def sharding_strategy(mesh: list[int]) -> str:
+    """The mesh in JAX terms with the FSDP strategy it corresponds to."""
+    data, fsdp, tensor = mesh
+    if data * fsdp * tensor == 1:
+        name = "single device"
+    elif fsdp > 1 and data > 1:
+        name = "data x fsdp (HYBRID_SHARD)"
+    elif fsdp > 1:
+        name = "fsdp (FULL_SHARD)"
+    elif data > 1:
+        name = "replicated (NO_SHARD, DDP)"
+    else:
+        name = "replicated"
+    return name + (" + tensor parallel" if tensor > 1 else "")
+
+
+def table_row(
+    spec: dict[str, Any], result: dict[str, Any], peak_tflops: float | None
+) -> dict[str, Any]:
+    """Raw values by column (None: unknown); rates from mpt_jax.metrics (llm-foundry's formula)."""
+    model = ModelConfig.from_dict(spec["model"])
+    mesh = result.get("mesh")
+    kind = result.get("device_kind")
+    skipped = spec["global_batch"] % spec["microbatch"] != 0
+    row: dict[str, Any] = dict.fromkeys(COLUMNS)
+    row.update(
+        {
+            "Model": spec["label"],
+            "SeqLen (T)": spec["seq"],
+            "# Devices": result.get("n_devices"),
+            "Device": kind,
+            "GlobalBatchSize": spec["global_batch"],
+            "GradAccum": None if skipped else spec["global_batch"] // spec["microbatch"],
+            "Precision": spec["precision"],
+            "Mesh (data x fsdp x tensor)": "x".join(
+                str(s) for s in (mesh or [spec["mesh"][a] for a in ("data", "fsdp", "tensor")])
+            ),
+            "Sharding Strategy": None if mesh is None else sharding_strategy(mesh),
+            "Activation Checkpointing": spec["remat"],
+            "NumParams": count_params(model),
+            "Status": result["status"],
+        }
+    )
+    if mesh is not None:  # llm-foundry's MicroBatchSize is per device (per batch shard here)
+        row["MicroBatchSize"] = spec["microbatch"] / (mesh[0] * mesh[1])
+        if float(row["MicroBatchSize"]).is_integer():
+            row["MicroBatchSize"] = int(row["MicroBatchSize"])
+    if "peak_bytes" in result:
+        row["Peak memory (GiB/device)"] = _gib(result["peak_bytes"])
+    elif result.get("estimated_bytes") is not None:
+        row["Peak memory (GiB/device)"] = f"{_gib(result['estimated_bytes'])} (est.)"
+    if result["status"] != "ok":
+        return row
+    peak = peak_tflops * 1e12 if peak_tflops else metrics.peak_flops(kind, spec["precision"])
+    throughput = metrics.Throughput.from_config(
+        model, spec["seq"], n_devices=result["n_devices"], peak=peak, remat=spec["remat"]
+    )
+    step_time = statistics.median(result["step_times"])
+    throughput.update(step_time, spec["global_batch"], spec["global_batch"] * spec["seq"])
+    rates = throughput.compute()
+    row.update(
+        {
+            "MFU": None if "mfu" not in rates else 100 * rates["mfu"],
+            "HFU": None if "hfu" not in rates else 100 * rates["hfu"],
+            "TFLOP/s/device": rates["tflops_per_device"],
+            "Throughput (S/s)": rates["seqs_per_s"],
+            "Throughput (T/s)": rates["tokens_per_s"],
+            "Throughput (T/s/device)": rates["tokens_per_s_per_device"],
+            "Step time (s)": rates["step_time_s"],
+        }
+    )
+    return row
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _md_cell(column: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if not isinstance(value, float):
+        return str(value)
+    if column in ("MFU", "HFU"):
+        return f"{value:.2f}"
+    if column.startswith("Throughput"):
+        return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+    return f"{value:.3g}"
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(_md_cell(c, row[c]) for c in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for row in rows:
+        writer.writerow([_csv_cell(row[c]) for c in COLUMNS])
+    return out.getvalue()
+
+
+def _output_dir(path: str) -> Path:
+    """--out, created before any row runs (a bad path fails at once, not after the rows)."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ArgError("--out", f"{path}: cannot create the folder ({e.strerror})") from e
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args._row is not None:  # the row subprocess
+        result = run_row(json.loads(args._row))
+        print(_RESULT_MARKER + json.dumps(result), flush=True)
+        return 0
+    try:
+        specs = plan_rows(args)
+        out = None if args.out is None else _output_dir(args.out)
+    except ArgError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = []
+    for i, spec in enumerate(specs, 1):
+        start = time.perf_counter()
+        if spec["global_batch"] % spec["microbatch"]:
+            reason = f"microbatch {spec['microbatch']} does not divide global batch"
+            result = {"status": f"skipped: {reason} {spec['global_batch']}"}
+        elif args.in_process:
+            result = run_row(spec)
+        else:
+            result = run_isolated(spec, args.row_timeout)
+        rows.append(table_row(spec, result, args.peak_tflops))
+        mesh = "x".join(str(spec["mesh"][a]) for a in ("data", "fsdp", "tensor"))
+        print(
+            f"[{i}/{len(specs)}] {spec['label']} seq {spec['seq']} batch {spec['global_batch']}"
+            f" micro {spec['microbatch']} mesh {mesh} {spec['precision']} remat {spec['remat']}:"
+            f" {result['status']} ({time.perf_counter() - start:.1f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+    known = next((r for r in rows if r["Device"] is not None), None)
+    for row in rows:  # rows skipped before any device was seen: the machine is the same
+        if known is not None and row["Device"] is None:
+            row["Device"], row["# Devices"] = known["Device"], known["# Devices"]
+    markdown = to_markdown(rows)
+    if out is not None:
+        command = shlex.join(
+            ["python", "tools/bench_train.py", *(sys.argv[1:] if argv is None else argv)]
+        )
+        caption = (
+            f"`{command}`: jax {importlib.metadata.version('jax')}, Python "
+            f"{sys.version.split()[0]}, {time.strftime('%Y-%m-%d')}\n\n"
+        )
+        _write_atomic(out / "bench_train.md", caption + markdown)
+        _write_atomic(out / "bench_train.csv", to_csv(rows))
+    print(markdown, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
