@@ -357,6 +357,9 @@ class TrainConfig:
     seed: int = 17
     precision: Precision = "amp_bf16"
     remat: Remat = "none"
+    # cross-entropy over chunks of this many positions, never holding the (B, S, V) logits;
+    # null: the whole logits at once
+    loss_chunk: int | None = None
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
     eval_batches: int = 8
@@ -387,6 +390,8 @@ class TrainConfig:
             value = getattr(self, field)
             if value is not None and value <= 0:
                 raise ConfigError(f"train.{field}: must be > 0, got {value}")
+        if self.loss_chunk is not None and self.loss_chunk <= 0:
+            raise ConfigError(f"train.loss_chunk: must be > 0, got {self.loss_chunk}")
         if self.log_every <= 0 or self.eval_every < 0 or self.eval_batches <= 0:
             raise ConfigError("train.log_every and train.eval_batches: must be > 0")
         if self.profile is not None and not 0 <= self.profile[0] < self.profile[1]:

@@ -448,6 +448,17 @@ class MPTForCausalLM(nnx.Module):
         segment_ids (B, S) masks attention across packed documents when the config has
         attn_uses_sequence_id; dropout runs only when dropout_key is given.
         """
+        h_BSD = self.final_hidden(input_ids, segment_ids=segment_ids, dropout_key=dropout_key)
+        return self._project(h_BSD)
+
+    def final_hidden(
+        self,
+        input_ids: jax.Array,
+        *,
+        segment_ids: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array:
+        """input_ids (B, S) -> the normed last hidden states (B, S, D) that the head projects."""
         cfg = self.config
         S = input_ids.shape[1]
         if cfg.max_seq_len < S:
@@ -460,7 +471,7 @@ class MPTForCausalLM(nnx.Module):
             emb_key, block_key = jax.random.split(dropout_key)
         x_BSD = self._embed(input_ids, pos_emb_1SD, emb_key)
         x_BSD = self._blocks(x_BSD, segment_ids, block_key)
-        return self._head(x_BSD)
+        return self.norm_f(x_BSD).astype(self.dtype)
 
     def _embed(self, input_ids, pos_emb_BSD, key):
         x_BSD = self.wte(input_ids)
@@ -472,15 +483,23 @@ class MPTForCausalLM(nnx.Module):
         return _dropout(x_BSD, self.config.emb_pdrop, key)
 
     def _head(self, x_BSD):
-        h_BSD = self.norm_f(x_BSD).astype(self.dtype)
+        return self._project(self.norm_f(x_BSD).astype(self.dtype))
+
+    def _project(self, h_BSD):
+        w_DV, scale = self.output_weight()
+        logits_BSV = jnp.einsum("bsd,dv->bsv", h_BSD, w_DV)
+        return logits_BSV if scale is None else logits_BSV * scale
+
+    def output_weight(self) -> tuple[jax.Array, float | None]:
+        """(W (D, V) in the compute dtype, logit scale or None): logits = final_hidden @ W * scale.
+
+        The tied head is wte transposed; a loss can project a chunk of positions at a time.
+        """
         if self.lm_head is None:
-            wte_VD = self.wte.embedding[...].astype(self.dtype)
-            logits_BSV = jnp.einsum("bsd,vd->bsv", h_BSD, wte_VD)
+            w_DV = self.wte.embedding[...].astype(self.dtype).T
         else:
-            logits_BSV = self.lm_head(h_BSD)
-        if self.config.resolved_logit_scale is not None:
-            logits_BSV = logits_BSV * self.config.resolved_logit_scale
-        return logits_BSV
+            w_DV = self.lm_head.kernel[...].astype(self.dtype)
+        return w_DV, self.config.resolved_logit_scale
 
     # -- decoding with a KV cache ---------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from mpt_jax import checkpoint, distributed, resilience, sharding
 from mpt_jax import metrics as metrics_lib
 from mpt_jax.config import ConfigError, RunConfig, run_config_from_dict, to_dict
 from mpt_jax.data import BatchLoader, DataError, check_compatible, resolve_dataset
-from mpt_jax.loss import cross_entropy_sum, shift_targets
+from mpt_jax.loss import chunked_cross_entropy_sum, cross_entropy_sum, shift_targets
 from mpt_jax.model import MPTForCausalLM
 from mpt_jax.optim import global_norm, lr_multiplier, make_optimizer
 
@@ -152,8 +152,17 @@ def make_train_step(graphdef, cfg: RunConfig, *, poison: bool = False) -> Callab
     base_key = jax.random.key(cfg.train.seed)
 
     def loss_sums(params, ids, seg, key):
-        logits = nnx.merge(graphdef, params)(ids, segment_ids=seg, dropout_key=key)
-        loss_sum, count = cross_entropy_sum(logits, shift_targets(ids))
+        model = nnx.merge(graphdef, params)
+        targets = shift_targets(ids)
+        if cfg.train.loss_chunk is None:
+            logits = model(ids, segment_ids=seg, dropout_key=key)
+            loss_sum, count = cross_entropy_sum(logits, targets)
+        else:
+            h = model.final_hidden(ids, segment_ids=seg, dropout_key=key)
+            w, scale = model.output_weight()
+            loss_sum, count = chunked_cross_entropy_sum(
+                h, w, targets, chunk=cfg.train.loss_chunk, logit_scale=scale
+            )
         return (loss_sum * jnp.nan if poison else loss_sum), count
 
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
@@ -252,6 +261,7 @@ RESUMABLE_KEYS = (
     "train.tokens",
     "train.microbatch",
     "train.remat",
+    "train.loss_chunk",
     "train.log_every",
     "train.eval_every",
     "train.eval_batches",

@@ -20,6 +20,7 @@ from mpt_jax.sweep import report, runner
 from mpt_jax.sweep.spec import SEED_KEY, load_sweep, override_text
 
 ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
 SWEEP_TOOL = ROOT / "tools" / "sweep.py"
 
 
@@ -154,6 +155,9 @@ def test_seed_means_and_best_member_in_the_markdown(tmp_path):
     low, high = losses[:3], losses[3:]
     assert f"| 0.001 | 3 | {statistics.mean(low):.4g} ± {statistics.stdev(low):.4g} |" in text
     assert f"| 0.01 | 3 | {statistics.mean(high):.4g} ± {statistics.stdev(high):.4g} |" in text
+    paths = report.plot(sweep, rows, tmp_path / "plots")  # no run folders: no curves, no error
+    assert [p.name for p in paths] == ["loss_curves.png", "metrics_vs_optim_lr.png"]
+    assert all(p.read_bytes()[:8] == PNG for p in paths)
 
 
 def _run_tool(*args, env=None, check_rc=0):
@@ -186,11 +190,8 @@ def test_sweep_preempted_on_slurm_resumes_locally_reports_and_skips(tmp_path, sm
         ]
     }
     (tmp_path / "tasks.yaml").write_text(yaml.safe_dump(tasks))
-    path = write_sweep(
-        tmp_path,
-        out_dir="out",
-        grid={"optim.lr": [1e-3, 3e-3]},
-        eval={"tasks": "tasks.yaml", "batch_size": 8},
+    path = write_sweep(  # seeds only: the members share one compiled step (faster test)
+        tmp_path, out_dir="out", seeds=[1, 2], eval={"tasks": "tasks.yaml", "batch_size": 8}
     )
     out = tmp_path / "out"
     sweep = load_sweep(path, out)
@@ -198,7 +199,7 @@ def test_sweep_preempted_on_slurm_resumes_locally_reports_and_skips(tmp_path, sm
 
     _run_tool(path, "--out-dir", out, "--slurm", "--gpus-per-member", "0")
     lines = (out / "commands.txt").read_text().splitlines()
-    assert len(lines) == 2 and "optim.lr=0.001" in lines[0] and "optim.lr=0.003" in lines[1]
+    assert len(lines) == 2 and "train.seed=1" in lines[0] and "train.seed=2" in lines[1]
     sbatch = (out / "sweep.sbatch").read_text()
     assert "#SBATCH --array=0,1\n" in sbatch
 
@@ -231,8 +232,9 @@ def test_sweep_preempted_on_slurm_resumes_locally_reports_and_skips(tmp_path, sm
         stderr=subprocess.STDOUT,
         text=True,
     )
+    logged = second.run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 300
-    while not (second.run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:
+    while not (logged.exists() and logged.read_text().strip()) and time.monotonic() < deadline:
         time.sleep(0.05)
     sweep_proc.send_signal(signal.SIGTERM)
     text, _ = sweep_proc.communicate(timeout=300)
@@ -260,8 +262,7 @@ def test_sweep_preempted_on_slurm_resumes_locally_reports_and_skips(tmp_path, sm
         assert 0.0 <= float(row["icl/close_paren/0-shot"]) <= 1.0
     results_md = (out / "results.md").read_text()
     assert first.name in results_md and "![loss_curves](loss_curves.png)" in results_md
-    for png in ("loss_curves.png", "metrics_vs_optim_lr.png"):
-        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "loss_curves.png").read_bytes()[:8] == PNG
 
     again = _run_tool(path, "--out-dir", out)
     assert "2 members, 2 finished (skipped), 0 to run" in again

@@ -16,7 +16,14 @@ from helpers import TINY_MODEL, config
 from mpt_jax.config import ConfigError, MeshConfig
 from mpt_jax.data import DataError
 from mpt_jax.sharding import batch_sharding, make_mesh
-from mpt_jax.train import NonFiniteLossError, init_state, make_train_step, run
+from mpt_jax.train import (
+    NonFiniteLossError,
+    abstract_state,
+    init_state,
+    jit_train_step,
+    make_train_step,
+    run,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,12 +35,7 @@ def batches(n, batch=8, seq=32, vocab=258, seed=0):
 
 def train_losses(cfg, mesh, data):
     graphdef, state, shardings = init_state(cfg, mesh)
-    step = jax.jit(
-        make_train_step(graphdef, cfg),
-        in_shardings=(shardings, batch_sharding(mesh)),
-        out_shardings=(shardings, None),
-        donate_argnums=0,
-    )
+    step = jit_train_step(graphdef, cfg, mesh, shardings)
     losses = []
     for ids in data:
         batch = {"input_ids": jax.device_put(ids, batch_sharding(mesh))}
@@ -227,6 +229,38 @@ def test_remat_policies_do_not_change_the_math(tmp_path):
         cfg = config(tmp_path, train={"remat": remat}, model={**TINY_MODEL, "scan_layers": scan})
         losses, _ = train_losses(cfg, mesh, data)
         np.testing.assert_allclose(losses, reference, rtol=0, atol=2e-6, err_msg=remat)
+
+
+def test_chunked_loss_matches_the_whole_logits(tmp_path):
+    """Batch-sharded over 8 devices; chunks of 12 positions pad S=32 to 36 (ignored targets)."""
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
+    data = batches(2)
+    model = {**TINY_MODEL, "logit_scale": 0.5}
+    whole, state_whole = train_losses(config(tmp_path, model=model), mesh, data)
+    cfg = config(tmp_path, model=model, train={"loss_chunk": 12})
+    chunked, state_chunked = train_losses(cfg, mesh, data)
+    np.testing.assert_allclose(chunked, whole, rtol=0, atol=2e-6)
+    for a, b in zip(
+        jax.tree.leaves(state_whole.params), jax.tree.leaves(state_chunked.params), strict=True
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+
+
+def test_chunked_loss_never_holds_the_whole_logits(tmp_path):
+    """XLA's temporaries of the compiled step shrink by about the (B, S, V) fp32 logits."""
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    model = {**TINY_MODEL, "vocab_size": 8192, "max_seq_len": 64}
+    batch = jax.ShapeDtypeStruct((8, 64), jnp.int32)
+    temp = {}
+    for chunk in (None, 16):
+        cfg = config(tmp_path, model=model, train={"loss_chunk": chunk})
+        graphdef, abstract, shardings = abstract_state(cfg, mesh)
+        step = jit_train_step(graphdef, cfg, mesh, shardings)
+        compiled = step.lower(abstract, {"input_ids": batch}).compile()
+        temp[chunk] = compiled.memory_analysis().temp_size_in_bytes
+    logits_bytes = 8 * 64 * 8192 * 4
+    assert temp[None] > logits_bytes  # the whole logits (and their gradient) are there
+    assert temp[None] - temp[16] > 0.75 * logits_bytes, temp
 
 
 @pytest.mark.parametrize("precision", ["amp_bf16", "pure_bf16"])

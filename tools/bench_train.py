@@ -83,6 +83,7 @@ COLUMNS = (
     "Mesh (data x fsdp x tensor)",
     "Sharding Strategy",
     "Activation Checkpointing",
+    "Loss chunk",
     "NumParams",
     "Peak memory (GiB/device)",
     "Status",
@@ -189,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--mesh", action="append", metavar="SPEC", help="data=N,fsdp=N,tensor=N; repeatable")
     add("--precision", default="amp_bf16", help="comma-separated: amp_bf16, pure_bf16, fp32")
     add("--remat", default="none", help="comma-separated: none, dots_saveable, full")
+    add("--loss-chunk", default="none", help="comma-separated: none or train.loss_chunk values")
     add("--model-override", action="append", default=[], metavar="KEY=VALUE", help="repeatable")
     add("--warmup", type=int, default=3, help="untimed steps after compilation")
     add("--steps", type=int, default=10, help="timed steps (median step time)")
@@ -224,9 +226,14 @@ def plan_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     meshes = [parse_mesh(spec) for spec in (args.mesh or ["data=1,fsdp=-1,tensor=1"])]
     precisions = _choices(args.precision, "--precision", typing.get_args(Precision))
     remats = _choices(args.remat, "--remat", typing.get_args(Remat))
+    chunk_texts = [c for c in _split(args.loss_chunk) if c != "none"]
+    chunks = [None] * (len(_split(args.loss_chunk)) > len(chunk_texts))
+    chunks += _positive_ints(",".join(chunk_texts), "--loss-chunk") if chunk_texts else []
+    if not chunks:
+        raise ArgError("--loss-chunk", "expected none or positive integers")
     specs = []
-    for (name, model), seq, batch, micro, mesh, precision, remat in itertools.product(
-        models, seq_lens, batches, micros, meshes, precisions, remats
+    for (name, model), seq, batch, micro, mesh, precision, remat, chunk in itertools.product(
+        models, seq_lens, batches, micros, meshes, precisions, remats, chunks
     ):
         model_dict = {**model.to_dict(), "max_seq_len": seq}
         specs.append(
@@ -239,6 +246,7 @@ def plan_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                 mesh={"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor},
                 precision=precision,
                 remat=remat,
+                loss_chunk=chunk,
                 warmup=args.warmup,
                 steps=args.steps,
                 seed=args.seed,
@@ -264,6 +272,7 @@ def _run_config(spec: dict[str, Any]) -> dict[str, Any]:
             "steps": spec["warmup"] + spec["steps"],
             "precision": spec["precision"],
             "remat": spec["remat"],
+            "loss_chunk": spec["loss_chunk"],
             "progress": False,
         },
         "mesh": spec["mesh"],
@@ -462,6 +471,7 @@ def table_row(
             ),
             "Sharding Strategy": None if mesh is None else sharding_strategy(mesh),
             "Activation Checkpointing": spec["remat"],
+            "Loss chunk": spec["loss_chunk"] or "none",
             "NumParams": count_params(model),
             "Status": result["status"],
         }
@@ -576,7 +586,8 @@ def main(argv: list[str] | None = None) -> int:
         mesh = "x".join(str(spec["mesh"][a]) for a in ("data", "fsdp", "tensor"))
         print(
             f"[{i}/{len(specs)}] {spec['label']} seq {spec['seq']} batch {spec['global_batch']}"
-            f" micro {spec['microbatch']} mesh {mesh} {spec['precision']} remat {spec['remat']}:"
+            f" micro {spec['microbatch']} mesh {mesh} {spec['precision']} remat {spec['remat']}"
+            f" loss chunk {spec['loss_chunk'] or 'none'}:"
             f" {result['status']} ({time.perf_counter() - start:.1f} s)",
             file=sys.stderr,
             flush=True,
