@@ -44,6 +44,11 @@ def train_losses(cfg, mesh, data):
     return losses, state
 
 
+def assert_same_params(state, reference, atol):
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(reference.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol)
+
+
 def test_eight_device_mesh_matches_one_device(tmp_path):
     cfg = config(tmp_path, mesh={"data": 2, "fsdp": 2, "tensor": 2})
     data = batches(5)
@@ -63,10 +68,7 @@ def test_accumulation_over_four_microbatches_equals_one_batch(tmp_path):
     full, state_full = train_losses(config(tmp_path), mesh, data)
     micro, state_micro = train_losses(config(tmp_path, train={"microbatch": 2}), mesh, data)
     np.testing.assert_allclose(micro, full, rtol=0, atol=1e-6)
-    for a, b in zip(
-        jax.tree.leaves(state_full.params), jax.tree.leaves(state_micro.params), strict=True
-    ):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+    assert_same_params(state_micro, state_full, atol=2e-6)
 
 
 def test_accumulation_is_token_weighted(tmp_path):
@@ -240,10 +242,7 @@ def test_chunked_loss_matches_the_whole_logits(tmp_path):
     cfg = config(tmp_path, model=model, train={"loss_chunk": 12})
     chunked, state_chunked = train_losses(cfg, mesh, data)
     np.testing.assert_allclose(chunked, whole, rtol=0, atol=2e-6)
-    for a, b in zip(
-        jax.tree.leaves(state_whole.params), jax.tree.leaves(state_chunked.params), strict=True
-    ):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+    assert_same_params(state_chunked, state_whole, atol=2e-6)
 
 
 def test_chunked_loss_never_holds_the_whole_logits(tmp_path):
