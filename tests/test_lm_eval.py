@@ -4,7 +4,7 @@ import glob
 import json
 import math
 import os
-import subprocess
+import runpy
 import sys
 import tempfile
 from pathlib import Path
@@ -170,14 +170,16 @@ def test_simple_evaluate_agrees_with_direct_computation(setup):
     assert got == [text.split("\n")[0] for text in direct]
 
 
-def test_lm_eval_command_line_runs_the_model(setup, tmp_path):
+def test_lm_eval_command_line_runs_the_model(setup, tmp_path, monkeypatch):
     model, model_dir, tasks = setup
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "mpt_jax.lm_eval", "--model", "mpt_jax"]
-    cmd += ["--model_args", f"path={model_dir},tokenizer=byte", "--tasks", "mptjax_choice"]
-    cmd += ["--include_path", str(tasks), "--batch_size", "8", "--output_path", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
+    argv = ["python -m mpt_jax.lm_eval", "--model", "mpt_jax"]
+    argv += ["--model_args", f"path={model_dir},tokenizer=byte", "--tasks", "mptjax_choice"]
+    argv += ["--include_path", str(tasks), "--batch_size", "8", "--output_path", str(out)]
+    # `python -m mpt_jax.lm_eval` in this process: the same entry point, without paying for a
+    # second start of lm-eval, torch and jax
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_module("mpt_jax.lm_eval", run_name="__main__", alter_sys=False)
     (path,) = glob.glob(str(out / "**" / "results_*.json"), recursive=True)
     acc = json.loads(Path(path).read_text())["results"]["mptjax_choice"]["acc,none"]
     expected = _choice_loglikelihoods(model)

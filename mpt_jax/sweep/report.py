@@ -280,7 +280,8 @@ def _loss_curves(plt, sweep: Sweep, path: Path) -> Path:
     ax.set_ylabel("loss (lines: train; circles: validation)")
     ax.set_title(f"sweep {sweep.name}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2 if len(sweep.members) > 8 else 1)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2 if len(sweep.members) > 8 else 1)
     path = _save(fig, path)
     plt.close(fig)
     return path
