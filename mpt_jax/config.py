@@ -617,6 +617,8 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         parts = key.split(".")
         for part in parts[:-1]:
             child = node.setdefault(part, {})
+            if node is out and part == "model" and isinstance(child, str):
+                child = node["model"] = {"preset": child}  # `model: mpt-125m` plus fields
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a mapping")
             node = child

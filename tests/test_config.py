@@ -18,6 +18,7 @@ from mpt_jax.config import (
     load_model_config,
     param_shapes,
     preset_names,
+    run_config_from_dict,
 )
 
 
@@ -144,6 +145,14 @@ def test_overrides_parse_types():
         apply_overrides({}, ["novalue"])
     with pytest.raises(ConfigError, match="not a mapping"):
         apply_overrides({"a": 1}, ["a.b=2"])
+
+
+def test_model_fields_override_a_preset_name():
+    raw = {"model": "mpt-125m", "data": {"path": "d"}, "train": {"steps": 1}, "run_dir": "r"}
+    fields = ["model.alibi=true", "model.learned_pos_emb=false", "model.n_layers=2"]
+    cfg = run_config_from_dict(apply_overrides(raw, fields))
+    preset = load_model_config("mpt-125m")
+    assert cfg.model.alibi and cfg.model.n_layers == 2 and cfg.model.d_model == preset.d_model
 
 
 def test_config_is_frozen():

@@ -104,6 +104,7 @@ def test_grid_zip_members_and_seeds_expand_to_their_product(tmp_path):
         ({"seeds": [1.5]}, r"seeds: expected a list of integers"),
         ({"grid": {"train.seed": [1]}, "seeds": [2]}, r"train\.seed is also swept"),
         ({"seeds": [1], "eval": {"tasks": "missing.yaml"}}, r"eval\.tasks: .*does not exist"),
+        ({"seeds": [1, 2], "reference": "seed=3"}, r"reference: no member is named 'seed=3'"),
     ],
 )
 def test_bad_sweep_files_give_one_line_naming_the_fault(tmp_path, spec, message):
@@ -191,7 +192,11 @@ def test_sweep_preempted_on_slurm_resumes_locally_reports_and_skips(tmp_path, sm
     }
     (tmp_path / "tasks.yaml").write_text(yaml.safe_dump(tasks))
     path = write_sweep(  # seeds only: the members share one compiled step (faster test)
-        tmp_path, out_dir="out", seeds=[1, 2], eval={"tasks": "tasks.yaml", "batch_size": 8}
+        tmp_path,
+        out_dir="out",
+        seeds=[1, 2],
+        eval={"tasks": "tasks.yaml", "batch_size": 8},
+        reference="seed=1",
     )
     out = tmp_path / "out"
     sweep = load_sweep(path, out)
@@ -260,6 +265,16 @@ def test_sweep_preempted_on_slurm_resumes_locally_reports_and_skips(tmp_path, sm
         assert float(row["best_train_loss"]) == min(train)
         assert float(row["val_loss"]) == [r["val_loss"] for r in logged if "val_loss" in r][-1]
         assert 0.0 <= float(row["icl/close_paren/0-shot"]) <= 1.0
+    reference = {
+        r["step"]: r["loss"]
+        for r in map(json.loads, first.run_dir.joinpath("metrics.jsonl").open())
+        if "loss" in r
+    }
+    other = [json.loads(line) for line in (second.run_dir / "metrics.jsonl").open()]
+    diffs = [abs(r["loss"] - reference[r["step"]]) for r in other if "loss" in r]
+    assert float(rows[first.name]["loss_diff_max"]) == 0.0
+    assert float(rows[second.name]["loss_diff_max"]) == max(diffs) > 0  # seeds differ
+    assert float(rows[second.name]["loss_diff_last"]) == diffs[-1]
     results_md = (out / "results.md").read_text()
     assert first.name in results_md and "![loss_curves](loss_curves.png)" in results_md
     assert (out / "loss_curves.png").read_bytes()[:8] == PNG

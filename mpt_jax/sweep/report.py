@@ -25,6 +25,8 @@ BASE_METRICS = (
     ("best_val_loss", "lowest validation loss of the run"),
     ("tokens_per_s", "median training throughput (first logged window left out)"),
     ("mfu", "median model FLOPs utilization (llm-foundry's formula; none on CPU)"),
+    ("loss_diff_max", "largest |train loss - the reference member's| at a common step"),
+    ("loss_diff_last", "the same at the last common step"),
 )
 PLOTTED = ("val_loss", "train_loss", "tokens_per_s", "mfu")
 
@@ -110,7 +112,24 @@ def collect(sweep: Sweep, status: Mapping[str, str] | None = None) -> list[dict[
         row["status"] = state
         row.update(member_metrics(sweep, member))
         rows.append(row)
+    if sweep.reference is not None:
+        reference = next(m for m in sweep.members if m.name == sweep.reference)
+        for member, row in zip(sweep.members, rows, strict=True):
+            row.update(loss_deviation(curves(member)["loss"], curves(reference)["loss"]))
     return rows
+
+
+def loss_deviation(
+    series: Sequence[tuple[int, float]], reference: Sequence[tuple[int, float]]
+) -> dict[str, float | None]:
+    """Largest and last |train loss - reference train loss| over the steps both logged."""
+    ref = dict(reference)
+    diffs = [abs(loss - ref[step]) for step, loss in series if step in ref]
+    if not diffs:
+        return {"loss_diff_max": None, "loss_diff_last": None}
+    # a NaN on either side is the largest deviation there is
+    worst = max(d if math.isfinite(d) else math.inf for d in diffs)
+    return {"loss_diff_max": worst, "loss_diff_last": diffs[-1]}
 
 
 def columns(sweep: Sweep, rows: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -23,7 +23,18 @@ from mpt_jax.config import (
     to_dict,
 )
 
-SWEEP_KEYS = ("name", "base", "out_dir", "overrides", "grid", "zip", "members", "seeds", "eval")
+SWEEP_KEYS = (
+    "name",
+    "base",
+    "out_dir",
+    "overrides",
+    "grid",
+    "zip",
+    "members",
+    "seeds",
+    "eval",
+    "reference",
+)
 EVAL_KEYS = ("tasks", "gauntlet", "batch_size", "data", "seq_lens")
 SEED_KEY = "train.seed"
 
@@ -65,6 +76,7 @@ class Sweep:
     axes: tuple[str, ...]  # the swept keys in file order (SEED_KEY last when seeds are given)
     members: tuple[Member, ...]
     eval: EvalSpec | None
+    reference: str | None = None  # the member every other's loss curve is compared with
 
 
 def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
@@ -109,6 +121,11 @@ def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
         overrides = {**common, **params, "run_dir": str(run_dir)}
         config = _resolve_member(base, base_raw, overrides, member_name)
         members.append(Member(member_name, params, overrides, run_dir, config))
+    reference = spec.get("reference")
+    if reference is not None and str(reference) not in seen:
+        raise ConfigError(
+            f"{where}: reference: no member is named {reference!r} (members: {', '.join(seen)})"
+        )
     return Sweep(
         name=name,
         path=path.resolve(),
@@ -117,6 +134,7 @@ def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
         axes=tuple(axes),
         members=tuple(members),
         eval=_eval_spec(spec.get("eval"), path, where),
+        reference=None if reference is None else str(reference),
     )
 
 
