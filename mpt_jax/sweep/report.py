@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mpt_jax.sweep.runner import eval_path, is_finished
+from mpt_jax.sweep.runner import eval_path, is_finished, write_atomic
 from mpt_jax.sweep.spec import SEED_KEY, Member, Sweep
 
 # the metric columns every member has, in table order: (column, what it is)
@@ -146,7 +146,7 @@ def write_csv(path: Path, cols: Sequence[str], rows: Sequence[Mapping[str, Any]]
     writer.writeheader()
     for row in rows:
         writer.writerow({k: _csv_value(row.get(k)) for k in cols})
-    _write_atomic(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
 
 
 def _csv_value(value: Any) -> Any:
@@ -220,13 +220,6 @@ def _seed_table(sweep: Sweep, rows: Sequence[Mapping[str, Any]]) -> str:
 
 def _any(rows: Sequence[Mapping[str, Any]], column: str) -> bool:
     return any(r.get(column) is not None for r in rows)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,5 +376,5 @@ def write_report(
         except RuntimeError as e:
             log(f"warning: {e}")
     figures = "".join(f"\n![{p.stem}]({p.name})\n" for p in images)
-    _write_atomic(out / "results.md", table + figures)
+    write_atomic(out / "results.md", table + figures)
     return rows, table

@@ -78,7 +78,8 @@ def shell_line(sweep: Sweep, member: Member, python: str = "python") -> str:
     return f"{line} && if test -f {done}; then {shlex.join(evaluation)}; fi"
 
 
-def _write_atomic(path: Path, text: str, mode: int | None = None) -> None:
+def write_atomic(path: Path, text: str, mode: int | None = None) -> None:
+    """Write under a temporary name and rename: readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
@@ -106,8 +107,8 @@ def write_slurm(sweep: Sweep, options: SlurmOptions) -> tuple[Path, Path, list[i
     members = sweep.members
     todo = [i for i, m in enumerate(members) if not is_finished(sweep, m)]
     commands = sweep.out_dir / "commands.txt"
-    _write_atomic(commands, "".join(shell_line(sweep, m) + "\n" for m in members))
-    _write_atomic(sweep.out_dir / "run_dirs.txt", "".join(f"{m.run_dir}\n" for m in members))
+    write_atomic(commands, "".join(shell_line(sweep, m) + "\n" for m in members))
+    write_atomic(sweep.out_dir / "run_dirs.txt", "".join(f"{m.run_dir}\n" for m in members))
     array = ",".join(map(str, todo)) or "0"
     if options.max_concurrent:
         array += f"%{options.max_concurrent}"
@@ -157,7 +158,7 @@ echo "member $SLURM_ARRAY_TASK_ID failed (exit $status): see the log above"
 exit $status
 """
     sbatch = sweep.out_dir / "sweep.sbatch"
-    _write_atomic(sbatch, script, mode=0o755)
+    write_atomic(sbatch, script, mode=0o755)
     return commands, sbatch, todo
 
 
