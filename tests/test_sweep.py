@@ -3,6 +3,7 @@ sweep (trainer and eval processes) that is preempted, resumed, reported and skip
 
 import csv
 import json
+import math
 import os
 import signal
 import statistics
@@ -290,3 +291,19 @@ def test_sweep_preempted_on_slurm_resumes_locally_reports_and_skips(tmp_path, sm
 def test_shipped_sweeps_validate(path, tmp_path):
     sweep = load_sweep(path, tmp_path)
     assert len(sweep.members) >= 2 and len({m.name for m in sweep.members}) == len(sweep.members)
+
+
+def test_loss_deviation_over_common_steps_and_nan_is_worst(tmp_path):
+    from mpt_jax.metrics import MetricsLogger
+
+    write_base(tmp_path, tmp_path / "ds")
+    (member,) = load_sweep(write_sweep(tmp_path, seeds=[1]), tmp_path / "out").members
+    with MetricsLogger(member.run_dir, tensorboard=False) as logger:  # the trainer's logger
+        for step, loss in ((1, 3.0), (2, 2.5), (3, math.nan), (4, 2.0)):
+            logger.log(step, {"loss": loss})
+    ours = report.curves(member)["loss"]
+    assert ours[:2] == [(1, 3.0), (2, 2.5)] and math.isnan(ours[2][1]) and ours[3] == (4, 2.0)
+    reference = [(1, 3.5), (2, 2.0), (3, 2.2), (4, 2.25)]
+    assert report.loss_deviation(ours, reference)["loss_diff_max"] == math.inf
+    out = report.loss_deviation(ours[:2] + ours[3:], reference[:3])  # step 4: not in both
+    assert out == {"loss_diff_max": 0.5, "loss_diff_last": 0.5}

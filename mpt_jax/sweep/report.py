@@ -55,6 +55,8 @@ def curves(member: Member) -> dict[str, list[tuple[int, float]]]:
     for row in _read_jsonl(member.run_dir / "metrics.jsonl"):
         for key, series in out.items():
             value = row.get(key)
+            if value is None and key in row.get("nonfinite", {}):
+                value = float(row["nonfinite"][key])  # the logger writes NaN as null + a name
             if isinstance(value, int | float) and "step" in row:
                 series[int(row["step"])] = float(value)
     return {key: sorted(series.items()) for key, series in out.items()}
