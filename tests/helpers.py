@@ -72,6 +72,12 @@ TINY_MODEL = dict(
 
 
 def config(tmp_path, **sections):
+    """A validated RunConfig for TINY_MODEL; see raw_config."""
+    return run_config_from_dict(raw_config(tmp_path, **sections))
+
+
+def raw_config(tmp_path, **sections):
+    """The run config mapping of a tiny fp32 run; mapping sections merge into the defaults."""
     raw = {
         "model": dict(TINY_MODEL),
         "data": {"path": str(tmp_path / "ds")},
@@ -83,4 +89,4 @@ def config(tmp_path, **sections):
     for key, value in sections.items():
         merge = isinstance(value, dict) and key != "model"
         raw[key] = {**raw.get(key, {}), **value} if merge else value
-    return run_config_from_dict(raw)
+    return raw

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import TINY_MODEL
+from helpers import raw_config
 
 from mpt_jax.config import ConfigError, parse_value
 from mpt_jax.sweep import report, runner
@@ -25,23 +25,14 @@ PNG = b"\x89PNG\r\n\x1a\n"
 SWEEP_TOOL = ROOT / "tools" / "sweep.py"
 
 
-def write_base(tmp_path: Path, data: Path, **train) -> Path:
-    base = {
-        "model": dict(TINY_MODEL),
-        "data": {"path": str(data)},
-        "optim": {"lr": 1e-3},
-        "schedule": {"t_warmup": "2ba"},
-        "train": {
-            "global_batch": 8,
-            "steps": 40,
-            "precision": "fp32",
-            "progress": False,
-            "log_every": 1,
-            **train,
-        },
-        "checkpoint": {"every": 10},
-        "run_dir": str(tmp_path / "unused"),
-    }
+def write_base(tmp_path: Path, data: Path) -> Path:
+    base = raw_config(
+        tmp_path,
+        data={"path": str(data)},
+        train={"steps": 40, "log_every": 1},
+        checkpoint={"every": 10},
+        run_dir=str(tmp_path / "unused"),
+    )
     path = tmp_path / "base.yaml"
     path.write_text(yaml.safe_dump(base))
     return path
