@@ -7,10 +7,22 @@ K head dim. Inputs q (B, S, H, K), k and v (B, S, G, K); ALiBi slopes (H,) float
 A sequence length that is not a multiple of the block sizes is padded and the tail masked; a
 head dim that is not a power of two (80, 96, 112) is zero-padded.
 Scores, softmax statistics and accumulators are float32 whatever the input dtype.
+
+Per element of a score block the kernels do as little as the math allows, since past the two
+matmuls the exponentials and masks bound FlashAttention on Hopper:
+- scores are kept in log2 units (the scale carries log2 e), so the softmax is one exp2;
+- causal ALiBi enters as the key-only row slope * (j - q0), q0 the block's first query: it
+  differs from -slope * |i - j| by the per-row constant slope * (i - q0), which the softmax
+  removes; the log-sum-exp leaves the kernel with that constant restored, so kernels with other
+  tilings agree on it;
+- causal blocks wholly below the diagonal are computed without masks (only segment ids, when
+  given, still mask): a padded key there implies a padded query, whose output is dropped and
+  whose zero output gradient adds nothing to dk and dv.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -18,8 +30,55 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
-from mpt_jax.kernels.common import MASKED, backward_block, pad_axis, poison, scores
+from mpt_jax.kernels.common import MASKED, NT_DIMS, pad_axis, poison
+
+LOG2E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """Block sizes of one kernel and its Triton launch parameters (None: Triton's default)."""
+
+    block_q: int = 64
+    block_k: int = 64
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+    def compiler_params(self) -> plgpu.CompilerParams:
+        return plgpu.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tilings:
+    """One Tiling per kernel: the forward, dq (query blocks) and dk/dv (key blocks)."""
+
+    fwd: Tiling = Tiling()
+    dq: Tiling = Tiling()
+    dkv: Tiling = Tiling()
+
+    @classmethod
+    def uniform(cls, block_q: int, block_k: int) -> Tilings:
+        t = Tiling(block_q, block_k)
+        return cls(t, t, t)
+
+    def padded_length(self, seq_len: int) -> int:
+        """seq_len rounded up to a multiple of every block size."""
+        blocks = (self.fwd, self.dq, self.dkv)
+        multiple = math.lcm(*(b for t in blocks for b in (t.block_q, t.block_k)))
+        return multiple * pl.cdiv(seq_len, multiple)
+
+
+def default_tilings(head_dim: int) -> Tilings:
+    """The tilings `flash_attention` uses for a (power-of-two padded) head dim.
+
+    64 x 64 blocks with Triton's default warps and stages for every kernel: the best uniform
+    size of the H200 sweep at head dim 128 (docs/benchmarks.md); per-kernel sizes, warps and
+    stages come from `tools/bench_attention.py --tune` on a GPU.
+    """
+    del head_dim  # one tiling until the per-head-dim sweep has run on a GPU
+    return Tilings.uniform(64, 64)
 
 
 def _n_key_blocks(qi, *, bq, bk, n_k, causal):
@@ -27,6 +86,18 @@ def _n_key_blocks(qi, *, bq, bk, n_k, causal):
     if not causal:
         return n_k
     return jnp.minimum(lax.div((qi + 1) * bq + bk - 1, bk), n_k)
+
+
+def _n_unmasked_key_blocks(qi, *, bq, bk, causal):
+    """Leading key blocks with every key at or before every query of query block qi."""
+    return lax.div(qi * bq + 1, bk) if causal else 0
+
+
+def _first_unmasked_query_block(ki, *, bq, bk, n_q, causal):
+    """First query block whose every query is at or after every key of key block ki."""
+    if not causal:
+        return n_q
+    return jnp.minimum(lax.div(ki * bk + bk - 1 + bq - 1, bq), n_q)
 
 
 def _split_refs(refs, n_inputs: int, has_seg: bool, n_outputs: int):
@@ -39,36 +110,61 @@ def _split_refs(refs, n_inputs: int, has_seg: bool, n_outputs: int):
     return refs[:n_inputs], q_seg, k_seg, refs[len(refs) - n_outputs :]
 
 
-def _fwd_kernel(*refs, scale, causal, bq, bk, seq_len, n_k, has_seg):
+@dataclasses.dataclass(frozen=True)
+class _Block:
+    """Static facts every kernel's score computation needs."""
+
+    scale2: float  # softmax scale times log2 e
+    causal: bool
+    alibi: bool
+    seq_len: int
+
+
+def _scores2(q, k, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk: _Block, *, masked: bool):
+    """Scores (bq, bk) float32 in log2 units, ALiBi relative to query q0, masks if `masked`."""
+    s = lax.dot_general(q, k, NT_DIMS, preferred_element_type=jnp.float32) * blk.scale2
+    if blk.alibi and blk.causal:
+        s = s + slope2 * (k_pos - q0).astype(jnp.float32)
+    elif blk.alibi:
+        s = s - slope2 * jnp.abs(q_pos - k_pos).astype(jnp.float32)
+    keep = None
+    if masked:
+        keep = k_pos < blk.seq_len
+        if blk.causal:
+            keep &= q_pos >= k_pos
+    if q_seg is not None:
+        same = q_seg == k_seg
+        keep = same if keep is None else keep & same
+    return s if keep is None else jnp.where(keep, s, MASKED)
+
+
+def _row_shift2(q_pos, q0, slope2, blk: _Block):
+    """(bq, 1) log2-unit offset between true -slope * |i - j| scores and _scores2's."""
+    if not (blk.alibi and blk.causal):
+        return jnp.zeros(q_pos.shape, jnp.float32)
+    return -slope2 * (q_pos - q0).astype(jnp.float32)
+
+
+def _fwd_kernel(*refs, blk: _Block, bq, bk, n_k, has_seg):
     (q_ref, k_ref, v_ref, slope_ref), qs_ref, ks_ref, (o_ref, lse_ref) = _split_refs(
         refs, 4, has_seg, 2
     )
     qi = pl.program_id(2)
     q = q_ref[...]
-    slope = slope_ref[0]
-    q_pos = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+    slope2 = slope_ref[0] * LOG2E
+    q0 = qi * bq
+    q_pos = q0 + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
     q_seg = qs_ref[...][:, None] if has_seg else None
 
-    def body(kb, carry):
+    def body(kb, carry, *, masked):
         acc, m, denom = carry
         ks = pl.ds(pl.multiple_of(kb * bk, bk), bk)
         k_pos = kb * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         k_seg = ks_ref[ks][None, :] if has_seg else None
-        s = scores(
-            q,
-            k_ref[ks, :],
-            q_pos,
-            k_pos,
-            q_seg,
-            k_seg,
-            slope,
-            scale=scale,
-            causal=causal,
-            seq_len=seq_len,
-        )
+        s = _scores2(q, k_ref[ks, :], q_pos, k_pos, q0, q_seg, k_seg, slope2, blk, masked=masked)
         m_new = jnp.maximum(m, s.max(axis=-1))
-        p = jnp.exp(s - m_new[:, None])
-        corr = jnp.exp(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        corr = jnp.exp2(m - m_new)
         v = v_ref[ks, :]
         acc = corr[:, None] * acc + jnp.dot(
             p.astype(v.dtype), v, preferred_element_type=jnp.float32
@@ -76,99 +172,86 @@ def _fwd_kernel(*refs, scale, causal, bq, bk, seq_len, n_k, has_seg):
         return acc, m_new, corr * denom + p.sum(axis=-1)
 
     K = q.shape[-1]
-    init = (
+    carry = (
         jnp.zeros((bq, K), jnp.float32),
         jnp.full((bq,), MASKED, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
     )
-    acc, m, denom = lax.fori_loop(
-        0, _n_key_blocks(qi, bq=bq, bk=bk, n_k=n_k, causal=causal), body, init
-    )
+    n_free = _n_unmasked_key_blocks(qi, bq=bq, bk=bk, causal=blk.causal)
+    n_end = _n_key_blocks(qi, bq=bq, bk=bk, n_k=n_k, causal=blk.causal)
+    carry = lax.fori_loop(0, n_free, functools.partial(body, masked=False), carry)
+    acc, m, denom = lax.fori_loop(n_free, n_end, functools.partial(body, masked=True), carry)
     denom = jnp.maximum(denom, 1e-30)
     o_ref[...] = (acc / denom[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = m + jnp.log(denom)
+    lse2 = m + jnp.log2(denom)
+    lse_ref[...] = lse2 + _row_shift2(q_pos, q0, slope2, blk)[:, 0]
 
 
-def _dq_kernel(*refs, scale, causal, bq, bk, seq_len, n_k, has_seg):
+def _dq_kernel(*refs, blk: _Block, bq, bk, n_k, has_seg):
     inputs, qs_ref, ks_ref, (dq_ref,) = _split_refs(refs, 7, has_seg, 1)
     q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, d_ref = inputs
     qi = pl.program_id(2)
     q, do = q_ref[...], do_ref[...]
-    lse, delta = lse_ref[...][:, None], d_ref[...][:, None]
-    slope = slope_ref[0]
-    q_pos = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+    slope2 = slope_ref[0] * LOG2E
+    q0 = qi * bq
+    q_pos = q0 + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+    lse2 = lse_ref[...][:, None] - _row_shift2(q_pos, q0, slope2, blk)
+    delta = d_ref[...][:, None]
     q_seg = qs_ref[...][:, None] if has_seg else None
 
-    def body(kb, dq):
+    def body(kb, dq, *, masked):
         ks = pl.ds(pl.multiple_of(kb * bk, bk), bk)
         k_pos = kb * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         k, v = k_ref[ks, :], v_ref[ks, :]
         k_seg = ks_ref[ks][None, :] if has_seg else None
-        _, ds = backward_block(
-            q,
-            k,
-            v,
-            do,
-            lse,
-            delta,
-            q_pos,
-            k_pos,
-            q_seg,
-            k_seg,
-            slope,
-            scale=scale,
-            causal=causal,
-            seq_len=seq_len,
-        )
+        s = _scores2(q, k, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk, masked=masked)
+        p = jnp.exp2(s - lse2)
+        dp = lax.dot_general(do, v, NT_DIMS, preferred_element_type=jnp.float32)
+        ds = p * (dp - delta)
         return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     K = q.shape[-1]
-    n = _n_key_blocks(qi, bq=bq, bk=bk, n_k=n_k, causal=causal)
-    dq = lax.fori_loop(0, n, body, jnp.zeros((bq, K), jnp.float32))
-    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+    n_free = _n_unmasked_key_blocks(qi, bq=bq, bk=bk, causal=blk.causal)
+    n_end = _n_key_blocks(qi, bq=bq, bk=bk, n_k=n_k, causal=blk.causal)
+    dq = jnp.zeros((bq, K), jnp.float32)
+    dq = lax.fori_loop(0, n_free, functools.partial(body, masked=False), dq)
+    dq = lax.fori_loop(n_free, n_end, functools.partial(body, masked=True), dq)
+    dq_ref[...] = (dq * (blk.scale2 / LOG2E)).astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(*refs, scale, causal, bq, bk, seq_len, n_q, has_seg):
+def _dkdv_kernel(*refs, blk: _Block, bq, bk, n_q, has_seg):
     inputs, qs_ref, ks_ref, (dk_ref, dv_ref) = _split_refs(refs, 7, has_seg, 2)
     q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, d_ref = inputs
     ki = pl.program_id(2)
     k, v = k_ref[...], v_ref[...]
-    slope = slope_ref[0]
+    slope2 = slope_ref[0] * LOG2E
     k_pos = ki * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
     k_seg = ks_ref[...][None, :] if has_seg else None
 
-    def body(qb, carry):
+    def body(qb, carry, *, masked):
         dk, dv = carry
         qs = pl.ds(pl.multiple_of(qb * bq, bq), bq)
-        q_pos = qb * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+        q0 = qb * bq
+        q_pos = q0 + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
         q, do = q_ref[qs, :], do_ref[qs, :]
         q_seg = qs_ref[qs][:, None] if has_seg else None
-        p, ds = backward_block(
-            q,
-            k,
-            v,
-            do,
-            lse_ref[qs][:, None],
-            d_ref[qs][:, None],
-            q_pos,
-            k_pos,
-            q_seg,
-            k_seg,
-            slope,
-            scale=scale,
-            causal=causal,
-            seq_len=seq_len,
-        )
+        lse2 = lse_ref[qs][:, None] - _row_shift2(q_pos, q0, slope2, blk)
+        s = _scores2(q, k, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk, masked=masked)
+        p = jnp.exp2(s - lse2)
+        dp = lax.dot_general(do, v, NT_DIMS, preferred_element_type=jnp.float32)
+        ds = p * (dp - d_ref[qs][:, None])
         dv = dv + jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
         dk = dk + jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
         return dk, dv
 
     K = k.shape[-1]
     # causal: query blocks before this key block see none of it
-    first = lax.div(ki * bk, bq) if causal else 0
+    first = lax.div(ki * bk, bq) if blk.causal else 0
+    first_free = _first_unmasked_query_block(ki, bq=bq, bk=bk, n_q=n_q, causal=blk.causal)
     zeros = jnp.zeros((bk, K), jnp.float32)
-    dk, dv = lax.fori_loop(first, n_q, body, (zeros, zeros))
-    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    carry = lax.fori_loop(first, first_free, functools.partial(body, masked=True), (zeros, zeros))
+    dk, dv = lax.fori_loop(first_free, n_q, functools.partial(body, masked=False), carry)
+    dk_ref[...] = (dk * (blk.scale2 / LOG2E)).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
@@ -192,30 +275,23 @@ def _specs(B, H, G, Sp, K, bq, bk, has_seg, *, over_keys=False):
     return q_spec, kv_spec, row_spec, slope_spec, seg_specs
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
-def _flash(q, k, v, slopes, segment_ids, scale, causal, bq, bk, interpret, poison_outputs):
-    return _forward(q, k, v, slopes, segment_ids, scale, causal, bq, bk, interpret, poison_outputs)[
-        0
-    ]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _flash(q, k, v, slopes, segment_ids, blk, tilings, interpret, poison_outputs):
+    return _forward(q, k, v, slopes, segment_ids, blk, tilings, interpret, poison_outputs)[0]
 
 
-def _forward(q, k, v, slopes, segment_ids, scale, causal, bq, bk, interpret, poison_outputs):
+def _forward(q, k, v, slopes, segment_ids, blk, tilings, interpret, poison_outputs):
     B, S, H, K = q.shape
     G = k.shape[2]
-    Sp = math.lcm(bq, bk) * pl.cdiv(S, math.lcm(bq, bk))
+    Sp = tilings.padded_length(S)
+    t = tilings.fwd
     has_seg = segment_ids is not None
     qp, kp, vp = (pad_axis(x, Sp, 1) for x in (q, k, v))
-    q_spec, kv_spec, row_spec, slope_spec, seg_specs = _specs(B, H, G, Sp, K, bq, bk, has_seg)
+    specs = _specs(B, H, G, Sp, K, t.block_q, t.block_k, has_seg)
+    q_spec, kv_spec, row_spec, slope_spec, seg_specs = specs
     segs = [pad_axis(segment_ids, Sp, 1)] * 2 if has_seg else []
     kernel = functools.partial(
-        _fwd_kernel,
-        scale=scale,
-        causal=causal,
-        bq=bq,
-        bk=bk,
-        seq_len=S,
-        n_k=Sp // bk,
-        has_seg=has_seg,
+        _fwd_kernel, blk=blk, bq=t.block_q, bk=t.block_k, n_k=Sp // t.block_k, has_seg=has_seg
     )
     out_shape = [
         jax.ShapeDtypeStruct((B, Sp, H, K), q.dtype),
@@ -224,42 +300,47 @@ def _forward(q, k, v, slopes, segment_ids, scale, causal, bq, bk, interpret, poi
     args = [qp, kp, vp, slopes, *segs]
     in_specs = [q_spec, kv_spec, kv_spec, slope_spec, *seg_specs]
     bufs, buf_specs, aliases = poison(out_shape, [q_spec, row_spec], len(args), poison_outputs)
-    o, lse = pl.pallas_call(
+    o, lse2 = pl.pallas_call(
         kernel,
-        grid=(B, H, Sp // bq),
+        grid=(B, H, Sp // t.block_q),
         in_specs=[*in_specs, *buf_specs],
         out_specs=[q_spec, row_spec],
         out_shape=out_shape,
         input_output_aliases=aliases,
         interpret=interpret,
+        compiler_params=t.compiler_params(),
         name="mpt_flash_fwd",
     )(*args, *bufs)
-    return o[:, :S], (q, k, v, slopes, segment_ids, o, lse)
+    return o[:, :S], (q, k, v, slopes, segment_ids, o, lse2)
 
 
-def _flash_fwd(q, k, v, slopes, segment_ids, scale, causal, bq, bk, interpret, poison_outputs):
-    return _forward(q, k, v, slopes, segment_ids, scale, causal, bq, bk, interpret, poison_outputs)
+def _flash_fwd(q, k, v, slopes, segment_ids, blk, tilings, interpret, poison_outputs):
+    return _forward(q, k, v, slopes, segment_ids, blk, tilings, interpret, poison_outputs)
 
 
-def _flash_bwd(scale, causal, bq, bk, interpret, poison_outputs, residuals, do):
-    q, k, v, slopes, segment_ids, o_padded, lse = residuals
+def _flash_bwd(blk, tilings, interpret, poison_outputs, residuals, do):
+    q, k, v, slopes, segment_ids, o_padded, lse2 = residuals
     B, S, H, K = q.shape
     G = k.shape[2]
+    R = H // G
     Sp = o_padded.shape[1]
     has_seg = segment_ids is not None
     qp, kp, vp, dop = (pad_axis(x, Sp, 1) for x in (q, k, v, do))
     # D_i = rowsum(dO_i * O_i), the softmax-gradient correction term
     delta = jnp.einsum("bshk,bshk->bhs", dop.astype(jnp.float32), o_padded.astype(jnp.float32))
     segs = [pad_axis(segment_ids, Sp, 1)] * 2 if has_seg else []
-    common = dict(scale=scale, causal=causal, bq=bq, bk=bk, seq_len=S, has_seg=has_seg)
-    args = [qp, kp, vp, slopes, dop, lse, delta, *segs]
+    args = [qp, kp, vp, slopes, dop, lse2, delta, *segs]
 
-    q_spec, kv_spec, row_spec, slope_spec, seg_specs = _specs(B, H, G, Sp, K, bq, bk, has_seg)
+    t = tilings.dq
+    specs = _specs(B, H, G, Sp, K, t.block_q, t.block_k, has_seg)
+    q_spec, kv_spec, row_spec, slope_spec, seg_specs = specs
     out_shape = [jax.ShapeDtypeStruct((B, Sp, H, K), q.dtype)]
     bufs, buf_specs, aliases = poison(out_shape, [q_spec], len(args), poison_outputs)
     (dq,) = pl.pallas_call(
-        functools.partial(_dq_kernel, n_k=Sp // bk, **common),
-        grid=(B, H, Sp // bq),
+        functools.partial(
+            _dq_kernel, blk=blk, bq=t.block_q, bk=t.block_k, n_k=Sp // t.block_k, has_seg=has_seg
+        ),
+        grid=(B, H, Sp // t.block_q),
         in_specs=[
             *(q_spec, kv_spec, kv_spec, slope_spec, q_spec, row_spec, row_spec),
             *seg_specs,
@@ -269,19 +350,23 @@ def _flash_bwd(scale, causal, bq, bk, interpret, poison_outputs, residuals, do):
         out_shape=out_shape,
         input_output_aliases=aliases,
         interpret=interpret,
+        compiler_params=t.compiler_params(),
         name="mpt_flash_dq",
     )(*args, *bufs)
 
-    q_spec, kv_spec, row_spec, slope_spec, seg_specs = _specs(
-        B, H, G, Sp, K, bq, bk, has_seg, over_keys=True
-    )
-    # per query head; heads sharing a kv head are summed below
-    head_kv_spec = pl.BlockSpec((None, bk, None, K), lambda b, h, i: (b, i, h, 0))
-    out_shape = [jax.ShapeDtypeStruct((B, Sp, H, K), jnp.float32)] * 2
+    t = tilings.dkv
+    specs = _specs(B, H, G, Sp, K, t.block_q, t.block_k, has_seg, over_keys=True)
+    q_spec, kv_spec, row_spec, slope_spec, seg_specs = specs
+    # per query head; heads sharing a kv head are summed below (in float32 when there are several)
+    head_kv_spec = pl.BlockSpec((None, t.block_k, None, K), lambda b, h, i: (b, i, h, 0))
+    grad_dtype = k.dtype if R == 1 else jnp.float32
+    out_shape = [jax.ShapeDtypeStruct((B, Sp, H, K), grad_dtype)] * 2
     bufs, buf_specs, aliases = poison(out_shape, [head_kv_spec] * 2, len(args), poison_outputs)
     dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, n_q=Sp // bq, **common),
-        grid=(B, H, Sp // bk),
+        functools.partial(
+            _dkdv_kernel, blk=blk, bq=t.block_q, bk=t.block_k, n_q=Sp // t.block_q, has_seg=has_seg
+        ),
+        grid=(B, H, Sp // t.block_k),
         in_specs=[
             *(q_spec, kv_spec, kv_spec, slope_spec, q_spec, row_spec, row_spec),
             *seg_specs,
@@ -291,9 +376,9 @@ def _flash_bwd(scale, causal, bq, bk, interpret, poison_outputs, residuals, do):
         out_shape=out_shape,
         input_output_aliases=aliases,
         interpret=interpret,
+        compiler_params=t.compiler_params(),
         name="mpt_flash_dkdv",
     )(*args, *bufs)
-    R = H // G
     dk = dk[:, :S].reshape(B, S, G, R, K).sum(axis=3).astype(k.dtype)
     dv = dv[:, :S].reshape(B, S, G, R, K).sum(axis=3).astype(v.dtype)
     seg_grad = None if segment_ids is None else jnp.zeros(segment_ids.shape, jax.dtypes.float0)
@@ -312,13 +397,16 @@ def flash_attention(
     segment_ids: jax.Array | None = None,
     causal: bool = True,
     softmax_scale: float | None = None,
-    block_q: int = 64,
-    block_k: int = 64,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    tilings: Tilings | None = None,
     interpret: bool = False,
     _poison_outputs: bool = False,
 ) -> jax.Array:
     """Fused attention (B, S, H, K) with in-kernel ALiBi; differentiable in q, k and v.
 
+    block_q/block_k give all three kernels one block size; tilings sets each kernel's blocks,
+    warps and stages; neither: default_tilings(head dim).
     _poison_outputs (tests only): kernel outputs start as NaN, so unwritten elements show.
     """
     _, S, H, K = q_BSHK.shape
@@ -326,15 +414,18 @@ def flash_attention(
         raise ValueError("flash_attention: queries and keys must have the same length")
     if H % k_BSGK.shape[2]:
         raise ValueError(f"flash_attention: {H} heads are not a multiple of {k_BSGK.shape[2]}")
+    if (block_q is None) != (block_k is None) or (block_q is not None and tilings is not None):
+        raise ValueError("flash_attention: give block_q and block_k together, or tilings")
     scale = 1.0 / math.sqrt(K) if softmax_scale is None else float(softmax_scale)
-    slopes = (
-        jnp.zeros((H,), jnp.float32)
-        if alibi_slopes is None
-        else jnp.asarray(alibi_slopes, jnp.float32)
-    )
+    alibi = alibi_slopes is not None
+    slopes = jnp.asarray(alibi_slopes, jnp.float32) if alibi else jnp.zeros((H,), jnp.float32)
     seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
     # Triton tiles need power-of-two widths: zero columns change neither q.k nor p.v (MPT-30B: 112)
     K_pad = pl.next_power_of_2(K)
+    if block_q is not None:
+        tilings = Tilings.uniform(block_q, block_k)
+    tilings = tilings or default_tilings(K_pad)
     q, k, v = (pad_axis(x, K_pad, 3) for x in (q_BSHK, k_BSGK, v_BSGK))
-    out = _flash(q, k, v, slopes, seg, scale, causal, block_q, block_k, interpret, _poison_outputs)
+    blk = _Block(scale2=scale * LOG2E, causal=causal, alibi=alibi, seq_len=S)
+    out = _flash(q, k, v, slopes, seg, blk, tilings, interpret, _poison_outputs)
     return out[..., :K]
