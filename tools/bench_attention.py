@@ -1,6 +1,12 @@
 """Causal ALiBi attention on a GPU: correctness of ours against XLA, times, TFLOP/s and memory.
 
     python tools/bench_attention.py [--reps 20] [--out results.md] [--skip-memory]
+    python tools/bench_attention.py --tune 128 64 [--tune-budget-s 300]
+
+`--tune` sweeps our kernels' tilings instead (block sizes, Triton warps and stages, per kernel)
+at batch 8, seq 2048, 16 heads of each head dim: the forward alone first, then dq and dk/dv
+with the best forward, fwd+bwd timed; it prints every candidate, checks the winner against the
+XLA reference and times it beside the default at every benchmark shape of that head dim.
 
 Implementations: ours (`pallas_gpu`, ALiBi in-kernel), cuDNN with a materialized ALiBi bias,
 cuDNN without ALiBi (the speed a free ALiBi would reach), openxla tokamax's
@@ -16,7 +22,9 @@ sequence length at a fixed number of tokens, for ours, cuDNN with the bias and X
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import itertools
 import statistics
 import sys
 import time
@@ -24,8 +32,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
 
 from mpt_jax.attention import alibi_slopes, attention
+from mpt_jax.kernels.flash_attention import Tiling, Tilings, default_tilings, flash_attention
 
 try:
     import tokamax
@@ -59,6 +69,16 @@ def _inputs(B, S, H, K, G=None, seed=0):
     return q, k, v
 
 
+# tiling candidates per kernel: (block_q, block_k) x num_warps x num_stages; blocks too large
+# for shared memory fail to compile and are reported as such
+TUNE_BLOCKS = {
+    "fwd": [(64, 64), (128, 64), (128, 32), (64, 32), (128, 128), (64, 128)],
+    "dq": [(64, 64), (128, 64), (128, 32), (64, 32), (32, 64)],
+    "dkv": [(64, 64), (32, 64), (64, 128), (32, 128), (16, 64), (64, 32)],
+}
+TUNE_WARPS, TUNE_STAGES = (4, 8), (2, 3)
+
+
 def _rel(ours, ref) -> float:
     ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
     if not np.isfinite(ours).all():
@@ -66,7 +86,9 @@ def _rel(ours, ref) -> float:
     return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-6))
 
 
-def check(B=2, S=1000, H=16, G=4, K=128) -> list[str]:
+def check(
+    B=2, S=1000, H=16, G=4, K=128, tilings: Tilings | None = None, interpret: bool = False
+) -> list[str]:
     """Forward and gradients of ours against the XLA reference (bf16, GQA, segments, tail)."""
     q, k, v = _inputs(B, S, H, K, G)
     seg = jnp.asarray(np.sort(np.random.default_rng(1).integers(0, 4, (B, S)), axis=1))
@@ -77,7 +99,10 @@ def check(B=2, S=1000, H=16, G=4, K=128) -> list[str]:
     for impl in ("xla", "pallas_gpu"):
 
         def loss(q, k, v, impl=impl):
-            out = attention(q, k, v, impl=impl, **kw)
+            if impl == "pallas_gpu" and tilings is not None:
+                out = flash_attention(q, k, v, tilings=tilings, interpret=interpret, **kw)
+            else:
+                out = attention(q, k, v, impl=impl, **kw)
             return (out.astype(jnp.float32) * do.astype(jnp.float32)).sum(), out
 
         (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
@@ -171,6 +196,91 @@ def bench(reps: int) -> list[str]:
     return rows
 
 
+def _ours(q, k, v, tilings, interpret=False):
+    H = q.shape[2]
+    slopes = alibi_slopes(H)
+    return flash_attention(
+        q, k, v, alibi_slopes=slopes, causal=True, tilings=tilings, interpret=interpret
+    )
+
+
+def _fwd_bwd(tilings, interpret=False):
+    def loss(q, k, v):
+        return _ours(q, k, v, tilings, interpret).astype(jnp.float32).sum()
+
+    return jax.jit(jax.grad(loss, (0, 1, 2)))
+
+
+def _try_time(fn, args, reps) -> float | str:
+    try:
+        return _time(fn, *args, reps=reps)
+    except Exception as e:  # shared memory exceeded, a lowering failure: the candidate is out
+        return f"failed: {str(e).splitlines()[0][:60]}"
+
+
+def _ms(t: float | str, digits: int = 3) -> str:
+    return t if isinstance(t, str) else f"{t * 1e3:.{digits}f}"
+
+
+def tune(
+    head_dims: list[int],
+    reps: int,
+    budget_s: float,
+    *,
+    shape: tuple[int, int, int] = (8, 2048, 16),
+    blocks: dict[str, list[tuple[int, int]]] = TUNE_BLOCKS,
+    warps: tuple[int, ...] = TUNE_WARPS,
+    stages: tuple[int, ...] = TUNE_STAGES,
+    interpret: bool = False,
+) -> tuple[list[str], dict[int, Tilings]]:
+    """Per-kernel tiling sweep at (B, S, H) = shape for each head dim.
+
+    Returns the lines to print (every candidate, then per head dim the winner, its check against
+    the XLA reference and fwd+bwd times of default and winner) and the winners.
+    """
+    rows = [
+        "| head dim | kernel | blocks (q x k) | warps | stages | ms (fwd; fwd+bwd for dq, dkv) |",
+        "|---|---|---|---|---|---|",
+    ]
+    summary, winners = [], {}
+    start = time.perf_counter()
+    for K in head_dims:
+        args = _inputs(*shape, K)
+        default = best = default_tilings(pl.next_power_of_2(K))
+        for kernel in ("fwd", "dq", "dkv"):
+            best_t, best_ms = None, float("inf")
+            for (bq, bk), w, st in itertools.product(blocks[kernel], warps, stages):
+                if time.perf_counter() - start > budget_s:
+                    break
+                cand = Tiling(bq, bk, w, st)
+                tilings = dataclasses.replace(best, **{kernel: cand})
+                if kernel == "fwd":
+                    fn = jax.jit(functools.partial(_ours, tilings=tilings, interpret=interpret))
+                else:
+                    fn = _fwd_bwd(tilings, interpret)
+                t = _try_time(fn, args, reps)
+                rows.append(f"| {K} | {kernel} | {bq} x {bk} | {w} | {st} | {_ms(t)} |")
+                if not isinstance(t, str) and t < best_ms:
+                    best_t, best_ms = cand, t
+            if best_t is not None:
+                best = dataclasses.replace(best, **{kernel: best_t})
+        winners[K] = best
+        summary.append(f"best tilings, head dim {K}: {best!r}")
+        # ragged, about half the tuning length: 1000 at 2048
+        S_check = max(shape[1] // 2 - 24, shape[1] // 2 + 3)
+        G = max(shape[2] // 4, 1)
+        summary += check(B=2, S=S_check, H=shape[2], G=G, K=K, tilings=best, interpret=interpret)
+        for full in [x for x in SHAPES if x[3] == K and not interpret] or [(*shape, K)]:
+            args = _inputs(*full)
+            t_default = _try_time(_fwd_bwd(default, interpret), args, reps)
+            t_best = _try_time(_fwd_bwd(best, interpret), args, reps)
+            summary.append(
+                f"fwd+bwd {full}: default {_ms(t_default, 2)} ms, tuned {_ms(t_best, 2)} ms"
+            )
+    summary.append(f"tuning took {time.perf_counter() - start:.0f} s (budget {budget_s:.0f} s)")
+    return rows + summary, winners
+
+
 def memory() -> list[str]:
     """Temporary memory of the compiled fwd+bwd against S at fixed tokens (no execution)."""
     H, K = MEMORY_HEADS, 128
@@ -205,15 +315,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--out", default=None, help="also write the lines to this file")
     parser.add_argument("--skip-memory", action="store_true", help="no memory table")
+    parser.add_argument(
+        "--tune", type=int, nargs="+", metavar="HEAD_DIM", help="sweep our tilings instead"
+    )
+    parser.add_argument("--tune-budget-s", type=float, default=300, help="stop sweeping after")
     args = parser.parse_args(argv)
     if jax.default_backend() != "gpu":
         print("error: needs a GPU (jax.default_backend() is not 'gpu')", file=sys.stderr)
         return 2
     tok = "absent" if tokamax is None else getattr(tokamax, "__version__", "present")
     lines = [f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, tokamax {tok}"]
-    lines += check()
-    lines += bench(args.reps)
-    if not args.skip_memory:
+    if args.tune:
+        lines += tune(args.tune, args.reps, args.tune_budget_s)[0]
+    else:
+        lines += check()
+        lines += bench(args.reps)
+    if not args.skip_memory and not args.tune:
         lines += memory()
     text = "\n".join(lines)
     print(text)
