@@ -12,7 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLS = ("auto", "xla", "cudnn", "pallas_gpu", "pallas_tpu")
+IMPLS = ("auto", "xla", "cudnn", "pallas_gpu", "pallas_tpu", "tokamax")
+
+# tokamax implementations tried in order (the first that does not raise NotImplementedError runs):
+# Mosaic GPU (Hopper and newer, bf16/fp16) then Pallas Triton on a GPU, chunked XLA elsewhere
+_TOKAMAX_IMPLEMENTATIONS = {"gpu": ("mosaic_gpu", "triton")}
+_TOKAMAX_FALLBACK = ("xla_chunked",)
 
 
 def alibi_slopes(n_heads: int, alibi_bias_max: float = 8) -> np.ndarray:
@@ -66,8 +71,10 @@ def attention(
     if impl == "auto":
         alibi = alibi_slopes is not None
         impl = "xla" if decoding else auto_impl(q_BSHK, dropout_rate, alibi=alibi)
-    if impl in ("cudnn", "pallas_gpu", "pallas_tpu") and dropout_rate:
+    if impl in ("cudnn", "pallas_gpu", "pallas_tpu", "tokamax") and dropout_rate:
         raise ValueError(f"attention impl {impl!r}: attention dropout is not supported")
+    if impl == "tokamax":
+        return _tokamax_attention(q_BSHK, k_BTGK, v_BTGK, alibi_slopes, segment_ids, causal, scale)
     if impl == "cudnn":
         return _cudnn_attention(q_BSHK, k_BTGK, v_BTGK, alibi_slopes, segment_ids, causal, scale)
     if impl in ("pallas_gpu", "pallas_tpu"):
@@ -203,4 +210,85 @@ def _cudnn_attention(q, k, v, slopes, segment_ids, causal, scale):
         scale=scale,
         is_causal=causal,
         implementation="cudnn",
+    )
+
+
+def _segment_bounds(segment_ids_BS: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per position: index of the first and one past the last token of its run of equal ids."""
+    S = segment_ids_BS.shape[1]
+    pos_S = jnp.arange(S, dtype=jnp.int32)
+    change_BS1 = segment_ids_BS[:, 1:] != segment_ids_BS[:, :-1]  # (B, S - 1): i + 1 starts a run
+    edge_B1 = jnp.ones_like(segment_ids_BS[:, :1], dtype=bool)
+    starts_run = jnp.concatenate([edge_B1, change_BS1], axis=1)
+    ends_run = jnp.concatenate([change_BS1, edge_B1], axis=1)
+    start_BS = jax.lax.cummax(jnp.where(starts_run, pos_S, 0), axis=1)
+    end_BS = jax.lax.cummin(jnp.where(ends_run, pos_S + 1, S), axis=1, reverse=True)
+    return start_BS, end_BS
+
+
+def _tokamax_attention(q, k, v, slopes, segment_ids, causal, scale):
+    """openxla tokamax's fused attention: no (S, T) bias or mask is built by this function.
+
+    ALiBi (causal only) becomes the key-only bias slope_h * j of shape (1, H, 1, T): it differs
+    from -slope_h * |i - j| on the unmasked j <= i by slope_h * i, a per-row constant the softmax
+    removes; without the causal mask that does not hold, so non-causal ALiBi is refused.
+    segment_ids become per-query key ranges (tokamax's Mask k_start / k_end: the first and one
+    past the last key of the query's run of equal ids), so segments are taken as contiguous runs:
+    an id that reappears after another one counts as a new document. Packed batches are contiguous
+    runs, and ranges are what tokamax's kernels skip key blocks with and take without an (S, T)
+    mask. On a GPU tokamax's Mosaic GPU kernel runs (Hopper or newer, bf16/fp16), else its Pallas
+    Triton kernel; elsewhere its chunked XLA attention (scores computed in chunks).
+    GQA/MQA: tokamax takes k and v with fewer heads (query head h reads kv head h // (H // G)).
+    Inside tokamax (0.0.12) some (S, T) arrays remain: the chunked XLA attention builds a boolean
+    mask from the ranges, Triton's backward too, and the GPU kernels' backward writes the bias
+    gradient densely ((B, H, S, T) fp32) although nothing here needs it.
+    """
+    if slopes is not None and not causal:
+        raise ValueError("attention impl 'tokamax' supports ALiBi only with causal attention")
+    try:
+        from tokamax._src.ops.attention import api as tokamax_api
+        from tokamax._src.ops.attention import base as tokamax_base
+    except ImportError as e:
+        raise ImportError(
+            "attention impl 'tokamax' needs the tokamax package: pip install 'mpt-jax[tokamax]'"
+        ) from e
+    from absl import flags  # a dependency of tokamax
+
+    if not flags.FLAGS.is_parsed():
+        # tokamax reads its absl options on each call and, outside absl.app, would parse
+        # sys.argv for them first, failing on any argument of ours (mpt-jax's, pytest's): keep
+        # absl's defaults instead
+        flags.FLAGS.mark_as_parsed()
+    T = k.shape[1]
+    bias_1H1T = None
+    if slopes is not None:
+        slopes_H = jnp.asarray(slopes, jnp.float32)
+        bias_1H1T = (
+            slopes_H[None, :, None, None] * jnp.arange(T, dtype=jnp.float32)[None, None, None]
+        )
+    mask = tokamax_base.Mask(is_causal=causal)
+    if segment_ids is not None:
+        start_BS, end_BS = _segment_bounds(segment_ids)
+        # (B, 1, S): per batch row, broadcast over heads, per query; with the causal mask the
+        # run's end is implied (keys j <= i), and leaving it out keeps the kernels' causal path
+        end_B1S = None if causal else end_BS[:, None]
+        mask = tokamax_base.Mask(k_start=start_BS[:, None], k_end=end_B1S, is_causal=causal)
+    names = _TOKAMAX_IMPLEMENTATIONS.get(jax.default_backend(), _TOKAMAX_FALLBACK)
+    errors = []
+    for name in names:
+        if name not in tokamax_api.IMPLEMENTATIONS:
+            continue
+        try:
+            # tokamax broadcasts its mask ranges by rank promotion (tests make that an error);
+            # the setting covers what is traced here, the forward and XLA's derived backward
+            with jax.numpy_rank_promotion("allow"):
+                out = tokamax_api.IMPLEMENTATIONS[name](
+                    q, k, v, bias=bias_1H1T, mask=mask, logits_scale=scale
+                )
+        except NotImplementedError as e:
+            errors.append(f"{name}: {e}")
+            continue
+        return out.astype(q.dtype)
+    raise NotImplementedError(
+        f"attention impl 'tokamax': no implementation ran ({'; '.join(errors)})"
     )

@@ -1,13 +1,18 @@
-"""attention(): ALiBi slopes, GQA, segment masking, the ALiBi form, argument errors."""
+"""attention(): ALiBi slopes, GQA, segment masking, the ALiBi form, argument errors, tokamax."""
 
 import math
+import re
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from mpt_jax import MPTForCausalLM
 from mpt_jax.attention import alibi_slopes, attention
+from mpt_jax.config import ModelConfig
 
 
 def closed_form_slopes(n: int, bias_max: float = 8) -> np.ndarray:
@@ -92,7 +97,7 @@ def test_default_scale_and_argument_errors():
     explicit = attention(q, k, v, impl="xla", softmax_scale=0.25)
     np.testing.assert_array_equal(np.asarray(default), np.asarray(explicit))
     with pytest.raises(
-        ValueError, match="attention impl: must be one of auto, xla, cudnn, pallas_gpu, pallas_tpu"
+        ValueError, match="must be one of auto, xla, cudnn, pallas_gpu, pallas_tpu, tokamax"
     ):
         attention(q, k, v, impl="flash")
     with pytest.raises(ValueError, match="'pallas_tpu': attention dropout is not supported"):
@@ -120,3 +125,134 @@ def test_auto_picks_the_pallas_tpu_kernel_on_a_tpu(monkeypatch):
         assert auto_impl(q, 0.0, alibi=False) == "pallas_tpu"
     assert auto_impl(jnp.zeros((1, 8, 2, 64), jnp.bfloat16), 0.1, alibi=True) == "xla"
     assert auto_impl(jnp.zeros((1, 8, 2, 512), jnp.bfloat16), 0.0, alibi=True) == "xla"
+
+
+TOKAMAX_CASES = {
+    # B, S, H, G, K, ALiBi, segments, causal
+    "alibi_causal_6_heads": (2, 200, 6, 6, 16, True, False, True),
+    "alibi_gqa_8_over_2_packed_ragged": (2, 200, 8, 2, 32, True, True, True),
+    "mqa_packed_not_causal_no_alibi": (2, 200, 4, 1, 16, False, True, False),
+}
+
+
+def _packed_ragged(B, S):
+    """Contiguous runs of equal ids, one cut set per row; the last document is cut short."""
+    seg = np.zeros((B, S), np.int32)
+    for b, cuts in enumerate([(37, 90, 171), (64, 130, 199)][:B]):
+        for c in cuts:
+            seg[b, c:] += 1
+    return jnp.asarray(seg)
+
+
+def _outputs_and_grads(impl, q, k, v, do, **kw):
+    def loss(q, k, v):
+        out = attention(q, k, v, impl=impl, **kw)
+        return (out * do).sum(), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return out, grads
+
+
+@pytest.mark.parametrize("case", sorted(TOKAMAX_CASES))
+def test_tokamax_matches_xla_forward_and_gradients(case):
+    pytest.importorskip("tokamax")
+    B, S, H, G, K, alibi, segments, causal = TOKAMAX_CASES[case]
+    q, k, v = _qkv(B=B, S=S, H=H, G=G, K=K, seed=len(case))  # fresh inputs per case
+    do = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+    kw = dict(
+        alibi_slopes=alibi_slopes(H) if alibi else None,
+        segment_ids=_packed_ragged(B, S) if segments else None,
+        causal=causal,
+        softmax_scale=0.3,
+    )
+    out, grads = _outputs_and_grads("tokamax", q, k, v, do, **kw)
+    ref_out, ref_grads = _outputs_and_grads("xla", q, k, v, do, **kw)
+    assert out.shape == (B, S, H, K) and out.dtype == jnp.float32
+    for name, ours, ref in zip(
+        ("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads), strict=True
+    ):
+        ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+        err = np.abs(ours - ref).max() / np.abs(ref).max()
+        assert err <= 1e-5, (name, err)
+
+
+_SHAPE = re.compile(r"\b(?:bf16|f16|f32|f64)\[([\d,]*)\]")
+
+
+def _largest_float_array(hlo_text: str) -> int:
+    """Elements of the largest floating-point array of any shape in an HLO module's text."""
+    return max(math.prod(int(d) for d in m.split(",") if d) for m in _SHAPE.findall(hlo_text))
+
+
+@pytest.mark.parametrize("impl", ["xla", "tokamax"])
+def test_tokamax_forward_and_backward_build_no_seq_by_seq_float_array(impl):
+    """The ALiBi bias is key-only: no float (S, S) array in the unoptimized fwd + bwd HLO.
+
+    Boolean arrays are not checked: on CPU tokamax's chunked XLA attention builds its (B, 1, S, T)
+    mask from the k_start ranges itself (its GPU kernels take the ranges as they are).
+    """
+    pytest.importorskip("tokamax")
+    # B * H * K < S and H * 512 * 1024 (tokamax's XLA chunk) < S * S: only scores could reach it
+    B, S, H, G, K = 1, 2048, 2, 1, 32
+    q = jax.ShapeDtypeStruct((B, S, H, K), jnp.float32)
+    kv = jax.ShapeDtypeStruct((B, S, G, K), jnp.float32)
+    seg = jax.ShapeDtypeStruct((B, S), jnp.int32)
+
+    def loss(q, k, v, seg):
+        kw = dict(alibi_slopes=alibi_slopes(H), segment_ids=seg, causal=True, impl=impl)
+        return attention(q, k, v, **kw).sum()
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    largest = _largest_float_array(grad.lower(q, kv, kv, seg).as_text(dialect="hlo"))
+    if impl == "xla":  # the check can fail: the reference materializes (S, S) scores
+        assert largest >= S * S
+    else:
+        assert largest < S * S
+
+
+def test_tokamax_argument_errors(monkeypatch):
+    q, k, v = _qkv(H=4, G=2)
+    with monkeypatch.context() as m:
+        for name in [n for n in sys.modules if n.split(".")[0] == "tokamax"] + ["tokamax"]:
+            m.setitem(sys.modules, name, None)  # as if not installed
+        with pytest.raises(ImportError, match=r"pip install 'mpt-jax\[tokamax\]'"):
+            attention(q, k, v, impl="tokamax")
+    pytest.importorskip("tokamax")
+    with pytest.raises(ValueError, match="'tokamax' supports ALiBi only with causal attention"):
+        attention(q, k, v, impl="tokamax", alibi_slopes=alibi_slopes(4), causal=False)
+    with pytest.raises(ValueError, match="'tokamax': attention dropout is not supported"):
+        attention(q, k, v, impl="tokamax", dropout_rate=0.1, dropout_key=jax.random.key(0))
+    with pytest.raises(ValueError, match="query_offset and kv_mask need impl 'xla'"):
+        attention(q, k, v, impl="tokamax", query_offset=0)
+
+
+def test_model_with_tokamax_attention_matches_xla():
+    pytest.importorskip("tokamax")
+    fields = dict(
+        d_model=64,
+        n_heads=4,
+        n_layers=1,
+        vocab_size=100,
+        max_seq_len=40,
+        alibi=True,
+        learned_pos_emb=False,
+        attn_type="grouped_query_attention",
+        kv_n_heads=2,
+        attn_uses_sequence_id=True,
+    )
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 100, (2, 40)))
+    seg = jnp.asarray(np.repeat([[0] * 15 + [1] * 25], 2, axis=0))
+    rng = np.random.default_rng(1)
+    logits = {}
+    for impl in ("xla", "tokamax"):
+        cfg = ModelConfig(**fields, attn_impl=impl)
+        abstract = nnx.eval_shape(lambda cfg=cfg: MPTForCausalLM(cfg, rngs=nnx.Rngs(0)))
+        graphdef, shapes = nnx.split(abstract)
+        if impl == "xla":  # random parameters, the same for both (a compiled NNX init takes 5 s)
+            params = jax.tree.map(
+                lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype), shapes
+            )
+        run = jax.jit(lambda p, graphdef=graphdef: nnx.merge(graphdef, p)(ids, segment_ids=seg))
+        logits[impl] = np.asarray(run(params))
+    assert np.abs(logits["xla"]).max() > 0.1
+    np.testing.assert_allclose(logits["tokamax"], logits["xla"], atol=1e-5, rtol=0)

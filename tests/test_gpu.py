@@ -1,4 +1,6 @@
-"""GPU checks: cuDNN attention against the XLA reference, model parity on the device."""
+"""GPU checks: cuDNN and tokamax attention against the XLA reference, model parity on GPU."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -85,3 +87,39 @@ def test_auto_picks_the_pallas_kernel_for_alibi_and_cudnn_without():
     assert auto_impl(q, 0.0, alibi=True) == "pallas_gpu"
     assert auto_impl(q, 0.0, alibi=False) == "cudnn"
     assert auto_impl(q.astype(jnp.float32), 0.0, alibi=True) == "xla"
+
+
+@pytest.mark.parametrize("head_dim", [128, 112])
+def test_tokamax_attention_matches_xla_reference_in_bf16(head_dim):
+    pytest.importorskip("tokamax")
+    rng = np.random.default_rng(0)
+    B, S, H, G, K = 2, 1000, 16, 4, head_dim
+    q, k, v = (jnp.asarray(rng.standard_normal((B, S, n, K)), jnp.bfloat16) for n in (H, G, G))
+    do = jnp.asarray(rng.standard_normal((B, S, H, K)), jnp.float32)
+    kw = dict(alibi_slopes=alibi_slopes(H), segment_ids=jnp.asarray(packed_segments(B, S)))
+
+    def out_and_grads(impl, *qkv):
+        def loss(q, k, v):
+            out = attention(q, k, v, impl=impl, causal=True, **kw)
+            return (out.astype(jnp.float32) * do).sum(), out
+
+        grad = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+        (_, out), grads = jax.jit(grad)(*qkv)
+        return out, grads
+
+    # the reference in fp32 from the same bf16 inputs
+    ref = out_and_grads("xla", *(x.astype(jnp.float32) for x in (q, k, v)))
+    # tokamax broadcasts its mask ranges by rank promotion, also in a kernel's backward (traced
+    # after attention() returns); conftest makes rank promotion an error
+    with jax.numpy_rank_promotion("allow"):
+        ours = out_and_grads("tokamax", q, k, v)
+        hlo = jax.jit(lambda q, k, v: attention(q, k, v, impl="tokamax", **kw)).lower(q, k, v)
+    kernels = sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo.as_text("hlo"))))
+    for name, x, r in zip(
+        ("out", "dq", "dk", "dv"), (ours[0], *ours[1]), (ref[0], *ref[1]), strict=True
+    ):
+        assert x.dtype == jnp.bfloat16, (name, x.dtype)
+        x, r = np.asarray(x, np.float64), np.asarray(r, np.float64)
+        assert np.isfinite(x).all(), (name, kernels)
+        rel = np.abs(x - r).max() / np.abs(r).max()
+        assert rel <= 2e-2, (name, rel, kernels)
