@@ -1,0 +1,23 @@
+# Sourced on the GPU machine: installs the carried wheels (.whl/) of packages the image lacks
+# into /tmp/site and puts it and the repo on PYTHONPATH. Packages the image has are kept.
+python3 - "${WHEELS:-.whl}" <<'PY' || return 1
+import importlib.metadata as md
+import pathlib
+import subprocess
+import sys
+
+missing = []
+for wheel in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")):
+    try:
+        md.version(wheel.name.split("-")[0])
+    except md.PackageNotFoundError:
+        missing.append(str(wheel))
+if missing:
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps"]
+    subprocess.run([*pip, "--no-compile", "--target", "/tmp/site", *missing], check=True)
+print("installed:", " ".join(pathlib.Path(w).name.split("-")[0] for w in missing) or "nothing")
+PY
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MPT_JAX_CACHE=/tmp/cache
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 -c "import jax, flax, optax, grain; print('jax', jax.__version__, 'flax', flax.__version__, \
+'optax', optax.__version__, 'grain', grain.__version__, jax.devices()[0].device_kind)"
