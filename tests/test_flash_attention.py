@@ -103,6 +103,35 @@ def test_gpu_kernels_with_their_own_tilings_agree_with_reference(causal):
     _assert_matches_reference(kernel, 2, 150, 6, 2, 32, True, causal, jnp.float32, f"t{causal}")
 
 
+def test_gpu_kernels_lower_to_triton_for_cuda_on_any_host():
+    # the Pallas -> Triton lowering runs in Python: a primitive Triton lacks fails here, on CPU,
+    # before a GPU ever sees the kernels (interpret mode does not exercise it)
+    B, S, H, G, K = 1, 1000, 4, 2, 112
+    q = jax.ShapeDtypeStruct((B, S, H, K), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((B, S, G, K), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((B, S), jnp.int32)
+    tilings = Tilings(fwd=Tiling(128, 64, 8, 2), dq=Tiling(64, 32), dkv=Tiling(32, 128, 4, 4))
+
+    def loss(q, k, v, seg):
+        out = flash_attention(
+            q, k, v, alibi_slopes=alibi_slopes(H), segment_ids=seg, tilings=tilings
+        )
+        return out.astype(jnp.float32).sum()
+
+    traced = jax.jit(jax.value_and_grad(loss, (0, 1, 2))).trace(q, kv, kv, seg)
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    launches = re.findall(
+        r'name = "(mpt_flash_\w+)", num_stages = (\d+) : i32, num_warps = (\d+)', text
+    )
+    assert sorted(launches) == [
+        ("mpt_flash_dkdv", "4", "4"),
+        ("mpt_flash_dq", "3", "4"),  # Triton's defaults
+        ("mpt_flash_fwd", "2", "8"),
+    ]
+    # the softmax is exp2 (one MUFU op per score), never libdevice's longer expf
+    assert "__nv_exp2f" in text and "__nv_expf" not in text
+
+
 def test_poisoned_outputs_show_unwritten_elements():
     def half_kernel(x_ref, buf_ref, o_ref):
         del buf_ref  # the poison buffer: aliased to o, never read

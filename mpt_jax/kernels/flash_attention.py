@@ -138,11 +138,14 @@ def _scores2(q, k, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk: _Block, *, maske
     return s if keep is None else jnp.where(keep, s, MASKED)
 
 
-def _row_shift2(q_pos, q0, slope2, blk: _Block):
-    """(bq, 1) log2-unit offset between true -slope * |i - j| scores and _scores2's."""
+def _row_shift2(shape, slope2, blk: _Block):
+    """Log2-unit offset, per query of a block, of true -slope * |i - j| scores from _scores2's.
+
+    shape: (bq,) or (bq, 1), queries along the first axis; the offset is -slope * (i - q0).
+    """
     if not (blk.alibi and blk.causal):
-        return jnp.zeros(q_pos.shape, jnp.float32)
-    return -slope2 * (q_pos - q0).astype(jnp.float32)
+        return jnp.zeros(shape, jnp.float32)
+    return -slope2 * lax.broadcasted_iota(jnp.int32, shape, 0).astype(jnp.float32)
 
 
 def _fwd_kernel(*refs, blk: _Block, bq, bk, n_k, has_seg):
@@ -184,7 +187,7 @@ def _fwd_kernel(*refs, blk: _Block, bq, bk, n_k, has_seg):
     denom = jnp.maximum(denom, 1e-30)
     o_ref[...] = (acc / denom[:, None]).astype(o_ref.dtype)
     lse2 = m + jnp.log2(denom)
-    lse_ref[...] = lse2 + _row_shift2(q_pos, q0, slope2, blk)[:, 0]
+    lse_ref[...] = lse2 + _row_shift2((bq,), slope2, blk)
 
 
 def _dq_kernel(*refs, blk: _Block, bq, bk, n_k, has_seg):
@@ -195,7 +198,7 @@ def _dq_kernel(*refs, blk: _Block, bq, bk, n_k, has_seg):
     slope2 = slope_ref[0] * LOG2E
     q0 = qi * bq
     q_pos = q0 + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
-    lse2 = lse_ref[...][:, None] - _row_shift2(q_pos, q0, slope2, blk)
+    lse2 = lse_ref[...][:, None] - _row_shift2((bq, 1), slope2, blk)
     delta = d_ref[...][:, None]
     q_seg = qs_ref[...][:, None] if has_seg else None
 
@@ -235,7 +238,7 @@ def _dkdv_kernel(*refs, blk: _Block, bq, bk, n_q, has_seg):
         q_pos = q0 + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
         q, do = q_ref[qs, :], do_ref[qs, :]
         q_seg = qs_ref[qs][:, None] if has_seg else None
-        lse2 = lse_ref[qs][:, None] - _row_shift2(q_pos, q0, slope2, blk)
+        lse2 = lse_ref[qs][:, None] - _row_shift2((bq, 1), slope2, blk)
         s = _scores2(q, k, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk, masked=masked)
         p = jnp.exp2(s - lse2)
         dp = lax.dot_general(do, v, NT_DIMS, preferred_element_type=jnp.float32)
