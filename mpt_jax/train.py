@@ -775,7 +775,7 @@ class _Profiler:
         if self.window is None:
             return
         if step == self.window[0] and not self.active:
-            jax.profiler.start_trace(str(self.out_dir))
+            jax.profiler.start_trace(str(self.out_dir), create_perfetto_trace=True)
             self.active = True
         elif step == self.window[1]:
             self.stop()

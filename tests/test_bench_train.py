@@ -121,6 +121,27 @@ def test_rows_run_in_subprocesses_by_default(tmp_path):
     assert row["Peak memory (GiB/device)"].endswith("(est.)")
 
 
+def test_profile_traces_extra_steps_and_prints_their_summary(tmp_path, capsys):
+    """--profile: steps traced after the timed ones, summarized below the table."""
+    out, profile = tmp_path / "out", tmp_path / "profile"
+    args = [*ROW, "--global-batch=16", "--in-process", f"--out={out}", f"--profile={profile}"]
+    args.append("--profile-steps=1")  # the default 3 costs seconds more on CPU
+    assert bench_train.main(args) == 0
+    (row,), _ = read(out)
+    assert row["Status"] == "ok" and float(row["Step time (s)"]) > 0
+
+    label = "tiny_seq32_gb16_mb8_1x-1x1_fp32_full_chunknone"
+    assert [p.name for p in profile.iterdir()] == [label]
+    summary = (profile / label / "summary.md").read_text()
+    assert "over 1 step" in summary and "host process `/host:CPU` used" in summary
+    assert "| category | ms per step | share | count |" in summary
+
+    printed = capsys.readouterr().out
+    table, _, rest = printed.partition(f"\n## Profile: {label}\n\n")
+    assert table.splitlines()[2].startswith("| tiny | 32 |")  # the timed row, then the summary
+    assert table.count("\n") == 2 + 1 and rest == summary
+
+
 @pytest.mark.parametrize(
     "args, argument",
     [
@@ -129,6 +150,7 @@ def test_rows_run_in_subprocesses_by_default(tmp_path):
         (["--models=tiny", "--mesh=pipeline=2"], "--mesh: 'pipeline=2'"),
         (["--models=tiny", "--seq-lens=0"], "--seq-lens: '0' is not a positive integer"),
         (["--models=tiny", "--precision=fp16"], "--precision: unknown value 'fp16'"),
+        (["--models=tiny", "--profile-steps=0"], "--profile-steps: must be >= 1, got 0"),
         (["--models=tiny", "--model-override=n_heads=5"], "--model-override: tiny: model.n_heads"),
     ],
 )

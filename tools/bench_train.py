@@ -4,7 +4,8 @@
         [--microbatch N[,N...]] [--mesh data=1,fsdp=-1,tensor=1 [--mesh ...]] \\
         [--precision amp_bf16[,fp32,...]] [--remat none[,dots_saveable,full]] \\
         [--warmup 3] [--steps 10] [--out DIR] [--peak-tflops X] [--device-memory-gib X] \\
-        [--model-override key=value ...] [--in-process] [--row-timeout 3600]
+        [--model-override key=value ...] [--in-process] [--row-timeout 3600] \\
+        [--profile DIR [--profile-steps 3]]
 
 Every combination of models x seq lens x global batches x microbatches x meshes x precisions x
 remat policies is one row. A model is a preset (experiments/models/), a YAML file or `tiny` (a
@@ -17,6 +18,12 @@ it, checks XLA's memory estimate against the device memory, runs --warmup steps,
 --steps steps on a fixed batch of random token ids. MFU/HFU/TFLOP/s use mpt_jax.metrics
 (llm-foundry's formula) with the median step time. Rows run one per subprocess (isolated peak
 memory counters, an OOM or a crash ends only its row) unless --in-process is given.
+
+With --profile DIR, each row that ran then traces --profile-steps (3) more steps with
+jax.profiler into DIR/<row label>/ -- after the timed ones, so the table's timings carry no
+tracing overhead -- and after the table the tool prints each row's "where the time goes" summary
+(mpt_jax.profiling), also written to DIR/<row label>/summary.md; tools/profile_summary.py reads
+such a trace again.
 
 Writes DIR/bench_train.md and DIR/bench_train.csv with --out, and prints the Markdown table.
 Exit status 0 when the table was written, also when rows did not fit or failed; 2 for bad
@@ -31,6 +38,7 @@ import importlib.metadata
 import io
 import itertools
 import json
+import re
 import shlex
 import statistics
 import subprocess
@@ -40,7 +48,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from mpt_jax import metrics
+from mpt_jax import metrics, profiling
 from mpt_jax.config import (
     ConfigError,
     MeshConfig,
@@ -200,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device-memory-gib", type=float, help="memory per device (default: the device's)")
     add("--in-process", action="store_true", help="run the rows here, not one per subprocess")
     add("--row-timeout", type=float, default=3600.0, help="seconds per row subprocess")
+    add("--profile", metavar="DIR", help="trace more steps per row into DIR/<row label>/")
+    add("--profile-steps", type=int, default=3, help="steps traced after the timed ones")
     add("--_row", default=None, help=argparse.SUPPRESS)  # internal: run one row, print JSON
     return parser
 
@@ -216,6 +226,8 @@ def plan_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise ArgError("--device-memory-gib", f"must be > 0, got {args.device_memory_gib}")
     if args.row_timeout <= 0:
         raise ArgError("--row-timeout", f"must be > 0, got {args.row_timeout}")
+    if args.profile_steps < 1:
+        raise ArgError("--profile-steps", f"must be >= 1, got {args.profile_steps}")
     names = _split(args.models)
     if not names:
         raise ArgError("--models", "expected one or more model names")
@@ -231,6 +243,7 @@ def plan_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     chunks += _positive_ints(",".join(chunk_texts), "--loss-chunk") if chunk_texts else []
     if not chunks:
         raise ArgError("--loss-chunk", "expected none or positive integers")
+    profile = None if args.profile is None else Path(args.profile)
     specs = []
     for (name, model), seq, batch, micro, mesh, precision, remat, chunk in itertools.product(
         models, seq_lens, batches, micros, meshes, precisions, remats, chunks
@@ -254,7 +267,24 @@ def plan_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                 isolated=not args.in_process,
             )
         )
+    seen: dict[str, int] = {}
+    for spec in specs:  # the same row twice (a model listed twice): a folder each
+        label = row_label(spec)
+        seen[label] = seen.get(label, 0) + 1
+        label += f"-{seen[label]}" if seen[label] > 1 else ""
+        spec["profile_dir"] = None if profile is None else str(profile / label)
+        spec["profile_steps"] = args.profile_steps
     return specs
+
+
+def row_label(spec: dict[str, Any]) -> str:
+    """A filesystem-safe name of the row: mpt-1b_seq2048_gb16_mb16_1x-1x1_amp_bf16_none_chunk512."""
+    mesh = "x".join(str(spec["mesh"][a]) for a in ("data", "fsdp", "tensor"))
+    text = (
+        f"{spec['label']}_seq{spec['seq']}_gb{spec['global_batch']}_mb{spec['microbatch']}"
+        f"_{mesh}_{spec['precision']}_{spec['remat']}_chunk{spec['loss_chunk'] or 'none'}"
+    )
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +366,30 @@ def _timed_steps(step: Any, state: Any, batch: Any, n: int) -> tuple[Any, list[f
     return state, times
 
 
+def _traced_steps(
+    step: Any, state: Any, batch: Any, spec: dict[str, Any]
+) -> tuple[Any, str | None]:
+    """spec's profile_steps more steps under jax.profiler (after the timed ones: the table's
+    timings carry no tracing overhead); a tracing error is returned, the row stays measured."""
+    import jax
+
+    try:
+        jax.profiler.start_trace(spec["profile_dir"], create_perfetto_trace=True)
+    except Exception as e:
+        return state, _one_line(e)
+    error = None
+    try:
+        state, _ = _timed_steps(step, state, batch, spec["profile_steps"])
+    except Exception as e:
+        error = _one_line(e)
+    finally:
+        try:
+            jax.profiler.stop_trace()
+        except Exception as e:
+            error = error or _one_line(e)
+    return state, error
+
+
 def run_row(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one row; the status says why a row was skipped, did not fit or failed."""
     import jax
@@ -396,6 +450,8 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
         stats = [d.memory_stats() for d in jax.local_devices()]
         if spec["isolated"] and all(s and "peak_bytes_in_use" in s for s in stats):
             result["peak_bytes"] = max(int(s["peak_bytes_in_use"]) for s in stats)
+        if spec.get("profile_dir"):
+            state, result["profile_error"] = _traced_steps(compiled, state, batch, spec)
         del state
     except Exception as e:  # one row's failure is its status, never the end of the table
         if _is_oom(e):
@@ -541,13 +597,13 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
-def _output_dir(path: str) -> Path:
-    """--out, created before any row runs (a bad path fails at once, not after the rows)."""
+def _output_dir(path: str, argument: str = "--out") -> Path:
+    """--out or --profile, created before any row runs (a bad path fails at once)."""
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ArgError("--out", f"{path}: cannot create the folder ({e.strerror})") from e
+        raise ArgError(argument, f"{path}: cannot create the folder ({e.strerror})") from e
     return out
 
 
@@ -569,10 +625,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         specs = plan_rows(args)
         out = None if args.out is None else _output_dir(args.out)
+        if args.profile is not None:
+            _output_dir(args.profile, "--profile")
     except ArgError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rows = []
+    rows, results = [], []
     for i, spec in enumerate(specs, 1):
         start = time.perf_counter()
         if spec["global_batch"] % spec["microbatch"]:
@@ -583,6 +641,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result = run_isolated(spec, args.row_timeout)
         rows.append(table_row(spec, result, args.peak_tflops))
+        results.append(result)
         mesh = "x".join(str(spec["mesh"][a]) for a in ("data", "fsdp", "tensor"))
         print(
             f"[{i}/{len(specs)}] {spec['label']} seq {spec['seq']} batch {spec['global_batch']}"
@@ -608,7 +667,26 @@ def main(argv: list[str] | None = None) -> int:
         _write_atomic(out / "bench_train.md", caption + markdown)
         _write_atomic(out / "bench_train.csv", to_csv(rows))
     print(markdown, end="")
+    for spec, result in zip(specs, results, strict=True):
+        if spec["profile_dir"] and result["status"] == "ok":
+            print(f"\n## Profile: {Path(spec['profile_dir']).name}\n")
+            summary = _profile_summary(spec, result.get("profile_error"))
+            print(summary, end="")
     return 0
+
+
+def _profile_summary(spec: dict[str, Any], error: str | None) -> str:
+    """The row's summary (also written to its profile_dir/summary.md), or one line why not."""
+    trace_dir = spec["profile_dir"]
+    if error is not None:
+        return f"no profile: {error}\n"
+    try:
+        summary = profiling.summarize_trace(trace_dir, steps=spec["profile_steps"])
+        text = profiling.format_summary(summary)
+    except (OSError, ValueError) as e:
+        return f"no profile: {' '.join(str(e).split())}\n"
+    _write_atomic(Path(trace_dir) / "summary.md", text)
+    return text
 
 
 if __name__ == "__main__":
