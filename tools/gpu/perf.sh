@@ -1,22 +1,31 @@
 #!/usr/bin/env bash
-# [gpu-perf] on one GPU (about 9 minutes): the plain-JAX MPT-1B anchor and ours in the same run,
-# MPT-1B at seq 8192, then the 125M correctness guard (reference vs fast path, 50 steps).
+# [gpu-perf] on one GPU (about 7 minutes, at most 9.5): the plain-JAX MPT-1B anchor and ours in
+# the same run, MPT-1B at seq 2048 (its 3 steps after the timed ones traced: where the time goes)
+# and at seq 8192. The correctness guard is tools/gpu/guard.sh, a run of its own.
 #   run: bash tools/gpu/perf.sh   (carry .whl; fill it with tools/gpu/fetch_wheels.sh)
-# Details go to $OUT; the tables print last.
+# Details go to $OUT (traces and their full summaries in $OUT/profile/<row>/); the tables print
+# last: the bench rows, then each traced row's busy line, categories and top kernels.
 set -u
 source tools/gpu/setup.sh || exit 1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 ANCHOR=${ANCHOR:-../shared/tools/anchor_bench.py}
 [ -f "$ANCHOR" ] || ANCHOR=shared/tools/anchor_bench.py
-B=16 ANCHOR_OUT="$OUT" timeout 150 python3 "$ANCHOR" jax_plain_mpt1b 2>&1 | tail -4
-bench() {  # out-name, then bench_train arguments
-  local name=$1
-  shift
-  timeout 200 python3 tools/bench_train.py --models mpt-1b --precision amp_bf16 --warmup 3 \
-    --steps 10 --out "$OUT/$name" "$@" 2>&1 | tail -3
+B=16 ANCHOR_OUT="$OUT" timeout 140 python3 "$ANCHOR" jax_plain_mpt1b 2>&1 | tail -4
+bench() {  # out-name, seconds, then bench_train arguments; prints the table's last rows
+  local name=$1 limit=$2
+  shift 2
+  timeout "$limit" python3 tools/bench_train.py --models mpt-1b --precision amp_bf16 --warmup 3 \
+    --steps 10 --out "$OUT/$name" "$@" >"$OUT/$name.log" 2>&1
+  tail -3 "$OUT/$name/bench_train.md" 2>/dev/null || tail -3 "$OUT/$name.log"
 }
-bench 1b_2048 --seq-lens 2048 --global-batch 16 --remat none --loss-chunk none,512
-bench 1b_8192 --seq-lens 8192 --global-batch 4 --remat none --loss-chunk 512
-timeout 200 python3 tools/sweep.py experiments/sweeps/gpu-perf-guard.yaml \
-  --out-dir "$OUT/guard" 2>&1 | tail -8
+bench 1b_2048 250 --seq-lens 2048 --global-batch 16 --remat none --loss-chunk none,512 \
+  --profile "$OUT/profile"
+bench 1b_8192 160 --seq-lens 8192 --global-batch 4 --remat none --loss-chunk 512
+# where the time goes, per traced row: the busy line, the category table, the top 10 kernels
+for summary in "$OUT"/profile/*/summary.md; do
+  [ -f "$summary" ] || { echo "no profile summary in $OUT/profile (see $OUT/1b_2048.log)"; break; }
+  echo "## $(basename "$(dirname "$summary")")"
+  awk '/^(no device process|device process|Busy)/ {print} /^\| category/ {t = 1}
+    /^\| name/ {t = 1; n = 0} t && /^\|/ {if (n++ < 12) print; next} t {t = 0; print ""}' "$summary"
+done

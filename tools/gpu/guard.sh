@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# [gpu-perf] correctness guard on one GPU (about 5 minutes): MPT-125M with ALiBi, 50 steps, the
+# reference settings (XLA attention, whole logits) against fp32 and the fast path (Pallas kernel,
+# loss_chunk 512) from the same initialization and batches; the report's loss_diff columns last.
+#   run: bash tools/gpu/guard.sh   (carry .whl; fill it with tools/gpu/fetch_wheels.sh)
+set -u
+source tools/gpu/setup.sh || exit 1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+timeout 500 python3 tools/sweep.py experiments/sweeps/gpu-perf-guard.yaml --no-plots \
+  --out-dir "$OUT/guard" >"$OUT/guard.log" 2>&1
+tail -8 "$OUT/guard.log"
+cat "$OUT/guard/results.md" 2>/dev/null
