@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import yaml
 from helpers import TINY_MODEL, config
+from xla_flags import xla_flags
 
 import mpt_jax
 from mpt_jax import checkpoint
@@ -228,7 +229,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(small_dataset, tmp
 # ---------------------------------------------------------------------------------------------
 # Real processes: SIGTERM, SIGKILL under the supervisor, a hang, a full disk
 
-ONE_DEVICE = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+ONE_DEVICE = {**os.environ, "XLA_FLAGS": xla_flags(1)}
 
 
 def write_config(tmp_path, small_dataset, run_dir, **train):
@@ -384,7 +385,7 @@ def test_two_processes_agree_on_the_preemption_step(small_dataset, tmp_path):
     script = tmp_path / "trainer.py"
     script.write_text(TWO_PROCESS_TRAINER)
     cfg = write_config(tmp_path, small_dataset, tmp_path / "mp", steps=40)
-    env = {k: v for k, v in ONE_DEVICE.items() if k != "XLA_FLAGS"}
+    env = {**ONE_DEVICE, "XLA_FLAGS": xla_flags()}  # its devices come from the script
 
     def launch():
         with socket.socket() as s:

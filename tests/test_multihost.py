@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from helpers import TINY_MODEL
+from xla_flags import xla_flags
 
 from mpt_jax.data import BatchLoader, open_dataset
 
@@ -22,7 +23,7 @@ def free_port() -> int:
 
 def environment(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MPT_JAX_")}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
     env["JAX_PLATFORMS"] = "cpu"
     return {**env, **extra}
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import yaml
 from helpers import TINY_MODEL, config
+from xla_flags import xla_flags
 
 from mpt_jax.config import ConfigError, MeshConfig
 from mpt_jax.data import DataError
@@ -191,7 +192,7 @@ def test_command_line_with_overrides(small_dataset, tmp_path):
             }
         )
     )
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(2)}
     result = subprocess.run(
         [
             sys.executable,
