@@ -177,8 +177,7 @@ def _xla_attention(
     T, G = k.shape[1], k.shape[2]
     R = H // G
     q_BSGRK = q.reshape(B, S, G, R, K)
-    s_BGRST = jnp.einsum("bsgrk,btgk->bgrst", q_BSGRK, k, preferred_element_type=jnp.float32)
-    s_BGRST = s_BGRST * scale
+    s_BGRST = _qk_scores(q_BSGRK, k) * scale
     bias, mask = _bias_and_mask(S, T, slopes, segment_ids, causal, query_offset, kv_mask)
     if bias is not None:
         s_BGRST = s_BGRST + bias.reshape(1, G, R, S, T)
@@ -193,6 +192,33 @@ def _xla_attention(
         p_BGRST = jnp.where(keep, p_BGRST / (1.0 - dropout_rate), 0.0)
     out_BSGRK = jnp.einsum("bgrst,btgk->bsgrk", p_BGRST.astype(v.dtype), v)
     return out_BSGRK.reshape(B, S, H, K).astype(q.dtype)
+
+
+@jax.custom_vjp
+def _qk_scores(q_BSGRK: jax.Array, k_BTGK: jax.Array) -> jax.Array:
+    """Scores q . k (B, G, R, S, T) in float32 whatever the inputs' dtype.
+
+    The backward multiplies in the inputs' dtype (the score gradient cast down, as the fused
+    kernels do), so under bf16 compute dq and dk are bf16 matmuls, not the fp32 ones autodiff
+    of a float32-output einsum would give.
+    """
+    return jnp.einsum("bsgrk,btgk->bgrst", q_BSGRK, k_BTGK, preferred_element_type=jnp.float32)
+
+
+def _qk_scores_fwd(q_BSGRK, k_BTGK):
+    return _qk_scores(q_BSGRK, k_BTGK), (q_BSGRK, k_BTGK)
+
+
+def _qk_scores_bwd(residuals, ds_BGRST):
+    q_BSGRK, k_BTGK = residuals
+    ds_BGRST = ds_BGRST.astype(q_BSGRK.dtype)
+    f32 = jnp.float32
+    dq = jnp.einsum("bgrst,btgk->bsgrk", ds_BGRST, k_BTGK, preferred_element_type=f32)
+    dk = jnp.einsum("bgrst,bsgrk->btgk", ds_BGRST, q_BSGRK, preferred_element_type=f32)
+    return dq.astype(q_BSGRK.dtype), dk.astype(k_BTGK.dtype)
+
+
+_qk_scores.defvjp(_qk_scores_fwd, _qk_scores_bwd)
 
 
 def _cudnn_attention(q, k, v, slopes, segment_ids, causal, scale):

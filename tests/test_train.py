@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -261,6 +262,29 @@ def test_chunked_loss_never_holds_the_whole_logits(tmp_path):
     logits_bytes = 8 * 64 * 8192 * 4
     assert temp[None] > logits_bytes  # the whole logits (and their gradient) are there
     assert temp[None] - temp[16] > 0.75 * logits_bytes, temp
+
+
+@pytest.mark.parametrize("loss_chunk", [None, 16])
+def test_amp_bf16_step_for_a_gpu_multiplies_in_bf16_only(tmp_path, loss_chunk):
+    """The step lowered for CUDA (here, without a GPU): every matmul takes bf16 operands.
+
+    An fp32 matmul in the step (a missed cast, an einsum for a reduction) runs at a fraction of
+    the bf16 tensor-core rate on a GPU. Attention is the XLA one here (on this host the Pallas
+    kernel would be traced in interpret mode); its matmuls count too.
+    """
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    model = {**TINY_MODEL, "attn_impl": "xla", "max_seq_len": 64}
+    train = {"precision": "amp_bf16", "loss_chunk": loss_chunk}
+    cfg = config(tmp_path, model=model, train=train)
+    graphdef, abstract, shardings = abstract_state(cfg, mesh)
+    step = jit_train_step(graphdef, cfg, mesh, shardings)
+    batch = {"input_ids": jax.ShapeDtypeStruct((8, 64), jnp.int32)}
+    text = step.trace(abstract, batch).lower(lowering_platforms=("cuda",)).as_text()
+    operands = re.findall(
+        r"stablehlo\.dot_general .*?: \(tensor<\S+x(\w+)>, tensor<\S+x(\w+)>\)", text
+    )
+    assert len(operands) >= 3 * 2 * cfg.model.n_layers  # qkv, out and two MLP matmuls, fwd + bwd
+    assert set(operands) == {("bf16", "bf16")}, sorted(set(operands))
 
 
 @pytest.mark.parametrize("precision", ["amp_bf16", "pure_bf16"])

@@ -329,8 +329,10 @@ def _flash_bwd(blk, tilings, interpret, poison_outputs, residuals, do):
     Sp = o_padded.shape[1]
     has_seg = segment_ids is not None
     qp, kp, vp, dop = (pad_axis(x, Sp, 1) for x in (q, k, v, do))
-    # D_i = rowsum(dO_i * O_i), the softmax-gradient correction term
-    delta = jnp.einsum("bshk,bshk->bhs", dop.astype(jnp.float32), o_padded.astype(jnp.float32))
+    # D_i = rowsum(dO_i * O_i), the softmax-gradient correction term; a product and a sum (one
+    # fused reduction), not an einsum, which is a dot XLA may hand to a batched GEMM of 1 x 1 tiles
+    delta = (dop.astype(jnp.float32) * o_padded.astype(jnp.float32)).sum(axis=-1)
+    delta = delta.transpose(0, 2, 1)  # (B, H, Sp)
     segs = [pad_axis(segment_ids, Sp, 1)] * 2 if has_seg else []
     args = [qp, kp, vp, slopes, dop, lse2, delta, *segs]
 
