@@ -1,4 +1,4 @@
-"""GPU checks: cuDNN and tokamax attention against the XLA reference, model parity on GPU."""
+"""GPU checks: fused attention (cuDNN, our Pallas kernels, tokamax) against XLA, model parity."""
 
 import re
 
@@ -13,6 +13,7 @@ from mpt_numpy_reference import mpt_forward
 from mpt_jax import MPTForCausalLM, from_pretrained
 from mpt_jax.attention import alibi_slopes, attention
 from mpt_jax.config import ModelConfig
+from mpt_jax.kernels.flash_attention import Tiling, Tilings, flash_attention
 
 pytestmark = pytest.mark.gpu
 
@@ -50,7 +51,7 @@ def test_model_parity_on_gpu_fp32_and_bf16(tmp_path):
     with jax.default_matmul_precision("highest"):
         fp32 = forward(from_pretrained(folder, attn_impl="xla"), ids)
     assert np.abs(fp32 - ref).max() <= 1e-4
-    for impl in ("xla", "cudnn"):
+    for impl in ("xla", "cudnn", "pallas_gpu"):
         bf16 = forward(from_pretrained(folder, dtype=jnp.bfloat16, attn_impl=impl), ids)
         rel = np.linalg.norm(bf16.astype(np.float64) - ref) / np.linalg.norm(ref)
         assert rel <= 1e-2, (impl, rel)
@@ -89,18 +90,37 @@ def test_auto_picks_the_pallas_kernel_for_alibi_and_cudnn_without():
     assert auto_impl(q.astype(jnp.float32), 0.0, alibi=True) == "xla"
 
 
-@pytest.mark.parametrize("head_dim", [128, 112])
-def test_tokamax_attention_matches_xla_reference_in_bf16(head_dim):
-    pytest.importorskip("tokamax")
-    rng = np.random.default_rng(0)
+GPU_ATTENTION = {
+    # name: (attention impl, Tilings of our kernel or None)
+    "pallas_gpu": ("pallas_gpu", None),
+    "pallas_gpu_own_tilings": (
+        "pallas_gpu",
+        Tilings(fwd=Tiling(128, 64, 8, 2), dq=Tiling(64, 32), dkv=Tiling(32, 128, 4, 2)),
+    ),
+    "tokamax": ("tokamax", None),
+}
+
+
+@pytest.mark.parametrize("head_dim", [128, 112, 64])
+@pytest.mark.parametrize("name", sorted(GPU_ATTENTION))
+def test_fused_attention_matches_xla_reference_in_bf16(name, head_dim):
+    impl, tilings = GPU_ATTENTION[name]
+    if impl == "tokamax":
+        pytest.importorskip("tokamax")
+    rng = np.random.default_rng(head_dim)
     B, S, H, G, K = 2, 1000, 16, 4, head_dim
     q, k, v = (jnp.asarray(rng.standard_normal((B, S, n, K)), jnp.bfloat16) for n in (H, G, G))
     do = jnp.asarray(rng.standard_normal((B, S, H, K)), jnp.float32)
     kw = dict(alibi_slopes=alibi_slopes(H), segment_ids=jnp.asarray(packed_segments(B, S)))
 
+    def attend(q, k, v, impl):
+        if tilings is not None:
+            return flash_attention(q, k, v, causal=True, tilings=tilings, **kw)
+        return attention(q, k, v, impl=impl, causal=True, **kw)
+
     def out_and_grads(impl, *qkv):
         def loss(q, k, v):
-            out = attention(q, k, v, impl=impl, causal=True, **kw)
+            out = attend(q, k, v, impl)
             return (out.astype(jnp.float32) * do).sum(), out
 
         grad = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
@@ -112,14 +132,14 @@ def test_tokamax_attention_matches_xla_reference_in_bf16(head_dim):
     # tokamax broadcasts its mask ranges by rank promotion, also in a kernel's backward (traced
     # after attention() returns); conftest makes rank promotion an error
     with jax.numpy_rank_promotion("allow"):
-        ours = out_and_grads("tokamax", q, k, v)
-        hlo = jax.jit(lambda q, k, v: attention(q, k, v, impl="tokamax", **kw)).lower(q, k, v)
+        ours = out_and_grads(impl, q, k, v)
+        hlo = jax.jit(lambda q, k, v: attend(q, k, v, impl)).lower(q, k, v)
     kernels = sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo.as_text("hlo"))))
-    for name, x, r in zip(
+    for label, x, r in zip(
         ("out", "dq", "dk", "dv"), (ours[0], *ours[1]), (ref[0], *ref[1]), strict=True
     ):
-        assert x.dtype == jnp.bfloat16, (name, x.dtype)
+        assert x.dtype == jnp.bfloat16, (label, x.dtype)
         x, r = np.asarray(x, np.float64), np.asarray(r, np.float64)
-        assert np.isfinite(x).all(), (name, kernels)
+        assert np.isfinite(x).all(), (label, kernels)
         rel = np.abs(x - r).max() / np.abs(r).max()
-        assert rel <= 2e-2, (name, rel, kernels)
+        assert rel <= 2e-2, (label, rel, kernels)
