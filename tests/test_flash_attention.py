@@ -220,12 +220,16 @@ def _model_logits_and_grads(impl):
         return jnp.mean(jax.nn.logsumexp(logits, axis=-1)), logits
 
     grad = jax.value_and_grad(loss, has_aux=True)
-    (_, logits), grads = jax.jit(grad, compiler_options=FAST_COMPILE)(_model_params())
+    # tokamax's CPU path (chunked XLA attention) has NaN gradients with a bias at -O0
+    options = None if impl == "tokamax" else FAST_COMPILE
+    (_, logits), grads = jax.jit(grad, compiler_options=options)(_model_params())
     return logits, jax.tree.leaves(grads)
 
 
-@pytest.mark.parametrize("impl", sorted(KERNELS))
-def test_model_with_pallas_attention_matches_xla(impl):
+@pytest.mark.parametrize("impl", [*sorted(KERNELS), "tokamax"])
+def test_model_with_fused_attention_matches_xla(impl):
+    if impl == "tokamax":
+        pytest.importorskip("tokamax")
     ref_logits, ref_grads = _model_logits_and_grads("xla")
     logits, grads = _model_logits_and_grads(impl)
     assert _relative_error(logits, ref_logits) < 1e-5
