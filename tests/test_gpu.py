@@ -101,7 +101,7 @@ GPU_ATTENTION = {
 }
 
 
-@pytest.mark.parametrize("head_dim", [128, 112, 64])
+@pytest.mark.parametrize("head_dim", [128, 112, 64, 256])
 @pytest.mark.parametrize("name", sorted(GPU_ATTENTION))
 def test_fused_attention_matches_xla_reference_in_bf16(name, head_dim):
     impl, tilings = GPU_ATTENTION[name]
