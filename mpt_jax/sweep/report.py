@@ -116,8 +116,9 @@ def collect(sweep: Sweep, status: Mapping[str, str] | None = None) -> list[dict[
         rows.append(row)
     if sweep.reference is not None:
         reference = next(m for m in sweep.members if m.name == sweep.reference)
+        reference_loss = curves(reference)["loss"]  # read once, not once per member
         for member, row in zip(sweep.members, rows, strict=True):
-            row.update(loss_deviation(curves(member)["loss"], curves(reference)["loss"]))
+            row.update(loss_deviation(curves(member)["loss"], reference_loss))
     return rows
 
 
