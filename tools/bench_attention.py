@@ -164,9 +164,7 @@ def bench(reps: int) -> list[str]:
         ours_out = None
         for label, fn in impls.items():
             fwd = jax.jit(fn)
-            grad = jax.jit(
-                jax.grad(lambda q, k, v, fn=fn: fn(q, k, v).astype(jnp.float32).sum(), (0, 1, 2))
-            )
+            grad = _grad_fn(fn)
             try:
                 t_f = _time(fwd, q, k, v, reps=reps)
                 t_b = _time(grad, q, k, v, reps=reps)
@@ -199,11 +197,13 @@ def _ours(q, k, v, tilings, interpret=False):
     )
 
 
-def _fwd_bwd(tilings, interpret=False):
-    def loss(q, k, v):
-        return _ours(q, k, v, tilings, interpret).astype(jnp.float32).sum()
+def _grad_fn(fn):
+    """Jitted (dq, dk, dv) of sum(fn(q, k, v)): forward + backward, what training runs."""
+    return jax.jit(jax.grad(lambda q, k, v: fn(q, k, v).astype(jnp.float32).sum(), (0, 1, 2)))
 
-    return jax.jit(jax.grad(loss, (0, 1, 2)))
+
+def _fwd_bwd(tilings, interpret=False):
+    return _grad_fn(functools.partial(_ours, tilings=tilings, interpret=interpret))
 
 
 def _try_time(fn, args, reps) -> float | str:
