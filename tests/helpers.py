@@ -3,6 +3,7 @@
 import warnings
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -46,6 +47,28 @@ def packed_segments(batch: int, seq: int, seed: int = 0) -> np.ndarray:
         for c in cuts:
             out[b, c:] += 1
     return out
+
+
+def relative_error(ours, ref) -> float:
+    """max |ours - ref| / max |ref| in float64; both must be finite (NaN never passes)."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    assert np.isfinite(ref).all()
+    assert np.isfinite(ours).all()  # also catches outputs a kernel left poisoned (NaN)
+    return np.abs(ours - ref).max() / np.abs(ref).max()
+
+
+def out_and_grads_fn(attend, do, compiler_options=None):
+    """Jitted (q, k, v) -> (output, (dq, dk, dv)) for the loss sum(attend(q, k, v) * do)."""
+
+    def loss(q, k, v):
+        out = attend(q, k, v)
+        return (out.astype(jnp.float32) * do).sum(), out
+
+    def out_and_grads(q, k, v):
+        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        return out, grads
+
+    return jax.jit(out_and_grads, compiler_options=compiler_options)
 
 
 @nnx.jit

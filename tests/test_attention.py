@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import out_and_grads_fn, packed_segments, relative_error
 
 from mpt_jax.attention import alibi_slopes, attention
 
@@ -131,27 +132,10 @@ TOKAMAX_CASES = {
 }
 
 
-def _packed_ragged(B, S):
-    """Contiguous runs of equal ids, one cut set per row; the last document is cut short."""
-    seg = np.zeros((B, S), np.int32)
-    for b, cuts in enumerate([(37, 90, 171), (64, 130, 199)][:B]):
-        for c in cuts:
-            seg[b, c:] += 1
-    return jnp.asarray(seg)
-
-
-def _outputs_and_grads(impl, q, k, v, do, **kw):
-    def loss(q, k, v):
-        out = attention(q, k, v, impl=impl, **kw)
-        return (out * do).sum(), out
-
-    # tokamax's CPU path (its chunked XLA attention) gives NaN dq and dk with a bias when XLA's
-    # CPU backend runs at -O0, the suite's fast compile (tests/xla_flags.py); at XLA's default
-    # level, which every run outside the tests uses, it is exact
-    options = {"xla_backend_optimization_level": 3} if impl == "tokamax" else None
-    grad = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
-    (_, out), grads = jax.jit(grad, compiler_options=options)(q, k, v)
-    return out, grads
+# tokamax's CPU path (its chunked XLA attention) gives NaN dq and dk with a bias when XLA's CPU
+# backend runs at -O0, the suite's fast compile (tests/xla_flags.py); at XLA's default level,
+# which every run outside the tests uses, it is exact
+DEFAULT_OPTIMIZATION = {"xla_backend_optimization_level": 3}
 
 
 @pytest.mark.parametrize("case", sorted(TOKAMAX_CASES))
@@ -162,18 +146,22 @@ def test_tokamax_matches_xla_forward_and_gradients(case):
     do = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
     kw = dict(
         alibi_slopes=alibi_slopes(H) if alibi else None,
-        segment_ids=_packed_ragged(B, S) if segments else None,
+        segment_ids=jnp.asarray(packed_segments(B, S)) if segments else None,
         causal=causal,
         softmax_scale=0.3,
     )
-    out, grads = _outputs_and_grads("tokamax", q, k, v, do, **kw)
-    ref_out, ref_grads = _outputs_and_grads("xla", q, k, v, do, **kw)
+    tokamax = out_and_grads_fn(
+        lambda q, k, v: attention(q, k, v, impl="tokamax", **kw), do, DEFAULT_OPTIMIZATION
+    )
+    out, grads = tokamax(q, k, v)
+    ref_out, ref_grads = out_and_grads_fn(lambda q, k, v: attention(q, k, v, impl="xla", **kw), do)(
+        q, k, v
+    )
     assert out.shape == (B, S, H, K) and out.dtype == jnp.float32
     for name, ours, ref in zip(
         ("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads), strict=True
     ):
-        ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-        err = np.abs(ours - ref).max() / np.abs(ref).max()
+        err = relative_error(ours, ref)
         assert err <= 1e-5, (name, err)
 
 

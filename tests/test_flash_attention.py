@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import out_and_grads_fn, relative_error
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -40,27 +41,6 @@ CASES = {
 }
 
 
-def _relative_error(ours, ref):
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert np.isfinite(ref).all()
-    assert np.isfinite(ours).all()  # also catches outputs a kernel left poisoned (NaN)
-    return np.abs(ours - ref).max() / np.abs(ref).max()
-
-
-def _value_and_grads(fn, do):
-    """Jitted (output, (dq, dk, dv)) of fn for the loss sum(fn(q, k, v) * do)."""
-
-    def loss(q, k, v):
-        out = fn(q, k, v)
-        return (out.astype(jnp.float32) * do).sum(), out
-
-    def out_and_grads(q, k, v):
-        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
-        return out, grads
-
-    return jax.jit(out_and_grads, compiler_options=FAST_COMPILE)
-
-
 def _assert_matches_reference(kernel, B, S, H, G, K, with_segments, causal, dtype, seed_name):
     """kernel(q, k, v, **kw) against the XLA reference: output and dq, dk, dv."""
     rng = np.random.default_rng(zlib.crc32(seed_name.encode()))  # fresh inputs per case
@@ -72,16 +52,17 @@ def _assert_matches_reference(kernel, B, S, H, G, K, with_segments, causal, dtyp
     kw = dict(alibi_slopes=alibi_slopes(H), segment_ids=seg, causal=causal, softmax_scale=0.2)
 
     ours = functools.partial(kernel, interpret=True, _poison_outputs=True, **kw)
-    out, grads = _value_and_grads(ours, do)(q, k, v)
-    ref, ref_grads = _value_and_grads(lambda q, k, v: attention(q, k, v, impl="xla", **kw), do)(
-        q, k, v
+    out, grads = out_and_grads_fn(ours, do, FAST_COMPILE)(q, k, v)
+    reference = out_and_grads_fn(
+        lambda q, k, v: attention(q, k, v, impl="xla", **kw), do, FAST_COMPILE
     )
+    ref, ref_grads = reference(q, k, v)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     assert out.dtype == dtype and out.shape == (B, S, H, K)
-    assert _relative_error(out, ref) < tol
+    assert relative_error(out, ref) < tol
     for g, r, label in zip(grads, ref_grads, ("dq", "dk", "dv"), strict=True):
         assert g.dtype == r.dtype and g.shape == r.shape, label
-        assert _relative_error(g, r) < tol, label
+        assert relative_error(g, r) < tol, label
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -240,9 +221,9 @@ def test_model_with_fused_attention_matches_xla(impl):
         pytest.importorskip("tokamax")
     ref_logits, ref_grads = _model_logits_and_grads("xla")
     logits, grads = _model_logits_and_grads(impl)
-    assert _relative_error(logits, ref_logits) < 1e-5
+    assert relative_error(logits, ref_logits) < 1e-5
     for g, r in zip(grads, ref_grads, strict=True):
-        assert _relative_error(g, r) < 1e-4
+        assert relative_error(g, r) < 1e-4
 
 
 def test_tpu_kernel_in_the_tpu_simulator():
@@ -263,10 +244,11 @@ def test_tpu_kernel_in_the_tpu_simulator():
         _poison_outputs=True,
         **kw,
     )
-    out, grads = _value_and_grads(kernel, do)(q, k, v)
-    ref, ref_grads = _value_and_grads(lambda q, k, v: attention(q, k, v, impl="xla", **kw), do)(
-        q, k, v
+    out, grads = out_and_grads_fn(kernel, do, FAST_COMPILE)(q, k, v)
+    reference = out_and_grads_fn(
+        lambda q, k, v: attention(q, k, v, impl="xla", **kw), do, FAST_COMPILE
     )
-    assert _relative_error(out, ref) < 1e-5
+    ref, ref_grads = reference(q, k, v)
+    assert relative_error(out, ref) < 1e-5
     for g, r in zip(grads, ref_grads, strict=True):
-        assert _relative_error(g, r) < 1e-5
+        assert relative_error(g, r) < 1e-5

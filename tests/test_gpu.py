@@ -1,5 +1,6 @@
 """GPU checks: fused attention (cuDNN, our Pallas kernels, tokamax) against XLA, model parity."""
 
+import functools
 import re
 
 import jax
@@ -7,7 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import forward, packed_segments, random_hf_tensors, write_hf_folder
+from helpers import (
+    forward,
+    out_and_grads_fn,
+    packed_segments,
+    random_hf_tensors,
+    relative_error,
+    write_hf_folder,
+)
 from mpt_numpy_reference import mpt_forward
 
 from mpt_jax import MPTForCausalLM, from_pretrained
@@ -119,13 +127,7 @@ def test_fused_attention_matches_xla_reference_in_bf16(name, head_dim):
         return attention(q, k, v, impl=impl, causal=True, **kw)
 
     def out_and_grads(impl, *qkv):
-        def loss(q, k, v):
-            out = attend(q, k, v, impl)
-            return (out.astype(jnp.float32) * do).sum(), out
-
-        grad = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
-        (_, out), grads = jax.jit(grad)(*qkv)
-        return out, grads
+        return out_and_grads_fn(functools.partial(attend, impl=impl), do)(*qkv)
 
     # the reference in fp32 from the same bf16 inputs
     ref = out_and_grads("xla", *(x.astype(jnp.float32) for x in (q, k, v)))
@@ -139,7 +141,6 @@ def test_fused_attention_matches_xla_reference_in_bf16(name, head_dim):
         ("out", "dq", "dk", "dv"), (ours[0], *ours[1]), (ref[0], *ref[1]), strict=True
     ):
         assert x.dtype == jnp.bfloat16, (label, x.dtype)
-        x, r = np.asarray(x, np.float64), np.asarray(r, np.float64)
         assert np.isfinite(x).all(), (label, kernels)
-        rel = np.abs(x - r).max() / np.abs(r).max()
+        rel = relative_error(x, r)
         assert rel <= 2e-2, (label, rel, kernels)
