@@ -471,6 +471,9 @@ class MPTForCausalLM(nnx.Module):
             emb_key, block_key = jax.random.split(dropout_key)
         x_BSD = self._embed(input_ids, pos_emb_1SD, emb_key)
         x_BSD = self._blocks(x_BSD, segment_ids, block_key)
+        return self._final_norm(x_BSD)
+
+    def _final_norm(self, x_BSD):
         return self.norm_f(x_BSD).astype(self.dtype)
 
     def _embed(self, input_ids, pos_emb_BSD, key):
@@ -483,7 +486,7 @@ class MPTForCausalLM(nnx.Module):
         return _dropout(x_BSD, self.config.emb_pdrop, key)
 
     def _head(self, x_BSD):
-        return self._project(self.norm_f(x_BSD).astype(self.dtype))
+        return self._project(self._final_norm(x_BSD))
 
     def _project(self, h_BSD):
         w_DV, scale = self.output_weight()
