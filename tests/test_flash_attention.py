@@ -18,7 +18,7 @@ from mpt_jax import MPTForCausalLM
 from mpt_jax.attention import alibi_slopes, attention
 from mpt_jax.config import ModelConfig
 from mpt_jax.kernels.common import poison
-from mpt_jax.kernels.flash_attention import Tiling, Tilings, flash_attention
+from mpt_jax.kernels.flash_attention import Tiling, Tilings, default_tilings, flash_attention
 from mpt_jax.kernels.flash_attention_tpu import flash_attention_tpu
 
 KERNELS = {"pallas_gpu": flash_attention, "pallas_tpu": flash_attention_tpu}
@@ -111,6 +111,16 @@ def test_gpu_kernels_lower_to_triton_for_cuda_on_any_host():
     ]
     # the softmax is exp2 (one MUFU op per score), never libdevice's longer expf
     assert "__nv_exp2f" in text and "__nv_expf" not in text
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_default_blocks_hold_no_more_bytes_than_those_measured_to_fit(head_dim):
+    # 64 x 64 blocks ran at head dim 128 on an H200; twice their bytes overflowed shared memory
+    measured = 64 * 128
+    tilings = default_tilings(head_dim)
+    for tiling in (tilings.fwd, tilings.dq, tilings.dkv):
+        assert max(tiling.block_q, tiling.block_k) * head_dim <= measured
+        assert min(tiling.block_q, tiling.block_k) >= 32  # small blocks starve the tensor cores
 
 
 def test_poisoned_outputs_show_unwritten_elements():

@@ -73,12 +73,14 @@ class Tilings:
 def default_tilings(head_dim: int) -> Tilings:
     """The tilings `flash_attention` uses for a (power-of-two padded) head dim.
 
-    64 x 64 blocks with Triton's default warps and stages for every kernel: the best uniform
-    size of the H200 sweep at head dim 128 (docs/benchmarks.md); per-kernel sizes, warps and
-    stages come from `tools/bench_attention.py --tune` on a GPU.
+    64 x 64 blocks with Triton's default warps and stages for every kernel up to head dim 128:
+    the best uniform size of the H200 sweep at head dim 128 (docs/benchmarks.md). Above 128 the
+    blocks shrink so that no block holds more bytes than a 64 x 128 one: in that sweep blocks
+    with twice those bytes (128 x 64 at head dim 128) overflowed shared memory. Per-kernel
+    sizes, warps and stages come from `tools/bench_attention.py --tune` on a GPU.
     """
-    del head_dim  # one tiling until the per-head-dim sweep has run on a GPU
-    return Tilings.uniform(64, 64)
+    block = 64 * 128 // max(head_dim, 128)
+    return Tilings.uniform(block, block)
 
 
 def _n_key_blocks(qi, *, bq, bk, n_k, causal):
