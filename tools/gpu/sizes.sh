@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# [gpu-perf] the MPT size table on one GPU (about 7 minutes on an H200, at most 9.5): 125m, 350m,
+# 760m, 1b and 3b at seq 2048, then 7b with full remat (the largest MPT expected to train on one
+# H200: about 107 GB of fp32 weights, gradients and Adam moments). ALiBi on (no learned positions,
+# no biases, as anchor_bench's MPT-1B), amp_bf16, loss_chunk 512. A row that does not fit the
+# card (3b and 7b on an H100) is reported as such by bench_train, not run.
+#   run: bash tools/gpu/sizes.sh   (kind nvidia-h200; carry .whl; fill it with fetch_wheels.sh)
+# Details go to $OUT/sizes/<model>/; one merged table prints last.
+set -u
+source tools/gpu/setup.sh || exit 1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT/sizes"
+ALIBI=(--model-override alibi=true --model-override learned_pos_emb=false
+  --model-override no_bias=true)
+row() {  # model, global batch, remat, seconds
+  timeout "$4" python3 tools/bench_train.py --models "$1" --seq-lens 2048 --global-batch "$2" \
+    --remat "$3" --loss-chunk 512 --precision amp_bf16 --warmup 2 --steps 5 "${ALIBI[@]}" \
+    --out "$OUT/sizes/$1" >"$OUT/sizes/$1.log" 2>&1 || echo "$1: exit $? (see $OUT/sizes/$1.log)"
+}
+row mpt-125m 32 none 60
+row mpt-350m 32 none 70
+row mpt-760m 16 none 70
+row mpt-1b 16 none 80
+row mpt-3b 8 none 100
+row mpt-7b 8 full 170
+python3 - "$OUT/sizes" <<'PY'
+import csv
+import pathlib
+import sys
+
+columns = ("Model", "GlobalBatchSize", "Activation Checkpointing", "NumParams",
+           "Throughput (T/s)", "MFU", "TFLOP/s/device", "Step time (s)",
+           "Peak memory (GiB/device)", "Status")
+print("| " + " | ".join(columns) + " |")
+print("|" + "---|" * len(columns))
+for path in sorted(pathlib.Path(sys.argv[1]).glob("*/bench_train.csv"),
+                   key=lambda p: p.parent.stat().st_mtime):
+    for row in csv.DictReader(path.open()):
+        print("| " + " | ".join(row.get(c, "") for c in columns) + " |")
+PY
