@@ -91,7 +91,7 @@ def attention(
             segment_ids=segment_ids,
             causal=causal,
             softmax_scale=scale,
-            interpret=jax.default_backend() != native,  # elsewhere the same kernel, interpreted
+            interpret=backend() != native,  # elsewhere the same kernel, interpreted
         )
     return _xla_attention(
         q_BSHK,
@@ -108,6 +108,11 @@ def attention(
     )
 
 
+def backend() -> str:
+    """The platform attention is built for: `auto`'s choice and Pallas interpret mode follow it."""
+    return jax.default_backend()
+
+
 def auto_impl(q_BSHK: jax.Array, dropout_rate: float, *, alibi: bool) -> str:
     """The fastest correct implementation for this backend and input.
 
@@ -116,13 +121,13 @@ def auto_impl(q_BSHK: jax.Array, dropout_rate: float, *, alibi: bool) -> str:
     On a TPU (bf16, fp16, fp32; head dim up to 256): our Pallas TPU kernel.
     Elsewhere, or with attention dropout: the XLA reference.
     """
-    backend, K = jax.default_backend(), q_BSHK.shape[-1]
+    platform, K = backend(), q_BSHK.shape[-1]
     if dropout_rate:
         return "xla"
-    if backend == "tpu":
+    if platform == "tpu":
         tpu_ok = q_BSHK.dtype in (jnp.bfloat16, jnp.float16, jnp.float32) and K <= 256
         return "pallas_tpu" if tpu_ok else "xla"
-    if backend != "gpu" or q_BSHK.dtype not in (jnp.bfloat16, jnp.float16):
+    if platform != "gpu" or q_BSHK.dtype not in (jnp.bfloat16, jnp.float16):
         return "xla"
     if alibi:
         return "pallas_gpu"
@@ -299,7 +304,7 @@ def _tokamax_attention(q, k, v, slopes, segment_ids, causal, scale):
         # run's end is implied (keys j <= i), and leaving it out keeps the kernels' causal path
         end_B1S = None if causal else end_BS[:, None]
         mask = tokamax_base.Mask(k_start=start_BS[:, None], k_end=end_B1S, is_causal=causal)
-    names = _TOKAMAX_IMPLEMENTATIONS.get(jax.default_backend(), _TOKAMAX_FALLBACK)
+    names = _TOKAMAX_IMPLEMENTATIONS.get(backend(), _TOKAMAX_FALLBACK)
     errors = []
     for name in names:
         if name not in tokamax_api.IMPLEMENTATIONS:

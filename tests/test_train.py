@@ -15,6 +15,7 @@ import yaml
 from helpers import TINY_MODEL, config
 from xla_flags import xla_flags
 
+from mpt_jax import attention as attention_module
 from mpt_jax.config import ConfigError, MeshConfig
 from mpt_jax.data import DataError
 from mpt_jax.sharding import batch_sharding, make_mesh
@@ -269,8 +270,8 @@ def test_amp_bf16_step_for_a_gpu_multiplies_in_bf16_only(tmp_path, loss_chunk):
     """The step lowered for CUDA (here, without a GPU): every matmul takes bf16 operands.
 
     An fp32 matmul in the step (a missed cast, an einsum for a reduction) runs at a fraction of
-    the bf16 tensor-core rate on a GPU. Attention is the XLA one here (on this host the Pallas
-    kernel would be traced in interpret mode); its matmuls count too.
+    the bf16 tensor-core rate on a GPU. Attention is the XLA one here, so its matmuls count too;
+    the next test lowers the step with our kernels.
     """
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     model = {**TINY_MODEL, "attn_impl": "xla", "max_seq_len": 64}
@@ -285,6 +286,32 @@ def test_amp_bf16_step_for_a_gpu_multiplies_in_bf16_only(tmp_path, loss_chunk):
     )
     assert len(operands) >= 3 * 2 * cfg.model.n_layers  # qkv, out and two MLP matmuls, fwd + bwd
     assert set(operands) == {("bf16", "bf16")}, sorted(set(operands))
+
+
+@pytest.mark.parametrize("loss_chunk", [None, 16])
+def test_step_built_for_a_gpu_runs_alibi_in_our_triton_kernels(tmp_path, monkeypatch, loss_chunk):
+    """The ALiBi step as a GPU host builds it (`attn_impl: auto`), lowered for CUDA here.
+
+    Attention is our three Triton kernels (forward, dq, dk/dv), no (seq, seq) array is left
+    anywhere in the step (no bias, no scores) and every other matmul takes bf16 operands.
+    """
+    monkeypatch.setattr(attention_module, "backend", lambda: "gpu")
+    S = 80  # no other dimension of the tiny model is 80
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    model = {**TINY_MODEL, "attn_impl": "auto", "max_seq_len": S}
+    cfg = config(tmp_path, model=model, train={"precision": "amp_bf16", "loss_chunk": loss_chunk})
+    graphdef, abstract, shardings = abstract_state(cfg, mesh)
+    step = jit_train_step(graphdef, cfg, mesh, shardings)
+    batch = {"input_ids": jax.ShapeDtypeStruct((4, S), jnp.int32)}
+    text = step.trace(abstract, batch).lower(lowering_platforms=("cuda",)).as_text()
+    kernels = re.findall(r'name = "(mpt_flash_\w+)"', text)
+    assert sorted(set(kernels)) == ["mpt_flash_dkdv", "mpt_flash_dq", "mpt_flash_fwd"]
+    assert len(kernels) == 3 * cfg.model.n_layers  # unrolled layers: one launch each
+    assert not re.search(rf"tensor<(\S+x)?{S}x{S}x", text)
+    operands = re.findall(
+        r"stablehlo\.dot_general .*?: \(tensor<\S+x(\w+)>, tensor<\S+x(\w+)>\)", text
+    )
+    assert operands and set(operands) == {("bf16", "bf16")}, sorted(set(operands))
 
 
 @pytest.mark.parametrize("precision", ["amp_bf16", "pure_bf16"])
