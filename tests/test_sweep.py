@@ -148,7 +148,8 @@ def test_seed_means_and_best_member_in_the_markdown(tmp_path):
     low, high = losses[:3], losses[3:]
     assert f"| 0.001 | 3 | {statistics.mean(low):.4g} ± {statistics.stdev(low):.4g} |" in text
     assert f"| 0.01 | 3 | {statistics.mean(high):.4g} ± {statistics.stdev(high):.4g} |" in text
-    paths = report.plot(sweep, rows, tmp_path / "plots")  # no run folders: no curves, no error
+    logs = {m.name: report.read_log(m) for m in sweep.members}  # no run folders: empty logs
+    paths = report.plot(sweep, rows, logs, tmp_path / "plots")  # no curves, no error
     assert [p.name for p in paths] == ["loss_curves.png", "metrics_vs_optim_lr.png"]
     assert all(p.read_bytes()[:8] == PNG for p in paths)
 
@@ -292,7 +293,7 @@ def test_loss_deviation_over_common_steps_and_nan_is_worst(tmp_path):
     with MetricsLogger(member.run_dir, tensorboard=False) as logger:  # the trainer's logger
         for step, loss in ((1, 3.0), (2, 2.5), (3, math.nan), (4, 2.0)):
             logger.log(step, {"loss": loss})
-    ours = report.curves(member)["loss"]
+    ours = report.curves(report.read_log(member))["loss"]
     assert ours[:2] == [(1, 3.0), (2, 2.5)] and math.isnan(ours[2][1]) and ours[3] == (4, 2.0)
     reference = [(1, 3.5), (2, 2.0), (3, 2.2), (4, 2.25)]
     assert report.loss_deviation(ours, reference)["loss_diff_max"] == math.inf

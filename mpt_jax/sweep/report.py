@@ -49,10 +49,15 @@ def _finite(values: Sequence[Any]) -> list[float]:
     return [float(v) for v in values if isinstance(v, int | float) and math.isfinite(v)]
 
 
-def curves(member: Member) -> dict[str, list[tuple[int, float]]]:
-    """(step, value) series of train loss and val loss from the member's metrics.jsonl."""
+def read_log(member: Member) -> list[dict[str, Any]]:
+    """The member's metrics.jsonl rows ([] before its run has logged)."""
+    return _read_jsonl(member.run_dir / "metrics.jsonl")
+
+
+def curves(log: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) series of train loss and val loss from a member's log rows."""
     out: dict[str, dict[int, float]] = {"loss": {}, "val_loss": {}}
-    for row in _read_jsonl(member.run_dir / "metrics.jsonl"):
+    for row in log:
         for key, series in out.items():
             value = row.get(key)
             if value is None and key in row.get("nonfinite", {}):
@@ -62,9 +67,10 @@ def curves(member: Member) -> dict[str, list[tuple[int, float]]]:
     return {key: sorted(series.items()) for key, series in out.items()}
 
 
-def member_metrics(sweep: Sweep, member: Member) -> dict[str, Any]:
-    """Final and best metrics of one member, from its run folder (and eval results)."""
-    rows = _read_jsonl(member.run_dir / "metrics.jsonl")
+def member_metrics(
+    sweep: Sweep, member: Member, rows: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """Final and best metrics of one member from its log rows (and its eval results)."""
     train = [r for r in rows if "loss" in r]
     losses = _finite([r["loss"] for r in train])
     val = _finite([r["val_loss"] for r in rows if "val_loss" in r])
@@ -97,8 +103,12 @@ def eval_metrics(results: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def collect(sweep: Sweep, status: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
-    """One row per member: name, swept values, status and metrics."""
+def collect(
+    sweep: Sweep,
+    logs: Mapping[str, Sequence[Mapping[str, Any]]],
+    status: Mapping[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per member: name, swept values, status and metrics; logs by member name."""
     rows = []
     for member in sweep.members:
         state = (status or {}).get(member.name)
@@ -112,13 +122,12 @@ def collect(sweep: Sweep, status: Mapping[str, str] | None = None) -> list[dict[
         row = {"member": member.name}
         row.update({key: member.params.get(key) for key in sweep.axes})
         row["status"] = state
-        row.update(member_metrics(sweep, member))
+        row.update(member_metrics(sweep, member, logs[member.name]))
         rows.append(row)
     if sweep.reference is not None:
-        reference = next(m for m in sweep.members if m.name == sweep.reference)
-        reference_loss = curves(reference)["loss"]  # read once, not once per member
+        reference_loss = curves(logs[sweep.reference])["loss"]
         for member, row in zip(sweep.members, rows, strict=True):
-            row.update(loss_deviation(curves(member)["loss"], reference_loss))
+            row.update(loss_deviation(curves(logs[member.name])["loss"], reference_loss))
     return rows
 
 
@@ -229,7 +238,12 @@ def _any(rows: Sequence[Mapping[str, Any]], column: str) -> bool:
 # Plots
 
 
-def plot(sweep: Sweep, rows: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path]:
+def plot(
+    sweep: Sweep,
+    rows: Sequence[Mapping[str, Any]],
+    logs: Mapping[str, Sequence[Mapping[str, Any]]],
+    out_dir: Path,
+) -> list[Path]:
     """loss_curves.png (every member's curves overlaid) and metrics_vs_<key>.png per swept key."""
     try:
         import matplotlib
@@ -241,7 +255,7 @@ def plot(sweep: Sweep, rows: Sequence[Mapping[str, Any]], out_dir: Path) -> list
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    paths = [_loss_curves(plt, sweep, out_dir / "loss_curves.png")]
+    paths = [_loss_curves(plt, sweep, logs, out_dir / "loss_curves.png")]
     metrics = [m for m in PLOTTED if _any(rows, m)]
     metrics += sorted({k for r in rows for k in r if k.startswith(("icl/", "gauntlet/"))})
     plotted: set[tuple[int, ...]] = set()
@@ -267,7 +281,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _loss_curves(plt, sweep: Sweep, path: Path) -> Path:
+def _loss_curves(
+    plt, sweep: Sweep, logs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path
+) -> Path:
     """Colour per setting of the swept keys, line style per seed."""
     fig, ax = plt.subplots(figsize=(8, 5))
     settings: dict[str, int] = {}
@@ -279,7 +295,7 @@ def _loss_curves(plt, sweep: Sweep, path: Path) -> Path:
         style = ("-", "--", ":", "-.")[
             seeds.setdefault(member.params.get(SEED_KEY), len(seeds)) % 4
         ]
-        series = curves(member)
+        series = curves(logs[member.name])
         if series["loss"]:
             steps, losses = zip(*series["loss"], strict=True)
             ax.plot(steps, losses, style, color=color, lw=1.2, label=member.name)
@@ -367,7 +383,8 @@ def write_report(
     log: Callable[[str], None] = print,
 ) -> tuple[list[dict[str, Any]], str]:
     """Write OUT/results.csv, OUT/results.md and the plots; returns the rows and the Markdown."""
-    rows = collect(sweep, status)
+    logs = {member.name: read_log(member) for member in sweep.members}  # each file read once
+    rows = collect(sweep, logs, status)
     cols = columns(sweep, rows)
     out = sweep.out_dir
     write_csv(out / "results.csv", cols, rows)
@@ -375,7 +392,7 @@ def write_report(
     images: list[Path] = []
     if plots:
         try:
-            images = plot(sweep, rows, out)
+            images = plot(sweep, rows, logs, out)
         except RuntimeError as e:
             log(f"warning: {e}")
     figures = "".join(f"\n![{p.stem}]({p.name})\n" for p in images)
