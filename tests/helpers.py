@@ -6,6 +6,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import yaml
 from flax import nnx
 
 from mpt_jax import hf_checkpoint
@@ -97,6 +98,12 @@ TINY_MODEL = dict(
 def config(tmp_path, **sections):
     """A validated RunConfig for TINY_MODEL; see raw_config."""
     return run_config_from_dict(raw_config(tmp_path, **sections))
+
+
+def write_config(path, tmp_path, **sections):
+    """raw_config(tmp_path, **sections) written as YAML to `path`, for `mpt-jax train`."""
+    path.write_text(yaml.safe_dump(raw_config(tmp_path, **sections)))
+    return path
 
 
 def raw_config(tmp_path, **sections):

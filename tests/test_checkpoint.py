@@ -10,11 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import yaml
 from helpers import TINY_MODEL, config
 from xla_flags import xla_flags
 
@@ -233,24 +233,14 @@ ONE_DEVICE = {**os.environ, "XLA_FLAGS": xla_flags(1)}
 
 
 def write_config(tmp_path, small_dataset, run_dir, **train):
-    path = tmp_path / f"{Path(run_dir).name}.yaml"
-    raw = {
-        "model": TINY_MODEL,
-        "data": {"path": str(small_dataset / "ds")},
-        "optim": {"lr": 1e-3},
-        "train": {
-            "global_batch": 8,
-            "precision": "fp32",
-            "progress": False,
-            "eval_batches": 1,
-            "log_every": 1,
-            **train,
-        },
-        "checkpoint": {"every": 3},
-        "run_dir": str(run_dir),
-    }
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return helpers.write_config(
+        tmp_path / f"{Path(run_dir).name}.yaml",
+        small_dataset,
+        schedule={"t_warmup": "100ba"},
+        train={"eval_batches": 1, "log_every": 1, **train},
+        checkpoint={"every": 3},
+        run_dir=str(run_dir),
+    )
 
 
 def trainer(cfg_path, *extra, env=ONE_DEVICE, **kw):

@@ -7,9 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import numpy as np
-import yaml
-from helpers import TINY_MODEL
 from xla_flags import xla_flags
 
 from mpt_jax.data import BatchLoader, open_dataset
@@ -56,25 +55,13 @@ def train(cfg_path, processes, devices, *overrides, timeout=600):
 
 
 def write_config(tmp_path, small_dataset, name, **mesh):
-    path = tmp_path / f"{name}.yaml"
-    raw = {
-        "model": TINY_MODEL,
-        "data": {"path": str(small_dataset / "ds")},
-        "optim": {"lr": 1e-3},
-        "schedule": {"t_warmup": "2ba"},
-        "mesh": {"data": 2, "fsdp": 4, "tensor": 1, **mesh},
-        "train": {
-            "global_batch": 8,
-            "steps": 5,
-            "precision": "fp32",
-            "progress": False,
-            "log_every": 1,
-            "eval_batches": 1,
-        },
-        "run_dir": str(tmp_path / name),
-    }
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return helpers.write_config(
+        tmp_path / f"{name}.yaml",
+        small_dataset,
+        mesh={"data": 2, "fsdp": 4, "tensor": 1, **mesh},
+        train={"log_every": 1, "eval_batches": 1},
+        run_dir=str(tmp_path / name),
+    )
 
 
 def losses(run_dir):
