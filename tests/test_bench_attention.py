@@ -4,7 +4,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from mpt_jax.kernels.flash_attention import Tiling, default_tilings
+from mpt_jax.kernels.flash_attention import Tiling, Tilings, default_tilings
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location(
@@ -15,8 +15,11 @@ sys.modules["bench_attention"] = bench_attention
 _spec.loader.exec_module(bench_attention)
 
 
-def test_tune_sweeps_each_kernel_skips_failures_and_checks_the_winner():
-    # a zero block cannot tile anything: that candidate fails and the sweep goes on
+def test_tune_sweeps_each_kernel_skips_failures_and_checks_the_winner(monkeypatch):
+    # the default goes first; a zero block cannot tile anything: that candidate fails and the
+    # sweep goes on
+    default = Tilings(fwd=Tiling(32, 16, 4, 2), dq=Tiling(16, 16, 4, 2), dkv=Tiling(16, 32, 4, 2))
+    monkeypatch.setattr(bench_attention, "default_tilings", lambda head_dim: default)
     blocks = {"fwd": [(0, 16), (32, 16)], "dq": [(16, 16)], "dkv": [(16, 32)]}
     lines, winners = bench_attention.tune(
         [32],
@@ -29,12 +32,28 @@ def test_tune_sweeps_each_kernel_skips_failures_and_checks_the_winner():
         interpret=True,
     )
     candidates = [line for line in lines if line.startswith("| 32 |")]
-    assert len(candidates) == 4
-    assert [("failed" in line) for line in candidates] == [True, False, False, False]
-    best = winners[32]
-    assert best.fwd == Tiling(32, 16, 4, 2) and best.dq == Tiling(16, 16, 4, 2)
-    assert best.dkv == Tiling(16, 32, 4, 2) and best != default_tilings(32)
-    assert f"best tilings, head dim 32: {best!r}" in lines
+    assert [line.split(" | ")[1:3] for line in candidates] == [
+        ["fwd", "32 x 16"],
+        ["fwd", "0 x 16"],
+        ["dq", "16 x 16"],
+        ["dkv", "16 x 32"],
+    ]
+    assert [("failed" in line) for line in candidates] == [False, True, False, False]
+    assert winners[32] == default
+    assert f"best tilings, head dim 32: {default!r}" in lines
     checks = [line for line in lines if line.startswith("check ")]
     assert len(checks) == 4 and all(line.endswith("OK") for line in checks), checks
     assert any(line.startswith("fwd+bwd (1, 32, 4, 32): default") for line in lines)
+
+
+def test_tune_past_its_budget_still_times_every_kernel_at_its_default():
+    blocks = {kernel: [(16, 16), (32, 32)] for kernel in ("fwd", "dq", "dkv")}
+    lines, winners = bench_attention.tune(
+        [32], reps=1, budget_s=0, shape=(1, 32, 4), blocks=blocks, interpret=True
+    )
+    candidates = [line.split(" | ")[1:5] for line in lines if line.startswith("| 32 |")]
+    block = default_tilings(32).fwd.block_q
+    assert candidates == [
+        [kernel, f"{block} x {block}", "Triton's", "Triton's"] for kernel in ("fwd", "dq", "dkv")
+    ]
+    assert winners[32] == default_tilings(32)

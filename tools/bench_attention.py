@@ -5,8 +5,10 @@
 
 `--tune` sweeps our kernels' tilings instead (block sizes, Triton warps and stages, per kernel)
 at batch 8, seq 2048, 16 heads of each head dim: the forward alone first, then dq and dk/dv
-with the best forward, fwd+bwd timed; it prints every candidate, checks the winner against the
-XLA reference and times it beside the default at every benchmark shape of that head dim.
+with the best forward, fwd+bwd timed. Each kernel's sweep starts from its default tiling and
+gets an equal share of what is left of --tune-budget-s. It prints every candidate, checks the
+winner against the XLA reference and times it beside the default at every benchmark shape of
+that head dim.
 
 Implementations: ours (`pallas_gpu`, ALiBi in-kernel), cuDNN with a materialized ALiBi bias,
 cuDNN without ALiBi (the speed a free ALiBi would reach), openxla tokamax through our
@@ -239,21 +241,34 @@ def tune(
     ]
     summary, winners = [], {}
     start = time.perf_counter()
+    kernels = ("fwd", "dq", "dkv")
+    sweeps_left = len(head_dims) * len(kernels)
     for K in head_dims:
         args = _inputs(*shape, K)
         default = best = default_tilings(pl.next_power_of_2(K))
-        for kernel in ("fwd", "dq", "dkv"):
+        for kernel in kernels:
+            # each kernel gets an equal share of what is left, so a slow early sweep cannot
+            # starve the later ones; the default goes first, so the winner is never worse
+            now = time.perf_counter()
+            deadline = now + (budget_s - (now - start)) / sweeps_left
+            sweeps_left -= 1
+            grid = [
+                Tiling(bq, bk, w, st)
+                for (bq, bk), w, st in itertools.product(blocks[kernel], warps, stages)
+            ]
+            first = getattr(default, kernel)
             best_t, best_ms = None, float("inf")
-            for (bq, bk), w, st in itertools.product(blocks[kernel], warps, stages):
-                if time.perf_counter() - start > budget_s:
+            for i, cand in enumerate([first, *(c for c in grid if c != first)]):
+                if i and time.perf_counter() > deadline:
                     break
-                cand = Tiling(bq, bk, w, st)
+                bq, bk, w, st = cand.block_q, cand.block_k, cand.num_warps, cand.num_stages
                 tilings = dataclasses.replace(best, **{kernel: cand})
                 if kernel == "fwd":
                     fn = jax.jit(functools.partial(_ours, tilings=tilings, interpret=interpret))
                 else:
                     fn = _fwd_bwd(tilings, interpret)
                 t = _try_time(fn, args, reps)
+                w, st = w or "Triton's", st or "Triton's"  # None: Triton's default
                 rows.append(f"| {K} | {kernel} | {bq} x {bk} | {w} | {st} | {_ms(t)} |")
                 if not isinstance(t, str) and t < best_ms:
                     best_t, best_ms = cand, t
