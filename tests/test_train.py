@@ -236,16 +236,34 @@ def test_remat_policies_do_not_change_the_math(tmp_path):
         np.testing.assert_allclose(losses, reference, rtol=0, atol=2e-6, err_msg=remat)
 
 
-def test_chunked_loss_matches_the_whole_logits(tmp_path):
+@pytest.mark.parametrize("precision, atol", [("fp32", 2e-6), ("amp_bf16", 2e-3)])
+def test_chunked_loss_matches_the_whole_logits(tmp_path, precision, atol):
     """Batch-sharded over 2 devices; chunks of 12 positions pad S=32 to 36 (ignored targets)."""
     mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=1), jax.devices()[:2])
     data = batches(2)
     model = {**TINY_MODEL, "logit_scale": 0.5}
-    whole, state_whole = train_losses(config(tmp_path, model=model), mesh, data)
-    cfg = config(tmp_path, model=model, train={"loss_chunk": 12})
+    train = {"precision": precision}
+    whole, state_whole = train_losses(config(tmp_path, model=model, train=train), mesh, data)
+    cfg = config(tmp_path, model=model, train={**train, "loss_chunk": 12})
     chunked, state_chunked = train_losses(cfg, mesh, data)
-    np.testing.assert_allclose(chunked, whole, rtol=0, atol=2e-6)
-    assert_same_params(state_chunked, state_whole, atol=2e-6)
+    np.testing.assert_allclose(chunked, whole, rtol=0, atol=atol)
+    assert_same_params(state_chunked, state_whole, atol=atol)
+
+
+def test_chunked_loss_makes_no_more_head_matmuls_than_the_whole_logits(tmp_path):
+    """Logits, dh and dw once each: the chunked backward does not project the logits again."""
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    V = 4099  # no other dimension of the step has this size
+    model = {**TINY_MODEL, "vocab_size": V}
+    batch = {"input_ids": jax.ShapeDtypeStruct((8, 32), jnp.int32)}
+    head_matmuls = {}
+    for chunk in (None, 8):
+        cfg = config(tmp_path, model=model, train={"loss_chunk": chunk})
+        graphdef, abstract, shardings = abstract_state(cfg, mesh)
+        text = jit_train_step(graphdef, cfg, mesh, shardings).lower(abstract, batch).as_text()
+        dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+        head_matmuls[chunk] = sum(f"x{V}x" in line or f"<{V}x" in line for line in dots)
+    assert head_matmuls == {None: 3, 8: 3}
 
 
 def test_chunked_loss_never_holds_the_whole_logits(tmp_path):
