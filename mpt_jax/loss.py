@@ -19,13 +19,17 @@ def shift_targets(labels_BS: jax.Array) -> jax.Array:
 
 def cross_entropy_sum(logits_BSV: jax.Array, targets_BS: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(sum of token losses, number of counted tokens) in float32; IGNORE_INDEX targets skipped."""
-    logits_BSV = logits_BSV.astype(jnp.float32)
+    losses_BS, _, valid_BS, _ = _token_losses(logits_BSV.astype(jnp.float32), targets_BS)
+    return losses_BS.sum(), valid_BS.sum().astype(jnp.float32)
+
+
+def _token_losses(logits32_BSV, targets_BS):
+    """(losses, log partition, valid mask, targets with ignored ones at 0) from float32 logits."""
     valid_BS = targets_BS != IGNORE_INDEX
     safe_BS = jnp.where(valid_BS, targets_BS, 0)
-    logz_BS = jax.nn.logsumexp(logits_BSV, axis=-1)
-    target_logit_BS = jnp.take_along_axis(logits_BSV, safe_BS[..., None], axis=-1)[..., 0]
-    losses_BS = jnp.where(valid_BS, logz_BS - target_logit_BS, 0.0)
-    return losses_BS.sum(), valid_BS.sum().astype(jnp.float32)
+    logz_BS = jax.nn.logsumexp(logits32_BSV, axis=-1)
+    target_logit_BS = jnp.take_along_axis(logits32_BSV, safe_BS[..., None], axis=-1)[..., 0]
+    return jnp.where(valid_BS, logz_BS - target_logit_BS, 0.0), logz_BS, valid_BS, safe_BS
 
 
 def causal_lm_loss(logits_BSV: jax.Array, labels_BS: jax.Array) -> jax.Array:
@@ -83,18 +87,14 @@ def _linear_cross_entropy(h_NBCD, w_DV, targets_NBC, logit_scale):
 
 
 def _linear_cross_entropy_fwd(h_NBCD, w_DV, targets_NBC, logit_scale):
-    """The sums and, per chunk, d(loss sum)/dh (float32) and d(loss sum)/dw summed (float32)."""
+    """The sums, each chunk's d(loss sum)/dh and d(loss sum)/dw summed over chunks in float32."""
 
     def body(carry, xs):
         loss_acc, count_acc, dw_DV = carry
         h_BCD, targets_BC = xs
         logits_BCV = _chunk_logits(h_BCD, w_DV, logit_scale)
         logits32_BCV = logits_BCV.astype(jnp.float32)
-        valid_BC = targets_BC != IGNORE_INDEX
-        safe_BC = jnp.where(valid_BC, targets_BC, 0)
-        logz_BC = jax.nn.logsumexp(logits32_BCV, axis=-1)
-        target_logit_BC = jnp.take_along_axis(logits32_BCV, safe_BC[..., None], axis=-1)[..., 0]
-        loss_sum = jnp.where(valid_BC, logz_BC - target_logit_BC, 0.0).sum()
+        losses_BC, logz_BC, valid_BC, safe_BC = _token_losses(logits32_BCV, targets_BC)
         # d(token loss)/d(logits) = softmax - one_hot(target), zero where the target is ignored;
         # then back through the cast and the scale in the logits' dtype, as autodiff would
         one_hot_BCV = safe_BC[..., None] == jnp.arange(logits_BCV.shape[-1])[None, None]
@@ -105,7 +105,8 @@ def _linear_cross_entropy_fwd(h_NBCD, w_DV, targets_NBC, logit_scale):
         f32 = jnp.float32
         dh_BCD = jnp.einsum("bcv,dv->bcd", dlogits_BCV, w_DV, preferred_element_type=f32)
         dw_DV = dw_DV + jnp.einsum("bcd,bcv->dv", h_BCD, dlogits_BCV, preferred_element_type=f32)
-        return (loss_acc + loss_sum, count_acc + valid_BC.sum().astype(f32), dw_DV), dh_BCD
+        count = valid_BC.sum().astype(f32)
+        return (loss_acc + losses_BC.sum(), count_acc + count, dw_DV), dh_BCD
 
     zero = jnp.zeros((), jnp.float32)
     dw0_DV = jnp.zeros(w_DV.shape, jnp.float32)

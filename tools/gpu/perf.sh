@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # [gpu-perf] on one GPU (about 7 minutes, at most 9.5): the plain-JAX MPT-1B anchor and ours in
 # the same run (both with ALiBi), MPT-1B at seq 2048 (its 3 steps after the timed ones traced:
-# where the time goes) and at seq 8192. The correctness guard is tools/gpu/guard.sh, a run of its own.
+# where the time goes) and at seq 8192. The correctness guard is tools/gpu/guard.sh, a run of
+# its own.
 #   run: bash tools/gpu/perf.sh   (kind nvidia-h200: the targets are H200 figures and batch 16
 #   without remat needs ~76 GB; carry .whl; fill it with tools/gpu/fetch_wheels.sh)
 # Details go to $OUT (traces and their full summaries in $OUT/profile/<row>/); the tables print
