@@ -23,7 +23,12 @@ from mpt_jax import checkpoint, distributed, resilience, sharding
 from mpt_jax import metrics as metrics_lib
 from mpt_jax.config import ConfigError, RunConfig, run_config_from_dict, to_dict
 from mpt_jax.data import BatchLoader, DataError, check_compatible, resolve_dataset
-from mpt_jax.loss import chunked_cross_entropy_sum, cross_entropy_sum, shift_targets
+from mpt_jax.loss import (
+    IGNORE_INDEX,
+    chunked_cross_entropy_sum,
+    cross_entropy_sum,
+    shift_targets,
+)
 from mpt_jax.model import MPTForCausalLM
 from mpt_jax.optim import global_norm, lr_multiplier, make_optimizer
 
@@ -151,59 +156,70 @@ def make_train_step(graphdef, cfg: RunConfig, *, poison: bool = False) -> Callab
     uses_dropout = bool(m.resid_pdrop or m.emb_pdrop or m.attn_pdrop)
     base_key = jax.random.key(cfg.train.seed)
 
-    def loss_sums(params, ids, seg, key):
+    def normalized_loss(params, ids, seg, key, denom):
+        """The microbatch's summed token losses over the whole batch's token count."""
         model = nnx.merge(graphdef, params)
         targets = shift_targets(ids)
         if cfg.train.loss_chunk is None:
             logits = model(ids, segment_ids=seg, dropout_key=key)
-            loss_sum, count = cross_entropy_sum(logits, targets)
+            loss_sum, _ = cross_entropy_sum(logits, targets)
         else:
             h = model.final_hidden(ids, segment_ids=seg, dropout_key=key)
             w, scale = model.output_weight()
-            loss_sum, count = chunked_cross_entropy_sum(
+            loss_sum, _ = chunked_cross_entropy_sum(
                 h, w, targets, chunk=cfg.train.loss_chunk, logit_scale=scale
             )
-        return (loss_sum * jnp.nan if poison else loss_sum), count
+        return (loss_sum * jnp.nan if poison else loss_sum) / denom
 
-    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+    grad_fn = jax.value_and_grad(normalized_loss)
 
     def step(state: TrainState, batch: dict[str, jax.Array]):
         ids = batch["input_ids"]
         seg = batch.get("segment_ids")
         step_key = jax.random.fold_in(base_key, state.step) if uses_dropout else None
+        # token-weighted: the mean over every counted token of the global batch. The count
+        # depends on the targets only, so the loss is divided before differentiation and the
+        # gradients come out normalized (no second params-sized buffer to divide into)
+        count = (shift_targets(ids) != IGNORE_INDEX).sum().astype(jnp.float32)
+        denom = jnp.maximum(count, 1.0)
+
+        def micro_key(i):
+            return None if step_key is None else jax.random.fold_in(step_key, i)
 
         def split(x):
             # rows i, i+M, i+2M, ... form microbatch i: each device keeps its own rows
             return None if x is None else x.reshape(-1, n_micro, *x.shape[1:]).swapaxes(0, 1)
 
         def micro(carry, xs):
-            grads_acc, loss_acc, count_acc = carry
+            grads_acc, loss_acc = carry
             i, ids_mb, seg_mb = xs
-            key = None if step_key is None else jax.random.fold_in(step_key, i)
-            (loss_sum, count), grads = grad_fn(state.params, ids_mb, seg_mb, key)
-            grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-            return (grads_acc, loss_acc + loss_sum, count_acc + count), None
+            loss, grads = grad_fn(state.params, ids_mb, seg_mb, micro_key(i), denom)
+            grads_acc = jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32), grads_acc, grads)
+            return (grads_acc, loss_acc + loss), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        xs = (jnp.arange(n_micro), split(ids), split(seg))
-        (grad_sum, loss_sum, count), _ = jax.lax.scan(micro, init, xs)
-        # token-weighted: the mean over every counted token of the global batch
-        denom = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sum, state.params)
-        loss = loss_sum / denom
+        if n_micro == 1:  # no accumulator: the gradients are the step's
+            loss, grads = grad_fn(state.params, ids, seg, micro_key(0), denom)
+        else:
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            init = (zeros, jnp.zeros((), jnp.float32))
+            xs = (jnp.arange(n_micro), split(ids), split(seg))
+            (grad_sum, loss), _ = jax.lax.scan(micro, init, xs)
+            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grad_sum, state.params)
         grad_norm = global_norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         bad = (~finite).astype(jnp.int32)
 
-        def keep_new(new, old):
-            return jnp.where(finite, new, old)
+        def apply(params, opt_state, grads):
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
 
+        def skip(params, opt_state, grads):
+            return params, opt_state
+
+        params, opt_state = jax.lax.cond(finite, apply, skip, state.params, state.opt_state, grads)
         new_state = TrainState(
-            jax.tree.map(keep_new, params, state.params),
-            jax.tree.map(keep_new, opt_state, state.opt_state),
+            params,
+            opt_state,
             state.step + 1,
             state.skipped_steps + bad,
             (state.bad_streak + 1) * bad,

@@ -350,8 +350,9 @@ def test_disk_full_during_a_save_keeps_earlier_checkpoints(small_dataset, tmp_pa
     _out, err = proc.communicate(timeout=600)
     assert proc.returncode == 1, err[-2000:]
     last = err.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "saving the checkpoint failed" in last
-    assert "File too large" in last and "the earlier checkpoints (steps 3, 4) are intact" in last
+    assert last.startswith("error: ") and "saving the checkpoint failed" in last, err[-2000:]
+    assert "File too large" in last, err[-2000:]
+    assert "the earlier checkpoints (steps 3, 4) are intact" in last, err[-2000:]
     assert trainer(cfg).wait(timeout=600) == 0  # with room again, it resumes and finishes
     assert checkpoint.committed_steps(tmp_path / "full" / "checkpoints")[-1] == 8
 

@@ -16,7 +16,7 @@ from helpers import TINY_MODEL, config
 from xla_flags import xla_flags
 
 from mpt_jax import attention as attention_module
-from mpt_jax.config import ConfigError, MeshConfig
+from mpt_jax.config import ConfigError, MeshConfig, count_params
 from mpt_jax.data import DataError
 from mpt_jax.sharding import batch_sharding, make_mesh
 from mpt_jax.train import (
@@ -281,6 +281,22 @@ def test_chunked_loss_never_holds_the_whole_logits(tmp_path):
     logits_bytes = 8 * 64 * 8192 * 4
     assert temp[None] > logits_bytes  # the whole logits (and their gradient) are there
     assert temp[None] - temp[16] > 0.75 * logits_bytes, temp
+
+
+@pytest.mark.parametrize(("precision", "bytes_per_param"), [("fp32", 5.5), ("amp_bf16", 8.5)])
+def test_step_temporaries_hold_one_copy_of_the_gradients(tmp_path, precision, bytes_per_param):
+    """XLA's temporaries of a step whose activations are negligible: the fp32 gradients (4 bytes
+    per parameter), in amp_bf16 the bf16 weights and their bf16 gradients (2 + 2), and little
+    else: no second buffer to normalize the gradients into, no copies of the old Adam moments
+    kept for a skipped step (11.8 bytes per parameter before either was mended)."""
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    model = {**TINY_MODEL, "d_model": 256, "vocab_size": 8192, "max_seq_len": 8}
+    cfg = config(tmp_path, model=model, train={"precision": precision, "global_batch": 4})
+    graphdef, abstract, shardings = abstract_state(cfg, mesh)
+    step = jit_train_step(graphdef, cfg, mesh, shardings)
+    batch = {"input_ids": jax.ShapeDtypeStruct((4, 8), jnp.int32)}
+    temp = step.lower(abstract, batch).compile().memory_analysis().temp_size_in_bytes
+    assert temp / count_params(cfg.model) < bytes_per_param
 
 
 @pytest.mark.parametrize("loss_chunk", [None, 16])
