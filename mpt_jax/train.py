@@ -214,6 +214,7 @@ def make_train_step(graphdef, cfg: RunConfig, *, poison: bool = False) -> Callab
             return optax.apply_updates(params, updates), opt_state
 
         def skip(params, opt_state, grads):
+            del grads  # lax.cond hands both branches the same operands
             return params, opt_state
 
         params, opt_state = jax.lax.cond(finite, apply, skip, state.params, state.opt_state, grads)
