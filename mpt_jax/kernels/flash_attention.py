@@ -140,6 +140,16 @@ def _scores2(q, k, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk: _Block, *, maske
     return s if keep is None else jnp.where(keep, s, MASKED)
 
 
+def _backward_block2(
+    q, k, v, do, lse2, delta, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk, *, masked
+):
+    """Probabilities p and score gradients ds (bq, bk): common.backward_block in log2 units."""
+    s = _scores2(q, k, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk, masked=masked)
+    p = jnp.exp2(s - lse2)
+    dp = lax.dot_general(do, v, NT_DIMS, preferred_element_type=jnp.float32)
+    return p, p * (dp - delta)
+
+
 def _row_shift2(shape, slope2, blk: _Block):
     """Log2-unit offset, per query of a block, of true -slope * |i - j| scores from _scores2's.
 
@@ -209,10 +219,9 @@ def _dq_kernel(*refs, blk: _Block, bq, bk, n_k, has_seg):
         k_pos = kb * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         k, v = k_ref[ks, :], v_ref[ks, :]
         k_seg = ks_ref[ks][None, :] if has_seg else None
-        s = _scores2(q, k, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk, masked=masked)
-        p = jnp.exp2(s - lse2)
-        dp = lax.dot_general(do, v, NT_DIMS, preferred_element_type=jnp.float32)
-        ds = p * (dp - delta)
+        _, ds = _backward_block2(
+            q, k, v, do, lse2, delta, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk, masked=masked
+        )
         return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     K = q.shape[-1]
@@ -241,10 +250,10 @@ def _dkdv_kernel(*refs, blk: _Block, bq, bk, n_q, has_seg):
         q, do = q_ref[qs, :], do_ref[qs, :]
         q_seg = qs_ref[qs][:, None] if has_seg else None
         lse2 = lse_ref[qs][:, None] - _row_shift2((bq, 1), slope2, blk)
-        s = _scores2(q, k, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk, masked=masked)
-        p = jnp.exp2(s - lse2)
-        dp = lax.dot_general(do, v, NT_DIMS, preferred_element_type=jnp.float32)
-        ds = p * (dp - d_ref[qs][:, None])
+        delta = d_ref[qs][:, None]
+        p, ds = _backward_block2(
+            q, k, v, do, lse2, delta, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk, masked=masked
+        )
         dv = dv + jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
         dk = dk + jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
         return dk, dv
