@@ -277,12 +277,21 @@ def plan_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     return specs
 
 
+def _mesh_text(sizes: Any) -> str:
+    """data x fsdp x tensor sizes as `1x-1x1`."""
+    return "x".join(map(str, sizes))
+
+
+def _requested_mesh(spec: dict[str, Any]) -> list[int]:
+    return [spec["mesh"][a] for a in ("data", "fsdp", "tensor")]
+
+
 def row_label(spec: dict[str, Any]) -> str:
     """A filesystem-safe name of the row: mpt-1b_seq2048_gb16_mb16_1x-1x1_amp_bf16_none_chunk512."""
-    mesh = "x".join(str(spec["mesh"][a]) for a in ("data", "fsdp", "tensor"))
     text = (
         f"{spec['label']}_seq{spec['seq']}_gb{spec['global_batch']}_mb{spec['microbatch']}"
-        f"_{mesh}_{spec['precision']}_{spec['remat']}_chunk{spec['loss_chunk'] or 'none'}"
+        f"_{_mesh_text(_requested_mesh(spec))}_{spec['precision']}_{spec['remat']}"
+        f"_chunk{spec['loss_chunk'] or 'none'}"
     )
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
@@ -522,9 +531,7 @@ def table_row(
             "GlobalBatchSize": spec["global_batch"],
             "GradAccum": None if skipped else spec["global_batch"] // spec["microbatch"],
             "Precision": spec["precision"],
-            "Mesh (data x fsdp x tensor)": "x".join(
-                str(s) for s in (mesh or [spec["mesh"][a] for a in ("data", "fsdp", "tensor")])
-            ),
+            "Mesh (data x fsdp x tensor)": _mesh_text(mesh or _requested_mesh(spec)),
             "Sharding Strategy": None if mesh is None else sharding_strategy(mesh),
             "Activation Checkpointing": spec["remat"],
             "Loss chunk": spec["loss_chunk"] or "none",
@@ -642,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run_isolated(spec, args.row_timeout)
         rows.append(table_row(spec, result, args.peak_tflops))
         results.append(result)
-        mesh = "x".join(str(spec["mesh"][a]) for a in ("data", "fsdp", "tensor"))
+        mesh = _mesh_text(_requested_mesh(spec))
         print(
             f"[{i}/{len(specs)}] {spec['label']} seq {spec['seq']} batch {spec['global_batch']}"
             f" micro {spec['microbatch']} mesh {mesh} {spec['precision']} remat {spec['remat']}"
