@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import raw_config
+from helpers import write_config
 
 from mpt_jax.config import ConfigError, parse_value
 from mpt_jax.sweep import report, runner
@@ -26,16 +26,14 @@ SWEEP_TOOL = ROOT / "tools" / "sweep.py"
 
 
 def write_base(tmp_path: Path, data: Path) -> Path:
-    base = raw_config(
+    return write_config(
+        tmp_path / "base.yaml",
         tmp_path,
         data={"path": str(data)},
         train={"steps": 40, "log_every": 1},
         checkpoint={"every": 10},
         run_dir=str(tmp_path / "unused"),
     )
-    path = tmp_path / "base.yaml"
-    path.write_text(yaml.safe_dump(base))
-    return path
 
 
 def write_sweep(tmp_path: Path, name: str = "sweep.yaml", **spec) -> Path:
