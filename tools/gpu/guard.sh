@@ -5,8 +5,6 @@
 #   run: bash tools/gpu/guard.sh   (carry .whl; fill it with tools/gpu/fetch_wheels.sh)
 set -u
 source tools/gpu/setup.sh || exit 1
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
 timeout 500 python3 tools/sweep.py experiments/sweeps/gpu-perf-guard.yaml --no-plots \
   --out-dir "$OUT/guard" >"$OUT/guard.log" 2>&1
 tail -8 "$OUT/guard.log"

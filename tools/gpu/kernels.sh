@@ -6,8 +6,6 @@
 # Details go to $OUT; the table prints last.
 set -u
 source tools/gpu/setup.sh || exit 1
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
 python3 -c "import tokamax; print('tokamax', tokamax.__version__)" || echo "tokamax: not importable"
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -15
 timeout 220 python3 tools/bench_attention.py --tune 128 --tune-budget-s 150 --reps 5 \

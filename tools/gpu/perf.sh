@@ -9,14 +9,9 @@
 # last: the bench rows, then each traced row's busy line, categories and top kernels.
 set -u
 source tools/gpu/setup.sh || exit 1
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
 ANCHOR=${ANCHOR:-../shared/tools/anchor_bench.py}
 [ -f "$ANCHOR" ] || ANCHOR=shared/tools/anchor_bench.py
 B=16 ANCHOR_OUT="$OUT" timeout 140 python3 "$ANCHOR" jax_plain_mpt1b 2>&1 | tail -4
-# the anchor's model: the mpt-1b preset with ALiBi instead of learned positions, no biases
-ALIBI=(--model-override alibi=true --model-override learned_pos_emb=false
-  --model-override no_bias=true)
 bench() {  # out-name, seconds, then bench_train arguments; prints the table's header and rows
   local name=$1 limit=$2
   shift 2

@@ -1,5 +1,6 @@
 # Sourced on the GPU machine: installs the carried wheels (.whl/) of packages the image lacks
 # into /tmp/site and puts it and the repo on PYTHONPATH. Packages the image has are kept.
+# Leaves OUT (created) and ALIBI (bench_train overrides) for the scripts that source it.
 python3 - "${WHEELS:-.whl}" <<'PY' || return 1
 import importlib.metadata as md
 import pathlib
@@ -24,6 +25,11 @@ PY
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MPT_JAX_CACHE=/tmp/cache
 # the allocator's default 75% of the card leaves MPT-7B's ~113 GB no room on an H200
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}
+OUT=${OUT:-/tmp/out}  # what the scripts write there comes back with the run
+mkdir -p "$OUT"
+# bench_train's model overrides for the anchor's MPT: ALiBi instead of learned positions, no biases
+ALIBI=(--model-override alibi=true --model-override learned_pos_emb=false
+  --model-override no_bias=true)
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import jax, flax, optax, grain; print('jax', jax.__version__, 'flax', flax.__version__, \
 'optax', optax.__version__, 'grain', grain.__version__, jax.devices()[0].device_kind)"

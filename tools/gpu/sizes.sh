@@ -8,10 +8,7 @@
 # Details go to $OUT/sizes/<model>/; one merged table prints last.
 set -u
 source tools/gpu/setup.sh || exit 1
-OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT/sizes"
-ALIBI=(--model-override alibi=true --model-override learned_pos_emb=false
-  --model-override no_bias=true)
 row() {  # model, global batch, remat, seconds
   timeout "$4" python3 tools/bench_train.py --models "$1" --seq-lens 2048 --global-batch "$2" \
     --remat "$3" --loss-chunk 512 --precision amp_bf16 --warmup 2 --steps 5 "${ALIBI[@]}" \
