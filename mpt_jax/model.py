@@ -154,17 +154,63 @@ class Norm(nnx.Module):
         self.bias = _param(zeros, names, param_dtype) if has_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(self.dtype).astype(jnp.float32)
-        if self.rms:
-            y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        else:
-            mean = jnp.mean(x32, axis=-1, keepdims=True)
-            var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-            y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y.astype(self.dtype) * _leading_ones(self.scale[...].astype(self.dtype), y.ndim)
-        if self.bias is not None:
-            y = y + _leading_ones(self.bias[...].astype(self.dtype), y.ndim)
-        return y
+        bias = None if self.bias is None else self.bias[...]
+        # cast outside the custom_vjp: in amp the backward then keeps a bf16 x, not the fp32
+        # residual stream
+        return _norm(x.astype(self.dtype), self.scale[...], bias, self.eps, self.rms, self.dtype)
+
+
+def _norm_forward(x, scale, bias, eps, rms, dtype):
+    """(y, x̂ float32, 1/σ (..., 1) float32): the normalization of x (in dtype), in float32."""
+    x32 = x.astype(jnp.float32)
+    if rms:
+        rstd = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+        xhat = x32 * rstd
+    else:
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        rstd = jax.lax.rsqrt(var + eps)
+        xhat = (x32 - mean) * rstd
+    y = xhat.astype(dtype) * _leading_ones(scale.astype(dtype), x.ndim)
+    if bias is not None:
+        y = y + _leading_ones(bias.astype(dtype), x.ndim)
+    return y, xhat, rstd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _norm(x, scale, bias, eps, rms, dtype):
+    """LayerNorm / RMSNorm of the last axis in `dtype`; the backward keeps only x and 1/σ.
+
+    Autodiff would keep float32 copies of the centred and normalized input, two (..., D)
+    float32 arrays per norm; here x̂ is recomputed from x in the backward's fused pass.
+    """
+    return _norm_forward(x, scale, bias, eps, rms, dtype)[0]
+
+
+def _norm_fwd(x, scale, bias, eps, rms, dtype):
+    y, _, rstd = _norm_forward(x, scale, bias, eps, rms, dtype)
+    return y, (x, scale, bias, rstd)
+
+
+def _norm_bwd(eps, rms, dtype, residuals, g):
+    x, scale, bias, rstd = residuals
+    x32 = x.astype(jnp.float32)
+    xhat = x32 * rstd if rms else (x32 - jnp.mean(x32, axis=-1, keepdims=True)) * rstd
+    g32 = g.astype(jnp.float32)
+    rows = tuple(range(x.ndim - 1))
+    # the forward multiplies x̂ rounded to dtype by the scale rounded to dtype
+    d_scale = jnp.sum(g32 * xhat.astype(dtype).astype(jnp.float32), axis=rows)
+    d_bias = None if bias is None else jnp.sum(g32, axis=rows).astype(bias.dtype)
+    d_xhat = g32 * _leading_ones(scale.astype(dtype).astype(jnp.float32), x.ndim)
+    proj = jnp.mean(d_xhat * xhat, axis=-1, keepdims=True)
+    if rms:
+        dx = rstd * (d_xhat - xhat * proj)
+    else:
+        dx = rstd * (d_xhat - jnp.mean(d_xhat, axis=-1, keepdims=True) - xhat * proj)
+    return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias
+
+
+_norm.defvjp(_norm_fwd, _norm_bwd)
 
 
 def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -276,8 +322,31 @@ class Attention(nnx.Module):
         return self.out_proj(out_BSHK), k_BSGK, v_BSGK
 
 
+@jax.custom_vjp
+def _gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU whose backward keeps only x.
+
+    Autodiff of jax.nn.gelu keeps x and two of its intermediates, each the size of the MLP's
+    (..., F) activation; the derivative Φ(x) + x φ(x) is recomputed in the backward instead.
+    """
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_fwd(x):
+    return _gelu(x), x
+
+
+def _gelu_bwd(x, g):
+    x32 = x.astype(jnp.float32)
+    cdf = 0.5 * (1.0 + jax.lax.erf(x32 * (1.0 / math.sqrt(2.0))))
+    pdf = jnp.exp(-0.5 * x32 * x32) * (1.0 / math.sqrt(2.0 * math.pi))
+    return ((g.astype(jnp.float32) * (cdf + x32 * pdf)).astype(x.dtype),)
+
+
+_gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
 _ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": _gelu,
     "silu": jax.nn.silu,
     "relu": jax.nn.relu,
 }

@@ -179,3 +179,25 @@ def test_tokamax_argument_errors(monkeypatch):
         attention(q, k, v, impl="tokamax", dropout_rate=0.1, dropout_key=jax.random.key(0))
     with pytest.raises(ValueError, match="query_offset and kv_mask need impl 'xla'"):
         attention(q, k, v, impl="tokamax", query_offset=0)
+
+
+def test_tokamax_falls_back_when_a_gpu_kernel_does_not_trace(monkeypatch):
+    pytest.importorskip("tokamax")
+    from tokamax._src.ops.attention import api as tokamax_api
+
+    import mpt_jax.attention as attention_lib
+
+    def mosaic_gpu(*args, **kwargs):  # how tokamax 0.0.12's Mosaic GPU kernel fails on jax 0.11
+        raise TypeError("Mesh.__init__() got an unexpected keyword argument 'out_shape'")
+
+    impls = dict(tokamax_api.IMPLEMENTATIONS, mosaic_gpu=mosaic_gpu)
+    impls["triton"] = tokamax_api.IMPLEMENTATIONS["xla_chunked"]  # runs on this CPU
+    monkeypatch.setattr(tokamax_api, "IMPLEMENTATIONS", impls)
+    monkeypatch.setattr(attention_lib, "backend", lambda: "gpu")
+    q, k, v = _qkv(H=4, G=2)
+    kw = dict(alibi_slopes=alibi_slopes(4), causal=True)
+    out = attention(q, k, v, impl="tokamax", **kw)
+    assert relative_error(out, attention(q, k, v, impl="xla", **kw)) <= 1e-5
+    impls["triton"] = mosaic_gpu  # the last implementation's own error reaches the caller
+    with pytest.raises(TypeError, match="out_shape"):
+        attention(q, k, v, impl="tokamax", **kw)

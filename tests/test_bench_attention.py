@@ -52,8 +52,9 @@ def test_tune_past_its_budget_still_times_every_kernel_at_its_default():
         [32], reps=1, budget_s=0, shape=(1, 32, 4), blocks=blocks, interpret=True
     )
     candidates = [line.split(" | ")[1:5] for line in lines if line.startswith("| 32 |")]
-    block = default_tilings(32).fwd.block_q
+    defaults = [getattr(default_tilings(32), kernel) for kernel in ("fwd", "dq", "dkv")]
     assert candidates == [
-        [kernel, f"{block} x {block}", "Triton's", "Triton's"] for kernel in ("fwd", "dq", "dkv")
+        [kernel, f"{t.block_q} x {t.block_k}", str(t.num_warps), str(t.num_stages)]
+        for kernel, t in zip(("fwd", "dq", "dkv"), defaults, strict=True)
     ]
     assert winners[32] == default_tilings(32)

@@ -21,7 +21,7 @@ from mpt_numpy_reference import mpt_forward
 from mpt_jax import MPTForCausalLM, from_pretrained
 from mpt_jax.attention import alibi_slopes, attention
 from mpt_jax.config import ModelConfig
-from mpt_jax.kernels.flash_attention import Tiling, Tilings, default_tilings, flash_attention
+from mpt_jax.kernels.flash_attention import Tiling, Tilings, flash_attention
 
 pytestmark = pytest.mark.gpu
 
@@ -111,8 +111,8 @@ GPU_ATTENTION = {
 
 
 def _for_head_dim(tilings: Tilings, head_dim: int) -> Tilings:
-    """Blocks divided as default_tilings divides its 64 above head dim 128 (shared memory)."""
-    div = 64 // default_tilings(head_dim).fwd.block_q
+    """Blocks divided by head_dim / 128 above 128, as default_tilings does (shared memory)."""
+    div = max(head_dim // 128, 1)
 
     def shrink(t: Tiling) -> Tiling:
         return Tiling(t.block_q // div, t.block_k // div, t.num_warps, t.num_stages)

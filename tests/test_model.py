@@ -155,6 +155,61 @@ def test_low_precision_layernorm_runs_in_compute_dtype_plain_layernorm_in_fp32()
         )
 
 
+def _autodiff_norm(x, scale, bias, eps, rms, dtype):
+    """The norm as plain jnp, differentiated by JAX: the reference for the custom backward."""
+    x32 = x.astype(dtype).astype(jnp.float32)
+    if rms:
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    else:
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(jnp.mean(jnp.square(x32 - mean), -1, keepdims=True) + eps)
+    y = y.astype(dtype) * scale.astype(dtype)[None, None]
+    return y if bias is None else y + bias.astype(dtype)[None, None]
+
+
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_norm_gradients_match_autodiff(rms, dtype):
+    from mpt_jax.model import _norm
+
+    rng = np.random.default_rng(int(rms) + 2 * (dtype == jnp.bfloat16))  # fresh per case
+    x = jnp.asarray(3.0 + 2.0 * rng.standard_normal((3, 5, 96)), jnp.float32)  # offset: centring
+    scale = jnp.asarray(1.0 + 0.3 * rng.standard_normal(96), jnp.float32)
+    bias = None if rms else jnp.asarray(0.1 * rng.standard_normal(96), jnp.float32)
+    g = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+    def grads(norm, compute_dtype):
+        def loss(x, scale, bias):
+            y = norm(x.astype(compute_dtype), scale, bias, 1e-5, rms, compute_dtype)
+            return jnp.sum(y.astype(jnp.float32) * g)
+
+        return jax.grad(loss, argnums=(0, 1, 2))(x, scale, bias)
+
+    ours = grads(_norm, dtype)
+    # the reference in float32 whatever the compute dtype
+    ref = grads(_autodiff_norm, jnp.float32)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for name, a, b in zip(("dx", "dscale", "dbias"), ours, ref, strict=True):
+        if b is None:
+            assert a is None
+            continue
+        assert a.dtype == b.dtype, name
+        err = float(jnp.abs(a - b).max() / jnp.abs(b).max())
+        assert err <= tol, (name, err)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gelu_gradient_matches_autodiff_of_the_erf_form(dtype):
+    from mpt_jax.model import _gelu
+
+    x = jnp.linspace(-8.0, 8.0, 4001, dtype=jnp.float32)
+    ref = jax.vmap(jax.grad(lambda x: jax.nn.gelu(x, approximate=False)))(x)
+    assert jnp.array_equal(_gelu(x.astype(dtype)), jax.nn.gelu(x.astype(dtype), approximate=False))
+    ours = jax.vmap(jax.grad(lambda x: _gelu(x.astype(dtype)).astype(jnp.float32)))(x)
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2  # bf16: the input and the result rounded
+    assert float(jnp.abs(ours - ref).max()) <= tol
+
+
 def test_init_statistics_match_llm_foundry_kaiming_default():
     d, L = 256, 4
     cfg = ModelConfig(d_model=d, n_heads=4, n_layers=L, vocab_size=4096, max_seq_len=512)

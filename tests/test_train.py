@@ -1,6 +1,7 @@
 """Training: sharded == single device, accumulation == one batch, overfit, runs and bad input."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -297,6 +298,40 @@ def test_step_temporaries_hold_one_copy_of_the_gradients(tmp_path, precision, by
     batch = {"input_ids": jax.ShapeDtypeStruct((4, 8), jnp.int32)}
     temp = step.lower(abstract, batch).compile().memory_analysis().temp_size_in_bytes
     assert temp / count_params(cfg.model) < bytes_per_param
+
+
+def test_backward_keeps_32_bytes_per_token_layer_and_model_dim(tmp_path, monkeypatch):
+    """The scanned layers' saved activations in amp_bf16 without remat, as a GPU step saves them.
+
+    Per token and layer: the MLP's input and activation in bf16 (2 x 2F bytes), both norms' inputs
+    and outputs and attention's q, k, v and output in bf16 (8 x 2D): 32 D bytes for F = 4D, the
+    fp32 statistics aside. Autodiff of the norms and the erf GELU kept 64 D (fp32 copies of the
+    centred and normalized inputs, two more (., F) GELU intermediates).
+    """
+    monkeypatch.setattr(attention_module, "backend", lambda: "gpu")  # our kernels, no scores
+    B, S = 4, 32
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    model = {**TINY_MODEL, "attn_impl": "auto", "scan_layers": True}
+    cfg = config(tmp_path, model=model, train={"precision": "amp_bf16", "global_batch": B})
+    graphdef, abstract, shardings = abstract_state(cfg, mesh)
+    step = jit_train_step(graphdef, cfg, mesh, shardings)
+    jaxpr = step.trace(abstract, {"input_ids": jax.ShapeDtypeStruct((B, S), jnp.int32)}).jaxpr
+
+    def scans(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "scan":
+                yield eqn
+            for param in eqn.params.values():
+                if hasattr(param, "jaxpr"):  # a ClosedJaxpr
+                    yield from scans(getattr(param.jaxpr, "jaxpr", param.jaxpr))
+
+    layer_scans = [e for e in scans(jaxpr.jaxpr) if e.params["length"] == cfg.model.n_layers]
+    forward = layer_scans[0]  # the backward scan runs second
+    saved = [v.aval for v in forward.outvars[forward.params["num_carry"] :]]
+    per_token = [a for a in saved if a.shape[1:3] == (B, S)]
+    nbytes = sum(math.prod(a.shape) * a.dtype.itemsize for a in per_token)
+    D, L = cfg.model.d_model, cfg.model.n_layers
+    assert nbytes / (L * B * S * D) <= 32.5, sorted(a.str_short() for a in per_token)
 
 
 @pytest.mark.parametrize("loss_chunk", [None, 16])

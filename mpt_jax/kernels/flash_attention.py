@@ -70,16 +70,27 @@ class Tilings:
         return multiple * pl.cdiv(seq_len, multiple)
 
 
+# the per-kernel winners of `tools/bench_attention.py --tune 128` on an H200 (2026-11-28,
+# docs/benchmarks.md): fwd+bwd 2.05 ms against 2.49 for uniform 64 x 64 blocks with Triton's
+# defaults at (8, 2048, 16, 128), 6.04 against 6.75 ms at (2, 8192, 16, 128)
+TUNED_HEAD_DIM_128 = Tilings(
+    fwd=Tiling(128, 32, num_warps=8, num_stages=3),
+    dq=Tiling(128, 32, num_warps=4, num_stages=3),
+    dkv=Tiling(64, 64, num_warps=4, num_stages=2),
+)
+
+
 def default_tilings(head_dim: int) -> Tilings:
     """The tilings `flash_attention` uses for a (power-of-two padded) head dim.
 
-    64 x 64 blocks with Triton's default warps and stages for every kernel up to head dim 128:
-    the best uniform size of the H200 sweep at head dim 128 (docs/benchmarks.md). Above 128 the
-    blocks shrink so that no block holds more bytes than a 64 x 128 one: in that sweep blocks
-    with twice those bytes (128 x 64 at head dim 128) overflowed shared memory. Per-kernel
-    sizes, warps and stages come from `tools/bench_attention.py --tune` on a GPU.
+    Up to head dim 128 the H200 sweep's winners at 128 (smaller head dims hold fewer bytes per
+    block). Above 128 uniform blocks shrink so that no block holds more bytes than a 64 x 128
+    one: in the first H200 sweep uniform blocks with twice those bytes (128 x 64 at head dim
+    128, Triton's default stages) overflowed shared memory; 32 x 32 at 256 passed the GPU tests.
     """
-    block = 64 * 128 // max(head_dim, 128)
+    if head_dim <= 128:
+        return TUNED_HEAD_DIM_128
+    block = 64 * 128 // head_dim
     return Tilings.uniform(block, block)
 
 

@@ -1,31 +1,53 @@
 #!/usr/bin/env bash
-# [gpu-perf] on one GPU (about 7 minutes, at most 9.5): the plain-JAX MPT-1B anchor and ours in
-# the same run (both with ALiBi), MPT-1B at seq 2048 (its 3 steps after the timed ones traced:
-# where the time goes) and at seq 8192. The correctness guard is tools/gpu/guard.sh, a run of
-# its own.
+# [gpu-perf] on one GPU (about 5 minutes, at most 9.5): the plain-JAX MPT-1B anchor and ours in
+# the same run (both with ALiBi, batch 16, seq 2048): scanned layers (the preset) and unrolled
+# ones (no per-layer copies of the saved activations into and out of the scan's stacked
+# buffers), each with 3 steps traced after the timed ones (where the time goes); then MPT-1B at
+# seq 8192. The correctness guard is tools/gpu/guard.sh, a run of its own.
 #   run: bash tools/gpu/perf.sh   (kind nvidia-h200: the targets are H200 figures and batch 16
-#   without remat needs ~76 GB; carry .whl; fill it with tools/gpu/fetch_wheels.sh)
-# Details go to $OUT (traces and their full summaries in $OUT/profile/<row>/); the tables print
-# last: the bench rows, then each traced row's busy line, categories and top kernels.
+#   without remat does not fit an H100; carry .whl and shared; fill .whl with fetch_wheels.sh,
+#   copy ../shared/tools/anchor_bench.py to shared/tools/)
+# The tables print last and go to $OUT/perf.md; logs, CSVs and profile summaries to
+# $OUT/perf_details.tgz (what comes back from $OUT is limited to 8 files).
 set -u
 source tools/gpu/setup.sh || exit 1
 ANCHOR=${ANCHOR:-../shared/tools/anchor_bench.py}
 [ -f "$ANCHOR" ] || ANCHOR=shared/tools/anchor_bench.py
-B=16 ANCHOR_OUT="$OUT" timeout 140 python3 "$ANCHOR" jax_plain_mpt1b 2>&1 | tail -4
-bench() {  # out-name, seconds, then bench_train arguments; prints the table's header and rows
+WORK=$OUT/perf
+mkdir -p "$WORK"
+REPORT=$OUT/perf.md
+B=16 ANCHOR_OUT="$WORK" timeout 140 python3 "$ANCHOR" jax_plain_mpt1b >"$WORK/anchor.log" 2>&1
+python3 - "$WORK/anchor_jax_plain_mpt1b.json" >"$REPORT" <<'PY'
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))["jax_plain_mpt1b"]
+    print(f"anchor jax_plain_mpt1b B{r['batch']}: {r['tokens_per_s']:,.0f} tokens/s, "
+          f"step {r['step_s']:.4f} s, MFU {100 * r['mfu_vs_989']:.2f}% ({r['params']:,} params)")
+except (OSError, KeyError, ValueError) as e:
+    print(f"anchor: no result ({e!r}); see anchor.log in perf_details.tgz")
+PY
+bench() {  # row name, seconds, then bench_train arguments; the row's table line goes to REPORT
   local name=$1 limit=$2
   shift 2
   timeout "$limit" python3 tools/bench_train.py --models mpt-1b --precision amp_bf16 --warmup 3 \
-    --steps 10 "${ALIBI[@]}" --out "$OUT/$name" "$@" >"$OUT/$name.log" 2>&1
-  grep "^| [^-]" "$OUT/$name/bench_train.md" 2>/dev/null || tail -3 "$OUT/$name.log"
+    --steps 10 --remat none --loss-chunk 512 "${ALIBI[@]}" --out "$WORK/$name" "$@" \
+    >"$WORK/$name.log" 2>&1
+  local rows
+  rows=$(grep "^| mpt" "$WORK/$name/bench_train.md" 2>/dev/null) || rows="no result: $(tail -1 "$WORK/$name.log")"
+  echo "$name: $rows" >>"$REPORT"
 }
-bench 1b_2048 250 --seq-lens 2048 --global-batch 16 --remat none --loss-chunk none,512 \
-  --profile "$OUT/profile"
-bench 1b_8192 160 --seq-lens 8192 --global-batch 4 --remat none --loss-chunk 512
-# where the time goes, per traced row: the busy line, the category table, the top 10 kernels
-for summary in "$OUT"/profile/*/summary.md; do
-  [ -f "$summary" ] || { echo "no profile summary in $OUT/profile (see $OUT/1b_2048.log)"; break; }
-  echo "## $(basename "$(dirname "$summary")")"
+bench scan_2048 120 --seq-lens 2048 --global-batch 16 --profile "$WORK/profile_scan"
+bench unrolled_2048 200 --seq-lens 2048 --global-batch 16 --profile "$WORK/profile_unrolled" \
+  --model-override scan_layers=false
+bench scan_8192 120 --seq-lens 8192 --global-batch 4
+# where the time goes, per traced row: the busy line, the category table, the top 12 kernels
+for summary in "$WORK"/profile_*/*/summary.md; do
+  [ -f "$summary" ] || continue
+  echo "## $(basename "$(dirname "$(dirname "$summary")")")"
   awk '/^(no device process|device process|Busy)/ {print} /^\| category/ {t = 1}
-    /^\| name/ {t = 1; n = 0} t && /^\|/ {if (n++ < 12) print; next} t {t = 0; print ""}' "$summary"
-done
+    /^\| name/ {t = 1; n = 0} t && /^\|/ {if (n++ < 14) print; next} t {t = 0; print ""}' "$summary"
+done >>"$REPORT"
+# the traces themselves stay behind: the summaries hold what they say
+find "$WORK" -name "*.json.gz" -path "*plugins*" -delete
+tar czf "$OUT/perf_details.tgz" -C "$OUT" perf && rm -rf "$WORK"
+cat "$REPORT"
