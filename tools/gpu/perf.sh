@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# [gpu-perf] on one GPU (about 5 minutes, at most 9.5): the plain-JAX MPT-1B anchor and ours in
+# [gpu-perf] on one GPU (about 6 minutes, at most 9.5): the plain-JAX MPT-1B anchor and ours in
 # the same run (both with ALiBi, batch 16, seq 2048): scanned layers (the preset) and unrolled
 # ones (no per-layer copies of the saved activations into and out of the scan's stacked
-# buffers), each with 3 steps traced after the timed ones (where the time goes); then MPT-1B at
-# seq 8192. The correctness guard is tools/gpu/guard.sh, a run of its own.
+# buffers), and scanned with every matmul in cuBLAS (no XLA Triton GEMMs), each with 3 steps
+# traced after the timed ones (where the time goes); then MPT-1B at seq 8192. The correctness
+# guard is tools/gpu/guard.sh, a run of its own.
 #   run: bash tools/gpu/perf.sh   (kind nvidia-h200: the targets are H200 figures and batch 16
 #   without remat does not fit an H100; carry .whl and shared; fill .whl with fetch_wheels.sh,
 #   copy ../shared/tools/anchor_bench.py to shared/tools/)
@@ -27,9 +28,9 @@ except (OSError, KeyError, ValueError) as e:
     print(f"anchor: no result ({e!r}); see anchor.log in perf_details.tgz")
 PY
 bench() {  # row name, seconds, then bench_train arguments; the row's table line goes to REPORT
-  local name=$1 limit=$2
+  local name=$1 limit=$2  # ROW_XLA_FLAGS, if set, is the row's XLA_FLAGS
   shift 2
-  timeout "$limit" python3 tools/bench_train.py --models mpt-1b --precision amp_bf16 --warmup 3 \
+  XLA_FLAGS="${ROW_XLA_FLAGS:-${XLA_FLAGS:-}}" timeout "$limit" python3 tools/bench_train.py --models mpt-1b --precision amp_bf16 --warmup 3 \
     --steps 10 --remat none --loss-chunk 512 "${ALIBI[@]}" --out "$WORK/$name" "$@" \
     >"$WORK/$name.log" 2>&1
   local rows
@@ -39,6 +40,10 @@ bench() {  # row name, seconds, then bench_train arguments; the row's table line
 bench scan_2048 120 --seq-lens 2048 --global-batch 16 --profile "$WORK/profile_scan"
 bench unrolled_2048 200 --seq-lens 2048 --global-batch 16 --profile "$WORK/profile_unrolled" \
   --model-override scan_layers=false
+# XLA's own Triton GEMMs (gemm_fusion_dot_*: 38 ms of the 2026-11-28 step) against cuBLAS for
+# every matmul
+ROW_XLA_FLAGS=--xla_gpu_enable_triton_gemm=false bench scan_2048_cublas 120 --seq-lens 2048 \
+  --global-batch 16 --profile "$WORK/profile_scan_cublas"
 bench scan_8192 120 --seq-lens 8192 --global-batch 4
 # where the time goes, per traced row: the busy line, the category table, the top 12 kernels
 for summary in "$WORK"/profile_*/*/summary.md; do
