@@ -3,7 +3,8 @@
 # the same run (both with ALiBi, batch 16, seq 2048): scanned layers (the preset) and unrolled
 # ones (no per-layer copies of the saved activations into and out of the scan's stacked
 # buffers), and scanned with every matmul in cuBLAS (no XLA Triton GEMMs), each with 3 steps
-# traced after the timed ones (where the time goes); then MPT-1B at seq 8192. The correctness
+# traced after the timed ones (where the time goes); scanned with whole logits; then MPT-1B at
+# seq 8192. The correctness
 # guard is tools/gpu/guard.sh, a run of its own.
 #   run: bash tools/gpu/perf.sh   (kind nvidia-h200: the targets are H200 figures and batch 16
 #   without remat does not fit an H100; carry .whl and shared; fill .whl with fetch_wheels.sh,
@@ -44,6 +45,9 @@ bench unrolled_2048 200 --seq-lens 2048 --global-batch 16 --profile "$WORK/profi
 # every matmul
 ROW_XLA_FLAGS=--xla_gpu_enable_triton_gemm=false bench scan_2048_cublas 120 --seq-lens 2048 \
   --global-batch 16 --profile "$WORK/profile_scan_cublas"
+# the whole fp32 logits instead of 512-token chunks (bench's --loss-chunk 512 comes first; the
+# later value wins)
+bench scan_2048_whole_logits 120 --seq-lens 2048 --global-batch 16 --loss-chunk none
 bench scan_8192 120 --seq-lens 8192 --global-batch 4
 # where the time goes, per traced row: the busy line, the category table, the top 12 kernels
 for summary in "$WORK"/profile_*/*/summary.md; do
