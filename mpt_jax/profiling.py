@@ -43,6 +43,7 @@ which the device sat idle (waiting for the host, for data, for a collective on a
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import gzip
 import json
@@ -436,8 +437,68 @@ def format_summary(summary: TraceSummary) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------------------------------
+# Nsight Compute (ncu) kernel reports
+
+# ncu metric names (sections SpeedOfLight, LaunchStats, Occupancy, WarpStateStats,
+# ComputeWorkloadAnalysis), in the order the kernel table shows them
+NCU_METRICS = (
+    "Duration",
+    "Compute (SM) Throughput",
+    "Memory Throughput",
+    "DRAM Throughput",
+    "Executed Ipc Active",
+    "Issue Slots Busy",
+    "Registers Per Thread",
+    "Dynamic Shared Memory Per Block",
+    "Block Size",
+    "Grid Size",
+    "Theoretical Occupancy",
+    "Achieved Occupancy",
+    "Warp Cycles Per Issued Instruction",
+)
+_NCU_HEADER = '"ID","Process ID"'
+
+
+def summarize_ncu_csv(text: str, metrics: tuple[str, ...] = NCU_METRICS) -> str:
+    """Markdown: one row per kernel name (its last launch), one column per metric ncu reported.
+
+    text: the output of `ncu --csv --page details`, which may hold the profiled program's own
+    lines and ncu's `==PROF==` lines before and between the CSV rows.
+    """
+    start = text.find(_NCU_HEADER)
+    if start < 0:
+        raise ValueError('no ncu CSV in the text (no header line starting with "ID")')
+    rows = [line for line in text[start:].splitlines() if line.startswith('"')]
+    records = list(csv.DictReader(rows))
+    needed = {"ID", "Kernel Name", "Metric Name", "Metric Value"}
+    missing = needed - set(records[0] if records else {})
+    if missing:
+        raise ValueError(f"ncu CSV lacks the columns {sorted(missing)}")
+    launches: dict[str, dict[str, str]] = {}  # launch ID -> metric -> "value unit"
+    names: dict[str, str] = {}
+    for r in records:
+        value = f"{r['Metric Value']} {r.get('Metric Unit') or ''}".strip()
+        launches.setdefault(r["ID"], {})[r["Metric Name"]] = value
+        names[r["ID"]] = r["Kernel Name"]
+    last: dict[str, str] = {}  # kernel name -> its last launch ID (rows come in launch order)
+    for launch_id in launches:
+        last[names[launch_id]] = launch_id
+    shown = [m for m in metrics if any(m in launches[i] for i in last.values())]
+    lines = [
+        f"| kernel | launches | {' | '.join(shown)} |",
+        "|---|---|" + "---|" * len(shown),
+    ]
+    counts = {name: sum(n == name for n in names.values()) for name in last}
+    for name, launch_id in last.items():
+        cells = [launches[launch_id].get(m, "") for m in shown]
+        lines.append(f"| {_cell(name, 60)} | {counts[name]} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
 __all__ = [
     "CATEGORIES",
+    "NCU_METRICS",
     "Category",
     "Kernel",
     "TraceSummary",
@@ -445,5 +506,6 @@ __all__ = [
     "find_trace",
     "format_summary",
     "load_events",
+    "summarize_ncu_csv",
     "summarize_trace",
 ]

@@ -58,3 +58,12 @@ def test_tune_past_its_budget_still_times_every_kernel_at_its_default():
         for kernel, t in zip(("fwd", "dq", "dkv"), defaults, strict=True)
     ]
     assert winners[32] == default_tilings(32)
+
+
+def test_once_runs_each_program_a_single_time_with_finite_gradients():
+    impls = (("ours", "pallas_gpu", True), ("reference", "xla", True), ("no ALiBi", "xla", False))
+    lines = bench_attention.run_once(shape=(1, 40, 2, 16), impls=impls)
+    assert lines == [
+        f"ran once: {label} fwd+bwd at (1, 40, 2, 16), gradients finite: True"
+        for label, _, _ in impls
+    ]

@@ -1,7 +1,9 @@
 """mpt_jax.profiling and tools/profile_summary.py: a real CPU trace, a GPU-shaped one, bad input."""
 
+import csv
 import gzip
 import importlib.util
+import io
 import json
 import math
 import re
@@ -257,3 +259,59 @@ def test_cli_prints_the_tables(tmp_path, capsys):
         profile_summary.main([str(tmp_path), "--steps", "0"])
     assert info.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def _ncu_report(launches: list[tuple[str, dict[str, tuple[str, str]]]]) -> str:
+    """Text as `ncu --csv --page details` prints it: the program's and ncu's lines, then CSV."""
+    columns = ["ID", "Process ID", "Process Name", "Host Name", "Kernel Name", "Context", "Stream"]
+    columns += ["Block Size", "Grid Size", "Device", "CC", "Section Name", "Metric Name"]
+    columns += ["Metric Unit", "Metric Value"]
+    out = io.StringIO()
+    out.write("==PROF== Connected to process 4242 (/usr/bin/python3)\n")
+    out.write("device: NVIDIA H200, jax 0.11.2\n")  # the profiled program's own output
+    writer = csv.writer(out, quoting=csv.QUOTE_ALL, lineterminator="\n")
+    writer.writerow(columns)
+    for launch_id, (kernel, metrics) in enumerate(launches):
+        for metric, (unit, value) in metrics.items():
+            where = [launch_id, 4242, "python3", "127.0.0.1", kernel, 1, 7, "(256, 1, 1)"]
+            section = ["(16, 16, 8)", 0, "9.0", "GPU Speed Of Light Throughput"]
+            writer.writerow([*where, *section, metric, unit, value])
+    out.write("==PROF== Disconnected from process 4242\n")
+    return out.getvalue()
+
+
+def test_ncu_report_gives_one_row_per_kernel_from_its_last_launch(tmp_path, capsys):
+    fwd = "mpt_flash_fwd"
+    sdpa = "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x128x128"
+    text = _ncu_report(
+        [
+            (fwd, {"Duration": ("us", "701.31"), "Registers Per Thread": ("", "255")}),
+            (sdpa, {"Duration": ("us", "470.02"), "Achieved Occupancy": ("%", "11.93")}),
+            (fwd, {"Duration": ("us", "596.80"), "Registers Per Thread": ("", "1,024")}),
+        ]
+    )
+    table = profiling.summarize_ncu_csv(text)
+    rows = [line.split(" | ") for line in table.splitlines()]
+    assert rows[0] == [
+        "| kernel",
+        "launches",
+        "Duration",
+        "Registers Per Thread",
+        "Achieved Occupancy |",
+    ]
+    assert rows[2] == ["| mpt_flash_fwd", "2", "596.80 us", "1,024", " |"]
+    assert rows[3][0].startswith("| cudnn_generated_fort_native_sdpa") and rows[3][0].endswith(
+        "..."
+    )
+    assert rows[3][1:] == ["1", "470.02 us", "", "11.93 % |"]
+    report = tmp_path / "ncu.csv"
+    report.write_text(text)
+    assert profile_summary.main(["--ncu", str(report)]) == 0
+    assert capsys.readouterr().out == table
+    report.write_text("==PROF== Connected\nno report: the kernel filter matched nothing\n")
+    assert profile_summary.main(["--ncu", str(report)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no ncu CSV in the text") and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        profile_summary.main([])  # neither a trace folder nor --ncu
+    assert capsys.readouterr().err.startswith("error: give TRACE_DIR or --ncu FILE")

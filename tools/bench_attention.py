@@ -2,6 +2,7 @@
 
     python tools/bench_attention.py [--reps 20] [--out results.md] [--skip-memory]
     python tools/bench_attention.py --tune 128 64 [--tune-budget-s 300]
+    python tools/bench_attention.py --once   # each fwd+bwd run once, for ncu
 
 `--tune` sweeps our kernels' tilings instead (block sizes, Triton warps and stages, per kernel)
 at batch 8, seq 2048, 16 heads of each head dim: the forward alone first, then dq and dk/dv
@@ -322,6 +323,25 @@ def memory() -> list[str]:
     return rows
 
 
+# (label, impl, ALiBi) of the fwd+bwd programs `--once` runs for a profiler
+ONCE_IMPLS = (("ours", "pallas_gpu", True), ("cuDNN + bias", "cudnn", True))
+ONCE_IMPLS += (("cuDNN, no ALiBi", "cudnn", False),)
+
+
+def run_once(shape=(8, 2048, 16, 128), impls=ONCE_IMPLS) -> list[str]:
+    """Each implementation's fwd+bwd compiled, then run exactly once: for a profiler (ncu)."""
+    B, S, H, K = shape
+    q, k, v = _inputs(B, S, H, K)
+    lines = []
+    for label, impl, alibi in impls:
+        fn = functools.partial(_attention, impl=impl, slopes=alibi_slopes(H) if alibi else None)
+        compiled = _grad_fn(fn).lower(q, k, v).compile()
+        grads = jax.block_until_ready(compiled(q, k, v))
+        finite = all(bool(jnp.isfinite(g).all()) for g in grads)
+        lines.append(f"ran once: {label} fwd+bwd at {shape}, gradients finite: {finite}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=20)
@@ -331,18 +351,23 @@ def main(argv: list[str] | None = None) -> int:
         "--tune", type=int, nargs="+", metavar="HEAD_DIM", help="sweep our tilings instead"
     )
     parser.add_argument("--tune-budget-s", type=float, default=300, help="stop sweeping after")
+    parser.add_argument(
+        "--once", action="store_true", help="run each fwd+bwd once, untimed (under ncu)"
+    )
     args = parser.parse_args(argv)
     if jax.default_backend() != "gpu":
         print("error: needs a GPU (jax.default_backend() is not 'gpu')", file=sys.stderr)
         return 2
     tok = "absent" if tokamax is None else getattr(tokamax, "__version__", "present")
     lines = [f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, tokamax {tok}"]
-    if args.tune:
+    if args.once:
+        lines += run_once()
+    elif args.tune:
         lines += tune(args.tune, args.reps, args.tune_budget_s)[0]
     else:
         lines += check()
         lines += bench(args.reps)
-    if not args.skip_memory and not args.tune:
+    if not (args.skip_memory or args.tune or args.once):
         lines += memory()
     text = "\n".join(lines)
     print(text)
