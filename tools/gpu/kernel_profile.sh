@@ -5,19 +5,43 @@
 # cuDNN without ALiBi.
 #   run: bash tools/gpu/kernel_profile.sh   (carry .whl; ncu reads counters on the Firecracker
 #   machines this workplace lends, not under gVisor)
-# The table prints last and goes to $OUT/ncu.md; ncu's report to $OUT/ncu.csv.
+# The tables go to $OUT/ncu.md (counters) and $OUT/ptx.md (matrix instructions per kernel in the
+# PTX XLA dumps); ncu's report to $OUT/ncu.csv.
 set -u
 source tools/gpu/setup.sh || exit 1
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-[ -n "$NCU" ] || { echo "ncu: not found"; exit 1; }
-"$NCU" --version | tail -1
-# no preallocation: ncu saves and restores the memory each profiled kernel touches between its
-# passes; the clocks stay as the card has them
-XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 300 "$NCU" --clock-control none \
-  --target-processes all -k "regex:mpt_flash|sdpa|fmha|flash" \
-  --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
-  --section ComputeWorkloadAnalysis --csv --page details \
-  python3 tools/bench_attention.py --once >"$OUT/ncu.csv" 2>"$OUT/ncu.err"
-echo "ncu exit status $?"
-grep "^ran once" "$OUT/ncu.csv"
-python3 tools/profile_summary.py --ncu "$OUT/ncu.csv" | tee "$OUT/ncu.md" || tail -5 "$OUT/ncu.err"
+if [ -n "$NCU" ]; then
+  "$NCU" --version | tail -1
+  # no preallocation: ncu saves and restores the memory each profiled kernel touches between
+  # its passes; the clocks stay as the card has them
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 300 "$NCU" --clock-control none \
+    --target-processes all -k "regex:mpt_flash|sdpa|fmha|flash" \
+    --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+    --section ComputeWorkloadAnalysis --csv --page details \
+    python3 tools/bench_attention.py --once >"$OUT/ncu.csv" 2>"$OUT/ncu.err"
+  echo "ncu exit status $?"
+  grep "^ran once" "$OUT/ncu.csv"
+  python3 tools/profile_summary.py --ncu "$OUT/ncu.csv" | tee "$OUT/ncu.md" || tail -5 "$OUT/ncu.err"
+else
+  echo "ncu: not found; no counters"
+fi
+# which matrix instructions our kernels compiled to: Hopper's asynchronous warpgroup MMA
+# (wgmma.mma_async) or the older per-warp mma.sync, from the PTX XLA dumps
+rm -rf /tmp/xla_dump
+XLA_FLAGS="--xla_dump_to=/tmp/xla_dump" timeout 120 python3 tools/bench_attention.py --once \
+  >/dev/null 2>&1
+python3 - /tmp/xla_dump <<'PY' | tee "$OUT/ptx.md"
+import pathlib, re, sys
+files = sorted(pathlib.Path(sys.argv[1]).rglob("*.ptx"))
+print(f"{len(files)} PTX files in the dump")
+print("| PTX entry | wgmma.mma_async | mma.sync | ex2.approx | file |")
+print("|---|---|---|---|---|")
+for path in files:
+    text = path.read_text(errors="replace")
+    for entry in re.split(r"(?=\.visible \.entry )", text)[1:]:
+        name = re.match(r"\.visible \.entry (\w+)", entry).group(1)
+        if not re.search(r"mpt_flash|sdpa|flash", name):
+            continue
+        counts = [entry.count(op) for op in ("wgmma.mma_async", "mma.sync", "ex2.approx")]
+        print(f"| {name[:60]} | " + " | ".join(map(str, counts)) + f" | {path.name[:40]} |")
+PY
