@@ -160,21 +160,19 @@ class Norm(nnx.Module):
         return _norm(x.astype(self.dtype), self.scale[...], bias, self.eps, self.rms, self.dtype)
 
 
+def _centred(x: jax.Array, rms: bool) -> jax.Array:
+    """x less its mean over the last axis (LayerNorm), or x itself (RMSNorm)."""
+    return x if rms else x - jnp.mean(x, axis=-1, keepdims=True)
+
+
 def _norm_forward(x, scale, bias, eps, rms, dtype):
-    """(y, x̂ float32, 1/σ (..., 1) float32): the normalization of x (in dtype), in float32."""
-    x32 = x.astype(jnp.float32)
-    if rms:
-        rstd = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-        xhat = x32 * rstd
-    else:
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        rstd = jax.lax.rsqrt(var + eps)
-        xhat = (x32 - mean) * rstd
-    y = xhat.astype(dtype) * _leading_ones(scale.astype(dtype), x.ndim)
+    """(y, 1/σ (..., 1) float32): the normalization of x (in dtype), statistics in float32."""
+    xc = _centred(x.astype(jnp.float32), rms)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(xc), axis=-1, keepdims=True) + eps)
+    y = (xc * rstd).astype(dtype) * _leading_ones(scale.astype(dtype), x.ndim)
     if bias is not None:
         y = y + _leading_ones(bias.astype(dtype), x.ndim)
-    return y, xhat, rstd
+    return y, rstd
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -188,14 +186,13 @@ def _norm(x, scale, bias, eps, rms, dtype):
 
 
 def _norm_fwd(x, scale, bias, eps, rms, dtype):
-    y, _, rstd = _norm_forward(x, scale, bias, eps, rms, dtype)
+    y, rstd = _norm_forward(x, scale, bias, eps, rms, dtype)
     return y, (x, scale, bias, rstd)
 
 
 def _norm_bwd(eps, rms, dtype, residuals, g):
     x, scale, bias, rstd = residuals
-    x32 = x.astype(jnp.float32)
-    xhat = x32 * rstd if rms else (x32 - jnp.mean(x32, axis=-1, keepdims=True)) * rstd
+    xhat = _centred(x.astype(jnp.float32), rms) * rstd
     g32 = g.astype(jnp.float32)
     rows = tuple(range(x.ndim - 1))
     # the forward multiplies x̂ rounded to dtype by the scale rounded to dtype
@@ -203,10 +200,7 @@ def _norm_bwd(eps, rms, dtype, residuals, g):
     d_bias = None if bias is None else jnp.sum(g32, axis=rows).astype(bias.dtype)
     d_xhat = g32 * _leading_ones(scale.astype(dtype).astype(jnp.float32), x.ndim)
     proj = jnp.mean(d_xhat * xhat, axis=-1, keepdims=True)
-    if rms:
-        dx = rstd * (d_xhat - xhat * proj)
-    else:
-        dx = rstd * (d_xhat - jnp.mean(d_xhat, axis=-1, keepdims=True) - xhat * proj)
+    dx = rstd * (_centred(d_xhat, rms) - xhat * proj)
     return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias
 
 
