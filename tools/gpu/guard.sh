@@ -8,7 +8,6 @@ source tools/gpu/setup.sh || exit 1
 timeout 500 python3 tools/sweep.py experiments/sweeps/gpu-perf-guard.yaml --no-plots \
   --out-dir "$OUT/guard" >"$OUT/guard.log" 2>&1
 cp "$OUT/guard/results.md" "$OUT/guard.md" 2>/dev/null
-# what comes back from $OUT is limited to 8 files: the sweep's folders travel as one archive
-tar czf "$OUT/guard_details.tgz" -C "$OUT" guard && rm -rf "$OUT/guard"
+pack_details guard
 tail -8 "$OUT/guard.log"
 cat "$OUT/guard.md" 2>/dev/null

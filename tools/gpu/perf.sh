@@ -63,5 +63,5 @@ for summary in "$WORK"/profile_*/*/summary.md; do
 done >>"$REPORT"
 # the traces themselves stay behind: the summaries hold what they say
 find "$WORK" -name "*.json.gz" -path "*plugins*" -delete
-tar czf "$OUT/perf_details.tgz" -C "$OUT" perf && rm -rf "$WORK"
+pack_details perf
 cat "$REPORT"

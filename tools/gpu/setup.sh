@@ -1,6 +1,7 @@
 # Sourced on the GPU machine: installs the carried wheels (.whl/) of packages the image lacks
 # into /tmp/site and puts it and the repo on PYTHONPATH. Packages the image has are kept.
-# Leaves OUT (created) and ALIBI (bench_train overrides) for the scripts that source it.
+# Leaves OUT (created), pack_details and ALIBI (bench_train overrides) for the scripts that
+# source it.
 python3 - "${WHEELS:-.whl}" <<'PY' || return 1
 import importlib.metadata as md
 import pathlib
@@ -27,6 +28,9 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MPT_JAX_CACHE=/tmp/cache
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}
 OUT=${OUT:-/tmp/out}  # what the scripts write there comes back with the run
 mkdir -p "$OUT"
+pack_details() {  # $OUT/NAME/ -> $OUT/NAME_details.tgz: at most 8 files come back from $OUT
+  tar czf "$OUT/$1_details.tgz" -C "$OUT" "$1" && rm -rf "${OUT:?}/$1"
+}
 # bench_train's model overrides for the anchor's MPT: ALiBi instead of learned positions, no biases
 ALIBI=(--model-override alibi=true --model-override learned_pos_emb=false
   --model-override no_bias=true)

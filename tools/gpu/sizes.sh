@@ -35,6 +35,5 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*/bench_train.csv"),
     for row in csv.DictReader(path.open()):
         print("| " + " | ".join(row.get(c, "") for c in columns) + " |")
 PY
-# what comes back from $OUT is limited to 8 files: the details travel as one archive
-tar czf "$OUT/sizes_details.tgz" -C "$OUT" sizes && rm -rf "$OUT/sizes"
+pack_details sizes
 cat "$OUT/sizes.md"
