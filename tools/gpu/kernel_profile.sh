@@ -10,6 +10,10 @@
 set -u
 source tools/gpu/setup.sh || exit 1
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+# XLA dumps the PTX of what it compiles: which matrix instructions our kernels became, Hopper's
+# asynchronous warpgroup MMA (wgmma.mma_async) or the older per-warp mma.sync (table below)
+rm -rf /tmp/xla_dump
+export XLA_FLAGS="--xla_dump_to=/tmp/xla_dump"
 if [ -n "$NCU" ]; then
   "$NCU" --version | tail -1
   # no preallocation: ncu saves and restores the memory each profiled kernel touches between
@@ -24,12 +28,8 @@ if [ -n "$NCU" ]; then
   python3 tools/profile_summary.py --ncu "$OUT/ncu.csv" | tee "$OUT/ncu.md" || tail -5 "$OUT/ncu.err"
 else
   echo "ncu: not found; no counters"
+  timeout 120 python3 tools/bench_attention.py --once
 fi
-# which matrix instructions our kernels compiled to: Hopper's asynchronous warpgroup MMA
-# (wgmma.mma_async) or the older per-warp mma.sync, from the PTX XLA dumps
-rm -rf /tmp/xla_dump
-XLA_FLAGS="--xla_dump_to=/tmp/xla_dump" timeout 120 python3 tools/bench_attention.py --once \
-  >/dev/null 2>&1
 python3 - /tmp/xla_dump <<'PY' | tee "$OUT/ptx.md"
 import pathlib, re, sys
 files = sorted(pathlib.Path(sys.argv[1]).rglob("*.ptx"))
