@@ -17,6 +17,7 @@ from jax.experimental.pallas import tpu as pltpu
 from mpt_jax import MPTForCausalLM
 from mpt_jax.attention import alibi_slopes, attention
 from mpt_jax.config import ModelConfig
+from mpt_jax.kernels import flash_attention as fa
 from mpt_jax.kernels.common import poison
 from mpt_jax.kernels.flash_attention import Tiling, Tilings, default_tilings, flash_attention
 from mpt_jax.kernels.flash_attention_tpu import flash_attention_tpu
@@ -82,6 +83,65 @@ def test_gpu_kernels_with_their_own_tilings_agree_with_reference(causal):
     )
     kernel = functools.partial(flash_attention, tilings=tilings)
     _assert_matches_reference(kernel, 2, 150, 6, 2, 32, True, causal, jnp.float32, f"t{causal}")
+
+
+@pytest.mark.parametrize(
+    "n_blocks, H, per_head, last_first",
+    [
+        (16, 16, 1 << 20, True),
+        (64, 16, 4 << 20, True),
+        (7, 6, 3 << 20, False),
+        (3, 5, 64 << 20, True),
+    ],
+)
+def test_launch_order_runs_every_block_once_grouped_and_costliest_first(
+    n_blocks, H, per_head, last_first
+):
+    order = fa._Order.build(n_blocks, H, per_head, last_block_first=last_first)
+    g = order.group
+    assert H % g == 0
+    # the largest group within the L2 budget (one head when even one exceeds it)
+    assert g == 1 or g * per_head <= fa.L2_GROUP_BYTES
+    assert all(H % d or d * per_head > fa.L2_GROUP_BYTES for d in range(g + 1, H + 1))
+    grid = order.grid(H, B=1)
+    assert grid[:2] == (n_blocks * g, H // g)
+    seen = []
+    for grp in range(grid[1]):
+        blocks = [int(order.block(t)) for t in range(grid[0])]
+        heads = {int(order.head(t, grp)) for t in range(grid[0])}
+        assert heads == set(range(grp * g, grp * g + g))  # a group's programs share its heads
+        # axis 0 launches fastest: within a group, the costliest causal blocks start first
+        assert blocks == sorted(blocks, reverse=last_first)
+        seen += [(b, int(order.head(t, grp))) for t, b in enumerate(blocks)]
+    assert sorted(seen) == [(b, h) for b in range(n_blocks) for h in range(H)]
+
+
+def test_group_sizes_at_the_benchmark_shapes():
+    # bf16 keys and values of one head: 1 MiB at seq 2048 (16 heads share L2), 4 MiB at 8192
+    fwd = Tiling(128, 32)
+    assert fa._order(16, 2048, 128, 2, fwd, over_keys=False, causal=True).group == 16
+    assert fa._order(16, 8192, 128, 2, fwd, over_keys=False, causal=True).group == 4
+    assert fa._order(16, 8192, 128, 2, fwd, over_keys=True, causal=True).last_block_first is False
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_kernels_in_several_head_groups_agree_with_reference(monkeypatch, causal):
+    # groups of 4 of 8 query heads over 2 kv heads of 4, then of 2: groups and kv heads align
+    # differently; in the other tests every head fits one group
+    B, S, H, G, K = 1, 100, 8, 2, 32
+    tilings = Tilings(fwd=Tiling(32, 16), dq=Tiling(16, 32), dkv=Tiling(16, 32))
+    per_head = 2 * tilings.padded_length(S) * K * 4  # float32 keys and values
+    for group in (4, 2):
+        monkeypatch.setattr(fa, "L2_GROUP_BYTES", group * per_head)
+        assert (
+            fa._order(
+                H, tilings.padded_length(S), K, 4, tilings.fwd, over_keys=False, causal=causal
+            ).group
+            == group
+        )
+        kernel = functools.partial(flash_attention, tilings=tilings)
+        name = f"groups{group}{causal}"
+        _assert_matches_reference(kernel, B, S, H, G, K, True, causal, jnp.float32, name)
 
 
 def test_gpu_kernels_lower_to_triton_for_cuda_on_any_host():

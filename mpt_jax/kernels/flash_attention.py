@@ -18,6 +18,11 @@ matmuls the exponentials and masks bound FlashAttention on Hopper:
 - causal blocks wholly below the diagonal are computed without masks (only segment ids, when
   given, still mask): a padded key there implies a padded query, whose output is dropped and
   whose zero output gradient adds nothing to dk and dv.
+
+Programs launch group of heads by group (`_Order`): all blocks of a few heads run side by side,
+so the sequence-long operand each program streams (keys and values; queries and output
+gradients for dk/dv) is read from HBM about once per head and then from L2, and the costliest
+causal blocks start first.
 """
 
 from __future__ import annotations
@@ -92,6 +97,47 @@ def default_tilings(head_dim: int) -> Tilings:
         return TUNED_HEAD_DIM_128
     block = 64 * 128 // head_dim
     return Tilings.uniform(block, block)
+
+
+# the bytes of sequence-long operands that one group of heads may stream side by side: well
+# inside an H100's or H200's 50 MB L2, which the group's programs then share
+L2_GROUP_BYTES = 16 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class _Order:
+    """Launch order of one kernel's programs over grid (n_blocks * group, H // group, B).
+
+    Triton launches grid axis 0 fastest, so programs run group of `group` heads by group, every
+    block of the group's heads together: the operand they all stream along the sequence stays
+    in L2 (launched batch-and-head fastest, as before, a wave of programs read a different head
+    each and re-read its keys and values from HBM once per query block). Within a group the
+    costliest causal blocks go first (query blocks from the last, key blocks from the first), so
+    the last programs to start are short ones.
+    """
+
+    n_blocks: int
+    group: int
+    last_block_first: bool
+
+    @classmethod
+    def build(cls, n_blocks: int, H: int, streamed_bytes_per_head: int, *, last_block_first):
+        """The largest group (a divisor of H) whose heads stream at most L2_GROUP_BYTES."""
+        fits = max(1, L2_GROUP_BYTES // max(streamed_bytes_per_head, 1))
+        group = max(g for g in range(1, H + 1) if H % g == 0 and g <= fits)
+        return cls(n_blocks, group, last_block_first)
+
+    def grid(self, H: int, B: int) -> tuple[int, int, int]:
+        return (self.n_blocks * self.group, H // self.group, B)
+
+    def block(self, t):
+        """The query (or key) block of program t along grid axis 0."""
+        i = lax.div(t, self.group)
+        return self.n_blocks - 1 - i if self.last_block_first else i
+
+    def head(self, t, group_index):
+        """The query head of program (t, group_index)."""
+        return group_index * self.group + lax.rem(t, self.group)
 
 
 def _n_key_blocks(qi, *, bq, bk, n_k, causal):
@@ -171,11 +217,11 @@ def _row_shift2(shape, slope2, blk: _Block):
     return -slope2 * lax.broadcasted_iota(jnp.int32, shape, 0).astype(jnp.float32)
 
 
-def _fwd_kernel(*refs, blk: _Block, bq, bk, n_k, has_seg):
+def _fwd_kernel(*refs, blk: _Block, order: _Order, bq, bk, n_k, has_seg):
     (q_ref, k_ref, v_ref, slope_ref), qs_ref, ks_ref, (o_ref, lse_ref) = _split_refs(
         refs, 4, has_seg, 2
     )
-    qi = pl.program_id(2)
+    qi = order.block(pl.program_id(0))
     q = q_ref[...]
     slope2 = slope_ref[0] * LOG2E
     q0 = qi * bq
@@ -213,10 +259,10 @@ def _fwd_kernel(*refs, blk: _Block, bq, bk, n_k, has_seg):
     lse_ref[...] = lse2 + _row_shift2((bq,), slope2, blk)
 
 
-def _dq_kernel(*refs, blk: _Block, bq, bk, n_k, has_seg):
+def _dq_kernel(*refs, blk: _Block, order: _Order, bq, bk, n_k, has_seg):
     inputs, qs_ref, ks_ref, (dq_ref,) = _split_refs(refs, 7, has_seg, 1)
     q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, d_ref = inputs
-    qi = pl.program_id(2)
+    qi = order.block(pl.program_id(0))
     q, do = q_ref[...], do_ref[...]
     slope2 = slope_ref[0] * LOG2E
     q0 = qi * bq
@@ -244,10 +290,10 @@ def _dq_kernel(*refs, blk: _Block, bq, bk, n_k, has_seg):
     dq_ref[...] = (dq * (blk.scale2 / LOG2E)).astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(*refs, blk: _Block, bq, bk, n_q, has_seg):
+def _dkdv_kernel(*refs, blk: _Block, order: _Order, bq, bk, n_q, has_seg):
     inputs, qs_ref, ks_ref, (dk_ref, dv_ref) = _split_refs(refs, 7, has_seg, 2)
     q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, d_ref = inputs
-    ki = pl.program_id(2)
+    ki = order.block(pl.program_id(0))
     k, v = k_ref[...], v_ref[...]
     slope2 = slope_ref[0] * LOG2E
     k_pos = ki * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
@@ -280,24 +326,35 @@ def _dkdv_kernel(*refs, blk: _Block, bq, bk, n_q, has_seg):
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _specs(B, H, G, Sp, K, bq, bk, has_seg, *, over_keys=False):
-    """BlockSpecs for grid (B, H, blocks): q-side blocked for dq/fwd, k-side for dkdv."""
+def _specs(order: _Order, H, G, Sp, K, bq, bk, has_seg, *, over_keys=False):
+    """BlockSpecs of program (t, g, b) in order.grid: q-side blocked for fwd/dq, k-side for dkdv."""
     R = H // G
+    i, h = order.block, order.head
     if over_keys:
-        q_spec = pl.BlockSpec((None, Sp, None, K), lambda b, h, i: (b, 0, h, 0))
-        kv_spec = pl.BlockSpec((None, bk, None, K), lambda b, h, i: (b, i, h // R, 0))
-        row_spec = pl.BlockSpec((None, None, Sp), lambda b, h, i: (b, h, 0))
-        qs_spec = pl.BlockSpec((None, Sp), lambda b, h, i: (b, 0))
-        ks_spec = pl.BlockSpec((None, bk), lambda b, h, i: (b, i))
+        q_spec = pl.BlockSpec((None, Sp, None, K), lambda t, g, b: (b, 0, h(t, g), 0))
+        kv_spec = pl.BlockSpec(
+            (None, bk, None, K), lambda t, g, b: (b, i(t), lax.div(h(t, g), R), 0)
+        )
+        row_spec = pl.BlockSpec((None, None, Sp), lambda t, g, b: (b, h(t, g), 0))
+        qs_spec = pl.BlockSpec((None, Sp), lambda t, g, b: (b, 0))
+        ks_spec = pl.BlockSpec((None, bk), lambda t, g, b: (b, i(t)))
     else:
-        q_spec = pl.BlockSpec((None, bq, None, K), lambda b, h, i: (b, i, h, 0))
-        kv_spec = pl.BlockSpec((None, Sp, None, K), lambda b, h, i: (b, 0, h // R, 0))
-        row_spec = pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
-        qs_spec = pl.BlockSpec((None, bq), lambda b, h, i: (b, i))
-        ks_spec = pl.BlockSpec((None, Sp), lambda b, h, i: (b, 0))
-    slope_spec = pl.BlockSpec((1,), lambda b, h, i: (h,))
+        q_spec = pl.BlockSpec((None, bq, None, K), lambda t, g, b: (b, i(t), h(t, g), 0))
+        kv_spec = pl.BlockSpec((None, Sp, None, K), lambda t, g, b: (b, 0, lax.div(h(t, g), R), 0))
+        row_spec = pl.BlockSpec((None, None, bq), lambda t, g, b: (b, h(t, g), i(t)))
+        qs_spec = pl.BlockSpec((None, bq), lambda t, g, b: (b, i(t)))
+        ks_spec = pl.BlockSpec((None, Sp), lambda t, g, b: (b, 0))
+    slope_spec = pl.BlockSpec((1,), lambda t, g, b: (h(t, g),))
     seg_specs = [qs_spec, ks_spec] if has_seg else []
     return q_spec, kv_spec, row_spec, slope_spec, seg_specs
+
+
+def _order(H, Sp, K, itemsize, t: Tiling, *, over_keys: bool, causal: bool) -> _Order:
+    """The launch order of a kernel: per head it streams two (Sp, K) operands."""
+    n_blocks = Sp // (t.block_k if over_keys else t.block_q)
+    # causal work grows with the query block and shrinks with the key block
+    last_first = causal and not over_keys
+    return _Order.build(n_blocks, H, 2 * Sp * K * itemsize, last_block_first=last_first)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
@@ -312,11 +369,18 @@ def _forward(q, k, v, slopes, segment_ids, blk, tilings, interpret, poison_outpu
     t = tilings.fwd
     has_seg = segment_ids is not None
     qp, kp, vp = (pad_axis(x, Sp, 1) for x in (q, k, v))
-    specs = _specs(B, H, G, Sp, K, t.block_q, t.block_k, has_seg)
+    order = _order(H, Sp, K, q.dtype.itemsize, t, over_keys=False, causal=blk.causal)
+    specs = _specs(order, H, G, Sp, K, t.block_q, t.block_k, has_seg)
     q_spec, kv_spec, row_spec, slope_spec, seg_specs = specs
     segs = [pad_axis(segment_ids, Sp, 1)] * 2 if has_seg else []
     kernel = functools.partial(
-        _fwd_kernel, blk=blk, bq=t.block_q, bk=t.block_k, n_k=Sp // t.block_k, has_seg=has_seg
+        _fwd_kernel,
+        blk=blk,
+        order=order,
+        bq=t.block_q,
+        bk=t.block_k,
+        n_k=Sp // t.block_k,
+        has_seg=has_seg,
     )
     out_shape = [
         jax.ShapeDtypeStruct((B, Sp, H, K), q.dtype),
@@ -327,7 +391,7 @@ def _forward(q, k, v, slopes, segment_ids, blk, tilings, interpret, poison_outpu
     bufs, buf_specs, aliases = poison(out_shape, [q_spec, row_spec], len(args), poison_outputs)
     o, lse2 = pl.pallas_call(
         kernel,
-        grid=(B, H, Sp // t.block_q),
+        grid=order.grid(H, B),
         in_specs=[*in_specs, *buf_specs],
         out_specs=[q_spec, row_spec],
         out_shape=out_shape,
@@ -359,15 +423,22 @@ def _flash_bwd(blk, tilings, interpret, poison_outputs, residuals, do):
     args = [qp, kp, vp, slopes, dop, lse2, delta, *segs]
 
     t = tilings.dq
-    specs = _specs(B, H, G, Sp, K, t.block_q, t.block_k, has_seg)
+    order = _order(H, Sp, K, q.dtype.itemsize, t, over_keys=False, causal=blk.causal)
+    specs = _specs(order, H, G, Sp, K, t.block_q, t.block_k, has_seg)
     q_spec, kv_spec, row_spec, slope_spec, seg_specs = specs
     out_shape = [jax.ShapeDtypeStruct((B, Sp, H, K), q.dtype)]
     bufs, buf_specs, aliases = poison(out_shape, [q_spec], len(args), poison_outputs)
     (dq,) = pl.pallas_call(
         functools.partial(
-            _dq_kernel, blk=blk, bq=t.block_q, bk=t.block_k, n_k=Sp // t.block_k, has_seg=has_seg
+            _dq_kernel,
+            blk=blk,
+            order=order,
+            bq=t.block_q,
+            bk=t.block_k,
+            n_k=Sp // t.block_k,
+            has_seg=has_seg,
         ),
-        grid=(B, H, Sp // t.block_q),
+        grid=order.grid(H, B),
         in_specs=[
             *(q_spec, kv_spec, kv_spec, slope_spec, q_spec, row_spec, row_spec),
             *seg_specs,
@@ -382,18 +453,27 @@ def _flash_bwd(blk, tilings, interpret, poison_outputs, residuals, do):
     )(*args, *bufs)
 
     t = tilings.dkv
-    specs = _specs(B, H, G, Sp, K, t.block_q, t.block_k, has_seg, over_keys=True)
+    order = _order(H, Sp, K, q.dtype.itemsize, t, over_keys=True, causal=blk.causal)
+    specs = _specs(order, H, G, Sp, K, t.block_q, t.block_k, has_seg, over_keys=True)
     q_spec, kv_spec, row_spec, slope_spec, seg_specs = specs
     # per query head; heads sharing a kv head are summed below (in float32 when there are several)
-    head_kv_spec = pl.BlockSpec((None, t.block_k, None, K), lambda b, h, i: (b, i, h, 0))
+    head_kv_spec = pl.BlockSpec(
+        (None, t.block_k, None, K), lambda i, g, b: (b, order.block(i), order.head(i, g), 0)
+    )
     grad_dtype = k.dtype if R == 1 else jnp.float32
     out_shape = [jax.ShapeDtypeStruct((B, Sp, H, K), grad_dtype)] * 2
     bufs, buf_specs, aliases = poison(out_shape, [head_kv_spec] * 2, len(args), poison_outputs)
     dk, dv = pl.pallas_call(
         functools.partial(
-            _dkdv_kernel, blk=blk, bq=t.block_q, bk=t.block_k, n_q=Sp // t.block_q, has_seg=has_seg
+            _dkdv_kernel,
+            blk=blk,
+            order=order,
+            bq=t.block_q,
+            bk=t.block_k,
+            n_q=Sp // t.block_q,
+            has_seg=has_seg,
         ),
-        grid=(B, H, Sp // t.block_k),
+        grid=order.grid(H, B),
         in_specs=[
             *(q_spec, kv_spec, kv_spec, slope_spec, q_spec, row_spec, row_spec),
             *seg_specs,
