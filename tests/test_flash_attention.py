@@ -173,6 +173,39 @@ def test_gpu_kernels_lower_to_triton_for_cuda_on_any_host():
     assert "__nv_exp2f" in text and "__nv_expf" not in text
 
 
+def _triton_modules(monkeypatch, capsys, loss, *args) -> dict[str, str]:
+    """The Triton IR of each of our kernels in loss's gradient, as Pallas prints it (debug)."""
+    monkeypatch.setattr(fa.pl, "pallas_call", functools.partial(pl.pallas_call, debug=True))
+    jax.jit(jax.grad(loss, (0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",))
+    printed = capsys.readouterr().out
+    parts = re.split(r"The Triton module for pallas_call (mpt_flash_\w+)", printed)[1:]
+    return dict(zip(parts[::2], parts[1::2], strict=True))
+
+
+def test_gpu_kernels_transpose_only_tiles_they_load(monkeypatch, capsys):
+    # a transposed load feeds the tensor cores from shared memory as it is; a transposed
+    # register tile (dk/dv's p^T and ds^T when its blocks were (bq, bk)) goes through a layout
+    # conversion every iteration: dk/dv computes its blocks as (bk, bq) instead
+    B, S, H, K = 1, 512, 2, 128
+    q = jax.ShapeDtypeStruct((B, S, H, K), jnp.bfloat16)
+
+    def loss(q, k, v):
+        out = flash_attention(q, k, v, alibi_slopes=alibi_slopes(H))
+        return out.astype(jnp.float32).sum()
+
+    modules = _triton_modules(monkeypatch, capsys, loss, q, q, q)
+    assert sorted(modules) == ["mpt_flash_dkdv", "mpt_flash_dq", "mpt_flash_fwd"]
+    for name, text in modules.items():
+        defined_by, transposed = {}, []
+        for line in text.splitlines():
+            if m := re.match(r"\s*(%\w+) = (tt\.trans) (%\w+)", line):
+                transposed.append(defined_by.get(m.group(3)))
+            if m := re.match(r"\s*(%\w+)(?::\d+)? = ([\w.]+)", line):
+                defined_by[m.group(1)] = m.group(2)  # names recur in sibling loop bodies
+        # fwd: k^T (2 loops); dq: k^T, v^T; dk/dv: q^T, dO^T
+        assert transposed and set(transposed) == {"tt.load"}, (name, transposed)
+
+
 @pytest.mark.parametrize("head_dim", [256, 512])
 def test_default_blocks_above_head_dim_128_hold_no_more_bytes_than_those_measured(head_dim):
     # the head-dim-128 tilings ran on an H200; larger head dims must not need more shared memory

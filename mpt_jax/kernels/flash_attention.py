@@ -17,7 +17,9 @@ matmuls the exponentials and masks bound FlashAttention on Hopper:
   tilings agree on it;
 - causal blocks wholly below the diagonal are computed without masks (only segment ids, when
   given, still mask): a padded key there implies a padded query, whose output is dropped and
-  whose zero output gradient adds nothing to dk and dv.
+  whose zero output gradient adds nothing to dk and dv;
+- dk/dv computes its blocks keys-first, (bk, bq) = k q^T, so p^T and ds^T feed its products
+  dv += p^T dO and dk += ds^T q as computed: the only transposes are of tiles it loads.
 
 Programs launch group of heads by group (`_Order`): all blocks of a few heads run side by side,
 so the sequence-long operand each program streams (keys and values; queries and output
@@ -179,9 +181,13 @@ class _Block:
     seq_len: int
 
 
-def _scores2(q, k, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk: _Block, *, masked: bool):
-    """Scores (bq, bk) float32 in log2 units, ALiBi relative to query q0, masks if `masked`."""
-    s = lax.dot_general(q, k, NT_DIMS, preferred_element_type=jnp.float32) * blk.scale2
+def _scores2(qk, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk: _Block, *, masked: bool):
+    """Scores in log2 units from the raw product qk, ALiBi relative to query q0, masks if `masked`.
+
+    qk is q k^T (bq, bk) with query positions and segment ids a column and keys' a row, or its
+    transpose k q^T (bk, bq) with them the other way round: every term broadcasts either way.
+    """
+    s = qk * blk.scale2
     if blk.alibi and blk.causal:
         s = s + slope2 * (k_pos - q0).astype(jnp.float32)
     elif blk.alibi:
@@ -198,23 +204,34 @@ def _scores2(q, k, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk: _Block, *, maske
 
 
 def _backward_block2(
-    q, k, v, do, lse2, delta, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk, *, masked
+    q, k, v, do, lse2, delta, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk, *, masked, keys_first
 ):
-    """Probabilities p and score gradients ds (bq, bk): common.backward_block in log2 units."""
-    s = _scores2(q, k, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk, masked=masked)
+    """Probabilities p and score gradients ds: common.backward_block in log2 units.
+
+    (bq, bk) with lse2, delta, q_pos and q_seg columns; keys_first: their transposes (bk, bq),
+    computed as such (k q^T and v do^T) with those four rows, so that dk/dv's products
+    p^T do and ds^T q take them as they are, with no transpose of a register tile.
+    """
+    if keys_first:
+        qk = lax.dot_general(k, q, NT_DIMS, preferred_element_type=jnp.float32)
+        dp = lax.dot_general(v, do, NT_DIMS, preferred_element_type=jnp.float32)
+    else:
+        qk = lax.dot_general(q, k, NT_DIMS, preferred_element_type=jnp.float32)
+        dp = lax.dot_general(do, v, NT_DIMS, preferred_element_type=jnp.float32)
+    s = _scores2(qk, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk, masked=masked)
     p = jnp.exp2(s - lse2)
-    dp = lax.dot_general(do, v, NT_DIMS, preferred_element_type=jnp.float32)
     return p, p * (dp - delta)
 
 
-def _row_shift2(shape, slope2, blk: _Block):
+def _row_shift2(shape, slope2, blk: _Block, *, axis=0):
     """Log2-unit offset, per query of a block, of true -slope * |i - j| scores from _scores2's.
 
-    shape: (bq,) or (bq, 1), queries along the first axis; the offset is -slope * (i - q0).
+    shape: (bq,), (bq, 1) or, with axis 1, (1, bq): queries along `axis`; the offset is
+    -slope * (i - q0).
     """
     if not (blk.alibi and blk.causal):
         return jnp.zeros(shape, jnp.float32)
-    return -slope2 * lax.broadcasted_iota(jnp.int32, shape, 0).astype(jnp.float32)
+    return -slope2 * lax.broadcasted_iota(jnp.int32, shape, axis).astype(jnp.float32)
 
 
 def _fwd_kernel(*refs, blk: _Block, order: _Order, bq, bk, n_k, has_seg):
@@ -233,7 +250,8 @@ def _fwd_kernel(*refs, blk: _Block, order: _Order, bq, bk, n_k, has_seg):
         ks = pl.ds(pl.multiple_of(kb * bk, bk), bk)
         k_pos = kb * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         k_seg = ks_ref[ks][None, :] if has_seg else None
-        s = _scores2(q, k_ref[ks, :], q_pos, k_pos, q0, q_seg, k_seg, slope2, blk, masked=masked)
+        qk = lax.dot_general(q, k_ref[ks, :], NT_DIMS, preferred_element_type=jnp.float32)
+        s = _scores2(qk, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk, masked=masked)
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.exp2(s - m_new[:, None])
         corr = jnp.exp2(m - m_new)
@@ -277,7 +295,9 @@ def _dq_kernel(*refs, blk: _Block, order: _Order, bq, bk, n_k, has_seg):
         k, v = k_ref[ks, :], v_ref[ks, :]
         k_seg = ks_ref[ks][None, :] if has_seg else None
         _, ds = _backward_block2(
-            q, k, v, do, lse2, delta, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk, masked=masked
+            *(q, k, v, do, lse2, delta, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk),
+            masked=masked,
+            keys_first=False,
         )
         return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
@@ -296,23 +316,26 @@ def _dkdv_kernel(*refs, blk: _Block, order: _Order, bq, bk, n_q, has_seg):
     ki = order.block(pl.program_id(0))
     k, v = k_ref[...], v_ref[...]
     slope2 = slope_ref[0] * LOG2E
-    k_pos = ki * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-    k_seg = ks_ref[...][None, :] if has_seg else None
+    # keys along the first axis: blocks are (bk, bq), the transpose of the other kernels'
+    k_pos = ki * bk + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
+    k_seg = ks_ref[...][:, None] if has_seg else None
 
     def body(qb, carry, *, masked):
         dk, dv = carry
         qs = pl.ds(pl.multiple_of(qb * bq, bq), bq)
         q0 = qb * bq
-        q_pos = q0 + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+        q_pos = q0 + lax.broadcasted_iota(jnp.int32, (1, bq), 1)
         q, do = q_ref[qs, :], do_ref[qs, :]
-        q_seg = qs_ref[qs][:, None] if has_seg else None
-        lse2 = lse_ref[qs][:, None] - _row_shift2((bq, 1), slope2, blk)
-        delta = d_ref[qs][:, None]
-        p, ds = _backward_block2(
-            q, k, v, do, lse2, delta, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk, masked=masked
+        q_seg = qs_ref[qs][None, :] if has_seg else None
+        lse2 = lse_ref[qs][None, :] - _row_shift2((1, bq), slope2, blk, axis=1)
+        delta = d_ref[qs][None, :]
+        p_t, ds_t = _backward_block2(
+            *(q, k, v, do, lse2, delta, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk),
+            masked=masked,
+            keys_first=True,
         )
-        dv = dv + jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
-        dk = dk + jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
+        dv = dv + jnp.dot(p_t.astype(do.dtype), do, preferred_element_type=jnp.float32)
+        dk = dk + jnp.dot(ds_t.astype(q.dtype), q, preferred_element_type=jnp.float32)
         return dk, dv
 
     K = k.shape[-1]
