@@ -380,6 +380,40 @@ def _order(H, Sp, K, itemsize, t: Tiling, *, over_keys: bool, causal: bool) -> _
     return _Order.build(n_blocks, H, 2 * Sp * K * itemsize, last_block_first=last_first)
 
 
+def _launch(
+    kernel,
+    *,
+    blk,
+    order,
+    t: Tiling,
+    grid,
+    has_seg,
+    args,
+    in_specs,
+    out_specs,
+    out_shape,
+    name,
+    interpret,
+    poison_outputs,
+):
+    """pallas_call of one kernel (bound to the statics all three take), outputs NaN if poisoned."""
+    bufs, buf_specs, aliases = poison(out_shape, out_specs, len(args), poison_outputs)
+    bound = functools.partial(
+        kernel, blk=blk, order=order, bq=t.block_q, bk=t.block_k, has_seg=has_seg
+    )
+    return pl.pallas_call(
+        bound,
+        grid=grid,
+        in_specs=[*in_specs, *buf_specs],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
+        interpret=interpret,
+        compiler_params=t.compiler_params(),
+        name=name,
+    )(*args, *bufs)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
 def _flash(q, k, v, slopes, segment_ids, blk, tilings, interpret, poison_outputs):
     return _forward(q, k, v, slopes, segment_ids, blk, tilings, interpret, poison_outputs)[0]
@@ -396,33 +430,21 @@ def _forward(q, k, v, slopes, segment_ids, blk, tilings, interpret, poison_outpu
     specs = _specs(order, H, G, Sp, K, t.block_q, t.block_k, has_seg)
     q_spec, kv_spec, row_spec, slope_spec, seg_specs = specs
     segs = [pad_axis(segment_ids, Sp, 1)] * 2 if has_seg else []
-    kernel = functools.partial(
-        _fwd_kernel,
-        blk=blk,
-        order=order,
-        bq=t.block_q,
-        bk=t.block_k,
-        n_k=Sp // t.block_k,
-        has_seg=has_seg,
-    )
-    out_shape = [
-        jax.ShapeDtypeStruct((B, Sp, H, K), q.dtype),
-        jax.ShapeDtypeStruct((B, H, Sp), jnp.float32),
-    ]
-    args = [qp, kp, vp, slopes, *segs]
-    in_specs = [q_spec, kv_spec, kv_spec, slope_spec, *seg_specs]
-    bufs, buf_specs, aliases = poison(out_shape, [q_spec, row_spec], len(args), poison_outputs)
-    o, lse2 = pl.pallas_call(
-        kernel,
-        grid=order.grid(H, B),
-        in_specs=[*in_specs, *buf_specs],
+    launch = dict(blk=blk, order=order, t=t, grid=order.grid(H, B), has_seg=has_seg)
+    o, lse2 = _launch(
+        functools.partial(_fwd_kernel, n_k=Sp // t.block_k),
+        **launch,
+        args=[qp, kp, vp, slopes, *segs],
+        in_specs=[q_spec, kv_spec, kv_spec, slope_spec, *seg_specs],
         out_specs=[q_spec, row_spec],
-        out_shape=out_shape,
-        input_output_aliases=aliases,
-        interpret=interpret,
-        compiler_params=t.compiler_params(),
+        out_shape=[
+            jax.ShapeDtypeStruct((B, Sp, H, K), q.dtype),
+            jax.ShapeDtypeStruct((B, H, Sp), jnp.float32),
+        ],
         name="mpt_flash_fwd",
-    )(*args, *bufs)
+        interpret=interpret,
+        poison_outputs=poison_outputs,
+    )
     return o[:, :S], (q, k, v, slopes, segment_ids, o, lse2)
 
 
@@ -449,31 +471,17 @@ def _flash_bwd(blk, tilings, interpret, poison_outputs, residuals, do):
     order = _order(H, Sp, K, q.dtype.itemsize, t, over_keys=False, causal=blk.causal)
     specs = _specs(order, H, G, Sp, K, t.block_q, t.block_k, has_seg)
     q_spec, kv_spec, row_spec, slope_spec, seg_specs = specs
-    out_shape = [jax.ShapeDtypeStruct((B, Sp, H, K), q.dtype)]
-    bufs, buf_specs, aliases = poison(out_shape, [q_spec], len(args), poison_outputs)
-    (dq,) = pl.pallas_call(
-        functools.partial(
-            _dq_kernel,
-            blk=blk,
-            order=order,
-            bq=t.block_q,
-            bk=t.block_k,
-            n_k=Sp // t.block_k,
-            has_seg=has_seg,
-        ),
-        grid=order.grid(H, B),
-        in_specs=[
-            *(q_spec, kv_spec, kv_spec, slope_spec, q_spec, row_spec, row_spec),
-            *seg_specs,
-            *buf_specs,
-        ],
+    launch = dict(blk=blk, order=order, t=t, grid=order.grid(H, B), has_seg=has_seg, args=args)
+    (dq,) = _launch(
+        functools.partial(_dq_kernel, n_k=Sp // t.block_k),
+        **launch,
+        in_specs=[q_spec, kv_spec, kv_spec, slope_spec, q_spec, row_spec, row_spec, *seg_specs],
         out_specs=[q_spec],
-        out_shape=out_shape,
-        input_output_aliases=aliases,
-        interpret=interpret,
-        compiler_params=t.compiler_params(),
+        out_shape=[jax.ShapeDtypeStruct((B, Sp, H, K), q.dtype)],
         name="mpt_flash_dq",
-    )(*args, *bufs)
+        interpret=interpret,
+        poison_outputs=poison_outputs,
+    )
 
     t = tilings.dkv
     order = _order(H, Sp, K, q.dtype.itemsize, t, over_keys=True, causal=blk.causal)
@@ -484,31 +492,17 @@ def _flash_bwd(blk, tilings, interpret, poison_outputs, residuals, do):
         (None, t.block_k, None, K), lambda i, g, b: (b, order.block(i), order.head(i, g), 0)
     )
     grad_dtype = k.dtype if R == 1 else jnp.float32
-    out_shape = [jax.ShapeDtypeStruct((B, Sp, H, K), grad_dtype)] * 2
-    bufs, buf_specs, aliases = poison(out_shape, [head_kv_spec] * 2, len(args), poison_outputs)
-    dk, dv = pl.pallas_call(
-        functools.partial(
-            _dkdv_kernel,
-            blk=blk,
-            order=order,
-            bq=t.block_q,
-            bk=t.block_k,
-            n_q=Sp // t.block_q,
-            has_seg=has_seg,
-        ),
-        grid=order.grid(H, B),
-        in_specs=[
-            *(q_spec, kv_spec, kv_spec, slope_spec, q_spec, row_spec, row_spec),
-            *seg_specs,
-            *buf_specs,
-        ],
+    launch = dict(blk=blk, order=order, t=t, grid=order.grid(H, B), has_seg=has_seg, args=args)
+    dk, dv = _launch(
+        functools.partial(_dkdv_kernel, n_q=Sp // t.block_q),
+        **launch,
+        in_specs=[q_spec, kv_spec, kv_spec, slope_spec, q_spec, row_spec, row_spec, *seg_specs],
         out_specs=[head_kv_spec, head_kv_spec],
-        out_shape=out_shape,
-        input_output_aliases=aliases,
-        interpret=interpret,
-        compiler_params=t.compiler_params(),
+        out_shape=[jax.ShapeDtypeStruct((B, Sp, H, K), grad_dtype)] * 2,
         name="mpt_flash_dkdv",
-    )(*args, *bufs)
+        interpret=interpret,
+        poison_outputs=poison_outputs,
+    )
     dk = dk[:, :S].reshape(B, S, G, R, K).sum(axis=3).astype(k.dtype)
     dv = dv[:, :S].reshape(B, S, G, R, K).sum(axis=3).astype(v.dtype)
     seg_grad = None if segment_ids is None else jnp.zeros(segment_ids.shape, jax.dtypes.float0)
