@@ -126,19 +126,15 @@ def test_group_sizes_at_the_benchmark_shapes():
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_gpu_kernels_in_several_head_groups_agree_with_reference(monkeypatch, causal):
-    # groups of 4 of 8 query heads over 2 kv heads of 4, then of 2: groups and kv heads align
-    # differently; in the other tests every head fits one group
+    # 8 query heads over 2 kv heads (4 each) in groups of 4, then of 2: groups and kv heads
+    # align differently; in the other tests every head fits one group
     B, S, H, G, K = 1, 100, 8, 2, 32
     tilings = Tilings(fwd=Tiling(32, 16), dq=Tiling(16, 32), dkv=Tiling(16, 32))
-    per_head = 2 * tilings.padded_length(S) * K * 4  # float32 keys and values
+    Sp = tilings.padded_length(S)
     for group in (4, 2):
-        monkeypatch.setattr(fa, "L2_GROUP_BYTES", group * per_head)
-        assert (
-            fa._order(
-                H, tilings.padded_length(S), K, 4, tilings.fwd, over_keys=False, causal=causal
-            ).group
-            == group
-        )
+        monkeypatch.setattr(fa, "L2_GROUP_BYTES", group * 2 * Sp * K * 4)  # float32 K and V
+        order = fa._order(H, Sp, K, 4, tilings.fwd, over_keys=False, causal=causal)
+        assert order.group == group
         kernel = functools.partial(flash_attention, tilings=tilings)
         name = f"groups{group}{causal}"
         _assert_matches_reference(kernel, B, S, H, G, K, True, causal, jnp.float32, name)

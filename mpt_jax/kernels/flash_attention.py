@@ -21,7 +21,7 @@ matmuls the exponentials and masks bound FlashAttention on Hopper:
 - dk/dv computes its blocks keys-first, (bk, bq) = k q^T, so p^T and ds^T feed its products
   dv += p^T dO and dk += ds^T q as computed: the only transposes are of tiles it loads.
 
-Programs launch group of heads by group (`_Order`): all blocks of a few heads run side by side,
+Programs launch one group of heads at a time (`_Order`), all blocks of a few heads side by side,
 so the sequence-long operand each program streams (keys and values; queries and output
 gradients for dk/dv) is read from HBM about once per head and then from L2, and the costliest
 causal blocks start first.
@@ -110,12 +110,12 @@ L2_GROUP_BYTES = 16 << 20
 class _Order:
     """Launch order of one kernel's programs over grid (n_blocks * group, H // group, B).
 
-    Triton launches grid axis 0 fastest, so programs run group of `group` heads by group, every
-    block of the group's heads together: the operand they all stream along the sequence stays
-    in L2 (launched batch-and-head fastest, as before, a wave of programs read a different head
-    each and re-read its keys and values from HBM once per query block). Within a group the
-    costliest causal blocks go first (query blocks from the last, key blocks from the first), so
-    the last programs to start are short ones.
+    Triton launches grid axis 0 fastest, so programs run one group of `group` heads at a time,
+    every block of the group's heads together, and the operand they all stream along the
+    sequence stays in L2. (A grid (B, H, blocks) launches batch and head fastest: each program
+    of a wave reads a different head, and every head's keys and values come from HBM again for
+    each of its query blocks.) Within a group the costliest causal blocks go first (query
+    blocks from the last, key blocks from the first), so the last programs to start are short.
     """
 
     n_blocks: int
