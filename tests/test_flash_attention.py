@@ -202,6 +202,22 @@ def test_gpu_kernels_transpose_only_tiles_they_load(monkeypatch, capsys):
         assert transposed and set(transposed) == {"tt.load"}, (name, transposed)
 
 
+def test_gpu_backward_computes_its_softmax_correction_inside_the_kernels():
+    # D = rowsum(dO * O) comes from the dq kernel, which holds dO anyway: no XLA pass of its own
+    # over dO and O (a product, a reduction and a transpose to (B, H, S)) between the kernels
+    B, S, H, K = 2, 256, 4, 64
+    q = jax.ShapeDtypeStruct((B, S, H, K), jnp.bfloat16)
+
+    def loss(q, k, v):
+        out = flash_attention(q, k, v, alibi_slopes=alibi_slopes(H))
+        return out.astype(jnp.float32).sum()
+
+    traced = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, q, q)
+    ops = re.findall(r"stablehlo\.(\w+)", traced.lower(lowering_platforms=("cuda",)).as_text())
+    assert ops.count("custom_call") == 3
+    assert "multiply" not in ops and "transpose" not in ops
+
+
 @pytest.mark.parametrize("head_dim", [256, 512])
 def test_default_blocks_above_head_dim_128_hold_no_more_bytes_than_those_measured(head_dim):
     # the head-dim-128 tilings ran on an H200; larger head dims must not need more shared memory

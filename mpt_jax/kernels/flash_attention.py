@@ -278,15 +278,19 @@ def _fwd_kernel(*refs, blk: _Block, order: _Order, bq, bk, n_k, has_seg):
 
 
 def _dq_kernel(*refs, blk: _Block, order: _Order, bq, bk, n_k, has_seg):
-    inputs, qs_ref, ks_ref, (dq_ref,) = _split_refs(refs, 7, has_seg, 1)
-    q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, d_ref = inputs
+    inputs, qs_ref, ks_ref, (dq_ref, d_ref) = _split_refs(refs, 7, has_seg, 2)
+    q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, o_ref = inputs
     qi = order.block(pl.program_id(0))
     q, do = q_ref[...], do_ref[...]
     slope2 = slope_ref[0] * LOG2E
     q0 = qi * bq
     q_pos = q0 + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
     lse2 = lse_ref[...][:, None] - _row_shift2((bq, 1), slope2, blk)
-    delta = d_ref[...][:, None]
+    # D_i = rowsum(dO_i * O_i), the softmax-gradient correction, from the dO block in hand;
+    # written out for the dk/dv kernel, which runs after this one
+    delta = jnp.sum(do.astype(jnp.float32) * o_ref[...].astype(jnp.float32), axis=-1)
+    d_ref[...] = delta
+    delta = delta[:, None]
     q_seg = qs_ref[...][:, None] if has_seg else None
 
     def body(kb, dq, *, masked):
@@ -460,24 +464,23 @@ def _flash_bwd(blk, tilings, interpret, poison_outputs, residuals, do):
     Sp = o_padded.shape[1]
     has_seg = segment_ids is not None
     qp, kp, vp, dop = (pad_axis(x, Sp, 1) for x in (q, k, v, do))
-    # D_i = rowsum(dO_i * O_i), the softmax-gradient correction term; a product and a sum (one
-    # fused reduction), not an einsum, which is a dot XLA may hand to a batched GEMM of 1 x 1 tiles
-    delta = (dop.astype(jnp.float32) * o_padded.astype(jnp.float32)).sum(axis=-1)
-    delta = delta.transpose(0, 2, 1)  # (B, H, Sp)
     segs = [pad_axis(segment_ids, Sp, 1)] * 2 if has_seg else []
-    args = [qp, kp, vp, slopes, dop, lse2, delta, *segs]
 
     t = tilings.dq
     order = _order(H, Sp, K, q.dtype.itemsize, t, over_keys=False, causal=blk.causal)
     specs = _specs(order, H, G, Sp, K, t.block_q, t.block_k, has_seg)
     q_spec, kv_spec, row_spec, slope_spec, seg_specs = specs
-    launch = dict(blk=blk, order=order, t=t, grid=order.grid(H, B), has_seg=has_seg, args=args)
-    (dq,) = _launch(
+    launch = dict(blk=blk, order=order, t=t, grid=order.grid(H, B), has_seg=has_seg)
+    dq, delta = _launch(
         functools.partial(_dq_kernel, n_k=Sp // t.block_k),
         **launch,
-        in_specs=[q_spec, kv_spec, kv_spec, slope_spec, q_spec, row_spec, row_spec, *seg_specs],
-        out_specs=[q_spec],
-        out_shape=[jax.ShapeDtypeStruct((B, Sp, H, K), q.dtype)],
+        args=[qp, kp, vp, slopes, dop, lse2, o_padded, *segs],
+        in_specs=[q_spec, kv_spec, kv_spec, slope_spec, q_spec, row_spec, q_spec, *seg_specs],
+        out_specs=[q_spec, row_spec],
+        out_shape=[
+            jax.ShapeDtypeStruct((B, Sp, H, K), q.dtype),
+            jax.ShapeDtypeStruct((B, H, Sp), jnp.float32),
+        ],
         name="mpt_flash_dq",
         interpret=interpret,
         poison_outputs=poison_outputs,
@@ -492,10 +495,11 @@ def _flash_bwd(blk, tilings, interpret, poison_outputs, residuals, do):
         (None, t.block_k, None, K), lambda i, g, b: (b, order.block(i), order.head(i, g), 0)
     )
     grad_dtype = k.dtype if R == 1 else jnp.float32
-    launch = dict(blk=blk, order=order, t=t, grid=order.grid(H, B), has_seg=has_seg, args=args)
+    launch = dict(blk=blk, order=order, t=t, grid=order.grid(H, B), has_seg=has_seg)
     dk, dv = _launch(
         functools.partial(_dkdv_kernel, n_q=Sp // t.block_q),
         **launch,
+        args=[qp, kp, vp, slopes, dop, lse2, delta, *segs],
         in_specs=[q_spec, kv_spec, kv_spec, slope_spec, q_spec, row_spec, row_spec, *seg_specs],
         out_specs=[head_kv_spec, head_kv_spec],
         out_shape=[jax.ShapeDtypeStruct((B, Sp, H, K), grad_dtype)] * 2,
