@@ -108,6 +108,39 @@ def attention(
     )
 
 
+def attention_qkv(
+    qkv_BSNK: jax.Array,
+    *,
+    n_kv_heads: int,
+    alibi_slopes: jax.Array | np.ndarray | None = None,
+    segment_ids: jax.Array | None = None,
+    causal: bool = True,
+    impl: str = "auto",
+    softmax_scale: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_key: jax.Array | None = None,
+) -> jax.Array:
+    """attention() of q, k, v = split(qkv_BSNK, [H, H + G], axis=2), N = H + 2G, G = n_kv_heads.
+
+    `pallas_gpu` (`auto`'s choice for ALiBi on a GPU) reads the three from the fused array in
+    place, where slices would be copied for the kernels, and makes one gradient array; the
+    other implementations get the slices.
+    """
+    if impl == "auto":
+        impl = auto_impl(qkv_BSNK, dropout_rate, alibi=alibi_slopes is not None)
+    kw = dict(alibi_slopes=alibi_slopes, segment_ids=segment_ids, causal=causal)
+    kw |= dict(softmax_scale=softmax_scale)
+    if impl == "pallas_gpu" and not dropout_rate:
+        from mpt_jax.kernels.flash_attention import flash_attention_qkv
+
+        interpret = backend() != "gpu"  # elsewhere the same kernel, interpreted
+        return flash_attention_qkv(qkv_BSNK, n_kv_heads=n_kv_heads, interpret=interpret, **kw)
+    H = qkv_BSNK.shape[2] - 2 * n_kv_heads
+    q_BSHK, k_BSGK, v_BSGK = jnp.split(qkv_BSNK, [H, H + n_kv_heads], axis=2)
+    kw |= dict(impl=impl, dropout_rate=dropout_rate, dropout_key=dropout_key)
+    return attention(q_BSHK, k_BSGK, v_BSGK, **kw)
+
+
 def backend() -> str:
     """The platform attention is built for: `auto`'s choice and Pallas interpret mode follow it."""
     return jax.default_backend()

@@ -246,15 +246,19 @@ class Attention(nnx.Module):
             tuple(attention_lib.alibi_slopes(H, cfg.alibi_bias_max).tolist()) if cfg.alibi else None
         )
 
+    def _fused_qkv(self, x_BSD: jax.Array) -> jax.Array:
+        """Fused projection and clip_qkv: (B, S, H + 2G, K), the query heads then k's and v's."""
+        qkv_BSNK = self.Wqkv(x_BSD)
+        if self.cfg.clip_qkv is not None:
+            qkv_BSNK = jnp.clip(qkv_BSNK, -self.cfg.clip_qkv, self.cfg.clip_qkv)
+        return qkv_BSNK
+
     def _qkv(self, x_BSD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Fused projection, clip_qkv, split and qk_ln: q (B, S, H, K), k and v (B, S, G, K)."""
         cfg = self.cfg
         B, S, _ = x_BSD.shape
         H, G, K = cfg.n_heads, cfg.num_kv_heads, cfg.head_dim
-        qkv_BSNK = self.Wqkv(x_BSD)
-        if cfg.clip_qkv is not None:
-            qkv_BSNK = jnp.clip(qkv_BSNK, -cfg.clip_qkv, cfg.clip_qkv)
-        q_BSHK, k_BSGK, v_BSGK = jnp.split(qkv_BSNK, [H, H + G], axis=2)
+        q_BSHK, k_BSGK, v_BSGK = jnp.split(self._fused_qkv(x_BSD), [H, H + G], axis=2)
         if self.q_ln is not None:
             q_BSHK = self.q_ln(q_BSHK.reshape(B, S, H * K)).astype(self.dtype).reshape(B, S, H, K)
             k_BSGK = self.k_ln(k_BSGK.reshape(B, S, G * K)).astype(self.dtype).reshape(B, S, G, K)
@@ -267,11 +271,7 @@ class Attention(nnx.Module):
         self, x_BSD: jax.Array, segment_ids: jax.Array | None, key: jax.Array | None
     ) -> jax.Array:
         cfg = self.cfg
-        q_BSHK, k_BSGK, v_BSGK = self._qkv(x_BSD)
-        out_BSHK = attention_lib.attention(
-            q_BSHK,
-            k_BSGK,
-            v_BSGK,
+        kw = dict(
             alibi_slopes=self._slopes(),
             segment_ids=segment_ids if cfg.attn_uses_sequence_id else None,
             causal=True,
@@ -280,6 +280,11 @@ class Attention(nnx.Module):
             dropout_rate=cfg.attn_pdrop if key is not None else 0.0,
             dropout_key=key,
         )
+        if self.q_ln is None:  # q, k and v stay in the fused array, which kernels read in place
+            qkv_BSNK = self._fused_qkv(x_BSD)
+            out_BSHK = attention_lib.attention_qkv(qkv_BSNK, n_kv_heads=cfg.num_kv_heads, **kw)
+        else:
+            out_BSHK = attention_lib.attention(*self._qkv(x_BSD), **kw)
         return self.out_proj(out_BSHK)
 
     def decode(

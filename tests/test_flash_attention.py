@@ -140,6 +140,62 @@ def test_gpu_kernels_in_several_head_groups_agree_with_reference(monkeypatch, ca
         _assert_matches_reference(kernel, B, S, H, G, K, True, causal, jnp.float32, name)
 
 
+@pytest.mark.parametrize(
+    "B, S, H, G, K, with_segments, causal, dtype",
+    [
+        (2, 100, 6, 3, 64, True, True, f32),  # GQA, ragged tail
+        (1, 64, 4, 4, 112, False, True, bf16),  # MPT-30B's head dim, zero-padded
+        (1, 80, 3, 1, 32, True, False, f32),  # MQA, not causal
+    ],
+)
+def test_fused_qkv_kernel_matches_the_kernel_on_split_heads(
+    B, S, H, G, K, with_segments, causal, dtype
+):
+    rng = np.random.default_rng(zlib.crc32(f"fused{H}{G}{K}".encode()))
+    qkv = jnp.asarray(rng.standard_normal((B, S, H + 2 * G, K)), dtype)
+    seg = jnp.asarray(np.sort(rng.integers(0, 3, (B, S)), axis=1)) if with_segments else None
+    do = jnp.asarray(rng.standard_normal((B, S, H, K)), jnp.float32)
+    kw = dict(alibi_slopes=alibi_slopes(H), segment_ids=seg, causal=causal, interpret=True)
+    kw |= dict(block_q=32, block_k=16, _poison_outputs=True)
+
+    def split(qkv):
+        q, k, v = jnp.split(qkv, [H, H + G], axis=2)
+        return flash_attention(q, k, v, **kw)
+
+    def out_and_grad(attend):
+        def loss(qkv):
+            out = attend(qkv)
+            return (out.astype(jnp.float32) * do).sum(), out
+
+        grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), compiler_options=FAST_COMPILE)
+        (_, out), grad = grad_fn(qkv)
+        return out, grad
+
+    out, grad = out_and_grad(functools.partial(fa.flash_attention_qkv, n_kv_heads=G, **kw))
+    ref, ref_grad = out_and_grad(split)
+    # the same kernels on the same numbers: equal to the bit
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+    assert grad.shape == qkv.shape and grad.dtype == qkv.dtype
+    np.testing.assert_array_equal(np.asarray(grad, np.float32), np.asarray(ref_grad, np.float32))
+
+
+def test_fused_qkv_kernel_reads_the_heads_in_place_and_names_a_bad_head_count():
+    B, S, H, K = 1, 256, 4, 64
+    qkv = jax.ShapeDtypeStruct((B, S, 3 * H, K), jnp.bfloat16)
+
+    def loss(qkv):
+        out = fa.flash_attention_qkv(qkv, n_kv_heads=H, alibi_slopes=alibi_slopes(H))
+        return out.astype(jnp.float32).sum()
+
+    text = jax.jit(jax.grad(loss)).trace(qkv).lower(lowering_platforms=("cuda",)).as_text()
+    ops = re.findall(r"stablehlo\.(\w+)", text)
+    # no slices of q, k and v copied for the kernels; their gradients concatenated once
+    assert ops.count("custom_call") == 3 and "slice" not in ops
+    assert ops.count("concatenate") == 1
+    with pytest.raises(ValueError, match="n_kv_heads=5"):
+        fa.flash_attention_qkv(jnp.zeros((B, S, 3 * H, K)), n_kv_heads=5)
+
+
 def test_gpu_kernels_lower_to_triton_for_cuda_on_any_host():
     # the Pallas -> Triton lowering runs in Python: a primitive Triton lacks fails here, on CPU,
     # before a GPU ever sees the kernels (interpret mode does not exercise it)

@@ -19,6 +19,7 @@ from xla_flags import xla_flags
 from mpt_jax import attention as attention_module
 from mpt_jax.config import ConfigError, MeshConfig, count_params
 from mpt_jax.data import DataError
+from mpt_jax.kernels.flash_attention import default_tilings
 from mpt_jax.sharding import batch_sharding, make_mesh
 from mpt_jax.train import (
     NonFiniteLossError,
@@ -376,6 +377,12 @@ def test_step_built_for_a_gpu_runs_alibi_in_our_triton_kernels(tmp_path, monkeyp
     kernels = re.findall(r'name = "(mpt_flash_\w+)"', text)
     assert sorted(set(kernels)) == ["mpt_flash_dkdv", "mpt_flash_dq", "mpt_flash_fwd"]
     assert len(kernels) == 3 * cfg.model.n_layers  # unrolled layers: one launch each
+    # the forward reads q, k and v from the fused projection (B, S, 3H, K), padded to the
+    # kernels' blocks, not from copies of its slices
+    H, K = cfg.model.n_heads, cfg.model.d_model // cfg.model.n_heads
+    Sp = default_tilings(K).padded_length(S)
+    fwd_operands = re.findall(r'name = "mpt_flash_fwd".*?\} : \((tensor<[^>]+>)', text)
+    assert fwd_operands and set(fwd_operands) == {f"tensor<4x{Sp}x{3 * H}x{K}xbf16>"}
     assert not re.search(rf"tensor<(\S+x)?{S}x{S}x", text)
     operands = re.findall(
         r"stablehlo\.dot_general .*?: \(tensor<\S+x(\w+)>, tensor<\S+x(\w+)>\)", text

@@ -181,6 +181,24 @@ class _Block:
     seq_len: int
 
 
+@dataclasses.dataclass(frozen=True)
+class _Heads:
+    """Query and kv head counts, and where the heads live: q, k and v arrays, or one fused
+    (B, S, H + 2G, K) array (an MPT Wqkv output) whose k and v heads follow the H query heads."""
+
+    H: int
+    G: int
+    fused: bool
+
+    @property
+    def k_first(self) -> int:
+        return self.H if self.fused else 0
+
+    @property
+    def v_first(self) -> int:
+        return self.H + self.G if self.fused else 0
+
+
 def _scores2(qk, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk: _Block, *, masked: bool):
     """Scores in log2 units from the raw product qk, ALiBi relative to query q0, masks if `masked`.
 
@@ -353,27 +371,35 @@ def _dkdv_kernel(*refs, blk: _Block, order: _Order, bq, bk, n_q, has_seg):
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _specs(order: _Order, H, G, Sp, K, bq, bk, has_seg, *, over_keys=False):
-    """BlockSpecs of program (t, g, b) in order.grid: q-side blocked for fwd/dq, k-side for dkdv."""
-    R = H // G
+def _specs(order: _Order, heads: _Heads, Sp, K, bq, bk, has_seg, *, over_keys=False):
+    """BlockSpecs of program (t, g, b) in order.grid: q-side blocked for fwd/dq, k-side for dkdv.
+
+    (q, k, v, row, slope, segment) specs; the q spec also serves the (B, Sp, H, K) outputs.
+    """
+    R = heads.H // heads.G
     i, h = order.block, order.head
+
+    def kv_spec(first):
+        """k or v (first: the array's first k or v head) of query head h."""
+        rows, at = (bk, i) if over_keys else (Sp, lambda t: 0)
+        return pl.BlockSpec(
+            (None, rows, None, K), lambda t, g, b: (b, at(t), first + lax.div(h(t, g), R), 0)
+        )
+
     if over_keys:
         q_spec = pl.BlockSpec((None, Sp, None, K), lambda t, g, b: (b, 0, h(t, g), 0))
-        kv_spec = pl.BlockSpec(
-            (None, bk, None, K), lambda t, g, b: (b, i(t), lax.div(h(t, g), R), 0)
-        )
         row_spec = pl.BlockSpec((None, None, Sp), lambda t, g, b: (b, h(t, g), 0))
         qs_spec = pl.BlockSpec((None, Sp), lambda t, g, b: (b, 0))
         ks_spec = pl.BlockSpec((None, bk), lambda t, g, b: (b, i(t)))
     else:
         q_spec = pl.BlockSpec((None, bq, None, K), lambda t, g, b: (b, i(t), h(t, g), 0))
-        kv_spec = pl.BlockSpec((None, Sp, None, K), lambda t, g, b: (b, 0, lax.div(h(t, g), R), 0))
         row_spec = pl.BlockSpec((None, None, bq), lambda t, g, b: (b, h(t, g), i(t)))
         qs_spec = pl.BlockSpec((None, bq), lambda t, g, b: (b, i(t)))
         ks_spec = pl.BlockSpec((None, Sp), lambda t, g, b: (b, 0))
     slope_spec = pl.BlockSpec((1,), lambda t, g, b: (h(t, g),))
     seg_specs = [qs_spec, ks_spec] if has_seg else []
-    return q_spec, kv_spec, row_spec, slope_spec, seg_specs
+    k_spec, v_spec = kv_spec(heads.k_first), kv_spec(heads.v_first)
+    return q_spec, k_spec, v_spec, row_spec, slope_spec, seg_specs
 
 
 def _order(H, Sp, K, itemsize, t: Tiling, *, over_keys: bool, causal: bool) -> _Order:
@@ -418,28 +444,38 @@ def _launch(
     )(*args, *bufs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _flash(q, k, v, slopes, segment_ids, blk, tilings, interpret, poison_outputs):
-    return _forward(q, k, v, slopes, segment_ids, blk, tilings, interpret, poison_outputs)[0]
+def _sources(q, k, v, Sp: int):
+    """The arrays q, k and v heads are read from, padded to Sp rows: (q, k, v), or the fused one
+    (k and v None) three times."""
+    if k is None:
+        fused = pad_axis(q, Sp, 1)
+        return fused, fused, fused
+    return tuple(pad_axis(x, Sp, 1) for x in (q, k, v))
 
 
-def _forward(q, k, v, slopes, segment_ids, blk, tilings, interpret, poison_outputs):
-    B, S, H, K = q.shape
-    G = k.shape[2]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _flash(q, k, v, slopes, segment_ids, blk, tilings, heads, interpret, poison_outputs):
+    args = (q, k, v, slopes, segment_ids, blk, tilings, heads, interpret, poison_outputs)
+    return _forward(*args)[0]
+
+
+def _forward(q, k, v, slopes, segment_ids, blk, tilings, heads: _Heads, interpret, poison_outputs):
+    B, S, _, K = q.shape
+    H = heads.H
     Sp = tilings.padded_length(S)
     t = tilings.fwd
     has_seg = segment_ids is not None
-    qp, kp, vp = (pad_axis(x, Sp, 1) for x in (q, k, v))
+    qp, kp, vp = _sources(q, k, v, Sp)
     order = _order(H, Sp, K, q.dtype.itemsize, t, over_keys=False, causal=blk.causal)
-    specs = _specs(order, H, G, Sp, K, t.block_q, t.block_k, has_seg)
-    q_spec, kv_spec, row_spec, slope_spec, seg_specs = specs
+    specs = _specs(order, heads, Sp, K, t.block_q, t.block_k, has_seg)
+    q_spec, k_spec, v_spec, row_spec, slope_spec, seg_specs = specs
     segs = [pad_axis(segment_ids, Sp, 1)] * 2 if has_seg else []
     launch = dict(blk=blk, order=order, t=t, grid=order.grid(H, B), has_seg=has_seg)
     o, lse2 = _launch(
         functools.partial(_fwd_kernel, n_k=Sp // t.block_k),
         **launch,
         args=[qp, kp, vp, slopes, *segs],
-        in_specs=[q_spec, kv_spec, kv_spec, slope_spec, *seg_specs],
+        in_specs=[q_spec, k_spec, v_spec, slope_spec, *seg_specs],
         out_specs=[q_spec, row_spec],
         out_shape=[
             jax.ShapeDtypeStruct((B, Sp, H, K), q.dtype),
@@ -452,30 +488,31 @@ def _forward(q, k, v, slopes, segment_ids, blk, tilings, interpret, poison_outpu
     return o[:, :S], (q, k, v, slopes, segment_ids, o, lse2)
 
 
-def _flash_fwd(q, k, v, slopes, segment_ids, blk, tilings, interpret, poison_outputs):
-    return _forward(q, k, v, slopes, segment_ids, blk, tilings, interpret, poison_outputs)
+def _flash_fwd(q, k, v, slopes, segment_ids, blk, tilings, heads, interpret, poison_outputs):
+    return _forward(q, k, v, slopes, segment_ids, blk, tilings, heads, interpret, poison_outputs)
 
 
-def _flash_bwd(blk, tilings, interpret, poison_outputs, residuals, do):
+def _flash_bwd(blk, tilings, heads: _Heads, interpret, poison_outputs, residuals, do):
     q, k, v, slopes, segment_ids, o_padded, lse2 = residuals
-    B, S, H, K = q.shape
-    G = k.shape[2]
+    B, S, _, K = q.shape
+    H, G = heads.H, heads.G
     R = H // G
     Sp = o_padded.shape[1]
     has_seg = segment_ids is not None
-    qp, kp, vp, dop = (pad_axis(x, Sp, 1) for x in (q, k, v, do))
+    qp, kp, vp = _sources(q, k, v, Sp)
+    dop = pad_axis(do, Sp, 1)
     segs = [pad_axis(segment_ids, Sp, 1)] * 2 if has_seg else []
 
     t = tilings.dq
     order = _order(H, Sp, K, q.dtype.itemsize, t, over_keys=False, causal=blk.causal)
-    specs = _specs(order, H, G, Sp, K, t.block_q, t.block_k, has_seg)
-    q_spec, kv_spec, row_spec, slope_spec, seg_specs = specs
+    specs = _specs(order, heads, Sp, K, t.block_q, t.block_k, has_seg)
+    q_spec, k_spec, v_spec, row_spec, slope_spec, seg_specs = specs
     launch = dict(blk=blk, order=order, t=t, grid=order.grid(H, B), has_seg=has_seg)
     dq, delta = _launch(
         functools.partial(_dq_kernel, n_k=Sp // t.block_k),
         **launch,
         args=[qp, kp, vp, slopes, dop, lse2, o_padded, *segs],
-        in_specs=[q_spec, kv_spec, kv_spec, slope_spec, q_spec, row_spec, q_spec, *seg_specs],
+        in_specs=[q_spec, k_spec, v_spec, slope_spec, q_spec, row_spec, q_spec, *seg_specs],
         out_specs=[q_spec, row_spec],
         out_shape=[
             jax.ShapeDtypeStruct((B, Sp, H, K), q.dtype),
@@ -488,29 +525,35 @@ def _flash_bwd(blk, tilings, interpret, poison_outputs, residuals, do):
 
     t = tilings.dkv
     order = _order(H, Sp, K, q.dtype.itemsize, t, over_keys=True, causal=blk.causal)
-    specs = _specs(order, H, G, Sp, K, t.block_q, t.block_k, has_seg, over_keys=True)
-    q_spec, kv_spec, row_spec, slope_spec, seg_specs = specs
+    specs = _specs(order, heads, Sp, K, t.block_q, t.block_k, has_seg, over_keys=True)
+    q_spec, k_spec, v_spec, row_spec, slope_spec, seg_specs = specs
     # per query head; heads sharing a kv head are summed below (in float32 when there are several)
     head_kv_spec = pl.BlockSpec(
         (None, t.block_k, None, K), lambda i, g, b: (b, order.block(i), order.head(i, g), 0)
     )
-    grad_dtype = k.dtype if R == 1 else jnp.float32
+    k_dtype, v_dtype = (q.dtype, q.dtype) if heads.fused else (k.dtype, v.dtype)
     launch = dict(blk=blk, order=order, t=t, grid=order.grid(H, B), has_seg=has_seg)
     dk, dv = _launch(
         functools.partial(_dkdv_kernel, n_q=Sp // t.block_q),
         **launch,
         args=[qp, kp, vp, slopes, dop, lse2, delta, *segs],
-        in_specs=[q_spec, kv_spec, kv_spec, slope_spec, q_spec, row_spec, row_spec, *seg_specs],
+        in_specs=[q_spec, k_spec, v_spec, slope_spec, q_spec, row_spec, row_spec, *seg_specs],
         out_specs=[head_kv_spec, head_kv_spec],
-        out_shape=[jax.ShapeDtypeStruct((B, Sp, H, K), grad_dtype)] * 2,
+        out_shape=[
+            jax.ShapeDtypeStruct((B, Sp, H, K), k_dtype if R == 1 else jnp.float32),
+            jax.ShapeDtypeStruct((B, Sp, H, K), v_dtype if R == 1 else jnp.float32),
+        ],
         name="mpt_flash_dkdv",
         interpret=interpret,
         poison_outputs=poison_outputs,
     )
-    dk = dk[:, :S].reshape(B, S, G, R, K).sum(axis=3).astype(k.dtype)
-    dv = dv[:, :S].reshape(B, S, G, R, K).sum(axis=3).astype(v.dtype)
+    dq = dq[:, :S]
+    dk = dk[:, :S].reshape(B, S, G, R, K).sum(axis=3).astype(k_dtype)
+    dv = dv[:, :S].reshape(B, S, G, R, K).sum(axis=3).astype(v_dtype)
     seg_grad = None if segment_ids is None else jnp.zeros(segment_ids.shape, jax.dtypes.float0)
-    return dq[:, :S], dk, dv, jnp.zeros_like(slopes), seg_grad
+    if heads.fused:
+        return jnp.concatenate([dq, dk, dv], axis=2), None, None, jnp.zeros_like(slopes), seg_grad
+    return dq, dk, dv, jnp.zeros_like(slopes), seg_grad
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -537,15 +580,89 @@ def flash_attention(
     warps and stages; neither: default_tilings(head dim).
     _poison_outputs (tests only): kernel outputs start as NaN, so unwritten elements show.
     """
-    _, S, H, K = q_BSHK.shape
+    _, S, H, _ = q_BSHK.shape
     if k_BSGK.shape[1] != S:
         raise ValueError("flash_attention: queries and keys must have the same length")
     if H % k_BSGK.shape[2]:
         raise ValueError(f"flash_attention: {H} heads are not a multiple of {k_BSGK.shape[2]}")
+    heads = _Heads(H, k_BSGK.shape[2], fused=False)
+    return _attend(
+        heads,
+        (q_BSHK, k_BSGK, v_BSGK),
+        alibi_slopes=alibi_slopes,
+        segment_ids=segment_ids,
+        causal=causal,
+        softmax_scale=softmax_scale,
+        block_q=block_q,
+        block_k=block_k,
+        tilings=tilings,
+        interpret=interpret,
+        poison_outputs=_poison_outputs,
+    )
+
+
+def flash_attention_qkv(
+    qkv_BSNK: jax.Array,
+    *,
+    n_kv_heads: int,
+    alibi_slopes: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    tilings: Tilings | None = None,
+    interpret: bool = False,
+    _poison_outputs: bool = False,
+) -> jax.Array:
+    """flash_attention of q, k, v = split(qkv_BSNK, [H, H + G], axis=2), N = H + 2G.
+
+    The kernels read the three from the fused array in place, where slices of it would be
+    copied before the call, and its gradient is one (B, S, N, K) array. Returns (B, S, H, K).
+    """
+    N, G = qkv_BSNK.shape[2], n_kv_heads
+    H = N - 2 * G
+    if G < 1 or H < 1 or H % G:
+        raise ValueError(
+            f"flash_attention_qkv: {N} fused heads are not H query heads, a multiple of "
+            f"n_kv_heads={n_kv_heads}, plus 2 x {n_kv_heads} kv heads"
+        )
+    return _attend(
+        _Heads(H, G, fused=True),
+        (qkv_BSNK, None, None),
+        alibi_slopes=alibi_slopes,
+        segment_ids=segment_ids,
+        causal=causal,
+        softmax_scale=softmax_scale,
+        block_q=block_q,
+        block_k=block_k,
+        tilings=tilings,
+        interpret=interpret,
+        poison_outputs=_poison_outputs,
+    )
+
+
+def _attend(
+    heads: _Heads,
+    arrays,
+    *,
+    alibi_slopes,
+    segment_ids,
+    causal,
+    softmax_scale,
+    block_q,
+    block_k,
+    tilings,
+    interpret,
+    poison_outputs,
+) -> jax.Array:
+    """What flash_attention and flash_attention_qkv share: arrays (q, k, v) or (qkv, None, None)."""
+    S, K = arrays[0].shape[1], arrays[0].shape[3]
     if (block_q is None) != (block_k is None) or (block_q is not None and tilings is not None):
         raise ValueError("flash_attention: give block_q and block_k together, or tilings")
     scale = 1.0 / math.sqrt(K) if softmax_scale is None else float(softmax_scale)
     alibi = alibi_slopes is not None
+    H = heads.H
     slopes = jnp.asarray(alibi_slopes, jnp.float32) if alibi else jnp.zeros((H,), jnp.float32)
     seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
     # Triton tiles need power-of-two widths: zero columns change neither q.k nor p.v (MPT-30B: 112)
@@ -553,7 +670,7 @@ def flash_attention(
     if block_q is not None:
         tilings = Tilings.uniform(block_q, block_k)
     tilings = tilings or default_tilings(K_pad)
-    q, k, v = (pad_axis(x, K_pad, 3) for x in (q_BSHK, k_BSGK, v_BSGK))
+    q, k, v = (None if x is None else pad_axis(x, K_pad, 3) for x in arrays)
     blk = _Block(scale2=scale * LOG2E, causal=causal, alibi=alibi, seq_len=S)
-    out = _flash(q, k, v, slopes, seg, blk, tilings, interpret, _poison_outputs)
+    out = _flash(q, k, v, slopes, seg, blk, tilings, heads, interpret, poison_outputs)
     return out[..., :K]
