@@ -128,8 +128,12 @@ def attention_qkv(
     """
     if impl == "auto":
         impl = auto_impl(qkv_BSNK, dropout_rate, alibi=alibi_slopes is not None)
-    kw = dict(alibi_slopes=alibi_slopes, segment_ids=segment_ids, causal=causal)
-    kw |= dict(softmax_scale=softmax_scale)
+    kw = dict(
+        alibi_slopes=alibi_slopes,
+        segment_ids=segment_ids,
+        causal=causal,
+        softmax_scale=softmax_scale,
+    )
     if impl == "pallas_gpu" and not dropout_rate:
         from mpt_jax.kernels.flash_attention import flash_attention_qkv
 
