@@ -21,7 +21,12 @@ from mpt_numpy_reference import mpt_forward
 from mpt_jax import MPTForCausalLM, from_pretrained
 from mpt_jax.attention import alibi_slopes, attention
 from mpt_jax.config import ModelConfig
-from mpt_jax.kernels.flash_attention import Tiling, Tilings, flash_attention
+from mpt_jax.kernels.flash_attention import (
+    Tiling,
+    Tilings,
+    flash_attention,
+    flash_attention_qkv,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -107,6 +112,8 @@ GPU_ATTENTION = {
         Tilings(fwd=Tiling(128, 64, 8, 2), dq=Tiling(64, 32), dkv=Tiling(32, 64, 4, 2)),
     ),
     "tokamax": ("tokamax", None),
+    # q, k and v read in place from one fused (B, S, H + 2G, K) array, as the model calls it
+    "pallas_gpu_fused_qkv": ("pallas_gpu_fused_qkv", None),
 }
 
 
@@ -136,6 +143,9 @@ def test_fused_attention_matches_xla_reference_in_bf16(name, head_dim):
     def attend(q, k, v, impl):
         if impl == "pallas_gpu" and tilings is not None:  # the XLA reference stays XLA
             return flash_attention(q, k, v, causal=True, tilings=tilings, **kw)
+        if impl == "pallas_gpu_fused_qkv":
+            qkv = jnp.concatenate([q, k, v], axis=2)
+            return flash_attention_qkv(qkv, n_kv_heads=k.shape[2], causal=True, **kw)
         return attention(q, k, v, impl=impl, causal=True, **kw)
 
     def out_and_grads(impl, *qkv):
