@@ -17,6 +17,11 @@ def shift_targets(labels_BS: jax.Array) -> jax.Array:
     return jnp.concatenate([labels_BS[:, 1:], pad_B1], axis=1)
 
 
+def counted(targets_BS: jax.Array) -> jax.Array:
+    """Which targets count toward the loss (bool, like targets): all but IGNORE_INDEX."""
+    return targets_BS != IGNORE_INDEX
+
+
 def cross_entropy_sum(logits_BSV: jax.Array, targets_BS: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(sum of token losses, number of counted tokens) in float32; IGNORE_INDEX targets skipped."""
     losses_BS, _, valid_BS, _ = _token_losses(logits_BSV.astype(jnp.float32), targets_BS)
@@ -25,7 +30,7 @@ def cross_entropy_sum(logits_BSV: jax.Array, targets_BS: jax.Array) -> tuple[jax
 
 def _token_losses(logits32_BSV, targets_BS):
     """(losses, log partition, valid mask, targets with ignored ones at 0) from float32 logits."""
-    valid_BS = targets_BS != IGNORE_INDEX
+    valid_BS = counted(targets_BS)
     safe_BS = jnp.where(valid_BS, targets_BS, 0)
     logz_BS = jax.nn.logsumexp(logits32_BSV, axis=-1)
     target_logit_BS = jnp.take_along_axis(logits32_BSV, safe_BS[..., None], axis=-1)[..., 0]

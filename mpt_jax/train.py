@@ -23,12 +23,7 @@ from mpt_jax import checkpoint, distributed, resilience, sharding
 from mpt_jax import metrics as metrics_lib
 from mpt_jax.config import ConfigError, RunConfig, run_config_from_dict, to_dict
 from mpt_jax.data import BatchLoader, DataError, check_compatible, resolve_dataset
-from mpt_jax.loss import (
-    IGNORE_INDEX,
-    chunked_cross_entropy_sum,
-    cross_entropy_sum,
-    shift_targets,
-)
+from mpt_jax.loss import chunked_cross_entropy_sum, counted, cross_entropy_sum, shift_targets
 from mpt_jax.model import MPTForCausalLM
 from mpt_jax.optim import global_norm, lr_multiplier, make_optimizer
 
@@ -156,10 +151,9 @@ def make_train_step(graphdef, cfg: RunConfig, *, poison: bool = False) -> Callab
     uses_dropout = bool(m.resid_pdrop or m.emb_pdrop or m.attn_pdrop)
     base_key = jax.random.key(cfg.train.seed)
 
-    def normalized_loss(params, ids, seg, key, denom):
+    def normalized_loss(params, ids, targets, seg, key, denom):
         """The microbatch's summed token losses over the whole batch's token count."""
         model = nnx.merge(graphdef, params)
-        targets = shift_targets(ids)
         if cfg.train.loss_chunk is None:
             logits = model(ids, segment_ids=seg, dropout_key=key)
             loss_sum, _ = cross_entropy_sum(logits, targets)
@@ -180,7 +174,8 @@ def make_train_step(graphdef, cfg: RunConfig, *, poison: bool = False) -> Callab
         # token-weighted: the mean over every counted token of the global batch. The count
         # depends on the targets only, so the loss is divided before differentiation and the
         # gradients come out normalized (no second params-sized buffer to divide into)
-        count = (shift_targets(ids) != IGNORE_INDEX).sum().astype(jnp.float32)
+        targets = shift_targets(ids)
+        count = counted(targets).sum().astype(jnp.float32)
         denom = jnp.maximum(count, 1.0)
 
         def micro_key(i):
@@ -192,17 +187,17 @@ def make_train_step(graphdef, cfg: RunConfig, *, poison: bool = False) -> Callab
 
         def micro(carry, xs):
             grads_acc, loss_acc = carry
-            i, ids_mb, seg_mb = xs
-            loss, grads = grad_fn(state.params, ids_mb, seg_mb, micro_key(i), denom)
+            i, ids_mb, targets_mb, seg_mb = xs
+            loss, grads = grad_fn(state.params, ids_mb, targets_mb, seg_mb, micro_key(i), denom)
             grads_acc = jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32), grads_acc, grads)
             return (grads_acc, loss_acc + loss), None
 
         if n_micro == 1:  # no accumulator: the gradients are the step's
-            loss, grads = grad_fn(state.params, ids, seg, micro_key(0), denom)
+            loss, grads = grad_fn(state.params, ids, targets, seg, micro_key(0), denom)
         else:
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
             init = (zeros, jnp.zeros((), jnp.float32))
-            xs = (jnp.arange(n_micro), split(ids), split(seg))
+            xs = (jnp.arange(n_micro), split(ids), split(targets), split(seg))
             (grad_sum, loss), _ = jax.lax.scan(micro, init, xs)
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grad_sum, state.params)
         grad_norm = global_norm(grads)
