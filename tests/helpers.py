@@ -59,14 +59,18 @@ def relative_error(ours, ref) -> float:
 
 
 def out_and_grads_fn(attend, do, compiler_options=None):
-    """Jitted (q, k, v) -> (output, (dq, dk, dv)) for the loss sum(attend(q, k, v) * do)."""
+    """Jitted (q, k, v) -> (output, (dq, dk, dv)) for the loss sum(attend(q, k, v) * do).
 
-    def loss(q, k, v):
-        out = attend(q, k, v)
+    Any number of arrays: (qkv,) -> (output, (dqkv,)) for a fused attend(qkv).
+    """
+
+    def loss(*arrays):
+        out = attend(*arrays)
         return (out.astype(jnp.float32) * do).sum(), out
 
-    def out_and_grads(q, k, v):
-        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    def out_and_grads(*arrays):
+        argnums = tuple(range(len(arrays)))
+        (_, out), grads = jax.value_and_grad(loss, argnums=argnums, has_aux=True)(*arrays)
         return out, grads
 
     return jax.jit(out_and_grads, compiler_options=compiler_options)

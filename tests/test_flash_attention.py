@@ -162,17 +162,9 @@ def test_fused_qkv_kernel_matches_the_kernel_on_split_heads(
         q, k, v = jnp.split(qkv, [H, H + G], axis=2)
         return flash_attention(q, k, v, **kw)
 
-    def out_and_grad(attend):
-        def loss(qkv):
-            out = attend(qkv)
-            return (out.astype(jnp.float32) * do).sum(), out
-
-        grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), compiler_options=FAST_COMPILE)
-        (_, out), grad = grad_fn(qkv)
-        return out, grad
-
-    out, grad = out_and_grad(functools.partial(fa.flash_attention_qkv, n_kv_heads=G, **kw))
-    ref, ref_grad = out_and_grad(split)
+    fused = functools.partial(fa.flash_attention_qkv, n_kv_heads=G, **kw)
+    out, (grad,) = out_and_grads_fn(fused, do, FAST_COMPILE)(qkv)
+    ref, (ref_grad,) = out_and_grads_fn(split, do, FAST_COMPILE)(qkv)
     # the same kernels on the same numbers: equal to the bit
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
     assert grad.shape == qkv.shape and grad.dtype == qkv.dtype
