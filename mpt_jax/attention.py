@@ -12,12 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLS = ("auto", "xla", "cudnn", "pallas_gpu", "pallas_tpu", "tokamax")
+IMPLS = ("auto", "xla", "cudnn", "pallas_gpu", "pallas_mgpu", "pallas_tpu", "tokamax")
 
 # tokamax implementations tried in order (the first that traces runs): Mosaic GPU (Hopper and
-# newer, bf16/fp16) then Pallas Triton on a GPU, chunked XLA elsewhere
+# newer, bf16/fp16) then Pallas Triton on a GPU, its XLA reference elsewhere (its chunked XLA
+# attention gave NaN dq and dk with a bias and packed documents on this project's AMD CPU runners)
 _TOKAMAX_IMPLEMENTATIONS = {"gpu": ("mosaic_gpu", "triton")}
-_TOKAMAX_FALLBACK = ("xla_chunked",)
+_TOKAMAX_FALLBACK = ("xla",)
 
 
 def alibi_slopes(n_heads: int, alibi_bias_max: float = 8) -> np.ndarray:
@@ -71,8 +72,10 @@ def attention(
     if impl == "auto":
         alibi = alibi_slopes is not None
         impl = "xla" if decoding else auto_impl(q_BSHK, dropout_rate, alibi=alibi)
-    if impl in ("cudnn", "pallas_gpu", "pallas_tpu", "tokamax") and dropout_rate:
+    if impl not in ("xla", "auto") and dropout_rate:
         raise ValueError(f"attention impl {impl!r}: attention dropout is not supported")
+    if impl == "pallas_mgpu":
+        return _hopper_attention(q_BSHK, k_BTGK, v_BTGK, alibi_slopes, segment_ids, causal, scale)
     if impl == "tokamax":
         return _tokamax_attention(q_BSHK, k_BTGK, v_BTGK, alibi_slopes, segment_ids, causal, scale)
     if impl == "cudnn":
@@ -143,6 +146,23 @@ def attention_qkv(
     q_BSHK, k_BSGK, v_BSGK = jnp.split(qkv_BSNK, [H, H + n_kv_heads], axis=2)
     kw |= dict(impl=impl, dropout_rate=dropout_rate, dropout_key=dropout_key)
     return attention(q_BSHK, k_BSGK, v_BSGK, **kw)
+
+
+def _hopper_attention(q, k, v, slopes, segment_ids, causal, scale):
+    """Our Mosaic GPU (wgmma) kernels; Hopper only: Pallas cannot interpret them elsewhere."""
+    from mpt_jax.kernels import flash_attention_mgpu as hopper
+
+    if backend() != "gpu":
+        raise ValueError(
+            "attention impl 'pallas_mgpu': needs a Hopper GPU (its kernels have no CPU "
+            "interpreter; use 'pallas_gpu' elsewhere)"
+        )
+    reason = hopper.unsupported_reason(q.shape, k.shape, q.dtype, segment_ids=segment_ids)
+    if reason is not None:
+        raise ValueError(f"attention impl 'pallas_mgpu': unsupported input: {reason}")
+    return hopper.flash_attention_mgpu(
+        q, k, v, alibi_slopes=slopes, causal=causal, softmax_scale=scale
+    )
 
 
 def backend() -> str:
@@ -305,10 +325,10 @@ def _tokamax_attention(q, k, v, slopes, segment_ids, causal, scale):
     an id that reappears after another one counts as a new document. Packed batches are contiguous
     runs, and ranges are what tokamax's kernels skip key blocks with and take without an (S, T)
     mask. On a GPU tokamax's Mosaic GPU kernel runs (Hopper or newer, bf16/fp16), else its Pallas
-    Triton kernel; elsewhere its chunked XLA attention (scores computed in chunks).
+    Triton kernel; elsewhere its XLA reference attention.
     GQA/MQA: tokamax takes k and v with fewer heads (query head h reads kv head h // (H // G)).
-    Inside tokamax (0.0.12) some (S, T) arrays remain: the chunked XLA attention builds a boolean
-    mask from the ranges, Triton's backward too, and the GPU kernels' backward writes the bias
+    Inside tokamax (0.0.12) some (S, T) arrays remain: its XLA reference is dense, Triton's
+    backward builds a boolean mask from the ranges, and the GPU kernels' backward writes the bias
     gradient densely ((B, H, S, T) fp32) although nothing here needs it.
     """
     if slopes is not None and not causal:

@@ -3,6 +3,7 @@
     python tools/bench_attention.py [--reps 20] [--out results.md] [--skip-memory]
     python tools/bench_attention.py --tune 128 64 [--tune-budget-s 300]
     python tools/bench_attention.py --once   # each fwd+bwd run once, for ncu
+    ... --no-hopper   # leave out our Mosaic GPU kernels (pallas_mgpu) on a Hopper GPU
 
 `--tune` sweeps our kernels' tilings instead (block sizes, Triton warps and stages, per kernel)
 at batch 8, seq 2048, 16 heads of each head dim: the forward alone first, then dq and dk/dv
@@ -11,11 +12,13 @@ gets an equal share of what is left of --tune-budget-s. It prints every candidat
 winner against the XLA reference and times it beside the default at every benchmark shape of
 that head dim.
 
-Implementations: ours (`pallas_gpu`, ALiBi in-kernel), cuDNN with a materialized ALiBi bias,
-cuDNN without ALiBi (the speed a free ALiBi would reach), openxla tokamax through our
-`impl="tokamax"` when importable (ALiBi as the key-only fp32 bias slope_h * j of shape
-(1, H, 1, S): under a causal mask it differs from -slope_h * |i - j| by a per-row constant,
-which softmax removes; the row names the tokamax kernel that ran), and the XLA reference.
+Implementations: ours (`pallas_gpu`, ALiBi in-kernel), on a Hopper GPU also our Mosaic GPU
+kernels (`pallas_mgpu`: wgmma and TMA; head dims 64 and 128, checked against XLA first), cuDNN
+with a materialized ALiBi bias, cuDNN without ALiBi (the speed a free ALiBi would reach),
+openxla tokamax through our `impl="tokamax"` when importable (ALiBi as the key-only fp32 bias
+slope_h * j of shape (1, H, 1, S): under a causal mask it differs from -slope_h * |i - j| by a
+per-row constant, which softmax removes; the row names the tokamax kernel that ran), and the XLA
+reference.
 TFLOP/s count causal work only: 2 * 2 * B * H * S^2 * K / 2 forward, 2.5x that for forward +
 backward.
 
@@ -121,6 +124,39 @@ def check(
     return lines
 
 
+def hopper() -> bool:
+    """Whether the GPU is a Hopper (sm90), which our Mosaic GPU kernels are written for."""
+    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+
+
+def check_hopper(B=2, S=1024, H=16, G=4, K=128) -> list[str]:
+    """Our Mosaic GPU kernels against the XLA reference: bf16, GQA, causal ALiBi, no segments."""
+    q, k, v = _inputs(B, S, H, K, G)
+    do = jnp.asarray(np.random.default_rng(2).standard_normal(q.shape), jnp.bfloat16)
+    results = {}
+    for impl in ("xla", "pallas_mgpu"):
+
+        def loss(q, k, v, impl=impl):
+            out = _attention(q, k, v, impl=impl, slopes=alibi_slopes(H))
+            return (out.astype(jnp.float32) * do.astype(jnp.float32)).sum(), out
+
+        grad = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+        try:
+            (_, out), grads = jax.jit(grad)(q, k, v)
+        except Exception as e:  # the first run on a GPU: say how it failed, go on
+            return [f"check pallas_mgpu: failed: {str(e).splitlines()[0][:120]}"]
+        results[impl] = (out, *grads)
+    lines = []
+    for name, ref, ours in zip(
+        ("out", "dq", "dk", "dv"), results["xla"], results["pallas_mgpu"], strict=True
+    ):
+        rel = _rel(ours, ref)
+        lines.append(
+            f"check pallas_mgpu {name}: max rel err {rel:.2e} {'OK' if rel < 2e-2 else 'FAIL'}"
+        )
+    return lines
+
+
 def _tokamax_kernel(q, k, v) -> str:
     """Which tokamax kernel `impl="tokamax"` runs for these inputs (from the lowered HLO)."""
     if tokamax is None:
@@ -138,7 +174,7 @@ def _attention(q, k, v, *, impl, slopes):
     return attention(q, k, v, alibi_slopes=slopes, causal=True, impl=impl)
 
 
-def bench(reps: int) -> list[str]:
+def bench(reps: int, with_hopper: bool = False) -> list[str]:
     rows = [
         "| shape (B,S,H,K) | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s "
         "| out vs ours |",
@@ -152,6 +188,15 @@ def bench(reps: int) -> list[str]:
         impls = {
             "ours (pallas_gpu, ALiBi in-kernel)": functools.partial(
                 _attention, impl="pallas_gpu", slopes=slopes
+            ),
+            **(
+                {
+                    "ours Hopper (pallas_mgpu, wgmma)": functools.partial(
+                        _attention, impl="pallas_mgpu", slopes=slopes
+                    )
+                }
+                if with_hopper
+                else {}
             ),
             "cuDNN + materialized ALiBi bias": functools.partial(
                 _attention, impl="cudnn", slopes=slopes
@@ -177,7 +222,7 @@ def bench(reps: int) -> list[str]:
                     f"| {B},{S},{H},{K} | {label} | failed: {str(e).splitlines()[0][:80]} | | | | |"
                 )
                 continue
-            if label.startswith("ours"):
+            if label.startswith("ours (pallas_gpu"):
                 ours_out, versus = out, "-"
             elif ours_out is None or "no ALiBi" in label:  # the latter computes another function
                 versus = "n/a"
@@ -357,19 +402,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--once", action="store_true", help="run each fwd+bwd once, untimed (under ncu)"
     )
+    parser.add_argument(
+        "--no-hopper", action="store_true", help="leave out our Mosaic GPU kernels (pallas_mgpu)"
+    )
     args = parser.parse_args(argv)
     if jax.default_backend() != "gpu":
         print("error: needs a GPU (jax.default_backend() is not 'gpu')", file=sys.stderr)
         return 2
     tok = "absent" if tokamax is None else getattr(tokamax, "__version__", "present")
     lines = [f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, tokamax {tok}"]
+    with_hopper = hopper() and not args.no_hopper
     if args.once:
-        lines += run_once()
+        hopper_row = (("ours Hopper", "pallas_mgpu", True),) if with_hopper else ()
+        lines += run_once(impls=ONCE_IMPLS + hopper_row)
     elif args.tune:
         lines += tune(args.tune, args.reps, args.tune_budget_s)[0]
     else:
         lines += check()
-        lines += bench(args.reps)
+        if with_hopper:
+            lines += check_hopper()
+        lines += bench(args.reps, with_hopper)
     if not (args.skip_memory or args.tune or args.once):
         lines += memory()
     text = "\n".join(lines)

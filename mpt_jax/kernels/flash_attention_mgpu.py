@@ -1,0 +1,681 @@
+"""Hopper (sm90) flash attention with in-kernel ALiBi: Pallas Mosaic GPU, wgmma and TMA.
+
+Shapes as in `flash_attention`: q (B, S, H, K), k and v (B, S, G, K), ALiBi slopes (H,) float32.
+The same math as the Triton kernels, laid out for Hopper's asynchronous tensor cores:
+- forward (FlashAttention-3 style): a program owns 2 x block_q query rows of one head, one
+  compute warpgroup per block_q rows; the two take turns on the tensor cores (one's softmax
+  overlaps the other's products) while a third warpgroup streams key and value blocks with TMA
+  into a ring of `stages` shared-memory buffers;
+- dq: a program owns block_q query rows; one compute warpgroup, one streaming k and v;
+- dk/dv: a program owns block_kv keys of one kv head and walks the query blocks of each of the
+  R query heads that share it, so GQA's sum over heads happens in float32 registers; one compute
+  warpgroup, one streaming q, dO and their softmax statistics.
+Scores are in log2 units: s2 = scale log2(e) q.k + slope log2(e) (j - i) for causal attention
+(equal to -slope |i - j| wherever a key is visible), -slope log2(e) |i - j| otherwise; the saved
+log-sum-exp (B, H, S) float32 is in the same units.
+
+What it takes: bf16 or fp16, head dim 64 or 128, a sequence length that is a multiple of every
+block, no segment ids (`unsupported_reason` says which of these an input misses); everything
+else goes to the Triton kernels. Pallas has no CPU interpreter for these kernels' wgmma operands,
+so the suite checks that they lower for CUDA (`tests/test_flash_attention_mgpu.py`) and
+`tests/test_gpu.py` checks their numbers on a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+LOG2E = math.log2(math.e)
+HEAD_DIMS = (64, 128)
+DTYPES = (jnp.bfloat16, jnp.float16)
+
+# registers per thread: compute warpgroups hold the accumulators, the streaming one only addresses
+_COMPUTE_REGISTERS = 232
+_MEMORY_REGISTERS = 40
+
+
+@dataclasses.dataclass(frozen=True)
+class HopperTiling:
+    """Block sizes: block_q rows per forward compute warpgroup (two per program), block_kv keys
+    per forward step; the backward's query and key blocks; `stages` buffers per streamed ring."""
+
+    block_q: int = 64
+    block_kv: int = 128
+    bwd_block_q: int = 64
+    bwd_block_kv: int = 64
+    stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_q", "block_kv", "bwd_block_q", "bwd_block_kv"):
+            if getattr(self, name) % 64:
+                raise ValueError(f"HopperTiling.{name}: must be a multiple of 64 (wgmma tiles)")
+        if self.stages < 2:
+            raise ValueError("HopperTiling.stages: must be at least 2")
+        if self.block_kv % self.block_q:
+            # then every key block a query block visits starts at or before its first query,
+            # so no row's first block is wholly masked (its running max stays finite)
+            raise ValueError("HopperTiling.block_kv: must be a multiple of block_q")
+
+    @property
+    def sequence_multiple(self) -> int:
+        """The sequence lengths these blocks tile exactly are the multiples of this."""
+        blocks = (2 * self.block_q, self.block_kv, self.bwd_block_q, self.bwd_block_kv)
+        return math.lcm(*blocks)
+
+
+def unsupported_reason(q_shape, k_shape, dtype, *, segment_ids=None, tiling=None) -> str | None:
+    """Why these inputs need the Triton kernels instead, or None if the Hopper kernels take them."""
+    tiling = tiling or HopperTiling()
+    _, S, H, K = q_shape
+    if jnp.dtype(dtype) not in map(jnp.dtype, DTYPES):
+        return f"dtype {jnp.dtype(dtype).name} (needs bfloat16 or float16)"
+    if K not in HEAD_DIMS:
+        return f"head dim {K} (needs one of {HEAD_DIMS})"
+    if S % tiling.sequence_multiple:
+        return f"sequence length {S} (needs a multiple of {tiling.sequence_multiple})"
+    if k_shape[1] != S:
+        return "keys and queries of different lengths"
+    if H % k_shape[2]:
+        return f"{H} query heads not a multiple of {k_shape[2]} kv heads"
+    if segment_ids is not None:
+        return "segment ids"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    scale2: float  # softmax scale times log2 e
+    causal: bool
+    alibi: bool
+
+
+def _smem(shape, dtype):
+    """A shared-memory tile that TMA fills and wgmma reads: 8 x 64 tiles, 128-byte swizzle."""
+    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    return plgpu.SMEM(shape, dtype, transforms=transforms)
+
+
+def _alibi_line(slope2, ids, offset, st: _Static):
+    """slope2 * (ids + offset): causal ALiBi's per-key (or per-query) part, a vector; else None.
+
+    Under the causal mask slope (j - i) splits into a key part and a query part, so a block
+    needs two vectors broadcast instead of a 2-D distance; the forward leaves the query part
+    out (the softmax removes it) and takes it off the log-sum-exp at the end.
+    """
+    if not (st.alibi and st.causal):
+        return None
+    return slope2 * (ids + offset).astype(jnp.float32)
+
+
+def _minus(a, b):
+    """a - b, b possibly None."""
+    return a if b is None else a - b
+
+
+def _scores2(s, row_bias, col_bias, distance, slope2, st: _Static, *, masked: bool):
+    """Log2-unit scores of raw products s (rows, cols), plus bias vectors along either axis.
+
+    row_bias (rows,) and col_bias (cols,) or None; distance() -> (rows, cols) int j - i, built
+    only where a 2-D term is unavoidable: masks and non-causal ALiBi (-slope |i - j|).
+    """
+    s2 = s * st.scale2
+    if row_bias is not None:
+        s2 = s2 + lax.broadcast_in_dim(row_bias, s.shape, [0])
+    if col_bias is not None:
+        s2 = s2 + lax.broadcast_in_dim(col_bias, s.shape, [1])
+    if st.alibi and not st.causal:
+        s2 = s2 - slope2 * jnp.abs(distance().astype(jnp.float32))
+    if masked:
+        s2 = jnp.where(distance() <= 0, s2, -jnp.inf)
+    return s2
+
+
+def _distance(shape, offset, *, keys_first: bool):
+    """(rows, cols) int32 j - i of a block in WGMMA layout; offset: first key - first query."""
+    rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+    cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+    return (rows - cols if keys_first else cols - rows) + offset
+
+
+def _iota(n: int, axis: int):
+    """0..n-1 laid out along `axis` of a WGMMA tile (0: the rows, a column vector)."""
+    return plgpu.broadcasted_iota(jnp.int32, (n,), 0, layout=plgpu.Layout.WGMMA.reduce(1 - axis))
+
+
+def key_steps(q0, *, block_q, block_kv, n_kv, causal):
+    """Key blocks (free_end, end) that query rows [q0, q0 + block_q) visit: blocks [0, end),
+    the first free_end of them wholly visible (no mask needed)."""
+    if not causal:
+        return n_kv, n_kv
+    return lax.div(q0, block_kv), pl.cdiv(q0 + block_q, block_kv)
+
+
+def query_steps(k0, *, block_q, block_kv, n_q, causal):
+    """Query blocks (first, free_first) that visit keys [k0, k0 + block_kv): blocks
+    [first, n_q), those from free_first on seeing every one of those keys."""
+    if not causal:
+        return 0, 0
+    free_first = jnp.minimum(pl.cdiv(k0 + block_kv - 1, block_q), n_q)
+    return lax.div(k0, block_q), free_first
+
+
+def _causal_loops(body, carry, *, free_end, end, causal):
+    """fori_loop over steps [0, end): the first free_end without masks when causal."""
+    if not causal:
+        return lax.fori_loop(0, end, functools.partial(body, masked=False), carry)
+    carry = lax.fori_loop(0, free_end, functools.partial(body, masked=False), carry)
+    return lax.fori_loop(free_end, end, functools.partial(body, masked=True), carry)
+
+
+def _stream(n_steps, stages, buffers):
+    """The memory warpgroup: TMA block `step` of each buffer into ring slot step % stages.
+
+    buffers: (source(step) -> gmem ref view, smem ring, ready barriers, free barriers). A slot
+    is refilled once the compute warpgroups have arrived on its free barrier.
+    """
+
+    def issue(step, slot, wait_free):
+        for source, ring, ready, free in buffers:
+            if wait_free:
+                plgpu.barrier_wait(free.at[slot])
+            plgpu.copy_gmem_to_smem(source(step), ring.at[slot], ready.at[slot])
+
+    for i in range(stages):
+        pl.when(i < n_steps)(functools.partial(issue, i, i, False))
+
+    @pl.loop(stages, jnp.maximum(n_steps, stages))
+    def _(step):
+        issue(step, lax.rem(step, stages), True)
+
+
+def _forward(q, k, v, slopes, st: _Static, t: HopperTiling):
+    B, S, H, K = q.shape
+    R = H // k.shape[2]
+    bq, bk, stages = t.block_q, t.block_kv, t.stages
+    n_tiles, n_kv = S // (2 * bq), S // bk
+    dtype = q.dtype
+
+    def mpt_flash_mgpu_fwd(q_ref, k_ref, v_ref, slope_ref, o_ref, lse_ref, smem, ready, free, turn):
+        qo_smem2, k_smem, v_smem, lse_smem2 = smem
+        k_ready, v_ready, q_ready = ready
+        k_free, v_free = free
+        b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
+        # causal: the last query tiles have the most keys; they start first
+        tile = n_tiles - 1 - lax.axis_index("tile") if st.causal else lax.axis_index("tile")
+        tile_end = (tile + 1) * (2 * bq)
+        n_steps_tile = pl.cdiv(tile_end, bk) if st.causal else n_kv
+
+        def take_turn():
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(turn)
+
+        @pl.when(wg < 2)
+        def _compute():
+            plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
+            qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
+            q0 = tile * (2 * bq) + wg * bq
+            free_end, n_steps = key_steps(q0, block_q=bq, block_kv=bk, n_kv=n_kv, causal=st.causal)
+            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bq), h], qo_smem, q_ready.at[wg])
+            slope2 = slope_ref[h] * LOG2E
+            row_ids, col_ids = _iota(bq, 0), _iota(bk, 1)
+            row_layout = plgpu.Layout.WGMMA.reduce(1)
+            m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), row_layout)
+            denom = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout)
+            acc = plgpu.layout_cast(jnp.zeros((bq, K), jnp.float32), plgpu.Layout.WGMMA)
+            plgpu.barrier_wait(q_ready.at[wg])
+            plgpu.barrier_wait(k_ready.at[0])
+            pl.when(wg == 1)(take_turn)
+
+            def step_body(step, carry, *, masked):
+                acc, m, denom = carry
+                slot = lax.rem(step, stages)
+
+                def qk_product(acc_ref):
+                    plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    take_turn()
+                    return acc_ref[...]
+
+                s = pl.run_scoped(qk_product, plgpu.ACC((bq, bk), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+                offset = step * bk - q0
+                s2 = _scores2(
+                    s,
+                    None,
+                    _alibi_line(slope2, col_ids, offset, st),
+                    lambda: _distance((bq, bk), offset, keys_first=False),
+                    slope2,
+                    st,
+                    masked=masked,
+                )
+                m_new = jnp.maximum(m, s2.max(axis=1))
+                corr = jnp.exp2(m - m_new)
+                p = jnp.exp2(s2 - lax.broadcast_in_dim(m_new, s2.shape, [0]))
+                acc = acc * lax.broadcast_in_dim(corr, acc.shape, [0])
+                denom = denom * corr + p.sum(axis=1)
+                p16 = p.astype(dtype)
+                # the softmax ends here: hand the tensor cores to the other warpgroup
+                acc, denom, m_new, p16 = lax.optimization_barrier((acc, denom, m_new, p16))
+                plgpu.barrier_arrive(turn)
+                plgpu.barrier_wait(v_ready.at[slot])
+                plgpu.barrier_wait(turn)
+
+                def pv_product(acc_ref):
+                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                    following = step + 1
+
+                    @pl.when(following < n_steps)
+                    def _():
+                        plgpu.barrier_wait(k_ready.at[lax.rem(following, stages)])
+
+                acc = pl.run_state(pv_product)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, denom
+
+            acc, m, denom = _causal_loops(
+                step_body, (acc, m, denom), free_end=free_end, end=n_steps, causal=st.causal
+            )
+
+            if st.causal:
+                # the blocks only the other warpgroup needs: release them, keep taking turns
+                @pl.loop(n_steps, n_steps_tile)
+                def _(step):
+                    slot = lax.rem(step, stages)
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    take_turn()
+                    take_turn()
+
+            pl.when(wg == 0)(take_turn)
+            acc = acc / lax.broadcast_in_dim(denom, acc.shape, [0])
+            qo_smem[...] = acc.astype(dtype)
+            # the log-sum-exp of the true scores: the query part of ALiBi restored
+            lse_smem[...] = _minus(m + jnp.log(denom) * LOG2E, _alibi_line(slope2, row_ids, 0, st))
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, pl.ds(q0, bq), h])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q0, bq)])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _memory():
+            plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
+            g = lax.div(h, R)
+
+            def rows(ref):
+                return lambda step: ref.at[b, pl.ds(step * bk, bk), g]
+
+            _stream(
+                n_steps_tile,
+                stages,
+                [(rows(k_ref), k_smem, k_ready, k_free), (rows(v_ref), v_smem, v_ready, v_free)],
+            )
+
+    scratch = [
+        (
+            _smem((2, bq, K), dtype),
+            _smem((stages, bk, K), dtype),
+            _smem((stages, bk, K), dtype),
+            plgpu.SMEM((2, bq), jnp.float32),
+        ),
+        (
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=2),
+        ),
+        (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
+        plgpu.Barrier(num_arrivals=2),
+    ]
+    return plgpu.kernel(
+        mpt_flash_mgpu_fwd,
+        out_type=[
+            jax.ShapeDtypeStruct((B, S, H, K), dtype),
+            jax.ShapeDtypeStruct((B, H, S), jnp.float32),
+        ],
+        scratch_types=scratch,
+        grid=(n_tiles, H, B),
+        grid_names=("tile", "h", "b"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q, k, v, slopes)
+
+
+def _dq(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling):
+    B, S, H, K = q.shape
+    R = H // k.shape[2]
+    bq, bk, stages = t.bwd_block_q, t.bwd_block_kv, t.stages
+    n_tiles, n_kv = S // bq, S // bk
+    dtype = q.dtype
+
+    def mpt_flash_mgpu_dq(
+        q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, ready, free
+    ):
+        q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem = smem
+        q_ready, do_ready, lse_ready, delta_ready, k_ready, v_ready = ready
+        k_free, v_free = free
+        b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
+        tile = n_tiles - 1 - lax.axis_index("tile") if st.causal else lax.axis_index("tile")
+        q0 = tile * bq
+        free_end, n_steps = key_steps(q0, block_q=bq, block_kv=bk, n_kv=n_kv, causal=st.causal)
+
+        @pl.when(wg == 0)
+        def _compute():
+            plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
+            rows = pl.ds(q0, bq)
+            plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem, q_ready.at[0])
+            plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem, do_ready.at[0])
+            plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem, lse_ready.at[0])
+            plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem, delta_ready.at[0])
+            slope2 = slope_ref[h] * LOG2E
+            row_ids, col_ids = _iota(bq, 0), _iota(bk, 1)
+            for barrier in (q_ready, do_ready, lse_ready, delta_ready):
+                plgpu.barrier_wait(barrier.at[0])
+            row_layout = plgpu.Layout.WGMMA.reduce(1)
+            # p = exp2(s2 - lse): the log-sum-exp (with ALiBi's query part) enters as a row bias
+            lse = plgpu.load(lse_smem, (), layout=row_layout)
+            query_part = _alibi_line(slope2, row_ids, 0, st)
+            neg_lse = -lse if query_part is None else -(lse + query_part)
+            delta = plgpu.load(delta_smem, (), layout=row_layout)
+            dq = plgpu.layout_cast(jnp.zeros((bq, K), jnp.float32), plgpu.Layout.WGMMA)
+
+            def step_body(step, dq, *, masked):
+                slot = lax.rem(step, stages)
+                plgpu.barrier_wait(k_ready.at[slot])
+                plgpu.barrier_wait(v_ready.at[slot])
+
+                def products(refs):
+                    s_ref, dp_ref = refs
+                    plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    plgpu.wgmma(dp_ref, do_smem, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
+
+                zeros = plgpu.layout_cast(jnp.zeros((bq, bk), jnp.float32), plgpu.Layout.WGMMA)
+                s, dp = pl.run_state(products)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
+                plgpu.barrier_arrive(v_free.at[slot])
+                offset = step * bk - q0
+                p = jnp.exp2(
+                    _scores2(
+                        s,
+                        neg_lse,
+                        _alibi_line(slope2, col_ids, offset, st),
+                        lambda: _distance((bq, bk), offset, keys_first=False),
+                        slope2,
+                        st,
+                        masked=masked,
+                    )
+                )
+                ds = p * (dp - lax.broadcast_in_dim(delta, p.shape, [0]))
+
+                def dq_product(acc_ref):
+                    plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
+
+                dq = pl.run_state(dq_product)(plgpu.ACC.init(dq))
+                plgpu.barrier_arrive(k_free.at[slot])
+                return dq
+
+            dq = _causal_loops(step_body, dq, free_end=free_end, end=n_steps, causal=st.causal)
+            q_smem[...] = (dq * (st.scale2 / LOG2E)).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, rows, h])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 1)
+        def _memory():
+            plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
+            g = lax.div(h, R)
+
+            def rows(ref):
+                return lambda step: ref.at[b, pl.ds(step * bk, bk), g]
+
+            _stream(
+                n_steps,
+                stages,
+                [(rows(k_ref), k_smem, k_ready, k_free), (rows(v_ref), v_smem, v_ready, v_free)],
+            )
+
+    scratch = [
+        (
+            _smem((bq, K), dtype),
+            _smem((bq, K), dtype),
+            plgpu.SMEM((bq,), jnp.float32),
+            plgpu.SMEM((bq,), jnp.float32),
+            _smem((stages, bk, K), dtype),
+            _smem((stages, bk, K), dtype),
+        ),
+        (plgpu.Barrier(num_barriers=1),) * 4 + (plgpu.Barrier(num_barriers=stages),) * 2,
+        (plgpu.Barrier(num_arrivals=1, num_barriers=stages),) * 2,
+    ]
+    return plgpu.kernel(
+        mpt_flash_mgpu_dq,
+        out_type=jax.ShapeDtypeStruct((B, S, H, K), dtype),
+        scratch_types=scratch,
+        grid=(n_tiles, H, B),
+        grid_names=("tile", "h", "b"),
+        num_threads=2,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q, k, v, slopes, do, lse2, delta)
+
+
+def _dkdv(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling):
+    B, S, H, K = q.shape
+    G = k.shape[2]
+    R = H // G
+    bq, bk, stages = t.bwd_block_q, t.bwd_block_kv, t.stages
+    n_tiles, n_q = S // bk, S // bq
+    dtype = q.dtype
+
+    def mpt_flash_mgpu_dkdv(
+        q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *scr
+    ):
+        smem, ready, free = scr
+        k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem = smem
+        k_ready, v_ready, q_ready, do_ready, lse_ready, delta_ready = ready
+        q_free, do_free, lse_free, delta_free = free
+        b, g, wg = lax.axis_index("b"), lax.axis_index("g"), lax.axis_index("wg")
+        # causal: the first key tiles are seen by the most queries; the grid starts with them
+        tile = lax.axis_index("tile")
+        k0 = tile * bk
+        first, free_first = query_steps(k0, block_q=bq, block_kv=bk, n_q=n_q, causal=st.causal)
+        n_per_head = n_q - first
+        n_steps = R * n_per_head
+
+        @pl.when(wg == 0)
+        def _compute():
+            plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
+            keys = pl.ds(k0, bk)
+            plgpu.copy_gmem_to_smem(k_ref.at[b, keys, g], k_smem, k_ready.at[0])
+            plgpu.copy_gmem_to_smem(v_ref.at[b, keys, g], v_smem, v_ready.at[0])
+            # keys along rows: blocks are (bk, bq), j - i = row - column + k0 - q0
+            row_ids, col_ids = _iota(bk, 0), _iota(bq, 1)
+            column_layout = plgpu.Layout.WGMMA.reduce(0)
+            zeros = plgpu.layout_cast(jnp.zeros((bk, K), jnp.float32), plgpu.Layout.WGMMA)
+            plgpu.barrier_wait(k_ready.at[0])
+            plgpu.barrier_wait(v_ready.at[0])
+
+            def head_body(r, carry):
+                slope2 = slope_ref[g * R + r] * LOG2E
+                key_part = _alibi_line(slope2, row_ids, 0, st)
+
+                def step_body(qb, carry, *, masked):
+                    dk, dv = carry
+                    slot = lax.rem(r * n_per_head + qb - first, stages)
+                    plgpu.barrier_wait(q_ready.at[slot])
+
+                    def st_product(acc_ref):
+                        plgpu.wgmma(acc_ref, k_smem, plgpu.transpose_ref(q_smem.at[slot], (1, 0)))
+                        return acc_ref[...]
+
+                    s_t = pl.run_scoped(st_product, plgpu.ACC((bk, bq), jnp.float32))
+                    plgpu.barrier_wait(lse_ready.at[slot])
+                    lse = plgpu.load(lse_smem.at[slot], (), layout=column_layout)
+                    plgpu.barrier_arrive(lse_free.at[slot])
+                    # keys along rows: j - i = (row + k0) - (column + q0)
+                    offset = k0 - qb * bq
+                    query_part = _alibi_line(slope2, col_ids, -offset, st)
+                    p_t = jnp.exp2(
+                        _scores2(
+                            s_t,
+                            key_part,
+                            -lse if query_part is None else -(lse + query_part),
+                            lambda: _distance((bk, bq), offset, keys_first=True),
+                            slope2,
+                            st,
+                            masked=masked,
+                        )
+                    )
+                    plgpu.barrier_wait(do_ready.at[slot])
+
+                    def dv_dp_products(refs):
+                        dv_ref, dp_ref = refs
+                        plgpu.wgmma(dv_ref, p_t.astype(dtype), do_smem.at[slot])
+                        plgpu.wgmma(dp_ref, v_smem, plgpu.transpose_ref(do_smem.at[slot], (1, 0)))
+
+                    dp_zeros = plgpu.layout_cast(
+                        jnp.zeros((bk, bq), jnp.float32), plgpu.Layout.WGMMA
+                    )
+                    dv, dp_t = pl.run_state(dv_dp_products)(
+                        (plgpu.ACC.init(dv), plgpu.ACC.init(dp_zeros))
+                    )
+                    plgpu.barrier_arrive(do_free.at[slot])
+                    plgpu.barrier_wait(delta_ready.at[slot])
+                    delta = plgpu.load(delta_smem.at[slot], (), layout=column_layout)
+                    plgpu.barrier_arrive(delta_free.at[slot])
+                    ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, (bk, bq), [1]))
+
+                    def dk_product(acc_ref):
+                        plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_smem.at[slot])
+
+                    dk = pl.run_state(dk_product)(plgpu.ACC.init(dk))
+                    plgpu.barrier_arrive(q_free.at[slot])
+                    return dk, dv
+
+                if not st.causal:
+                    return lax.fori_loop(0, n_q, functools.partial(step_body, masked=False), carry)
+                masked_body = functools.partial(step_body, masked=True)
+                carry = lax.fori_loop(first, free_first, masked_body, carry)
+                free_body = functools.partial(step_body, masked=False)
+                return lax.fori_loop(free_first, n_q, free_body, carry)
+
+            dk, dv = lax.fori_loop(0, R, head_body, (zeros, zeros))
+            k_smem[...] = (dk * (st.scale2 / LOG2E)).astype(dtype)
+            v_smem[...] = dv.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, keys, g], commit_group=False)
+            plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, keys, g], commit_group=False)
+            plgpu.commit_smem_to_gmem_group()
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 1)
+        def _memory():
+            plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
+
+            def head_and_rows(step):
+                head = g * R + lax.div(step, n_per_head)
+                return head, pl.ds((first + lax.rem(step, n_per_head)) * bq, bq)
+
+            def block(ref):
+                def source(step):
+                    head, rows = head_and_rows(step)
+                    return ref.at[b, rows, head]
+
+                return source
+
+            def stats(ref):
+                def source(step):
+                    head, rows = head_and_rows(step)
+                    return ref.at[b, head, rows]
+
+                return source
+
+            _stream(
+                n_steps,
+                stages,
+                [
+                    (block(q_ref), q_smem, q_ready, q_free),
+                    (block(do_ref), do_smem, do_ready, do_free),
+                    (stats(lse_ref), lse_smem, lse_ready, lse_free),
+                    (stats(delta_ref), delta_smem, delta_ready, delta_free),
+                ],
+            )
+
+    scratch = [
+        (
+            _smem((bk, K), dtype),
+            _smem((bk, K), dtype),
+            _smem((stages, bq, K), dtype),
+            _smem((stages, bq, K), dtype),
+            plgpu.SMEM((stages, bq), jnp.float32),
+            plgpu.SMEM((stages, bq), jnp.float32),
+        ),
+        (plgpu.Barrier(num_barriers=1),) * 2 + (plgpu.Barrier(num_barriers=stages),) * 4,
+        (plgpu.Barrier(num_arrivals=1, num_barriers=stages),) * 4,
+    ]
+    kv_shape = jax.ShapeDtypeStruct((B, S, G, K), dtype)
+    return plgpu.kernel(
+        mpt_flash_mgpu_dkdv,
+        out_type=[kv_shape, kv_shape],
+        scratch_types=scratch,
+        grid=(n_tiles, G, B),
+        grid_names=("tile", "g", "b"),
+        num_threads=2,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q, k, v, slopes, do, lse2, delta)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _flash(q, k, v, slopes, st: _Static, tiling: HopperTiling):
+    return _forward(q, k, v, slopes, st, tiling)[0]
+
+
+def _flash_fwd(q, k, v, slopes, st, tiling):
+    o, lse2 = _forward(q, k, v, slopes, st, tiling)
+    return o, (q, k, v, slopes, o, lse2)
+
+
+def _flash_bwd(st, tiling, residuals, do):
+    q, k, v, slopes, o, lse2 = residuals
+    # D_i = rowsum(dO_i * O_i), the softmax-gradient correction, (B, H, S) float32
+    delta = jnp.einsum("bshk,bshk->bhs", o.astype(jnp.float32), do.astype(jnp.float32))
+    args = (q, k, v, slopes, do.astype(q.dtype), lse2, delta, st, tiling)
+    dq = _dq(*args)
+    dk, dv = _dkdv(*args)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), jnp.zeros_like(slopes)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention_mgpu(
+    q_BSHK: jax.Array,
+    k_BSGK: jax.Array,
+    v_BSGK: jax.Array,
+    *,
+    alibi_slopes: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    tiling: HopperTiling | None = None,
+) -> jax.Array:
+    """Fused attention (B, S, H, K) with in-kernel ALiBi on Hopper; differentiable in q, k, v."""
+    tiling = tiling or HopperTiling()
+    reason = unsupported_reason(
+        q_BSHK.shape, k_BSGK.shape, q_BSHK.dtype, segment_ids=segment_ids, tiling=tiling
+    )
+    if reason is not None:
+        raise ValueError(f"flash_attention_mgpu: unsupported input: {reason}")
+    if k_BSGK.dtype != q_BSHK.dtype or v_BSGK.dtype != q_BSHK.dtype:
+        raise ValueError("flash_attention_mgpu: q, k and v must have one dtype")
+    K, H = q_BSHK.shape[3], q_BSHK.shape[2]
+    scale = 1.0 / math.sqrt(K) if softmax_scale is None else float(softmax_scale)
+    alibi = alibi_slopes is not None
+    slopes = jnp.asarray(alibi_slopes, jnp.float32) if alibi else jnp.zeros((H,), jnp.float32)
+    st = _Static(scale2=scale * LOG2E, causal=causal, alibi=alibi)
+    return _flash(q_BSHK, k_BSGK, v_BSGK, slopes, st, tiling)

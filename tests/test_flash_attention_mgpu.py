@@ -1,0 +1,251 @@
+"""The Hopper (Mosaic GPU) kernels on a CPU host: they lower for CUDA, their block plans cover
+exactly the visible keys, and their block math, driven through the same plan and score
+functions, matches the XLA reference. Their numbers on a GPU: tests/test_gpu.py."""
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import relative_error
+
+from mpt_jax.attention import alibi_slopes, attention
+from mpt_jax.kernels import flash_attention_mgpu as hopper
+
+LOG2E = math.log2(math.e)
+
+
+def _lowered(fn, *avals) -> str:
+    return jax.jit(fn).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("alibi", [True, False])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "dtype"),
+    [(4, 4, 128, jnp.bfloat16), (6, 2, 64, jnp.float16), (4, 1, 128, jnp.bfloat16)],
+)
+def test_forward_and_backward_lower_to_three_mosaic_kernels(
+    causal, alibi, heads, kv_heads, head_dim, dtype
+):
+    B, S = 2, 512
+    q = jax.ShapeDtypeStruct((B, S, heads, head_dim), dtype)
+    kv = jax.ShapeDtypeStruct((B, S, kv_heads, head_dim), dtype)
+    slopes = alibi_slopes(heads) if alibi else None
+
+    def forward(q, k, v):
+        return hopper.flash_attention_mgpu(q, k, v, alibi_slopes=slopes, causal=causal)
+
+    def grads(q, k, v):
+        loss = lambda *a: forward(*a).astype(jnp.float32).sum()
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    fwd_text, bwd_text = _lowered(forward, q, kv, kv), _lowered(grads, q, kv, kv)
+    kernels = re.compile(r"stablehlo\.custom_call @mosaic_gpu")
+    assert len(kernels.findall(fwd_text)) == 1
+    assert len(kernels.findall(bwd_text)) == 3  # forward, dq, dk/dv
+    # memory linear in the sequence: no (S, S) array outside the kernels
+    assert f"{S}x{S}" not in fwd_text and f"{S}x{S}" not in bwd_text
+    # gradients come back in the inputs' shapes: GQA's sum over heads happens in the kernel
+    assert f"tensor<{B}x{S}x{kv_heads}x{head_dim}x" in bwd_text
+
+
+def _visible(q0, bq, k0, bk):
+    """(bq, bk) bool: query i sees key j under the causal mask."""
+    return (q0 + np.arange(bq))[:, None] >= (k0 + np.arange(bk))[None, :]
+
+
+@pytest.mark.parametrize(("bq", "bk"), [(64, 64), (64, 128), (128, 64), (64, 192)])
+def test_causal_block_plans_cover_exactly_the_visible_keys(bq, bk):
+    S = 768
+    n_kv, n_q = S // bk, S // bq
+    for q0 in range(0, S, bq):
+        free_end, end = hopper.key_steps(q0, block_q=bq, block_kv=bk, n_kv=n_kv, causal=True)
+        for step in range(n_kv):
+            seen = _visible(q0, bq, step * bk, bk)
+            assert (step < end) == seen.any(), (q0, step)
+            assert (step < free_end) == seen.all(), (q0, step)
+    for k0 in range(0, S, bk):
+        first, free_first = hopper.query_steps(k0, block_q=bq, block_kv=bk, n_q=n_q, causal=True)
+        for qb in range(n_q):
+            seen = _visible(qb * bq, bq, k0, bk)
+            assert (qb >= first) == seen.any(), (k0, qb)
+            assert (qb >= free_first) == seen.all(), (k0, qb)
+    assert hopper.key_steps(64, block_q=bq, block_kv=bk, n_kv=n_kv, causal=False) == (n_kv, n_kv)
+    assert hopper.query_steps(64, block_q=bq, block_kv=bk, n_q=n_q, causal=False) == (0, 0)
+
+
+def _simulate(q, k, v, do, slopes, causal, t: hopper.HopperTiling):
+    """The three kernels' block loops in numpy, through their plan, bias and score functions.
+
+    Returns o, lse2 and the gradients dq, dk, dv, float32; every block's products as the
+    kernels form them (the forward q k^T, dk/dv keys-first k q^T), in float32.
+    """
+    B, S, H, K = q.shape
+    G = k.shape[2]
+    R = H // G
+    scale = 1 / math.sqrt(K)
+    st = hopper._Static(scale * LOG2E, causal, slopes is not None)
+    slopes = np.zeros(H, np.float32) if slopes is None else np.asarray(slopes)
+
+    def line(slope2, n, offset):
+        return hopper._alibi_line(slope2, jnp.arange(n), offset, st)
+
+    def scores2(s, row_bias, col_bias, offset, slope2, masked, keys_first=False):
+        rows, cols = np.arange(s.shape[0])[:, None], np.arange(s.shape[1])[None, :]
+        d = (rows - cols if keys_first else cols - rows) + offset  # the kernels' _distance
+        out = hopper._scores2(
+            jnp.asarray(s), row_bias, col_bias, lambda: jnp.asarray(d), slope2, st, masked=masked
+        )
+        return np.asarray(out)
+
+    def minus(a, b):
+        return np.asarray(a if b is None else a - b)
+
+    o = np.zeros(q.shape, np.float32)
+    lse2 = np.zeros((B, H, S), np.float32)
+    bq, bk = t.block_q, t.block_kv
+    for b in range(B):
+        for h in range(H):
+            g, slope2 = h // R, slopes[h] * LOG2E
+            for q0 in range(0, S, bq):
+                free_end, end = hopper.key_steps(
+                    q0, block_q=bq, block_kv=bk, n_kv=S // bk, causal=causal
+                )
+                m = np.full(bq, -np.inf, np.float32)
+                denom = np.zeros(bq, np.float32)
+                acc = np.zeros((bq, K), np.float32)
+                for step in range(int(end)):
+                    keys, offset = slice(step * bk, (step + 1) * bk), step * bk - q0
+                    s = q[b, q0 : q0 + bq, h] @ k[b, keys, g].T
+                    key_part = line(slope2, bk, offset)
+                    s2 = scores2(s, None, key_part, offset, slope2, step >= free_end)
+                    m_new = np.maximum(m, s2.max(axis=1))
+                    p = np.exp2(s2 - m_new[:, None])
+                    corr = np.exp2(m - m_new)
+                    acc = acc * corr[:, None] + p @ v[b, keys, g]
+                    denom = denom * corr + p.sum(axis=1)
+                    m = m_new
+                o[b, q0 : q0 + bq, h] = acc / denom[:, None]
+                lse2[b, h, q0 : q0 + bq] = minus(m + np.log2(denom), line(slope2, bq, 0))
+
+    delta = np.einsum("bshk,bshk->bhs", o, do)
+    dq = np.zeros(q.shape, np.float32)
+    bq, bk = t.bwd_block_q, t.bwd_block_kv
+    for b in range(B):
+        for h in range(H):
+            g, slope2 = h // R, slopes[h] * LOG2E
+            for q0 in range(0, S, bq):
+                rows = slice(q0, q0 + bq)
+                free_end, end = hopper.key_steps(
+                    q0, block_q=bq, block_kv=bk, n_kv=S // bk, causal=causal
+                )
+                query_part = line(slope2, bq, 0)
+                lse = jnp.asarray(lse2[b, h, rows])
+                neg_lse = -lse if query_part is None else -(lse + query_part)
+                for step in range(int(end)):
+                    keys, offset = slice(step * bk, (step + 1) * bk), step * bk - q0
+                    s = q[b, rows, h] @ k[b, keys, g].T
+                    key_part = line(slope2, bk, offset)
+                    p = np.exp2(scores2(s, neg_lse, key_part, offset, slope2, step >= free_end))
+                    dp = do[b, rows, h] @ v[b, keys, g].T
+                    ds = p * (dp - delta[b, h, rows][:, None])
+                    dq[b, rows, h] += ds @ k[b, keys, g] * scale
+
+    dk, dv = np.zeros(k.shape, np.float32), np.zeros(v.shape, np.float32)
+    for b in range(B):
+        for g in range(G):
+            for k0 in range(0, S, bk):
+                keys = slice(k0, k0 + bk)
+                first, free_first = hopper.query_steps(
+                    k0, block_q=bq, block_kv=bk, n_q=S // bq, causal=causal
+                )
+                for r in range(R):
+                    h = g * R + r
+                    slope2 = slopes[h] * LOG2E
+                    key_part = line(slope2, bk, 0)
+                    for qb in range(int(first), S // bq):
+                        rows, offset = slice(qb * bq, (qb + 1) * bq), k0 - qb * bq
+                        query_part = line(slope2, bq, -offset)
+                        lse = jnp.asarray(lse2[b, h, rows])
+                        col_bias = -lse if query_part is None else -(lse + query_part)
+                        s_t = k[b, keys, g] @ q[b, rows, h].T
+                        masked = qb < free_first
+                        p_t = np.exp2(
+                            scores2(
+                                s_t, key_part, col_bias, offset, slope2, masked, keys_first=True
+                            )
+                        )
+                        dv[b, keys, g] += p_t @ do[b, rows, h]
+                        dp_t = v[b, keys, g] @ do[b, rows, h].T
+                        ds_t = p_t * (dp_t - delta[b, h, rows][None, :])
+                        dk[b, keys, g] += ds_t @ q[b, rows, h] * scale
+    return o, lse2, dq, dk, dv
+
+
+@pytest.mark.parametrize(
+    ("causal", "alibi", "heads", "kv_heads", "tiling"),
+    [
+        (True, True, 4, 2, hopper.HopperTiling()),
+        (True, True, 2, 2, hopper.HopperTiling(block_q=64, block_kv=64, bwd_block_kv=128)),
+        (False, True, 2, 1, hopper.HopperTiling(bwd_block_q=128)),
+        (True, False, 2, 2, hopper.HopperTiling()),
+    ],
+)
+def test_block_math_through_the_kernels_plans_matches_xla(causal, alibi, heads, kv_heads, tiling):
+    rng = np.random.default_rng(7)
+    B, S, K = 1, 256, 16
+    q = rng.standard_normal((B, S, heads, K)).astype(np.float32)
+    k = rng.standard_normal((B, S, kv_heads, K)).astype(np.float32)
+    v = rng.standard_normal((B, S, kv_heads, K)).astype(np.float32)
+    do = rng.standard_normal((B, S, heads, K)).astype(np.float32)
+    slopes = alibi_slopes(heads) * 4 if alibi else None  # steeper than MPT's: ALiBi matters here
+    o, lse2, dq, dk, dv = _simulate(q, k, v, do, slopes, causal, tiling)
+
+    def reference(q, k, v):
+        return attention(q, k, v, impl="xla", alibi_slopes=slopes, causal=causal)
+
+    ref, vjp = jax.vjp(reference, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+    ref_dq, ref_dk, ref_dv = vjp(jnp.asarray(do))
+    assert relative_error(o, ref) < 1e-5
+    for ours, theirs in ((dq, ref_dq), (dk, ref_dk), (dv, ref_dv)):
+        assert relative_error(ours, theirs) < 1e-4
+    # the saved log-sum-exp is in log2 units of the true (ALiBi'd, scaled) scores
+    i, j = np.arange(S)[:, None], np.arange(S)[None, :]
+    scores = np.einsum("bihk,bjhk->bhij", q, np.repeat(k, heads // kv_heads, axis=2)) / math.sqrt(K)
+    if alibi:
+        scores = scores - slopes[None, :, None, None] * np.abs(i - j)
+    if causal:
+        scores = np.where(i >= j, scores, -np.inf)
+    top = scores.max(axis=-1, keepdims=True)
+    lse = (top + np.log(np.exp(scores - top).sum(axis=-1, keepdims=True)))[..., 0]
+    np.testing.assert_allclose(lse2, lse * LOG2E, rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_inputs_and_tilings_are_named():
+    ok = ((2, 512, 4, 128), (2, 512, 2, 128))
+    assert hopper.unsupported_reason(*ok, jnp.bfloat16) is None
+    assert "dtype float32" in hopper.unsupported_reason(*ok, jnp.float32)
+    assert "head dim 112" in hopper.unsupported_reason(
+        (2, 512, 4, 112), (2, 512, 2, 112), "bfloat16"
+    )
+    assert "sequence length 500" in hopper.unsupported_reason(
+        (2, 500, 4, 128), (2, 500, 2, 128), "bfloat16"
+    )
+    assert "segment ids" in hopper.unsupported_reason(
+        *ok, jnp.bfloat16, segment_ids=np.zeros((2, 512))
+    )
+    q = jnp.zeros((1, 512, 2, 112), jnp.bfloat16)
+    with pytest.raises(ValueError, match="flash_attention_mgpu: unsupported input: head dim 112"):
+        hopper.flash_attention_mgpu(q, q, q)
+    with pytest.raises(ValueError, match="block_kv: must be a multiple of 64"):
+        hopper.HopperTiling(block_kv=96)
+    with pytest.raises(ValueError, match="block_kv: must be a multiple of block_q"):
+        hopper.HopperTiling(block_q=128, block_kv=64)
+    with pytest.raises(ValueError, match="stages: must be at least 2"):
+        hopper.HopperTiling(stages=1)
+    q = jnp.zeros((1, 512, 2, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="'pallas_mgpu': needs a Hopper GPU"):
+        attention(q, q, q, impl="pallas_mgpu")
