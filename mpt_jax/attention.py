@@ -75,7 +75,15 @@ def attention(
     if impl not in ("xla", "auto") and dropout_rate:
         raise ValueError(f"attention impl {impl!r}: attention dropout is not supported")
     if impl == "pallas_mgpu":
-        return _hopper_attention(q_BSHK, k_BTGK, v_BTGK, alibi_slopes, segment_ids, causal, scale)
+        hopper = _hopper_kernels(q_BSHK.shape, k_BTGK.shape, q_BSHK.dtype, segment_ids)
+        return hopper.flash_attention_mgpu(
+            q_BSHK,
+            k_BTGK,
+            v_BTGK,
+            alibi_slopes=alibi_slopes,
+            causal=causal,
+            softmax_scale=scale,
+        )
     if impl == "tokamax":
         return _tokamax_attention(q_BSHK, k_BTGK, v_BTGK, alibi_slopes, segment_ids, causal, scale)
     if impl == "cudnn":
@@ -125,9 +133,9 @@ def attention_qkv(
 ) -> jax.Array:
     """attention() of q, k, v = split(qkv_BSNK, [H, H + G], axis=2), N = H + 2G, G = n_kv_heads.
 
-    `pallas_gpu` (`auto`'s choice for ALiBi on a GPU) reads the three from the fused array in
-    place, where slices would be copied for the kernels, and makes one gradient array; the
-    other implementations get the slices.
+    `pallas_gpu` (`auto`'s choice for ALiBi on a GPU) and `pallas_mgpu` read the three from the
+    fused array in place, where slices would be copied for the kernels, and make one gradient
+    array; the other implementations get the slices.
     """
     if impl == "auto":
         impl = auto_impl(qkv_BSNK, dropout_rate, alibi=alibi_slopes is not None)
@@ -143,13 +151,21 @@ def attention_qkv(
         interpret = backend() != "gpu"  # elsewhere the same kernel, interpreted
         return flash_attention_qkv(qkv_BSNK, n_kv_heads=n_kv_heads, interpret=interpret, **kw)
     H = qkv_BSNK.shape[2] - 2 * n_kv_heads
+    if impl == "pallas_mgpu" and not dropout_rate:
+        B, S, _, K = qkv_BSNK.shape
+        shapes = (B, S, H, K), (B, S, n_kv_heads, K)
+        hopper = _hopper_kernels(*shapes, qkv_BSNK.dtype, segment_ids)
+        return hopper.flash_attention_mgpu_qkv(qkv_BSNK, n_kv_heads=n_kv_heads, **kw)
     q_BSHK, k_BSGK, v_BSGK = jnp.split(qkv_BSNK, [H, H + n_kv_heads], axis=2)
     kw |= dict(impl=impl, dropout_rate=dropout_rate, dropout_key=dropout_key)
     return attention(q_BSHK, k_BSGK, v_BSGK, **kw)
 
 
-def _hopper_attention(q, k, v, slopes, segment_ids, causal, scale):
-    """Our Mosaic GPU (wgmma) kernels; Hopper only: Pallas cannot interpret them elsewhere."""
+def _hopper_kernels(q_shape, kv_shape, dtype, segment_ids):
+    """The module of our Mosaic GPU (wgmma) kernels, once this input is known to run there.
+
+    Hopper only: Pallas cannot interpret them elsewhere.
+    """
     from mpt_jax.kernels import flash_attention_mgpu as hopper
 
     if backend() != "gpu":
@@ -157,12 +173,10 @@ def _hopper_attention(q, k, v, slopes, segment_ids, causal, scale):
             "attention impl 'pallas_mgpu': needs a Hopper GPU (its kernels have no CPU "
             "interpreter; use 'pallas_gpu' elsewhere)"
         )
-    reason = hopper.unsupported_reason(q.shape, k.shape, q.dtype, segment_ids=segment_ids)
+    reason = hopper.unsupported_reason(q_shape, kv_shape, dtype, segment_ids=segment_ids)
     if reason is not None:
         raise ValueError(f"attention impl 'pallas_mgpu': unsupported input: {reason}")
-    return hopper.flash_attention_mgpu(
-        q, k, v, alibi_slopes=slopes, causal=causal, softmax_scale=scale
-    )
+    return hopper
 
 
 def backend() -> str:

@@ -249,3 +249,47 @@ def test_unsupported_inputs_and_tilings_are_named():
     q = jnp.zeros((1, 512, 2, 128), jnp.bfloat16)
     with pytest.raises(ValueError, match="'pallas_mgpu': needs a Hopper GPU"):
         attention(q, q, q, impl="pallas_mgpu")
+
+
+def test_fused_qkv_path_reads_the_projection_in_place_and_the_model_reaches_it(monkeypatch):
+    from flax import nnx
+
+    import mpt_jax.attention as attention_lib
+    from mpt_jax import MPTForCausalLM
+    from mpt_jax.config import ModelConfig
+
+    monkeypatch.setattr(attention_lib, "backend", lambda: "gpu")  # as a GPU host builds it
+    B, S, H, G, K = 2, 256, 4, 2, 64
+    qkv = jax.ShapeDtypeStruct((B, S, H + 2 * G, K), jnp.bfloat16)
+
+    def fused(qkv):
+        kw = dict(n_kv_heads=G, alibi_slopes=alibi_slopes(H), impl="pallas_mgpu")
+        return attention_lib.attention_qkv(qkv, **kw)
+
+    def grad(qkv):
+        return jax.grad(lambda x: fused(x).astype(jnp.float32).sum())(qkv)
+
+    fwd_text = _lowered(fused, qkv)
+    # the kernel takes the fused projection itself: nothing sliced out of it first
+    assert "stablehlo.slice" not in fwd_text
+    assert re.search(r"custom_call @mosaic_gpu\S*\(%arg0, %arg0, %arg0, ", fwd_text)
+    bwd_text = _lowered(grad, qkv)
+    assert len(re.findall(r"custom_call @mosaic_gpu", bwd_text)) == 3
+    assert f"tensor<{B}x{S}x{H + 2 * G}x{K}xbf16>" in bwd_text.split("return")[-1]
+
+    cfg = ModelConfig(
+        d_model=256,
+        n_heads=4,
+        n_layers=2,
+        vocab_size=128,
+        max_seq_len=S,
+        alibi=True,
+        learned_pos_emb=False,
+        no_bias=True,
+        attn_impl="pallas_mgpu",
+    )
+    model = MPTForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+    graphdef, params = nnx.split(model)
+    ids = jax.ShapeDtypeStruct((B, S), jnp.int32)
+    text = _lowered(lambda p, ids: nnx.merge(graphdef, p)(ids), params, ids)
+    assert len(re.findall(r"custom_call @mosaic_gpu", text)) == cfg.n_layers

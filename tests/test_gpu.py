@@ -19,7 +19,7 @@ from helpers import (
 from mpt_numpy_reference import mpt_forward
 
 from mpt_jax import MPTForCausalLM, from_pretrained
-from mpt_jax.attention import alibi_slopes, attention
+from mpt_jax.attention import alibi_slopes, attention, attention_qkv
 from mpt_jax.config import ModelConfig
 from mpt_jax.kernels.flash_attention import (
     Tiling,
@@ -169,11 +169,12 @@ def test_fused_attention_matches_xla_reference_in_bf16(name, head_dim):
 
 
 HOPPER_CASES = {
-    # causal, ALiBi, H, G, K
-    "causal_alibi_gqa_128": (True, True, 16, 4, 128),
-    "causal_alibi_64": (True, True, 8, 8, 64),
-    "causal_no_alibi_gqa_128": (True, False, 8, 2, 128),
-    "not_causal_alibi_mqa_64": (False, True, 8, 1, 64),
+    # causal, ALiBi, H, G, K, q k v read from one fused array (as the model calls it)
+    "causal_alibi_gqa_128": (True, True, 16, 4, 128, False),
+    "causal_alibi_gqa_128_fused_qkv": (True, True, 16, 4, 128, True),
+    "causal_alibi_64": (True, True, 8, 8, 64, False),
+    "causal_no_alibi_gqa_128": (True, False, 8, 2, 128, False),
+    "not_causal_alibi_mqa_64": (False, True, 8, 1, 64, False),
 }
 
 
@@ -181,15 +182,21 @@ HOPPER_CASES = {
 def test_hopper_kernels_match_xla_reference_in_bf16(case):
     if not str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9"):
         pytest.skip("our Mosaic GPU kernels are written for Hopper (sm90)")
-    causal, alibi, H, G, K = HOPPER_CASES[case]
+    causal, alibi, H, G, K, fused = HOPPER_CASES[case]
     rng = np.random.default_rng(K + H)
     B, S = 2, 1024
     q, k, v = (jnp.asarray(rng.standard_normal((B, S, n, K)), jnp.bfloat16) for n in (H, G, G))
     do = jnp.asarray(rng.standard_normal((B, S, H, K)), jnp.float32)
     kw = dict(alibi_slopes=alibi_slopes(H) if alibi else None, causal=causal)
 
+    def attend(q, k, v, impl):
+        if fused and impl == "pallas_mgpu":
+            qkv = jnp.concatenate([q, k, v], axis=2)
+            return attention_qkv(qkv, n_kv_heads=G, impl=impl, **kw)
+        return attention(q, k, v, impl=impl, **kw)
+
     def out_and_grads(impl, *qkv):
-        return out_and_grads_fn(lambda q, k, v: attention(q, k, v, impl=impl, **kw), do)(*qkv)
+        return out_and_grads_fn(functools.partial(attend, impl=impl), do)(*qkv)
 
     ref = out_and_grads("xla", *(x.astype(jnp.float32) for x in (q, k, v)))
     ours = out_and_grads("pallas_mgpu", q, k, v)

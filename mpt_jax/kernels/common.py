@@ -1,4 +1,4 @@
-"""Math and plumbing shared by the GPU (Triton) and TPU (Mosaic) flash-attention kernels.
+"""Math and plumbing shared by the GPU (Triton, Mosaic GPU) and TPU flash-attention kernels.
 
 Positions and segment ids enter as a (bq, 1) column for queries and a (1, bk) row for keys, and
 the softmax statistics as (bq, 1) columns: the helpers only broadcast, so the same code serves
@@ -7,9 +7,30 @@ Triton tiles and TPU vregs (Mosaic has no 1-D layouts).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+
+@dataclasses.dataclass(frozen=True)
+class Heads:
+    """Query and kv head counts, and where the heads live: q, k and v arrays, or one fused
+    (B, S, H + 2G, K) array (an MPT Wqkv output) whose k and v heads follow the H query heads."""
+
+    H: int
+    G: int
+    fused: bool
+
+    @property
+    def k_first(self) -> int:
+        return self.H if self.fused else 0
+
+    @property
+    def v_first(self) -> int:
+        return self.H + self.G if self.fused else 0
+
 
 MASKED = -1e30  # finite: fully masked (padding) rows stay NaN-free
 

@@ -39,7 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from mpt_jax.kernels.common import MASKED, NT_DIMS, pad_axis, poison
+from mpt_jax.kernels.common import MASKED, NT_DIMS, Heads, pad_axis, poison
 
 LOG2E = math.log2(math.e)
 
@@ -179,24 +179,6 @@ class _Block:
     causal: bool
     alibi: bool
     seq_len: int
-
-
-@dataclasses.dataclass(frozen=True)
-class _Heads:
-    """Query and kv head counts, and where the heads live: q, k and v arrays, or one fused
-    (B, S, H + 2G, K) array (an MPT Wqkv output) whose k and v heads follow the H query heads."""
-
-    H: int
-    G: int
-    fused: bool
-
-    @property
-    def k_first(self) -> int:
-        return self.H if self.fused else 0
-
-    @property
-    def v_first(self) -> int:
-        return self.H + self.G if self.fused else 0
 
 
 def _scores2(qk, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk: _Block, *, masked: bool):
@@ -371,7 +353,7 @@ def _dkdv_kernel(*refs, blk: _Block, order: _Order, bq, bk, n_q, has_seg):
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _specs(order: _Order, heads: _Heads, Sp, K, bq, bk, has_seg, *, over_keys=False):
+def _specs(order: _Order, heads: Heads, Sp, K, bq, bk, has_seg, *, over_keys=False):
     """BlockSpecs of program (t, g, b) in order.grid: q-side blocked for fwd/dq, k-side for dkdv.
 
     (q, k, v, row, slope, segment) specs; the q spec also serves the (B, Sp, H, K) outputs.
@@ -459,7 +441,7 @@ def _flash(q, k, v, slopes, segment_ids, blk, tilings, heads, interpret, poison_
     return _forward(*args)[0]
 
 
-def _forward(q, k, v, slopes, segment_ids, blk, tilings, heads: _Heads, interpret, poison_outputs):
+def _forward(q, k, v, slopes, segment_ids, blk, tilings, heads: Heads, interpret, poison_outputs):
     B, S, _, K = q.shape
     H = heads.H
     Sp = tilings.padded_length(S)
@@ -492,7 +474,7 @@ def _flash_fwd(q, k, v, slopes, segment_ids, blk, tilings, heads, interpret, poi
     return _forward(q, k, v, slopes, segment_ids, blk, tilings, heads, interpret, poison_outputs)
 
 
-def _flash_bwd(blk, tilings, heads: _Heads, interpret, poison_outputs, residuals, do):
+def _flash_bwd(blk, tilings, heads: Heads, interpret, poison_outputs, residuals, do):
     q, k, v, slopes, segment_ids, o_padded, lse2 = residuals
     B, S, _, K = q.shape
     H, G = heads.H, heads.G
@@ -585,7 +567,7 @@ def flash_attention(
         raise ValueError("flash_attention: queries and keys must have the same length")
     if H % k_BSGK.shape[2]:
         raise ValueError(f"flash_attention: {H} heads are not a multiple of {k_BSGK.shape[2]}")
-    heads = _Heads(H, k_BSGK.shape[2], fused=False)
+    heads = Heads(H, k_BSGK.shape[2], fused=False)
     return _attend(
         heads,
         (q_BSHK, k_BSGK, v_BSGK),
@@ -628,7 +610,7 @@ def flash_attention_qkv(
             f"n_kv_heads={n_kv_heads}, plus 2 x {n_kv_heads} kv heads"
         )
     return _attend(
-        _Heads(H, G, fused=True),
+        Heads(H, G, fused=True),
         (qkv_BSNK, None, None),
         alibi_slopes=alibi_slopes,
         segment_ids=segment_ids,
@@ -643,7 +625,7 @@ def flash_attention_qkv(
 
 
 def _attend(
-    heads: _Heads,
+    heads: Heads,
     arrays,
     *,
     alibi_slopes,

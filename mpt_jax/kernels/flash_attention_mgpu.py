@@ -12,13 +12,15 @@ The same math as the Triton kernels, laid out for Hopper's asynchronous tensor c
   warpgroup, one streaming q, dO and their softmax statistics.
 Scores are in log2 units: s2 = scale log2(e) q.k + slope log2(e) (j - i) for causal attention
 (equal to -slope |i - j| wherever a key is visible), -slope log2(e) |i - j| otherwise; the saved
-log-sum-exp (B, H, S) float32 is in the same units.
+log-sum-exp (B, H, S) float32 is in the same units. Causal ALiBi enters as a per-key and a
+per-query vector (`_alibi_line`), never as a 2-D distance. `flash_attention_mgpu_qkv` reads the
+heads in place from a fused (B, S, H + 2G, K) Wqkv output.
 
 What it takes: bf16 or fp16, head dim 64 or 128, a sequence length that is a multiple of every
-block, no segment ids (`unsupported_reason` says which of these an input misses); everything
-else goes to the Triton kernels. Pallas has no CPU interpreter for these kernels' wgmma operands,
-so the suite checks that they lower for CUDA (`tests/test_flash_attention_mgpu.py`) and
-`tests/test_gpu.py` checks their numbers on a GPU.
+block, no segment ids (`unsupported_reason` says which of these an input misses); other inputs
+need the Triton kernels (`impl="pallas_gpu"`). Pallas has no CPU interpreter for these kernels'
+wgmma operands, so the suite checks that they lower for CUDA and replays their block math
+(`tests/test_flash_attention_mgpu.py`); `tests/test_gpu.py` checks their numbers on a GPU.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from mpt_jax.kernels.common import Heads
 
 LOG2E = math.log2(math.e)
 HEAD_DIMS = (64, 128)
@@ -145,6 +149,16 @@ def _distance(shape, offset, *, keys_first: bool):
     return (rows - cols if keys_first else cols - rows) + offset
 
 
+def _zeros(shape):
+    """float32 zeros in the WGMMA register layout."""
+    return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+
+
+def _zero_acc(shape):
+    """A fresh float32 wgmma accumulator holding zeros."""
+    return plgpu.ACC.init(_zeros(shape))
+
+
 def _iota(n: int, axis: int):
     """0..n-1 laid out along `axis` of a WGMMA tile (0: the rows, a column vector)."""
     return plgpu.broadcasted_iota(jnp.int32, (n,), 0, layout=plgpu.Layout.WGMMA.reduce(1 - axis))
@@ -196,9 +210,9 @@ def _stream(n_steps, stages, buffers):
         issue(step, lax.rem(step, stages), True)
 
 
-def _forward(q, k, v, slopes, st: _Static, t: HopperTiling):
-    B, S, H, K = q.shape
-    R = H // k.shape[2]
+def _forward(q, k, v, slopes, st: _Static, t: HopperTiling, heads: Heads):
+    B, S, _, K = q.shape
+    H, R = heads.H, heads.H // heads.G
     bq, bk, stages = t.block_q, t.block_kv, t.stages
     n_tiles, n_kv = S // (2 * bq), S // bk
     dtype = q.dtype
@@ -229,7 +243,7 @@ def _forward(q, k, v, slopes, st: _Static, t: HopperTiling):
             row_layout = plgpu.Layout.WGMMA.reduce(1)
             m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), row_layout)
             denom = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout)
-            acc = plgpu.layout_cast(jnp.zeros((bq, K), jnp.float32), plgpu.Layout.WGMMA)
+            acc = _zeros((bq, K))
             plgpu.barrier_wait(q_ready.at[wg])
             plgpu.barrier_wait(k_ready.at[0])
             pl.when(wg == 1)(take_turn)
@@ -308,13 +322,16 @@ def _forward(q, k, v, slopes, st: _Static, t: HopperTiling):
             plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
             g = lax.div(h, R)
 
-            def rows(ref):
-                return lambda step: ref.at[b, pl.ds(step * bk, bk), g]
+            def rows(ref, first):
+                return lambda step: ref.at[b, pl.ds(step * bk, bk), first + g]
 
             _stream(
                 n_steps_tile,
                 stages,
-                [(rows(k_ref), k_smem, k_ready, k_free), (rows(v_ref), v_smem, v_ready, v_free)],
+                [
+                    (rows(k_ref, heads.k_first), k_smem, k_ready, k_free),
+                    (rows(v_ref, heads.v_first), v_smem, v_ready, v_free),
+                ],
             )
 
     scratch = [
@@ -347,9 +364,9 @@ def _forward(q, k, v, slopes, st: _Static, t: HopperTiling):
     )(q, k, v, slopes)
 
 
-def _dq(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling):
-    B, S, H, K = q.shape
-    R = H // k.shape[2]
+def _dq(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads: Heads):
+    B, S, _, K = q.shape
+    H, R = heads.H, heads.H // heads.G
     bq, bk, stages = t.bwd_block_q, t.bwd_block_kv, t.stages
     n_tiles, n_kv = S // bq, S // bk
     dtype = q.dtype
@@ -383,7 +400,7 @@ def _dq(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling):
             query_part = _alibi_line(slope2, row_ids, 0, st)
             neg_lse = -lse if query_part is None else -(lse + query_part)
             delta = plgpu.load(delta_smem, (), layout=row_layout)
-            dq = plgpu.layout_cast(jnp.zeros((bq, K), jnp.float32), plgpu.Layout.WGMMA)
+            dq = _zeros((bq, K))
 
             def step_body(step, dq, *, masked):
                 slot = lax.rem(step, stages)
@@ -395,8 +412,7 @@ def _dq(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling):
                     plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
                     plgpu.wgmma(dp_ref, do_smem, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
 
-                zeros = plgpu.layout_cast(jnp.zeros((bq, bk), jnp.float32), plgpu.Layout.WGMMA)
-                s, dp = pl.run_state(products)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
+                s, dp = pl.run_state(products)((_zero_acc((bq, bk)), _zero_acc((bq, bk))))
                 plgpu.barrier_arrive(v_free.at[slot])
                 offset = step * bk - q0
                 p = jnp.exp2(
@@ -430,13 +446,16 @@ def _dq(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling):
             plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
             g = lax.div(h, R)
 
-            def rows(ref):
-                return lambda step: ref.at[b, pl.ds(step * bk, bk), g]
+            def rows(ref, first):
+                return lambda step: ref.at[b, pl.ds(step * bk, bk), first + g]
 
             _stream(
                 n_steps,
                 stages,
-                [(rows(k_ref), k_smem, k_ready, k_free), (rows(v_ref), v_smem, v_ready, v_free)],
+                [
+                    (rows(k_ref, heads.k_first), k_smem, k_ready, k_free),
+                    (rows(v_ref, heads.v_first), v_smem, v_ready, v_free),
+                ],
             )
 
     scratch = [
@@ -463,10 +482,9 @@ def _dq(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling):
     )(q, k, v, slopes, do, lse2, delta)
 
 
-def _dkdv(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling):
-    B, S, H, K = q.shape
-    G = k.shape[2]
-    R = H // G
+def _dkdv(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads: Heads):
+    B, S, _, K = q.shape
+    G, R = heads.G, heads.H // heads.G
     bq, bk, stages = t.bwd_block_q, t.bwd_block_kv, t.stages
     n_tiles, n_q = S // bk, S // bq
     dtype = q.dtype
@@ -490,12 +508,11 @@ def _dkdv(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling):
         def _compute():
             plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
             keys = pl.ds(k0, bk)
-            plgpu.copy_gmem_to_smem(k_ref.at[b, keys, g], k_smem, k_ready.at[0])
-            plgpu.copy_gmem_to_smem(v_ref.at[b, keys, g], v_smem, v_ready.at[0])
+            plgpu.copy_gmem_to_smem(k_ref.at[b, keys, heads.k_first + g], k_smem, k_ready.at[0])
+            plgpu.copy_gmem_to_smem(v_ref.at[b, keys, heads.v_first + g], v_smem, v_ready.at[0])
             # keys along rows: blocks are (bk, bq), j - i = row - column + k0 - q0
             row_ids, col_ids = _iota(bk, 0), _iota(bq, 1)
             column_layout = plgpu.Layout.WGMMA.reduce(0)
-            zeros = plgpu.layout_cast(jnp.zeros((bk, K), jnp.float32), plgpu.Layout.WGMMA)
             plgpu.barrier_wait(k_ready.at[0])
             plgpu.barrier_wait(v_ready.at[0])
 
@@ -537,11 +554,8 @@ def _dkdv(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling):
                         plgpu.wgmma(dv_ref, p_t.astype(dtype), do_smem.at[slot])
                         plgpu.wgmma(dp_ref, v_smem, plgpu.transpose_ref(do_smem.at[slot], (1, 0)))
 
-                    dp_zeros = plgpu.layout_cast(
-                        jnp.zeros((bk, bq), jnp.float32), plgpu.Layout.WGMMA
-                    )
                     dv, dp_t = pl.run_state(dv_dp_products)(
-                        (plgpu.ACC.init(dv), plgpu.ACC.init(dp_zeros))
+                        (plgpu.ACC.init(dv), _zero_acc((bk, bq)))
                     )
                     plgpu.barrier_arrive(do_free.at[slot])
                     plgpu.barrier_wait(delta_ready.at[slot])
@@ -563,7 +577,7 @@ def _dkdv(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling):
                 free_body = functools.partial(step_body, masked=False)
                 return lax.fori_loop(free_first, n_q, free_body, carry)
 
-            dk, dv = lax.fori_loop(0, R, head_body, (zeros, zeros))
+            dk, dv = lax.fori_loop(0, R, head_body, (_zeros((bk, K)), _zeros((bk, K))))
             k_smem[...] = (dk * (st.scale2 / LOG2E)).astype(dtype)
             v_smem[...] = dv.astype(dtype)
             plgpu.commit_smem()
@@ -630,23 +644,30 @@ def _dkdv(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling):
     )(q, k, v, slopes, do, lse2, delta)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _flash(q, k, v, slopes, st: _Static, tiling: HopperTiling):
-    return _forward(q, k, v, slopes, st, tiling)[0]
+def _sources(q, k, v):
+    """The arrays the kernels read q, k and v heads from: (q, k, v), or the fused one thrice."""
+    return (q, q, q) if k is None else (q, k, v)
 
 
-def _flash_fwd(q, k, v, slopes, st, tiling):
-    o, lse2 = _forward(q, k, v, slopes, st, tiling)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _flash(q, k, v, slopes, st: _Static, tiling: HopperTiling, heads: Heads):
+    return _forward(*_sources(q, k, v), slopes, st, tiling, heads)[0]
+
+
+def _flash_fwd(q, k, v, slopes, st, tiling, heads):
+    o, lse2 = _forward(*_sources(q, k, v), slopes, st, tiling, heads)
     return o, (q, k, v, slopes, o, lse2)
 
 
-def _flash_bwd(st, tiling, residuals, do):
+def _flash_bwd(st, tiling, heads: Heads, residuals, do):
     q, k, v, slopes, o, lse2 = residuals
     # D_i = rowsum(dO_i * O_i), the softmax-gradient correction, (B, H, S) float32
     delta = jnp.einsum("bshk,bshk->bhs", o.astype(jnp.float32), do.astype(jnp.float32))
-    args = (q, k, v, slopes, do.astype(q.dtype), lse2, delta, st, tiling)
+    args = (*_sources(q, k, v), slopes, do.astype(q.dtype), lse2, delta, st, tiling, heads)
     dq = _dq(*args)
     dk, dv = _dkdv(*args)
+    if heads.fused:  # one gradient for the fused array
+        return jnp.concatenate([dq, dk, dv], axis=2), None, None, jnp.zeros_like(slopes)
     return dq, dk.astype(k.dtype), dv.astype(v.dtype), jnp.zeros_like(slopes)
 
 
@@ -665,17 +686,63 @@ def flash_attention_mgpu(
     tiling: HopperTiling | None = None,
 ) -> jax.Array:
     """Fused attention (B, S, H, K) with in-kernel ALiBi on Hopper; differentiable in q, k, v."""
-    tiling = tiling or HopperTiling()
-    reason = unsupported_reason(
-        q_BSHK.shape, k_BSGK.shape, q_BSHK.dtype, segment_ids=segment_ids, tiling=tiling
-    )
-    if reason is not None:
-        raise ValueError(f"flash_attention_mgpu: unsupported input: {reason}")
     if k_BSGK.dtype != q_BSHK.dtype or v_BSGK.dtype != q_BSHK.dtype:
         raise ValueError("flash_attention_mgpu: q, k and v must have one dtype")
-    K, H = q_BSHK.shape[3], q_BSHK.shape[2]
-    scale = 1.0 / math.sqrt(K) if softmax_scale is None else float(softmax_scale)
+    heads = Heads(q_BSHK.shape[2], k_BSGK.shape[2], fused=False)
+    arrays = (q_BSHK, k_BSGK, v_BSGK)
+    return _attend(
+        heads, arrays, k_BSGK.shape, alibi_slopes, segment_ids, causal, softmax_scale, tiling
+    )
+
+
+def flash_attention_mgpu_qkv(
+    qkv_BSNK: jax.Array,
+    *,
+    n_kv_heads: int,
+    alibi_slopes: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    tiling: HopperTiling | None = None,
+) -> jax.Array:
+    """flash_attention_mgpu of split(qkv_BSNK, [H, H + G], axis=2), N = H + 2G, read in place.
+
+    TMA loads each head's blocks straight from the fused (B, S, N, K) Wqkv output, where slices
+    would be copied first; the gradient is one (B, S, N, K) array. Returns (B, S, H, K).
+    """
+    B, S, N, K = qkv_BSNK.shape
+    G = n_kv_heads
+    H = N - 2 * G
+    if G < 1 or H < 1 or H % G:
+        raise ValueError(
+            f"flash_attention_mgpu_qkv: {N} fused heads are not H query heads, a multiple of "
+            f"n_kv_heads={n_kv_heads}, plus 2 x {n_kv_heads} kv heads"
+        )
+    heads = Heads(H, G, fused=True)
+    return _attend(
+        heads,
+        (qkv_BSNK, None, None),
+        (B, S, G, K),
+        alibi_slopes,
+        segment_ids,
+        causal,
+        softmax_scale,
+        tiling,
+    )
+
+
+def _attend(heads: Heads, arrays, kv_shape, alibi_slopes, segment_ids, causal, scale, tiling):
+    """What both entry points share: arrays (q, k, v) or (qkv, None, None)."""
+    tiling = tiling or HopperTiling()
+    B, S, _, K = arrays[0].shape
+    q_shape = (B, S, heads.H, K)
+    dtype = arrays[0].dtype
+    reason = unsupported_reason(q_shape, kv_shape, dtype, segment_ids=segment_ids, tiling=tiling)
+    if reason is not None:
+        raise ValueError(f"flash_attention_mgpu: unsupported input: {reason}")
+    scale = 1.0 / math.sqrt(K) if scale is None else float(scale)
     alibi = alibi_slopes is not None
+    H = heads.H
     slopes = jnp.asarray(alibi_slopes, jnp.float32) if alibi else jnp.zeros((H,), jnp.float32)
     st = _Static(scale2=scale * LOG2E, causal=causal, alibi=alibi)
-    return _flash(q_BSHK, k_BSGK, v_BSGK, slopes, st, tiling)
+    return _flash(*arrays, slopes, st, tiling, heads)
