@@ -210,9 +210,29 @@ def _stream(n_steps, stages, buffers):
         issue(step, lax.rem(step, stages), True)
 
 
+def _stream_keys_and_values(k_ref, v_ref, rings, b, h, heads: Heads, bk, n_steps, stages):
+    """The forward's and dq's memory warpgroup: key and value blocks [0, n_steps) of query head
+    h's kv head into their rings ((smem, ready barriers, free barriers) each)."""
+    plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
+    g = lax.div(h, heads.H // heads.G)
+
+    def rows(ref, first):
+        return lambda step: ref.at[b, pl.ds(step * bk, bk), first + g]
+
+    (k_smem, k_ready, k_free), (v_smem, v_ready, v_free) = rings
+    _stream(
+        n_steps,
+        stages,
+        [
+            (rows(k_ref, heads.k_first), k_smem, k_ready, k_free),
+            (rows(v_ref, heads.v_first), v_smem, v_ready, v_free),
+        ],
+    )
+
+
 def _forward(q, k, v, slopes, st: _Static, t: HopperTiling, heads: Heads):
     B, S, _, K = q.shape
-    H, R = heads.H, heads.H // heads.G
+    H = heads.H
     bq, bk, stages = t.block_q, t.block_kv, t.stages
     n_tiles, n_kv = S // (2 * bq), S // bk
     dtype = q.dtype
@@ -319,20 +339,8 @@ def _forward(q, k, v, slopes, st: _Static, t: HopperTiling, heads: Heads):
 
         @pl.when(wg == 2)
         def _memory():
-            plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
-            g = lax.div(h, R)
-
-            def rows(ref, first):
-                return lambda step: ref.at[b, pl.ds(step * bk, bk), first + g]
-
-            _stream(
-                n_steps_tile,
-                stages,
-                [
-                    (rows(k_ref, heads.k_first), k_smem, k_ready, k_free),
-                    (rows(v_ref, heads.v_first), v_smem, v_ready, v_free),
-                ],
-            )
+            rings = ((k_smem, k_ready, k_free), (v_smem, v_ready, v_free))
+            _stream_keys_and_values(k_ref, v_ref, rings, b, h, heads, bk, n_steps_tile, stages)
 
     scratch = [
         (
@@ -366,7 +374,7 @@ def _forward(q, k, v, slopes, st: _Static, t: HopperTiling, heads: Heads):
 
 def _dq(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads: Heads):
     B, S, _, K = q.shape
-    H, R = heads.H, heads.H // heads.G
+    H = heads.H
     bq, bk, stages = t.bwd_block_q, t.bwd_block_kv, t.stages
     n_tiles, n_kv = S // bq, S // bk
     dtype = q.dtype
@@ -443,20 +451,8 @@ def _dq(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads: H
 
         @pl.when(wg == 1)
         def _memory():
-            plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
-            g = lax.div(h, R)
-
-            def rows(ref, first):
-                return lambda step: ref.at[b, pl.ds(step * bk, bk), first + g]
-
-            _stream(
-                n_steps,
-                stages,
-                [
-                    (rows(k_ref, heads.k_first), k_smem, k_ready, k_free),
-                    (rows(v_ref, heads.v_first), v_smem, v_ready, v_free),
-                ],
-            )
+            rings = ((k_smem, k_ready, k_free), (v_smem, v_ready, v_free))
+            _stream_keys_and_values(k_ref, v_ref, rings, b, h, heads, bk, n_steps, stages)
 
     scratch = [
         (
