@@ -42,8 +42,15 @@ HEAD_DIMS = (64, 128)
 DTYPES = (jnp.bfloat16, jnp.float16)
 
 # registers per thread: compute warpgroups hold the accumulators, the streaming one only addresses
-_COMPUTE_REGISTERS = 232
 _MEMORY_REGISTERS = 40
+
+
+def _compute_registers(n_compute_warpgroups: int) -> int:
+    """What each compute warpgroup may raise its registers to: the 64 Ki register file (512 per
+    thread of one warpgroup) less the streaming warpgroup's, shared out, at most 256 (PTX's
+    setmaxnreg bound), in multiples of 8: 232 for two compute warpgroups, 256 for one."""
+    per_thread = min(256, (512 - _MEMORY_REGISTERS) // n_compute_warpgroups)
+    return per_thread // 8 * 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +260,7 @@ def _forward(q, k, v, slopes, st: _Static, t: HopperTiling, heads: Heads):
 
         @pl.when(wg < 2)
         def _compute():
-            plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
+            plgpu.set_max_registers(_compute_registers(2), action="increase")
             qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
             q0 = tile * (2 * bq) + wg * bq
             free_end, n_steps = key_steps(q0, block_q=bq, block_kv=bk, n_kv=n_kv, causal=st.causal)
@@ -392,7 +399,7 @@ def _dq(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads: H
 
         @pl.when(wg == 0)
         def _compute():
-            plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
+            plgpu.set_max_registers(_compute_registers(1), action="increase")
             rows = pl.ds(q0, bq)
             plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem, q_ready.at[0])
             plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem, do_ready.at[0])
@@ -502,7 +509,7 @@ def _dkdv(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads:
 
         @pl.when(wg == 0)
         def _compute():
-            plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
+            plgpu.set_max_registers(_compute_registers(1), action="increase")
             keys = pl.ds(k0, bk)
             plgpu.copy_gmem_to_smem(k_ref.at[b, keys, heads.k_first + g], k_smem, k_ready.at[0])
             plgpu.copy_gmem_to_smem(v_ref.at[b, keys, heads.v_first + g], v_smem, v_ready.at[0])

@@ -2,13 +2,15 @@
 # [kernels] Nsight Compute's counters for our three kernels and cuDNN's at (8, 2048, 16, 128),
 # each fwd+bwd run once (about 2 minutes): duration, SM and memory throughput, registers,
 # shared memory, occupancy and issue stalls per kernel, the profile that explains the gap to
-# cuDNN without ALiBi.
+# cuDNN without ALiBi; then the Triton tiling sweep at head dim 128 (about 3 minutes).
 #   run: bash tools/gpu/kernel_profile.sh   (carry .whl; ncu reads counters on the Firecracker
-#   machines this workplace lends, not under gVisor)
+#   machines this workplace lends, not under gVisor); HOPPER=1 bash ... adds our Hopper
+#   kernels to the profile, once kernels.sh has shown them correct
 # The tables go to $OUT/ncu.md (counters) and $OUT/ptx.md (matrix instructions per kernel in the
 # PTX XLA dumps); ncu's report to $OUT/ncu.csv.
 set -u
 source tools/gpu/setup.sh || exit 1
+ONCE_FLAGS=$([ "${HOPPER:-0}" = 1 ] || echo --no-hopper)
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 # XLA dumps the PTX of what it compiles: which matrix instructions our kernels became, Hopper's
 # asynchronous warpgroup MMA (wgmma.mma_async) or the older per-warp mma.sync (table below)
@@ -22,13 +24,13 @@ if [ -n "$NCU" ]; then
     --target-processes all -k "regex:mpt_flash|sdpa|fmha|flash" \
     --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
     --section ComputeWorkloadAnalysis --csv --page details \
-    python3 tools/bench_attention.py --once >"$OUT/ncu.csv" 2>"$OUT/ncu.err"
+    python3 tools/bench_attention.py --once $ONCE_FLAGS >"$OUT/ncu.csv" 2>"$OUT/ncu.err"
   echo "ncu exit status $?"
   grep "^ran once" "$OUT/ncu.csv"
   python3 tools/profile_summary.py --ncu "$OUT/ncu.csv" | tee "$OUT/ncu.md" || tail -5 "$OUT/ncu.err"
 else
   echo "ncu: not found; no counters"
-  timeout 120 python3 tools/bench_attention.py --once
+  timeout 120 python3 tools/bench_attention.py --once $ONCE_FLAGS
 fi
 python3 - /tmp/xla_dump <<'PY' | tee "$OUT/ptx.md"
 import pathlib, re, sys
@@ -45,3 +47,9 @@ for path in files:
         counts = [entry.count(op) for op in ("wgmma.mma_async", "mma.sync", "ex2.approx")]
         print(f"| {name[:60]} | " + " | ".join(map(str, counts)) + f" | {path.name[:40]} |")
 PY
+# the Triton tilings at head dim 128 again: the 2026-11-28 sweep (default_tilings' winners) ran
+# with the kernels' old launch order (batch and head fastest); the grouped order may favour
+# other blocks. 64 (MPT-125M and MPT-350M) comes after
+timeout 170 python3 tools/bench_attention.py --tune 128 --tune-budget-s 110 --reps 5 \
+  --out "$OUT/tune.md" >/dev/null 2>"$OUT/tune.err"
+grep -v "^|" "$OUT/tune.md"
