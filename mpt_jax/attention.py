@@ -75,12 +75,12 @@ def attention(
     if impl not in ("xla", "auto") and dropout_rate:
         raise ValueError(f"attention impl {impl!r}: attention dropout is not supported")
     if impl == "pallas_mgpu":
-        hopper = _hopper_kernels(q_BSHK.shape, k_BTGK.shape, q_BSHK.dtype, segment_ids)
-        return hopper.flash_attention_mgpu(
+        return _hopper_kernels().flash_attention_mgpu(
             q_BSHK,
             k_BTGK,
             v_BTGK,
             alibi_slopes=alibi_slopes,
+            segment_ids=segment_ids,
             causal=causal,
             softmax_scale=scale,
         )
@@ -152,20 +152,15 @@ def attention_qkv(
         return flash_attention_qkv(qkv_BSNK, n_kv_heads=n_kv_heads, interpret=interpret, **kw)
     H = qkv_BSNK.shape[2] - 2 * n_kv_heads
     if impl == "pallas_mgpu" and not dropout_rate:
-        B, S, _, K = qkv_BSNK.shape
-        shapes = (B, S, H, K), (B, S, n_kv_heads, K)
-        hopper = _hopper_kernels(*shapes, qkv_BSNK.dtype, segment_ids)
-        return hopper.flash_attention_mgpu_qkv(qkv_BSNK, n_kv_heads=n_kv_heads, **kw)
+        return _hopper_kernels().flash_attention_mgpu_qkv(qkv_BSNK, n_kv_heads=n_kv_heads, **kw)
     q_BSHK, k_BSGK, v_BSGK = jnp.split(qkv_BSNK, [H, H + n_kv_heads], axis=2)
     kw |= dict(impl=impl, dropout_rate=dropout_rate, dropout_key=dropout_key)
     return attention(q_BSHK, k_BSGK, v_BSGK, **kw)
 
 
-def _hopper_kernels(q_shape, kv_shape, dtype, segment_ids):
-    """The module of our Mosaic GPU (wgmma) kernels, once this input is known to run there.
-
-    Hopper only: Pallas cannot interpret them elsewhere.
-    """
+def _hopper_kernels():
+    """The module of our Mosaic GPU (wgmma) kernels, on a GPU only: Pallas cannot interpret them
+    elsewhere. Its entry points refuse, in one line, an input they do not take."""
     from mpt_jax.kernels import flash_attention_mgpu as hopper
 
     if backend() != "gpu":
@@ -173,9 +168,6 @@ def _hopper_kernels(q_shape, kv_shape, dtype, segment_ids):
             "attention impl 'pallas_mgpu': needs a Hopper GPU (its kernels have no CPU "
             "interpreter; use 'pallas_gpu' elsewhere)"
         )
-    reason = hopper.unsupported_reason(q_shape, kv_shape, dtype, segment_ids=segment_ids)
-    if reason is not None:
-        raise ValueError(f"attention impl 'pallas_mgpu': unsupported input: {reason}")
     return hopper
 
 

@@ -101,9 +101,6 @@ def _simulate(q, k, v, do, slopes, causal, t: hopper.HopperTiling):
         )
         return np.asarray(out)
 
-    def minus(a, b):
-        return np.asarray(a if b is None else a - b)
-
     o = np.zeros(q.shape, np.float32)
     lse2 = np.zeros((B, H, S), np.float32)
     bq, bk = t.block_q, t.block_kv
@@ -129,7 +126,9 @@ def _simulate(q, k, v, do, slopes, causal, t: hopper.HopperTiling):
                     denom = denom * corr + p.sum(axis=1)
                     m = m_new
                 o[b, q0 : q0 + bq, h] = acc / denom[:, None]
-                lse2[b, h, q0 : q0 + bq] = minus(m + np.log2(denom), line(slope2, bq, 0))
+                lse2[b, h, q0 : q0 + bq] = np.asarray(
+                    hopper._minus(m + np.log2(denom), line(slope2, bq, 0))
+                )
 
     delta = np.einsum("bshk,bshk->bhs", o, do)
     dq = np.zeros(q.shape, np.float32)
@@ -142,9 +141,7 @@ def _simulate(q, k, v, do, slopes, causal, t: hopper.HopperTiling):
                 free_end, end = hopper.key_steps(
                     q0, block_q=bq, block_kv=bk, n_kv=S // bk, causal=causal
                 )
-                query_part = line(slope2, bq, 0)
-                lse = jnp.asarray(lse2[b, h, rows])
-                neg_lse = -lse if query_part is None else -(lse + query_part)
+                neg_lse = hopper._lse_bias(jnp.asarray(lse2[b, h, rows]), line(slope2, bq, 0))
                 for step in range(int(end)):
                     keys, offset = slice(step * bk, (step + 1) * bk), step * bk - q0
                     s = q[b, rows, h] @ k[b, keys, g].T
@@ -170,7 +167,7 @@ def _simulate(q, k, v, do, slopes, causal, t: hopper.HopperTiling):
                         rows, offset = slice(qb * bq, (qb + 1) * bq), k0 - qb * bq
                         query_part = line(slope2, bq, -offset)
                         lse = jnp.asarray(lse2[b, h, rows])
-                        col_bias = -lse if query_part is None else -(lse + query_part)
+                        col_bias = hopper._lse_bias(lse, query_part)
                         s_t = k[b, keys, g] @ q[b, rows, h].T
                         masked = qb < free_first
                         p_t = np.exp2(

@@ -131,6 +131,12 @@ def _minus(a, b):
     return a if b is None else a - b
 
 
+def _lse_bias(lse, query_part):
+    """-(lse + query_part), query_part possibly None: the backward's bias vector that turns
+    scores into log2 probabilities (lse is of the true scores, the query part left out of them)."""
+    return -lse if query_part is None else -(lse + query_part)
+
+
 def _scores2(s, row_bias, col_bias, distance, slope2, st: _Static, *, masked: bool):
     """Log2-unit scores of raw products s (rows, cols), plus bias vectors along either axis.
 
@@ -412,8 +418,7 @@ def _dq(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads: H
             row_layout = plgpu.Layout.WGMMA.reduce(1)
             # p = exp2(s2 - lse): the log-sum-exp (with ALiBi's query part) enters as a row bias
             lse = plgpu.load(lse_smem, (), layout=row_layout)
-            query_part = _alibi_line(slope2, row_ids, 0, st)
-            neg_lse = -lse if query_part is None else -(lse + query_part)
+            neg_lse = _lse_bias(lse, _alibi_line(slope2, row_ids, 0, st))
             delta = plgpu.load(delta_smem, (), layout=row_layout)
             dq = _zeros((bq, K))
 
@@ -538,12 +543,11 @@ def _dkdv(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads:
                     plgpu.barrier_arrive(lse_free.at[slot])
                     # keys along rows: j - i = (row + k0) - (column + q0)
                     offset = k0 - qb * bq
-                    query_part = _alibi_line(slope2, col_ids, -offset, st)
                     p_t = jnp.exp2(
                         _scores2(
                             s_t,
                             key_part,
-                            -lse if query_part is None else -(lse + query_part),
+                            _lse_bias(lse, _alibi_line(slope2, col_ids, -offset, st)),
                             lambda: _distance((bk, bq), offset, keys_first=True),
                             slope2,
                             st,
