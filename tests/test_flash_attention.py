@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import out_and_grads_fn, relative_error
+from helpers import lower_for_cuda, out_and_grads_fn, relative_error
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -179,7 +179,7 @@ def test_fused_qkv_kernel_reads_the_heads_in_place_and_names_a_bad_head_count():
         out = fa.flash_attention_qkv(qkv, n_kv_heads=H, alibi_slopes=alibi_slopes(H))
         return out.astype(jnp.float32).sum()
 
-    text = jax.jit(jax.grad(loss)).trace(qkv).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_cuda(jax.jit(jax.grad(loss)), qkv).as_text()
     ops = re.findall(r"stablehlo\.(\w+)", text)
     # no slices of q, k and v copied for the kernels; their gradients concatenated once
     assert ops.count("custom_call") == 3 and "slice" not in ops
@@ -203,8 +203,7 @@ def test_gpu_kernels_lower_to_triton_for_cuda_on_any_host():
         )
         return out.astype(jnp.float32).sum()
 
-    traced = jax.jit(jax.value_and_grad(loss, (0, 1, 2))).trace(q, kv, kv, seg)
-    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_cuda(jax.jit(jax.value_and_grad(loss, (0, 1, 2))), q, kv, kv, seg).as_text()
     launches = re.findall(
         r'name = "(mpt_flash_\w+)", num_stages = (\d+) : i32, num_warps = (\d+)', text
     )
@@ -220,7 +219,7 @@ def test_gpu_kernels_lower_to_triton_for_cuda_on_any_host():
 def _triton_modules(monkeypatch, capsys, loss, *args) -> dict[str, str]:
     """The Triton IR of each of our kernels in loss's gradient, as Pallas prints it (debug)."""
     monkeypatch.setattr(fa.pl, "pallas_call", functools.partial(pl.pallas_call, debug=True))
-    jax.jit(jax.grad(loss, (0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",))
+    lower_for_cuda(jax.jit(jax.grad(loss, (0, 1, 2))), *args)
     printed = capsys.readouterr().out
     parts = re.split(r"The Triton module for pallas_call (mpt_flash_\w+)", printed)[1:]
     return dict(zip(parts[::2], parts[1::2], strict=True))
@@ -260,8 +259,8 @@ def test_gpu_backward_computes_its_softmax_correction_inside_the_kernels():
         out = flash_attention(q, k, v, alibi_slopes=alibi_slopes(H))
         return out.astype(jnp.float32).sum()
 
-    traced = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, q, q)
-    ops = re.findall(r"stablehlo\.(\w+)", traced.lower(lowering_platforms=("cuda",)).as_text())
+    text = lower_for_cuda(jax.jit(jax.grad(loss, (0, 1, 2))), q, q, q).as_text()
+    ops = re.findall(r"stablehlo\.(\w+)", text)
     assert ops.count("custom_call") == 3
     assert "multiply" not in ops and "transpose" not in ops
 

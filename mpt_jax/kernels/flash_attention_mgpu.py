@@ -45,6 +45,13 @@ DTYPES = (jnp.bfloat16, jnp.float16)
 _MEMORY_REGISTERS = 40
 
 
+# The kernels' register layouts are written for lane semantics, jax 0.10's default; jax 0.11
+# made warpgroup semantics the default, whose layout inference rejects the backward kernels.
+_COMPILER_PARAMS = plgpu.CompilerParams(
+    approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane
+)
+
+
 def _compute_registers(n_compute_warpgroups: int) -> int:
     """What each compute warpgroup may raise its registers to: the 64 Ki register file (512 per
     thread of one warpgroup) less the streaming warpgroup's, shared out, at most 256 (PTX's
@@ -202,11 +209,12 @@ def _causal_loops(body, carry, *, free_end, end, causal):
     return lax.fori_loop(free_end, end, functools.partial(body, masked=True), carry)
 
 
-def _stream(n_steps, stages, buffers):
+def _stream(n_steps, max_steps: int, stages, buffers):
     """The memory warpgroup: TMA block `step` of each buffer into ring slot step % stages.
 
     buffers: (source(step) -> gmem ref view, smem ring, ready barriers, free barriers). A slot
-    is refilled once the compute warpgroups have arrived on its free barrier.
+    is refilled once the compute warpgroups have arrived on its free barrier. n_steps may be
+    traced; max_steps, its static bound, keeps the prologue's static slices inside the arrays.
     """
 
     def issue(step, slot, wait_free):
@@ -215,17 +223,26 @@ def _stream(n_steps, stages, buffers):
                 plgpu.barrier_wait(free.at[slot])
             plgpu.copy_gmem_to_smem(source(step), ring.at[slot], ready.at[slot])
 
-    for i in range(stages):
+    for i in range(min(stages, max_steps)):
         pl.when(i < n_steps)(functools.partial(issue, i, i, False))
 
     @pl.loop(stages, jnp.maximum(n_steps, stages))
     def _(step):
         issue(step, lax.rem(step, stages), True)
 
+    # wait out the last frees too, so that this warpgroup observes every phase of the barriers
+    # it waits on, as the Mosaic GPU interpreter (tests/mosaic_gpu_interpreter.py) requires; on
+    # the GPU it costs nothing, the warpgroup has no work left
+    @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
+    def _(step):
+        for _, _, _, free in buffers:
+            plgpu.barrier_wait(free.at[lax.rem(step, stages)])
+
 
 def _stream_keys_and_values(k_ref, v_ref, rings, b, h, heads: Heads, bk, n_steps, stages):
     """The forward's and dq's memory warpgroup: key and value blocks [0, n_steps) of query head
     h's kv head into their rings ((smem, ready barriers, free barriers) each)."""
+    max_steps = k_ref.shape[1] // bk
     plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
     g = lax.div(h, heads.H // heads.G)
 
@@ -235,6 +252,7 @@ def _stream_keys_and_values(k_ref, v_ref, rings, b, h, heads: Heads, bk, n_steps
     (k_smem, k_ready, k_free), (v_smem, v_ready, v_free) = rings
     _stream(
         n_steps,
+        max_steps,
         stages,
         [
             (rows(k_ref, heads.k_first), k_smem, k_ready, k_free),
@@ -381,7 +399,7 @@ def _forward(q, k, v, slopes, st: _Static, t: HopperTiling, heads: Heads):
         grid_names=("tile", "h", "b"),
         num_threads=3,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=_COMPILER_PARAMS,
     )(q, k, v, slopes)
 
 
@@ -486,7 +504,7 @@ def _dq(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads: H
         grid_names=("tile", "h", "b"),
         num_threads=2,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=_COMPILER_PARAMS,
     )(q, k, v, slopes, do, lse2, delta)
 
 
@@ -617,6 +635,7 @@ def _dkdv(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads:
 
             _stream(
                 n_steps,
+                R * n_q,
                 stages,
                 [
                     (block(q_ref), q_smem, q_ready, q_free),
@@ -647,7 +666,7 @@ def _dkdv(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads:
         grid_names=("tile", "g", "b"),
         num_threads=2,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=_COMPILER_PARAMS,
     )(q, k, v, slopes, do, lse2, delta)
 
 
