@@ -312,17 +312,29 @@ def test_fused_qkv_path_reads_the_projection_in_place_and_the_model_reaches_it(m
     reason=f"{mosaic_gpu_interpreter.unavailable()}; make test-gpu-stack runs it",
 )
 @pytest.mark.parametrize(
-    ("B", "S", "H", "G", "K", "causal", "alibi", "dtype", "fused"),
+    ("B", "S", "H", "G", "K", "causal", "alibi", "dtype", "fused", "tiling"),
     [
-        (1, 256, 4, 2, 64, True, True, jnp.bfloat16, False),  # GQA, causal ALiBi: MPT's case
-        (1, 256, 4, 1, 128, True, True, jnp.bfloat16, True),  # MQA, the fused Wqkv path
-        (1, 384, 2, 2, 64, False, True, jnp.float16, False),
-        (2, 256, 2, 2, 64, True, False, jnp.bfloat16, False),
-        (1, 128, 3, 3, 64, True, True, jnp.bfloat16, False),  # fewer key blocks than ring slots
+        (1, 256, 4, 2, 64, True, True, jnp.bfloat16, False, None),  # GQA, causal ALiBi: MPT's
+        (1, 256, 4, 1, 128, True, True, jnp.bfloat16, True, None),  # MQA, the fused Wqkv path
+        (1, 384, 2, 2, 64, False, True, jnp.float16, False, None),
+        (2, 256, 2, 2, 64, True, False, jnp.bfloat16, False, None),
+        (1, 128, 3, 3, 64, True, True, jnp.bfloat16, False, None),  # fewer blocks than slots
+        (
+            1,
+            512,
+            2,
+            1,
+            64,
+            True,
+            True,
+            jnp.bfloat16,
+            False,
+            hopper.HopperTiling(64, 64, 128, 128, 3),
+        ),
     ],
 )
 def test_kernels_run_in_the_mosaic_gpu_interpreter_and_match_xla(
-    B, S, H, G, K, causal, alibi, dtype, fused
+    B, S, H, G, K, causal, alibi, dtype, fused, tiling
 ):
     """The three kernels as written, warpgroups, TMA rings and mbarriers simulated on CPU.
 
@@ -339,15 +351,16 @@ def test_kernels_run_in_the_mosaic_gpu_interpreter_and_match_xla(
     do = jax.random.normal(keys[3], (B, S, H, K), jnp.float32)
     slopes = alibi_slopes(H) if alibi else None
     kw = dict(alibi_slopes=slopes, causal=causal)
+    ours = dict(kw, tiling=tiling)
     with mosaic_gpu_interpreter.interpreted(deadline_s=60):
         if fused:
             qkv_grads = out_and_grads_fn(
-                lambda qkv: hopper.flash_attention_mgpu_qkv(qkv, n_kv_heads=G, **kw), do
+                lambda qkv: hopper.flash_attention_mgpu_qkv(qkv, n_kv_heads=G, **ours), do
             )
             out, (dqkv,) = qkv_grads(jnp.concatenate([q, k, v], axis=2))
             grads = jnp.split(dqkv, [H, H + G], axis=2)
         else:
-            out, grads = out_and_grads_fn(lambda *a: hopper.flash_attention_mgpu(*a, **kw), do)(
+            out, grads = out_and_grads_fn(lambda *a: hopper.flash_attention_mgpu(*a, **ours), do)(
                 q, k, v
             )
     reference = out_and_grads_fn(lambda *a: attention(*a, impl="xla", **kw), do)

@@ -349,10 +349,14 @@ def _forward(q, k, v, slopes, st: _Static, t: HopperTiling, heads: Heads):
             )
 
             if st.causal:
-                # the blocks only the other warpgroup needs: release them, keep taking turns
+                # the blocks only the other warpgroup needs: wait for them too (a warpgroup
+                # observes every phase of the barriers it waits on), release them, and keep
+                # taking turns
                 @pl.loop(n_steps, n_steps_tile)
                 def _(step):
                     slot = lax.rem(step, stages)
+                    plgpu.barrier_wait(k_ready.at[slot])
+                    plgpu.barrier_wait(v_ready.at[slot])
                     plgpu.barrier_arrive(k_free.at[slot])
                     plgpu.barrier_arrive(v_free.at[slot])
                     take_turn()
