@@ -159,14 +159,14 @@ def attention_qkv(
 
 
 def _hopper_kernels():
-    """The module of our Mosaic GPU (wgmma) kernels, on a GPU only: Pallas cannot interpret them
-    elsewhere. Its entry points refuse, in one line, an input they do not take."""
+    """The module of our Mosaic GPU (wgmma) kernels, on a GPU only (the tests run them in jax
+    0.11's interpreter, patched). Its entry points refuse, in one line, an input they do not
+    take."""
     from mpt_jax.kernels import flash_attention_mgpu as hopper
 
     if backend() != "gpu":
         raise ValueError(
-            "attention impl 'pallas_mgpu': needs a Hopper GPU (its kernels have no CPU "
-            "interpreter; use 'pallas_gpu' elsewhere)"
+            "attention impl 'pallas_mgpu': needs a Hopper GPU (use 'pallas_gpu' elsewhere)"
         )
     return hopper
 

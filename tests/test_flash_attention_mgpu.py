@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from helpers import lower_for_cuda, out_and_grads_fn, relative_error
 
-from mpt_jax.attention import alibi_slopes, attention
+import mpt_jax.attention as attention_lib
+from mpt_jax.attention import alibi_slopes, attention, attention_qkv
 from mpt_jax.kernels import flash_attention_mgpu as hopper
 
 LOG2E = math.log2(math.e)
@@ -266,7 +267,6 @@ def test_unsupported_inputs_and_tilings_are_named():
 def test_fused_qkv_path_reads_the_projection_in_place_and_the_model_reaches_it(monkeypatch):
     from flax import nnx
 
-    import mpt_jax.attention as attention_lib
     from mpt_jax import MPTForCausalLM
     from mpt_jax.config import ModelConfig
 
@@ -334,7 +334,7 @@ def test_fused_qkv_path_reads_the_projection_in_place_and_the_model_reaches_it(m
     ],
 )
 def test_kernels_run_in_the_mosaic_gpu_interpreter_and_match_xla(
-    B, S, H, G, K, causal, alibi, dtype, fused, tiling
+    B, S, H, G, K, causal, alibi, dtype, fused, tiling, monkeypatch
 ):
     """The three kernels as written, warpgroups, TMA rings and mbarriers simulated on CPU.
 
@@ -353,9 +353,10 @@ def test_kernels_run_in_the_mosaic_gpu_interpreter_and_match_xla(
     kw = dict(alibi_slopes=slopes, causal=causal)
     ours = dict(kw, tiling=tiling)
     with mosaic_gpu_interpreter.interpreted(deadline_s=60):
-        if fused:
+        if fused:  # as the model reaches them: attention_qkv on a GPU host
+            monkeypatch.setattr(attention_lib, "backend", lambda: "gpu")
             qkv_grads = out_and_grads_fn(
-                lambda qkv: hopper.flash_attention_mgpu_qkv(qkv, n_kv_heads=G, **ours), do
+                lambda qkv: attention_qkv(qkv, n_kv_heads=G, impl="pallas_mgpu", **kw), do
             )
             out, (dqkv,) = qkv_grads(jnp.concatenate([q, k, v], axis=2))
             grads = jnp.split(dqkv, [H, H + G], axis=2)
