@@ -4,7 +4,8 @@
 # ones (no per-layer copies of the saved activations into and out of the scan's stacked
 # buffers), and scanned with every matmul in cuBLAS (no XLA Triton GEMMs), each with 3 steps
 # traced after the timed ones (where the time goes); scanned with whole logits; then MPT-1B at
-# seq 8192. The correctness
+# seq 8192. With HOPPER=1 (once kernels.sh passed the Hopper kernels' GPU tests) a scanned row
+# with attn_impl=pallas_mgpu replaces the whole-logits one. The correctness
 # guard is tools/gpu/guard.sh, a run of its own.
 #   run: bash tools/gpu/perf.sh   (kind nvidia-h200: the targets are H200 figures and batch 16
 #   without remat does not fit an H100; carry .whl and shared; fill .whl with fetch_wheels.sh,
@@ -50,9 +51,16 @@ bench unrolled_2048 160 --seq-lens 2048 --global-batch 16 --profile "$WORK/profi
 # every matmul
 ROW_XLA_FLAGS=--xla_gpu_enable_triton_gemm=false bench scan_2048_cublas 80 --seq-lens 2048 \
   --global-batch 16 --profile "$WORK/profile_scan_cublas"
-# the whole fp32 logits instead of 512-token chunks (bench's --loss-chunk 512 comes first; the
-# later value wins)
-bench scan_2048_whole_logits 70 --seq-lens 2048 --global-batch 16 --loss-chunk none
+if [ "${HOPPER:-0}" = 1 ]; then
+  # our Mosaic GPU (wgmma) kernels in the model, once kernels.sh has passed their GPU tests;
+  # in place of the whole-logits row, to stay inside the call's 600 s
+  bench scan_2048_hopper 70 --seq-lens 2048 --global-batch 16 --profile "$WORK/profile_hopper" \
+    --model-override attn_impl=pallas_mgpu
+else
+  # the whole fp32 logits instead of 512-token chunks (bench's --loss-chunk 512 comes first;
+  # the later value wins)
+  bench scan_2048_whole_logits 70 --seq-lens 2048 --global-batch 16 --loss-chunk none
+fi
 bench scan_8192 70 --seq-lens 8192 --global-batch 4
 # where the time goes, per traced row: the busy line, the category table, the top 12 kernels
 for summary in "$WORK"/profile_*/*/summary.md; do
