@@ -55,6 +55,22 @@ def test_forward_and_backward_lower_to_three_mosaic_kernels(
     assert f"tensor<{B}x{S}x{kv_heads}x{head_dim}x" in bwd_text
 
 
+@pytest.mark.parametrize(("causal", "kv_heads", "head_dim"), [(True, 2, 128), (False, 1, 64)])
+def test_two_warpgroup_backward_lowers(causal, kv_heads, head_dim):
+    # two compute warpgroups per dq and dk/dv program sharing one stream of blocks: 128 query
+    # rows (keys) per program
+    q = jax.ShapeDtypeStruct((2, 512, 4, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 512, kv_heads, head_dim), jnp.bfloat16)
+    tiling = hopper.HopperTiling(bwd_warpgroups=2)
+
+    def loss(q, k, v):
+        kw = dict(alibi_slopes=alibi_slopes(4), causal=causal, tiling=tiling)
+        return hopper.flash_attention_mgpu(q, k, v, **kw).astype(jnp.float32).sum()
+
+    text = _lowered(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv)
+    assert len(re.findall(r"stablehlo\.custom_call @mosaic_gpu", text)) == 3
+
+
 def test_a_sequence_shorter_than_the_rings_lowers():
     # one 128-key block against two ring slots: the streaming warpgroup's static prologue
     # must not slice keys past the sequence (it did, and tracing failed)
@@ -259,6 +275,13 @@ def test_unsupported_inputs_and_tilings_are_named():
         hopper.HopperTiling(block_q=128, block_kv=64)
     with pytest.raises(ValueError, match="stages: must be at least 2"):
         hopper.HopperTiling(stages=1)
+    with pytest.raises(ValueError, match="bwd_warpgroups: must be 1 or 2"):
+        hopper.HopperTiling(bwd_warpgroups=3)
+    # two backward warpgroups of 128 keys: programs of 256 keys
+    two = hopper.HopperTiling(bwd_block_kv=128, bwd_warpgroups=2)
+    assert "sequence length 384 (needs a multiple of 256)" in hopper.unsupported_reason(
+        (1, 384, 2, 128), (1, 384, 2, 128), "bfloat16", tiling=two
+    )
     q = jnp.zeros((1, 512, 2, 128), jnp.bfloat16)
     with pytest.raises(ValueError, match="'pallas_mgpu': needs a Hopper GPU"):
         attention(q, q, q, impl="pallas_mgpu")
@@ -331,6 +354,7 @@ def test_fused_qkv_path_reads_the_projection_in_place_and_the_model_reaches_it(m
             False,
             hopper.HopperTiling(64, 64, 128, 128, 3),
         ),
+        (1, 512, 4, 2, 64, True, True, jnp.bfloat16, False, hopper.HopperTiling(bwd_warpgroups=2)),
     ],
 )
 def test_kernels_run_in_the_mosaic_gpu_interpreter_and_match_xla(

@@ -21,6 +21,7 @@ from mpt_numpy_reference import mpt_forward
 from mpt_jax import MPTForCausalLM, from_pretrained
 from mpt_jax.attention import alibi_slopes, attention, attention_qkv
 from mpt_jax.config import ModelConfig
+from mpt_jax.kernels import flash_attention_mgpu as hopper
 from mpt_jax.kernels.flash_attention import (
     Tiling,
     Tilings,
@@ -169,12 +170,14 @@ def test_fused_attention_matches_xla_reference_in_bf16(name, head_dim):
 
 
 HOPPER_CASES = {
-    # causal, ALiBi, H, G, K, q k v read from one fused array (as the model calls it)
-    "causal_alibi_gqa_128": (True, True, 16, 4, 128, False),
-    "causal_alibi_gqa_128_fused_qkv": (True, True, 16, 4, 128, True),
-    "causal_alibi_64": (True, True, 8, 8, 64, False),
-    "causal_no_alibi_gqa_128": (True, False, 8, 2, 128, False),
-    "not_causal_alibi_mqa_64": (False, True, 8, 1, 64, False),
+    # causal, ALiBi, H, G, K, q k v read from one fused array (as the model calls it),
+    # warpgroups per backward program
+    "causal_alibi_gqa_128": (True, True, 16, 4, 128, False, 1),
+    "causal_alibi_gqa_128_fused_qkv": (True, True, 16, 4, 128, True, 1),
+    "causal_alibi_64": (True, True, 8, 8, 64, False, 1),
+    "causal_no_alibi_gqa_128": (True, False, 8, 2, 128, False, 1),
+    "not_causal_alibi_mqa_64": (False, True, 8, 1, 64, False, 1),
+    "causal_alibi_gqa_128_bwd_x2": (True, True, 16, 4, 128, False, 2),
 }
 
 
@@ -182,7 +185,7 @@ HOPPER_CASES = {
 def test_hopper_kernels_match_xla_reference_in_bf16(case):
     if not str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9"):
         pytest.skip("our Mosaic GPU kernels are written for Hopper (sm90)")
-    causal, alibi, H, G, K, fused = HOPPER_CASES[case]
+    causal, alibi, H, G, K, fused, bwd_warpgroups = HOPPER_CASES[case]
     rng = np.random.default_rng(K + H)
     B, S = 2, 1024
     q, k, v = (jnp.asarray(rng.standard_normal((B, S, n, K)), jnp.bfloat16) for n in (H, G, G))
@@ -193,6 +196,9 @@ def test_hopper_kernels_match_xla_reference_in_bf16(case):
         if fused and impl == "pallas_mgpu":
             qkv = jnp.concatenate([q, k, v], axis=2)
             return attention_qkv(qkv, n_kv_heads=G, impl=impl, **kw)
+        if bwd_warpgroups > 1 and impl == "pallas_mgpu":
+            tiling = hopper.HopperTiling(bwd_warpgroups=bwd_warpgroups)
+            return hopper.flash_attention_mgpu(q, k, v, tiling=tiling, **kw)
         return attention(q, k, v, impl=impl, **kw)
 
     def out_and_grads(impl, *qkv):

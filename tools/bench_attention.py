@@ -43,6 +43,7 @@ from jax.experimental import pallas as pl
 
 from mpt_jax.attention import alibi_slopes, attention
 from mpt_jax.kernels.flash_attention import Tiling, Tilings, default_tilings, flash_attention
+from mpt_jax.kernels.flash_attention_mgpu import HopperTiling, flash_attention_mgpu
 
 try:
     import tokamax
@@ -130,30 +131,39 @@ def hopper() -> bool:
 
 
 def check_hopper(B=2, S=1024, H=16, G=4, K=128) -> list[str]:
-    """Our Mosaic GPU kernels against the XLA reference: bf16, GQA, causal ALiBi, no segments."""
+    """Our Mosaic GPU kernels (both backward variants) against the XLA reference: bf16, GQA,
+    causal ALiBi, no segments."""
     q, k, v = _inputs(B, S, H, K, G)
     do = jnp.asarray(np.random.default_rng(2).standard_normal(q.shape), jnp.bfloat16)
-    results = {}
-    for impl in ("xla", "pallas_mgpu"):
+    variants = {
+        "xla": functools.partial(_attention, impl="xla", slopes=alibi_slopes(H)),
+        "pallas_mgpu": functools.partial(_attention, impl="pallas_mgpu", slopes=alibi_slopes(H)),
+        "pallas_mgpu bwd x2": functools.partial(
+            _hopper_attention, slopes=alibi_slopes(H), bwd_warpgroups=2
+        ),
+    }
+    results, lines = {}, []
+    for name, attend in variants.items():
 
-        def loss(q, k, v, impl=impl):
-            out = _attention(q, k, v, impl=impl, slopes=alibi_slopes(H))
+        def loss(q, k, v, attend=attend):
+            out = attend(q, k, v)
             return (out.astype(jnp.float32) * do.astype(jnp.float32)).sum(), out
 
         grad = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
         try:
             (_, out), grads = jax.jit(grad)(q, k, v)
         except Exception as e:  # the first run on a GPU: say how it failed, go on
-            return [f"check pallas_mgpu: failed: {str(e).splitlines()[0][:120]}"]
-        results[impl] = (out, *grads)
-    lines = []
-    for name, ref, ours in zip(
-        ("out", "dq", "dk", "dv"), results["xla"], results["pallas_mgpu"], strict=True
-    ):
-        rel = _rel(ours, ref)
-        lines.append(
-            f"check pallas_mgpu {name}: max rel err {rel:.2e} {'OK' if rel < 2e-2 else 'FAIL'}"
-        )
+            lines.append(f"check {name}: failed: {str(e).splitlines()[0][:120]}")
+            continue
+        results[name] = (out, *grads)
+    for name in [n for n in results if n != "xla" and "xla" in results]:
+        for part, ref, ours in zip(
+            ("out", "dq", "dk", "dv"), results["xla"], results[name], strict=True
+        ):
+            rel = _rel(ours, ref)
+            lines.append(
+                f"check {name} {part}: max rel err {rel:.2e} {'OK' if rel < 2e-2 else 'FAIL'}"
+            )
     return lines
 
 
@@ -172,6 +182,12 @@ def _tokamax_kernel(q, k, v) -> str:
 
 def _attention(q, k, v, *, impl, slopes):
     return attention(q, k, v, alibi_slopes=slopes, causal=True, impl=impl)
+
+
+def _hopper_attention(q, k, v, *, slopes, bwd_warpgroups):
+    """Our Mosaic GPU kernels with the backward's programs of `bwd_warpgroups` warpgroups."""
+    tiling = HopperTiling(bwd_warpgroups=bwd_warpgroups)
+    return flash_attention_mgpu(q, k, v, alibi_slopes=slopes, causal=True, tiling=tiling)
 
 
 def bench(reps: int, with_hopper: bool = False) -> list[str]:
@@ -193,7 +209,10 @@ def bench(reps: int, with_hopper: bool = False) -> list[str]:
                 {
                     "ours Hopper (pallas_mgpu, wgmma)": functools.partial(
                         _attention, impl="pallas_mgpu", slopes=slopes
-                    )
+                    ),
+                    "ours Hopper, 2-warpgroup backward": functools.partial(
+                        _hopper_attention, slopes=slopes, bwd_warpgroups=2
+                    ),
                 }
                 if with_hopper
                 else {}

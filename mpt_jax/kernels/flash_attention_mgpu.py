@@ -63,15 +63,20 @@ def _compute_registers(n_compute_warpgroups: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class HopperTiling:
     """Block sizes: block_q rows per forward compute warpgroup (two per program), block_kv keys
-    per forward step; the backward's query and key blocks; `stages` buffers per streamed ring."""
+    per forward step; the backward's query and key blocks per compute warpgroup, and
+    bwd_warpgroups (1 or 2) compute warpgroups per backward program sharing one stream of
+    blocks; `stages` buffers per streamed ring."""
 
     block_q: int = 64
     block_kv: int = 128
     bwd_block_q: int = 64
     bwd_block_kv: int = 64
     stages: int = 2
+    bwd_warpgroups: int = 1
 
     def __post_init__(self):
+        if self.bwd_warpgroups not in (1, 2):
+            raise ValueError("HopperTiling.bwd_warpgroups: must be 1 or 2")
         for name in ("block_q", "block_kv", "bwd_block_q", "bwd_block_kv"):
             if getattr(self, name) % 64:
                 raise ValueError(f"HopperTiling.{name}: must be a multiple of 64 (wgmma tiles)")
@@ -85,7 +90,8 @@ class HopperTiling:
     @property
     def sequence_multiple(self) -> int:
         """The sequence lengths these blocks tile exactly are the multiples of this."""
-        blocks = (2 * self.block_q, self.block_kv, self.bwd_block_q, self.bwd_block_kv)
+        W = self.bwd_warpgroups
+        blocks = (2 * self.block_q, self.block_kv, W * self.bwd_block_q, W * self.bwd_block_kv)
         return math.lcm(*blocks)
 
 
@@ -407,36 +413,55 @@ def _forward(q, k, v, slopes, st: _Static, t: HopperTiling, heads: Heads):
     )(q, k, v, slopes)
 
 
+def _release_unused(start, stop, stages, rings):
+    """Stream steps [start, stop) that only the other compute warpgroup of a causal program
+    needs: this one waits for each (a warpgroup observes every phase of the barriers it waits
+    on) and releases it. rings: (ready barriers, free barriers) per streamed buffer."""
+
+    @pl.loop(start, stop)
+    def _(step):
+        slot = lax.rem(step, stages)
+        for ready, free in rings:
+            plgpu.barrier_wait(ready.at[slot])
+            plgpu.barrier_arrive(free.at[slot])
+
+
 def _dq(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads: Heads):
     B, S, _, K = q.shape
-    H = heads.H
+    H, W = heads.H, t.bwd_warpgroups
     bq, bk, stages = t.bwd_block_q, t.bwd_block_kv, t.stages
-    n_tiles, n_kv = S // bq, S // bk
+    n_tiles, n_kv = S // (W * bq), S // bk
     dtype = q.dtype
 
     def mpt_flash_mgpu_dq(
         q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, ready, free
     ):
-        q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem = smem
+        q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem = smem
         q_ready, do_ready, lse_ready, delta_ready, k_ready, v_ready = ready
         k_free, v_free = free
         b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
         tile = n_tiles - 1 - lax.axis_index("tile") if st.causal else lax.axis_index("tile")
-        q0 = tile * bq
-        free_end, n_steps = key_steps(q0, block_q=bq, block_kv=bk, n_kv=n_kv, causal=st.causal)
+        # W warpgroups of bq query rows each share the stream of key and value blocks
+        _, n_streamed = key_steps(
+            tile * W * bq, block_q=W * bq, block_kv=bk, n_kv=n_kv, causal=st.causal
+        )
 
-        @pl.when(wg == 0)
+        @pl.when(wg < W)
         def _compute():
-            plgpu.set_max_registers(_compute_registers(1), action="increase")
+            plgpu.set_max_registers(_compute_registers(W), action="increase")
+            q0 = tile * W * bq + wg * bq
+            free_end, n_steps = key_steps(q0, block_q=bq, block_kv=bk, n_kv=n_kv, causal=st.causal)
+            q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+            lse_smem, delta_smem = lse_smem2.at[wg], delta_smem2.at[wg]
             rows = pl.ds(q0, bq)
-            plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem, q_ready.at[0])
-            plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem, do_ready.at[0])
-            plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem, lse_ready.at[0])
-            plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem, delta_ready.at[0])
+            plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem, q_ready.at[wg])
+            plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem, do_ready.at[wg])
+            plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem, lse_ready.at[wg])
+            plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem, delta_ready.at[wg])
             slope2 = slope_ref[h] * LOG2E
             row_ids, col_ids = _iota(bq, 0), _iota(bk, 1)
             for barrier in (q_ready, do_ready, lse_ready, delta_ready):
-                plgpu.barrier_wait(barrier.at[0])
+                plgpu.barrier_wait(barrier.at[wg])
             row_layout = plgpu.Layout.WGMMA.reduce(1)
             # p = exp2(s2 - lse): the log-sum-exp (with ALiBi's query part) enters as a row bias
             lse = plgpu.load(lse_smem, (), layout=row_layout)
@@ -478,27 +503,29 @@ def _dq(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads: H
                 return dq
 
             dq = _causal_loops(step_body, dq, free_end=free_end, end=n_steps, causal=st.causal)
+            if st.causal and W > 1:
+                _release_unused(n_steps, n_streamed, stages, ((k_ready, k_free), (v_ready, v_free)))
             q_smem[...] = (dq * (st.scale2 / LOG2E)).astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, rows, h])
             plgpu.wait_smem_to_gmem(0)
 
-        @pl.when(wg == 1)
+        @pl.when(wg == W)
         def _memory():
             rings = ((k_smem, k_ready, k_free), (v_smem, v_ready, v_free))
-            _stream_keys_and_values(k_ref, v_ref, rings, b, h, heads, bk, n_steps, stages)
+            _stream_keys_and_values(k_ref, v_ref, rings, b, h, heads, bk, n_streamed, stages)
 
     scratch = [
         (
-            _smem((bq, K), dtype),
-            _smem((bq, K), dtype),
-            plgpu.SMEM((bq,), jnp.float32),
-            plgpu.SMEM((bq,), jnp.float32),
+            _smem((W, bq, K), dtype),
+            _smem((W, bq, K), dtype),
+            plgpu.SMEM((W, bq), jnp.float32),
+            plgpu.SMEM((W, bq), jnp.float32),
             _smem((stages, bk, K), dtype),
             _smem((stages, bk, K), dtype),
         ),
-        (plgpu.Barrier(num_barriers=1),) * 4 + (plgpu.Barrier(num_barriers=stages),) * 2,
-        (plgpu.Barrier(num_arrivals=1, num_barriers=stages),) * 2,
+        (plgpu.Barrier(num_barriers=W),) * 4 + (plgpu.Barrier(num_barriers=stages),) * 2,
+        (plgpu.Barrier(num_arrivals=W, num_barriers=stages),) * 2,
     ]
     return plgpu.kernel(
         mpt_flash_mgpu_dq,
@@ -506,7 +533,7 @@ def _dq(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads: H
         scratch_types=scratch,
         grid=(n_tiles, H, B),
         grid_names=("tile", "h", "b"),
-        num_threads=2,
+        num_threads=W + 1,
         thread_name="wg",
         compiler_params=_COMPILER_PARAMS,
     )(q, k, v, slopes, do, lse2, delta)
@@ -514,37 +541,45 @@ def _dq(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads: H
 
 def _dkdv(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads: Heads):
     B, S, _, K = q.shape
-    G, R = heads.G, heads.H // heads.G
+    G, R, W = heads.G, heads.H // heads.G, t.bwd_warpgroups
     bq, bk, stages = t.bwd_block_q, t.bwd_block_kv, t.stages
-    n_tiles, n_q = S // bk, S // bq
+    n_tiles, n_q = S // (W * bk), S // bq
     dtype = q.dtype
 
     def mpt_flash_mgpu_dkdv(
         q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *scr
     ):
         smem, ready, free = scr
-        k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem = smem
+        k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem = smem
         k_ready, v_ready, q_ready, do_ready, lse_ready, delta_ready = ready
         q_free, do_free, lse_free, delta_free = free
         b, g, wg = lax.axis_index("b"), lax.axis_index("g"), lax.axis_index("wg")
-        # causal: the first key tiles are seen by the most queries; the grid starts with them
+        # causal: the first key tiles are seen by the most queries; the grid starts with them.
+        # W warpgroups of bk keys each share the stream of query blocks, from the first block
+        # that sees the tile's first key
         tile = lax.axis_index("tile")
-        k0 = tile * bk
-        first, free_first = query_steps(k0, block_q=bq, block_kv=bk, n_q=n_q, causal=st.causal)
+        first, _ = query_steps(tile * W * bk, block_q=bq, block_kv=bk, n_q=n_q, causal=st.causal)
         n_per_head = n_q - first
         n_steps = R * n_per_head
+        rings = ((q_ready, q_free), (do_ready, do_free), (lse_ready, lse_free))
+        rings += ((delta_ready, delta_free),)
 
-        @pl.when(wg == 0)
+        @pl.when(wg < W)
         def _compute():
-            plgpu.set_max_registers(_compute_registers(1), action="increase")
+            plgpu.set_max_registers(_compute_registers(W), action="increase")
+            k0 = tile * W * bk + wg * bk
+            own_first, free_first = query_steps(
+                k0, block_q=bq, block_kv=bk, n_q=n_q, causal=st.causal
+            )
+            k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
             keys = pl.ds(k0, bk)
-            plgpu.copy_gmem_to_smem(k_ref.at[b, keys, heads.k_first + g], k_smem, k_ready.at[0])
-            plgpu.copy_gmem_to_smem(v_ref.at[b, keys, heads.v_first + g], v_smem, v_ready.at[0])
+            plgpu.copy_gmem_to_smem(k_ref.at[b, keys, heads.k_first + g], k_smem, k_ready.at[wg])
+            plgpu.copy_gmem_to_smem(v_ref.at[b, keys, heads.v_first + g], v_smem, v_ready.at[wg])
             # keys along rows: blocks are (bk, bq), j - i = row - column + k0 - q0
             row_ids, col_ids = _iota(bk, 0), _iota(bq, 1)
             column_layout = plgpu.Layout.WGMMA.reduce(0)
-            plgpu.barrier_wait(k_ready.at[0])
-            plgpu.barrier_wait(v_ready.at[0])
+            plgpu.barrier_wait(k_ready.at[wg])
+            plgpu.barrier_wait(v_ready.at[wg])
 
             def head_body(r, carry):
                 slope2 = slope_ref[g * R + r] * LOG2E
@@ -601,8 +636,11 @@ def _dkdv(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads:
 
                 if not st.causal:
                     return lax.fori_loop(0, n_q, functools.partial(step_body, masked=False), carry)
+                if W > 1:  # the query blocks only an earlier warpgroup's keys see
+                    head_start = r * n_per_head - first
+                    _release_unused(head_start + first, head_start + own_first, stages, rings)
                 masked_body = functools.partial(step_body, masked=True)
-                carry = lax.fori_loop(first, free_first, masked_body, carry)
+                carry = lax.fori_loop(own_first, free_first, masked_body, carry)
                 free_body = functools.partial(step_body, masked=False)
                 return lax.fori_loop(free_first, n_q, free_body, carry)
 
@@ -615,7 +653,7 @@ def _dkdv(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads:
             plgpu.commit_smem_to_gmem_group()
             plgpu.wait_smem_to_gmem(0)
 
-        @pl.when(wg == 1)
+        @pl.when(wg == W)
         def _memory():
             plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
 
@@ -651,15 +689,15 @@ def _dkdv(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads:
 
     scratch = [
         (
-            _smem((bk, K), dtype),
-            _smem((bk, K), dtype),
+            _smem((W, bk, K), dtype),
+            _smem((W, bk, K), dtype),
             _smem((stages, bq, K), dtype),
             _smem((stages, bq, K), dtype),
             plgpu.SMEM((stages, bq), jnp.float32),
             plgpu.SMEM((stages, bq), jnp.float32),
         ),
-        (plgpu.Barrier(num_barriers=1),) * 2 + (plgpu.Barrier(num_barriers=stages),) * 4,
-        (plgpu.Barrier(num_arrivals=1, num_barriers=stages),) * 4,
+        (plgpu.Barrier(num_barriers=W),) * 2 + (plgpu.Barrier(num_barriers=stages),) * 4,
+        (plgpu.Barrier(num_arrivals=W, num_barriers=stages),) * 4,
     ]
     kv_shape = jax.ShapeDtypeStruct((B, S, G, K), dtype)
     return plgpu.kernel(
@@ -668,7 +706,7 @@ def _dkdv(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads:
         scratch_types=scratch,
         grid=(n_tiles, G, B),
         grid_names=("tile", "g", "b"),
-        num_threads=2,
+        num_threads=W + 1,
         thread_name="wg",
         compiler_params=_COMPILER_PARAMS,
     )(q, k, v, slopes, do, lse2, delta)
