@@ -330,6 +330,12 @@ def test_fused_qkv_path_reads_the_projection_in_place_and_the_model_reaches_it(m
     assert len(re.findall(r"custom_call @mosaic_gpu", text)) == cfg.n_layers
 
 
+# 64-key forward blocks (each tile's first warpgroup needs a block fewer), 128 x 128 backward
+# blocks, 3-slot rings
+SMALL_BLOCKS = hopper.HopperTiling(64, 64, 128, 128, stages=3)
+TWO_BACKWARD_WARPGROUPS = hopper.HopperTiling(bwd_warpgroups=2)
+
+
 @pytest.mark.skipif(
     mosaic_gpu_interpreter.unavailable() is not None,
     reason=f"{mosaic_gpu_interpreter.unavailable()}; make test-gpu-stack runs it",
@@ -342,19 +348,8 @@ def test_fused_qkv_path_reads_the_projection_in_place_and_the_model_reaches_it(m
         (1, 384, 2, 2, 64, False, True, jnp.float16, False, None),
         (2, 256, 2, 2, 64, True, False, jnp.bfloat16, False, None),
         (1, 128, 3, 3, 64, True, True, jnp.bfloat16, False, None),  # fewer blocks than slots
-        (
-            1,
-            512,
-            2,
-            1,
-            64,
-            True,
-            True,
-            jnp.bfloat16,
-            False,
-            hopper.HopperTiling(64, 64, 128, 128, 3),
-        ),
-        (1, 512, 4, 2, 64, True, True, jnp.bfloat16, False, hopper.HopperTiling(bwd_warpgroups=2)),
+        (1, 512, 2, 1, 64, True, True, jnp.bfloat16, False, SMALL_BLOCKS),
+        (1, 512, 4, 2, 64, True, True, jnp.bfloat16, False, TWO_BACKWARD_WARPGROUPS),
     ],
 )
 def test_kernels_run_in_the_mosaic_gpu_interpreter_and_match_xla(
@@ -375,7 +370,7 @@ def test_kernels_run_in_the_mosaic_gpu_interpreter_and_match_xla(
     do = jax.random.normal(keys[3], (B, S, H, K), jnp.float32)
     slopes = alibi_slopes(H) if alibi else None
     kw = dict(alibi_slopes=slopes, causal=causal)
-    ours = dict(kw, tiling=tiling)
+    hopper_kw = dict(kw, tiling=tiling)
     with mosaic_gpu_interpreter.interpreted(deadline_s=60):
         if fused:  # as the model reaches them: attention_qkv on a GPU host
             monkeypatch.setattr(attention_lib, "backend", lambda: "gpu")
@@ -385,9 +380,9 @@ def test_kernels_run_in_the_mosaic_gpu_interpreter_and_match_xla(
             out, (dqkv,) = qkv_grads(jnp.concatenate([q, k, v], axis=2))
             grads = jnp.split(dqkv, [H, H + G], axis=2)
         else:
-            out, grads = out_and_grads_fn(lambda *a: hopper.flash_attention_mgpu(*a, **ours), do)(
-                q, k, v
-            )
+            out, grads = out_and_grads_fn(
+                lambda *a: hopper.flash_attention_mgpu(*a, **hopper_kw), do
+            )(q, k, v)
     reference = out_and_grads_fn(lambda *a: attention(*a, impl="xla", **kw), do)
     ref_out, ref_grads = reference(*(x.astype(jnp.float32) for x in (q, k, v)))
     tolerance = 2e-2 if dtype == jnp.bfloat16 else 5e-3

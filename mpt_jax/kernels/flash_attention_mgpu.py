@@ -561,8 +561,12 @@ def _dkdv(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads:
         first, _ = query_steps(tile * W * bk, block_q=bq, block_kv=bk, n_q=n_q, causal=st.causal)
         n_per_head = n_q - first
         n_steps = R * n_per_head
-        rings = ((q_ready, q_free), (do_ready, do_free), (lse_ready, lse_free))
-        rings += ((delta_ready, delta_free),)
+        rings = (
+            (q_ready, q_free),
+            (do_ready, do_free),
+            (lse_ready, lse_free),
+            (delta_ready, delta_free),
+        )
 
         @pl.when(wg < W)
         def _compute():
@@ -637,8 +641,8 @@ def _dkdv(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads:
                 if not st.causal:
                     return lax.fori_loop(0, n_q, functools.partial(step_body, masked=False), carry)
                 if W > 1:  # the query blocks only an earlier warpgroup's keys see
-                    head_start = r * n_per_head - first
-                    _release_unused(head_start + first, head_start + own_first, stages, rings)
+                    head_start = r * n_per_head  # the stream's step of block `first`
+                    _release_unused(head_start, head_start + own_first - first, stages, rings)
                 masked_body = functools.partial(step_body, masked=True)
                 carry = lax.fori_loop(own_first, free_first, masked_body, carry)
                 free_body = functools.partial(step_body, masked=False)
