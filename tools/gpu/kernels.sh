@@ -2,8 +2,8 @@
 # [kernels] on one GPU (about 6 minutes, at most 9): the GPU tests, then our Hopper kernels'
 # GPU tests in a pytest run of their own (a deadlocked kernel would otherwise take the other
 # tests' summary with it), then the benchmark table (ours, on Hopper our Mosaic GPU kernels if
-# their tests passed, cuDNN with and without the bias, tokamax, XLA) and memory against
-# sequence length. The Triton tiling sweep runs in kernel_profile.sh.
+# their tests passed, both backward variants, cuDNN with and without the bias, tokamax, XLA)
+# and memory against sequence length. The Triton tiling sweep runs in kernel_profile.sh.
 #   run: bash tools/gpu/kernels.sh   (carry .whl; fill it with tools/gpu/fetch_wheels.sh)
 # Details go to $OUT; the table prints last.
 set -u
@@ -11,7 +11,7 @@ source tools/gpu/setup.sh || exit 1
 python3 -c "import tokamax; print('tokamax', tokamax.__version__)" || echo "tokamax: not importable"
 timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "not hopper" 2>&1 \
   | tee "$OUT/gpu_tests.log" | tail -15
-timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k hopper 2>&1 \
+timeout 130 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k hopper 2>&1 \
   | tee "$OUT/hopper_tests.log" | tail -8
 # our Hopper kernels join the benchmark only once their GPU tests finished and passed: a
 # deadlocked kernel would otherwise hang the benchmark and lose its whole table
