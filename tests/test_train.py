@@ -390,6 +390,43 @@ def test_step_built_for_a_gpu_runs_alibi_in_our_triton_kernels(tmp_path, monkeyp
     assert operands and set(operands) == {("bf16", "bf16")}, sorted(set(operands))
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_step_built_for_a_gpu_runs_alibi_in_our_hopper_kernels(tmp_path, monkeypatch, scan_layers):
+    """The ALiBi step with `attn_impl: pallas_mgpu` (perf.sh's Hopper row), lowered for CUDA.
+
+    Attention is our three Mosaic GPU kernels in each layer, scanned or not, reading the fused
+    projection in place: no slice of it, no (seq, seq) array, every other matmul in bf16.
+    """
+    monkeypatch.setattr(attention_module, "backend", lambda: "gpu")
+    S = 256  # a multiple of the Hopper kernels' blocks; no other dimension of the model is 256
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    model = {
+        **TINY_MODEL,
+        "d_model": 128,
+        "n_heads": 2,  # head dim 64
+        "attn_impl": "pallas_mgpu",
+        "max_seq_len": S,
+        "scan_layers": scan_layers,
+    }
+    cfg = config(tmp_path, model=model, train={"precision": "amp_bf16", "loss_chunk": 64})
+    graphdef, abstract, shardings = abstract_state(cfg, mesh)
+    step = jit_train_step(graphdef, cfg, mesh, shardings)
+    batch = {"input_ids": jax.ShapeDtypeStruct((2, S), jnp.int32)}
+    text = lower_for_cuda(step, abstract, batch, mesh=mesh).as_text()
+    launches = len(re.findall(r"stablehlo\.custom_call @mosaic_gpu", text))
+    # forward, dq and dk/dv: once in the scanned layer's body, else once per layer
+    assert launches == 3 * (1 if scan_layers else cfg.model.n_layers)
+    kernels = set(re.findall(r"mpt_flash_mgpu_(fwd|dq|dkdv)\b", text))
+    assert kernels == {"fwd", "dq", "dkdv"}
+    # no other custom call: no Triton kernel, no cuDNN
+    assert all(t.startswith("mosaic_gpu") for t in re.findall(r"custom_call @(\w+)", text))
+    assert not re.search(rf"tensor<(\S+x)?{S}x{S}x", text)
+    operands = re.findall(
+        r"stablehlo\.dot_general .*?: \(tensor<\S+x(\w+)>, tensor<\S+x(\w+)>\)", text
+    )
+    assert operands and set(operands) == {("bf16", "bf16")}, sorted(set(operands))
+
+
 @pytest.mark.parametrize("precision", ["amp_bf16", "pure_bf16"])
 def test_bf16_precisions_train(tmp_path, precision):
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
