@@ -69,6 +69,8 @@ def test_two_warpgroup_backward_lowers(causal, kv_heads, head_dim):
 
     text = _lowered(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv)
     assert len(re.findall(r"stablehlo\.custom_call @mosaic_gpu", text)) == 3
+    # named apart from the one-warpgroup kernels, for profiles
+    assert "mpt_flash_mgpu_dq_x2" in text and "mpt_flash_mgpu_dkdv_x2" in text
 
 
 def test_a_sequence_shorter_than_the_rings_lowers():

@@ -401,7 +401,11 @@ def run_once(shape=(8, 2048, 16, 128), impls=ONCE_IMPLS) -> list[str]:
     q, k, v = _inputs(B, S, H, K)
     lines = []
     for label, impl, alibi in impls:
-        fn = functools.partial(_attention, impl=impl, slopes=alibi_slopes(H) if alibi else None)
+        slopes = alibi_slopes(H) if alibi else None
+        if impl == "pallas_mgpu_x2":  # our Hopper kernels, two-warpgroup backward
+            fn = functools.partial(_hopper_attention, slopes=slopes, bwd_warpgroups=2)
+        else:
+            fn = functools.partial(_attention, impl=impl, slopes=slopes)
         compiled = _grad_fn(fn).lower(q, k, v).compile()
         grads = jax.block_until_ready(compiled(q, k, v))
         finite = all(bool(jnp.isfinite(g).all()) for g in grads)
@@ -432,7 +436,11 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, tokamax {tok}"]
     with_hopper = hopper() and not args.no_hopper
     if args.once:
-        hopper_row = (("ours Hopper", "pallas_mgpu", True),) if with_hopper else ()
+        hopper_row = (
+            (("ours Hopper", "pallas_mgpu", True), ("ours Hopper x2", "pallas_mgpu_x2", True))
+            if with_hopper
+            else ()
+        )
         lines += run_once(impls=ONCE_IMPLS + hopper_row)
     elif args.tune:
         lines += tune(args.tune, args.reps, args.tune_budget_s)[0]

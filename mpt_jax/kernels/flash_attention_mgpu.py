@@ -413,6 +413,14 @@ def _forward(q, k, v, slopes, st: _Static, t: HopperTiling, heads: Heads):
     )(q, k, v, slopes)
 
 
+def _named(body, n_compute_warpgroups: int):
+    """body, its kernel named for its compute warpgroups past one (`..._x2`): profiles and
+    traces tell the backward's two variants apart by name."""
+    if n_compute_warpgroups > 1:
+        body.__name__ = body.__qualname__ = f"{body.__name__}_x{n_compute_warpgroups}"
+    return body
+
+
 def _release_unused(start, stop, stages, rings):
     """Stream steps [start, stop) that only the other compute warpgroup of a causal program
     needs: this one waits for each (a warpgroup observes every phase of the barriers it waits
@@ -528,7 +536,7 @@ def _dq(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads: H
         (plgpu.Barrier(num_arrivals=W, num_barriers=stages),) * 2,
     ]
     return plgpu.kernel(
-        mpt_flash_mgpu_dq,
+        _named(mpt_flash_mgpu_dq, W),
         out_type=jax.ShapeDtypeStruct((B, S, H, K), dtype),
         scratch_types=scratch,
         grid=(n_tiles, H, B),
@@ -705,7 +713,7 @@ def _dkdv(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads:
     ]
     kv_shape = jax.ShapeDtypeStruct((B, S, G, K), dtype)
     return plgpu.kernel(
-        mpt_flash_mgpu_dkdv,
+        _named(mpt_flash_mgpu_dkdv, W),
         out_type=[kv_shape, kv_shape],
         scratch_types=scratch,
         grid=(n_tiles, G, B),

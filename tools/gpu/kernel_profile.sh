@@ -5,7 +5,8 @@
 # cuDNN without ALiBi; then the Triton tiling sweep at head dim 128 (about 3 minutes).
 #   run: bash tools/gpu/kernel_profile.sh   (carry .whl; ncu reads counters on the Firecracker
 #   machines this workplace lends, not under gVisor); HOPPER=1 bash ... adds our Hopper
-#   kernels to the profile, once kernels.sh has shown them correct
+#   kernels to the profile (both backward variants, the two-warpgroup one's kernels named
+#   ..._x2), once kernels.sh has shown them correct
 # The tables go to $OUT/ncu.md (counters) and $OUT/ptx.md (matrix instructions per kernel in the
 # PTX XLA dumps); ncu's report to $OUT/ncu.csv.
 set -u
