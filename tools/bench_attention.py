@@ -251,6 +251,8 @@ def bench(reps: int, with_hopper: bool = False) -> list[str]:
                 f"| {B},{S},{H},{K} | {label} | {t_f * 1e3:.2f} | {flops / t_f / 1e12:.0f} "
                 f"| {t_b * 1e3:.2f} | {2.5 * flops / t_b / 1e12:.0f} | {versus} |"
             )
+            # as it goes, to stderr: a run cut off by a time limit keeps the rows it timed
+            print(rows[-1], file=sys.stderr, flush=True)
         if tokamax is None:
             rows.append(f"| {B},{S},{H},{K} | tokamax | {tok_kernel} | | | | |")
     return rows
