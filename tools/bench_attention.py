@@ -138,9 +138,7 @@ def check_hopper(B=2, S=1024, H=16, G=4, K=128) -> list[str]:
     variants = {
         "xla": functools.partial(_attention, impl="xla", slopes=alibi_slopes(H)),
         "pallas_mgpu": functools.partial(_attention, impl="pallas_mgpu", slopes=alibi_slopes(H)),
-        "pallas_mgpu bwd x2": functools.partial(
-            _hopper_attention, slopes=alibi_slopes(H), bwd_warpgroups=2
-        ),
+        "pallas_mgpu bwd x2": functools.partial(_attention, impl=HOPPER_X2, slopes=alibi_slopes(H)),
     }
     results, lines = {}, []
     for name, attend in variants.items():
@@ -180,14 +178,15 @@ def _tokamax_kernel(q, k, v) -> str:
     return "mosaic_gpu" if "mosaic_gpu" in text else "triton" if "triton" in text else "xla"
 
 
+# the benchmark's name for our Hopper kernels with the two-warpgroup backward
+HOPPER_X2 = "pallas_mgpu_x2"
+
+
 def _attention(q, k, v, *, impl, slopes):
+    if impl == HOPPER_X2:
+        tiling = HopperTiling(bwd_warpgroups=2)
+        return flash_attention_mgpu(q, k, v, alibi_slopes=slopes, causal=True, tiling=tiling)
     return attention(q, k, v, alibi_slopes=slopes, causal=True, impl=impl)
-
-
-def _hopper_attention(q, k, v, *, slopes, bwd_warpgroups):
-    """Our Mosaic GPU kernels with the backward's programs of `bwd_warpgroups` warpgroups."""
-    tiling = HopperTiling(bwd_warpgroups=bwd_warpgroups)
-    return flash_attention_mgpu(q, k, v, alibi_slopes=slopes, causal=True, tiling=tiling)
 
 
 def bench(reps: int, with_hopper: bool = False) -> list[str]:
@@ -211,7 +210,7 @@ def bench(reps: int, with_hopper: bool = False) -> list[str]:
                         _attention, impl="pallas_mgpu", slopes=slopes
                     ),
                     "ours Hopper, 2-warpgroup backward": functools.partial(
-                        _hopper_attention, slopes=slopes, bwd_warpgroups=2
+                        _attention, impl=HOPPER_X2, slopes=slopes
                     ),
                 }
                 if with_hopper
@@ -403,11 +402,7 @@ def run_once(shape=(8, 2048, 16, 128), impls=ONCE_IMPLS) -> list[str]:
     q, k, v = _inputs(B, S, H, K)
     lines = []
     for label, impl, alibi in impls:
-        slopes = alibi_slopes(H) if alibi else None
-        if impl == "pallas_mgpu_x2":  # our Hopper kernels, two-warpgroup backward
-            fn = functools.partial(_hopper_attention, slopes=slopes, bwd_warpgroups=2)
-        else:
-            fn = functools.partial(_attention, impl=impl, slopes=slopes)
+        fn = functools.partial(_attention, impl=impl, slopes=alibi_slopes(H) if alibi else None)
         compiled = _grad_fn(fn).lower(q, k, v).compile()
         grads = jax.block_until_ready(compiled(q, k, v))
         finite = all(bool(jnp.isfinite(g).all()) for g in grads)
@@ -439,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     with_hopper = hopper() and not args.no_hopper
     if args.once:
         hopper_row = (
-            (("ours Hopper", "pallas_mgpu", True), ("ours Hopper x2", "pallas_mgpu_x2", True))
+            (("ours Hopper", "pallas_mgpu", True), ("ours Hopper x2", HOPPER_X2, True))
             if with_hopper
             else ()
         )
