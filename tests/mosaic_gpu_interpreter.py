@@ -98,14 +98,10 @@ def _run_state(interp, eqn, token, invals):
     return token, outs
 
 
-# primitives the interpreter lacks, and what runs them: (interp, eqn, token, invals) -> outs
-_RULES = {discharge.run_state_p: _run_state} if _IMPORT_ERROR is None else {}
-
-
 def _patched(original_interpret, original_wgmma):
     def interpret(self, jaxpr, token, *args):
-        """The interpreter's loop over `jaxpr`, with the primitives of _RULES run by theirs."""
-        if not any(e.primitive in _RULES for e in jaxpr.eqns):
+        """The interpreter's loop over `jaxpr`, with run_state equations run by _run_state."""
+        if not any(e.primitive is discharge.run_state_p for e in jaxpr.eqns):
             return original_interpret(self, jaxpr, token, *args)
         env = dict(zip(jaxpr.constvars + jaxpr.invars, args, strict=True))
 
@@ -116,7 +112,7 @@ def _patched(original_interpret, original_wgmma):
             return [v for e in eqns for v in e.outvars if not isinstance(v, jax_core.DropVar)]
 
         def run_segment(eqns, token):
-            """The equations between two that _RULES runs, as a jaxpr of their own."""
+            """The equations between two run_states, as a jaxpr of their own."""
             made, needed = set(defined(eqns)), []
             for e in eqns:
                 for v in e.invars:
@@ -131,13 +127,12 @@ def _patched(original_interpret, original_wgmma):
 
         pending = []
         for eqn in jaxpr.eqns:
-            if eqn.primitive not in _RULES:
+            if eqn.primitive is not discharge.run_state_p:
                 pending.append(eqn)
                 continue
             if pending:
                 token, pending = run_segment(pending, token), []
-            rule = _RULES[eqn.primitive]
-            token, outs = rule(self, eqn, token, [read(v) for v in eqn.invars])
+            token, outs = _run_state(self, eqn, token, [read(v) for v in eqn.invars])
             env.update(
                 (v, o)
                 for v, o in zip(eqn.outvars, outs, strict=True)
