@@ -74,16 +74,11 @@ def attention(
         impl = "xla" if decoding else auto_impl(q_BSHK, dropout_rate, alibi=alibi)
     if impl not in ("xla", "auto") and dropout_rate:
         raise ValueError(f"attention impl {impl!r}: attention dropout is not supported")
+    kernel_kw = dict(
+        alibi_slopes=alibi_slopes, segment_ids=segment_ids, causal=causal, softmax_scale=scale
+    )
     if impl == "pallas_mgpu":
-        return _hopper_kernels().flash_attention_mgpu(
-            q_BSHK,
-            k_BTGK,
-            v_BTGK,
-            alibi_slopes=alibi_slopes,
-            segment_ids=segment_ids,
-            causal=causal,
-            softmax_scale=scale,
-        )
+        return _hopper_kernels().flash_attention_mgpu(q_BSHK, k_BTGK, v_BTGK, **kernel_kw)
     if impl == "tokamax":
         return _tokamax_attention(q_BSHK, k_BTGK, v_BTGK, alibi_slopes, segment_ids, causal, scale)
     if impl == "cudnn":
@@ -94,16 +89,8 @@ def attention(
         else:
             from mpt_jax.kernels.flash_attention_tpu import flash_attention_tpu as kernel
         native = "gpu" if impl == "pallas_gpu" else "tpu"
-        return kernel(
-            q_BSHK,
-            k_BTGK,
-            v_BTGK,
-            alibi_slopes=alibi_slopes,
-            segment_ids=segment_ids,
-            causal=causal,
-            softmax_scale=scale,
-            interpret=backend() != native,  # elsewhere the same kernel, interpreted
-        )
+        interpret = backend() != native  # elsewhere the same kernel, interpreted
+        return kernel(q_BSHK, k_BTGK, v_BTGK, interpret=interpret, **kernel_kw)
     return _xla_attention(
         q_BSHK,
         k_BTGK,
