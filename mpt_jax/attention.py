@@ -335,6 +335,9 @@ def _tokamax_attention(q, k, v, slopes, segment_ids, causal, scale):
         ) from e
     from absl import flags  # a dependency of tokamax
 
+    from mpt_jax.kernels import tokamax_compat
+
+    tokamax_compat.install()  # tokamax 0.0.12 on jax 0.11+: what its GPU kernels still call
     if not flags.FLAGS.is_parsed():
         # tokamax reads its absl options on each call and, outside absl.app, would parse
         # sys.argv for them first, failing on any argument of ours (mpt-jax's, pytest's): keep
@@ -367,10 +370,9 @@ def _tokamax_attention(q, k, v, slopes, segment_ids, causal, scale):
                     q, k, v, bias=bias_1H1T, mask=mask, logits_scale=scale
                 )
         except (NotImplementedError, TypeError, ValueError) as e:
-            # tokamax 0.0.12's Mosaic GPU kernel does not trace under jax 0.11 (it passes
-            # plgpu.kernel an out_shape argument jax renamed) nor on a sequence that is not a
-            # multiple of its block (H200, 2026-11-28): the next implementation gets its turn,
-            # and the last one's own error is what the caller sees
+            # tokamax 0.0.12's Mosaic GPU kernel does not trace on a sequence that is not a
+            # multiple of its block, nor off Hopper (H200, 2026-11-28): the next
+            # implementation gets its turn, and the last one's own error is what the caller sees
             if name == names[-1] and not isinstance(e, NotImplementedError):
                 raise
             errors.append(f"{name}: {type(e).__name__}: {e}")
