@@ -1,9 +1,19 @@
-"""tools/bench_attention.py --tune, run through on CPU with the kernels interpreted."""
+"""tools/bench_attention.py --tune and --tune-hopper, run through on CPU with the kernels
+interpreted, and --once."""
 
+import dataclasses
+import functools
 import importlib.util
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import mosaic_gpu_interpreter
+import pytest
+from helpers import lower_for_cuda
+
+from mpt_jax.attention import alibi_slopes
 from mpt_jax.kernels.flash_attention import Tiling, Tilings, default_tilings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,3 +77,61 @@ def test_once_runs_each_program_a_single_time_with_finite_gradients():
         f"ran once: {label} fwd+bwd at (1, 40, 2, 16), gradients finite: True"
         for label, _, _ in impls
     ]
+
+
+def test_hopper_sweep_candidates_lower_for_an_h200_or_overflow_shared_memory():
+    """Every tiling `--tune-hopper` tries at head dim 128 lowers for CUDA (fwd+bwd), but for a
+    forward ring that exceeds shared memory, which fails in lowering, not on the GPU."""
+    from mpt_jax.kernels.flash_attention_mgpu import HopperTiling
+
+    q = jax.ShapeDtypeStruct((8, 2048, 16, 128), jnp.bfloat16)
+    slopes = alibi_slopes(16)
+    outcomes = {}
+    for phase, overrides in bench_attention.HOPPER_TUNE.items():
+        for fields in overrides:
+            tiling = dataclasses.replace(HopperTiling(), **fields)
+            fn = functools.partial(bench_attention._hopper, slopes=slopes, tiling=tiling)
+            try:
+                lower_for_cuda(bench_attention._grad_fn(fn), q, q, q)
+                outcomes[phase, tuple(fields.values())] = "ok"
+            except ValueError as e:
+                assert "exceeds available shared memory" in str(e), e
+                outcomes[phase, tuple(fields.values())] = "smem"
+    assert set(outcomes.values()) == {"ok"}, outcomes
+    # the depth the forward cannot have, the backward can: what bwd_stages is for
+    cases = [(HopperTiling(stages=4), False), (HopperTiling(bwd_stages=4), True)]
+    cases.append((HopperTiling(bwd_stages=7), False))  # the backward does take its own depth
+    for tiling, fits in cases:
+        fn = functools.partial(bench_attention._hopper, slopes=slopes, tiling=tiling)
+        try:
+            lower_for_cuda(bench_attention._grad_fn(fn), q, q, q)
+            assert fits, tiling
+        except ValueError as e:
+            assert not fits and "exceeds available shared memory" in str(e), (tiling, e)
+
+
+@pytest.mark.skipif(
+    mosaic_gpu_interpreter.unavailable() is not None,
+    reason=f"{mosaic_gpu_interpreter.unavailable()}; make test-gpu-stack runs it",
+)
+def test_tune_hopper_sweeps_both_phases_skips_failures_and_checks_the_winner():
+    """The Hopper sweep run through in jax 0.11's Mosaic GPU interpreter (times meaningless)."""
+    phases = {
+        "fwd": [dict(block_kv=512), dict(block_kv=64)],  # 512 keys do not tile 256
+        "bwd": [dict(bwd_stages=3)],
+    }
+    with mosaic_gpu_interpreter.interpreted(deadline_s=300):
+        lines, winners = bench_attention.tune_hopper(
+            [64], reps=1, budget_s=600, shape=(1, 256, 2), phases=phases, full_shapes=False
+        )
+    candidates = [line.split(" | ")[1:4] for line in lines if line.startswith("| 64 |")]
+    assert [c[0] for c in candidates] == ["fwd", "fwd", "fwd", "bwd", "bwd"], candidates
+    assert ["failed" in c[2] for c in candidates] == [False, True, False, False, False]
+    assert candidates[0][1].startswith("64 x 128, 2 stages")  # the default first
+    assert candidates[2][1].startswith("64 x 64, 2 stages")
+    assert "3 stages, 1 warpgroup(s)" in candidates[4][1]
+    best = winners[64]
+    assert best.block_kv in (64, 128) and best.backward_stages in (2, 3)
+    checks = [line for line in lines if line.startswith("check tuned")]
+    assert len(checks) == 4 and all(line.endswith("OK") for line in checks), checks
+    assert any(line.startswith("Hopper fwd+bwd (1, 256, 2, 64): default") for line in lines)

@@ -275,8 +275,12 @@ def test_unsupported_inputs_and_tilings_are_named():
         hopper.HopperTiling(block_kv=96)
     with pytest.raises(ValueError, match="block_kv: must be a multiple of block_q"):
         hopper.HopperTiling(block_q=128, block_kv=64)
-    with pytest.raises(ValueError, match="stages: must be at least 2"):
+    with pytest.raises(ValueError, match=r"HopperTiling\.stages: must be at least 2"):
         hopper.HopperTiling(stages=1)
+    with pytest.raises(ValueError, match=r"HopperTiling\.bwd_stages: must be at least 2"):
+        hopper.HopperTiling(bwd_stages=1)
+    assert hopper.HopperTiling(stages=3).backward_stages == 3
+    assert hopper.HopperTiling(stages=3, bwd_stages=4).backward_stages == 4
     with pytest.raises(ValueError, match="bwd_warpgroups: must be 1 or 2"):
         hopper.HopperTiling(bwd_warpgroups=3)
     # two backward warpgroups of 128 keys: programs of 256 keys
@@ -336,6 +340,8 @@ def test_fused_qkv_path_reads_the_projection_in_place_and_the_model_reaches_it(m
 # blocks, 3-slot rings
 SMALL_BLOCKS = hopper.HopperTiling(64, 64, 128, 128, stages=3)
 TWO_BACKWARD_WARPGROUPS = hopper.HopperTiling(bwd_warpgroups=2)
+# backward rings of 4 slots (as many as a 256-long sequence has 64-row blocks), forward ones of 2
+DEEP_BACKWARD_RINGS = hopper.HopperTiling(bwd_stages=4)
 
 
 @pytest.mark.skipif(
@@ -352,6 +358,7 @@ TWO_BACKWARD_WARPGROUPS = hopper.HopperTiling(bwd_warpgroups=2)
         (1, 128, 3, 3, 64, True, True, jnp.bfloat16, False, None),  # fewer blocks than slots
         (1, 512, 2, 1, 64, True, True, jnp.bfloat16, False, SMALL_BLOCKS),
         (1, 512, 4, 2, 64, True, True, jnp.bfloat16, False, TWO_BACKWARD_WARPGROUPS),
+        (1, 256, 2, 1, 64, True, True, jnp.bfloat16, False, DEEP_BACKWARD_RINGS),
     ],
 )
 def test_kernels_run_in_the_mosaic_gpu_interpreter_and_match_xla(

@@ -2,6 +2,7 @@
 
     python tools/bench_attention.py [--reps 20] [--out results.md] [--skip-memory]
     python tools/bench_attention.py --tune 128 64 [--tune-budget-s 300]
+    python tools/bench_attention.py --tune-hopper 128 [--tune-budget-s 90]   # on a Hopper GPU
     python tools/bench_attention.py --once   # each fwd+bwd run once, for ncu
     ... --no-hopper   # leave out our Mosaic GPU kernels (pallas_mgpu) on a Hopper GPU
 
@@ -10,7 +11,8 @@ at batch 8, seq 2048, 16 heads of each head dim: the forward alone first, then d
 with the best forward, fwd+bwd timed. Each kernel's sweep starts from its default tiling and
 gets an equal share of what is left of --tune-budget-s. It prints every candidate, checks the
 winner against the XLA reference and times it beside the default at every benchmark shape of
-that head dim.
+that head dim. `--tune-hopper` does the same for our Mosaic GPU kernels (`HopperTiling`): the
+forward's key block and ring depth, then the backward's ring depth and compute warpgroups.
 
 Implementations: ours (`pallas_gpu`, ALiBi in-kernel), on a Hopper GPU also our Mosaic GPU
 kernels (`pallas_mgpu`: wgmma and TMA; head dims 64 and 128, checked against XLA first), cuDNN
@@ -130,15 +132,26 @@ def hopper() -> bool:
     return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
 
 
-def check_hopper(B=2, S=1024, H=16, G=4, K=128) -> list[str]:
-    """Our Mosaic GPU kernels (both backward variants) against the XLA reference: bf16, GQA,
+# the Hopper kernels' variants the benchmark checks and times: the default tiling, and the
+# two-warpgroup backward
+HOPPER_VARIANTS = {
+    "pallas_mgpu": HopperTiling(),
+    "pallas_mgpu bwd x2": HopperTiling(bwd_warpgroups=2),
+}
+
+
+def check_hopper(B=2, S=1024, H=16, G=4, K=128, variants=HOPPER_VARIANTS) -> list[str]:
+    """Our Mosaic GPU kernels (each tiling of `variants`) against the XLA reference: bf16, GQA,
     causal ALiBi, no segments."""
     q, k, v = _inputs(B, S, H, K, G)
     do = jnp.asarray(np.random.default_rng(2).standard_normal(q.shape), jnp.bfloat16)
+    slopes = alibi_slopes(H)
     variants = {
-        "xla": functools.partial(_attention, impl="xla", slopes=alibi_slopes(H)),
-        "pallas_mgpu": functools.partial(_attention, impl="pallas_mgpu", slopes=alibi_slopes(H)),
-        "pallas_mgpu bwd x2": functools.partial(_attention, impl=HOPPER_X2, slopes=alibi_slopes(H)),
+        "xla": functools.partial(_attention, impl="xla", slopes=slopes),
+        **{
+            name: functools.partial(_hopper, slopes=slopes, tiling=tiling)
+            for name, tiling in variants.items()
+        },
     }
     results, lines = {}, []
     for name, attend in variants.items():
@@ -182,10 +195,13 @@ def _tokamax_kernel(q, k, v) -> str:
 HOPPER_X2 = "pallas_mgpu_x2"
 
 
+def _hopper(q, k, v, *, slopes, tiling):
+    return flash_attention_mgpu(q, k, v, alibi_slopes=slopes, causal=True, tiling=tiling)
+
+
 def _attention(q, k, v, *, impl, slopes):
     if impl == HOPPER_X2:
-        tiling = HopperTiling(bwd_warpgroups=2)
-        return flash_attention_mgpu(q, k, v, alibi_slopes=slopes, causal=True, tiling=tiling)
+        return _hopper(q, k, v, slopes=slopes, tiling=HOPPER_VARIANTS["pallas_mgpu bwd x2"])
     return attention(q, k, v, alibi_slopes=slopes, causal=True, impl=impl)
 
 
@@ -285,6 +301,28 @@ def _ms(t: float | str, digits: int = 3) -> str:
     return t if isinstance(t, str) else f"{t * 1e3:.{digits}f}"
 
 
+def _sweep_phase(candidates, measure, deadline):
+    """Times candidates in order (the first always: the current best, so a phase never makes
+    things worse) until the deadline: [(candidate, seconds or "failed: ..."), ...] and the
+    fastest candidate (None if every one failed)."""
+    timed, best, best_s = [], None, float("inf")
+    for i, cand in enumerate(candidates):
+        if i and time.perf_counter() > deadline:
+            break
+        t = measure(cand)
+        timed.append((cand, t))
+        if not isinstance(t, str) and t < best_s:
+            best, best_s = cand, t
+    return timed, best
+
+
+def _deadline(start: float, budget_s: float, sweeps_left: int) -> float:
+    """An equal share of what is left of the budget: a slow early sweep cannot starve the later
+    ones."""
+    now = time.perf_counter()
+    return now + (budget_s - (now - start)) / sweeps_left
+
+
 def tune(
     head_dims: list[int],
     reps: int,
@@ -313,31 +351,30 @@ def tune(
         args = _inputs(*shape, K)
         default = best = default_tilings(pl.next_power_of_2(K))
         for kernel in kernels:
-            # each kernel gets an equal share of what is left, so a slow early sweep cannot
-            # starve the later ones; the default goes first, so the winner is never worse
-            now = time.perf_counter()
-            deadline = now + (budget_s - (now - start)) / sweeps_left
+            deadline = _deadline(start, budget_s, sweeps_left)
             sweeps_left -= 1
             grid = [
                 Tiling(bq, bk, w, st)
                 for (bq, bk), w, st in itertools.product(blocks[kernel], warps, stages)
             ]
             first = getattr(default, kernel)
-            best_t, best_ms = None, float("inf")
-            for i, cand in enumerate([first, *(c for c in grid if c != first)]):
-                if i and time.perf_counter() > deadline:
-                    break
-                bq, bk, w, st = cand.block_q, cand.block_k, cand.num_warps, cand.num_stages
+
+            def measure(cand, kernel=kernel, best=best, args=args):
                 tilings = dataclasses.replace(best, **{kernel: cand})
                 if kernel == "fwd":
                     fn = jax.jit(functools.partial(_ours, tilings=tilings, interpret=interpret))
                 else:
                     fn = _fwd_bwd(tilings, interpret)
-                t = _try_time(fn, args, reps)
-                w, st = w or "Triton's", st or "Triton's"  # None: Triton's default
-                rows.append(f"| {K} | {kernel} | {bq} x {bk} | {w} | {st} | {_ms(t)} |")
-                if not isinstance(t, str) and t < best_ms:
-                    best_t, best_ms = cand, t
+                return _try_time(fn, args, reps)
+
+            candidates = [first, *(c for c in grid if c != first)]
+            timed, best_t = _sweep_phase(candidates, measure, deadline)
+            for cand, t in timed:
+                w, st = cand.num_warps or "Triton's", cand.num_stages or "Triton's"  # None: default
+                rows.append(
+                    f"| {K} | {kernel} | {cand.block_q} x {cand.block_k} | {w} | {st} | {_ms(t)} |"
+                )
+                print(rows[-1], file=sys.stderr, flush=True)  # kept if a time limit cuts the run
             if best_t is not None:
                 best = dataclasses.replace(best, **{kernel: best_t})
         winners[K] = best
@@ -354,6 +391,88 @@ def tune(
                 f"fwd+bwd {full}: default {_ms(t_default, 2)} ms, tuned {_ms(t_best, 2)} ms"
             )
     summary.append(f"tuning took {time.perf_counter() - start:.0f} s (budget {budget_s:.0f} s)")
+    return rows + summary, winners
+
+
+# the Hopper sweep's phases: the forward's key block and ring depth (128-key rings of 3 slots
+# exceed shared memory at head dim 128), then the backward's ring depth and compute warpgroups
+HOPPER_TUNE = {
+    "fwd": [dict(block_kv=bk, stages=st) for bk, st in ((128, 2), (64, 2), (64, 3), (64, 4))],
+    "bwd": [
+        dict(bwd_stages=st, bwd_warpgroups=w) for w, st in itertools.product((1, 2), (2, 3, 4))
+    ],
+}
+
+
+def _hopper_label(t: HopperTiling) -> str:
+    return (
+        f"{t.block_q} x {t.block_kv}, {t.stages} stages; bwd {t.bwd_block_q} x {t.bwd_block_kv}, "
+        f"{t.backward_stages} stages, {t.bwd_warpgroups} warpgroup(s)"
+    )
+
+
+def tune_hopper(
+    head_dims: list[int],
+    reps: int,
+    budget_s: float,
+    *,
+    shape: tuple[int, int, int] = (8, 2048, 16),
+    phases: dict[str, list[dict]] = HOPPER_TUNE,
+    full_shapes: bool = True,
+) -> tuple[list[str], dict[int, HopperTiling]]:
+    """Our Hopper kernels' tiling sweep at (B, S, H) = shape for each head dim: the forward
+    timed alone, then the backward (fwd+bwd) with the best forward, each phase from the default
+    tiling on and with an equal share of what is left of the budget; the winner checked against
+    the XLA reference and timed beside the default at the benchmark shapes of its head dim
+    (full_shapes) or at `shape`. Returns the lines to print and the winners."""
+    rows = ["| head dim | phase | Hopper tiling | ms (fwd; fwd+bwd for bwd) |", "|---|---|---|---|"]
+    summary, winners = [], {}
+    start = time.perf_counter()
+    sweeps_left = len(head_dims) * len(phases)
+    for K in head_dims:
+        args = _inputs(*shape, K)
+        slopes = alibi_slopes(shape[2])
+        default = best = HopperTiling()
+        for phase, overrides in phases.items():
+            deadline = _deadline(start, budget_s, sweeps_left)
+            sweeps_left -= 1
+
+            def measure(tiling, phase=phase, args=args, slopes=slopes):
+                fn = functools.partial(_hopper, slopes=slopes, tiling=tiling)
+                return _try_time(jax.jit(fn) if phase == "fwd" else _grad_fn(fn), args, reps)
+
+            candidates = [best]
+            for fields in overrides:
+                try:
+                    candidates.append(dataclasses.replace(best, **fields))
+                except ValueError as e:  # a tiling HopperTiling refuses
+                    rows.append(f"| {K} | {phase} | {fields} | failed: {e} |")
+            candidates = list(dict.fromkeys(candidates))  # the current best once, first
+            timed, fastest = _sweep_phase(candidates, measure, deadline)
+            for tiling, t in timed:
+                rows.append(f"| {K} | {phase} | {_hopper_label(tiling)} | {_ms(t)} |")
+                print(rows[-1], file=sys.stderr, flush=True)  # kept if a time limit cuts the run
+            best = fastest or best
+        winners[K] = best
+        summary.append(f"best Hopper tiling, head dim {K}: {best!r}")
+        _, S, H = shape
+        summary += check_hopper(B=2, S=S // 2, H=H, G=max(H // 4, 1), K=K, variants={"tuned": best})
+        for full in [x for x in SHAPES if x[3] == K and full_shapes] or [(*shape, K)]:
+            args = _inputs(*full)
+            times = [
+                _try_time(
+                    _grad_fn(functools.partial(_hopper, slopes=alibi_slopes(full[2]), tiling=t)),
+                    args,
+                    reps,
+                )
+                for t in (default, best)
+            ]
+            summary.append(
+                f"Hopper fwd+bwd {full}: default {_ms(times[0], 2)} ms, tuned {_ms(times[1], 2)} ms"
+            )
+    summary.append(
+        f"Hopper tuning took {time.perf_counter() - start:.0f} s (budget {budget_s:.0f} s)"
+    )
     return rows + summary, winners
 
 
@@ -420,6 +539,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tune-budget-s", type=float, default=300, help="stop sweeping after")
     parser.add_argument(
+        "--tune-hopper",
+        type=int,
+        nargs="+",
+        metavar="HEAD_DIM",
+        help="sweep our Hopper kernels' tilings instead (a Hopper GPU)",
+    )
+    parser.add_argument(
         "--once", action="store_true", help="run each fwd+bwd once, untimed (under ncu)"
     )
     parser.add_argument(
@@ -441,12 +567,17 @@ def main(argv: list[str] | None = None) -> int:
         lines += run_once(impls=ONCE_IMPLS + hopper_row)
     elif args.tune:
         lines += tune(args.tune, args.reps, args.tune_budget_s)[0]
+    elif args.tune_hopper:
+        if not hopper():
+            print("error: --tune-hopper needs a Hopper GPU (sm90)", file=sys.stderr)
+            return 2
+        lines += tune_hopper(args.tune_hopper, args.reps, args.tune_budget_s)[0]
     else:
         lines += check()
         if with_hopper:
             lines += check_hopper()
         lines += bench(args.reps, with_hopper)
-    if not (args.skip_memory or args.tune or args.once):
+    if not (args.skip_memory or args.tune or args.tune_hopper or args.once):
         lines += memory()
     text = "\n".join(lines)
     print(text)

@@ -65,7 +65,8 @@ class HopperTiling:
     """Block sizes: block_q rows per forward compute warpgroup (two per program), block_kv keys
     per forward step; the backward's query and key blocks per compute warpgroup, and
     bwd_warpgroups (1 or 2) compute warpgroups per backward program sharing one stream of
-    blocks; `stages` buffers per streamed ring."""
+    blocks; `stages` buffers per streamed ring, `bwd_stages` in the backward's (None: `stages`;
+    the backward's 64-row blocks leave room for more than the forward's 128-key ones)."""
 
     block_q: int = 64
     block_kv: int = 128
@@ -73,6 +74,7 @@ class HopperTiling:
     bwd_block_kv: int = 64
     stages: int = 2
     bwd_warpgroups: int = 1
+    bwd_stages: int | None = None
 
     def __post_init__(self):
         if self.bwd_warpgroups not in (1, 2):
@@ -80,12 +82,18 @@ class HopperTiling:
         for name in ("block_q", "block_kv", "bwd_block_q", "bwd_block_kv"):
             if getattr(self, name) % 64:
                 raise ValueError(f"HopperTiling.{name}: must be a multiple of 64 (wgmma tiles)")
-        if self.stages < 2:
-            raise ValueError("HopperTiling.stages: must be at least 2")
+        for name in ("stages", "bwd_stages"):
+            if (getattr(self, name) or 2) < 2:
+                raise ValueError(f"HopperTiling.{name}: must be at least 2")
         if self.block_kv % self.block_q:
             # then every key block a query block visits starts at or before its first query,
             # so no row's first block is wholly masked (its running max stays finite)
             raise ValueError("HopperTiling.block_kv: must be a multiple of block_q")
+
+    @property
+    def backward_stages(self) -> int:
+        """Buffers per streamed ring of the dq and dk/dv kernels."""
+        return self.stages if self.bwd_stages is None else self.bwd_stages
 
     @property
     def sequence_multiple(self) -> int:
@@ -437,7 +445,7 @@ def _release_unused(start, stop, stages, rings):
 def _dq(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads: Heads):
     B, S, _, K = q.shape
     H, W = heads.H, t.bwd_warpgroups
-    bq, bk, stages = t.bwd_block_q, t.bwd_block_kv, t.stages
+    bq, bk, stages = t.bwd_block_q, t.bwd_block_kv, t.backward_stages
     n_tiles, n_kv = S // (W * bq), S // bk
     dtype = q.dtype
 
@@ -550,7 +558,7 @@ def _dq(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads: H
 def _dkdv(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads: Heads):
     B, S, _, K = q.shape
     G, R, W = heads.G, heads.H // heads.G, t.bwd_warpgroups
-    bq, bk, stages = t.bwd_block_q, t.bwd_block_kv, t.stages
+    bq, bk, stages = t.bwd_block_q, t.bwd_block_kv, t.backward_stages
     n_tiles, n_q = S // (W * bk), S // bq
     dtype = q.dtype
 
