@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -58,7 +59,10 @@ def _log(message: str) -> None:
 def _error_line(error: BaseException) -> str:
     """The first line of an exception, shortened: Orbax and TensorStore errors run long."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    # the cause (e.g. "File too large [os_error_code='27']") is at the end of TensorStore's text
+    # TensorStore appends the spec it was opening, a JSON object of a kilobyte or more, after
+    # the cause ("... File too large [tensorstore_spec='{...}'] [os_error_code='27']"): without
+    # it the cause is at the end, which the shortened line keeps
+    text = re.sub(r" ?\[tensorstore_spec='[^']*'\]", "", text)
     return text if len(text) <= 300 else f"{text[:120]} ... {text[-170:]}"
 
 

@@ -335,6 +335,23 @@ def test_watchdog_exits_on_a_hang_and_the_supervisor_gives_up(small_dataset, tmp
     assert records[0]["failure"] == "exit code 75"
 
 
+def test_error_line_keeps_tensorstores_cause_and_drops_its_spec():
+    # the shape of the error a full disk gave (CI, 2026-12-06): the cause, then the spec being
+    # opened (here shortened; a kilobyte or more), then the OS error code
+    spec = json.dumps({"driver": "zarr", "kvstore": {"path": "/x/" * 200}, "dtype": "float32"})
+    text = (
+        'OUT_OF_RANGE: Error opening "zarr" driver: Error writing "1.mu.blocks.1.ffn.down_proj'
+        '.kernel.value/.zarray" in OCDBT database at local file "/tmp/run/checkpoints/6.orbax-'
+        'checkpoint-tmp/opt_state/d/b5b55fecc96e15f5": Failed to write 57328 bytes to file 40: '
+        f"File too large [tensorstore_spec='{spec}'] [os_error_code='27']\nsecond line"
+    )
+    line = checkpoint._error_line(ValueError(text))
+    assert "File too large" in line and line.endswith("[os_error_code='27']")
+    assert "tensorstore_spec" not in line and "second line" not in line
+    assert line.startswith("OUT_OF_RANGE: Error opening") and len(line) <= 300
+    assert checkpoint._error_line(OSError()) == "OSError"
+
+
 def test_disk_full_during_a_save_keeps_earlier_checkpoints(small_dataset, tmp_path):
     import resource
 
