@@ -279,6 +279,8 @@ def test_unsupported_inputs_and_tilings_are_named():
         hopper.HopperTiling(stages=1)
     with pytest.raises(ValueError, match=r"HopperTiling\.bwd_stages: must be at least 2"):
         hopper.HopperTiling(bwd_stages=1)
+    with pytest.raises(ValueError, match=r"HopperTiling\.bwd_stages: must be at least 2"):
+        hopper.HopperTiling(bwd_stages=0)
     assert hopper.HopperTiling(stages=3).backward_stages == 3
     assert hopper.HopperTiling(stages=3, bwd_stages=4).backward_stages == 4
     with pytest.raises(ValueError, match="bwd_warpgroups: must be 1 or 2"):

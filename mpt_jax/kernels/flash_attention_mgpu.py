@@ -83,7 +83,8 @@ class HopperTiling:
             if getattr(self, name) % 64:
                 raise ValueError(f"HopperTiling.{name}: must be a multiple of 64 (wgmma tiles)")
         for name in ("stages", "bwd_stages"):
-            if (getattr(self, name) or 2) < 2:
+            value = getattr(self, name)
+            if value is not None and value < 2:
                 raise ValueError(f"HopperTiling.{name}: must be at least 2")
         if self.block_kv % self.block_q:
             # then every key block a query block visits starts at or before its first query,
