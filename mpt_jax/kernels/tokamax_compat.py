@@ -3,9 +3,10 @@
 tokamax 0.0.12 (its newest release) was written against jax 0.10: its Triton kernels call
 `pl.dot`, and its Mosaic GPU kernels pass `plgpu.kernel` the `out_shape` and `scratch_shapes`
 aliases of `out_type` and `scratch_types`, relying on 0.10's default *lane* lowering semantics.
-jax 0.11 removed the three names and made *warpgroup* semantics the default, so on the GPU
-image's jax 0.11.2 neither of tokamax's GPU kernels traced (H200, 2026-11-28). `install()` adds
-what is missing and leaves a jax that has the names untouched (0.10: it changes nothing).
+jax 0.11 removed the three names and made *warpgroup* semantics the default: under the GPU
+image's jax 0.11.2 tokamax's Mosaic GPU kernel did not trace (H200, 2026-11-28), nor does its
+Triton one (lowered for CUDA on a CPU host). `install()` adds what is missing and leaves a jax
+that has the names untouched (0.10: it changes nothing).
 """
 
 from __future__ import annotations
