@@ -129,3 +129,31 @@ def test_tune_hopper_sweeps_both_phases_skips_failures_and_checks_the_winner():
     checks = [line for line in lines if line.startswith("check tuned")]
     assert len(checks) == 4 and all(line.endswith("OK") for line in checks), checks
     assert any(line.startswith("Hopper fwd+bwd (1, 256, 2, 64): default") for line in lines)
+
+
+def test_target_lines_judge_each_of_our_kernels_against_the_issue_targets():
+    ours, hopper = "ours (pallas_gpu, ALiBi in-kernel)", "ours Hopper (pallas_mgpu, wgmma)"
+    tok = "tokamax (mosaic_gpu), key-only fp32 ALiBi bias"
+    fwd_bwd = {  # seconds; the first row of each shape as the H200 gave it on 2026-11-28
+        (8, 2048, 16, 128): {
+            ours: 2.05e-3,
+            hopper: 1.70e-3,
+            bench_attention.CUDNN_BIAS: 3.19e-3,
+            bench_attention.CUDNN_PLAIN: 1.60e-3,
+            tok: 1.80e-3,
+        },
+        (2, 8192, 16, 128): {ours: 6.04e-3, bench_attention.CUDNN_BIAS: 12.11e-3},
+        (2, 4096, 64, 112): {ours: 8.31e-3},  # no target there
+    }
+    lines = bench_attention.target_lines(fwd_bwd)
+    assert len(lines) == 3
+    first, second, third = lines
+    assert first.startswith(f"target (8, 2048, 16, 128), {ours}: 2.05 ms (at most 1.9: MISSED)")
+    assert "1.56x cuDNN with the bias (1.6x: MISSED)" in first
+    assert "1.28x cuDNN without ALiBi's time (1.10x: MISSED)" in first
+    assert "tokamax 1.80 ms (MISSED)" in first
+    assert (
+        "1.70 ms (at most 1.9: met)" in second and "1.88x cuDNN with the bias (1.6x: met)" in second
+    )
+    assert "1.06x cuDNN without ALiBi's time (1.10x: met)" in second and "(met)" in second
+    assert third == f"target (2, 8192, 16, 128), {ours}: 6.04 ms (at most 4.7: MISSED)"

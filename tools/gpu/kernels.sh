@@ -22,7 +22,7 @@ if grep -qE "^[0-9]+ passed|^=+ [0-9]+ passed" "$OUT/hopper_tests.log" \
 fi
 echo "bench: our Hopper kernels ${HOPPER:-included}"
 timeout 240 python3 tools/bench_attention.py --reps 10 $HOPPER --out "$OUT/bench.md" \
-  2>"$OUT/bench.err" | tail -60
+  2>"$OUT/bench.err" | tail -70
 # the table is written when the benchmark ends; cut off by its limit, it left its rows in
 # bench.err as it timed them
 [ -s "$OUT/bench.md" ] || { echo "bench: cut off; the rows it timed:"; grep "^| " "$OUT/bench.err"; }
