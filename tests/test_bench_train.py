@@ -6,6 +6,7 @@ remat, 1x8x1 mesh), so the compiled step comes from the persistent XLA cache aft
 
 import csv
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -168,3 +169,36 @@ def test_argparse_errors_are_one_line_too(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: argument --steps") and err.count("\n") == 1
+
+
+def test_judge_reads_perf_rows_and_the_anchor_and_gives_a_verdict_each(tmp_path, capsys):
+    """--judge over a folder laid out as tools/gpu/perf.sh leaves it, rows written by the tool's
+    own CSV writer; the figures are the H200's of 2026-11-28 and two made-up rows."""
+
+    def write_row(name, seq, tokens, mfu, status="ok"):
+        row = dict.fromkeys(bench_train.COLUMNS)
+        row.update({"SeqLen (T)": seq, "Throughput (T/s)": tokens, "MFU": mfu, "Status": status})
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "bench_train.csv").write_text(bench_train.to_csv([row]))
+
+    write_row("scan_2048", 2048, 48045.0, 44.06)
+    write_row("scan_2048_hopper", 2048, 66000.0, 60.5)
+    write_row("scan_8192", 8192, 35088.0, 45.03)
+    write_row("unrolled_2048", 2048, None, None, status="failed: out of memory")
+    anchor = {"jax_plain_mpt1b": {"tokens_per_s": 48933.0, "batch": 16}}
+    (tmp_path / "anchor_jax_plain_mpt1b.json").write_text(json.dumps(anchor))
+    assert bench_train.main(["--judge", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "anchor jax_plain_mpt1b: 48,933 tokens/s",
+        "target scan_2048 (seq 2048): 48,045 tokens/s; MFU 44.06% (at least 60%: MISSED); "
+        "0.98x the anchor (1.3x: MISSED)",
+        "target scan_2048_hopper (seq 2048): 66,000 tokens/s; MFU 60.50% (at least 60%: met); "
+        "1.35x the anchor (1.3x: met)",
+        "target scan_8192 (seq 8192): 35,088 tokens/s; MFU 45.03% (at least 50%: MISSED)",
+        "target unrolled_2048: no result (failed: out of memory)",
+    ]
+    (tmp_path / "anchor_jax_plain_mpt1b.json").unlink()  # the anchor failed: no speedup verdict
+    lines = bench_train.judge(tmp_path)
+    assert lines[0] == "anchor: none (FileNotFoundError), so no speedup verdict"
+    assert "the anchor" not in lines[1] and "MFU 44.06%" in lines[1]

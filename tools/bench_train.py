@@ -210,8 +210,57 @@ def build_parser() -> argparse.ArgumentParser:
     add("--row-timeout", type=float, default=3600.0, help="seconds per row subprocess")
     add("--profile", metavar="DIR", help="trace more steps per row into DIR/<row label>/")
     add("--profile-steps", type=int, default=3, help="steps traced after the timed ones")
+    add(
+        "--judge",
+        metavar="DIR",
+        default=None,
+        help="instead of running: judge DIR's rows (DIR/*/bench_train.csv, as tools/gpu/perf.sh "
+        "leaves them) and its anchor_jax_plain_mpt1b.json against the [gpu-perf] targets",
+    )
     add("--_row", default=None, help=argparse.SUPPRESS)  # internal: run one row, print JSON
     return parser
+
+
+# the [gpu-perf] issue's targets for MPT-1B with ALiBi on an H200: MFU (%) at least, per seq
+# len, and at seq 2048 also at least 1.3x the plain-JAX anchor's tokens/s in the same run
+PERF_TARGETS = {2048: 60.0, 8192: 50.0}
+ANCHOR_SPEEDUP = 1.3
+
+
+def judge(perf_dir: Path) -> list[str]:
+    """A line per row under perf_dir (its bench_train.csv) against PERF_TARGETS and the anchor
+    (perf_dir/anchor_jax_plain_mpt1b.json, if there)."""
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    anchor = None
+    try:
+        anchor_file = perf_dir / "anchor_jax_plain_mpt1b.json"
+        anchor = float(json.loads(anchor_file.read_text())["jax_plain_mpt1b"]["tokens_per_s"])
+    except (OSError, KeyError, ValueError) as e:
+        lines = [f"anchor: none ({type(e).__name__}), so no speedup verdict"]
+    else:
+        lines = [f"anchor jax_plain_mpt1b: {anchor:,.0f} tokens/s"]
+    for csv_path in sorted(perf_dir.glob("*/bench_train.csv")):
+        for row in csv.DictReader(csv_path.open()):
+            name, seq = csv_path.parent.name, int(row["SeqLen (T)"])
+            if not row["MFU"] or not row["Throughput (T/s)"]:
+                lines.append(f"target {name}: no result ({row['Status']})")
+                continue
+            mfu, tokens = float(row["MFU"]), float(row["Throughput (T/s)"])
+            parts = [f"{tokens:,.0f} tokens/s"]
+            if seq in PERF_TARGETS:
+                goal = PERF_TARGETS[seq]
+                parts.append(f"MFU {mfu:.2f}% (at least {goal:.0f}%: {verdict(mfu >= goal)})")
+            if seq == min(PERF_TARGETS) and anchor is not None:
+                ratio = tokens / anchor
+                parts.append(
+                    f"{ratio:.2f}x the anchor ({ANCHOR_SPEEDUP}x: "
+                    f"{verdict(ratio >= ANCHOR_SPEEDUP)})"
+                )
+            lines.append(f"target {name} (seq {seq}): " + "; ".join(parts))
+    return lines
 
 
 def plan_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -625,6 +674,9 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.judge is not None:
+        print("\n".join(judge(Path(args.judge))))
+        return 0
     if args._row is not None:  # the row subprocess
         result = run_row(json.loads(args._row))
         print(_RESULT_MARKER + json.dumps(result), flush=True)

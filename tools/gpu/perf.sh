@@ -63,6 +63,8 @@ else
   bench scan_2048_whole_logits 70 --seq-lens 2048 --global-batch 16 --loss-chunk none
 fi
 bench scan_8192 70 --seq-lens 8192 --global-batch 4
+# each row against the [gpu-perf] targets (MFU, the anchor's tokens/s): met or MISSED
+python3 tools/bench_train.py --judge "$WORK" >>"$REPORT" 2>&1
 # where the time goes, per traced row: the busy line, the category table, the top 12 kernels
 for summary in "$WORK"/profile_*/*/summary.md; do
   [ -f "$summary" ] || continue
