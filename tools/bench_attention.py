@@ -362,6 +362,22 @@ def _deadline(start: float, budget_s: float, sweeps_left: int) -> float:
     return now + (budget_s - (now - start)) / sweeps_left
 
 
+def _benchmark_shapes(K: int, shape: tuple[int, int, int]) -> list[tuple[int, int, int, int]]:
+    """The benchmark's shapes of head dim K, else the tuning shape with it."""
+    return [x for x in SHAPES if x[3] == K] or [(*shape, K)]
+
+
+def _default_vs_tuned(fwd_bwd_of, tilings, shapes, reps, label) -> list[str]:
+    """A line per shape: fwd+bwd with the default and the tuned tiling (fwd_bwd_of(tiling,
+    shape) -> the jitted program)."""
+    lines = []
+    for full in shapes:
+        args = _inputs(*full)
+        t_default, t_tuned = (_try_time(fwd_bwd_of(t, full), args, reps) for t in tilings)
+        lines.append(f"{label} {full}: default {_ms(t_default, 2)} ms, tuned {_ms(t_tuned, 2)} ms")
+    return lines
+
+
 def tune(
     head_dims: list[int],
     reps: int,
@@ -422,13 +438,13 @@ def tune(
         S_check = max(shape[1] // 2 - 24, shape[1] // 2 + 3)
         G = max(shape[2] // 4, 1)
         summary += check(B=2, S=S_check, H=shape[2], G=G, K=K, tilings=best, interpret=interpret)
-        for full in [x for x in SHAPES if x[3] == K and not interpret] or [(*shape, K)]:
-            args = _inputs(*full)
-            t_default = _try_time(_fwd_bwd(default, interpret), args, reps)
-            t_best = _try_time(_fwd_bwd(best, interpret), args, reps)
-            summary.append(
-                f"fwd+bwd {full}: default {_ms(t_default, 2)} ms, tuned {_ms(t_best, 2)} ms"
-            )
+        summary += _default_vs_tuned(
+            lambda tilings, _: _fwd_bwd(tilings, interpret),
+            (default, best),
+            [(*shape, K)] if interpret else _benchmark_shapes(K, shape),
+            reps,
+            "fwd+bwd",
+        )
     summary.append(f"tuning took {time.perf_counter() - start:.0f} s (budget {budget_s:.0f} s)")
     return rows + summary, winners
 
@@ -496,19 +512,15 @@ def tune_hopper(
         summary.append(f"best Hopper tiling, head dim {K}: {best!r}")
         _, S, H = shape
         summary += check_hopper(B=2, S=S // 2, H=H, G=max(H // 4, 1), K=K, variants={"tuned": best})
-        for full in [x for x in SHAPES if x[3] == K and full_shapes] or [(*shape, K)]:
-            args = _inputs(*full)
-            times = [
-                _try_time(
-                    _grad_fn(functools.partial(_hopper, slopes=alibi_slopes(full[2]), tiling=t)),
-                    args,
-                    reps,
-                )
-                for t in (default, best)
-            ]
-            summary.append(
-                f"Hopper fwd+bwd {full}: default {_ms(times[0], 2)} ms, tuned {_ms(times[1], 2)} ms"
-            )
+        summary += _default_vs_tuned(
+            lambda tiling, full: _grad_fn(
+                functools.partial(_hopper, slopes=alibi_slopes(full[2]), tiling=tiling)
+            ),
+            (default, best),
+            _benchmark_shapes(K, shape) if full_shapes else [(*shape, K)],
+            reps,
+            "Hopper fwd+bwd",
+        )
     summary.append(
         f"Hopper tuning took {time.perf_counter() - start:.0f} s (budget {budget_s:.0f} s)"
     )
