@@ -16,9 +16,18 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
+	$(MAKE) aot-plugin VENV=$(VENV)
 	touch $(STAMP)
 
-.PHONY: setup quickstart test test-gpu-stack lint format
+# jax's CUDA PJRT plugin for `bench_train.py --aot` (compiling for a GPU on a host without one),
+# matched to the venv's jaxlib; in a folder of its own, off the path of everything else (jax
+# would try to open a GPU with it)
+aot-plugin:
+	$(VENV)/bin/python -m pip install -q --no-deps --upgrade --target $(VENV)/aot-plugin \
+		$$($(VENV)/bin/python -c 'import jaxlib; v = jaxlib.__version__; \
+		print(f"jax-cuda13-pjrt=={v} jax-cuda13-plugin=={v}")')
+
+.PHONY: setup quickstart test test-gpu-stack lint format aot-plugin
 setup: $(STAMP)
 
 # the main job: prepare the built-in corpus (once), train experiments/quickstart.yaml, export to HF
@@ -47,4 +56,5 @@ test-gpu-stack:
 	$(PYTHON312) -m venv $(GPU_STACK_VENV)
 	$(GPU_STACK_VENV)/bin/python -m pip install -q jax==0.11.2 jaxlib==0.11.2 flax==0.12.10 \
 		optax==0.2.8 tokamax==0.0.12 typeguard==2.13.3 pytest pytest-xdist matplotlib -e .
+	$(MAKE) aot-plugin VENV=$(GPU_STACK_VENV)
 	$(GPU_STACK_VENV)/bin/python -m pytest -n 2 -q -p no:cacheprovider --durations=5

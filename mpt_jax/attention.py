@@ -159,8 +159,12 @@ def _hopper_kernels():
 
 
 def backend() -> str:
-    """The platform attention is built for: `auto`'s choice and Pallas interpret mode follow it."""
-    return jax.default_backend()
+    """The platform attention is built for: `auto`'s choice and Pallas interpret mode follow it.
+
+    That of the abstract mesh in context if it names a device (a CPU host lowering for a GPU,
+    `mpt_jax.aot.lowering_for`), else jax's default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return getattr(device, "platform", None) or jax.default_backend()
 
 
 def auto_impl(q_BSHK: jax.Array, dropout_rate: float, *, alibi: bool) -> str:

@@ -5,7 +5,7 @@
         [--precision amp_bf16[,fp32,...]] [--remat none[,dots_saveable,full]] \\
         [--warmup 3] [--steps 10] [--out DIR] [--peak-tflops X] [--device-memory-gib X] \\
         [--model-override key=value ...] [--in-process] [--row-timeout 3600] \\
-        [--profile DIR [--profile-steps 3]]
+        [--profile DIR [--profile-steps 3]] [--aot h100|h200 [--aot-rates ...] [--aot-plugin DIR]]
 
 Every combination of models x seq lens x global batches x microbatches x meshes x precisions x
 remat policies is one row. A model is a preset (experiments/models/), a YAML file or `tiny` (a
@@ -25,6 +25,13 @@ tracing overhead -- and after the table the tool prints each row's "where the ti
 (mpt_jax.profiling), also written to DIR/<row label>/summary.md; tools/profile_summary.py reads
 such a trace again.
 
+With --aot CARD nothing runs: each row is compiled for that GPU on this host, without one
+(mpt_jax.aot: XLA's deviceless compilation through the CUDA PJRT plugin, found on --aot-plugin),
+and the table has XLA's memory estimate, what the optimized program does (mpt_jax.hlo_cost:
+matmul and attention FLOPs, bytes moved by copies and by other kernels) and a predicted step
+from --aot-rates (defaults: the H200 figures of 2026-11-28, docs/performance.md); each row's
+top memory-bound launch sites go to DIR/<row label>.aot.md with --out.
+
 Writes DIR/bench_train.md and DIR/bench_train.csv with --out, and prints the Markdown table.
 Exit status 0 when the table was written, also when rows did not fit or failed; 2 for bad
 arguments.
@@ -38,6 +45,7 @@ import importlib.metadata
 import io
 import itertools
 import json
+import os
 import re
 import shlex
 import statistics
@@ -48,7 +56,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from mpt_jax import metrics, profiling
+from mpt_jax import aot, hlo_cost, metrics, profiling
 from mpt_jax.config import (
     ConfigError,
     MeshConfig,
@@ -96,6 +104,34 @@ COLUMNS = (
     "Peak memory (GiB/device)",
     "Status",
 )
+
+AOT_COLUMNS = (
+    "Model",
+    "SeqLen (T)",
+    "Device",
+    "GlobalBatchSize",
+    "Precision",
+    "Layers",
+    "Activation Checkpointing",
+    "Loss chunk",
+    "NumParams",
+    "XLA memory (GiB/device)",
+    "Matmul TFLOP",
+    "Attention TFLOP",
+    "Copies GB",
+    "Elementwise GB",
+    "Predicted step (s)",
+    "Predicted T/s",
+    "Predicted MFU",
+    "Status",
+)
+# --aot's default rates: MPT-1B with ALiBi on an H200, 2026-11-28 (docs/performance.md): the
+# matmuls' 2.58e14 FLOP in 345.7 ms; our kernels at the tuned tilings, 2.05 ms for the 6.19e11
+# FLOP they execute at (8, 2048, 16, 128); the copies and other kernels' 847 GB (as mpt_jax.
+# hlo_cost counts that program) in 228.9 ms
+AOT_RATES = {"matmul": 745.0, "attention": 302.0, "memory": 3.70}
+# beside this Python's packages: `make setup` installs it there, matched to the venv's jaxlib
+DEFAULT_AOT_PLUGIN = Path(sys.prefix) / "aot-plugin"
 
 _RESULT_MARKER = "BENCH_TRAIN_ROW "
 _OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory")
@@ -217,6 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead of running: judge DIR's rows (DIR/*/bench_train.csv, as tools/gpu/perf.sh "
         "leaves them) and its anchor_jax_plain_mpt1b.json against the [gpu-perf] targets",
     )
+    add("--aot", choices=sorted(aot.CARDS), help="compile for this GPU here, without one; no run")
+    add(
+        "--aot-rates",
+        default=None,
+        metavar="matmul=T,attention=T,memory=B",
+        help="--aot's prediction: matmul and attention-kernel TFLOP/s, memory-bound TB/s",
+    )
+    add(
+        "--aot-plugin",
+        default=str(DEFAULT_AOT_PLUGIN),
+        metavar="DIR",
+        help="where jax's CUDA PJRT plugin is installed (make aot-plugin)",
+    )
     add("--_row", default=None, help=argparse.SUPPRESS)  # internal: run one row, print JSON
     return parser
 
@@ -263,6 +312,23 @@ def judge(perf_dir: Path) -> list[str]:
     return lines
 
 
+def parse_aot_rates(text: str | None) -> dict[str, float]:
+    """--aot-rates `matmul=745,attention=302,memory=3.7` over AOT_RATES; ArgError if bad."""
+    rates = dict(AOT_RATES)
+    for item in _split(text or ""):
+        key, sep, value = item.partition("=")
+        if not sep or key not in rates:
+            keys = ", ".join(rates)
+            raise ArgError("--aot-rates", f"expected KEY=VALUE with KEY in {keys}, got {item!r}")
+        try:
+            rates[key] = float(value)
+        except ValueError:
+            rates[key] = float("nan")
+        if not rates[key] > 0:
+            raise ArgError("--aot-rates", f"{key} must be a number > 0, got {value!r}")
+    return rates
+
+
 def plan_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     """One spec per combination, in the order of the table; raises ArgError on bad input."""
     if args.warmup < 0:
@@ -277,6 +343,9 @@ def plan_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise ArgError("--row-timeout", f"must be > 0, got {args.row_timeout}")
     if args.profile_steps < 1:
         raise ArgError("--profile-steps", f"must be >= 1, got {args.profile_steps}")
+    rates = parse_aot_rates(args.aot_rates) if args.aot else None
+    if args.aot_rates is not None and not args.aot:
+        raise ArgError("--aot-rates", "only with --aot")
     names = _split(args.models)
     if not names:
         raise ArgError("--models", "expected one or more model names")
@@ -314,6 +383,9 @@ def plan_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                 seed=args.seed,
                 device_memory_gib=args.device_memory_gib,
                 isolated=not args.in_process,
+                aot=args.aot,
+                aot_rates=rates,
+                aot_plugin=args.aot_plugin,
             )
         )
     seen: dict[str, int] = {}
@@ -450,6 +522,8 @@ def _traced_steps(
 
 def run_row(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one row; the status says why a row was skipped, did not fit or failed."""
+    if spec.get("aot"):
+        return compile_row(spec)
     import jax
     import numpy as np
 
@@ -518,11 +592,78 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
     return {**result, "status": "ok", "step_times": times}
 
 
+def _aot_environment(plugin: str) -> dict[str, str]:
+    """The variables an --aot row needs: the CUDA PJRT plugin importable, jax on the CPU."""
+    path = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": plugin + (os.pathsep + path if path else ""), "JAX_PLATFORMS": "cpu"}
+
+
+def compile_row(spec: dict[str, Any]) -> dict[str, Any]:
+    """Compile one row for spec's GPU card on this host (mpt_jax.aot) and read the program."""
+    import jax
+    import numpy as np
+
+    from mpt_jax import sharding
+    from mpt_jax.config import run_config_from_dict
+    from mpt_jax.train import abstract_state, jit_train_step
+
+    card = aot.card(spec["aot"])
+    result: dict[str, Any] = {"n_devices": 1, "device_kind": card.device_kind, "mesh": None}
+    try:
+        devices = aot.compile_only_devices(spec["aot"])
+        cfg = run_config_from_dict(_run_config(spec))
+        mesh = sharding.make_mesh(cfg.mesh, devices)
+        result["mesh"] = list(mesh.axis_sizes)
+        graphdef, abstract, shardings = abstract_state(cfg, mesh)
+        step = jit_train_step(graphdef, cfg, mesh, shardings)
+        shape_bs = (cfg.train.global_batch, cfg.seq_len)
+        ids = jax.ShapeDtypeStruct(shape_bs, np.int32, sharding=sharding.batch_sharding(mesh))
+        batch = {"input_ids": ids}
+        if cfg.model.attn_uses_sequence_id:
+            batch["segment_ids"] = ids
+        with aot.lowering_for(mesh):
+            compiled = step.trace(abstract, batch).lower().compile()
+        cost = hlo_cost.analyze(compiled.as_text())
+    except Exception as e:
+        return {**result, "status": f"failed: {_one_line(e)}"}
+    rates = spec["aot_rates"]
+    seconds = hlo_cost.predict_seconds(
+        cost,
+        hlo_cost.Rates(
+            matmul_flops=rates["matmul"] * 1e12,
+            attention_flops=rates["attention"] * 1e12,
+            memory_bytes=rates["memory"] * 1e12,
+        ),
+    )
+    needed = _estimated_bytes(compiled)
+    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+    available = card.memory_bytes * fraction
+    if spec["device_memory_gib"]:
+        available = spec["device_memory_gib"] * GIB
+    status = "compiled"
+    if needed is not None and needed > available:
+        status = f"does not fit: needs {_gib(needed)} GiB, {_gib(available)} GiB available"
+    return {
+        **result,
+        "status": status,
+        "estimated_bytes": needed,
+        "aot": {
+            "matmul_flops": cost.total("flops", hlo_cost.MATMUL),
+            "attention_flops": cost.total("flops", hlo_cost.ATTENTION),
+            "copies_bytes": cost.total("bytes", hlo_cost.COPIES),
+            "elementwise_bytes": cost.total("bytes", hlo_cost.ELEMENTWISE),
+            "seconds": seconds,
+            "report": hlo_cost.format_cost(cost),
+        },
+    }
+
+
 def run_isolated(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     """run_row in a fresh Python (inherits the environment, so XLA_FLAGS' device count too)."""
     command = [sys.executable, str(Path(__file__).resolve()), "--_row", json.dumps(spec)]
+    env = {**os.environ, **_aot_environment(spec["aot_plugin"])} if spec.get("aot") else None
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"status": f"failed: timed out after {timeout:g} s"}
     for line in reversed(done.stdout.splitlines()):
@@ -619,6 +760,53 @@ def table_row(
     return row
 
 
+def aot_table_row(
+    spec: dict[str, Any], result: dict[str, Any], peak_tflops: float | None
+) -> dict[str, Any]:
+    """An --aot row by AOT_COLUMNS: XLA's memory estimate, the program's work, the prediction."""
+    model = ModelConfig.from_dict(spec["model"])
+    row: dict[str, Any] = dict.fromkeys(AOT_COLUMNS)
+    row.update(
+        {
+            "Model": spec["label"],
+            "SeqLen (T)": spec["seq"],
+            "Device": result.get("device_kind"),
+            "GlobalBatchSize": spec["global_batch"],
+            "Precision": spec["precision"],
+            "Layers": "scanned" if model.scan_layers else "unrolled",
+            "Activation Checkpointing": spec["remat"],
+            "Loss chunk": spec["loss_chunk"] or "none",
+            "NumParams": count_params(model),
+            "Status": result["status"],
+        }
+    )
+    if result.get("estimated_bytes") is not None:
+        row["XLA memory (GiB/device)"] = _gib(result["estimated_bytes"])
+    work = result.get("aot")
+    if work is None:
+        return row
+    step_time = work["seconds"]["total"]
+    kind = result["device_kind"]
+    peak = peak_tflops * 1e12 if peak_tflops else metrics.peak_flops(kind, spec["precision"])
+    throughput = metrics.Throughput.from_config(
+        model, spec["seq"], n_devices=1, peak=peak, remat=spec["remat"]
+    )
+    throughput.update(step_time, spec["global_batch"], spec["global_batch"] * spec["seq"])
+    rates = throughput.compute()
+    row.update(
+        {
+            "Matmul TFLOP": work["matmul_flops"] / 1e12,
+            "Attention TFLOP": work["attention_flops"] / 1e12,
+            "Copies GB": work["copies_bytes"] / 1e9,
+            "Elementwise GB": work["elementwise_bytes"] / 1e9,
+            "Predicted step (s)": step_time,
+            "Predicted T/s": rates["tokens_per_s"],
+            "Predicted MFU": None if "mfu" not in rates else 100 * rates["mfu"],
+        }
+    )
+    return row
+
+
 def _csv_cell(value: Any) -> str:
     if value is None:
         return ""
@@ -630,26 +818,26 @@ def _md_cell(column: str, value: Any) -> str:
         return "-"
     if not isinstance(value, float):
         return str(value)
-    if column in ("MFU", "HFU"):
+    if column in ("MFU", "HFU", "Predicted MFU"):
         return f"{value:.2f}"
-    if column.startswith("Throughput"):
+    if column.startswith("Throughput") or column == "Predicted T/s":
         return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
     return f"{value:.3g}"
 
 
-def to_markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+def to_markdown(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(_md_cell(c, row[c]) for c in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_md_cell(c, row[c]) for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
-def to_csv(rows: list[dict[str, Any]]) -> str:
+def to_csv(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(COLUMNS)
+    writer.writerow(columns)
     for row in rows:
-        writer.writerow([_csv_cell(row[c]) for c in COLUMNS])
+        writer.writerow([_csv_cell(row[c]) for c in columns])
     return out.getvalue()
 
 
@@ -689,6 +877,12 @@ def main(argv: list[str] | None = None) -> int:
     except ArgError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.aot and args.in_process:  # before jax opens a backend: the plugin, no GPU
+        sys.path.insert(0, args.aot_plugin)
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
+    make_row, columns = (aot_table_row, AOT_COLUMNS) if args.aot else (table_row, COLUMNS)
     rows, results = [], []
     for i, spec in enumerate(specs, 1):
         start = time.perf_counter()
@@ -699,7 +893,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run_row(spec)
         else:
             result = run_isolated(spec, args.row_timeout)
-        rows.append(table_row(spec, result, args.peak_tflops))
+        rows.append(make_row(spec, result, args.peak_tflops))
         results.append(result)
         mesh = _mesh_text(_requested_mesh(spec))
         print(
@@ -714,7 +908,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:  # rows skipped before any device was seen: the machine is the same
         if known is not None and row["Device"] is None:
             row["Device"], row["# Devices"] = known["Device"], known["# Devices"]
-    markdown = to_markdown(rows)
+    markdown = to_markdown(rows, columns)
     if out is not None:
         command = shlex.join(
             ["python", "tools/bench_train.py", *(sys.argv[1:] if argv is None else argv)]
@@ -724,7 +918,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{sys.version.split()[0]}, {time.strftime('%Y-%m-%d')}\n\n"
         )
         _write_atomic(out / "bench_train.md", caption + markdown)
-        _write_atomic(out / "bench_train.csv", to_csv(rows))
+        _write_atomic(out / "bench_train.csv", to_csv(rows, columns))
+        for spec, result in zip(specs, results, strict=True):
+            if "aot" in result:
+                report = f"# {row_label(spec)}: compiled for {result['device_kind']}\n\n"
+                _write_atomic(out / f"{row_label(spec)}.aot.md", report + result["aot"]["report"])
     print(markdown, end="")
     for spec, result in zip(specs, results, strict=True):
         if spec["profile_dir"] and result["status"] == "ok":

@@ -1,0 +1,98 @@
+"""mpt_jax.hlo_cost on programs XLA CPU compiled: FLOPs, bytes, trip counts, in-place updates."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from mpt_jax import hlo_cost
+
+
+def _cost(fn, *args) -> hlo_cost.ProgramCost:
+    return hlo_cost.analyze(jax.jit(fn).lower(*args).compile().as_text())
+
+
+def test_a_matmul_counts_two_flops_per_multiply_add_and_its_operands_bytes():
+    a, b = jnp.ones((64, 32)), jnp.ones((32, 16))
+    cost = _cost(lambda a, b: jnp.tanh(a @ b), a, b)
+    assert cost.total("flops", hlo_cost.MATMUL) == 2 * 64 * 32 * 16
+    assert cost.launches(hlo_cost.MATMUL) == 1
+    assert cost.total("bytes", hlo_cost.MATMUL) == 4 * (64 * 32 + 32 * 16 + 64 * 16)
+    # the tanh reads and writes the (64, 16) product once, unless fused into the matmul
+    tanh = cost.total("bytes") - cost.total("bytes", hlo_cost.MATMUL)
+    assert tanh in (0, 2 * 4 * 64 * 16)
+
+
+def test_a_loop_body_counts_once_per_trip():
+    def body(x, _):
+        return jnp.sin(x) * 2.0, None
+
+    x = jnp.ones((4096,))
+    cost5 = _cost(lambda x: jax.lax.scan(body, x, None, length=5)[0], x)
+    cost9 = _cost(lambda x: jax.lax.scan(body, x, None, length=9)[0], x)
+    moved5, moved9 = (c.total("bytes", hlo_cost.ELEMENTWISE) for c in (cost5, cost9))
+    per_trip = (moved9 - moved5) / 4
+    # the (4096,) carry read and written once per trip, beside the scalar trip counter's bytes
+    assert per_trip == pytest.approx(2 * 4 * 4096, abs=64)
+    assert cost9.launches(hlo_cost.ELEMENTWISE) > cost5.launches(hlo_cost.ELEMENTWISE)
+
+
+def test_an_in_place_update_counts_the_update_not_the_buffer():
+    rows, width = 256, 1024
+
+    def fill(buffer, values):
+        def body(i, buffer):
+            return jax.lax.dynamic_update_slice(buffer, values[i][None] * 3.0, (i, 0))
+
+        return jax.lax.fori_loop(0, rows, body, buffer)
+
+    cost = _cost(fill, jnp.zeros((rows, width)), jnp.ones((rows, width)))
+    moved = cost.total("bytes")
+    # per row: a (1, width) slice of `values` read, scaled and written into the buffer in place;
+    # counting the whole buffer per trip would be `rows` times more
+    assert 2 * 4 * rows * width <= moved < 6 * 4 * rows * width
+
+
+def test_a_conditional_counts_its_costliest_branch():
+    x = jnp.ones((1 << 16,))
+
+    def branches(p, x):
+        return jax.lax.cond(p, lambda x: jnp.exp(x) * jnp.sin(x), lambda x: x, x)
+
+    cost = _cost(branches, True, x)
+    assert cost.total("bytes", hlo_cost.ELEMENTWISE) >= 2 * 4 * (1 << 16)
+
+
+def test_shapes_and_instructions_parse():
+    assert hlo_cost.shape_bytes("(f32[16,2048]{1,0}, bf16[8]{0}, s32[])") == 16 * 2048 * 4 + 16 + 4
+    line = (
+        "  ROOT %fusion.3 = (bf16[4,8]{1,0}, f32[4]{0}) fusion(%p.1, /*index=1*/%p.2), "
+        'kind=kLoop, calls=%fused_computation.3, metadata={op_name="jit(step)/mul"}'
+    )
+    instruction = hlo_cost.Instruction.parse(line)
+    assert (instruction.name, instruction.opcode, instruction.root) == ("fusion.3", "fusion", True)
+    assert instruction.operands == ("p.1", "p.2")
+    assert instruction.attribute("calls") == "fused_computation.3"
+    assert instruction.op_name == "jit(step)/mul"
+
+
+@pytest.mark.parametrize(
+    "text", ["", "not hlo at all", "HloModule m\n\n%c (p: f32[]) -> f32[] {\n}"]
+)
+def test_text_that_is_not_an_optimized_module_is_refused(text):
+    with pytest.raises(hlo_cost.HloParseError):
+        hlo_cost.analyze(text)
+
+
+def test_prediction_adds_each_category_at_its_rate():
+    kernels = [
+        hlo_cost.Kernel(hlo_cost.MATMUL, "gemm", "", 1e9, 2e12, 3),
+        hlo_cost.Kernel(hlo_cost.ATTENTION, "fwd", "", 1e9, 1e12, 2),
+        hlo_cost.Kernel(hlo_cost.ELEMENTWISE, "add", "", 4e9, 0, 5),
+        hlo_cost.Kernel(hlo_cost.COPIES, "copy", "", 1e9, 0, 1),
+    ]
+    rates = hlo_cost.Rates(matmul_flops=600e12, attention_flops=200e12, memory_bytes=3e12)
+    seconds = hlo_cost.predict_seconds(hlo_cost.ProgramCost(kernels), rates)
+    assert seconds[hlo_cost.MATMUL] == pytest.approx(6e12 / 600e12)
+    assert seconds[hlo_cost.ATTENTION] == pytest.approx(2e12 / 200e12)
+    assert seconds[hlo_cost.ELEMENTWISE] == pytest.approx(20e9 / 3e12)
+    assert seconds["total"] == pytest.approx(0.01 + 0.01 + 20e9 / 3e12 + 1e9 / 3e12)
