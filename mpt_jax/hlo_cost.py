@@ -45,7 +45,7 @@ _OPERAND = re.compile(r"%([\w.\-]+)")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _TARGET = re.compile(r'custom_call_target="([^"]*)"')
-_ATTENTION_KERNELS = re.compile(r"mpt_flash_(?:mgpu_)?(fwd|dq|dkdv)\b")
+_ATTENTION_KERNELS = re.compile(r"mpt_flash_(?:mgpu_)?(fwd|dq|dkdv)(?:_x\d+)?\b")
 # our kernels' matmuls per (query, key) pair of head dim K, in units of 2 K FLOPs: the forward
 # computes S = QK^T and O = PV, dq recomputes S and adds dP = dO V^T and dQ = dS K, dk/dv
 # recomputes S and dP and adds dV = P^T dO and dK = dS^T Q
@@ -244,7 +244,8 @@ def _fusion(fusion: Instruction, computations: dict[str, list[Instruction]]) -> 
     read = 0.0
     for param in (i for i in body if i.opcode == "parameter"):
         uses = users[param.name]
-        if uses and all(u.opcode in ("dynamic-slice", "slice", "gather") for u in uses):
+        sliced = ("dynamic-slice", "slice", "gather")
+        if uses and all(u.opcode in sliced and u.operands[0] == param.name for u in uses):
             read += sum(shape_bytes(u.shape) for u in uses)
         elif uses and all(
             u.opcode == "dynamic-update-slice" and u.operands[0] == param.name for u in uses
@@ -253,7 +254,16 @@ def _fusion(fusion: Instruction, computations: dict[str, list[Instruction]]) -> 
         else:
             read += shape_bytes(param.shape)
     flops = sum(_dot_flops(i, table) for i in body if i.opcode == "dot")
-    if flops:
+    # a custom call XLA fused with the slicing of its operands (a kernel inside a scan)
+    kernels = [
+        (match.group(1), i)
+        for i in body
+        if i.opcode == "custom-call" and (match := _ATTENTION_KERNELS.search(i.op_name))
+    ]
+    if kernels:
+        category = ATTENTION
+        flops = sum(_attention_flops(name, call) for name, call in kernels)
+    elif flops:
         category = MATMUL
     elif _only_moves_data(body):
         category = COPIES

@@ -127,9 +127,9 @@ AOT_COLUMNS = (
 )
 # --aot's default rates: MPT-1B with ALiBi on an H200, 2026-11-28 (docs/performance.md): the
 # matmuls' 2.58e14 FLOP in 345.7 ms; our kernels at the tuned tilings, 2.05 ms for the 6.19e11
-# FLOP they execute at (8, 2048, 16, 128); the copies and other kernels' 847 GB (as mpt_jax.
+# FLOP they execute at (8, 2048, 16, 128); the copies and other kernels' 842 GB (as mpt_jax.
 # hlo_cost counts that program) in 228.9 ms
-AOT_RATES = {"matmul": 745.0, "attention": 302.0, "memory": 3.70}
+AOT_RATES = {"matmul": 745.0, "attention": 302.0, "memory": 3.68}
 # beside this Python's packages: `make setup` installs it there, matched to the venv's jaxlib
 DEFAULT_AOT_PLUGIN = Path(sys.prefix) / "aot-plugin"
 
