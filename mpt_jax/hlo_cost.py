@@ -26,11 +26,10 @@ import math
 import re
 from collections.abc import Iterator
 
-MATMUL = "matmul"
-ATTENTION = "attention"
-COPIES = "memory copies"
-ELEMENTWISE = "fused elementwise / reductions"
-COLLECTIVES = "collectives"
+from mpt_jax import profiling
+
+# mpt_jax.profiling's categories, in its order, so that a trace and a program compare row by row
+ATTENTION, COLLECTIVES, MATMUL, COPIES, ELEMENTWISE = (name for name, _ in profiling.CATEGORIES)
 CATEGORY_ORDER = (MATMUL, ATTENTION, COLLECTIVES, COPIES, ELEMENTWISE)
 
 _DTYPE_BYTES = {

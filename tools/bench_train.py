@@ -520,6 +520,27 @@ def _traced_steps(
     return state, error
 
 
+def _abstract_step(spec: dict[str, Any], devices: list[Any]) -> tuple[Any, ...]:
+    """(run config, mesh, jitted step, abstract state, abstract batch) of a row over devices."""
+    import jax
+    import numpy as np
+
+    from mpt_jax import sharding
+    from mpt_jax.config import run_config_from_dict
+    from mpt_jax.train import abstract_state, jit_train_step
+
+    cfg = run_config_from_dict(_run_config(spec))
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    graphdef, abstract, shardings = abstract_state(cfg, mesh)
+    step = jit_train_step(graphdef, cfg, mesh, shardings)
+    shape_bs = (cfg.train.global_batch, cfg.seq_len)
+    ids = jax.ShapeDtypeStruct(shape_bs, np.int32, sharding=sharding.batch_sharding(mesh))
+    batch = {"input_ids": ids}
+    if cfg.model.attn_uses_sequence_id:
+        batch["segment_ids"] = ids
+    return cfg, mesh, step, abstract, batch
+
+
 def run_row(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one row; the status says why a row was skipped, did not fit or failed."""
     if spec.get("aot"):
@@ -528,8 +549,7 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
     from mpt_jax import sharding
-    from mpt_jax.config import run_config_from_dict
-    from mpt_jax.train import abstract_state, init_state, jit_train_step
+    from mpt_jax.train import init_state
 
     devices = jax.devices()
     result: dict[str, Any] = {
@@ -548,17 +568,9 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
             reason = f"{what} {value} is not a multiple of data*fsdp ({shards})"
             return {**result, "status": f"skipped: {reason}"}
     try:
-        cfg = run_config_from_dict(_run_config(spec))
-        mesh = sharding.make_mesh(cfg.mesh)
-        graphdef, abstract, shardings = abstract_state(cfg, mesh)
+        cfg, mesh, step, abstract, batch_abstract = _abstract_step(spec, devices)
         batch_sharding = sharding.batch_sharding(mesh)
-        step = jit_train_step(graphdef, cfg, mesh, shardings)
-        shape_bs = (cfg.train.global_batch, cfg.seq_len)
-        batch_abstract = {
-            "input_ids": jax.ShapeDtypeStruct(shape_bs, np.int32, sharding=batch_sharding)
-        }
-        if cfg.model.attn_uses_sequence_id:
-            batch_abstract["segment_ids"] = batch_abstract["input_ids"]
+        shape_bs = batch_abstract["input_ids"].shape
         compiled = step.lower(abstract, batch_abstract).compile()
         needed = _estimated_bytes(compiled)
         result["estimated_bytes"] = needed
@@ -600,27 +612,12 @@ def _aot_environment(plugin: str) -> dict[str, str]:
 
 def compile_row(spec: dict[str, Any]) -> dict[str, Any]:
     """Compile one row for spec's GPU card on this host (mpt_jax.aot) and read the program."""
-    import jax
-    import numpy as np
-
-    from mpt_jax import sharding
-    from mpt_jax.config import run_config_from_dict
-    from mpt_jax.train import abstract_state, jit_train_step
-
     card = aot.card(spec["aot"])
     result: dict[str, Any] = {"n_devices": 1, "device_kind": card.device_kind, "mesh": None}
     try:
         devices = aot.compile_only_devices(spec["aot"])
-        cfg = run_config_from_dict(_run_config(spec))
-        mesh = sharding.make_mesh(cfg.mesh, devices)
+        _, mesh, step, abstract, batch = _abstract_step(spec, devices)
         result["mesh"] = list(mesh.axis_sizes)
-        graphdef, abstract, shardings = abstract_state(cfg, mesh)
-        step = jit_train_step(graphdef, cfg, mesh, shardings)
-        shape_bs = (cfg.train.global_batch, cfg.seq_len)
-        ids = jax.ShapeDtypeStruct(shape_bs, np.int32, sharding=sharding.batch_sharding(mesh))
-        batch = {"input_ids": ids}
-        if cfg.model.attn_uses_sequence_id:
-            batch["segment_ids"] = ids
         with aot.lowering_for(mesh):
             compiled = step.trace(abstract, batch).lower().compile()
         cost = hlo_cost.analyze(compiled.as_text())
@@ -703,6 +700,23 @@ def sharding_strategy(mesh: list[int]) -> str:
     return name + (" + tensor parallel" if tensor > 1 else "")
 
 
+def _rates(
+    spec: dict[str, Any],
+    model: ModelConfig,
+    kind: str,
+    n_devices: int,
+    step_time: float,
+    peak_tflops: float | None,
+) -> dict[str, float]:
+    """mpt_jax.metrics' rates (llm-foundry's formula) for one step of spec's global batch."""
+    peak = peak_tflops * 1e12 if peak_tflops else metrics.peak_flops(kind, spec["precision"])
+    throughput = metrics.Throughput.from_config(
+        model, spec["seq"], n_devices=n_devices, peak=peak, remat=spec["remat"]
+    )
+    throughput.update(step_time, spec["global_batch"], spec["global_batch"] * spec["seq"])
+    return throughput.compute()
+
+
 def table_row(
     spec: dict[str, Any], result: dict[str, Any], peak_tflops: float | None
 ) -> dict[str, Any]:
@@ -739,13 +753,8 @@ def table_row(
         row["Peak memory (GiB/device)"] = f"{_gib(result['estimated_bytes'])} (est.)"
     if result["status"] != "ok":
         return row
-    peak = peak_tflops * 1e12 if peak_tflops else metrics.peak_flops(kind, spec["precision"])
-    throughput = metrics.Throughput.from_config(
-        model, spec["seq"], n_devices=result["n_devices"], peak=peak, remat=spec["remat"]
-    )
     step_time = statistics.median(result["step_times"])
-    throughput.update(step_time, spec["global_batch"], spec["global_batch"] * spec["seq"])
-    rates = throughput.compute()
+    rates = _rates(spec, model, kind, result["n_devices"], step_time, peak_tflops)
     row.update(
         {
             "MFU": None if "mfu" not in rates else 100 * rates["mfu"],
@@ -786,13 +795,7 @@ def aot_table_row(
     if work is None:
         return row
     step_time = work["seconds"]["total"]
-    kind = result["device_kind"]
-    peak = peak_tflops * 1e12 if peak_tflops else metrics.peak_flops(kind, spec["precision"])
-    throughput = metrics.Throughput.from_config(
-        model, spec["seq"], n_devices=1, peak=peak, remat=spec["remat"]
-    )
-    throughput.update(step_time, spec["global_batch"], spec["global_batch"] * spec["seq"])
-    rates = throughput.compute()
+    rates = _rates(spec, model, result["device_kind"], 1, step_time, peak_tflops)
     row.update(
         {
             "Matmul TFLOP": work["matmul_flops"] / 1e12,
