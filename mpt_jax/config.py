@@ -19,6 +19,7 @@ NormType = Literal["low_precision_layernorm", "layernorm", "low_precision_rmsnor
 FfnType = Literal["mptmlp", "mptglu"]
 ActFn = Literal["gelu", "silu", "relu"]
 AttnImpl = Literal["auto", "xla", "cudnn", "pallas_gpu", "pallas_mgpu", "pallas_tpu", "tokamax"]
+NormImpl = Literal["auto", "xla", "pallas_gpu"]
 InitName = Literal["kaiming_normal_", "kaiming_uniform_", "baseline_", "small_init_", "neox_init_"]
 FanMode = Literal["fan_in", "fan_out"]
 Nonlinearity = Literal["relu", "leaky_relu", "linear"]
@@ -73,6 +74,7 @@ class ModelConfig:
     no_bias: bool = False  # removes Linear biases *and* LayerNorm biases
     norm_type: NormType = "low_precision_layernorm"
     norm_eps: float = 1e-5
+    norm_impl: NormImpl = "auto"  # mpt_jax: the norms' kernels (same math); auto: xla for now
     logit_scale: float | Literal["inv_sqrt_d_model"] | None = None
     embedding_fraction: float = 1.0  # GLM-130B trick: scales the gradient into the embeddings
     tie_word_embeddings: bool = True

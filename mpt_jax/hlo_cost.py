@@ -216,10 +216,16 @@ def _custom_gemm_flops(call: Instruction, table: dict[str, Instruction]) -> floa
     return 2.0 * math.prod(_dims(call.shape)) * contracted
 
 
-def _attention_flops(kernel: str, call: Instruction) -> float:
-    """Matmul FLOPs of one of our causal attention kernels, from its first output (B, S, H, K)
-    (dk for the dk/dv kernel: with grouped kv heads, H counts those)."""
-    B, S, H, K = _dims(call.shape)[:4]
+def _attention_flops(kernel: str, call: Instruction, table: dict[str, Instruction]) -> float:
+    """Matmul FLOPs of one of our causal attention kernels: B, H (query heads) and S from the
+    float32 (B, H, S) softmax statistics it writes (forward, dq) or reads (dk/dv), K from its
+    first output, (B, S, heads, K) (all N heads of a fused qkv gradient written in place)."""
+    shapes = [call.shape, *(table[o].shape for o in call.operands if o in table)]
+    stats = [m for s in shapes for m in _ARRAY.findall(s) if m[0] == "f32" and m[1].count(",") == 2]
+    if not stats:
+        raise HloParseError(f"{call.name}: no float32 (B, H, S) statistics among its arrays")
+    B, H, S = (int(d) for d in stats[0][1].split(","))
+    K = _dims(call.shape)[3]
     pairs = B * H * S * (S + 1) / 2  # causal
     return _ATTENTION_MATMULS[kernel] * 2.0 * K * pairs
 
@@ -261,7 +267,7 @@ def _fusion(fusion: Instruction, computations: dict[str, list[Instruction]]) -> 
     ]
     if kernels:
         category = ATTENTION
-        flops = sum(_attention_flops(name, call) for name, call in kernels)
+        flops = sum(_attention_flops(name, call, table) for name, call in kernels)
     elif flops:
         category = MATMUL
     elif _only_moves_data(body):
@@ -312,7 +318,7 @@ def _kernels(
             attention = _ATTENTION_KERNELS.search(instruction.op_name)
             if op == "custom-call" and attention:
                 category = ATTENTION
-                flops = _attention_flops(attention.group(1), instruction)
+                flops = _attention_flops(attention.group(1), instruction, table)
             elif op == "custom-call" and "cublas" in str(_TARGET.findall(instruction.attributes)):
                 category, flops = MATMUL, _custom_gemm_flops(instruction, table)
             elif op == "dot":

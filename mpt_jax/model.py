@@ -24,6 +24,7 @@ from flax import nnx
 from mpt_jax import attention as attention_lib
 from mpt_jax import hf_checkpoint
 from mpt_jax.config import InitConfig, ModelConfig, param_shapes
+from mpt_jax.kernels.layer_norm import fused_norm
 
 Initializer = Callable[[jax.Array, tuple[int, ...]], jax.Array]
 
@@ -147,17 +148,36 @@ class Norm(nnx.Module):
     def __init__(self, width: int, cfg: ModelConfig, *, names, dtype: Any, param_dtype: Any):
         self.rms = cfg.norm_type.endswith("rmsnorm")
         self.eps = cfg.norm_eps
+        self.impl = "xla" if cfg.norm_impl == "auto" else cfg.norm_impl  # auto: not yet timed
         self.dtype = dtype if cfg.norm_type.startswith("low_precision") else jnp.float32
         self.scale = _param(jnp.ones((width,), jnp.float32), names, param_dtype)
         has_bias = not cfg.no_bias and not self.rms
         zeros = jnp.zeros((width,), jnp.float32)
         self.bias = _param(zeros, names, param_dtype) if has_bias else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, h: jax.Array | None = None) -> jax.Array:
+        """The norm of x + h: h is a block's output not yet added to the stream x (None: none)."""
+        if self.impl == "pallas_gpu":
+            return self._fused(x, h, skip=False)
+        x = x if h is None else x + h
         bias = None if self.bias is None else self.bias[...]
         # cast outside the custom_vjp: in amp the backward then keeps a bf16 x, not the fp32
         # residual stream
         return _norm(x.astype(self.dtype), self.scale[...], bias, self.eps, self.rms, self.dtype)
+
+    def with_skip(self, x: jax.Array, h: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """(s, its norm), s = x + h, for a pre-LN block's two paths. With `pallas_gpu` one kernel
+        adds, normalizes and, backward, sums both paths' gradients."""
+        if self.impl == "pallas_gpu":
+            return self._fused(x, h, skip=True)
+        x = x if h is None else x + h
+        return x, self(x)
+
+    def _fused(self, x: jax.Array, h: jax.Array | None, *, skip: bool):
+        bias = None if self.bias is None else self.bias[...]
+        interpret = attention_lib.backend() != "gpu"  # elsewhere the same kernel, interpreted
+        kw = dict(eps=self.eps, rms=self.rms, dtype=self.dtype, skip=skip, interpret=interpret)
+        return fused_norm(x, self.scale[...], bias, h=h, **kw)
 
 
 def _centred(x: jax.Array, rms: bool) -> jax.Array:
@@ -384,15 +404,21 @@ class Block(nnx.Module):
         self.resid_pdrop = cfg.resid_pdrop
 
     def __call__(
-        self, x_BSD: jax.Array, segment_ids: jax.Array | None, key: jax.Array | None
-    ) -> jax.Array:
+        self,
+        x_BSD: jax.Array,
+        h_BSD: jax.Array | None,
+        segment_ids: jax.Array | None,
+        key: jax.Array | None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """(x, h) -> (x', h'): the residual stream and the last block's output, which the next
+        norm adds to it (one kernel with `norm_impl: pallas_gpu`); h None: nothing to add."""
         k_attn, k_resid_attn, k_resid_ffn = (
             jax.random.split(key, 3) if key is not None else [None] * 3
         )
-        h_BSD = self.attn(self.norm_1(x_BSD), segment_ids, k_attn)
-        x_BSD = x_BSD + _dropout(h_BSD, self.resid_pdrop, k_resid_attn)
-        h_BSD = self.ffn(self.norm_2(x_BSD))
-        return x_BSD + _dropout(h_BSD, self.resid_pdrop, k_resid_ffn)
+        x_BSD, y_BSD = self.norm_1.with_skip(x_BSD, h_BSD)
+        h_BSD = _dropout(self.attn(y_BSD, segment_ids, k_attn), self.resid_pdrop, k_resid_attn)
+        x_BSD, y_BSD = self.norm_2.with_skip(x_BSD, h_BSD)
+        return x_BSD, _dropout(self.ffn(y_BSD), self.resid_pdrop, k_resid_ffn)
 
     def decode(self, x_BSD, k_cache_BTGK, v_cache_BTGK, start_B, end):
         """The block on new tokens against a KV cache (no dropout): x, new k, new v."""
@@ -538,11 +564,11 @@ class MPTForCausalLM(nnx.Module):
         if dropout_key is not None:
             emb_key, block_key = jax.random.split(dropout_key)
         x_BSD = self._embed(input_ids, pos_emb_1SD, emb_key)
-        x_BSD = self._blocks(x_BSD, segment_ids, block_key)
-        return self._final_norm(x_BSD)
+        x_BSD, h_BSD = self._blocks(x_BSD, segment_ids, block_key)
+        return self._final_norm(x_BSD, h_BSD)
 
-    def _final_norm(self, x_BSD):
-        return self.norm_f(x_BSD).astype(self.dtype)
+    def _final_norm(self, x_BSD, h_BSD=None):
+        return self.norm_f(x_BSD, h_BSD).astype(self.dtype)
 
     def _embed(self, input_ids, pos_emb_BSD, key):
         x_BSD = self.wte(input_ids)
@@ -651,28 +677,33 @@ class MPTForCausalLM(nnx.Module):
         return x_BSD, k_LBSGK, v_LBSGK
 
     def _blocks(self, x_BSD, segment_ids, key):
+        """The stream after the blocks, and the last block's output, not yet added to it."""
+
         def layer_key(i):
             return None if key is None else jax.random.fold_in(key, i)
 
-        def apply(graphdef, layer_state, x, i):
-            return nnx.merge(graphdef, layer_state)(x, segment_ids, layer_key(i))
+        def apply(graphdef, layer_state, x, h, i):
+            return nnx.merge(graphdef, layer_state)(x, h, segment_ids, layer_key(i))
 
         if self.remat != "none":
             policy = REMAT_POLICIES[self.remat]
             apply = jax.checkpoint(apply, policy=policy, static_argnums=(0,))
         if not self.config.scan_layers:
+            h_BSD = None
             for i, block in enumerate(self.blocks):
                 graphdef, layer_state = nnx.split(block)
-                x_BSD = apply(graphdef, layer_state, x_BSD, i)
-            return x_BSD
+                x_BSD, h_BSD = apply(graphdef, layer_state, x_BSD, h_BSD, i)
+            return x_BSD, h_BSD
         graphdef, stacked = nnx.split(self.blocks)
 
-        def body(x, xs):
+        def body(carry, xs):
             layer_state, i = xs
-            return apply(graphdef, layer_state, x, i), None
+            return apply(graphdef, layer_state, *carry, i), None
 
-        x_BSD, _ = jax.lax.scan(body, x_BSD, (stacked, jnp.arange(self.config.n_layers)))
-        return x_BSD
+        # a scan's carry keeps one structure: the first block adds zeros (x + 0 is x)
+        carry = (x_BSD, jnp.zeros(x_BSD.shape, self.dtype))
+        (x_BSD, h_BSD), _ = jax.lax.scan(body, carry, (stacked, jnp.arange(self.config.n_layers)))
+        return x_BSD, h_BSD
 
     # -- HF checkpoints -------------------------------------------------------------------------
 

@@ -269,6 +269,7 @@ RESUMABLE_KEYS = (
     "data.num_threads",
     "data.prefetch",
     "model.attn_impl",
+    "model.norm_impl",
     "train.steps",
     "train.tokens",
     "train.microbatch",
@@ -319,8 +320,9 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 def _model_changes(saved: Any, ours: Any, prefix: str = "") -> list[str]:
-    """Model fields that differ, except attn_impl (same weights, another kernel)."""
-    return [k for k in _diff_keys(saved, ours, prefix) if k != f"{prefix}attn_impl"]
+    """Model fields that differ, except the kernel choices (same weights, other kernels)."""
+    kernels = (f"{prefix}attn_impl", f"{prefix}norm_impl")
+    return [k for k in _diff_keys(saved, ours, prefix) if k not in kernels]
 
 
 def _truncate_metrics(run_dir: Path, last_step: int) -> None:

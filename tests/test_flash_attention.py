@@ -144,6 +144,7 @@ def test_gpu_kernels_in_several_head_groups_agree_with_reference(monkeypatch, ca
     "B, S, H, G, K, with_segments, causal, dtype",
     [
         (2, 100, 6, 3, 64, True, True, f32),  # GQA, ragged tail
+        (2, 90, 3, 3, 64, True, True, f32),  # MHA (dk, dv in dq's array in place), ragged tail
         (1, 64, 4, 4, 112, False, True, bf16),  # MPT-30B's head dim, zero-padded
         (1, 80, 3, 1, 32, True, False, f32),  # MQA, not causal
     ],
@@ -171,19 +172,24 @@ def test_fused_qkv_kernel_matches_the_kernel_on_split_heads(
     np.testing.assert_array_equal(np.asarray(grad, np.float32), np.asarray(ref_grad, np.float32))
 
 
-def test_fused_qkv_kernel_reads_the_heads_in_place_and_names_a_bad_head_count():
+@pytest.mark.parametrize("G", [4, 2])
+def test_fused_qkv_kernel_reads_the_heads_in_place_and_names_a_bad_head_count(G):
     B, S, H, K = 1, 256, 4, 64
-    qkv = jax.ShapeDtypeStruct((B, S, 3 * H, K), jnp.bfloat16)
+    qkv = jax.ShapeDtypeStruct((B, S, H + 2 * G, K), jnp.bfloat16)
 
     def loss(qkv):
-        out = fa.flash_attention_qkv(qkv, n_kv_heads=H, alibi_slopes=alibi_slopes(H))
+        out = fa.flash_attention_qkv(qkv, n_kv_heads=G, alibi_slopes=alibi_slopes(H))
         return out.astype(jnp.float32).sum()
 
     text = lower_for_cuda(jax.jit(jax.grad(loss)), qkv).as_text()
     ops = re.findall(r"stablehlo\.(\w+)", text)
-    # no slices of q, k and v copied for the kernels; their gradients concatenated once
+    # no slices of q, k and v copied for the kernels
     assert ops.count("custom_call") == 3 and "slice" not in ops
-    assert ops.count("concatenate") == 1
+    if G == H:  # dk/dv writes into dq's (B, S, N, K) output in place: no concatenation
+        assert ops.count("concatenate") == 0
+        assert re.search(r"output_operand_aliases", text)
+    else:  # grouped heads sum dk and dv over the heads of a group first, then concatenate
+        assert ops.count("concatenate") == 1
     with pytest.raises(ValueError, match="n_kv_heads=5"):
         fa.flash_attention_qkv(jnp.zeros((B, S, 3 * H, K)), n_kv_heads=5)
 

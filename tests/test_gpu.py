@@ -95,6 +95,37 @@ def test_train_gradient_runs_under_jit_on_gpu():
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
 
 
+@pytest.mark.parametrize("D", [2048, 2560])  # MPT-1B's width, and MPT-3B's (not a power of 2)
+def test_fused_norm_kernels_match_the_model_norm_on_gpu(D):
+    from mpt_jax.kernels.layer_norm import fused_norm
+    from mpt_jax.model import _norm
+
+    rng = np.random.default_rng(D)
+    x, g_skip = (jnp.asarray(rng.standard_normal((4, 1000, D)) * 3 + 1, jnp.float32) for _ in "ab")
+    h, g_y = (jnp.asarray(rng.standard_normal((4, 1000, D)), jnp.bfloat16) for _ in "ab")
+    scale = jnp.asarray(1 + 0.2 * rng.standard_normal(D), jnp.float32)
+
+    def loss(norm):
+        def total(x, h, scale):
+            s, y = norm(x, h, scale)
+            return (s * g_skip).sum() + (y.astype(jnp.float32) * g_y).sum(), y
+
+        return jax.jit(jax.value_and_grad(total, argnums=(0, 1, 2), has_aux=True))
+
+    def xla(x, h, scale):
+        s = x + h
+        return s, _norm(s.astype(jnp.bfloat16), scale, None, 1e-5, False, jnp.bfloat16)
+
+    def ours(x, h, scale):
+        return fused_norm(x, scale, h=h, eps=1e-5, dtype=jnp.bfloat16, skip=True)
+
+    (_, y), grads = loss(ours)(x, h, scale)
+    (_, ref_y), ref_grads = loss(xla)(x, h, scale)
+    assert relative_error(y, ref_y) < 1e-2
+    for ours_grad, ref_grad in zip(grads, ref_grads, strict=True):
+        assert relative_error(ours_grad, ref_grad) < 1e-2
+
+
 def test_auto_picks_the_pallas_kernel_for_alibi_and_cudnn_without():
     from mpt_jax.attention import auto_impl
 

@@ -102,21 +102,23 @@ def test_prediction_adds_each_category_at_its_rate():
 # out of the stacked layers (dynamic-slice fusion), and its two-warpgroup backward by name
 _SCANNED_KERNELS = """HloModule m
 
-%dsf (p0: bf16[24,8,256,6,128], p1: s32[]) -> bf16[8,256,2,128] {
+%dsf (p0: bf16[24,8,256,6,128], p1: s32[]) -> (bf16[8,256,2,128], f32[8,2,256]) {
   %p0 = bf16[24,8,256,6,128]{4,3,2,1,0} parameter(0)
   %p1 = s32[] parameter(1)
   %z = s32[] constant(0)
   %slice = bf16[1,8,256,6,128]{4,3,2,1,0} dynamic-slice(%p0, %p1, %z, %z, %z, %z), dynamic_slice_sizes={1,8,256,6,128}
   %b = bf16[8,256,6,128]{3,2,1,0} bitcast(%slice)
-  ROOT %k = bf16[8,256,2,128]{3,2,1,0} custom-call(%b, %b, %b), custom_call_target="mosaic_gpu_v2", metadata={op_name="jit(step)/jvp()/while/body/mpt_flash_mgpu_fwd/mpmd_map"}
+  ROOT %k = (bf16[8,256,2,128]{3,2,1,0}, f32[8,2,256]{2,1,0}) custom-call(%b, %b, %b), custom_call_target="mosaic_gpu_v2", metadata={op_name="jit(step)/jvp()/while/body/mpt_flash_mgpu_fwd/mpmd_map"}
 }
 
 %body (t: (s32[], bf16[24,8,256,6,128])) -> (s32[], bf16[24,8,256,6,128]) {
   %t = (s32[], bf16[24,8,256,6,128]{4,3,2,1,0}) parameter(0)
   %i = s32[] get-tuple-element(%t), index=0
   %x = bf16[24,8,256,6,128]{4,3,2,1,0} get-tuple-element(%t), index=1
-  %f = bf16[8,256,2,128]{3,2,1,0} fusion(%x, %i), kind=kCustom, calls=%dsf
-  %dq = bf16[8,256,2,128]{3,2,1,0} custom-call(%f), custom_call_target="mosaic_gpu_v2", metadata={op_name="jit(step)/transpose(jvp())/mpt_flash_mgpu_dq_x2/mpmd_map"}
+  %f = (bf16[8,256,2,128]{3,2,1,0}, f32[8,2,256]{2,1,0}) fusion(%x, %i), kind=kCustom, calls=%dsf
+  %o = bf16[8,256,2,128]{3,2,1,0} get-tuple-element(%f), index=0
+  %lse = f32[8,2,256]{2,1,0} get-tuple-element(%f), index=1
+  %dq = bf16[8,256,2,128]{3,2,1,0} custom-call(%o, %lse), custom_call_target="mosaic_gpu_v2", metadata={op_name="jit(step)/transpose(jvp())/mpt_flash_mgpu_dq_x2/mpmd_map"}
   ROOT %r = (s32[], bf16[24,8,256,6,128]{4,3,2,1,0}) tuple(%i, %x)
 }
 
@@ -140,4 +142,5 @@ def test_kernels_fused_with_their_operand_slices_and_two_warpgroup_kernels_count
     assert cost.total("flops", hlo_cost.ATTENTION) == 24 * (2 + 3) * 2 * K * pairs
     # the fused forward reads one layer's slice of the stacked (24, ...) projections, not all
     (fused,) = [k for k in cost.kernels if k.name == "f"]
-    assert fused.bytes == 2 * (B * S * 6 * 128 + B * S * H * K) + 4  # and the s32 index
+    # (and the s32 index and the float32 log-sum-exp it writes)
+    assert fused.bytes == 2 * (B * S * 6 * 128 + B * S * H * K) + 4 + 4 * B * H * S

@@ -314,8 +314,10 @@ def _dq_kernel(*refs, blk: _Block, order: _Order, bq, bk, n_k, has_seg):
     dq_ref[...] = (dq * (blk.scale2 / LOG2E)).astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(*refs, blk: _Block, order: _Order, bq, bk, n_q, has_seg):
-    inputs, qs_ref, ks_ref, (dk_ref, dv_ref) = _split_refs(refs, 7, has_seg, 2)
+def _dkdv_kernel(*refs, blk: _Block, order: _Order, bq, bk, n_q, has_seg, into: Heads | None):
+    """dk and dv of one key block; `into`: written into the heads of the fused (B, Sp, N, K)
+    gradient whose q heads the dq kernel wrote, else into (B, Sp, H, K) arrays of their own."""
+    inputs, qs_ref, ks_ref, outs = _split_refs(refs, 7, has_seg, 1 if into else 2)
     q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, d_ref = inputs
     ki = order.block(pl.program_id(0))
     k, v = k_ref[...], v_ref[...]
@@ -349,8 +351,17 @@ def _dkdv_kernel(*refs, blk: _Block, order: _Order, bq, bk, n_q, has_seg):
     zeros = jnp.zeros((bk, K), jnp.float32)
     carry = lax.fori_loop(first, first_free, functools.partial(body, masked=True), (zeros, zeros))
     dk, dv = lax.fori_loop(first_free, n_q, functools.partial(body, masked=False), carry)
-    dk_ref[...] = (dk * (blk.scale2 / LOG2E)).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    dk = dk * (blk.scale2 / LOG2E)
+    if into is None:
+        dk_ref, dv_ref = outs
+        dk_ref[...] = dk.astype(dk_ref.dtype)
+        dv_ref[...] = dv.astype(dv_ref.dtype)
+        return
+    (dqkv_ref,) = outs
+    b, h = pl.program_id(2), order.head(pl.program_id(0), pl.program_id(1))
+    rows = pl.ds(pl.multiple_of(ki * bk, bk), bk)
+    dqkv_ref[b, rows, into.k_first + h, :] = dk.astype(dqkv_ref.dtype)
+    dqkv_ref[b, rows, into.v_first + h, :] = dv.astype(dqkv_ref.dtype)
 
 
 def _specs(order: _Order, heads: Heads, Sp, K, bq, bk, has_seg, *, over_keys=False):
@@ -407,9 +418,12 @@ def _launch(
     name,
     interpret,
     poison_outputs,
+    aliases=None,
 ):
-    """pallas_call of one kernel (bound to the statics all three take), outputs NaN if poisoned."""
-    bufs, buf_specs, aliases = poison(out_shape, out_specs, len(args), poison_outputs)
+    """pallas_call of one kernel (bound to the statics all three take), outputs NaN if poisoned;
+    `aliases`: {input index: output index} of outputs updated in place (never poisoned)."""
+    bufs, buf_specs, poisoned = poison(out_shape, out_specs, len(args), poison_outputs)
+    aliases = aliases or poisoned
     bound = functools.partial(
         kernel, blk=blk, order=order, bq=t.block_q, bk=t.block_k, has_seg=has_seg
     )
@@ -485,6 +499,9 @@ def _flash_bwd(blk, tilings, heads: Heads, interpret, poison_outputs, residuals,
     dop = pad_axis(do, Sp, 1)
     segs = [pad_axis(segment_ids, Sp, 1)] * 2 if has_seg else []
 
+    # MHA on the fused qkv: dq, dk and dv land in one (B, Sp, N, K) array, the gradient of qkv,
+    # dq's heads by the dq kernel, then dk's and dv's by the dk/dv kernel in place (no concat)
+    into = heads if heads.fused and R == 1 else None
     t = tilings.dq
     order = _order(H, Sp, K, q.dtype.itemsize, t, over_keys=False, causal=blk.causal)
     specs = _specs(order, heads, Sp, K, t.block_q, t.block_k, has_seg)
@@ -497,7 +514,7 @@ def _flash_bwd(blk, tilings, heads: Heads, interpret, poison_outputs, residuals,
         in_specs=[q_spec, k_spec, v_spec, slope_spec, q_spec, row_spec, q_spec, *seg_specs],
         out_specs=[q_spec, row_spec],
         out_shape=[
-            jax.ShapeDtypeStruct((B, Sp, H, K), q.dtype),
+            jax.ShapeDtypeStruct((B, Sp, q.shape[2] if into else H, K), q.dtype),
             jax.ShapeDtypeStruct((B, H, Sp), jnp.float32),
         ],
         name="mpt_flash_dq",
@@ -515,11 +532,30 @@ def _flash_bwd(blk, tilings, heads: Heads, interpret, poison_outputs, residuals,
     )
     k_dtype, v_dtype = (q.dtype, q.dtype) if heads.fused else (k.dtype, v.dtype)
     launch = dict(blk=blk, order=order, t=t, grid=order.grid(H, B), has_seg=has_seg)
+    kernel = functools.partial(_dkdv_kernel, n_q=Sp // t.block_q, into=into)
+    args = [qp, kp, vp, slopes, dop, lse2, delta, *segs]
+    in_specs = [q_spec, k_spec, v_spec, slope_spec, q_spec, row_spec, row_spec, *seg_specs]
+    seg_grad = None if segment_ids is None else jnp.zeros(segment_ids.shape, jax.dtypes.float0)
+    if into is not None:
+        whole = pl.BlockSpec(dq.shape, lambda t, g, b: (0, 0, 0, 0))  # the kernel indexes it
+        (dqkv,) = _launch(
+            kernel,
+            **launch,
+            args=[*args, dq],
+            in_specs=[*in_specs, whole],
+            out_specs=[whole],
+            out_shape=[jax.ShapeDtypeStruct(dq.shape, dq.dtype)],
+            name="mpt_flash_dkdv",
+            interpret=interpret,
+            poison_outputs=False,  # dq's poisoned output comes in: an unwritten head stays NaN
+            aliases={len(args): 0},
+        )
+        return dqkv[:, :S], None, None, jnp.zeros_like(slopes), seg_grad
     dk, dv = _launch(
-        functools.partial(_dkdv_kernel, n_q=Sp // t.block_q),
+        kernel,
         **launch,
-        args=[qp, kp, vp, slopes, dop, lse2, delta, *segs],
-        in_specs=[q_spec, k_spec, v_spec, slope_spec, q_spec, row_spec, row_spec, *seg_specs],
+        args=args,
+        in_specs=in_specs,
         out_specs=[head_kv_spec, head_kv_spec],
         out_shape=[
             jax.ShapeDtypeStruct((B, Sp, H, K), k_dtype if R == 1 else jnp.float32),
@@ -532,7 +568,6 @@ def _flash_bwd(blk, tilings, heads: Heads, interpret, poison_outputs, residuals,
     dq = dq[:, :S]
     dk = dk[:, :S].reshape(B, S, G, R, K).sum(axis=3).astype(k_dtype)
     dv = dv[:, :S].reshape(B, S, G, R, K).sum(axis=3).astype(v_dtype)
-    seg_grad = None if segment_ids is None else jnp.zeros(segment_ids.shape, jax.dtypes.float0)
     if heads.fused:
         return jnp.concatenate([dq, dk, dv], axis=2), None, None, jnp.zeros_like(slopes), seg_grad
     return dq, dk, dv, jnp.zeros_like(slopes), seg_grad

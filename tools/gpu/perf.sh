@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# [gpu-perf] on one GPU (about 6 minutes, at most 9.5): the plain-JAX MPT-1B anchor and ours in
-# the same run (both with ALiBi, batch 16, seq 2048): scanned layers (the preset) and unrolled
-# ones (no per-layer copies of the saved activations into and out of the scan's stacked
-# buffers), and scanned with every matmul in cuBLAS (no XLA Triton GEMMs), each with 3 steps
-# traced after the timed ones (where the time goes); scanned with whole logits; then MPT-1B at
-# seq 8192. With HOPPER=1 (once kernels.sh passed the Hopper kernels' GPU tests) a scanned row
-# with attn_impl=pallas_mgpu replaces the whole-logits one. The correctness
-# guard is tools/gpu/guard.sh, a run of its own.
+# [gpu-perf] on one GPU (about 6 minutes, at most 9.7): the plain-JAX MPT-1B anchor and ours in
+# the same run (both with ALiBi, batch 16, seq 2048), each row with 3 steps traced after the
+# timed ones (where the time goes):
+#   ROWS=main (the default): scanned layers with XLA norms (the preset), unrolled layers (no
+#     per-layer copies of the saved activations into and out of the scan's stacked buffers),
+#     unrolled with norm_impl=pallas_gpu (our fused add + norm kernels, the fastest predicted),
+#     then MPT-1B at seq 8192 unrolled with the Pallas norms. With HOPPER=1 (once kernels.sh
+#     passed the Hopper kernels' GPU tests) the unrolled XLA-norm row runs with
+#     attn_impl=pallas_mgpu and the Pallas norms instead.
+#   ROWS=levers: the smaller levers against the preset: every matmul in cuBLAS (no XLA Triton
+#     GEMMs), the whole logits, and seq 8192 scanned (about 4 minutes).
+# The correctness guard is tools/gpu/guard.sh, a run of its own.
 #   run: bash tools/gpu/perf.sh   (kind nvidia-h200: the targets are H200 figures and batch 16
 #   without remat does not fit an H100; carry .whl and shared; fill .whl with fetch_wheels.sh,
 #   copy ../shared/tools/anchor_bench.py to shared/tools/)
@@ -43,26 +47,38 @@ bench() {  # row name, seconds, then bench_train arguments; the row's table line
     echo "$name: no result: $(tail -1 "$WORK/$name.log")" >>"$REPORT"
   fi
 }
-# worst cases add up to 570 s of the 600 a call may take (585 with HOPPER=1); typical runs take
-# half
-bench scan_2048 90 --seq-lens 2048 --global-batch 16 --profile "$WORK/profile_scan"
-bench unrolled_2048 160 --seq-lens 2048 --global-batch 16 --profile "$WORK/profile_unrolled" \
-  --model-override scan_layers=false
-# XLA's own Triton GEMMs (gemm_fusion_dot_*: 38 ms of the 2026-11-28 step) against cuBLAS for
-# every matmul
-ROW_XLA_FLAGS=--xla_gpu_enable_triton_gemm=false bench scan_2048_cublas 80 --seq-lens 2048 \
-  --global-batch 16 --profile "$WORK/profile_scan_cublas"
-if [ "${HOPPER:-0}" = 1 ]; then
-  # our Mosaic GPU (wgmma) kernels in the model, once kernels.sh has passed their GPU tests;
-  # in place of the whole-logits row, to stay inside the call's 600 s
-  bench scan_2048_hopper 85 --seq-lens 2048 --global-batch 16 --profile "$WORK/profile_hopper" \
-    --model-override attn_impl=pallas_mgpu
-else
+NORMS=(--model-override norm_impl=pallas_gpu)
+UNROLLED=(--model-override scan_layers=false)
+case "${ROWS:-main}" in
+main)
+  # worst cases add up to 580 s of the 600 a call may take; typical runs take half
+  bench scan_2048 90 --seq-lens 2048 --global-batch 16 --profile "$WORK/profile_scan"
+  if [ "${HOPPER:-0}" = 1 ]; then
+    # our Mosaic GPU (wgmma) kernels in the model, once kernels.sh has passed their GPU tests
+    bench unrolled_2048_norms_hopper 150 --seq-lens 2048 --global-batch 16 "${UNROLLED[@]}" \
+      "${NORMS[@]}" --model-override attn_impl=pallas_mgpu --profile "$WORK/profile_hopper"
+  else
+    bench unrolled_2048 150 --seq-lens 2048 --global-batch 16 "${UNROLLED[@]}" \
+      --profile "$WORK/profile_unrolled"
+  fi
+  bench unrolled_2048_norms 150 --seq-lens 2048 --global-batch 16 "${UNROLLED[@]}" \
+    "${NORMS[@]}" --profile "$WORK/profile_unrolled_norms"
+  bench unrolled_8192_norms 90 --seq-lens 8192 --global-batch 4 "${UNROLLED[@]}" "${NORMS[@]}"
+  ;;
+levers)
+  # XLA's own Triton GEMMs (gemm_fusion_dot_*: 38 ms of the 2026-11-28 step) against cuBLAS for
+  # every matmul
+  ROW_XLA_FLAGS=--xla_gpu_enable_triton_gemm=false bench scan_2048_cublas 80 --seq-lens 2048 \
+    --global-batch 16 --profile "$WORK/profile_scan_cublas"
   # the whole fp32 logits instead of 512-token chunks (bench's --loss-chunk 512 comes first;
   # the later value wins)
   bench scan_2048_whole_logits 70 --seq-lens 2048 --global-batch 16 --loss-chunk none
-fi
-bench scan_8192 70 --seq-lens 8192 --global-batch 4
+  bench scan_8192 70 --seq-lens 8192 --global-batch 4
+  ;;
+*)
+  echo "ROWS=${ROWS}: not main or levers" >>"$REPORT"
+  ;;
+esac
 # each row against the [gpu-perf] targets (MFU, the anchor's tokens/s): met or MISSED
 python3 tools/bench_train.py --judge "$WORK" >>"$REPORT" 2>&1
 # where the time goes, per traced row: the busy line, the category table, the top 12 kernels
