@@ -119,12 +119,13 @@ _MODEL_FIELDS = dict(
 
 
 @functools.cache
-def _model_logits_and_grads(norm_impl: str, norm_type: str, scan_layers: bool, dtype):
+def _model_logits_and_grads(norm_impl: str, norm_type: str, scan_layers: bool, dtype, remat: str):
     cfg = ModelConfig(
         **_MODEL_FIELDS, norm_impl=norm_impl, norm_type=norm_type, scan_layers=scan_layers
     )
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 100, (2, 40)))
-    module = MPTForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype)  # one seed: the same weights
+    # one seed: the same weights
+    module = MPTForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, remat=remat)
     graphdef, params = nnx.split(module, nnx.Param)
 
     def loss(p):
@@ -137,16 +138,18 @@ def _model_logits_and_grads(norm_impl: str, norm_type: str, scan_layers: bool, d
 
 
 @pytest.mark.parametrize(
-    ("norm_type", "scan_layers", "dtype"),
+    ("norm_type", "scan_layers", "dtype", "remat"),
     [
-        ("low_precision_layernorm", False, f32),
-        ("low_precision_layernorm", True, bf16),  # amp: bf16 norms of the fp32 stream
-        ("rmsnorm", True, f32),
+        ("low_precision_layernorm", False, f32, "none"),
+        ("low_precision_layernorm", True, bf16, "none"),  # amp: bf16 norms of the fp32 stream
+        ("rmsnorm", True, f32, "full"),  # the kernels' custom_vjp inside jax.checkpoint
     ],
 )
-def test_model_with_pallas_norms_gives_the_xla_logits_and_gradients(norm_type, scan_layers, dtype):
-    ref_logits, ref_grads = _model_logits_and_grads("xla", norm_type, scan_layers, dtype)
-    logits, grads = _model_logits_and_grads("pallas_gpu", norm_type, scan_layers, dtype)
+def test_model_with_pallas_norms_gives_the_xla_logits_and_gradients(
+    norm_type, scan_layers, dtype, remat
+):
+    ref_logits, ref_grads = _model_logits_and_grads("xla", norm_type, scan_layers, dtype, remat)
+    logits, grads = _model_logits_and_grads("pallas_gpu", norm_type, scan_layers, dtype, remat)
     tol = 1e-5 if dtype == f32 else 2e-2
     assert relative_error(logits, ref_logits) < tol
     assert len(grads) == len(ref_grads)
