@@ -395,13 +395,22 @@ class FFN(nnx.Module):
 class Block(nnx.Module):
     """Pre-LN transformer block."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        dtype: Any,
+        param_dtype: Any,
+        rngs: nnx.Rngs,
+        defers_add: bool = False,
+    ):
         norm = dict(names=("embed",), dtype=dtype, param_dtype=param_dtype)
         self.norm_1 = Norm(cfg.d_model, cfg, **norm)
         self.attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm_2 = Norm(cfg.d_model, cfg, **norm)
         self.ffn = FFN(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.resid_pdrop = cfg.resid_pdrop
+        self.defers_add = defers_add
 
     def __call__(
         self,
@@ -409,16 +418,19 @@ class Block(nnx.Module):
         h_BSD: jax.Array | None,
         segment_ids: jax.Array | None,
         key: jax.Array | None,
-    ) -> tuple[jax.Array, jax.Array]:
-        """(x, h) -> (x', h'): the residual stream and the last block's output, which the next
-        norm adds to it (one kernel with `norm_impl: pallas_gpu`); h None: nothing to add."""
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """(x, h) -> (x', h'): the residual stream and the last block's output, not yet added to
+        it (None: nothing to add). `defers_add` (the Pallas norms, no remat): the next norm's
+        kernel adds it; else the block adds its own output (h' None), which XLA fuses with its
+        neighbours, and a checkpointed block keeps one input, not two."""
         k_attn, k_resid_attn, k_resid_ffn = (
             jax.random.split(key, 3) if key is not None else [None] * 3
         )
         x_BSD, y_BSD = self.norm_1.with_skip(x_BSD, h_BSD)
         h_BSD = _dropout(self.attn(y_BSD, segment_ids, k_attn), self.resid_pdrop, k_resid_attn)
         x_BSD, y_BSD = self.norm_2.with_skip(x_BSD, h_BSD)
-        return x_BSD, _dropout(self.ffn(y_BSD), self.resid_pdrop, k_resid_ffn)
+        h_BSD = _dropout(self.ffn(y_BSD), self.resid_pdrop, k_resid_ffn)
+        return (x_BSD, h_BSD) if self.defers_add else (x_BSD + h_BSD, None)
 
     def decode(self, x_BSD, k_cache_BTGK, v_cache_BTGK, start_B, end):
         """The block on new tokens against a KV cache (no dropout): x, new k, new v."""
@@ -480,6 +492,9 @@ class MPTForCausalLM(nnx.Module):
             raise ValueError(f"remat: must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
         self.remat = remat
         self.dtype = dtype
+        # the Pallas norms add each block's output to the stream; a block under remat would
+        # keep both for its backward, so there the block adds its own
+        self.defers_add = cfg.norm_impl == "pallas_gpu" and remat == "none"
         D = cfg.d_model
         V, S_max = cfg.vocab_size, cfg.max_seq_len
         self.wte = Embedding(
@@ -505,7 +520,13 @@ class MPTForCausalLM(nnx.Module):
         block_keys = jax.random.split(rngs.params(), cfg.n_layers)
 
         def make_block(key: jax.Array) -> Block:
-            return Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(params=key))
+            return Block(
+                cfg,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=nnx.Rngs(params=key),
+                defers_add=self.defers_add,
+            )
 
         if cfg.scan_layers:
             stack = nnx.vmap(
@@ -700,8 +721,9 @@ class MPTForCausalLM(nnx.Module):
             layer_state, i = xs
             return apply(graphdef, layer_state, *carry, i), None
 
-        # a scan's carry keeps one structure: the first block adds zeros (x + 0 is x)
-        carry = (x_BSD, jnp.zeros(x_BSD.shape, self.dtype))
+        # a scan's carry keeps one structure: with a deferred add the first block adds zeros
+        h_BSD = jnp.zeros(x_BSD.shape, self.dtype) if self.defers_add else None
+        carry = (x_BSD, h_BSD)
         (x_BSD, h_BSD), _ = jax.lax.scan(body, carry, (stacked, jnp.arange(self.config.n_layers)))
         return x_BSD, h_BSD
 
