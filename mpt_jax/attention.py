@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mpt_jax.sharding import batch_local
+
 IMPLS = ("auto", "xla", "cudnn", "pallas_gpu", "pallas_mgpu", "pallas_tpu", "tokamax")
 
 # tokamax implementations tried in order (the first that traces runs): Mosaic GPU (Hopper and
@@ -74,23 +76,27 @@ def attention(
         impl = "xla" if decoding else auto_impl(q_BSHK, dropout_rate, alibi=alibi)
     if impl not in ("xla", "auto") and dropout_rate:
         raise ValueError(f"attention impl {impl!r}: attention dropout is not supported")
-    kernel_kw = dict(
-        alibi_slopes=alibi_slopes, segment_ids=segment_ids, causal=causal, softmax_scale=scale
-    )
-    if impl == "pallas_mgpu":
-        return _hopper_kernels().flash_attention_mgpu(q_BSHK, k_BTGK, v_BTGK, **kernel_kw)
+    kernel_kw = dict(causal=causal, softmax_scale=scale)
+    if impl in ("pallas_gpu", "pallas_mgpu", "pallas_tpu"):
+        if impl == "pallas_mgpu":
+            kernel = _hopper_kernels().flash_attention_mgpu
+        elif impl == "pallas_gpu":
+            from mpt_jax.kernels.flash_attention import flash_attention as kernel
+        else:
+            from mpt_jax.kernels.flash_attention_tpu import flash_attention_tpu as kernel
+        if impl != "pallas_mgpu":
+            native = "gpu" if impl == "pallas_gpu" else "tpu"
+            kernel_kw["interpret"] = backend() != native  # elsewhere the same kernel, interpreted
+
+        def local(q, k, v, segment_ids, alibi_slopes):
+            kw = dict(alibi_slopes=alibi_slopes, segment_ids=segment_ids, **kernel_kw)
+            return kernel(q, k, v, **kw)
+
+        return batch_local(local, (q_BSHK, k_BTGK, v_BTGK, segment_ids), (alibi_slopes,))
     if impl == "tokamax":
         return _tokamax_attention(q_BSHK, k_BTGK, v_BTGK, alibi_slopes, segment_ids, causal, scale)
     if impl == "cudnn":
         return _cudnn_attention(q_BSHK, k_BTGK, v_BTGK, alibi_slopes, segment_ids, causal, scale)
-    if impl in ("pallas_gpu", "pallas_tpu"):
-        if impl == "pallas_gpu":
-            from mpt_jax.kernels.flash_attention import flash_attention as kernel
-        else:
-            from mpt_jax.kernels.flash_attention_tpu import flash_attention_tpu as kernel
-        native = "gpu" if impl == "pallas_gpu" else "tpu"
-        interpret = backend() != native  # elsewhere the same kernel, interpreted
-        return kernel(q_BSHK, k_BTGK, v_BTGK, interpret=interpret, **kernel_kw)
     return _xla_attention(
         q_BSHK,
         k_BTGK,
@@ -126,23 +132,24 @@ def attention_qkv(
     """
     if impl == "auto":
         impl = auto_impl(qkv_BSNK, dropout_rate, alibi=alibi_slopes is not None)
-    kw = dict(
-        alibi_slopes=alibi_slopes,
-        segment_ids=segment_ids,
-        causal=causal,
-        softmax_scale=softmax_scale,
-    )
-    if impl == "pallas_gpu" and not dropout_rate:
-        from mpt_jax.kernels.flash_attention import flash_attention_qkv
+    if impl in ("pallas_gpu", "pallas_mgpu") and not dropout_rate:
+        kernel_kw = dict(n_kv_heads=n_kv_heads, causal=causal, softmax_scale=softmax_scale)
+        if impl == "pallas_gpu":
+            from mpt_jax.kernels.flash_attention import flash_attention_qkv as kernel
 
-        interpret = backend() != "gpu"  # elsewhere the same kernel, interpreted
-        return flash_attention_qkv(qkv_BSNK, n_kv_heads=n_kv_heads, interpret=interpret, **kw)
+            kernel_kw["interpret"] = backend() != "gpu"  # elsewhere the same kernel, interpreted
+        else:
+            kernel = _hopper_kernels().flash_attention_mgpu_qkv
+
+        def local(qkv, segment_ids, alibi_slopes):
+            return kernel(qkv, alibi_slopes=alibi_slopes, segment_ids=segment_ids, **kernel_kw)
+
+        return batch_local(local, (qkv_BSNK, segment_ids), (alibi_slopes,))
     H = qkv_BSNK.shape[2] - 2 * n_kv_heads
-    if impl == "pallas_mgpu" and not dropout_rate:
-        return _hopper_kernels().flash_attention_mgpu_qkv(qkv_BSNK, n_kv_heads=n_kv_heads, **kw)
     q_BSHK, k_BSGK, v_BSGK = jnp.split(qkv_BSNK, [H, H + n_kv_heads], axis=2)
-    kw |= dict(impl=impl, dropout_rate=dropout_rate, dropout_key=dropout_key)
-    return attention(q_BSHK, k_BSGK, v_BSGK, **kw)
+    kw = dict(alibi_slopes=alibi_slopes, segment_ids=segment_ids, causal=causal)
+    kw |= dict(softmax_scale=softmax_scale, impl=impl, dropout_rate=dropout_rate)
+    return attention(q_BSHK, k_BSGK, v_BSGK, dropout_key=dropout_key, **kw)
 
 
 def _hopper_kernels():

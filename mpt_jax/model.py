@@ -25,6 +25,7 @@ from mpt_jax import attention as attention_lib
 from mpt_jax import hf_checkpoint
 from mpt_jax.config import InitConfig, ModelConfig, param_shapes
 from mpt_jax.kernels.layer_norm import fused_norm
+from mpt_jax.sharding import batch_local
 
 Initializer = Callable[[jax.Array, tuple[int, ...]], jax.Array]
 
@@ -177,7 +178,11 @@ class Norm(nnx.Module):
         bias = None if self.bias is None else self.bias[...]
         interpret = attention_lib.backend() != "gpu"  # elsewhere the same kernel, interpreted
         kw = dict(eps=self.eps, rms=self.rms, dtype=self.dtype, skip=skip, interpret=interpret)
-        return fused_norm(x, self.scale[...], bias, h=h, **kw)
+
+        def local(x, h, scale, bias):
+            return fused_norm(x, scale, bias, h=h, **kw)
+
+        return batch_local(local, (x, h), (self.scale[...], bias))
 
 
 def _centred(x: jax.Array, rms: bool) -> jax.Array:

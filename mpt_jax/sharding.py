@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -15,6 +16,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from mpt_jax.config import ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
 
 # logical name -> mesh axes. FSDP shards the embed axis of every matrix; tensor parallelism
 # splits heads, MLP and vocabulary when mesh.tensor > 1. Batch rows go over data and fsdp.
@@ -143,3 +145,36 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def traced_on(mesh: Mesh, fn: Callable) -> Callable:
+    """fn, traced with `mesh` as the abstract mesh in context (unless one already is), so that
+    the model's Pallas kernels run on each device's own batch rows (`batch_local`)."""
+
+    @functools.wraps(fn)
+    def on_mesh(*args, **kwargs):
+        if not jax.sharding.get_abstract_mesh().empty:
+            return fn(*args, **kwargs)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return on_mesh
+
+
+def batch_local(fn: Callable, batched: Sequence[Any], replicated: Sequence[Any] = ()) -> Any:
+    """fn(*batched, *replicated), run on each device's rows (axis 0) of the batched arrays and
+    outputs when the mesh in context splits the batch over data and fsdp; else as it is.
+
+    XLA cannot partition a Pallas kernel (a custom call): given batch-sharded operands it
+    gathers the whole batch onto every device and runs the kernel there, on all of it. None
+    entries pass through; a batch the split does not divide runs unsplit.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = () if mesh.empty else tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
+    shards = math.prod(mesh.shape[a] for a in axes)
+    if not axes or any(x is not None and x.shape[0] % shards for x in batched):
+        return fn(*batched, *replicated)
+    rows = PartitionSpec(axes)
+    in_specs = (rows,) * len(batched) + (PartitionSpec(),) * len(replicated)
+    local = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=rows, check_vma=False)
+    return local(*batched, *replicated)

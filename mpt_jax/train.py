@@ -236,7 +236,7 @@ def make_train_step(graphdef, cfg: RunConfig, *, poison: bool = False) -> Callab
 def jit_train_step(graphdef, cfg: RunConfig, mesh, shardings, *, poison: bool = False):
     """The step jitted as the trainer runs it: sharded state and batch, the state donated."""
     return jax.jit(
-        make_train_step(graphdef, cfg, poison=poison),
+        sharding.traced_on(mesh, make_train_step(graphdef, cfg, poison=poison)),
         in_shardings=(shardings, sharding.batch_sharding(mesh)),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
@@ -507,7 +507,8 @@ class _Trainer:
             else None
         )
         self.eval_fn = jax.jit(
-            make_eval_step(self.graphdef), in_shardings=(shardings.params, self.batch_sharding)
+            sharding.traced_on(mesh, make_eval_step(self.graphdef)),
+            in_shardings=(shardings.params, self.batch_sharding),
         )
         self.loader = BatchLoader(
             self.datasets,

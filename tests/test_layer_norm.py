@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 from helpers import relative_error
 
-from mpt_jax import MPTForCausalLM, model
-from mpt_jax.config import ConfigError, ModelConfig
+from mpt_jax import MPTForCausalLM, model, sharding
+from mpt_jax.config import ConfigError, MeshConfig, ModelConfig
 from mpt_jax.kernels.layer_norm import fused_norm
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -155,6 +155,35 @@ def test_model_with_pallas_norms_gives_the_xla_logits_and_gradients(
     assert len(grads) == len(ref_grads)
     for ours, ref in zip(grads, ref_grads, strict=True):
         assert relative_error(ours, ref) < tol
+
+
+def test_pallas_kernels_on_a_mesh_split_by_batch_give_the_single_device_gradients():
+    # the kernels run per device on its rows (sharding.batch_local); the gradients of the
+    # replicated scales (and the loss) are summed over the devices by shard_map's transpose
+    cfg = ModelConfig(
+        **(_MODEL_FIELDS | dict(attn_impl="pallas_gpu", alibi=True, learned_pos_emb=False)),
+        norm_impl="pallas_gpu",
+    )
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 100, (8, 40)))
+    graphdef, params = nnx.split(MPTForCausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+
+    def loss(p, ids):
+        return jnp.mean(jax.nn.logsumexp(nnx.merge(graphdef, p)(ids), axis=-1))
+
+    grad = jax.value_and_grad(loss)
+    ref_loss, ref_grads = jax.jit(grad, compiler_options=FAST_COMPILE)(params, ids)
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8])
+    on_mesh = jax.jit(
+        sharding.traced_on(mesh, grad),
+        in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+        compiler_options=FAST_COMPILE,
+    )
+    # the (interpreted) kernels run in shard_map's per-device computations
+    assert "manual_computation" in on_mesh.lower(params, ids).as_text()
+    mesh_loss, mesh_grads = on_mesh(params, ids)
+    assert relative_error(mesh_loss, ref_loss) < 1e-6
+    for ours, ref in zip(jax.tree.leaves(mesh_grads), jax.tree.leaves(ref_grads), strict=True):
+        assert relative_error(ours, ref) < 1e-5
 
 
 def test_norm_impl_is_validated():

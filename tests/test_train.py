@@ -427,6 +427,31 @@ def test_step_built_for_a_gpu_runs_alibi_in_our_hopper_kernels(tmp_path, monkeyp
     assert operands and set(operands) == {("bf16", "bf16")}, sorted(set(operands))
 
 
+def test_step_hands_each_devices_batch_rows_to_the_pallas_kernels(tmp_path, monkeypatch):
+    """XLA cannot partition a Pallas kernel (a custom call): given the batch split over data and
+    fsdp, it would gather the whole batch onto every device and run the kernel on all of it.
+    The step, lowered for CUDA on a 2 x 2 mesh, runs attention and the norms on its own rows."""
+    monkeypatch.setattr(attention_module, "backend", lambda: "gpu")
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=1), jax.devices()[:4])
+    model = {**TINY_MODEL, "attn_impl": "pallas_gpu", "norm_impl": "pallas_gpu"}
+    cfg = config(tmp_path, model=model, train={"precision": "amp_bf16", "loss_chunk": 16})
+    graphdef, abstract, shardings = abstract_state(cfg, mesh)
+    step = jit_train_step(graphdef, cfg, mesh, shardings)
+    B, S, D, H = 8, 32, cfg.model.d_model, cfg.model.n_heads
+    batch = {"input_ids": jax.ShapeDtypeStruct((B, S), jnp.int32)}
+    text = lower_for_cuda(step, abstract, batch, mesh=mesh).as_text()
+    Sp = default_tilings(D // H).padded_length(S)
+
+    def first_operands(kernel):
+        return set(re.findall(rf'name = "{kernel}".*?\}} : \((tensor<[^>]+>)', text))
+
+    # 2 of the 8 rows per device: attention on (2, S, 3H, K), the norms on 2 x S rows of D
+    assert first_operands("mpt_flash_fwd") == {f"tensor<2x{Sp}x{3 * H}x{D // H}xbf16>"}
+    assert first_operands("mpt_flash_dq") == {f"tensor<2x{Sp}x{3 * H}x{D // H}xbf16>"}
+    assert first_operands("mpt_norm_fwd") == {f"tensor<{2 * S}x{D}xf32>"}
+    assert first_operands("mpt_norm_bwd") == {f"tensor<{2 * S}x{D}xbf16>"}
+
+
 @pytest.mark.parametrize("precision", ["amp_bf16", "pure_bf16"])
 def test_bf16_precisions_train(tmp_path, precision):
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))

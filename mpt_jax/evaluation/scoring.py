@@ -118,7 +118,7 @@ class Scorer:
                 return body(nnx.merge(graphdef, state), *arrays)
 
             self._fns[key] = jax.jit(
-                fn,
+                sharding.traced_on(self.mesh, fn),
                 in_shardings=(self.param_shardings, *([self.row_sharding] * n_arrays)),
                 out_shardings=sharding.replicated(self.mesh),
             )
