@@ -73,8 +73,8 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
         r"|dynamic[-_]update[-_]slice",
     ),
     (
-        "fused elementwise / reductions",
-        r"fusion|loop_|input_|reduce|convert|broadcast|add|multiply|subtract|divide|select"
+        "fused elementwise / reductions",  # and our norm kernels (mpt_norm_fwd, mpt_norm_bwd)
+        r"mpt_norm|fusion|loop_|input_|reduce|convert|broadcast|add|multiply|subtract|divide|select"
         r"|exp|log|tanh|rsqrt|sqrt|power|maximum|minimum|compare|iota|concatenate|slice"
         r"|scatter|gather|pad|reshape|bitcast|negate|triton",
     ),

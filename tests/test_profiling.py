@@ -114,6 +114,19 @@ GPU_STEP = [  # (line, name, start within the step, duration), microseconds
 ]
 
 
+@pytest.mark.parametrize(
+    ("name", "category"),
+    [
+        ("mpt_flash_dkdv", "attention"),
+        ("mpt_norm_bwd", "fused elementwise / reductions"),  # our norm kernels are memory-bound
+        ("nvjet_tst_128x256_64x4_2x1_v_bz_gemm", "matmul"),
+        ("some_kernel_we_never_named", "other"),
+    ],
+)
+def test_kernel_names_fall_in_their_categories(name, category):
+    assert profiling.categorize(name) == category
+
+
 def _write_gpu_trace(
     folder: Path, *, streams: bool = True, name: str = profiling.TRACE_NAME
 ) -> Path:
