@@ -131,17 +131,17 @@ def compile_only_devices(name: str) -> list[Any]:
 
 
 @contextlib.contextmanager
-def lowering_for(mesh: Any) -> Iterator[None]:
-    """Trace and lower for `mesh`'s compile-only GPU devices.
+def lowering_for(mesh: Any, device_kind: str | None = None) -> Iterator[None]:
+    """Trace and lower for `mesh`'s compile-only GPU devices, or for `mesh`'s shape (a Mesh or an
+    AbstractMesh) on the GPU `device_kind` names (tests lowering for CUDA on any host).
 
     jax's Triton lowering asks the device in use for its compute capability; with no GPU in the
     process an abstract mesh of the same shape, naming the card, answers.
     """
     import jax
 
-    device = jax.sharding.AbstractDevice(
-        device_kind=mesh.devices.flat[0].device_kind, num_cores=None, platform="gpu"
-    )
+    kind = device_kind or mesh.devices.flat[0].device_kind
+    device = jax.sharding.AbstractDevice(device_kind=kind, num_cores=None, platform="gpu")
     target = jax.sharding.AbstractMesh(
         mesh.axis_sizes, mesh.axis_names, mesh.axis_types, abstract_device=device
     )

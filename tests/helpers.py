@@ -9,23 +9,16 @@ import numpy as np
 import yaml
 from flax import nnx
 
-from mpt_jax import hf_checkpoint
+from mpt_jax import aot, hf_checkpoint
 from mpt_jax.config import ModelConfig, param_shapes, run_config_from_dict
-
-# the card a CPU host lowers GPU kernels for: jax 0.11's Triton lowering asks the device for
-# its compute capability, and an abstract mesh answers
-_GPU = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="gpu")
 
 
 def lower_for_cuda(jitted, *args, mesh=None) -> jax.stages.Lowered:
-    """`jitted(*args)` traced and lowered as a GPU host lowers it, on any host.
+    """`jitted(*args)` traced and lowered as a GPU host lowers it (an H200's), on any host.
 
     `mesh`: the `jax.sharding.Mesh` that `jitted`'s shardings name, if any."""
-    sizes, names, types = (1,), ("gpu",), None
-    if mesh is not None:
-        sizes, names, types = mesh.axis_sizes, mesh.axis_names, mesh.axis_types
-    target = jax.sharding.AbstractMesh(sizes, names, types, abstract_device=_GPU)
-    with jax.sharding.use_abstract_mesh(target):
+    mesh = mesh or jax.sharding.AbstractMesh((1,), ("gpu",))
+    with aot.lowering_for(mesh, device_kind=aot.card("h200").device_kind):
         return jitted.trace(*args).lower(lowering_platforms=("cuda",))
 
 
