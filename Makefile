@@ -24,8 +24,7 @@ $(STAMP): pyproject.toml
 # would try to open a GPU with it)
 aot-plugin:
 	$(VENV)/bin/python -m pip install -q --no-deps --upgrade --target $(VENV)/aot-plugin \
-		$$($(VENV)/bin/python -c 'import jaxlib; v = jaxlib.__version__; \
-		print(f"jax-cuda13-pjrt=={v} jax-cuda13-plugin=={v}")')
+		$$($(VENV)/bin/python -c 'from mpt_jax.aot import plugin_packages; print(plugin_packages())')
 
 .PHONY: setup quickstart test test-gpu-stack lint format aot-plugin
 setup: $(STAMP)

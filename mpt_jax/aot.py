@@ -104,12 +104,18 @@ def card(name: str) -> GpuCard:
     return CARDS[name]
 
 
-def plugin_requirement() -> str:
-    """The pip line that installs the CUDA PJRT plugin matching the installed jaxlib."""
+def plugin_packages() -> str:
+    """The CUDA PJRT plugin's pip requirements, matched to the installed jaxlib (`make
+    aot-plugin` installs these)."""
     import jaxlib
 
     version = jaxlib.__version__
-    return f"pip install --no-deps jax-cuda13-pjrt=={version} jax-cuda13-plugin=={version}"
+    return f"jax-cuda13-pjrt=={version} jax-cuda13-plugin=={version}"
+
+
+def plugin_requirement() -> str:
+    """The pip line that installs the CUDA PJRT plugin matching the installed jaxlib."""
+    return f"pip install --no-deps {plugin_packages()}"
 
 
 def compile_only_devices(name: str) -> list[Any]:
