@@ -453,6 +453,16 @@ def _available_bytes(devices: list[Any], gib: float | None) -> int:
     return int(meminfo["MemAvailable"].split()[0]) * 1024 // len(devices)
 
 
+def _fit_status(needed: int | None, available: float) -> str | None:
+    """The status of a row whose compiled step (XLA's estimate) needs more than is available."""
+    if needed is None or needed <= available:
+        return None
+    return (
+        f"does not fit: needs {_gib(needed)} GiB/device, {_gib(available)} GiB available"
+        " (XLA's estimate of the compiled step)"
+    )
+
+
 def _estimated_bytes(compiled: Any) -> int | None:
     """XLA's per-device footprint of the compiled step: arguments + outputs + temps - aliased."""
     analysis = compiled.memory_analysis()
@@ -575,11 +585,7 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
         needed = _estimated_bytes(compiled)
         result["estimated_bytes"] = needed
         available = _available_bytes(jax.local_devices(), spec["device_memory_gib"])
-        if needed is not None and needed > available:
-            status = (
-                f"does not fit: needs {_gib(needed)} GiB/device, {_gib(available)} GiB available"
-                " (XLA's estimate of the compiled step)"
-            )
+        if status := _fit_status(needed, available):
             return {**result, "status": status}
 
         _, state, _ = init_state(cfg, mesh)
@@ -633,16 +639,14 @@ def compile_row(spec: dict[str, Any]) -> dict[str, Any]:
         ),
     )
     needed = _estimated_bytes(compiled)
+    # the allocator's share of the card, as on the GPU, or --device-memory-gib
     fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
     available = card.memory_bytes * fraction
-    if spec["device_memory_gib"]:
+    if spec["device_memory_gib"] is not None:
         available = spec["device_memory_gib"] * GIB
-    status = "compiled"
-    if needed is not None and needed > available:
-        status = f"does not fit: needs {_gib(needed)} GiB, {_gib(available)} GiB available"
     return {
         **result,
-        "status": status,
+        "status": _fit_status(needed, available) or "compiled",
         "estimated_bytes": needed,
         "aot": {
             "matmul_flops": cost.total("flops", hlo_cost.MATMUL),
