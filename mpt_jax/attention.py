@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mpt_jax.sharding import batch_local
+from mpt_jax import sharding
 
 IMPLS = ("auto", "xla", "cudnn", "pallas_gpu", "pallas_mgpu", "pallas_tpu", "tokamax")
 
@@ -92,9 +92,13 @@ def attention(
             kw = dict(alibi_slopes=alibi_slopes, segment_ids=segment_ids, **kernel_kw)
             return kernel(q, k, v, **kw)
 
-        return batch_local(local, (q_BSHK, k_BTGK, v_BTGK, segment_ids), (alibi_slopes,))
+        return _on_each_device(local, q_BSHK, k_BTGK, v_BTGK, segment_ids, alibi_slopes)
     if impl == "tokamax":
-        return _tokamax_attention(q_BSHK, k_BTGK, v_BTGK, alibi_slopes, segment_ids, causal, scale)
+
+        def local(q, k, v, segment_ids, alibi_slopes):
+            return _tokamax_attention(q, k, v, alibi_slopes, segment_ids, causal, scale)
+
+        return _on_each_device(local, q_BSHK, k_BTGK, v_BTGK, segment_ids, alibi_slopes)
     if impl == "cudnn":
         return _cudnn_attention(q_BSHK, k_BTGK, v_BTGK, alibi_slopes, segment_ids, causal, scale)
     return _xla_attention(
@@ -132,24 +136,60 @@ def attention_qkv(
     """
     if impl == "auto":
         impl = auto_impl(qkv_BSNK, dropout_rate, alibi=alibi_slopes is not None)
-    if impl in ("pallas_gpu", "pallas_mgpu") and not dropout_rate:
-        kernel_kw = dict(n_kv_heads=n_kv_heads, causal=causal, softmax_scale=softmax_scale)
+    B, S, N, K = qkv_BSNK.shape
+    H = N - 2 * n_kv_heads
+    mha = n_kv_heads == H
+    # GQA's fused layout cannot be cut into per-device q, k and v heads: with heads split over
+    # tensor it takes the kernels of the split q, k and v below
+    fused = mha or sharding.split_count("heads") == 1
+    if impl in ("pallas_gpu", "pallas_mgpu") and not dropout_rate and fused:
+        kernel_kw = dict(causal=causal, softmax_scale=softmax_scale)
         if impl == "pallas_gpu":
             from mpt_jax.kernels.flash_attention import flash_attention_qkv as kernel
 
             kernel_kw["interpret"] = backend() != "gpu"  # elsewhere the same kernel, interpreted
         else:
             kernel = _hopper_kernels().flash_attention_mgpu_qkv
+        if not mha:
 
-        def local(qkv, segment_ids, alibi_slopes):
-            return kernel(qkv, alibi_slopes=alibi_slopes, segment_ids=segment_ids, **kernel_kw)
+            def local(qkv, segment_ids, alibi_slopes):
+                kw = dict(alibi_slopes=alibi_slopes, segment_ids=segment_ids, **kernel_kw)
+                return kernel(qkv, n_kv_heads=n_kv_heads, **kw)
 
-        return batch_local(local, (qkv_BSNK, segment_ids), (alibi_slopes,))
-    H = qkv_BSNK.shape[2] - 2 * n_kv_heads
+            names = (_HEADS_WHOLE, _ROWS, None)
+            return sharding.device_local(local, (qkv_BSNK, segment_ids, alibi_slopes), names, _Q)
+
+        def local_mha(qkv_BS3HK, segment_ids, alibi_slopes):
+            b, s, _, h, k = qkv_BS3HK.shape
+            kw = dict(alibi_slopes=alibi_slopes, segment_ids=segment_ids, **kernel_kw)
+            return kernel(qkv_BS3HK.reshape(b, s, 3 * h, k), n_kv_heads=h, **kw)
+
+        # (B, S, 3, H, K) so that a device's heads keep their q, k and v together
+        args = (qkv_BSNK.reshape(B, S, 3, H, K), segment_ids, _slopes_array(alibi_slopes))
+        names = (("batch", None, None, "heads", None), _ROWS, ("heads",))
+        return sharding.device_local(local_mha, args, names, _Q)
     q_BSHK, k_BSGK, v_BSGK = jnp.split(qkv_BSNK, [H, H + n_kv_heads], axis=2)
     kw = dict(alibi_slopes=alibi_slopes, segment_ids=segment_ids, causal=causal)
     kw |= dict(softmax_scale=softmax_scale, impl=impl, dropout_rate=dropout_rate)
     return attention(q_BSHK, k_BSGK, v_BSGK, dropout_key=dropout_key, **kw)
+
+
+# logical axis names of the kernels' arguments (sharding.LOGICAL_RULES)
+_ROWS = ("batch", None)
+_Q = ("batch", None, "heads", None)
+_HEADS_WHOLE = ("batch", None, None, None)
+
+
+def _on_each_device(local, q_BSHK, k_BTGK, v_BTGK, segment_ids, alibi_slopes):
+    """local(q, k, v, segment_ids, alibi_slopes) on each device's batch rows and, split over
+    tensor, its query heads with their kv heads (all kv heads where there is one, MQA)."""
+    kv = _Q if k_BTGK.shape[2] > 1 else _HEADS_WHOLE
+    args = (q_BSHK, k_BTGK, v_BTGK, segment_ids, _slopes_array(alibi_slopes))
+    return sharding.device_local(local, args, (_Q, kv, kv, _ROWS, ("heads",)), _Q)
+
+
+def _slopes_array(alibi_slopes):
+    return None if alibi_slopes is None else jnp.asarray(alibi_slopes, jnp.float32)
 
 
 def _hopper_kernels():

@@ -25,7 +25,7 @@ from mpt_jax import attention as attention_lib
 from mpt_jax import hf_checkpoint
 from mpt_jax.config import InitConfig, ModelConfig, param_shapes
 from mpt_jax.kernels.layer_norm import fused_norm
-from mpt_jax.sharding import batch_local
+from mpt_jax.sharding import device_local
 
 Initializer = Callable[[jax.Array, tuple[int, ...]], jax.Array]
 
@@ -182,7 +182,9 @@ class Norm(nnx.Module):
         def local(x, h, scale, bias):
             return fused_norm(x, scale, bias, h=h, **kw)
 
-        return batch_local(local, (x, h), (self.scale[...], bias))
+        rows = ("batch", *(None,) * (x.ndim - 1))
+        out = (rows, rows) if skip else rows
+        return device_local(local, (x, h, self.scale[...], bias), (rows, rows, None, None), out)
 
 
 def _centred(x: jax.Array, rms: bool) -> jax.Array:

@@ -149,7 +149,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def traced_on(mesh: Mesh, fn: Callable) -> Callable:
     """fn, traced with `mesh` as the abstract mesh in context (unless one already is), so that
-    the model's Pallas kernels run on each device's own batch rows (`batch_local`)."""
+    the model's Pallas kernels run on each device's own batch rows and heads (`device_local`)."""
 
     @functools.wraps(fn)
     def on_mesh(*args, **kwargs):
@@ -161,20 +161,61 @@ def traced_on(mesh: Mesh, fn: Callable) -> Callable:
     return on_mesh
 
 
-def batch_local(fn: Callable, batched: Sequence[Any], replicated: Sequence[Any] = ()) -> Any:
-    """fn(*batched, *replicated), run on each device's rows (axis 0) of the batched arrays and
-    outputs when the mesh in context splits the batch over data and fsdp; else as it is.
+def split_count(logical: str) -> int:
+    """How many ways the mesh in context splits a logical axis (LOGICAL_RULES), divisibility
+    aside; 1 without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else math.prod(mesh.shape[a] for a in _mesh_axes(logical, mesh))
 
-    XLA cannot partition a Pallas kernel (a custom call): given batch-sharded operands it
-    gathers the whole batch onto every device and runs the kernel there, on all of it. None
-    entries pass through; a batch the split does not divide runs unsplit.
+
+def _mesh_axes(logical: str, mesh: Any) -> tuple[str, ...]:
+    axes = dict(LOGICAL_RULES).get(logical) or ()
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    return tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+
+
+def device_local(
+    fn: Callable,
+    args: Sequence[Any],
+    names: Sequence[tuple[str | None, ...] | None],
+    out_names: Any,
+) -> Any:
+    """fn(*args), run by each device on its own block of the arrays where the mesh in context
+    splits them (a shard_map); else as it is.
+
+    XLA cannot partition a Pallas kernel (a custom call): given sharded operands it gathers
+    them whole onto every device and runs the kernel there, on all of it. names: per arg, its
+    logical axis names (`batch` over data and fsdp, `heads` over tensor), or None for an arg
+    every device takes whole; out_names: the output's, or a tuple of them for a tuple output.
+    A logical axis is split only where its mesh axes divide it in every arg that names it (the
+    output's named axes must have the same sizes). None args pass through.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    axes = () if mesh.empty else tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
-    shards = math.prod(mesh.shape[a] for a in axes)
-    if not axes or any(x is not None and x.shape[0] % shards for x in batched):
-        return fn(*batched, *replicated)
-    rows = PartitionSpec(axes)
-    in_specs = (rows,) * len(batched) + (PartitionSpec(),) * len(replicated)
-    local = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=rows, check_vma=False)
-    return local(*batched, *replicated)
+    if mesh.empty:
+        return fn(*args)
+    named = [(x, ns) for x, ns in zip(args, names, strict=True) if x is not None and ns]
+    split: dict[str, tuple[str, ...]] = {}
+    used: set[str] = set()
+    for logical in dict.fromkeys(n for _, ns in named for n in ns if n is not None):
+        axes = tuple(a for a in _mesh_axes(logical, mesh) if a not in used)
+        ways = math.prod(mesh.shape[a] for a in axes)
+        sizes = [x.shape[i] for x, ns in named for i, n in enumerate(ns) if n == logical]
+        if axes and all(size % ways == 0 for size in sizes):
+            split[logical] = axes
+            used.update(axes)
+    if not split:
+        return fn(*args)
+
+    def spec(ns):
+        if ns is None:
+            return PartitionSpec()
+        dims = [split.get(n) if n is not None else None for n in ns]
+        return PartitionSpec(*(d[0] if d and len(d) == 1 else d for d in dims))
+
+    def is_names(t):
+        return t is None or all(n is None or isinstance(n, str) for n in t)
+
+    in_specs = tuple(spec(ns) for ns in names)
+    out_specs = jax.tree.map(spec, out_names, is_leaf=is_names)
+    local = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    return local(*args)

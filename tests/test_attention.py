@@ -1,6 +1,7 @@
 """attention(): ALiBi slopes, GQA, segment masking, the ALiBi form, argument errors, tokamax."""
 
 import math
+import re
 import sys
 
 import jax
@@ -194,3 +195,49 @@ def test_tokamax_falls_back_when_a_gpu_kernel_does_not_trace(monkeypatch):
     impls["triton"] = mosaic_gpu  # the last implementation's own error reaches the caller
     with pytest.raises(ValueError, match="not a multiple of the block"):
         attention(q, k, v, impl="tokamax", **kw)
+
+
+MESH_CASES = {
+    # impl, fused qkv, H, G: heads split over tensor (2) wherever H and G allow it
+    "pallas_gpu_fused_mha": ("pallas_gpu", True, 4, 4),
+    "pallas_gpu_fused_gqa": ("pallas_gpu", True, 4, 2),  # split q, k and v: 2 + 1 heads each
+    "pallas_gpu_mqa": ("pallas_gpu", False, 4, 1),  # q split, the one kv head whole
+    "pallas_gpu_gqa_4_over_3_heads_whole": ("pallas_gpu", False, 6, 3),  # 3 kv heads: no split
+    "tokamax_gqa": ("tokamax", False, 4, 2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MESH_CASES))
+def test_kernels_on_a_mesh_split_by_batch_and_heads_give_the_single_device_results(case):
+    """sharding.device_local hands each device its batch rows and heads, ALiBi slopes with them;
+    sharded inputs and outputs give the single-device XLA reference's output and gradients."""
+    from mpt_jax import sharding
+    from mpt_jax.attention import attention_qkv
+    from mpt_jax.config import MeshConfig
+
+    impl, fused, H, G = MESH_CASES[case]
+    if impl == "tokamax":
+        pytest.importorskip("tokamax")
+    B, S, K = 4, 40, 16
+    q, k, v = _qkv(B=B, S=S, H=H, G=G, K=K, seed=len(case))
+    qkv = jnp.concatenate([q, k, v], axis=2)
+    do = jnp.asarray(np.random.default_rng(2).standard_normal(q.shape), jnp.float32)
+    kw = dict(alibi_slopes=alibi_slopes(H), segment_ids=jnp.asarray(packed_segments(B, S)))
+
+    def attend(impl):
+        if fused:
+            return lambda qkv: attention_qkv(qkv, n_kv_heads=G, impl=impl, **kw)
+        return lambda qkv: attention(*jnp.split(qkv, [H, H + G], axis=2), impl=impl, **kw)
+
+    ref_out, (ref_grad,) = out_and_grads_fn(attend("xla"), do)(qkv)
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=1, tensor=2), jax.devices()[:4])
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None, "tensor"))
+    on_mesh = out_and_grads_fn(sharding.traced_on(mesh, attend(impl)), do)
+    lowered = on_mesh.lower(jax.device_put(qkv, split)).as_text()
+    # the per-device computation's first argument: q's (or the fused array's) block
+    block = re.search(r"manual_computation\(.*?\(%arg\d+: tensor<([\dx]+)xf32>", lowered)
+    dims = [int(d) for d in block.group(1).split("x")]
+    assert (dims[0], dims[-2]) == (B // 2, H if G % 2 and G > 1 else H // 2)
+    out, (grad,) = on_mesh(jax.device_put(qkv, split))
+    assert relative_error(out, ref_out) < 1e-5
+    assert relative_error(grad, ref_grad) < 1e-5

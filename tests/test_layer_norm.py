@@ -158,7 +158,7 @@ def test_model_with_pallas_norms_gives_the_xla_logits_and_gradients(
 
 
 def test_pallas_kernels_on_a_mesh_split_by_batch_give_the_single_device_gradients():
-    # the kernels run per device on its rows (sharding.batch_local); the gradients of the
+    # the kernels run per device on its rows and heads (sharding.device_local); the gradients of the
     # replicated scales (and the loss) are summed over the devices by shard_map's transpose
     cfg = ModelConfig(
         **(_MODEL_FIELDS | dict(attn_impl="pallas_gpu", alibi=True, learned_pos_emb=False)),

@@ -13,9 +13,12 @@ import pytest
 from helpers import lower_for_cuda
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.sharding import NamedSharding, PartitionSpec
 
 import mpt_jax.attention as attention_lib
+from mpt_jax import sharding
 from mpt_jax.attention import alibi_slopes, attention
+from mpt_jax.config import MeshConfig
 from mpt_jax.kernels import tokamax_compat
 
 
@@ -91,10 +94,12 @@ def test_kernel_aliases_reach_a_real_mosaic_gpu_kernel_with_lane_semantics():
     assert calls[-1] == {"out_type": shape, "scratch_types": []}
 
 
+@pytest.mark.parametrize("on_mesh", [False, True])
 @pytest.mark.parametrize("name", ["mosaic_gpu", "triton"])
-def test_tokamax_gpu_kernels_lower_for_a_hopper_gpu(monkeypatch, name):
+def test_tokamax_gpu_kernels_lower_for_a_hopper_gpu(monkeypatch, name, on_mesh):
     """`attention(impl="tokamax")` forward and backward as an H200 host builds them: tokamax's
-    own kernel runs (no fallback), the ALiBi bias is the key-only (1, H, 1, S) one."""
+    own kernel runs (no fallback), the ALiBi bias is the key-only (1, H, 1, S) one. On a mesh
+    splitting batch and heads (2 x 2), it runs per device on half the rows and heads."""
     pytest.importorskip("tokamax")
     from tokamax._src import gpu_utils
 
@@ -109,7 +114,12 @@ def test_tokamax_gpu_kernels_lower_for_a_hopper_gpu(monkeypatch, name):
     monkeypatch.setattr(attention_lib, "backend", lambda: "gpu")
     monkeypatch.setattr(attention_lib, "_TOKAMAX_IMPLEMENTATIONS", {"gpu": (name,)})
     B, S, H, K = 2, 512, 4, 128
-    q = jax.ShapeDtypeStruct((B, S, H, K), jnp.bfloat16)
+    mesh = jax.sharding.AbstractMesh((1,), ("gpu",))
+    split = None
+    if on_mesh:
+        mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=1, tensor=2), jax.devices()[:4])
+        split = NamedSharding(mesh, PartitionSpec("data", None, "tensor"))
+    q = jax.ShapeDtypeStruct((B, S, H, K), jnp.bfloat16, sharding=split)
     slopes = alibi_slopes(H)
 
     def loss(q, k, v):
@@ -119,11 +129,14 @@ def test_tokamax_gpu_kernels_lower_for_a_hopper_gpu(monkeypatch, name):
     # tokamax's Triton backward broadcasts by rank promotion, traced after attention() returns;
     # conftest makes rank promotion an error
     with jax.numpy_rank_promotion("allow"):
-        text = lower_for_cuda(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), q, q, q).as_text()
+        grad = sharding.traced_on(mesh, jax.grad(loss, argnums=(0, 1, 2)))
+        text = lower_for_cuda(jax.jit(grad), q, q, q, mesh=mesh).as_text()
     targets = re.findall(r"custom_call @([\w$.]+)", text)
     if name == "mosaic_gpu":
         assert targets and all(t.startswith("mosaic_gpu") for t in targets)
     else:
         assert targets and all("triton" in t for t in targets)
     assert len(targets) >= 2  # the forward, and a backward of its own
-    assert f"tensor<1x{H}x1x{S}xf32>" in text  # the key-only ALiBi bias
+    local_heads = H // 2 if on_mesh else H
+    assert f"tensor<1x{local_heads}x1x{S}xf32>" in text  # the key-only ALiBi bias
+    assert ("manual_computation" in text) == on_mesh

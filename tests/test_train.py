@@ -427,12 +427,16 @@ def test_step_built_for_a_gpu_runs_alibi_in_our_hopper_kernels(tmp_path, monkeyp
     assert operands and set(operands) == {("bf16", "bf16")}, sorted(set(operands))
 
 
-def test_step_hands_each_devices_batch_rows_to_the_pallas_kernels(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("data", "fsdp", "tensor"), [(2, 2, 1), (1, 2, 2)])
+def test_step_hands_each_devices_rows_and_heads_to_the_pallas_kernels(
+    tmp_path, monkeypatch, data, fsdp, tensor
+):
     """XLA cannot partition a Pallas kernel (a custom call): given the batch split over data and
-    fsdp, it would gather the whole batch onto every device and run the kernel on all of it.
-    The step, lowered for CUDA on a 2 x 2 mesh, runs attention and the norms on its own rows."""
+    fsdp (heads over tensor), it would gather the whole batch (all heads) onto every device and
+    run the kernel on all of it. The step, lowered for CUDA on a 4-device mesh, runs attention
+    on its own rows and heads, the norms on its own rows."""
     monkeypatch.setattr(attention_module, "backend", lambda: "gpu")
-    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=1), jax.devices()[:4])
+    mesh = make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor), jax.devices()[:4])
     model = {**TINY_MODEL, "attn_impl": "pallas_gpu", "norm_impl": "pallas_gpu"}
     cfg = config(tmp_path, model=model, train={"precision": "amp_bf16", "loss_chunk": 16})
     graphdef, abstract, shardings = abstract_state(cfg, mesh)
@@ -445,11 +449,13 @@ def test_step_hands_each_devices_batch_rows_to_the_pallas_kernels(tmp_path, monk
     def first_operands(kernel):
         return set(re.findall(rf'name = "{kernel}".*?\}} : \((tensor<[^>]+>)', text))
 
-    # 2 of the 8 rows per device: attention on (2, S, 3H, K), the norms on 2 x S rows of D
-    assert first_operands("mpt_flash_fwd") == {f"tensor<2x{Sp}x{3 * H}x{D // H}xbf16>"}
-    assert first_operands("mpt_flash_dq") == {f"tensor<2x{Sp}x{3 * H}x{D // H}xbf16>"}
-    assert first_operands("mpt_norm_fwd") == {f"tensor<{2 * S}x{D}xf32>"}
-    assert first_operands("mpt_norm_bwd") == {f"tensor<{2 * S}x{D}xbf16>"}
+    # B / (data * fsdp) rows per device: attention on (rows, S, 3H / tensor, K), reading the
+    # q, k and v of its heads in place; the norms on rows x S tokens of D
+    rows, qkv_heads = B // (data * fsdp), 3 * H // tensor
+    assert first_operands("mpt_flash_fwd") == {f"tensor<{rows}x{Sp}x{qkv_heads}x{D // H}xbf16>"}
+    assert first_operands("mpt_flash_dq") == {f"tensor<{rows}x{Sp}x{qkv_heads}x{D // H}xbf16>"}
+    assert first_operands("mpt_norm_fwd") == {f"tensor<{rows * S}x{D}xf32>"}
+    assert first_operands("mpt_norm_bwd") == {f"tensor<{rows * S}x{D}xbf16>"}
 
 
 @pytest.mark.parametrize("precision", ["amp_bf16", "pure_bf16"])
