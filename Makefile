@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
-	$(MAKE) aot-plugin VENV=$(VENV)
+	$(MAKE) aot-plugin nvidia-tools VENV=$(VENV)
 	touch $(STAMP)
 
 # jax's CUDA PJRT plugin for `bench_train.py --aot` (compiling for a GPU on a host without one),
@@ -26,7 +26,13 @@ aot-plugin:
 	$(VENV)/bin/python -m pip install -q --no-deps --upgrade --target $(VENV)/aot-plugin \
 		$$($(VENV)/bin/python -c 'from mpt_jax.aot import plugin_packages; print(plugin_packages())')
 
-.PHONY: setup quickstart test test-gpu-stack lint format aot-plugin
+# NVIDIA's cuobjdump and nvdisasm (CPU programs) for tools/kernel_sass.py, also in a folder of
+# their own: installed beside jax they would make it take their folder for CUDA's
+nvidia-tools:
+	$(VENV)/bin/python -m pip install -q --no-deps --upgrade --target $(VENV)/nvidia-tools \
+		$$($(VENV)/bin/python -c 'from mpt_jax.sass import TOOL_PACKAGES; print(TOOL_PACKAGES)')
+
+.PHONY: setup quickstart test test-gpu-stack lint format aot-plugin nvidia-tools
 setup: $(STAMP)
 
 # the main job: prepare the built-in corpus (once), train experiments/quickstart.yaml, export to HF
@@ -55,5 +61,5 @@ test-gpu-stack:
 	$(PYTHON312) -m venv $(GPU_STACK_VENV)
 	$(GPU_STACK_VENV)/bin/python -m pip install -q jax==0.11.2 jaxlib==0.11.2 flax==0.12.10 \
 		optax==0.2.8 tokamax==0.0.12 typeguard==2.13.3 pytest pytest-xdist matplotlib -e .
-	$(MAKE) aot-plugin VENV=$(GPU_STACK_VENV)
+	$(MAKE) aot-plugin nvidia-tools VENV=$(GPU_STACK_VENV)
 	$(GPU_STACK_VENV)/bin/python -m pytest -n 2 -q -p no:cacheprovider --durations=5

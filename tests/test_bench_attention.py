@@ -70,6 +70,33 @@ def test_tune_past_its_budget_still_times_every_kernel_at_its_default():
     assert winners[32] == default_tilings(32)
 
 
+def test_tune_at_head_dim_128_times_the_default_then_the_machine_codes_picks(monkeypatch):
+    # the order only: what tools/kernel_sass.py found neither spilling nor on per-warp HMMA
+    # goes right after the default, then the rest of the grid, each candidate once
+    orders = []
+
+    def record(candidates, measure, deadline):
+        orders.append(candidates)
+        return [], None
+
+    monkeypatch.setattr(bench_attention, "_sweep_phase", record)
+    monkeypatch.setattr(bench_attention, "check", lambda **kw: [])
+    monkeypatch.setattr(bench_attention, "_default_vs_tuned", lambda *a: [])
+    bench_attention.tune([128], reps=1, budget_s=1, shape=(1, 32, 4), interpret=True)
+    default = default_tilings(128)
+    for kernel, candidates in zip(("fwd", "dq", "dkv"), orders, strict=True):
+        first = bench_attention.TUNE_FIRST_128[kernel]
+        assert candidates[0] == getattr(default, kernel)
+        assert candidates[1 : 1 + len(first)] == [t for t in first if t != candidates[0]]
+        grid = {
+            Tiling(bq, bk, w, st)
+            for (bq, bk) in bench_attention.TUNE_BLOCKS[kernel]
+            for w in bench_attention.TUNE_WARPS
+            for st in bench_attention.TUNE_STAGES
+        }
+        assert len(set(candidates)) == len(candidates) and set(candidates) == grid
+
+
 def test_once_runs_each_program_a_single_time_with_finite_gradients():
     impls = (("ours", "pallas_gpu", True), ("reference", "xla", True), ("no ALiBi", "xla", False))
     lines = bench_attention.run_once(shape=(1, 40, 2, 16), impls=impls)

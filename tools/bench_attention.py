@@ -83,10 +83,19 @@ def _inputs(B, S, H, K, G=None, seed=0):
 # for shared memory fail to compile and are reported as such
 TUNE_BLOCKS = {
     "fwd": [(64, 64), (128, 64), (128, 32), (64, 32), (128, 128), (64, 128)],
-    "dq": [(64, 64), (128, 64), (128, 32), (64, 32), (32, 64)],
+    "dq": [(64, 64), (128, 64), (128, 32), (64, 32), (32, 64), (128, 128)],
     "dkv": [(64, 64), (32, 64), (64, 128), (32, 128), (16, 64), (64, 32)],
 }
 TUNE_WARPS, TUNE_STAGES = (4, 8), (2, 3)
+# timed first at head dim 128, after the default: the candidates whose machine code for an H200
+# neither spills (255 registers and a stack) nor falls back to per-warp HMMA and whose warpgroup
+# MMAs are at least 32 wide (tools/kernel_sass.py --sweep, jax 0.11.2, 2026-12-06; the table is
+# in docs/benchmarks.md). The default dq and dk/dv tilings spill (8 and 88 bytes a thread).
+TUNE_FIRST_128 = {
+    "fwd": [Tiling(128, 128, 8, 2), Tiling(128, 128, 8, 3), Tiling(128, 64, 8, 3)],
+    "dq": [Tiling(128, 128, 8, 2), Tiling(128, 64, 8, 3), Tiling(128, 32, 8, 3)],
+    "dkv": [Tiling(64, 64, 8, 2), Tiling(32, 128, 8, 3), Tiling(32, 64, 4, 3)],
+}
 
 
 def _rel(ours, ref) -> float:
@@ -422,7 +431,8 @@ def tune(
                     fn = _fwd_bwd(tilings, interpret)
                 return _try_time(fn, args, reps)
 
-            candidates = [first, *(c for c in grid if c != first)]
+            ahead = TUNE_FIRST_128[kernel] if K == 128 else []
+            candidates = list(dict.fromkeys([first, *ahead, *grid]))
             timed, best_t = _sweep_phase(candidates, measure, deadline)
             for cand, t in timed:
                 w, st = cand.num_warps or "Triton's", cand.num_stages or "Triton's"  # None: default

@@ -1,0 +1,122 @@
+"""mpt_jax.sass and tools/kernel_sass.py: our kernels' machine code, compiled for an H200 here.
+
+The compile needs jax's CUDA PJRT plugin (`make setup` installs it) and the reading NVIDIA's
+cuobjdump and nvdisasm (`make nvidia-tools`).
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from mpt_jax import sass
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import bench_train
+import kernel_sass
+
+
+def _tools_missing() -> str | None:
+    if (
+        not bench_train.DEFAULT_AOT_PLUGIN.is_dir()
+        and importlib.util.find_spec("jax_plugins") is None
+    ):
+        return "no CUDA PJRT plugin (make setup installs it)"
+    try:
+        sass.nvidia_tool("cuobjdump"), sass.nvidia_tool("nvdisasm")
+    except sass.SassError as e:
+        return str(e)
+    return None
+
+
+needs_tools = pytest.mark.skipif(_tools_missing() is not None, reason=str(_tools_missing()))
+
+
+def test_snappy_literals_and_back_references():
+    # 10 bytes: literal "ab", then 8 bytes copied from 2 back (overlapping: "abababab")
+    assert sass.snappy_decompress(b"\x0a\x04ab\x11\x02") == b"ababababab"
+    # 8 bytes: literal "abcd", then a 2-byte-offset copy of 4 bytes from 4 back
+    assert sass.snappy_decompress(b"\x08\x0cabcd\x0e\x04\x00") == b"abcdabcd"
+    with pytest.raises(sass.SassError, match="back-reference 3 bytes back from 2"):
+        sass.snappy_decompress(b"\x0a\x04ab\x11\x03")
+    with pytest.raises(sass.SassError, match="4 bytes decoded where the header says 5"):
+        sass.snappy_decompress(b"\x05\x0cabcd")
+
+
+def test_bytes_without_a_cubin_have_none():
+    assert sass.cubins(b"\x7fELF\x02\x01 not a cubin" * 10) == []
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# the plugin must be on the path before jax starts its backends: a process of its own, as
+# bench_train --aot runs its rows
+_READ_KERNELS = """
+import dataclasses, json, sys
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+import kernel_sass
+from mpt_jax import sass
+from mpt_jax.kernels.flash_attention import Tiling, Tilings
+tilings = Tilings(Tiling(128, 32, 8, 2), Tiling(64, 64, 4, 2), Tiling(64, 64, 4, 2))
+compiled = kernel_sass.compile_attention("h200", (1, 256, 2, 64), "pallas_gpu", tilings)
+kernels = sass.read_kernels(sass.executable_cubins(compiled))
+print(json.dumps([dataclasses.asdict(k) for k in kernels]))
+"""
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+@needs_tools
+def test_our_triton_kernels_compile_to_hoppers_warpgroup_mma_with_the_tilings_shapes():
+    """Compiled for an H200: forward, dq and dk/dv are HGMMA (wgmma), not the per-warp HMMA.
+    The forward's QK^T has N = block_k and its PV N = the head dim, so the instruction
+    shapes follow the tiling (here 128 x 32 blocks, head dim 64)."""
+    plugin = str(bench_train.DEFAULT_AOT_PLUGIN)
+    result = _run([sys.executable, "-c", _READ_KERNELS, plugin, str(ROOT / "tools")])
+    assert result.returncode == 0, result.stderr[-2000:]
+    kernels = {k["name"]: k for k in json.loads(result.stdout.splitlines()[-1])}
+    assert {"mpt_flash_fwd", "mpt_flash_dq", "mpt_flash_dkdv"} <= set(kernels)
+    for name in ("mpt_flash_fwd", "mpt_flash_dq", "mpt_flash_dkdv"):
+        ops = kernels[name]["matrix_instructions"]
+        assert any(op.startswith("HGMMA") for op in ops), (name, ops)
+        assert not any(op.startswith("HMMA") for op in ops), (name, ops)
+        assert 0 < kernels[name]["registers"] <= 255
+    shapes = {op.split(".")[1] for op in kernels["mpt_flash_fwd"]["matrix_instructions"]}
+    assert shapes == {"64x32x16", "64x64x16"}
+
+
+@needs_tools
+def test_the_tool_writes_its_table(tmp_path):
+    out = tmp_path / "sass.md"
+    result = _run(
+        [sys.executable, "tools/kernel_sass.py", "--shape", "1,256,2,64", "--out", str(out)]
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = out.read_text()
+    assert "compiled for a h200" in text and text == result.stdout
+    rows = [line for line in text.splitlines() if line.startswith("| mpt_flash_")]
+    assert len(rows) == 3 and all("HGMMA" in row for row in rows)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_program_compiled_for_this_cpu_has_no_cubin():
+    compiled = jax.jit(lambda x: x * 2).lower(jnp.ones(4)).compile()
+    with pytest.raises(sass.SassError, match="no cubin in the serialized executable"):
+        sass.executable_cubins(compiled)
+
+
+def test_bad_arguments_are_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit):
+        kernel_sass.main(["--shape", "8,2048,16"])
+    assert "--shape: want B,S,H,K, got '8,2048,16'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        kernel_sass.main(["--sweep", "dq", "--impl", "pallas_mgpu"])
+    assert "--sweep: the tiling candidates are the Triton kernels'" in capsys.readouterr().err

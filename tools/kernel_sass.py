@@ -1,0 +1,168 @@
+"""Our attention kernels' machine code for a GPU, on a host without one.
+
+    python tools/kernel_sass.py [--card h200] [--shape 8,2048,16,128] [--impl pallas_gpu]
+    python tools/kernel_sass.py --sweep fwd dq dkv [--out sass_sweep.md]
+
+Compiles causal ALiBi attention forward + backward (bf16) for a compile-only GPU
+(`mpt_jax.aot`, jax's CUDA PJRT plugin: `make aot-plugin`) and reads each kernel's cubin
+(`mpt_jax.sass`, NVIDIA's cuobjdump and nvdisasm: `make nvidia-tools`): registers
+and stack per thread (a kernel at 255 registers with a stack spills), and its matrix
+instructions, Hopper's warpgroup HGMMA (with their m x n x k shapes) or the per-warp HMMA.
+`--sweep` does this for every tiling candidate of `tools/bench_attention.py --tune` of the
+named Triton kernels (one kernel's tiling varied, the others at their defaults): the GPU sweep
+then times the candidates that do not spill first. No kernel runs; nothing here is a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only devices; jax must not open a GPU
+
+import jax
+import jax.numpy as jnp
+
+from mpt_jax import aot, sass
+from mpt_jax.attention import alibi_slopes
+from mpt_jax.kernels.flash_attention import Tiling, Tilings, default_tilings, flash_attention
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_attention
+import bench_train
+
+IMPLS = ("pallas_gpu", "pallas_mgpu")
+KERNEL_NAMES = {"fwd": "mpt_flash_fwd", "dq": "mpt_flash_dq", "dkv": "mpt_flash_dkdv"}
+
+
+def compile_attention(card: str, shape, impl: str, tilings: Tilings | None = None):
+    """Forward + backward of causal ALiBi attention, compiled for one compile-only `card`."""
+    B, S, H, K = shape
+    device = aot.compile_only_devices(card)
+    mesh = jax.sharding.Mesh(device, ("gpu",))
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    arg = jax.ShapeDtypeStruct((B, S, H, K), jnp.bfloat16, sharding=whole)
+    slopes = alibi_slopes(H)
+
+    def attend(q, k, v):
+        if impl == "pallas_mgpu":
+            from mpt_jax.kernels.flash_attention_mgpu import flash_attention_mgpu
+
+            return flash_attention_mgpu(q, k, v, alibi_slopes=slopes)
+        return flash_attention(q, k, v, alibi_slopes=slopes, tilings=tilings)
+
+    def loss(q, k, v):
+        return attend(q, k, v).astype(jnp.float32).sum()
+
+    with aot.lowering_for(mesh):
+        lowered = jax.jit(jax.grad(loss, (0, 1, 2))).trace(arg, arg, arg)
+        return lowered.lower(lowering_platforms=("cuda",)).compile()
+
+
+def kernel_rows(compiled) -> list[sass.KernelCode]:
+    """Our kernels (and any other kernel of the program) in the compiled program."""
+    return sass.read_kernels(sass.executable_cubins(compiled))
+
+
+def _instructions(kernel: sass.KernelCode) -> str:
+    ops = sorted(kernel.matrix_instructions.items())
+    return ", ".join(f"{n} {op}" for op, n in ops) or "none"
+
+
+def _tiling(t: Tiling) -> str:
+    return f"{t.block_q}x{t.block_k} w{t.num_warps} s{t.num_stages}"
+
+
+def table(card: str, shape, impl: str) -> list[str]:
+    lines = [
+        f"{impl} at {shape} (B, S, H, K), bf16, causal ALiBi fwd+bwd, compiled for a {card}"
+        f" (jax {jax.__version__})",
+        "",
+        "| kernel | registers | stack bytes | static shared bytes | matrix instructions |",
+        "|---|---|---|---|---|",
+    ]
+    for k in kernel_rows(compile_attention(card, shape, impl)):
+        row = (k.name, k.registers, k.stack_bytes, k.shared_bytes, _instructions(k))
+        lines.append("| " + " | ".join(map(str, row)) + " |")
+    return lines
+
+
+def sweep(card: str, shape, kernels: list[str]) -> list[str]:
+    """Registers, stack and HGMMA shapes of each --tune candidate of the named kernels."""
+    default = default_tilings(shape[3])
+    lines = [
+        f"Tiling candidates of tools/bench_attention.py --tune at {shape}, compiled for a {card}"
+        f" (jax {jax.__version__}); * marks the default",
+        "",
+        "| kernel | tiling (q x k, warps, stages) | registers | stack bytes | matrix instructions"
+        " |",
+        "|---|---|---|---|---|",
+    ]
+    for kernel in kernels:
+        grid = itertools.product(
+            bench_attention.TUNE_BLOCKS[kernel],
+            bench_attention.TUNE_WARPS,
+            bench_attention.TUNE_STAGES,
+        )
+        for (bq, bk), warps, stages in grid:
+            candidate = Tiling(bq, bk, warps, stages)
+            tilings = dataclasses.replace(default, **{kernel: candidate})
+            mark = " *" if candidate == getattr(default, kernel) else ""
+            try:
+                compiled = compile_attention(card, shape, "pallas_gpu", tilings)
+                (k,) = [k for k in kernel_rows(compiled) if k.name == KERNEL_NAMES[kernel]]
+                cells = (k.registers, k.stack_bytes, _instructions(k))
+            except Exception as e:  # shared memory exceeded and the like: the candidate is out
+                cells = ("-", "-", f"failed: {str(e).splitlines()[0][:80]}")
+            row = (kernel, _tiling(candidate) + mark, *cells)
+            lines.append("| " + " | ".join(map(str, row)) + " |")
+            print(lines[-1], file=sys.stderr, flush=True)
+    return lines
+
+
+def _shape(text: str) -> tuple[int, int, int, int]:
+    try:
+        B, S, H, K = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shape: want B,S,H,K, got {text!r}") from None
+    return B, S, H, K
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--card", choices=sorted(aot.CARDS), default="h200")
+    parser.add_argument("--shape", type=_shape, default=(8, 2048, 16, 128))
+    parser.add_argument("--impl", choices=IMPLS, default="pallas_gpu")
+    parser.add_argument("--sweep", nargs="+", choices=sorted(KERNEL_NAMES), metavar="KERNEL")
+    parser.add_argument("--out", type=Path, help="also write the table here (Markdown)")
+    parser.add_argument(
+        "--aot-plugin", type=Path, default=bench_train.DEFAULT_AOT_PLUGIN, help="make aot-plugin"
+    )
+    args = parser.parse_args(argv)
+    if args.sweep and args.impl != "pallas_gpu":
+        parser.error("--sweep: the tiling candidates are the Triton kernels' (--impl pallas_gpu)")
+    if args.aot_plugin.is_dir():
+        sys.path.insert(0, str(args.aot_plugin))
+    try:
+        if args.sweep:
+            lines = sweep(args.card, args.shape, args.sweep)
+        else:
+            lines = table(args.card, args.shape, args.impl)
+    except (aot.AotUnavailable, sass.SassError) as e:
+        print(f"kernel_sass: {e}", file=sys.stderr)
+        return 2
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if args.out:
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
