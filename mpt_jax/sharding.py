@@ -16,7 +16,6 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from mpt_jax.config import ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
 
 # logical name -> mesh axes. FSDP shards the embed axis of every matrix; tensor parallelism
 # splits heads, MLP and vocabulary when mesh.tensor > 1. Batch rows go over data and fsdp.
