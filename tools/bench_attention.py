@@ -431,7 +431,7 @@ def tune(
                     fn = _fwd_bwd(tilings, interpret)
                 return _try_time(fn, args, reps)
 
-            ahead = TUNE_FIRST_128[kernel] if K == 128 else []
+            ahead = [t for t in TUNE_FIRST_128[kernel] if t in grid] if K == 128 else []
             candidates = list(dict.fromkeys([first, *ahead, *grid]))
             timed, best_t = _sweep_phase(candidates, measure, deadline)
             for cand, t in timed:

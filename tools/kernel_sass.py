@@ -9,8 +9,10 @@ Compiles causal ALiBi attention forward + backward (bf16) for a compile-only GPU
 and stack per thread (a kernel at 255 registers with a stack spills), and its matrix
 instructions, Hopper's warpgroup HGMMA (with their m x n x k shapes) or the per-warp HMMA.
 `--sweep` does this for every tiling candidate of `tools/bench_attention.py --tune` of the
-named Triton kernels (one kernel's tiling varied, the others at their defaults): the GPU sweep
-then times the candidates that do not spill first. No kernel runs; nothing here is a timing.
+named Triton kernels (one kernel's tiling varied, the others at their defaults); its findings at
+head dim 128 are the GPU sweep's first candidates (`bench_attention.TUNE_FIRST_128`). No kernel
+runs; nothing here is a timing. Our Hopper kernels compile here under jax 0.11 only (jax 0.10's
+Mosaic GPU compiler wants a GPU's host symbols).
 """
 
 from __future__ import annotations
@@ -154,6 +156,11 @@ def main(argv=None) -> int:
             lines = table(args.card, args.shape, args.impl)
     except (aot.AotUnavailable, sass.SassError) as e:
         print(f"kernel_sass: {e}", file=sys.stderr)
+        return 2
+    except jax.errors.JaxRuntimeError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        message = f"kernel_sass: compiling {args.impl} for a {args.card} failed: {first}"
+        print(message, file=sys.stderr)
         return 2
     text = "\n".join(lines) + "\n"
     print(text, end="")
