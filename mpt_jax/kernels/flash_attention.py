@@ -314,29 +314,39 @@ def _dq_kernel(*refs, blk: _Block, order: _Order, bq, bk, n_k, has_seg):
     dq_ref[...] = (dq * (blk.scale2 / LOG2E)).astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(*refs, blk: _Block, order: _Order, bq, bk, n_q, has_seg, into: Heads | None):
-    """dk and dv of one key block; `into`: written into the heads of the fused (B, Sp, N, K)
-    gradient whose q heads the dq kernel wrote, else into (B, Sp, H, K) arrays of their own."""
+def _dkdv_kernel(
+    *refs, blk: _Block, order: _Order, bq, bk, n_q, has_seg, into: Heads | None, R: int = 1
+):
+    """dk and dv of one key block of one kv head, summed over its R query heads (GQA: their q,
+    do, statistics and slopes come as (Sp, R, ...) blocks; MHA: R = 1, one head's).
+
+    `into`: written into the kv head's place in the fused (B, Sp, N, K) gradient whose q heads
+    the dq kernel wrote, else into (B, Sp, G, K) arrays of their own.
+    """
     inputs, qs_ref, ks_ref, outs = _split_refs(refs, 7, has_seg, 1 if into else 2)
     q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, d_ref = inputs
     ki = order.block(pl.program_id(0))
     k, v = k_ref[...], v_ref[...]
-    slope2 = slope_ref[0] * LOG2E
     # keys along the first axis: blocks are (bk, bq), the transpose of the other kernels'
     k_pos = ki * bk + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
     k_seg = ks_ref[...][:, None] if has_seg else None
 
-    def body(qb, carry, *, masked):
+    def body(qb, carry, *, masked, r):
         dk, dv = carry
         qs = pl.ds(pl.multiple_of(qb * bq, bq), bq)
         q0 = qb * bq
         q_pos = q0 + lax.broadcasted_iota(jnp.int32, (1, bq), 1)
-        q, do = q_ref[qs, :], do_ref[qs, :]
+        if R == 1:
+            q, do, slope = q_ref[qs, :], do_ref[qs, :], slope_ref[0]
+            lse, delta = lse_ref[qs], d_ref[qs]
+        else:
+            q, do, slope = q_ref[qs, r, :], do_ref[qs, r, :], slope_ref[r]
+            lse, delta = lse_ref[r, qs], d_ref[r, qs]
+        slope2 = slope * LOG2E
         q_seg = qs_ref[qs][None, :] if has_seg else None
-        lse2 = lse_ref[qs][None, :] - _row_shift2((1, bq), slope2, blk, axis=1)
-        delta = d_ref[qs][None, :]
+        lse2 = lse[None, :] - _row_shift2((1, bq), slope2, blk, axis=1)
         p_t, ds_t = _backward_block2(
-            *(q, k, v, do, lse2, delta, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk),
+            *(q, k, v, do, lse2, delta[None, :], q_pos, k_pos, q0, q_seg, k_seg, slope2, blk),
             masked=masked,
             keys_first=True,
         )
@@ -344,13 +354,17 @@ def _dkdv_kernel(*refs, blk: _Block, order: _Order, bq, bk, n_q, has_seg, into: 
         dk = dk + jnp.dot(ds_t.astype(q.dtype), q, preferred_element_type=jnp.float32)
         return dk, dv
 
-    K = k.shape[-1]
     # causal: query blocks before this key block see none of it
     first = lax.div(ki * bk, bq) if blk.causal else 0
     first_free = _first_unmasked_query_block(ki, bq=bq, bk=bk, n_q=n_q, causal=blk.causal)
-    zeros = jnp.zeros((bk, K), jnp.float32)
-    carry = lax.fori_loop(first, first_free, functools.partial(body, masked=True), (zeros, zeros))
-    dk, dv = lax.fori_loop(first_free, n_q, functools.partial(body, masked=False), carry)
+
+    def one_head(r, carry):
+        carry = lax.fori_loop(first, first_free, functools.partial(body, masked=True, r=r), carry)
+        return lax.fori_loop(first_free, n_q, functools.partial(body, masked=False, r=r), carry)
+
+    zeros = jnp.zeros((bk, k.shape[-1]), jnp.float32)
+    # the group's query heads in turn, their sums kept in registers (no per-query-head arrays)
+    dk, dv = one_head(0, (zeros, zeros)) if R == 1 else lax.fori_loop(0, R, one_head, (zeros,) * 2)
     dk = dk * (blk.scale2 / LOG2E)
     if into is None:
         dk_ref, dv_ref = outs
@@ -358,40 +372,52 @@ def _dkdv_kernel(*refs, blk: _Block, order: _Order, bq, bk, n_q, has_seg, into: 
         dv_ref[...] = dv.astype(dv_ref.dtype)
         return
     (dqkv_ref,) = outs
-    b, h = pl.program_id(2), order.head(pl.program_id(0), pl.program_id(1))
+    b, g = pl.program_id(2), order.head(pl.program_id(0), pl.program_id(1))
     rows = pl.ds(pl.multiple_of(ki * bk, bk), bk)
-    dqkv_ref[b, rows, into.k_first + h, :] = dk.astype(dqkv_ref.dtype)
-    dqkv_ref[b, rows, into.v_first + h, :] = dv.astype(dqkv_ref.dtype)
+    dqkv_ref[b, rows, into.k_first + g, :] = dk.astype(dqkv_ref.dtype)
+    dqkv_ref[b, rows, into.v_first + g, :] = dv.astype(dqkv_ref.dtype)
 
 
-def _specs(order: _Order, heads: Heads, Sp, K, bq, bk, has_seg, *, over_keys=False):
-    """BlockSpecs of program (t, g, b) in order.grid: q-side blocked for fwd/dq, k-side for dkdv.
-
-    (q, k, v, row, slope, segment) specs; the q spec also serves the (B, Sp, H, K) outputs.
-    """
+def _specs(order: _Order, heads: Heads, Sp, K, bq, has_seg):
+    """BlockSpecs of forward and dq program (t, g, b) in order.grid, blocked along the queries of
+    query head h: (q, k, v, row, slope, segment) specs; the q spec also serves the (B, Sp, H, K)
+    outputs."""
     R = heads.H // heads.G
     i, h = order.block, order.head
 
     def kv_spec(first):
-        """k or v (first: the array's first k or v head) of query head h."""
-        rows, at = (bk, i) if over_keys else (Sp, lambda t: 0)
+        """k or v (first: the array's first k or v head) of query head h, every key."""
         return pl.BlockSpec(
-            (None, rows, None, K), lambda t, g, b: (b, at(t), first + lax.div(h(t, g), R), 0)
+            (None, Sp, None, K), lambda t, g, b: (b, 0, first + lax.div(h(t, g), R), 0)
         )
 
-    if over_keys:
-        q_spec = pl.BlockSpec((None, Sp, None, K), lambda t, g, b: (b, 0, h(t, g), 0))
-        row_spec = pl.BlockSpec((None, None, Sp), lambda t, g, b: (b, h(t, g), 0))
-        qs_spec = pl.BlockSpec((None, Sp), lambda t, g, b: (b, 0))
-        ks_spec = pl.BlockSpec((None, bk), lambda t, g, b: (b, i(t)))
-    else:
-        q_spec = pl.BlockSpec((None, bq, None, K), lambda t, g, b: (b, i(t), h(t, g), 0))
-        row_spec = pl.BlockSpec((None, None, bq), lambda t, g, b: (b, h(t, g), i(t)))
-        qs_spec = pl.BlockSpec((None, bq), lambda t, g, b: (b, i(t)))
-        ks_spec = pl.BlockSpec((None, Sp), lambda t, g, b: (b, 0))
+    q_spec = pl.BlockSpec((None, bq, None, K), lambda t, g, b: (b, i(t), h(t, g), 0))
+    row_spec = pl.BlockSpec((None, None, bq), lambda t, g, b: (b, h(t, g), i(t)))
+    qs_spec = pl.BlockSpec((None, bq), lambda t, g, b: (b, i(t)))
+    ks_spec = pl.BlockSpec((None, Sp), lambda t, g, b: (b, 0))
     slope_spec = pl.BlockSpec((1,), lambda t, g, b: (h(t, g),))
     seg_specs = [qs_spec, ks_spec] if has_seg else []
     k_spec, v_spec = kv_spec(heads.k_first), kv_spec(heads.v_first)
+    return q_spec, k_spec, v_spec, row_spec, slope_spec, seg_specs
+
+
+def _dkdv_specs(order: _Order, heads: Heads, Sp, K, bk, has_seg):
+    """BlockSpecs of dk/dv program (t, g, b) over key blocks of kv heads: (q, k, v, row, slope,
+    segment) specs, q's and the rows' those of the kv head's R query heads (GQA: an (Sp, R, K)
+    and an (R, Sp) block; MHA: one head's, squeezed). The q spec also serves do."""
+    R = heads.H // heads.G
+    i, g = order.block, order.head
+    k_spec, v_spec = (
+        pl.BlockSpec((None, bk, None, K), lambda t, gi, b, f=first: (b, i(t), f + g(t, gi), 0))
+        for first in (heads.k_first, heads.v_first)
+    )
+    heads_dim = None if R == 1 else R
+    q_spec = pl.BlockSpec((None, Sp, heads_dim, K), lambda t, gi, b: (b, 0, g(t, gi), 0))
+    row_spec = pl.BlockSpec((None, heads_dim, Sp), lambda t, gi, b: (b, g(t, gi), 0))
+    slope_spec = pl.BlockSpec((R,), lambda t, gi, b: (g(t, gi),))
+    qs_spec = pl.BlockSpec((None, Sp), lambda t, gi, b: (b, 0))
+    ks_spec = pl.BlockSpec((None, bk), lambda t, gi, b: (b, i(t)))
+    seg_specs = [qs_spec, ks_spec] if has_seg else []
     return q_spec, k_spec, v_spec, row_spec, slope_spec, seg_specs
 
 
@@ -463,7 +489,7 @@ def _forward(q, k, v, slopes, segment_ids, blk, tilings, heads: Heads, interpret
     has_seg = segment_ids is not None
     qp, kp, vp = _sources(q, k, v, Sp)
     order = _order(H, Sp, K, q.dtype.itemsize, t, over_keys=False, causal=blk.causal)
-    specs = _specs(order, heads, Sp, K, t.block_q, t.block_k, has_seg)
+    specs = _specs(order, heads, Sp, K, t.block_q, has_seg)
     q_spec, k_spec, v_spec, row_spec, slope_spec, seg_specs = specs
     segs = [pad_axis(segment_ids, Sp, 1)] * 2 if has_seg else []
     launch = dict(blk=blk, order=order, t=t, grid=order.grid(H, B), has_seg=has_seg)
@@ -499,12 +525,12 @@ def _flash_bwd(blk, tilings, heads: Heads, interpret, poison_outputs, residuals,
     dop = pad_axis(do, Sp, 1)
     segs = [pad_axis(segment_ids, Sp, 1)] * 2 if has_seg else []
 
-    # MHA on the fused qkv: dq, dk and dv land in one (B, Sp, N, K) array, the gradient of qkv,
+    # on the fused qkv, dq, dk and dv land in one (B, Sp, N, K) array, the gradient of qkv:
     # dq's heads by the dq kernel, then dk's and dv's by the dk/dv kernel in place (no concat)
-    into = heads if heads.fused and R == 1 else None
+    into = heads if heads.fused else None
     t = tilings.dq
     order = _order(H, Sp, K, q.dtype.itemsize, t, over_keys=False, causal=blk.causal)
-    specs = _specs(order, heads, Sp, K, t.block_q, t.block_k, has_seg)
+    specs = _specs(order, heads, Sp, K, t.block_q, has_seg)
     q_spec, k_spec, v_spec, row_spec, slope_spec, seg_specs = specs
     launch = dict(blk=blk, order=order, t=t, grid=order.grid(H, B), has_seg=has_seg)
     dq, delta = _launch(
@@ -522,17 +548,19 @@ def _flash_bwd(blk, tilings, heads: Heads, interpret, poison_outputs, residuals,
         poison_outputs=poison_outputs,
     )
 
+    # one program per key block of each kv head; with GQA it streams the q and do of the kv
+    # head's R query heads
     t = tilings.dkv
-    order = _order(H, Sp, K, q.dtype.itemsize, t, over_keys=True, causal=blk.causal)
-    specs = _specs(order, heads, Sp, K, t.block_q, t.block_k, has_seg, over_keys=True)
-    q_spec, k_spec, v_spec, row_spec, slope_spec, seg_specs = specs
-    # per query head; heads sharing a kv head are summed below (in float32 when there are several)
-    head_kv_spec = pl.BlockSpec(
+    order = _order(G, Sp, K, q.dtype.itemsize * R, t, over_keys=True, causal=blk.causal)
+    q_spec, k_spec, v_spec, row_spec, slope_spec, seg_specs = _dkdv_specs(
+        order, heads, Sp, K, t.block_k, has_seg
+    )
+    kv_spec = pl.BlockSpec(
         (None, t.block_k, None, K), lambda i, g, b: (b, order.block(i), order.head(i, g), 0)
     )
     k_dtype, v_dtype = (q.dtype, q.dtype) if heads.fused else (k.dtype, v.dtype)
-    launch = dict(blk=blk, order=order, t=t, grid=order.grid(H, B), has_seg=has_seg)
-    kernel = functools.partial(_dkdv_kernel, n_q=Sp // t.block_q, into=into)
+    launch = dict(blk=blk, order=order, t=t, grid=order.grid(G, B), has_seg=has_seg)
+    kernel = functools.partial(_dkdv_kernel, n_q=Sp // t.block_q, into=into, R=R)
     args = [qp, kp, vp, slopes, dop, lse2, delta, *segs]
     in_specs = [q_spec, k_spec, v_spec, slope_spec, q_spec, row_spec, row_spec, *seg_specs]
     seg_grad = None if segment_ids is None else jnp.zeros(segment_ids.shape, jax.dtypes.float0)
@@ -556,21 +584,16 @@ def _flash_bwd(blk, tilings, heads: Heads, interpret, poison_outputs, residuals,
         **launch,
         args=args,
         in_specs=in_specs,
-        out_specs=[head_kv_spec, head_kv_spec],
+        out_specs=[kv_spec, kv_spec],
         out_shape=[
-            jax.ShapeDtypeStruct((B, Sp, H, K), k_dtype if R == 1 else jnp.float32),
-            jax.ShapeDtypeStruct((B, Sp, H, K), v_dtype if R == 1 else jnp.float32),
+            jax.ShapeDtypeStruct((B, Sp, G, K), k_dtype),
+            jax.ShapeDtypeStruct((B, Sp, G, K), v_dtype),
         ],
         name="mpt_flash_dkdv",
         interpret=interpret,
         poison_outputs=poison_outputs,
     )
-    dq = dq[:, :S]
-    dk = dk[:, :S].reshape(B, S, G, R, K).sum(axis=3).astype(k_dtype)
-    dv = dv[:, :S].reshape(B, S, G, R, K).sum(axis=3).astype(v_dtype)
-    if heads.fused:
-        return jnp.concatenate([dq, dk, dv], axis=2), None, None, jnp.zeros_like(slopes), seg_grad
-    return dq, dk, dv, jnp.zeros_like(slopes), seg_grad
+    return dq[:, :S], dk[:, :S], dv[:, :S], jnp.zeros_like(slopes), seg_grad
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
