@@ -74,6 +74,20 @@ def test_forward_and_gradients_match_reference(impl, name):
     _assert_matches_reference(kernel, *case, seed_name=f"{impl}/{name}")
 
 
+GQA_CASES = sorted(name for name, case in CASES.items() if case[2] != case[3])
+
+
+@pytest.mark.parametrize("name", GQA_CASES)
+def test_grouped_dkdv_sums_each_kv_heads_query_heads_in_one_program(monkeypatch, name):
+    # grouped: one dk/dv program per key block of each kv head, its R query heads summed in
+    # registers (test_forward_and_gradients_match_reference runs these small cases per query
+    # head: too few programs to group)
+    monkeypatch.setattr(fa, "_MIN_GROUPED_PROGRAMS", 0)
+    *case, (bq, bk) = CASES[name]
+    kernel = functools.partial(flash_attention, block_q=bq, block_k=bk)
+    _assert_matches_reference(kernel, *case, seed_name=f"grouped/{name}")
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_gpu_kernels_with_their_own_tilings_agree_with_reference(causal):
     # the forward's log-sum-exp crosses into backward kernels with other query blocks, and
@@ -172,8 +186,11 @@ def test_fused_qkv_kernel_matches_the_kernel_on_split_heads(
     np.testing.assert_array_equal(np.asarray(grad, np.float32), np.asarray(ref_grad, np.float32))
 
 
-@pytest.mark.parametrize("G", [4, 2])
-def test_fused_qkv_kernel_reads_the_heads_in_place_and_names_a_bad_head_count(G):
+@pytest.mark.parametrize(("G", "grouped"), [(4, True), (2, True), (2, False)])
+def test_fused_qkv_kernel_reads_the_heads_in_place_and_names_a_bad_head_count(
+    monkeypatch, G, grouped
+):
+    monkeypatch.setattr(fa, "_MIN_GROUPED_PROGRAMS", 0 if grouped else 1 << 30)
     B, S, H, K = 1, 256, 4, 64
     qkv = jax.ShapeDtypeStruct((B, S, H + 2 * G, K), jnp.bfloat16)
 
@@ -185,12 +202,30 @@ def test_fused_qkv_kernel_reads_the_heads_in_place_and_names_a_bad_head_count(G)
     ops = re.findall(r"stablehlo\.(\w+)", text)
     # no slices of q, k and v copied for the kernels
     assert ops.count("custom_call") == 3 and "slice" not in ops
-    # dk/dv writes into dq's (B, S, N, K) output in place: no concatenation, and with GQA no
-    # per-query-head dk and dv summed afterwards (the kernel sums a kv head's query heads)
-    assert ops.count("concatenate") == 0 and "reduce" not in ops
-    assert re.search(r"output_operand_aliases", text)
+    if grouped:  # dk/dv writes into dq's (B, S, N, K) output in place: no concatenation, and
+        # with GQA no per-query-head dk and dv summed afterwards (the kernel sums them)
+        assert ops.count("concatenate") == 0 and "reduce" not in ops
+        assert re.search(r"output_operand_aliases", text)
+    else:  # GQA per query head: float32 dk and dv summed over each group, then concatenated
+        assert ops.count("concatenate") == 1 and "reduce" in ops
     with pytest.raises(ValueError, match="n_kv_heads=5"):
         fa.flash_attention_qkv(jnp.zeros((B, S, 3 * H, K)), n_kv_heads=5)
+
+
+@pytest.mark.parametrize(("G", "grouped"), [(4, True), (1, False)])
+def test_gqa_dkdv_groups_when_the_programs_are_enough_to_balance(G, grouped):
+    # at batch 8, seq 2048, 16 heads and the default 64-key dk/dv blocks: 4 kv heads make
+    # 1024 grouped programs (no per-query-head gradients to sum); MQA would make 256 programs
+    # of 16 heads each, so it keeps one program per query head
+    B, S, H, K = 8, 2048, 16, 128
+    qkv = jax.ShapeDtypeStruct((B, S, H + 2 * G, K), jnp.bfloat16)
+
+    def loss(qkv):
+        out = fa.flash_attention_qkv(qkv, n_kv_heads=G, alibi_slopes=alibi_slopes(H))
+        return out.astype(jnp.float32).sum()
+
+    ops = re.findall(r"stablehlo\.(\w+)", lower_for_cuda(jax.jit(jax.grad(loss)), qkv).as_text())
+    assert (ops.count("concatenate") == 0) == grouped and ("reduce" not in ops) == grouped
 
 
 def test_gpu_kernels_lower_to_triton_for_cuda_on_any_host():

@@ -104,6 +104,10 @@ def default_tilings(head_dim: int) -> Tilings:
 # the bytes of sequence-long operands that one group of heads may stream side by side: well
 # inside an H100's or H200's 50 MB L2, which the group's programs then share
 L2_GROUP_BYTES = 16 << 20
+# GQA's dk/dv sums each kv head's query heads in one program when that makes at least this many
+# programs: four waves of an H100's or H200's 132 SMs, so that causal programs of unequal length
+# still balance (MQA at batch 8, seq 2048 would otherwise make 256 programs of 16 heads each)
+_MIN_GROUPED_PROGRAMS = 4 * 132
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,13 +362,23 @@ def _dkdv_kernel(
     first = lax.div(ki * bk, bq) if blk.causal else 0
     first_free = _first_unmasked_query_block(ki, bq=bq, bk=bk, n_q=n_q, causal=blk.causal)
 
-    def one_head(r, carry):
-        carry = lax.fori_loop(first, first_free, functools.partial(body, masked=True, r=r), carry)
-        return lax.fori_loop(first_free, n_q, functools.partial(body, masked=False, r=r), carry)
+    def over_heads(start, stop, *, masked):
+        """Query blocks [start, stop) of each of the R heads. GQA: one flat loop over (head,
+        block) pairs; as two nested loops Triton spills twice as much (kernel_sass)."""
+        if R == 1:
+            block = functools.partial(body, masked=masked, r=0)
+            return lambda carry: lax.fori_loop(start, stop, block, carry)
+        n = stop - start
+
+        def step(j, carry):
+            return body(start + lax.rem(j, n), carry, masked=masked, r=lax.div(j, n))
+
+        return lambda carry: lax.fori_loop(0, R * n, step, carry)
 
     zeros = jnp.zeros((bk, k.shape[-1]), jnp.float32)
-    # the group's query heads in turn, their sums kept in registers (no per-query-head arrays)
-    dk, dv = one_head(0, (zeros, zeros)) if R == 1 else lax.fori_loop(0, R, one_head, (zeros,) * 2)
+    # the group's query heads summed in registers (no per-query-head arrays)
+    carry = over_heads(first, first_free, masked=True)((zeros, zeros))
+    dk, dv = over_heads(first_free, n_q, masked=False)(carry)
     dk = dk * (blk.scale2 / LOG2E)
     if into is None:
         dk_ref, dv_ref = outs
@@ -401,20 +415,24 @@ def _specs(order: _Order, heads: Heads, Sp, K, bq, has_seg):
     return q_spec, k_spec, v_spec, row_spec, slope_spec, seg_specs
 
 
-def _dkdv_specs(order: _Order, heads: Heads, Sp, K, bk, has_seg):
-    """BlockSpecs of dk/dv program (t, g, b) over key blocks of kv heads: (q, k, v, row, slope,
-    segment) specs, q's and the rows' those of the kv head's R query heads (GQA: an (Sp, R, K)
-    and an (R, Sp) block; MHA: one head's, squeezed). The q spec also serves do."""
+def _dkdv_specs(order: _Order, heads: Heads, Sp, K, bk, has_seg, *, per_program: int):
+    """BlockSpecs of dk/dv program (t, g, b): a key block of the kv head g (per_program = R, its
+    R query heads' q, do, rows and slopes as (Sp, R, K), (R, Sp) and (R,) blocks) or of the query
+    head g (per_program = 1, squeezed; the kv head g // R). (q, k, v, row, slope, segment)
+    specs; the q spec also serves do."""
     R = heads.H // heads.G
     i, g = order.block, order.head
     k_spec, v_spec = (
-        pl.BlockSpec((None, bk, None, K), lambda t, gi, b, f=first: (b, i(t), f + g(t, gi), 0))
+        pl.BlockSpec(
+            (None, bk, None, K),
+            lambda t, gi, b, f=first: (b, i(t), f + lax.div(g(t, gi) * per_program, R), 0),
+        )
         for first in (heads.k_first, heads.v_first)
     )
-    heads_dim = None if R == 1 else R
+    heads_dim = None if per_program == 1 else per_program
     q_spec = pl.BlockSpec((None, Sp, heads_dim, K), lambda t, gi, b: (b, 0, g(t, gi), 0))
     row_spec = pl.BlockSpec((None, heads_dim, Sp), lambda t, gi, b: (b, g(t, gi), 0))
-    slope_spec = pl.BlockSpec((R,), lambda t, gi, b: (g(t, gi),))
+    slope_spec = pl.BlockSpec((per_program,), lambda t, gi, b: (g(t, gi),))
     qs_spec = pl.BlockSpec((None, Sp), lambda t, gi, b: (b, 0))
     ks_spec = pl.BlockSpec((None, bk), lambda t, gi, b: (b, i(t)))
     seg_specs = [qs_spec, ks_spec] if has_seg else []
@@ -525,9 +543,13 @@ def _flash_bwd(blk, tilings, heads: Heads, interpret, poison_outputs, residuals,
     dop = pad_axis(do, Sp, 1)
     segs = [pad_axis(segment_ids, Sp, 1)] * 2 if has_seg else []
 
-    # on the fused qkv, dq, dk and dv land in one (B, Sp, N, K) array, the gradient of qkv:
-    # dq's heads by the dq kernel, then dk's and dv's by the dk/dv kernel in place (no concat)
-    into = heads if heads.fused else None
+    # dk/dv: one program per key block of each kv head, summing its R query heads in registers;
+    # GQA with fewer such programs than _MIN_GROUPED_PROGRAMS takes one per query head instead
+    # (float32 dk and dv per query head, summed below), for enough programs to balance
+    grouped = R == 1 or G * B * (Sp // tilings.dkv.block_k) >= _MIN_GROUPED_PROGRAMS
+    # grouped on the fused qkv, dq, dk and dv land in one (B, Sp, N, K) array, the gradient of
+    # qkv: dq's heads by the dq kernel, then dk's and dv's by the dk/dv kernel in place
+    into = heads if heads.fused and grouped else None
     t = tilings.dq
     order = _order(H, Sp, K, q.dtype.itemsize, t, over_keys=False, causal=blk.causal)
     specs = _specs(order, heads, Sp, K, t.block_q, has_seg)
@@ -548,19 +570,20 @@ def _flash_bwd(blk, tilings, heads: Heads, interpret, poison_outputs, residuals,
         poison_outputs=poison_outputs,
     )
 
-    # one program per key block of each kv head; with GQA it streams the q and do of the kv
-    # head's R query heads
     t = tilings.dkv
-    order = _order(G, Sp, K, q.dtype.itemsize * R, t, over_keys=True, causal=blk.causal)
+    per_program, n_programs_heads = (R, G) if grouped else (1, H)
+    itemsize = q.dtype.itemsize * per_program  # each program streams per_program heads' q, do
+    order = _order(n_programs_heads, Sp, K, itemsize, t, over_keys=True, causal=blk.causal)
     q_spec, k_spec, v_spec, row_spec, slope_spec, seg_specs = _dkdv_specs(
-        order, heads, Sp, K, t.block_k, has_seg
+        order, heads, Sp, K, t.block_k, has_seg, per_program=per_program
     )
-    kv_spec = pl.BlockSpec(
+    out_spec = pl.BlockSpec(
         (None, t.block_k, None, K), lambda i, g, b: (b, order.block(i), order.head(i, g), 0)
     )
     k_dtype, v_dtype = (q.dtype, q.dtype) if heads.fused else (k.dtype, v.dtype)
-    launch = dict(blk=blk, order=order, t=t, grid=order.grid(G, B), has_seg=has_seg)
-    kernel = functools.partial(_dkdv_kernel, n_q=Sp // t.block_q, into=into, R=R)
+    grid = order.grid(n_programs_heads, B)
+    launch = dict(blk=blk, order=order, t=t, grid=grid, has_seg=has_seg)
+    kernel = functools.partial(_dkdv_kernel, n_q=Sp // t.block_q, into=into, R=per_program)
     args = [qp, kp, vp, slopes, dop, lse2, delta, *segs]
     in_specs = [q_spec, k_spec, v_spec, slope_spec, q_spec, row_spec, row_spec, *seg_specs]
     seg_grad = None if segment_ids is None else jnp.zeros(segment_ids.shape, jax.dtypes.float0)
@@ -584,16 +607,22 @@ def _flash_bwd(blk, tilings, heads: Heads, interpret, poison_outputs, residuals,
         **launch,
         args=args,
         in_specs=in_specs,
-        out_specs=[kv_spec, kv_spec],
+        out_specs=[out_spec, out_spec],
         out_shape=[
-            jax.ShapeDtypeStruct((B, Sp, G, K), k_dtype),
-            jax.ShapeDtypeStruct((B, Sp, G, K), v_dtype),
+            jax.ShapeDtypeStruct((B, Sp, n_programs_heads, K), k_dtype if grouped else jnp.float32),
+            jax.ShapeDtypeStruct((B, Sp, n_programs_heads, K), v_dtype if grouped else jnp.float32),
         ],
         name="mpt_flash_dkdv",
         interpret=interpret,
         poison_outputs=poison_outputs,
     )
-    return dq[:, :S], dk[:, :S], dv[:, :S], jnp.zeros_like(slopes), seg_grad
+    dq, dk, dv = dq[:, :S], dk[:, :S], dv[:, :S]
+    if not grouped:
+        dk = dk.reshape(B, S, G, R, K).sum(axis=3).astype(k_dtype)
+        dv = dv.reshape(B, S, G, R, K).sum(axis=3).astype(v_dtype)
+    if heads.fused:  # ungrouped GQA only: grouped, the kernel wrote into dq's array
+        return jnp.concatenate([dq, dk, dv], axis=2), None, None, jnp.zeros_like(slopes), seg_grad
+    return dq, dk, dv, jnp.zeros_like(slopes), seg_grad
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
