@@ -90,7 +90,7 @@ TUNE_WARPS, TUNE_STAGES = (4, 8), (2, 3)
 # timed first at head dim 128, after the default: the candidates whose machine code for an H200
 # neither spills (255 registers and a stack) nor falls back to per-warp HMMA and whose warpgroup
 # MMAs are at least 32 wide (tools/kernel_sass.py --sweep, jax 0.11.2, 2026-12-06; the table is
-# in docs/benchmarks.md). The default dq and dk/dv tilings spill (8 and 88 bytes a thread).
+# in docs/benchmarks.md). The default dq and dk/dv tilings spill (8 and 80 bytes a thread).
 TUNE_FIRST_128 = {
     "fwd": [Tiling(128, 128, 8, 2), Tiling(128, 128, 8, 3), Tiling(128, 64, 8, 3)],
     "dq": [Tiling(128, 128, 8, 2), Tiling(128, 64, 8, 3), Tiling(128, 32, 8, 3)],
