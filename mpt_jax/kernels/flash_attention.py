@@ -321,11 +321,12 @@ def _dq_kernel(*refs, blk: _Block, order: _Order, bq, bk, n_k, has_seg):
 def _dkdv_kernel(
     *refs, blk: _Block, order: _Order, bq, bk, n_q, has_seg, into: Heads | None, R: int = 1
 ):
-    """dk and dv of one key block of one kv head, summed over its R query heads (GQA: their q,
-    do, statistics and slopes come as (Sp, R, ...) blocks; MHA: R = 1, one head's).
+    """dk and dv of one key block, summed over the program's R query heads: R > 1, a kv head's
+    (grouped GQA: their q, do, statistics and slopes come as (Sp, R, ...) blocks); R = 1, one
+    query head's (MHA, or GQA per query head).
 
     `into`: written into the kv head's place in the fused (B, Sp, N, K) gradient whose q heads
-    the dq kernel wrote, else into (B, Sp, G, K) arrays of their own.
+    the dq kernel wrote, else into arrays of their own, one head per program.
     """
     inputs, qs_ref, ks_ref, outs = _split_refs(refs, 7, has_seg, 1 if into else 2)
     q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, d_ref = inputs
