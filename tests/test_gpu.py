@@ -21,6 +21,7 @@ from mpt_numpy_reference import mpt_forward
 from mpt_jax import MPTForCausalLM, from_pretrained
 from mpt_jax.attention import alibi_slopes, attention, attention_qkv
 from mpt_jax.config import ModelConfig
+from mpt_jax.kernels import flash_attention as flash_attention_module
 from mpt_jax.kernels import flash_attention_mgpu as hopper
 from mpt_jax.kernels.flash_attention import (
     Tiling,
@@ -146,6 +147,9 @@ GPU_ATTENTION = {
     "tokamax": ("tokamax", None),
     # q, k and v read in place from one fused (B, S, H + 2G, K) array, as the model calls it
     "pallas_gpu_fused_qkv": ("pallas_gpu_fused_qkv", None),
+    # the same with GQA's dk/dv grouped (one program per kv head's key block), which these
+    # small shapes would not choose by themselves; head dims 128 and 64 only
+    "pallas_gpu_fused_qkv_grouped_dkdv": ("pallas_gpu_fused_qkv", None),
 }
 
 
@@ -161,8 +165,12 @@ def _for_head_dim(tilings: Tilings, head_dim: int) -> Tilings:
 
 @pytest.mark.parametrize("head_dim", [128, 112, 64, 256])
 @pytest.mark.parametrize("name", sorted(GPU_ATTENTION))
-def test_fused_attention_matches_xla_reference_in_bf16(name, head_dim):
+def test_fused_attention_matches_xla_reference_in_bf16(name, head_dim, monkeypatch):
     impl, tilings = GPU_ATTENTION[name]
+    if name.endswith("_grouped_dkdv"):
+        if head_dim not in (128, 64):
+            pytest.skip("grouped dk/dv: head dims 128 and 64 only")
+        monkeypatch.setattr(flash_attention_module, "_MIN_GROUPED_PROGRAMS", 0)
     tilings = tilings and _for_head_dim(tilings, head_dim)
     if impl == "tokamax":
         pytest.importorskip("tokamax")
