@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -116,6 +118,15 @@ def plugin_packages() -> str:
 def plugin_requirement() -> str:
     """The pip line that installs the CUDA PJRT plugin matching the installed jaxlib."""
     return f"pip install --no-deps {plugin_packages()}"
+
+
+def use_plugin(folder: str | os.PathLike) -> None:
+    """Make the CUDA PJRT plugin installed in `folder` (`make aot-plugin`) importable and keep
+    jax on the CPU; call before jax opens its first backend."""
+    import jax
+
+    sys.path.insert(0, str(folder))
+    jax.config.update("jax_platforms", "cpu")
 
 
 def compile_only_devices(name: str) -> list[Any]:

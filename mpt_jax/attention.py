@@ -156,8 +156,8 @@ def attention_qkv(
                 kw = dict(alibi_slopes=alibi_slopes, segment_ids=segment_ids, **kernel_kw)
                 return kernel(qkv, n_kv_heads=n_kv_heads, **kw)
 
-            names = (_HEADS_WHOLE, _ROWS, None)
-            return sharding.device_local(local, (qkv_BSNK, segment_ids, alibi_slopes), names, _Q)
+            args = (qkv_BSNK, segment_ids, _slopes_array(alibi_slopes))
+            return sharding.device_local(local, args, (_HEADS_WHOLE, _ROWS, None), _Q)
 
         def local_mha(qkv_BS3HK, segment_ids, alibi_slopes):
             b, s, _, h, k = qkv_BS3HK.shape

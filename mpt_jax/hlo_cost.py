@@ -200,20 +200,23 @@ class ProgramCost:
         return sorted(chosen, key=lambda k: -k.bytes * k.launches)[:n]
 
 
+def _matmul_flops(product: Instruction, table: dict[str, Instruction], contracting: str) -> float:
+    """2 x output elements x contracted size; `contracting` finds the lhs contracting dims'
+    list in the attributes (none found: nothing contracted)."""
+    lhs = _dims(table[product.operands[0]].shape)
+    match = re.search(contracting, product.attributes)
+    dims = re.findall(r"\d+", match.group(1)) if match else []
+    return 2.0 * math.prod(_dims(product.shape)) * math.prod(lhs[int(i)] for i in dims)
+
+
 def _dot_flops(dot: Instruction, table: dict[str, Instruction]) -> float:
-    """2 x output elements x contracted size of a `dot`."""
-    lhs = _dims(table[dot.operands[0]].shape)
-    match = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", dot.attributes)
-    contracted = math.prod(lhs[int(i)] for i in match.group(1).split(",") if i) if match else 1
-    return 2.0 * math.prod(_dims(dot.shape)) * contracted
+    """FLOPs of a `dot`."""
+    return _matmul_flops(dot, table, r"lhs_contracting_dims=\{([0-9,]*)\}")
 
 
 def _custom_gemm_flops(call: Instruction, table: dict[str, Instruction]) -> float:
     """FLOPs of a cuBLAS custom call, from its backend config's dot dimension numbers."""
-    match = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', call.attributes)
-    lhs = _dims(table[call.operands[0]].shape)
-    contracted = math.prod(lhs[int(i)] for i in re.findall(r"\d+", match.group(1))) if match else 1
-    return 2.0 * math.prod(_dims(call.shape)) * contracted
+    return _matmul_flops(call, table, r'"lhs_contracting_dimensions":\[([^\]]*)\]')
 
 
 def _attention_flops(kernel: str, call: Instruction, table: dict[str, Instruction]) -> float:

@@ -226,12 +226,13 @@ def nvidia_tool(name: str) -> str:
 def read_kernels(images: list[bytes]) -> list[KernelCode]:
     """Each function of each cubin: cuobjdump's resource usage, nvdisasm's matrix opcodes."""
     kernels = []
+    cuobjdump, nvdisasm = nvidia_tool("cuobjdump"), nvidia_tool("nvdisasm")
     with tempfile.TemporaryDirectory() as tmp:
         for n, image in enumerate(images):
             path = Path(tmp) / f"k{n}.cubin"
             path.write_bytes(image)
-            usage = _run([nvidia_tool("cuobjdump"), "-res-usage", str(path)])
-            sass = _run([nvidia_tool("nvdisasm"), str(path)])
+            usage = _run([cuobjdump, "-res-usage", str(path)])
+            sass = _run([nvdisasm, str(path)])
             opcodes = _matrix_opcodes(sass)
             for name, fields in _resource_usage(usage).items():
                 kernels.append(

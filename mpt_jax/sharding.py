@@ -108,22 +108,28 @@ def logical_to_spec(
     A dimension that the mapped mesh axes do not divide evenly, or a mesh axis already used by
     an earlier dimension, stays unsharded (e.g. a 258-token vocabulary over tensor=4).
     """
-    table = dict(rules)
     used: set[str] = set()
     spec = []
     for name, size in zip(names, shape, strict=True):
-        axes = table.get(name) if name is not None else None
-        if axes is None:
-            spec.append(None)
-            continue
-        axes = (axes,) if isinstance(axes, str) else tuple(axes)
-        axes = tuple(a for a in axes if mesh.shape[a] > 1 and a not in used)
+        axes = tuple(a for a in _mesh_axes(name, mesh, rules) if a not in used)
         if not axes or size % math.prod(mesh.shape[a] for a in axes):
             spec.append(None)
             continue
         used.update(axes)
-        spec.append(axes[0] if len(axes) == 1 else axes)
+        spec.append(_spec_entry(axes))
     return PartitionSpec(*spec)
+
+
+def _mesh_axes(logical: str | None, mesh: Any, rules=LOGICAL_RULES) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) a logical axis name maps to; () for None or an unmapped name."""
+    axes = dict(rules).get(logical) or ()
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    return tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+
+
+def _spec_entry(axes: tuple[str, ...]) -> str | tuple[str, ...]:
+    """A PartitionSpec entry for a dimension split over these mesh axes."""
+    return axes[0] if len(axes) == 1 else axes
 
 
 def state_shardings(abstract_state: nnx.State, mesh: Mesh) -> nnx.State:
@@ -167,12 +173,6 @@ def split_count(logical: str) -> int:
     return 1 if mesh.empty else math.prod(mesh.shape[a] for a in _mesh_axes(logical, mesh))
 
 
-def _mesh_axes(logical: str, mesh: Any) -> tuple[str, ...]:
-    axes = dict(LOGICAL_RULES).get(logical) or ()
-    axes = (axes,) if isinstance(axes, str) else tuple(axes)
-    return tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
-
-
 def device_local(
     fn: Callable,
     args: Sequence[Any],
@@ -208,8 +208,7 @@ def device_local(
     def spec(ns):
         if ns is None:
             return PartitionSpec()
-        dims = [split.get(n) if n is not None else None for n in ns]
-        return PartitionSpec(*(d[0] if d and len(d) == 1 else d for d in dims))
+        return PartitionSpec(*(_spec_entry(split[n]) if n in split else None for n in ns))
 
     def is_names(t):
         return t is None or all(n is None or isinstance(n, str) for n in t)

@@ -98,6 +98,13 @@ TUNE_FIRST_128 = {
 }
 
 
+def tune_grid(
+    blocks: list[tuple[int, int]], warps: tuple[int, ...] = TUNE_WARPS, stages=TUNE_STAGES
+) -> list[Tiling]:
+    """A kernel's tiling candidates: (block_q, block_k) x num_warps x num_stages, in order."""
+    return [Tiling(bq, bk, w, st) for (bq, bk), w, st in itertools.product(blocks, warps, stages)]
+
+
 def _rel(ours, ref) -> float:
     ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
     if not np.isfinite(ours).all():
@@ -417,10 +424,7 @@ def tune(
         for kernel in kernels:
             deadline = _deadline(start, budget_s, sweeps_left)
             sweeps_left -= 1
-            grid = [
-                Tiling(bq, bk, w, st)
-                for (bq, bk), w, st in itertools.product(blocks[kernel], warps, stages)
-            ]
+            grid = tune_grid(blocks[kernel], warps, stages)
             first = getattr(default, kernel)
 
             def measure(cand, kernel=kernel, best=best, args=args):

@@ -885,10 +885,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.aot and args.in_process:  # before jax opens a backend: the plugin, no GPU
-        sys.path.insert(0, args.aot_plugin)
-        import jax
-
-        jax.config.update("jax_platforms", "cpu")
+        aot.use_plugin(args.aot_plugin)
     make_row, columns = (aot_table_row, AOT_COLUMNS) if args.aot else (table_row, COLUMNS)
     rows, results = [], []
     for i, spec in enumerate(specs, 1):

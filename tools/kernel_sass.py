@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import os
 import sys
 from pathlib import Path
@@ -105,13 +104,7 @@ def sweep(card: str, shape, kernels: list[str]) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for kernel in kernels:
-        grid = itertools.product(
-            bench_attention.TUNE_BLOCKS[kernel],
-            bench_attention.TUNE_WARPS,
-            bench_attention.TUNE_STAGES,
-        )
-        for (bq, bk), warps, stages in grid:
-            candidate = Tiling(bq, bk, warps, stages)
+        for candidate in bench_attention.tune_grid(bench_attention.TUNE_BLOCKS[kernel]):
             tilings = dataclasses.replace(default, **{kernel: candidate})
             mark = " *" if candidate == getattr(default, kernel) else ""
             try:
@@ -147,8 +140,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.sweep and args.impl != "pallas_gpu":
         parser.error("--sweep: the tiling candidates are the Triton kernels' (--impl pallas_gpu)")
-    if args.aot_plugin.is_dir():
-        sys.path.insert(0, str(args.aot_plugin))
+    aot.use_plugin(args.aot_plugin)
     try:
         if args.sweep:
             lines = sweep(args.card, args.shape, args.sweep)
