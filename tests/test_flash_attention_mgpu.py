@@ -30,7 +30,7 @@ def _lowered(fn, *avals) -> str:
     ("heads", "kv_heads", "head_dim", "dtype"),
     [(4, 4, 128, jnp.bfloat16), (6, 2, 64, jnp.float16), (4, 1, 128, jnp.bfloat16)],
 )
-def test_forward_and_backward_lower_to_three_mosaic_kernels(
+def test_forward_and_backward_lower_to_two_mosaic_kernels(
     causal, alibi, heads, kv_heads, head_dim, dtype
 ):
     B, S = 2, 512
@@ -48,29 +48,36 @@ def test_forward_and_backward_lower_to_three_mosaic_kernels(
     fwd_text, bwd_text = _lowered(forward, q, kv, kv), _lowered(grads, q, kv, kv)
     kernels = re.compile(r"stablehlo\.custom_call @mosaic_gpu")
     assert len(kernels.findall(fwd_text)) == 1
-    assert len(kernels.findall(bwd_text)) == 3  # forward, dq, dk/dv
+    assert len(kernels.findall(bwd_text)) == 2  # forward; dq and dk/dv in one launch
+    assert "mpt_flash_mgpu_bwd" in bwd_text
     # memory linear in the sequence: no (S, S) array outside the kernels
     assert f"{S}x{S}" not in fwd_text and f"{S}x{S}" not in bwd_text
     # gradients come back in the inputs' shapes: GQA's sum over heads happens in the kernel
     assert f"tensor<{B}x{S}x{kv_heads}x{head_dim}x" in bwd_text
 
 
-@pytest.mark.parametrize(("causal", "kv_heads", "head_dim"), [(True, 2, 128), (False, 1, 64)])
-def test_two_warpgroup_backward_lowers(causal, kv_heads, head_dim):
+@pytest.mark.parametrize(
+    ("causal", "kv_heads", "head_dim", "launches", "names"),
+    [
+        (True, 2, 128, 2, ("mpt_flash_mgpu_dq_x2", "mpt_flash_mgpu_dkdv_x2")),
+        (False, 1, 64, 1, ("mpt_flash_mgpu_bwd_x2",)),
+    ],
+)
+def test_two_warpgroup_backward_lowers(causal, kv_heads, head_dim, launches, names):
     # two compute warpgroups per dq and dk/dv program sharing one stream of blocks: 128 query
-    # rows (keys) per program
+    # rows (keys) per program; in one launch or two
     q = jax.ShapeDtypeStruct((2, 512, 4, head_dim), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((2, 512, kv_heads, head_dim), jnp.bfloat16)
-    tiling = hopper.HopperTiling(bwd_warpgroups=2)
+    tiling = hopper.HopperTiling(bwd_warpgroups=2, bwd_launches=launches)
 
     def loss(q, k, v):
         kw = dict(alibi_slopes=alibi_slopes(4), causal=causal, tiling=tiling)
         return hopper.flash_attention_mgpu(q, k, v, **kw).astype(jnp.float32).sum()
 
     text = _lowered(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv)
-    assert len(re.findall(r"stablehlo\.custom_call @mosaic_gpu", text)) == 3
+    assert len(re.findall(r"stablehlo\.custom_call @mosaic_gpu", text)) == 1 + launches
     # named apart from the one-warpgroup kernels, for profiles
-    assert "mpt_flash_mgpu_dq_x2" in text and "mpt_flash_mgpu_dkdv_x2" in text
+    assert all(name in text for name in names)
 
 
 def test_a_sequence_shorter_than_the_rings_lowers():
@@ -83,7 +90,7 @@ def test_a_sequence_shorter_than_the_rings_lowers():
         return out.astype(jnp.float32).sum()
 
     text = _lowered(jax.grad(loss, argnums=(0, 1, 2)), q, q, q)
-    assert len(re.findall(r"stablehlo\.custom_call @mosaic_gpu", text)) == 3
+    assert len(re.findall(r"stablehlo\.custom_call @mosaic_gpu", text)) == 2
 
 
 def _visible(q0, bq, k0, bk):
@@ -317,8 +324,12 @@ def test_fused_qkv_path_reads_the_projection_in_place_and_the_model_reaches_it(m
     assert "stablehlo.slice" not in fwd_text
     assert re.search(r"custom_call @mosaic_gpu\S*\(%arg0, %arg0, %arg0, ", fwd_text)
     bwd_text = _lowered(grad, qkv)
-    assert len(re.findall(r"custom_call @mosaic_gpu", bwd_text)) == 3
-    assert f"tensor<{B}x{S}x{H + 2 * G}x{K}xbf16>" in bwd_text.split("return")[-1]
+    fused_type = f"tensor<{B}x{S}x{H + 2 * G}x{K}xbf16>"
+    backward = re.findall(r"custom_call @mosaic_gpu.*", bwd_text)[1]
+    # dq, dk and dv written into the fused gradient by one launch: nothing concatenated
+    assert len(re.findall(r"custom_call @mosaic_gpu", bwd_text)) == 2
+    assert backward.endswith(f"-> {fused_type}") and "concatenate" not in bwd_text
+    assert fused_type in bwd_text.split("return")[-1]
 
     cfg = ModelConfig(
         d_model=256,
@@ -344,6 +355,8 @@ SMALL_BLOCKS = hopper.HopperTiling(64, 64, 128, 128, stages=3)
 TWO_BACKWARD_WARPGROUPS = hopper.HopperTiling(bwd_warpgroups=2)
 # backward rings of 4 slots (as many as a 256-long sequence has 64-row blocks), forward ones of 2
 DEEP_BACKWARD_RINGS = hopper.HopperTiling(bwd_stages=4)
+# dq and dk/dv in two launches, the fused gradient concatenated
+TWO_BACKWARD_LAUNCHES = hopper.HopperTiling(bwd_launches=2)
 
 
 @pytest.mark.skipif(
@@ -361,6 +374,7 @@ DEEP_BACKWARD_RINGS = hopper.HopperTiling(bwd_stages=4)
         (1, 512, 2, 1, 64, True, True, jnp.bfloat16, False, SMALL_BLOCKS),
         (1, 512, 4, 2, 64, True, True, jnp.bfloat16, False, TWO_BACKWARD_WARPGROUPS),
         (1, 256, 2, 1, 64, True, True, jnp.bfloat16, False, DEEP_BACKWARD_RINGS),
+        (1, 256, 4, 2, 64, True, True, jnp.bfloat16, True, TWO_BACKWARD_LAUNCHES),
     ],
 )
 def test_kernels_run_in_the_mosaic_gpu_interpreter_and_match_xla(
@@ -385,9 +399,13 @@ def test_kernels_run_in_the_mosaic_gpu_interpreter_and_match_xla(
     with mosaic_gpu_interpreter.interpreted(deadline_s=60):
         if fused:  # as the model reaches them: attention_qkv on a GPU host
             monkeypatch.setattr(attention_lib, "backend", lambda: "gpu")
-            qkv_grads = out_and_grads_fn(
-                lambda qkv: attention_qkv(qkv, n_kv_heads=G, impl="pallas_mgpu", **kw), do
-            )
+            if tiling is None:
+                fused_fn = lambda qkv: attention_qkv(qkv, n_kv_heads=G, impl="pallas_mgpu", **kw)
+            else:
+                fused_fn = lambda qkv: hopper.flash_attention_mgpu_qkv(
+                    qkv, n_kv_heads=G, **hopper_kw
+                )
+            qkv_grads = out_and_grads_fn(fused_fn, do)
             out, (dqkv,) = qkv_grads(jnp.concatenate([q, k, v], axis=2))
             grads = jnp.split(dqkv, [H, H + G], axis=2)
         else:

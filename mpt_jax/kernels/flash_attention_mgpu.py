@@ -66,7 +66,8 @@ class HopperTiling:
     per forward step; the backward's query and key blocks per compute warpgroup, and
     bwd_warpgroups (1 or 2) compute warpgroups per backward program sharing one stream of
     blocks; `stages` buffers per streamed ring, `bwd_stages` in the backward's (None: `stages`;
-    the backward's 64-row blocks leave room for more than the forward's 128-key ones)."""
+    the backward's 64-row blocks leave room for more than the forward's 128-key ones);
+    bwd_launches: the backward's dq and dk/dv programs in one kernel launch (1) or two."""
 
     block_q: int = 64
     block_kv: int = 128
@@ -75,10 +76,12 @@ class HopperTiling:
     stages: int = 2
     bwd_warpgroups: int = 1
     bwd_stages: int | None = None
+    bwd_launches: int = 1
 
     def __post_init__(self):
-        if self.bwd_warpgroups not in (1, 2):
-            raise ValueError("HopperTiling.bwd_warpgroups: must be 1 or 2")
+        for name in ("bwd_warpgroups", "bwd_launches"):
+            if getattr(self, name) not in (1, 2):
+                raise ValueError(f"HopperTiling.{name}: must be 1 or 2")
         for name in ("block_q", "block_kv", "bwd_block_q", "bwd_block_kv"):
             if getattr(self, name) % 64:
                 raise ValueError(f"HopperTiling.{name}: must be a multiple of 64 (wgmma tiles)")
@@ -443,96 +446,35 @@ def _release_unused(start, stop, stages, rings):
             plgpu.barrier_arrive(free.at[slot])
 
 
-def _dq(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads: Heads):
-    B, S, _, K = q.shape
-    H, W = heads.H, t.bwd_warpgroups
-    bq, bk, stages = t.bwd_block_q, t.bwd_block_kv, t.backward_stages
-    n_tiles, n_kv = S // (W * bq), S // bk
-    dtype = q.dtype
+@dataclasses.dataclass(frozen=True)
+class _Gradients:
+    """Where the backward's programs write: into dq (B, S, H, K) and dk, dv (B, S, G, K)
+    arrays (refs ending with whichever of them the launch makes), or into the heads of one
+    fused (B, S, H + 2G, K) gradient (refs: that one array)."""
 
-    def mpt_flash_mgpu_dq(
-        q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, ready, free
-    ):
-        q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem = smem
-        q_ready, do_ready, lse_ready, delta_ready, k_ready, v_ready = ready
-        k_free, v_free = free
-        b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
-        tile = n_tiles - 1 - lax.axis_index("tile") if st.causal else lax.axis_index("tile")
-        # W warpgroups of bq query rows each share the stream of key and value blocks
-        _, n_streamed = key_steps(
-            tile * W * bq, block_q=W * bq, block_kv=bk, n_kv=n_kv, causal=st.causal
-        )
+    refs: tuple
+    heads: Heads
+    one_array: bool
 
-        @pl.when(wg < W)
-        def _compute():
-            plgpu.set_max_registers(_compute_registers(W), action="increase")
-            q0 = tile * W * bq + wg * bq
-            free_end, n_steps = key_steps(q0, block_q=bq, block_kv=bk, n_kv=n_kv, causal=st.causal)
-            q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
-            lse_smem, delta_smem = lse_smem2.at[wg], delta_smem2.at[wg]
-            rows = pl.ds(q0, bq)
-            plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem, q_ready.at[wg])
-            plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem, do_ready.at[wg])
-            plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem, lse_ready.at[wg])
-            plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem, delta_ready.at[wg])
-            slope2 = slope_ref[h] * LOG2E
-            row_ids, col_ids = _iota(bq, 0), _iota(bk, 1)
-            for barrier in (q_ready, do_ready, lse_ready, delta_ready):
-                plgpu.barrier_wait(barrier.at[wg])
-            row_layout = plgpu.Layout.WGMMA.reduce(1)
-            # p = exp2(s2 - lse): the log-sum-exp (with ALiBi's query part) enters as a row bias
-            lse = plgpu.load(lse_smem, (), layout=row_layout)
-            neg_lse = _lse_bias(lse, _alibi_line(slope2, row_ids, 0, st))
-            delta = plgpu.load(delta_smem, (), layout=row_layout)
-            dq = _zeros((bq, K))
+    def dq(self, b, rows, h):
+        return self.refs[0].at[b, rows, h]
 
-            def step_body(step, dq, *, masked):
-                slot = lax.rem(step, stages)
-                plgpu.barrier_wait(k_ready.at[slot])
-                plgpu.barrier_wait(v_ready.at[slot])
+    def dk(self, b, keys, g):
+        if self.one_array:
+            return self.refs[0].at[b, keys, self.heads.H + g]
+        return self.refs[-2].at[b, keys, g]
 
-                def products(refs):
-                    s_ref, dp_ref = refs
-                    plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                    plgpu.wgmma(dp_ref, do_smem, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
+    def dv(self, b, keys, g):
+        if self.one_array:
+            return self.refs[0].at[b, keys, self.heads.H + self.heads.G + g]
+        return self.refs[-1].at[b, keys, g]
 
-                s, dp = pl.run_state(products)((_zero_acc((bq, bk)), _zero_acc((bq, bk))))
-                plgpu.barrier_arrive(v_free.at[slot])
-                offset = step * bk - q0
-                p = jnp.exp2(
-                    _scores2(
-                        s,
-                        neg_lse,
-                        _alibi_line(slope2, col_ids, offset, st),
-                        lambda: _distance((bq, bk), offset, keys_first=False),
-                        slope2,
-                        st,
-                        masked=masked,
-                    )
-                )
-                ds = p * (dp - lax.broadcast_in_dim(delta, p.shape, [0]))
 
-                def dq_product(acc_ref):
-                    plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
-
-                dq = pl.run_state(dq_product)(plgpu.ACC.init(dq))
-                plgpu.barrier_arrive(k_free.at[slot])
-                return dq
-
-            dq = _causal_loops(step_body, dq, free_end=free_end, end=n_steps, causal=st.causal)
-            if st.causal and W > 1:
-                _release_unused(n_steps, n_streamed, stages, ((k_ready, k_free), (v_ready, v_free)))
-            q_smem[...] = (dq * (st.scale2 / LOG2E)).astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, rows, h])
-            plgpu.wait_smem_to_gmem(0)
-
-        @pl.when(wg == W)
-        def _memory():
-            rings = ((k_smem, k_ready, k_free), (v_smem, v_ready, v_free))
-            _stream_keys_and_values(k_ref, v_ref, rings, b, h, heads, bk, n_streamed, stages)
-
-    scratch = [
+def _dq_scratch(t: HopperTiling, K: int, dtype):
+    """dq's shared memory and barriers: its W query, dO and statistics blocks, key and value
+    rings."""
+    W, bq, bk, stages = t.bwd_warpgroups, t.bwd_block_q, t.bwd_block_kv, t.backward_stages
+    return (
         (
             _smem((W, bq, K), dtype),
             _smem((W, bq, K), dtype),
@@ -543,172 +485,104 @@ def _dq(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads: H
         ),
         (plgpu.Barrier(num_barriers=W),) * 4 + (plgpu.Barrier(num_barriers=stages),) * 2,
         (plgpu.Barrier(num_arrivals=W, num_barriers=stages),) * 2,
-    ]
-    return plgpu.kernel(
-        _named(mpt_flash_mgpu_dq, W),
-        out_type=jax.ShapeDtypeStruct((B, S, H, K), dtype),
-        scratch_types=scratch,
-        grid=(n_tiles, H, B),
-        grid_names=("tile", "h", "b"),
-        num_threads=W + 1,
-        thread_name="wg",
-        compiler_params=_COMPILER_PARAMS,
-    )(q, k, v, slopes, do, lse2, delta)
+    )
 
 
-def _dkdv(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads: Heads):
-    B, S, _, K = q.shape
-    G, R, W = heads.G, heads.H // heads.G, t.bwd_warpgroups
+def _dq_program(ins, grads: _Gradients, order, h, b, scratch, st: _Static, t, heads: Heads):
+    """One dq program: W x bq query rows of query head h, the `order`-th of its head's tiles to
+    start (causal: the last query tiles, which see the most keys, first)."""
+    q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, delta_ref = ins
+    S, K = q_ref.shape[1], q_ref.shape[3]
+    W = t.bwd_warpgroups
     bq, bk, stages = t.bwd_block_q, t.bwd_block_kv, t.backward_stages
-    n_tiles, n_q = S // (W * bk), S // bq
-    dtype = q.dtype
+    n_tiles, n_kv = S // (W * bq), S // bk
+    dtype = q_ref.dtype
+    smem, ready, free = scratch
+    q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem = smem
+    q_ready, do_ready, lse_ready, delta_ready, k_ready, v_ready = ready
+    k_free, v_free = free
+    wg = lax.axis_index("wg")
+    tile = n_tiles - 1 - order if st.causal else order
+    # W warpgroups of bq query rows each share the stream of key and value blocks
+    _, n_streamed = key_steps(
+        tile * W * bq, block_q=W * bq, block_kv=bk, n_kv=n_kv, causal=st.causal
+    )
 
-    def mpt_flash_mgpu_dkdv(
-        q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *scr
-    ):
-        smem, ready, free = scr
-        k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem = smem
-        k_ready, v_ready, q_ready, do_ready, lse_ready, delta_ready = ready
-        q_free, do_free, lse_free, delta_free = free
-        b, g, wg = lax.axis_index("b"), lax.axis_index("g"), lax.axis_index("wg")
-        # causal: the first key tiles are seen by the most queries; the grid starts with them.
-        # W warpgroups of bk keys each share the stream of query blocks, from the first block
-        # that sees the tile's first key
-        tile = lax.axis_index("tile")
-        first, _ = query_steps(tile * W * bk, block_q=bq, block_kv=bk, n_q=n_q, causal=st.causal)
-        n_per_head = n_q - first
-        n_steps = R * n_per_head
-        rings = (
-            (q_ready, q_free),
-            (do_ready, do_free),
-            (lse_ready, lse_free),
-            (delta_ready, delta_free),
-        )
+    @pl.when(wg < W)
+    def _compute():
+        plgpu.set_max_registers(_compute_registers(W), action="increase")
+        q0 = tile * W * bq + wg * bq
+        free_end, n_steps = key_steps(q0, block_q=bq, block_kv=bk, n_kv=n_kv, causal=st.causal)
+        q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+        lse_smem, delta_smem = lse_smem2.at[wg], delta_smem2.at[wg]
+        rows = pl.ds(q0, bq)
+        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem, q_ready.at[wg])
+        plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem, do_ready.at[wg])
+        plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem, lse_ready.at[wg])
+        plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem, delta_ready.at[wg])
+        slope2 = slope_ref[h] * LOG2E
+        row_ids, col_ids = _iota(bq, 0), _iota(bk, 1)
+        for barrier in (q_ready, do_ready, lse_ready, delta_ready):
+            plgpu.barrier_wait(barrier.at[wg])
+        row_layout = plgpu.Layout.WGMMA.reduce(1)
+        # p = exp2(s2 - lse): the log-sum-exp (with ALiBi's query part) enters as a row bias
+        lse = plgpu.load(lse_smem, (), layout=row_layout)
+        neg_lse = _lse_bias(lse, _alibi_line(slope2, row_ids, 0, st))
+        delta = plgpu.load(delta_smem, (), layout=row_layout)
+        dq = _zeros((bq, K))
 
-        @pl.when(wg < W)
-        def _compute():
-            plgpu.set_max_registers(_compute_registers(W), action="increase")
-            k0 = tile * W * bk + wg * bk
-            own_first, free_first = query_steps(
-                k0, block_q=bq, block_kv=bk, n_q=n_q, causal=st.causal
+        def step_body(step, dq, *, masked):
+            slot = lax.rem(step, stages)
+            plgpu.barrier_wait(k_ready.at[slot])
+            plgpu.barrier_wait(v_ready.at[slot])
+
+            def products(refs):
+                s_ref, dp_ref = refs
+                plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                plgpu.wgmma(dp_ref, do_smem, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
+
+            s, dp = pl.run_state(products)((_zero_acc((bq, bk)), _zero_acc((bq, bk))))
+            plgpu.barrier_arrive(v_free.at[slot])
+            offset = step * bk - q0
+            p = jnp.exp2(
+                _scores2(
+                    s,
+                    neg_lse,
+                    _alibi_line(slope2, col_ids, offset, st),
+                    lambda: _distance((bq, bk), offset, keys_first=False),
+                    slope2,
+                    st,
+                    masked=masked,
+                )
             )
-            k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
-            keys = pl.ds(k0, bk)
-            plgpu.copy_gmem_to_smem(k_ref.at[b, keys, heads.k_first + g], k_smem, k_ready.at[wg])
-            plgpu.copy_gmem_to_smem(v_ref.at[b, keys, heads.v_first + g], v_smem, v_ready.at[wg])
-            # keys along rows: blocks are (bk, bq), j - i = row - column + k0 - q0
-            row_ids, col_ids = _iota(bk, 0), _iota(bq, 1)
-            column_layout = plgpu.Layout.WGMMA.reduce(0)
-            plgpu.barrier_wait(k_ready.at[wg])
-            plgpu.barrier_wait(v_ready.at[wg])
+            ds = p * (dp - lax.broadcast_in_dim(delta, p.shape, [0]))
 
-            def head_body(r, carry):
-                slope2 = slope_ref[g * R + r] * LOG2E
-                key_part = _alibi_line(slope2, row_ids, 0, st)
+            def dq_product(acc_ref):
+                plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
 
-                def step_body(qb, carry, *, masked):
-                    dk, dv = carry
-                    slot = lax.rem(r * n_per_head + qb - first, stages)
-                    plgpu.barrier_wait(q_ready.at[slot])
+            dq = pl.run_state(dq_product)(plgpu.ACC.init(dq))
+            plgpu.barrier_arrive(k_free.at[slot])
+            return dq
 
-                    def st_product(acc_ref):
-                        plgpu.wgmma(acc_ref, k_smem, plgpu.transpose_ref(q_smem.at[slot], (1, 0)))
-                        return acc_ref[...]
+        dq = _causal_loops(step_body, dq, free_end=free_end, end=n_steps, causal=st.causal)
+        if st.causal and W > 1:
+            _release_unused(n_steps, n_streamed, stages, ((k_ready, k_free), (v_ready, v_free)))
+        q_smem[...] = (dq * (st.scale2 / LOG2E)).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, grads.dq(b, rows, h))
+        plgpu.wait_smem_to_gmem(0)
 
-                    s_t = pl.run_scoped(st_product, plgpu.ACC((bk, bq), jnp.float32))
-                    plgpu.barrier_wait(lse_ready.at[slot])
-                    lse = plgpu.load(lse_smem.at[slot], (), layout=column_layout)
-                    plgpu.barrier_arrive(lse_free.at[slot])
-                    # keys along rows: j - i = (row + k0) - (column + q0)
-                    offset = k0 - qb * bq
-                    p_t = jnp.exp2(
-                        _scores2(
-                            s_t,
-                            key_part,
-                            _lse_bias(lse, _alibi_line(slope2, col_ids, -offset, st)),
-                            lambda: _distance((bk, bq), offset, keys_first=True),
-                            slope2,
-                            st,
-                            masked=masked,
-                        )
-                    )
-                    plgpu.barrier_wait(do_ready.at[slot])
+    @pl.when(wg == W)
+    def _memory():
+        rings = ((k_smem, k_ready, k_free), (v_smem, v_ready, v_free))
+        _stream_keys_and_values(k_ref, v_ref, rings, b, h, heads, bk, n_streamed, stages)
 
-                    def dv_dp_products(refs):
-                        dv_ref, dp_ref = refs
-                        plgpu.wgmma(dv_ref, p_t.astype(dtype), do_smem.at[slot])
-                        plgpu.wgmma(dp_ref, v_smem, plgpu.transpose_ref(do_smem.at[slot], (1, 0)))
 
-                    dv, dp_t = pl.run_state(dv_dp_products)(
-                        (plgpu.ACC.init(dv), _zero_acc((bk, bq)))
-                    )
-                    plgpu.barrier_arrive(do_free.at[slot])
-                    plgpu.barrier_wait(delta_ready.at[slot])
-                    delta = plgpu.load(delta_smem.at[slot], (), layout=column_layout)
-                    plgpu.barrier_arrive(delta_free.at[slot])
-                    ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, (bk, bq), [1]))
-
-                    def dk_product(acc_ref):
-                        plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_smem.at[slot])
-
-                    dk = pl.run_state(dk_product)(plgpu.ACC.init(dk))
-                    plgpu.barrier_arrive(q_free.at[slot])
-                    return dk, dv
-
-                if not st.causal:
-                    return lax.fori_loop(0, n_q, functools.partial(step_body, masked=False), carry)
-                if W > 1:  # the query blocks only an earlier warpgroup's keys see
-                    head_start = r * n_per_head  # the stream's step of block `first`
-                    _release_unused(head_start, head_start + own_first - first, stages, rings)
-                masked_body = functools.partial(step_body, masked=True)
-                carry = lax.fori_loop(own_first, free_first, masked_body, carry)
-                free_body = functools.partial(step_body, masked=False)
-                return lax.fori_loop(free_first, n_q, free_body, carry)
-
-            dk, dv = lax.fori_loop(0, R, head_body, (_zeros((bk, K)), _zeros((bk, K))))
-            k_smem[...] = (dk * (st.scale2 / LOG2E)).astype(dtype)
-            v_smem[...] = dv.astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, keys, g], commit_group=False)
-            plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, keys, g], commit_group=False)
-            plgpu.commit_smem_to_gmem_group()
-            plgpu.wait_smem_to_gmem(0)
-
-        @pl.when(wg == W)
-        def _memory():
-            plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
-
-            def head_and_rows(step):
-                head = g * R + lax.div(step, n_per_head)
-                return head, pl.ds((first + lax.rem(step, n_per_head)) * bq, bq)
-
-            def block(ref):
-                def source(step):
-                    head, rows = head_and_rows(step)
-                    return ref.at[b, rows, head]
-
-                return source
-
-            def stats(ref):
-                def source(step):
-                    head, rows = head_and_rows(step)
-                    return ref.at[b, head, rows]
-
-                return source
-
-            _stream(
-                n_steps,
-                R * n_q,
-                stages,
-                [
-                    (block(q_ref), q_smem, q_ready, q_free),
-                    (block(do_ref), do_smem, do_ready, do_free),
-                    (stats(lse_ref), lse_smem, lse_ready, lse_free),
-                    (stats(delta_ref), delta_smem, delta_ready, delta_free),
-                ],
-            )
-
-    scratch = [
+def _dkdv_scratch(t: HopperTiling, K: int, dtype):
+    """dk/dv's shared memory and barriers: its W key and value blocks, the query, dO and
+    statistics rings."""
+    W, bq, bk, stages = t.bwd_warpgroups, t.bwd_block_q, t.bwd_block_kv, t.backward_stages
+    return (
         (
             _smem((W, bk, K), dtype),
             _smem((W, bk, K), dtype),
@@ -719,13 +593,209 @@ def _dkdv(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads:
         ),
         (plgpu.Barrier(num_barriers=W),) * 2 + (plgpu.Barrier(num_barriers=stages),) * 4,
         (plgpu.Barrier(num_arrivals=W, num_barriers=stages),) * 4,
-    ]
-    kv_shape = jax.ShapeDtypeStruct((B, S, G, K), dtype)
+    )
+
+
+def _dkdv_program(ins, grads: _Gradients, tile, g, b, scratch, st: _Static, t, heads: Heads):
+    """One dk/dv program: W x bk keys of kv head g, through the query blocks of each of the R
+    query heads that share it (causal: the first key tiles, seen by the most queries, first)."""
+    q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, delta_ref = ins
+    S, K = q_ref.shape[1], q_ref.shape[3]
+    R, W = heads.H // heads.G, t.bwd_warpgroups
+    bq, bk, stages = t.bwd_block_q, t.bwd_block_kv, t.backward_stages
+    n_q = S // bq
+    dtype = q_ref.dtype
+    smem, ready, free = scratch
+    k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem = smem
+    k_ready, v_ready, q_ready, do_ready, lse_ready, delta_ready = ready
+    q_free, do_free, lse_free, delta_free = free
+    wg = lax.axis_index("wg")
+    # W warpgroups of bk keys each share the stream of query blocks, from the first block
+    # that sees the tile's first key
+    first, _ = query_steps(tile * W * bk, block_q=bq, block_kv=bk, n_q=n_q, causal=st.causal)
+    n_per_head = n_q - first
+    n_steps = R * n_per_head
+    rings = (
+        (q_ready, q_free),
+        (do_ready, do_free),
+        (lse_ready, lse_free),
+        (delta_ready, delta_free),
+    )
+
+    @pl.when(wg < W)
+    def _compute():
+        plgpu.set_max_registers(_compute_registers(W), action="increase")
+        k0 = tile * W * bk + wg * bk
+        own_first, free_first = query_steps(k0, block_q=bq, block_kv=bk, n_q=n_q, causal=st.causal)
+        k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+        keys = pl.ds(k0, bk)
+        plgpu.copy_gmem_to_smem(k_ref.at[b, keys, heads.k_first + g], k_smem, k_ready.at[wg])
+        plgpu.copy_gmem_to_smem(v_ref.at[b, keys, heads.v_first + g], v_smem, v_ready.at[wg])
+        # keys along rows: blocks are (bk, bq), j - i = row - column + k0 - q0
+        row_ids, col_ids = _iota(bk, 0), _iota(bq, 1)
+        column_layout = plgpu.Layout.WGMMA.reduce(0)
+        plgpu.barrier_wait(k_ready.at[wg])
+        plgpu.barrier_wait(v_ready.at[wg])
+
+        def head_body(r, carry):
+            slope2 = slope_ref[g * R + r] * LOG2E
+            key_part = _alibi_line(slope2, row_ids, 0, st)
+
+            def step_body(qb, carry, *, masked):
+                dk, dv = carry
+                slot = lax.rem(r * n_per_head + qb - first, stages)
+                plgpu.barrier_wait(q_ready.at[slot])
+
+                def st_product(acc_ref):
+                    plgpu.wgmma(acc_ref, k_smem, plgpu.transpose_ref(q_smem.at[slot], (1, 0)))
+                    return acc_ref[...]
+
+                s_t = pl.run_scoped(st_product, plgpu.ACC((bk, bq), jnp.float32))
+                plgpu.barrier_wait(lse_ready.at[slot])
+                lse = plgpu.load(lse_smem.at[slot], (), layout=column_layout)
+                plgpu.barrier_arrive(lse_free.at[slot])
+                # keys along rows: j - i = (row + k0) - (column + q0)
+                offset = k0 - qb * bq
+                p_t = jnp.exp2(
+                    _scores2(
+                        s_t,
+                        key_part,
+                        _lse_bias(lse, _alibi_line(slope2, col_ids, -offset, st)),
+                        lambda: _distance((bk, bq), offset, keys_first=True),
+                        slope2,
+                        st,
+                        masked=masked,
+                    )
+                )
+                plgpu.barrier_wait(do_ready.at[slot])
+
+                def dv_dp_products(refs):
+                    dv_ref, dp_ref = refs
+                    plgpu.wgmma(dv_ref, p_t.astype(dtype), do_smem.at[slot])
+                    plgpu.wgmma(dp_ref, v_smem, plgpu.transpose_ref(do_smem.at[slot], (1, 0)))
+
+                dv, dp_t = pl.run_state(dv_dp_products)((plgpu.ACC.init(dv), _zero_acc((bk, bq))))
+                plgpu.barrier_arrive(do_free.at[slot])
+                plgpu.barrier_wait(delta_ready.at[slot])
+                delta = plgpu.load(delta_smem.at[slot], (), layout=column_layout)
+                plgpu.barrier_arrive(delta_free.at[slot])
+                ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, (bk, bq), [1]))
+
+                def dk_product(acc_ref):
+                    plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_smem.at[slot])
+
+                dk = pl.run_state(dk_product)(plgpu.ACC.init(dk))
+                plgpu.barrier_arrive(q_free.at[slot])
+                return dk, dv
+
+            if not st.causal:
+                return lax.fori_loop(0, n_q, functools.partial(step_body, masked=False), carry)
+            if W > 1:  # the query blocks only an earlier warpgroup's keys see
+                head_start = r * n_per_head  # the stream's step of block `first`
+                _release_unused(head_start, head_start + own_first - first, stages, rings)
+            masked_body = functools.partial(step_body, masked=True)
+            carry = lax.fori_loop(own_first, free_first, masked_body, carry)
+            free_body = functools.partial(step_body, masked=False)
+            return lax.fori_loop(free_first, n_q, free_body, carry)
+
+        dk, dv = lax.fori_loop(0, R, head_body, (_zeros((bk, K)), _zeros((bk, K))))
+        k_smem[...] = (dk * (st.scale2 / LOG2E)).astype(dtype)
+        v_smem[...] = dv.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_smem, grads.dk(b, keys, g), commit_group=False)
+        plgpu.copy_smem_to_gmem(v_smem, grads.dv(b, keys, g), commit_group=False)
+        plgpu.commit_smem_to_gmem_group()
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == W)
+    def _memory():
+        plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
+
+        def head_and_rows(step):
+            head = g * R + lax.div(step, n_per_head)
+            return head, pl.ds((first + lax.rem(step, n_per_head)) * bq, bq)
+
+        def block(ref):
+            def source(step):
+                head, rows = head_and_rows(step)
+                return ref.at[b, rows, head]
+
+            return source
+
+        def stats(ref):
+            def source(step):
+                head, rows = head_and_rows(step)
+                return ref.at[b, head, rows]
+
+            return source
+
+        _stream(
+            n_steps,
+            R * n_q,
+            stages,
+            [
+                (block(q_ref), q_smem, q_ready, q_free),
+                (block(do_ref), do_smem, do_ready, do_free),
+                (stats(lse_ref), lse_smem, lse_ready, lse_free),
+                (stats(delta_ref), delta_smem, delta_ready, delta_free),
+            ],
+        )
+
+
+def _backward(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, heads: Heads, parts):
+    """The backward's programs in one launch: parts ("dkdv", "dq"), or one of them.
+
+    The grid is (programs, G, B): per kv head, first the dk/dv programs (W x bk keys each),
+    then the dq programs of its R query heads (W x bq query rows of one head each, the heads of
+    a query tile side by side). Both parts in one launch write every gradient into its final
+    array: the fused (B, S, H + 2G, K) one in place, where two launches concatenate, and dq's
+    programs fill the SMs that dk/dv's last, unequal causal programs leave idle. Each part
+    allocates its shared memory and barriers for its own programs (`pl.run_scoped`), so the
+    launch needs the larger part's, not both.
+    """
+    B, S, _, K = q.shape
+    H, G, W = heads.H, heads.G, t.bwd_warpgroups
+    R = H // G
+    n_kv_tiles = S // (W * t.bwd_block_kv) if "dkdv" in parts else 0
+    n_dq_programs = R * (S // (W * t.bwd_block_q)) if "dq" in parts else 0
+    dtype = q.dtype
+    one_array = heads.fused and len(parts) == 2
+    if one_array:
+        out_type = [jax.ShapeDtypeStruct((B, S, H + 2 * G, K), dtype)]
+    else:
+        kv_type = jax.ShapeDtypeStruct((B, S, G, K), dtype)
+        out_type = [jax.ShapeDtypeStruct((B, S, H, K), dtype)] if "dq" in parts else []
+        out_type += [kv_type, kv_type] if "dkdv" in parts else []
+
+    def program(*refs):
+        grads = _Gradients(refs[7:], heads, one_array)
+        tile, g, b = lax.axis_index("tile"), lax.axis_index("g"), lax.axis_index("b")
+        run = dict(st=st, t=t, heads=heads)
+
+        def dkdv(scratch):
+            _dkdv_program(refs[:7], grads, tile, g, b, scratch, **run)
+
+        def dq(scratch):
+            order, r = lax.div(tile - n_kv_tiles, R), lax.rem(tile - n_kv_tiles, R)
+            _dq_program(refs[:7], grads, order, g * R + r, b, scratch, **run)
+
+        for part, body, scratch, start, stop in (
+            ("dkdv", dkdv, _dkdv_scratch(t, K, dtype), 0, n_kv_tiles),
+            ("dq", dq, _dq_scratch(t, K, dtype), n_kv_tiles, n_kv_tiles + n_dq_programs),
+        ):
+            if part not in parts:
+                continue
+            scoped = functools.partial(pl.run_scoped, body, scratch, collective_axes="wg")
+            if len(parts) == 1:
+                scoped()
+            else:
+                pl.when((tile >= start) & (tile < stop))(scoped)
+
+    program.__name__ = "mpt_flash_mgpu_" + ("bwd" if len(parts) == 2 else parts[0])
     return plgpu.kernel(
-        _named(mpt_flash_mgpu_dkdv, W),
-        out_type=[kv_shape, kv_shape],
-        scratch_types=scratch,
-        grid=(n_tiles, G, B),
+        _named(program, W),
+        out_type=out_type,
+        grid=(n_kv_tiles + n_dq_programs, G, B),
         grid_names=("tile", "g", "b"),
         num_threads=W + 1,
         thread_name="wg",
@@ -755,11 +825,17 @@ def _flash_bwd(st, tiling, heads: Heads, residuals, do):
     # vectors, which XLA GPU may hand to a matmul library
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
     args = (*_sources(q, k, v), slopes, do.astype(q.dtype), lse2, delta, st, tiling, heads)
-    dq = _dq(*args)
-    dk, dv = _dkdv(*args)
+    no_slope_grad = jnp.zeros_like(slopes)
+    if tiling.bwd_launches == 1:
+        grads = _backward(*args, parts=("dkdv", "dq"))
+        if heads.fused:  # the fused array's gradient, written in place
+            return grads[0], None, None, no_slope_grad
+        return (*grads, no_slope_grad)
+    (dq,) = _backward(*args, parts=("dq",))
+    dk, dv = _backward(*args, parts=("dkdv",))
     if heads.fused:  # one gradient for the fused array
-        return jnp.concatenate([dq, dk, dv], axis=2), None, None, jnp.zeros_like(slopes)
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype), jnp.zeros_like(slopes)
+        return jnp.concatenate([dq, dk, dv], axis=2), None, None, no_slope_grad
+    return dq, dk, dv, no_slope_grad
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
