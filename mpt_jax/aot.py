@@ -22,10 +22,12 @@ does not try to open a GPU: `tools/bench_train.py --aot CARD` sets both up for i
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 
@@ -144,7 +146,24 @@ def compile_only_devices(name: str) -> list[Any]:
             f" failed ({str(e).splitlines()[0] if str(e) else type(e).__name__});"
             f" {plugin_requirement()}, and run with JAX_PLATFORMS=cpu"
         ) from e
+    _load_mosaic_gpu_runtime()
     return list(topology.devices)
+
+
+def _load_mosaic_gpu_runtime() -> None:
+    """Load the CUDA plugin's Mosaic GPU runtime into the process's global symbols.
+
+    Mosaic GPU's compiler links its kernels' host code (TMA descriptors, the launch) against
+    that runtime's symbols, which only a started GPU backend loads; a compile-only program has
+    none, and compiling our Hopper kernels failed on those symbols.
+    """
+    try:
+        import jax_cuda13_plugin
+    except ImportError:
+        return
+    runtime = Path(jax_cuda13_plugin.__file__).parent / "libmosaic_gpu_runtime.so"
+    if runtime.exists():
+        ctypes.CDLL(str(runtime), mode=ctypes.RTLD_GLOBAL)
 
 
 @contextlib.contextmanager

@@ -44,11 +44,12 @@ _OPERAND = re.compile(r"%([\w.\-]+)")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _TARGET = re.compile(r'custom_call_target="([^"]*)"')
-_ATTENTION_KERNELS = re.compile(r"mpt_flash_(?:mgpu_)?(fwd|dq|dkdv)(?:_x\d+)?\b")
+_ATTENTION_KERNELS = re.compile(r"mpt_flash_(?:mgpu_)?(fwd|dq|dkdv|bwd)(?:_x\d+)?\b")
 # our kernels' matmuls per (query, key) pair of head dim K, in units of 2 K FLOPs: the forward
 # computes S = QK^T and O = PV, dq recomputes S and adds dP = dO V^T and dQ = dS K, dk/dv
-# recomputes S and dP and adds dV = P^T dO and dK = dS^T Q
-_ATTENTION_MATMULS = {"fwd": 2, "dq": 3, "dkdv": 4}
+# recomputes S and dP and adds dV = P^T dO and dK = dS^T Q; the Hopper backward's one launch
+# (bwd) runs both
+_ATTENTION_MATMULS = {"fwd": 2, "dq": 3, "dkdv": 4, "bwd": 7}
 
 # ops that launch nothing (or whose work is counted where it is used)
 _FREE = {

@@ -220,6 +220,7 @@ HOPPER_CASES = {
     "not_causal_alibi_mqa_64": (False, True, 8, 1, 64, False, None),
     "causal_alibi_gqa_128_bwd_x2": (True, True, 16, 4, 128, False, {"bwd_warpgroups": 2}),
     "causal_alibi_gqa_128_deep_rings": (True, True, 16, 4, 128, False, DEEP_RINGS),
+    "causal_alibi_gqa_128_two_bwd_launches": (True, True, 16, 4, 128, False, {"bwd_launches": 2}),
 }
 
 

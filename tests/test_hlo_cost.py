@@ -99,7 +99,8 @@ def test_prediction_adds_each_category_at_its_rate():
 
 
 # a scan body as XLA GPU compiles it: a Mosaic GPU kernel fused with the slicing of its operand
-# out of the stacked layers (dynamic-slice fusion), and its two-warpgroup backward by name
+# out of the stacked layers (dynamic-slice fusion), its two-warpgroup dq by name, and a one-launch
+# backward writing the fused gradient
 _SCANNED_KERNELS = """HloModule m
 
 %dsf (p0: bf16[24,8,256,6,128], p1: s32[]) -> (bf16[8,256,2,128], f32[8,2,256]) {
@@ -119,6 +120,7 @@ _SCANNED_KERNELS = """HloModule m
   %o = bf16[8,256,2,128]{3,2,1,0} get-tuple-element(%f), index=0
   %lse = f32[8,2,256]{2,1,0} get-tuple-element(%f), index=1
   %dq = bf16[8,256,2,128]{3,2,1,0} custom-call(%o, %lse), custom_call_target="mosaic_gpu_v2", metadata={op_name="jit(step)/transpose(jvp())/mpt_flash_mgpu_dq_x2/mpmd_map"}
+  %dqkv = bf16[8,256,6,128]{3,2,1,0} custom-call(%o, %lse), custom_call_target="mosaic_gpu_v2", metadata={op_name="jit(step)/transpose(jvp())/mpt_flash_mgpu_bwd/mpmd_map"}
   ROOT %r = (s32[], bf16[24,8,256,6,128]{4,3,2,1,0}) tuple(%i, %x)
 }
 
@@ -136,10 +138,11 @@ ENTRY %main (a: (s32[], bf16[24,8,256,6,128])) -> (s32[], bf16[24,8,256,6,128]) 
 
 def test_kernels_fused_with_their_operand_slices_and_two_warpgroup_kernels_count_as_attention():
     cost = hlo_cost.analyze(_SCANNED_KERNELS)
-    assert cost.launches(hlo_cost.ATTENTION) == 2 * 24
+    assert cost.launches(hlo_cost.ATTENTION) == 3 * 24
     B, S, H, K = 8, 256, 2, 128
     pairs = B * H * S * (S + 1) / 2
-    assert cost.total("flops", hlo_cost.ATTENTION) == 24 * (2 + 3) * 2 * K * pairs
+    # forward 2 products per (query, key) pair, dq 3, the one-launch backward 3 + 4
+    assert cost.total("flops", hlo_cost.ATTENTION) == 24 * (2 + 3 + 7) * 2 * K * pairs
     # the fused forward reads one layer's slice of the stacked (24, ...) projections, not all
     (fused,) = [k for k in cost.kernels if k.name == "f"]
     # (and the s32 index and the float32 log-sum-exp it writes)

@@ -120,3 +120,18 @@ def test_bad_arguments_are_refused_in_one_line(capsys):
     with pytest.raises(SystemExit):
         kernel_sass.main(["--sweep", "dq", "--impl", "pallas_mgpu"])
     assert "--sweep: the tiling candidates are the Triton kernels'" in capsys.readouterr().err
+
+
+@needs_tools
+def test_our_hopper_kernels_compile_here_to_warpgroup_mma_in_two_launches():
+    """The Mosaic GPU kernels compile for an H200 on this host (their host code links against
+    the plugin's Mosaic GPU runtime, which `aot` loads): the forward and the one-launch
+    backward, both HGMMA."""
+    result = _run(
+        [sys.executable, "tools/kernel_sass.py", "--shape", "1,256,2,64", "--impl", "pallas_mgpu"]
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| mpt_flash_")]
+    names = [row.split("|")[1].strip() for row in rows]
+    assert names == ["mpt_flash_mgpu_fwd_mosaic_gpu_kernel", "mpt_flash_mgpu_bwd_mosaic_gpu_kernel"]
+    assert all("HGMMA" in row and "HMMA" not in row for row in rows)

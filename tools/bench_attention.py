@@ -464,19 +464,19 @@ def tune(
 
 
 # the Hopper sweep's phases: the forward's key block and ring depth (128-key rings of 3 slots
-# exceed shared memory at head dim 128), then the backward's ring depth and compute warpgroups
+# exceed shared memory at head dim 128), then the backward's ring depth and compute warpgroups,
+# and its dq and dk/dv programs in two launches instead of one
 HOPPER_TUNE = {
     "fwd": [dict(block_kv=bk, stages=st) for bk, st in ((128, 2), (64, 2), (64, 3), (64, 4))],
-    "bwd": [
-        dict(bwd_stages=st, bwd_warpgroups=w) for w, st in itertools.product((1, 2), (2, 3, 4))
-    ],
+    "bwd": [dict(bwd_stages=st, bwd_warpgroups=w) for w, st in itertools.product((1, 2), (2, 3, 4))]
+    + [dict(bwd_launches=2)],
 }
 
 
 def _hopper_label(t: HopperTiling) -> str:
     return (
         f"{t.block_q} x {t.block_kv}, {t.stages} stages; bwd {t.bwd_block_q} x {t.bwd_block_kv}, "
-        f"{t.backward_stages} stages, {t.bwd_warpgroups} warpgroup(s)"
+        f"{t.backward_stages} stages, {t.bwd_warpgroups} warpgroup(s), {t.bwd_launches} launch(es)"
     )
 
 
