@@ -123,7 +123,7 @@ def test_bad_arguments_are_refused_in_one_line(capsys):
 
 
 @needs_tools
-def test_our_hopper_kernels_compile_here_to_warpgroup_mma_in_two_launches():
+def test_our_hopper_kernels_compile_here_to_warpgroup_mma_forward_and_one_backward():
     """The Mosaic GPU kernels compile for an H200 on this host (their host code links against
     the plugin's Mosaic GPU runtime, which `aot` loads): the forward and the one-launch
     backward, both HGMMA."""

@@ -11,8 +11,8 @@ instructions, Hopper's warpgroup HGMMA (with their m x n x k shapes) or the per-
 `--sweep` does this for every tiling candidate of `tools/bench_attention.py --tune` of the
 named Triton kernels (one kernel's tiling varied, the others at their defaults); its findings at
 head dim 128 are the GPU sweep's first candidates (`bench_attention.TUNE_FIRST_128`). No kernel
-runs; nothing here is a timing. Our Hopper kernels compile here under jax 0.11 only (jax 0.10's
-Mosaic GPU compiler wants a GPU's host symbols).
+runs; nothing here is a timing. `--impl pallas_mgpu` reads our Hopper kernels (jax 0.10 and 0.11:
+`mpt_jax.aot` loads the plugin's Mosaic GPU runtime, whose symbols their host code links to).
 """
 
 from __future__ import annotations
