@@ -536,25 +536,28 @@ def _dq_program(ins, grads: _Gradients, order, h, b, scratch, st: _Static, t, he
             plgpu.barrier_wait(k_ready.at[slot])
             plgpu.barrier_wait(v_ready.at[slot])
 
-            def products(refs):
-                s_ref, dp_ref = refs
+            offset = step * bk - q0
+
+            def products(s_ref, dp_ref):
                 plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
                 plgpu.wgmma(dp_ref, do_smem, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
-
-            s, dp = pl.run_state(products)((_zero_acc((bq, bk)), _zero_acc((bq, bk))))
-            plgpu.barrier_arrive(v_free.at[slot])
-            offset = step * bk - q0
-            p = jnp.exp2(
-                _scores2(
-                    s,
-                    neg_lse,
-                    _alibi_line(slope2, col_ids, offset, st),
-                    lambda: _distance((bq, bk), offset, keys_first=False),
-                    slope2,
-                    st,
-                    masked=masked,
+                s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # P while dP runs
+                p = jnp.exp2(
+                    _scores2(
+                        s,
+                        neg_lse,
+                        _alibi_line(slope2, col_ids, offset, st),
+                        lambda: _distance((bq, bk), offset, keys_first=False),
+                        slope2,
+                        st,
+                        masked=masked,
+                    )
                 )
-            )
+                return p, dp_ref[...]
+
+            scores = plgpu.ACC((bq, bk), jnp.float32)
+            p, dp = pl.run_scoped(products, scores, scores)
+            plgpu.barrier_arrive(v_free.at[slot])
             ds = p * (dp - lax.broadcast_in_dim(delta, p.shape, [0]))
 
             def dq_product(acc_ref):
@@ -644,47 +647,45 @@ def _dkdv_program(ins, grads: _Gradients, tile, g, b, scratch, st: _Static, t, h
             def step_body(qb, carry, *, masked):
                 dk, dv = carry
                 slot = lax.rem(r * n_per_head + qb - first, stages)
-                plgpu.barrier_wait(q_ready.at[slot])
-
-                def st_product(acc_ref):
-                    plgpu.wgmma(acc_ref, k_smem, plgpu.transpose_ref(q_smem.at[slot], (1, 0)))
-                    return acc_ref[...]
-
-                s_t = pl.run_scoped(st_product, plgpu.ACC((bk, bq), jnp.float32))
-                plgpu.barrier_wait(lse_ready.at[slot])
-                lse = plgpu.load(lse_smem.at[slot], (), layout=column_layout)
-                plgpu.barrier_arrive(lse_free.at[slot])
                 # keys along rows: j - i = (row + k0) - (column + q0)
                 offset = k0 - qb * bq
-                p_t = jnp.exp2(
-                    _scores2(
-                        s_t,
-                        key_part,
-                        _lse_bias(lse, _alibi_line(slope2, col_ids, -offset, st)),
-                        lambda: _distance((bk, bq), offset, keys_first=True),
-                        slope2,
-                        st,
-                        masked=masked,
-                    )
-                )
+                plgpu.barrier_wait(q_ready.at[slot])
                 plgpu.barrier_wait(do_ready.at[slot])
 
-                def dv_dp_products(refs):
-                    dv_ref, dp_ref = refs
-                    plgpu.wgmma(dv_ref, p_t.astype(dtype), do_smem.at[slot])
+                def products(refs):
+                    # FlashAttention-3's order: each elementwise stage runs while the tensor
+                    # cores work on the next product (S^T then dP^T issued together, P^T
+                    # computed during dP^T, dS^T during dV)
+                    s_ref, dp_ref, dv_ref, dk_ref = refs
+                    plgpu.wgmma(s_ref, k_smem, plgpu.transpose_ref(q_smem.at[slot], (1, 0)))
                     plgpu.wgmma(dp_ref, v_smem, plgpu.transpose_ref(do_smem.at[slot], (1, 0)))
+                    plgpu.barrier_wait(lse_ready.at[slot])
+                    lse = plgpu.load(lse_smem.at[slot], (), layout=column_layout)
+                    plgpu.barrier_arrive(lse_free.at[slot])
+                    s_t = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # dP^T may still run
+                    p_t = jnp.exp2(
+                        _scores2(
+                            s_t,
+                            key_part,
+                            _lse_bias(lse, _alibi_line(slope2, col_ids, -offset, st)),
+                            lambda: _distance((bk, bq), offset, keys_first=True),
+                            slope2,
+                            st,
+                            masked=masked,
+                        )
+                    )
+                    plgpu.wgmma(dv_ref, p_t.astype(dtype), do_smem.at[slot])
+                    plgpu.barrier_wait(delta_ready.at[slot])
+                    delta = plgpu.load(delta_smem.at[slot], (), layout=column_layout)
+                    plgpu.barrier_arrive(delta_free.at[slot])
+                    dp_t = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)  # dV may still run
+                    ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, (bk, bq), [1]))
+                    plgpu.wgmma(dk_ref, ds_t.astype(dtype), q_smem.at[slot])
 
-                dv, dp_t = pl.run_state(dv_dp_products)((plgpu.ACC.init(dv), _zero_acc((bk, bq))))
+                scores = (_zero_acc((bk, bq)), _zero_acc((bk, bq)))
+                accumulators = (plgpu.ACC.init(dv), plgpu.ACC.init(dk))
+                _, _, dv, dk = pl.run_state(products)((*scores, *accumulators))
                 plgpu.barrier_arrive(do_free.at[slot])
-                plgpu.barrier_wait(delta_ready.at[slot])
-                delta = plgpu.load(delta_smem.at[slot], (), layout=column_layout)
-                plgpu.barrier_arrive(delta_free.at[slot])
-                ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, (bk, bq), [1]))
-
-                def dk_product(acc_ref):
-                    plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_smem.at[slot])
-
-                dk = pl.run_state(dk_product)(plgpu.ACC.init(dk))
                 plgpu.barrier_arrive(q_free.at[slot])
                 return dk, dv
 
