@@ -53,6 +53,10 @@ class KernelCode:
     shared_bytes: int  # static shared memory (Triton's and Mosaic's is dynamic, at launch)
     local_bytes: int
     matrix_instructions: dict[str, int]  # e.g. {"HGMMA.64x128x16.F32.BF16": 4}
+    # waits for the warpgroup MMAs in flight, by how many may stay in flight: {0: 4, 1: 2};
+    # a wait above 0 lets the instructions after it run beside a product
+    wgmma_waits: dict[int, int] = dataclasses.field(default_factory=dict)
+    spill_accesses: int = 0  # local-memory loads and stores (LDL, STL) in the listing
 
     @property
     def warpgroup_mma(self) -> int:
@@ -233,7 +237,7 @@ def read_kernels(images: list[bytes]) -> list[KernelCode]:
             path.write_bytes(image)
             usage = _run([cuobjdump, "-res-usage", str(path)])
             sass = _run([nvdisasm, str(path)])
-            opcodes = _matrix_opcodes(sass)
+            listing = _listing_counts(sass)
             for name, fields in _resource_usage(usage).items():
                 kernels.append(
                     KernelCode(
@@ -242,7 +246,9 @@ def read_kernels(images: list[bytes]) -> list[KernelCode]:
                         stack_bytes=fields.get("STACK", 0),
                         shared_bytes=fields.get("SHARED", 0),
                         local_bytes=fields.get("LOCAL", 0),
-                        matrix_instructions=dict(opcodes.get(name, {})),
+                        matrix_instructions=dict(listing[name].matrix),
+                        wgmma_waits=dict(listing[name].waits),
+                        spill_accesses=listing[name].spills,
                     )
                 )
     return kernels
@@ -269,16 +275,33 @@ def _resource_usage(text: str) -> dict[str, dict[str, int]]:
     return usage
 
 
-def _matrix_opcodes(sass: str) -> dict[str, collections.Counter]:
-    """nvdisasm's listing: the HGMMA/HMMA opcodes (with their shapes) of each .text section."""
-    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+@dataclasses.dataclass
+class _Listing:
+    matrix: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    waits: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    spills: int = 0
+
+
+def _listing_counts(sass: str) -> dict[str, _Listing]:
+    """nvdisasm's listing, per .text section: the HGMMA/HMMA opcodes (with their shapes), the
+    wgmma waits (`WARPGROUP.DEPBAR.LE gsb0, 0xN`) by N, and the LDL/STL count."""
+    counts: dict[str, _Listing] = collections.defaultdict(_Listing)
     function = None
     for line in sass.splitlines():
         section = re.match(r"\s*\.section\s+\.text\.(\w+)", line)
         if section:
             function = section.group(1)
             continue
-        op = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?(H[G]?MMA\.\S+)", line)
-        if function and op:
-            counts[function][op.group(1)] += 1
+        instruction = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)(.*)", line)
+        if not (function and instruction):
+            continue
+        op, operands = instruction.groups()
+        if re.match(r"H[G]?MMA\.", op):
+            counts[function].matrix[op] += 1
+        elif op == "WARPGROUP.DEPBAR.LE":
+            wait = re.search(r"gsb0,\s*0x([0-9a-f]+)", operands)
+            if wait:
+                counts[function].waits[int(wait.group(1), 16)] += 1
+        elif re.match(r"(LDL|STL)\b", op):
+            counts[function].spills += 1
     return counts

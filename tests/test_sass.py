@@ -120,18 +120,70 @@ def test_bad_arguments_are_refused_in_one_line(capsys):
     with pytest.raises(SystemExit):
         kernel_sass.main(["--sweep", "dq", "--impl", "pallas_mgpu"])
     assert "--sweep: the tiling candidates are the Triton kernels'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        kernel_sass.main(["--impl", "pallas_mgpu", "--hopper", "bwd_blocks=2"])
+    assert "FIELD one of block_kv, block_q," in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        kernel_sass.main(["--impl", "pallas_mgpu", "--hopper", "bwd_launches=3"])
+    assert "HopperTiling.bwd_launches: must be 1 or 2" in capsys.readouterr().err
+
+
+_READ_HOPPER_KERNELS = """
+import dataclasses, json, sys
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+import kernel_sass
+from mpt_jax import sass
+from mpt_jax.kernels.flash_attention_mgpu import HopperTiling
+hopper = HopperTiling(bwd_launches=int(sys.argv[3]))
+compiled = kernel_sass.compile_attention("h200", (1, 256, 2, 64), "pallas_mgpu", hopper=hopper)
+kernels = sass.read_kernels(sass.executable_cubins(compiled))
+print(json.dumps([dataclasses.asdict(k) for k in kernels]))
+"""
 
 
 @needs_tools
-def test_our_hopper_kernels_compile_here_to_warpgroup_mma_forward_and_one_backward():
+@pytest.mark.parametrize(
+    ("launches", "backward"),
+    [(1, ["mpt_flash_mgpu_bwd"]), (2, ["mpt_flash_mgpu_dq", "mpt_flash_mgpu_dkdv"])],
+)
+def test_our_hopper_kernels_compile_here_and_overlap_products_with_the_softmax(launches, backward):
     """The Mosaic GPU kernels compile for an H200 on this host (their host code links against
-    the plugin's Mosaic GPU runtime, which `aot` loads): the forward and the one-launch
-    backward, both HGMMA."""
-    result = _run(
-        [sys.executable, "tools/kernel_sass.py", "--shape", "1,256,2,64", "--impl", "pallas_mgpu"]
-    )
+    the plugin's Mosaic GPU runtime, which `aot` loads), all HGMMA; the backward waits for its
+    score product while the next product is still in flight (a wait leaving one in flight),
+    FlashAttention-3's order, where waiting for every product left the tensor cores idle
+    during each exponential."""
+    plugin = str(bench_train.DEFAULT_AOT_PLUGIN)
+    argv = [sys.executable, "-c", _READ_HOPPER_KERNELS, plugin, str(ROOT / "tools"), str(launches)]
+    result = _run(argv)
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| mpt_flash_")]
-    names = [row.split("|")[1].strip() for row in rows]
-    assert names == ["mpt_flash_mgpu_fwd_mosaic_gpu_kernel", "mpt_flash_mgpu_bwd_mosaic_gpu_kernel"]
-    assert all("HGMMA" in row and "HMMA" not in row for row in rows)
+    kernels = {
+        k["name"].removesuffix("_mosaic_gpu_kernel"): k
+        for k in json.loads(result.stdout.splitlines()[-1])
+        if k["name"].startswith("mpt_flash_")
+    }
+    assert sorted(kernels) == sorted(["mpt_flash_mgpu_fwd", *backward])
+    for name, kernel in kernels.items():
+        ops = kernel["matrix_instructions"]
+        assert ops and all(op.startswith("HGMMA") for op in ops), (name, ops)
+    for name in backward:
+        assert any(int(left) >= 1 for left in kernels[name]["wgmma_waits"]), kernels[name]
+
+
+def test_the_listing_is_counted_per_kernel():
+    listing = """
+        .section .text.first,"ax",@progbits
+        /*0010*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;
+        /*0020*/              @!P0 HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0030*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*0040*/                   LDL.64 R2, [R1+0x8] ;
+        /*0050*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        .section .text.second,"ax",@progbits
+        /*0010*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0020*/               @P1 STL [R1+0x10], R4 ;
+        /*0030*/                   MUFU.EX2 R5, R5 ;
+    """
+    counts = sass._listing_counts(listing)
+    assert counts["first"].matrix == {"HGMMA.64x64x16.F32.BF16": 2}
+    assert counts["first"].waits == {1: 1, 0: 1} and counts["first"].spills == 1
+    assert counts["second"].matrix == {"HMMA.16816.F32.BF16": 1}
+    assert counts["second"].waits == {} and counts["second"].spills == 1

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from mpt_jax import aot, sass
 from mpt_jax.attention import alibi_slopes
 from mpt_jax.kernels.flash_attention import Tiling, Tilings, default_tilings, flash_attention
+from mpt_jax.kernels.flash_attention_mgpu import HopperTiling, flash_attention_mgpu
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_attention
@@ -40,8 +41,11 @@ IMPLS = ("pallas_gpu", "pallas_mgpu")
 KERNEL_NAMES = {"fwd": "mpt_flash_fwd", "dq": "mpt_flash_dq", "dkv": "mpt_flash_dkdv"}
 
 
-def compile_attention(card: str, shape, impl: str, tilings: Tilings | None = None):
-    """Forward + backward of causal ALiBi attention, compiled for one compile-only `card`."""
+def compile_attention(
+    card: str, shape, impl: str, tilings: Tilings | None = None, hopper: HopperTiling | None = None
+):
+    """Forward + backward of causal ALiBi attention, compiled for one compile-only `card`;
+    `tilings` for the Triton kernels (pallas_gpu), `hopper` for the Mosaic GPU ones."""
     B, S, H, K = shape
     device = aot.compile_only_devices(card)
     mesh = jax.sharding.Mesh(device, ("gpu",))
@@ -51,9 +55,7 @@ def compile_attention(card: str, shape, impl: str, tilings: Tilings | None = Non
 
     def attend(q, k, v):
         if impl == "pallas_mgpu":
-            from mpt_jax.kernels.flash_attention_mgpu import flash_attention_mgpu
-
-            return flash_attention_mgpu(q, k, v, alibi_slopes=slopes)
+            return flash_attention_mgpu(q, k, v, alibi_slopes=slopes, tiling=hopper)
         return flash_attention(q, k, v, alibi_slopes=slopes, tilings=tilings)
 
     def loss(q, k, v):
@@ -74,20 +76,27 @@ def _instructions(kernel: sass.KernelCode) -> str:
     return ", ".join(f"{n} {op}" for op, n in ops) or "none"
 
 
+def _waits(kernel: sass.KernelCode) -> str:
+    return ", ".join(f"{n} x {left}" for left, n in sorted(kernel.wgmma_waits.items())) or "none"
+
+
 def _tiling(t: Tiling) -> str:
     return f"{t.block_q}x{t.block_k} w{t.num_warps} s{t.num_stages}"
 
 
-def table(card: str, shape, impl: str) -> list[str]:
+def table(card: str, shape, impl: str, hopper: HopperTiling | None = None) -> list[str]:
+    tiling = f" ({hopper})" if impl == "pallas_mgpu" and hopper else ""
     lines = [
-        f"{impl} at {shape} (B, S, H, K), bf16, causal ALiBi fwd+bwd, compiled for a {card}"
-        f" (jax {jax.__version__})",
+        f"{impl}{tiling} at {shape} (B, S, H, K), bf16, causal ALiBi fwd+bwd, compiled for a"
+        f" {card} (jax {jax.__version__})",
         "",
-        "| kernel | registers | stack bytes | static shared bytes | matrix instructions |",
-        "|---|---|---|---|---|",
+        "| kernel | registers | stack bytes | static shared bytes | matrix instructions"
+        " | wgmma waits (count x products left in flight) | spill loads and stores |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for k in kernel_rows(compile_attention(card, shape, impl)):
-        row = (k.name, k.registers, k.stack_bytes, k.shared_bytes, _instructions(k))
+    for k in kernel_rows(compile_attention(card, shape, impl, hopper=hopper)):
+        cells = (k.registers, k.stack_bytes, k.shared_bytes, _instructions(k), _waits(k))
+        row = (k.name, *cells, k.spill_accesses)
         lines.append("| " + " | ".join(map(str, row)) + " |")
     return lines
 
@@ -119,6 +128,18 @@ def sweep(card: str, shape, kernels: list[str]) -> list[str]:
     return lines
 
 
+def _hopper_field(text: str) -> tuple[str, int | None]:
+    name, _, value = text.partition("=")
+    fields = {f.name for f in dataclasses.fields(HopperTiling)}
+    if name not in fields or not value:
+        known = ", ".join(sorted(fields))
+        raise argparse.ArgumentTypeError(f"want FIELD=VALUE, FIELD one of {known}; got {text!r}")
+    try:
+        return name, None if value == "None" else int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name}: want an integer, got {value!r}") from None
+
+
 def _shape(text: str) -> tuple[int, int, int, int]:
     try:
         B, S, H, K = (int(x) for x in text.split(","))
@@ -133,6 +154,14 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", type=_shape, default=(8, 2048, 16, 128))
     parser.add_argument("--impl", choices=IMPLS, default="pallas_gpu")
     parser.add_argument("--sweep", nargs="+", choices=sorted(KERNEL_NAMES), metavar="KERNEL")
+    parser.add_argument(
+        "--hopper",
+        type=_hopper_field,
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a HopperTiling field for --impl pallas_mgpu (repeatable), e.g. bwd_launches=2",
+    )
     parser.add_argument("--out", type=Path, help="also write the table here (Markdown)")
     parser.add_argument(
         "--aot-plugin", type=Path, default=bench_train.DEFAULT_AOT_PLUGIN, help="make aot-plugin"
@@ -140,12 +169,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.sweep and args.impl != "pallas_gpu":
         parser.error("--sweep: the tiling candidates are the Triton kernels' (--impl pallas_gpu)")
+    if args.hopper and args.impl != "pallas_mgpu":
+        parser.error("--hopper: the Hopper kernels' tiling (--impl pallas_mgpu)")
+    try:
+        hopper = HopperTiling(**dict(args.hopper))
+    except ValueError as e:
+        parser.error(f"--hopper: {e}")
     aot.use_plugin(args.aot_plugin)
     try:
         if args.sweep:
             lines = sweep(args.card, args.shape, args.sweep)
         else:
-            lines = table(args.card, args.shape, args.impl)
+            lines = table(args.card, args.shape, args.impl, hopper)
     except (aot.AotUnavailable, sass.SassError) as e:
         print(f"kernel_sass: {e}", file=sys.stderr)
         return 2
