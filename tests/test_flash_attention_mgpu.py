@@ -419,3 +419,14 @@ def test_kernels_run_in_the_mosaic_gpu_interpreter_and_match_xla(
     for name, ours, ref in zip(names, (out, *grads), (ref_out, *ref_grads), strict=True):
         assert ours.shape == ref.shape and ours.dtype == dtype, name
         assert relative_error(ours, ref) < tolerance, name
+
+
+@pytest.mark.parametrize("compute_warpgroups", [1, 2])
+def test_register_budgets_fit_the_register_file(compute_warpgroups):
+    # setmaxnreg moves registers between warpgroups of one program: what the compute warpgroups
+    # raise theirs to and the streaming one keeps must fit 64 Ki registers (512 per thread of
+    # one warpgroup), each a multiple of 8 within PTX's 24..256
+    per_compute = hopper._compute_registers(compute_warpgroups)
+    budgets = [per_compute] * compute_warpgroups + [hopper._MEMORY_REGISTERS]
+    assert sum(budgets) <= 512 and all(24 <= r <= 256 and r % 8 == 0 for r in budgets)
+    assert sum(budgets) > 512 - 8 * compute_warpgroups or per_compute == 256  # none left idle

@@ -41,8 +41,10 @@ LOG2E = math.log2(math.e)
 HEAD_DIMS = (64, 128)
 DTYPES = (jnp.bfloat16, jnp.float16)
 
-# registers per thread: compute warpgroups hold the accumulators, the streaming one only addresses
-_MEMORY_REGISTERS = 40
+# registers per thread: compute warpgroups hold the accumulators, the streaming one only
+# addresses; 24 is PTX's setmaxnreg floor (FlashAttention-3's producers take it too), and the
+# streaming code compiles within it without a spill (the forward's SASS has no stack at all)
+_MEMORY_REGISTERS = 24
 
 
 # The kernels' register layouts are written for lane semantics, jax 0.10's default; jax 0.11
@@ -55,7 +57,7 @@ _COMPILER_PARAMS = plgpu.CompilerParams(
 def _compute_registers(n_compute_warpgroups: int) -> int:
     """What each compute warpgroup may raise its registers to: the 64 Ki register file (512 per
     thread of one warpgroup) less the streaming warpgroup's, shared out, at most 256 (PTX's
-    setmaxnreg bound), in multiples of 8: 232 for two compute warpgroups, 256 for one."""
+    setmaxnreg bound), in multiples of 8: 240 for two compute warpgroups, 256 for one."""
     per_thread = min(256, (512 - _MEMORY_REGISTERS) // n_compute_warpgroups)
     return per_thread // 8 * 8
 
