@@ -3,9 +3,11 @@
 The interpreter simulates the warpgroups as threads, shared memory, TMA copies and mbarriers
 (it fails a kernel whose warpgroups skip a barrier phase or deadlock), but it lacks two things
 every wgmma of ours uses: `pl.run_state` (an accumulator seeded from registers,
-`plgpu.ACC.init`) and a left operand held in registers (p, dS). `interpreted()` adds both for its
-duration: run_state's initial values go into interpreter buffers that its body reads and wgmma
-updates, and a register operand is staged through such a buffer for the product.
+`plgpu.ACC.init`) and a left operand held in registers (p, dS), and it has no rule for a store
+into an accumulator (`acc_ref[...] = x`, the forward's rescaling of O). `interpreted()` adds all
+three for its duration: run_state's initial values go into interpreter buffers that its body
+reads and wgmma updates, a register operand is staged through such a buffer for the product,
+and a store writes the accumulator's buffer.
 
 jax 0.10's interpreter lacks more (transposed wgmma operands, plgpu.load, layout casts):
 `unavailable()` says so and the tests skip there; `make test-gpu-stack` runs them under the GPU
@@ -20,6 +22,7 @@ from jax._src import core as jax_core
 
 try:  # the interpreter's internals as of jax 0.11
     from jax._src.pallas.mosaic_gpu import core as mosaic_gpu_core
+    from jax._src.pallas.mosaic_gpu import primitives as mosaic_gpu_primitives
     from jax._src.pallas.mosaic_gpu.interpret import (
         gpu_callbacks,
         jaxpr_interpret,
@@ -98,10 +101,33 @@ def _run_state(interp, eqn, token, invals):
     return token, outs
 
 
+def _accumulator_store(interp, eqn, token, invals):
+    """acc_ref[...] = value: the value written into the accumulator's buffer."""
+    key, value = invals
+    token, _ = gpu_callbacks.call_swap(
+        token=token,
+        result_shape_and_dtype=eqn.invars[1].aval,
+        allocation_key_as_array=key,
+        transforms=(),
+        val=value,
+        mask=None,
+        source_info=eqn.source_info,
+        **_where(interp),
+    )
+    # the primitive's result (once state is discharged) is the accumulator: the same buffer
+    return token, [key] * len(eqn.outvars)
+
+
 def _patched(original_interpret, original_wgmma):
+    handlers = {
+        discharge.run_state_p: _run_state,
+        mosaic_gpu_primitives.wgmma_accumulator_store_p: _accumulator_store,
+    }
+
     def interpret(self, jaxpr, token, *args):
-        """The interpreter's loop over `jaxpr`, with run_state equations run by _run_state."""
-        if not any(e.primitive is discharge.run_state_p for e in jaxpr.eqns):
+        """The interpreter's loop over `jaxpr`, with run_state equations run by _run_state and
+        accumulator stores by _accumulator_store."""
+        if not any(e.primitive in handlers for e in jaxpr.eqns):
             return original_interpret(self, jaxpr, token, *args)
         env = dict(zip(jaxpr.constvars + jaxpr.invars, args, strict=True))
 
@@ -127,12 +153,13 @@ def _patched(original_interpret, original_wgmma):
 
         pending = []
         for eqn in jaxpr.eqns:
-            if eqn.primitive is not discharge.run_state_p:
+            if eqn.primitive not in handlers:
                 pending.append(eqn)
                 continue
             if pending:
                 token, pending = run_segment(pending, token), []
-            token, outs = _run_state(self, eqn, token, [read(v) for v in eqn.invars])
+            handler = handlers[eqn.primitive]
+            token, outs = handler(self, eqn, token, [read(v) for v in eqn.invars])
             env.update(
                 (v, o)
                 for v, o in zip(eqn.outvars, outs, strict=True)

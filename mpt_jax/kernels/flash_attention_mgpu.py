@@ -221,12 +221,13 @@ def query_steps(k0, *, block_q, block_kv, n_q, causal):
     return lax.div(k0, block_q), free_first
 
 
-def _causal_loops(body, carry, *, free_end, end, causal):
-    """fori_loop over steps [0, end): the first free_end without masks when causal."""
+def _causal_loops(body, carry, *, free_end, end, causal, start=0):
+    """fori_loop over steps [start, end): those before free_end without masks when causal."""
     if not causal:
-        return lax.fori_loop(0, end, functools.partial(body, masked=False), carry)
-    carry = lax.fori_loop(0, free_end, functools.partial(body, masked=False), carry)
-    return lax.fori_loop(free_end, end, functools.partial(body, masked=True), carry)
+        return lax.fori_loop(start, end, functools.partial(body, masked=False), carry)
+    split = jnp.maximum(free_end, start)
+    carry = lax.fori_loop(start, split, functools.partial(body, masked=False), carry)
+    return lax.fori_loop(split, end, functools.partial(body, masked=True), carry)
 
 
 def _stream(n_steps, max_steps: int, stages, buffers):
@@ -312,24 +313,15 @@ def _forward(q, k, v, slopes, st: _Static, t: HopperTiling, heads: Heads):
             slope2 = slope_ref[h] * LOG2E
             row_ids, col_ids = _iota(bq, 0), _iota(bk, 1)
             row_layout = plgpu.Layout.WGMMA.reduce(1)
-            m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), row_layout)
-            denom = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout)
-            acc = _zeros((bq, K))
+            no_max = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), row_layout)
+            no_sum = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout)
             plgpu.barrier_wait(q_ready.at[wg])
             plgpu.barrier_wait(k_ready.at[0])
             pl.when(wg == 1)(take_turn)
 
-            def step_body(step, carry, *, masked):
-                acc, m, denom = carry
-                slot = lax.rem(step, stages)
-
-                def qk_product(acc_ref):
-                    plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                    take_turn()
-                    return acc_ref[...]
-
-                s = pl.run_scoped(qk_product, plgpu.ACC((bq, bk), jnp.float32))
-                plgpu.barrier_arrive(k_free.at[slot])
+            def softmax(s, m, denom, step, *, masked):
+                """One key block's online softmax: the new row max, the correction of what came
+                before, P (float32) and the new denominator."""
                 offset = step * bk - q0
                 s2 = _scores2(
                     s,
@@ -343,50 +335,91 @@ def _forward(q, k, v, slopes, st: _Static, t: HopperTiling, heads: Heads):
                 m_new = jnp.maximum(m, s2.max(axis=1))
                 corr = jnp.exp2(m - m_new)
                 p = jnp.exp2(s2 - lax.broadcast_in_dim(m_new, s2.shape, [0]))
-                acc = acc * lax.broadcast_in_dim(corr, acc.shape, [0])
                 denom = denom * corr + p.sum(axis=1)
-                p16 = p.astype(dtype)
-                # the softmax ends here: hand the tensor cores to the other warpgroup
-                acc, denom, m_new, p16 = lax.optimization_barrier((acc, denom, m_new, p16))
+                # the softmax ends here: the caller hands the tensor cores on after it
+                return lax.optimization_barrier((m_new, corr, p, denom))
+
+            def attend(o_ref):
+                """The key blocks in FlashAttention-3's order: each step issues its block's
+                scores and the previous block's P V together and runs its softmax while P V
+                is in flight (as well as while the other warpgroup's products are)."""
+
+                def first_scores(s_ref):
+                    plgpu.wgmma(s_ref, qo_smem, plgpu.transpose_ref(k_smem.at[0], (1, 0)))
+                    take_turn()
+                    return s_ref[...]
+
+                s = pl.run_scoped(first_scores, plgpu.ACC((bq, bk), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[0])
+                # masked when causal: a wholly visible first block keeps every score
+                m0, _, p, denom0 = softmax(s, no_max, no_sum, 0, masked=st.causal)
                 plgpu.barrier_arrive(turn)
-                plgpu.barrier_wait(v_ready.at[slot])
-                plgpu.barrier_wait(turn)
 
-                def pv_product(acc_ref):
-                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-                    following = step + 1
-
-                    @pl.when(following < n_steps)
-                    def _():
-                        plgpu.barrier_wait(k_ready.at[lax.rem(following, stages)])
-
-                acc = pl.run_state(pv_product)(plgpu.ACC.init(acc))
-                plgpu.barrier_arrive(v_free.at[slot])
-                return acc, m_new, denom
-
-            acc, m, denom = _causal_loops(
-                step_body, (acc, m, denom), free_end=free_end, end=n_steps, causal=st.causal
-            )
-
-            if st.causal:
-                # the blocks only the other warpgroup needs: wait for them too (a warpgroup
-                # observes every phase of the barriers it waits on), release them, and keep
-                # taking turns
-                @pl.loop(n_steps, n_steps_tile)
-                def _(step):
-                    slot = lax.rem(step, stages)
+                def step_body(step, carry, *, masked):
+                    m, denom, p16 = carry
+                    slot, previous = lax.rem(step, stages), lax.rem(step - 1, stages)
                     plgpu.barrier_wait(k_ready.at[slot])
-                    plgpu.barrier_wait(v_ready.at[slot])
-                    plgpu.barrier_arrive(k_free.at[slot])
-                    plgpu.barrier_arrive(v_free.at[slot])
-                    take_turn()
-                    take_turn()
+                    plgpu.barrier_wait(v_ready.at[previous])
+                    plgpu.barrier_wait(turn)
 
-            pl.when(wg == 0)(take_turn)
-            acc = acc / lax.broadcast_in_dim(denom, acc.shape, [0])
-            qo_smem[...] = acc.astype(dtype)
-            # the log-sum-exp of the true scores: the query part of ALiBi restored
-            lse_smem[...] = _minus(m + jnp.log(denom) * LOG2E, _alibi_line(slope2, row_ids, 0, st))
+                    def products(s_ref):
+                        plgpu.wgmma(s_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                        plgpu.wgmma(o_ref, p16, v_smem.at[previous])
+                        take_turn()
+                        return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # P V may run on
+
+                    s = pl.run_scoped(products, plgpu.ACC((bq, bk), jnp.float32))
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    m_new, corr, p, denom = softmax(s, m, denom, step, masked=masked)
+                    # a store the wait below cannot pass: without it ptxas moves the wait above
+                    # the exponentials (they feed nothing else before it), and the softmax no
+                    # longer runs beside P V (read from the SASS); the slot gets the LSE at the end
+                    lse_smem[...] = denom
+                    acc = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
+                    plgpu.barrier_arrive(v_free.at[previous])
+                    # P V done: only now may P's and O's registers change (a write into the
+                    # operands of a product in flight makes ptxas serialize every wgmma)
+                    o_ref[...] = acc * lax.broadcast_in_dim(corr, acc.shape, [0])
+                    plgpu.barrier_arrive(turn)
+                    return m_new, denom, p.astype(dtype)
+
+                carry = _causal_loops(
+                    step_body,
+                    (m0, denom0, p.astype(dtype)),
+                    free_end=free_end,
+                    end=n_steps,
+                    causal=st.causal,
+                    start=1,
+                )
+                m, denom, p16 = carry
+                last = lax.rem(n_steps - 1, stages)
+                plgpu.barrier_wait(v_ready.at[last])
+                plgpu.barrier_wait(turn)
+                plgpu.wgmma(o_ref, p16, v_smem.at[last])
+
+                if st.causal:
+                    # the blocks only the other warpgroup needs: wait for them too (a warpgroup
+                    # observes every phase of the barriers it waits on), release them, and keep
+                    # taking turns
+                    @pl.loop(n_steps, n_steps_tile)
+                    def _(step):
+                        slot = lax.rem(step, stages)
+                        plgpu.barrier_wait(k_ready.at[slot])
+                        plgpu.barrier_wait(v_ready.at[slot])
+                        plgpu.barrier_arrive(k_free.at[slot])
+                        plgpu.barrier_arrive(v_free.at[slot])
+                        take_turn()
+                        take_turn()
+
+                pl.when(wg == 0)(take_turn)
+                acc = o_ref[...]
+                plgpu.barrier_arrive(v_free.at[last])
+                qo_smem[...] = (acc / lax.broadcast_in_dim(denom, acc.shape, [0])).astype(dtype)
+                # the log-sum-exp of the true scores: the query part of ALiBi restored
+                lse = m + jnp.log(denom) * LOG2E
+                lse_smem[...] = _minus(lse, _alibi_line(slope2, row_ids, 0, st))
+
+            pl.run_scoped(attend, plgpu.ACC((bq, K), jnp.float32))
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, pl.ds(q0, bq), h])
             plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q0, bq)])
