@@ -588,6 +588,9 @@ def _dq_program(ins, grads: _Gradients, order, h, b, scratch, st: _Static, t, he
                         masked=masked,
                     )
                 )
+                # a store the wait below cannot pass (the forward's reason); the slot's
+                # statistics are in registers already
+                lse_smem[...] = p.sum(axis=1)
                 return p, dp_ref[...]
 
             scores = plgpu.ACC((bq, bk), jnp.float32)
