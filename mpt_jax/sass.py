@@ -57,6 +57,9 @@ class KernelCode:
     # a wait above 0 lets the instructions after it run beside a product
     wgmma_waits: dict[int, int] = dataclasses.field(default_factory=dict)
     spill_accesses: int = 0  # local-memory loads and stores (LDL, STL) in the listing
+    # exponentials (MUFU.EX2) placed while a warpgroup MMA may be in flight (after an HGMMA or a
+    # wait that leaves some in flight, before a wait for all): the softmax overlapping products
+    exponentials_in_flight: int = 0
 
     @property
     def warpgroup_mma(self) -> int:
@@ -249,6 +252,7 @@ def read_kernels(images: list[bytes]) -> list[KernelCode]:
                         matrix_instructions=dict(listing[name].matrix),
                         wgmma_waits=dict(listing[name].waits),
                         spill_accesses=listing[name].spills,
+                        exponentials_in_flight=listing[name].exponentials_in_flight,
                     )
                 )
     return kernels
@@ -280,11 +284,14 @@ class _Listing:
     matrix: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     waits: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     spills: int = 0
+    exponentials_in_flight: int = 0
+    in_flight: bool = False
 
 
 def _listing_counts(sass: str) -> dict[str, _Listing]:
     """nvdisasm's listing, per .text section: the HGMMA/HMMA opcodes (with their shapes), the
-    wgmma waits (`WARPGROUP.DEPBAR.LE gsb0, 0xN`) by N, and the LDL/STL count."""
+    wgmma waits (`WARPGROUP.DEPBAR.LE gsb0, 0xN`) by N, the LDL/STL count, and the MUFU.EX2
+    placed while an HGMMA may be in flight (in listing order; loops are not followed)."""
     counts: dict[str, _Listing] = collections.defaultdict(_Listing)
     function = None
     for line in sass.splitlines():
@@ -296,12 +303,18 @@ def _listing_counts(sass: str) -> dict[str, _Listing]:
         if not (function and instruction):
             continue
         op, operands = instruction.groups()
+        kernel = counts[function]
         if re.match(r"H[G]?MMA\.", op):
-            counts[function].matrix[op] += 1
+            kernel.matrix[op] += 1
+            kernel.in_flight = kernel.in_flight or op.startswith("HGMMA")
         elif op == "WARPGROUP.DEPBAR.LE":
             wait = re.search(r"gsb0,\s*0x([0-9a-f]+)", operands)
             if wait:
-                counts[function].waits[int(wait.group(1), 16)] += 1
+                left = int(wait.group(1), 16)
+                kernel.waits[left] += 1
+                kernel.in_flight = left > 0
         elif re.match(r"(LDL|STL)\b", op):
-            counts[function].spills += 1
+            kernel.spills += 1
+        elif op == "MUFU.EX2" and kernel.in_flight:
+            kernel.exponentials_in_flight += 1
     return counts

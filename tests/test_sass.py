@@ -168,6 +168,8 @@ def test_our_hopper_kernels_compile_here_and_overlap_products_with_the_softmax(l
         assert ops and all(op.startswith("HGMMA") for op in ops), (name, ops)
     for name in ["mpt_flash_mgpu_fwd", *backward]:
         assert any(int(left) >= 1 for left in kernels[name]["wgmma_waits"]), kernels[name]
+        # and ptxas left the exponentials there, not below the next full wait
+        assert kernels[name]["exponentials_in_flight"] >= 16, kernels[name]
 
 
 def test_the_listing_is_counted_per_kernel():
@@ -177,7 +179,9 @@ def test_the_listing_is_counted_per_kernel():
         /*0020*/              @!P0 HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;
         /*0030*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
         /*0040*/                   LDL.64 R2, [R1+0x8] ;
+        /*0048*/                   MUFU.EX2 R3, R3 ;
         /*0050*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0058*/                   MUFU.EX2 R4, R4 ;
         .section .text.second,"ax",@progbits
         /*0010*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
         /*0020*/               @P1 STL [R1+0x10], R4 ;
@@ -186,5 +190,7 @@ def test_the_listing_is_counted_per_kernel():
     counts = sass._listing_counts(listing)
     assert counts["first"].matrix == {"HGMMA.64x64x16.F32.BF16": 2}
     assert counts["first"].waits == {1: 1, 0: 1} and counts["first"].spills == 1
+    assert counts["first"].exponentials_in_flight == 1  # the one after the full wait is not
     assert counts["second"].matrix == {"HMMA.16816.F32.BF16": 1}
     assert counts["second"].waits == {} and counts["second"].spills == 1
+    assert counts["second"].exponentials_in_flight == 0  # HMMA is synchronous

@@ -91,12 +91,13 @@ def table(card: str, shape, impl: str, hopper: HopperTiling | None = None) -> li
         f" {card} (jax {jax.__version__})",
         "",
         "| kernel | registers | stack bytes | static shared bytes | matrix instructions"
-        " | wgmma waits (count x products left in flight) | spill loads and stores |",
-        "|---|---|---|---|---|---|---|",
+        " | wgmma waits (count x products left in flight) | spill loads and stores"
+        " | exponentials beside products in flight |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for k in kernel_rows(compile_attention(card, shape, impl, hopper=hopper)):
         cells = (k.registers, k.stack_bytes, k.shared_bytes, _instructions(k), _waits(k))
-        row = (k.name, *cells, k.spill_accesses)
+        row = (k.name, *cells, k.spill_accesses, k.exponentials_in_flight)
         lines.append("| " + " | ".join(map(str, row)) + " |")
     return lines
 
