@@ -4,12 +4,15 @@ Shapes as in `flash_attention`: q (B, S, H, K), k and v (B, S, G, K), ALiBi slop
 The same math as the Triton kernels, laid out for Hopper's asynchronous tensor cores:
 - forward (FlashAttention-3 style): a program owns 2 x block_q query rows of one head, one
   compute warpgroup per block_q rows; the two take turns on the tensor cores (one's softmax
-  overlaps the other's products) while a third warpgroup streams key and value blocks with TMA
-  into a ring of `stages` shared-memory buffers;
+  overlaps the other's products), and each runs its softmax while its own previous P V is in
+  flight, while a third warpgroup streams key and value blocks with TMA into a ring of
+  `stages` shared-memory buffers;
 - dq: a program owns block_q query rows; one compute warpgroup, one streaming k and v;
 - dk/dv: a program owns block_kv keys of one kv head and walks the query blocks of each of the
   R query heads that share it, so GQA's sum over heads happens in float32 registers; one compute
-  warpgroup, one streaming q, dO and their softmax statistics.
+  warpgroup, one streaming q, dO and their softmax statistics;
+- the backward's dq and dk/dv programs run in one launch (`HopperTiling.bwd_launches`), and
+  each step computes its exponentials and dS while its next product is in flight.
 Scores are in log2 units: s2 = scale log2(e) q.k + slope log2(e) (j - i) for causal attention
 (equal to -slope |i - j| wherever a key is visible), -slope log2(e) |i - j| otherwise; the saved
 log-sum-exp (B, H, S) float32 is in the same units. Causal ALiBi enters as a per-key and a
@@ -18,9 +21,10 @@ heads in place from a fused (B, S, H + 2G, K) Wqkv output.
 
 What it takes: bf16 or fp16, head dim 64 or 128, a sequence length that is a multiple of every
 block, no segment ids (`unsupported_reason` says which of these an input misses); other inputs
-need the Triton kernels (`impl="pallas_gpu"`). Pallas has no CPU interpreter for these kernels'
-wgmma operands, so the suite checks that they lower for CUDA and replays their block math
-(`tests/test_flash_attention_mgpu.py`); `tests/test_gpu.py` checks their numbers on a GPU.
+need the Triton kernels (`impl="pallas_gpu"`). The suite checks that they lower for CUDA,
+replays their block math and (jax 0.11) runs them in the Mosaic GPU interpreter
+(`tests/test_flash_attention_mgpu.py`), and reads their machine code compiled for an H200
+(`tests/test_sass.py`); `tests/test_gpu.py` checks their numbers on a GPU.
 """
 
 from __future__ import annotations
