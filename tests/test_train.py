@@ -394,8 +394,9 @@ def test_step_built_for_a_gpu_runs_alibi_in_our_triton_kernels(tmp_path, monkeyp
 def test_step_built_for_a_gpu_runs_alibi_in_our_hopper_kernels(tmp_path, monkeypatch, scan_layers):
     """The ALiBi step with `attn_impl: pallas_mgpu` (perf.sh's Hopper row), lowered for CUDA.
 
-    Attention is our three Mosaic GPU kernels in each layer, scanned or not, reading the fused
-    projection in place: no slice of it, no (seq, seq) array, every other matmul in bf16.
+    Attention is our two Mosaic GPU kernels in each layer (the forward; dq and dk/dv in one
+    launch), scanned or not, reading the fused projection in place and writing its gradient in
+    place: no slice of it, no concatenation, no (seq, seq) array, every other matmul in bf16.
     """
     monkeypatch.setattr(attention_module, "backend", lambda: "gpu")
     S = 256  # a multiple of the Hopper kernels' blocks; no other dimension of the model is 256
@@ -414,10 +415,13 @@ def test_step_built_for_a_gpu_runs_alibi_in_our_hopper_kernels(tmp_path, monkeyp
     batch = {"input_ids": jax.ShapeDtypeStruct((2, S), jnp.int32)}
     text = lower_for_cuda(step, abstract, batch, mesh=mesh).as_text()
     launches = len(re.findall(r"stablehlo\.custom_call @mosaic_gpu", text))
-    # forward, dq and dk/dv: once in the scanned layer's body, else once per layer
-    assert launches == 3 * (1 if scan_layers else cfg.model.n_layers)
-    kernels = set(re.findall(r"mpt_flash_mgpu_(fwd|dq|dkdv)\b", text))
-    assert kernels == {"fwd", "dq", "dkdv"}
+    # forward and backward: once in the scanned layer's body, else once per layer
+    assert launches == 2 * (1 if scan_layers else cfg.model.n_layers)
+    kernels = set(re.findall(r"mpt_flash_mgpu_(fwd|bwd|dq|dkdv)\b", text))
+    assert kernels == {"fwd", "bwd"}
+    fused_qkv = f"tensor<2x{S}x{3 * model['n_heads']}x64x"  # its gradient: not concatenated
+    assert not re.search(rf"stablehlo\.concatenate[^\n]*-> {fused_qkv}", text)
+    assert fused_qkv in text
     # no other custom call: no Triton kernel, no cuDNN
     assert all(t.startswith("mosaic_gpu") for t in re.findall(r"custom_call @(\w+)", text))
     assert not re.search(rf"tensor<(\S+x)?{S}x{S}x", text)
