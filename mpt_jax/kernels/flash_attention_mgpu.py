@@ -188,8 +188,8 @@ def _scores2(s, row_bias, col_bias, distance, slope2, st: _Static, *, masked: bo
 
 def _distance(shape, offset, *, keys_first: bool):
     """(rows, cols) int32 j - i of a block in WGMMA layout; offset: first key - first query."""
-    rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
-    cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+    rows = lax.broadcast_in_dim(_iota(shape[0], 0), shape, [0])
+    cols = lax.broadcast_in_dim(_iota(shape[1], 1), shape, [1])
     return (rows - cols if keys_first else cols - rows) + offset
 
 
