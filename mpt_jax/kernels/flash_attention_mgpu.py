@@ -400,6 +400,9 @@ def _forward(q, k, v, slopes, st: _Static, t: HopperTiling, heads: Heads):
                 plgpu.barrier_wait(v_ready.at[last])
                 plgpu.barrier_wait(turn)
                 plgpu.wgmma(o_ref, p16, v_smem.at[last])
+                # released before the blocks below, whose ring slots may come round to it
+                acc = o_ref[...]
+                plgpu.barrier_arrive(v_free.at[last])
 
                 if st.causal:
                     # the blocks only the other warpgroup needs: wait for them too (a warpgroup
@@ -416,8 +419,6 @@ def _forward(q, k, v, slopes, st: _Static, t: HopperTiling, heads: Heads):
                         take_turn()
 
                 pl.when(wg == 0)(take_turn)
-                acc = o_ref[...]
-                plgpu.barrier_arrive(v_free.at[last])
                 qo_smem[...] = (acc / lax.broadcast_in_dim(denom, acc.shape, [0])).astype(dtype)
                 # the log-sum-exp of the true scores: the query part of ALiBi restored
                 lse = m + jnp.log(denom) * LOG2E
