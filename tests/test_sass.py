@@ -56,14 +56,19 @@ def test_bytes_without_a_cubin_have_none():
 ROOT = Path(__file__).resolve().parents[1]
 # the plugin must be on the path before jax starts its backends: a process of its own, as
 # bench_train --aot runs its rows
+# argv: plugin folder, tools folder, impl, the Hopper backward's launches
 _READ_KERNELS = """
 import dataclasses, json, sys
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
 import kernel_sass
 from mpt_jax import sass
 from mpt_jax.kernels.flash_attention import Tiling, Tilings
+from mpt_jax.kernels.flash_attention_mgpu import HopperTiling
 tilings = Tilings(Tiling(128, 32, 8, 2), Tiling(64, 64, 4, 2), Tiling(64, 64, 4, 2))
-compiled = kernel_sass.compile_attention("h200", (1, 256, 2, 64), "pallas_gpu", tilings)
+hopper = HopperTiling(bwd_launches=int(sys.argv[4]))
+compiled = kernel_sass.compile_attention(
+    "h200", (1, 256, 2, 64), sys.argv[3], tilings, hopper=hopper
+)
 kernels = sass.read_kernels(sass.executable_cubins(compiled))
 print(json.dumps([dataclasses.asdict(k) for k in kernels]))
 """
@@ -74,15 +79,26 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
 
 
+def _read_kernels(impl: str, launches: int = 1) -> dict[str, dict]:
+    """Our kernels (fields of sass.KernelCode) compiled for an H200 at (1, 256, 2, 64), by name
+    (Mosaic GPU's `_mosaic_gpu_kernel` suffix dropped)."""
+    plugin = str(bench_train.DEFAULT_AOT_PLUGIN)
+    tools = str(ROOT / "tools")
+    result = _run([sys.executable, "-c", _READ_KERNELS, plugin, tools, impl, str(launches)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    return {
+        k["name"].removesuffix("_mosaic_gpu_kernel"): k
+        for k in json.loads(result.stdout.splitlines()[-1])
+        if k["name"].startswith("mpt_flash_")
+    }
+
+
 @needs_tools
 def test_our_triton_kernels_compile_to_hoppers_warpgroup_mma_with_the_tilings_shapes():
     """Compiled for an H200: forward, dq and dk/dv are HGMMA (wgmma), not the per-warp HMMA.
     The forward's QK^T has N = block_k and its PV N = the head dim, so the instruction
     shapes follow the tiling (here 128 x 32 blocks, head dim 64)."""
-    plugin = str(bench_train.DEFAULT_AOT_PLUGIN)
-    result = _run([sys.executable, "-c", _READ_KERNELS, plugin, str(ROOT / "tools")])
-    assert result.returncode == 0, result.stderr[-2000:]
-    kernels = {k["name"]: k for k in json.loads(result.stdout.splitlines()[-1])}
+    kernels = _read_kernels("pallas_gpu")
     assert {"mpt_flash_fwd", "mpt_flash_dq", "mpt_flash_dkdv"} <= set(kernels)
     for name in ("mpt_flash_fwd", "mpt_flash_dq", "mpt_flash_dkdv"):
         ops = kernels[name]["matrix_instructions"]
@@ -128,19 +144,6 @@ def test_bad_arguments_are_refused_in_one_line(capsys):
     assert "HopperTiling.bwd_launches: must be 1 or 2" in capsys.readouterr().err
 
 
-_READ_HOPPER_KERNELS = """
-import dataclasses, json, sys
-sys.path[:0] = [sys.argv[1], sys.argv[2]]
-import kernel_sass
-from mpt_jax import sass
-from mpt_jax.kernels.flash_attention_mgpu import HopperTiling
-hopper = HopperTiling(bwd_launches=int(sys.argv[3]))
-compiled = kernel_sass.compile_attention("h200", (1, 256, 2, 64), "pallas_mgpu", hopper=hopper)
-kernels = sass.read_kernels(sass.executable_cubins(compiled))
-print(json.dumps([dataclasses.asdict(k) for k in kernels]))
-"""
-
-
 @needs_tools
 @pytest.mark.parametrize(
     ("launches", "backward"),
@@ -153,15 +156,7 @@ def test_our_hopper_kernels_compile_here_and_overlap_products_with_the_softmax(l
     FlashAttention-3's order, where waiting for every product left the tensor cores idle
     during each exponential (and ptxas, serializing products whose registers change in
     flight, would wait after each)."""
-    plugin = str(bench_train.DEFAULT_AOT_PLUGIN)
-    argv = [sys.executable, "-c", _READ_HOPPER_KERNELS, plugin, str(ROOT / "tools"), str(launches)]
-    result = _run(argv)
-    assert result.returncode == 0, result.stderr[-2000:]
-    kernels = {
-        k["name"].removesuffix("_mosaic_gpu_kernel"): k
-        for k in json.loads(result.stdout.splitlines()[-1])
-        if k["name"].startswith("mpt_flash_")
-    }
+    kernels = _read_kernels("pallas_mgpu", launches)
     assert sorted(kernels) == sorted(["mpt_flash_mgpu_fwd", *backward])
     for name, kernel in kernels.items():
         ops = kernel["matrix_instructions"]

@@ -824,12 +824,13 @@ def _backward(q, k, v, slopes, do, lse2, delta, st: _Static, t: HopperTiling, he
             _dq_program(refs[:7], grads, order, g * R + r, b, scratch, **run)
 
         for part, body, scratch, start, stop in (
-            ("dkdv", dkdv, _dkdv_scratch(t, K, dtype), 0, n_kv_tiles),
-            ("dq", dq, _dq_scratch(t, K, dtype), n_kv_tiles, n_kv_tiles + n_dq_programs),
+            ("dkdv", dkdv, _dkdv_scratch, 0, n_kv_tiles),
+            ("dq", dq, _dq_scratch, n_kv_tiles, n_kv_tiles + n_dq_programs),
         ):
             if part not in parts:
                 continue
-            scoped = functools.partial(pl.run_scoped, body, scratch, collective_axes="wg")
+            types = scratch(t, K, dtype)
+            scoped = functools.partial(pl.run_scoped, body, types, collective_axes="wg")
             if len(parts) == 1:
                 scoped()
             else:
