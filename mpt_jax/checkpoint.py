@@ -202,13 +202,17 @@ class Checkpointer:
         `abstract` maps params / opt_state / counters to trees of jax.ShapeDtypeStruct with the
         target shardings (any mesh: Orbax reshards). `check_meta` may reject a step whose meta
         does not fit this run (raising ConfigError; the step is not touched). A step that cannot
-        be read is reported and moved to checkpoints/corrupt/, and the previous one is tried.
+        be read is reported and the previous one is tried; once an older step has been read,
+        the unreadable newer ones are moved to checkpoints/corrupt/. When no step can be read,
+        nothing is moved and CheckpointError is raised: an error that strikes every step (a
+        flaky filesystem, memory, a changed state tree) must not turn into a fresh start.
         """
+        failed: list[tuple[int, BaseException]] = []
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
                 meta = read_meta(self.directory / str(step))
             except Exception as e:
-                self._quarantine(step, e)
+                failed.append(self._unreadable(step, e))
                 continue
             if check_meta is not None:
                 check_meta(step, meta)
@@ -218,19 +222,31 @@ class Checkpointer:
             try:
                 out = self._manager.restore(step, args=args)
             except Exception as e:
-                self._quarantine(step, e)
+                failed.append(self._unreadable(step, e))
                 continue
+            for bad, error in failed:
+                self._quarantine(bad, error)
             return Restored(
                 step, out.get("params"), out.get("opt_state"), out.get("counters"), meta
             )
+        if failed:
+            steps = ", ".join(str(step) for step, _ in failed)
+            raise CheckpointError(
+                f"{self.directory}: no checkpoint could be restored (steps {steps}; the newest "
+                f"failed with {_error_line(failed[0][1])}); nothing was moved or deleted"
+            )
         return None
+
+    def _unreadable(self, step: int, error: BaseException) -> tuple[int, BaseException]:
+        _log(
+            f"checkpoint {self.directory / str(step)} is unreadable ({_error_line(error)}); "
+            "trying the previous one"
+        )
+        return step, error
 
     def _quarantine(self, step: int, error: BaseException) -> None:
         target = self.directory / CORRUPT_DIR / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-        _log(
-            f"checkpoint {self.directory / str(step)} is unreadable ({_error_line(error)}); "
-            f"moved to {target}, trying the previous one"
-        )
+        _log(f"checkpoint {self.directory / str(step)} moved to {target} ({_error_line(error)})")
         if jax.process_index() == 0:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.directory / str(step), target)

@@ -64,10 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if final.get("preempted"):
-        print(
-            f"stopped by {final['preempted']} at step {final['step']}: checkpoint saved; "
-            "run the same command to resume"
+        saved = (
+            "checkpoint saved; run the same command to resume"
+            if final.get("checkpoint_saved")
+            else "nothing saved (checkpoint.enabled is false)"
         )
+        print(f"stopped by {final['preempted']} at step {final['step']}: {saved}")
         print(f"run folder: {final['run_dir']}")
         return 0
     summary = ", ".join(

@@ -445,6 +445,9 @@ class RunConfig:
     init_from: str | None = None  # weights only: an HF MPT folder, a run folder or a step folder
     run_dir: str
 
+    def __post_init__(self) -> None:
+        _check_schedule_covers_run(self.schedule, self.train)
+
     @property
     def seq_len(self) -> int:
         return self.model.max_seq_len
@@ -454,6 +457,27 @@ class RunConfig:
         if self.train.steps is not None:
             return self.train.steps
         return -(-self.train.tokens // (self.train.global_batch * self.seq_len))
+
+
+def _check_schedule_covers_run(schedule: ScheduleConfig, train: TrainConfig) -> None:
+    """Refuse a t_max that ends before the run, where composer's units make them comparable."""
+    if schedule.name == "inv_sqrt_with_warmup":
+        return
+    unit = next(u for u in _TIME_UNITS if schedule.t_max.endswith(u))
+    number = float(schedule.t_max[: -len(unit)])
+    duration, run_unit = (train.steps, "ba") if train.steps is not None else (train.tokens, "tok")
+    if unit == "dur":
+        ends = int(number * duration)  # composer rounds a duration fraction down
+    elif unit == run_unit:
+        ends = number
+    else:
+        return  # composer cannot compare them either and lets them pass
+    if ends < duration:
+        length = f"train.steps {duration}" if run_unit == "ba" else f"train.tokens {duration}"
+        raise ConfigError(
+            f"schedule.t_max: {schedule.t_max!r} ends before the run ({length}); composer "
+            "refuses a schedule shorter than max_duration"
+        )
 
 
 def _model_section(value: Any, where: str) -> ModelConfig:

@@ -115,6 +115,11 @@ def config_from_hf(
             raise CheckpointError(
                 f"{source}: attn_config.{key}={attn[key]!r} is not supported by mpt_jax"
             )
+    tuning = attn.get("attn_temperature_tuning") or {}
+    if not isinstance(tuning, Mapping) or tuning.get("attn_scale", 0.0):
+        raise CheckpointError(
+            f"{source}: attn_config.attn_temperature_tuning={tuning!r} is not supported by mpt_jax"
+        )
     for key, off in _UNSUPPORTED["top"].items():
         if data.get(key, off) not in (off, None):
             raise CheckpointError(f"{source}: {key}={data[key]!r} is not supported by mpt_jax")
@@ -127,7 +132,12 @@ def config_from_hf(
     if "ffn_type" in ffn:
         fields["ffn_type"] = ffn["ffn_type"]
     if "ffn_act_fn" in ffn:
-        fields["ffn_act_fn"] = _act_from_hf(ffn["ffn_act_fn"], source)
+        try:
+            fields["ffn_act_fn"] = _act_from_hf(ffn["ffn_act_fn"], source)
+        except CheckpointError:
+            if not _is_transformers_format(data):
+                raise
+            fields["ffn_act_fn"] = repr(ffn["ffn_act_fn"])  # transformers ignores it: a warning
     known_init = {f for f in InitConfig.__dataclass_fields__}
     init_fields = {k: v for k, v in init.items() if k in known_init}
     if init_fields:
@@ -135,15 +145,22 @@ def config_from_hf(
 
     if _is_transformers_format(data):
         # transformers' MptForCausalLM always uses ALiBi with max 8, no positions, no biases,
-        # MHA and a 4x MLP, whatever the config says: load what transformers would compute.
-        fields.setdefault("no_bias", True)
+        # MHA, a 4x GELU MLP, LayerNorm, no qk_ln and no logit scale, whatever the config
+        # says: load what transformers would compute.
         forced = {
             "alibi": True,
             "alibi_bias_max": 8,
             "learned_pos_emb": False,
             "expansion_ratio": 4,
             "attn_type": "multihead_attention",
+            "no_bias": True,
+            "qk_ln": False,
+            "logit_scale": None,
+            "ffn_type": "mptmlp",
+            "ffn_act_fn": "gelu",
         }
+        if str(fields.get("norm_type", "")).endswith("rmsnorm"):
+            forced["norm_type"] = "low_precision_layernorm"
         for key, value in forced.items():
             if key in fields and fields[key] != value and key != "learned_pos_emb":
                 warnings.warn(

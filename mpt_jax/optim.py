@@ -47,9 +47,9 @@ def time_to_steps(
 
 
 def _fraction(t: jax.Array, start: float, span: float) -> jax.Array:
-    """(t - start) / span clipped to [0, 1]; a span <= 0 counts as already complete."""
+    """(t - start) / span clipped to [0, 1]; a span <= 0 stays at 0, as composer's does."""
     if span <= 0:
-        return jnp.ones_like(t)
+        return jnp.zeros_like(t)
     return jnp.clip((t - start) / span, 0.0, 1.0)
 
 
@@ -72,9 +72,10 @@ def _linear(cfg: ScheduleConfig, tw: float, tm: float) -> Callable[[jax.Array], 
     return lambda t: cfg.alpha_i + (cfg.alpha_f - cfg.alpha_i) * _fraction(t, tw, tm - tw)
 
 
-def _constant(cfg: ScheduleConfig, tm: float) -> Callable[[jax.Array], jax.Array]:
-    # composer's ConstantScheduler returns 1.0 (not alpha) once t_max is reached
-    return lambda t: jnp.where(t < tm, cfg.alpha, 1.0)
+def _constant(cfg: ScheduleConfig) -> Callable[[jax.Array], jax.Array]:
+    # composer builds ConstantWithWarmupScheduler as a linear schedule from alpha to alpha, so it
+    # stays at alpha after t_max (its docstring's "1.0 otherwise" is ConstantScheduler's)
+    return lambda t: jnp.full_like(t, cfg.alpha)
 
 
 def _inv_sqrt(
@@ -113,7 +114,7 @@ def lr_multiplier(
     elif cfg.name == "linear_decay_with_warmup":
         peak, after = cfg.alpha_i, _linear(cfg, tw, tm)
     elif cfg.name == "constant_with_warmup":
-        peak, after = cfg.alpha, _constant(cfg, tm)
+        peak, after = cfg.alpha, _constant(cfg)
     elif cfg.name == "inv_sqrt_with_warmup":
         peak, after = 1.0, _inv_sqrt(cfg, tw, tm, steps(cfg.t_scale), steps(cfg.t_cooldown))
     else:

@@ -25,7 +25,7 @@ from mpt_jax.config import ConfigError, RunConfig, run_config_from_dict, to_dict
 from mpt_jax.data import BatchLoader, DataError, check_compatible, resolve_dataset
 from mpt_jax.loss import chunked_cross_entropy_sum, counted, cross_entropy_sum, shift_targets
 from mpt_jax.model import MPTForCausalLM
-from mpt_jax.optim import global_norm, lr_multiplier, make_optimizer
+from mpt_jax.optim import global_norm, lr_multiplier, make_optimizer, update_count
 
 PRECISIONS = {  # precision -> (param dtype, compute dtype)
     "fp32": (jnp.float32, jnp.float32),
@@ -223,7 +223,8 @@ def make_train_step(graphdef, cfg: RunConfig, *, poison: bool = False) -> Callab
         out = {
             "loss": loss,
             "grad_norm": grad_norm,
-            "lr": cfg.optim.lr * schedule(state.step),
+            # the LR this update applied: the schedule runs on updates, which a skip does not count
+            "lr": cfg.optim.lr * schedule(update_count(state.opt_state)),
             "tokens": count,
             "skipped_steps": new_state.skipped_steps,
             "bad_streak": new_state.bad_streak,
@@ -326,22 +327,38 @@ def _model_changes(saved: Any, ours: Any, prefix: str = "") -> list[str]:
 
 
 def _truncate_metrics(run_dir: Path, last_step: int) -> None:
-    """Drop metrics.jsonl lines after `last_step`: a resumed run logs those steps again."""
+    """Drop metrics.jsonl lines a run resumed at `last_step` logs again.
+
+    Those are the lines after `last_step` and its evaluation (resuming evaluates again at an
+    evaluation step, whose result a stop may have cut off), and a line cut short by a crash.
+    """
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines(keepends=True)
-        if line.strip() and json.loads(line).get("step", 0) <= last_step
-    ]
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash or a full disk, or an empty one
+        step = record.get("step", 0) if isinstance(record, dict) else last_step + 1
+        if step < last_step or (step == last_step and "val_loss" not in record):
+            kept.append(line if line.endswith("\n") else line + "\n")
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(kept))
     tmp.replace(path)
 
 
-def _check_checkpoint_meta(raw: dict[str, Any], step: int, meta: dict[str, Any]) -> None:
-    """Refuse a checkpoint written for another model or another sample order."""
+def _check_checkpoint_meta(
+    cfg: RunConfig, raw: dict[str, Any], step: int, meta: dict[str, Any]
+) -> None:
+    """Refuse a checkpoint written for another model or sample order, or beyond this run."""
+    if step > cfg.total_steps:
+        length = "steps" if cfg.train.steps is not None else "tokens"
+        raise ConfigError(
+            f"train.{length}: the run ends at step {cfg.total_steps}, before its checkpoint "
+            f"at step {step}"
+        )
     saved = meta["config"]
     changed = _model_changes(saved.get("model"), raw["model"], prefix="model.")
     changed += _diff_keys(saved.get("optim"), raw["optim"], "optim.")
@@ -433,8 +450,13 @@ def evaluate(
     rows = meta.splits["val"]["rows"]
     procs = jax.process_count()
     batch = min(cfg.train.global_batch, rows // procs * procs)
+    if rows == 0:
+        raise DataError(
+            f"{meta.folder}: the val split is empty (prepared with val_fraction 0); training "
+            "evaluates on it, at least at the end"
+        )
     if batch <= 0:
-        raise DataError(f"{meta.folder}: the val split has fewer rows than processes")
+        raise DataError(f"{meta.folder}: the val split has fewer rows ({rows}) than processes")
     loader = BatchLoader(
         [(meta, 1.0)],
         global_batch=batch,
@@ -520,9 +542,12 @@ class _Trainer:
             num_threads=cfg.data.num_threads,
             prefetch=cfg.data.prefetch,
         )
+        checkpoints = self.run_dir.absolute() / "checkpoints"
+        self.saving = cfg.checkpoint.enabled
+        # with saving off, a run's existing checkpoints are still read: it resumes, not restarts
         self.checkpointer = (
-            checkpoint.Checkpointer(self.run_dir.absolute() / "checkpoints", cfg.checkpoint)
-            if cfg.checkpoint.enabled
+            checkpoint.Checkpointer(checkpoints, cfg.checkpoint)
+            if self.saving or checkpoint.committed_steps(checkpoints)
             else None
         )
         self.rollbacks = 0
@@ -554,7 +579,7 @@ class _Trainer:
         if self.checkpointer is not None:
             restored = self.checkpointer.restore_latest(
                 _items(self.abstract),
-                check_meta=functools.partial(_check_checkpoint_meta, self.raw),
+                check_meta=functools.partial(_check_checkpoint_meta, self.cfg, self.raw),
             )
         if restored is None:
             _, self.state, _ = init_state(self.cfg, self.mesh)
@@ -582,7 +607,7 @@ class _Trainer:
         self.rollbacks = int(restored.meta.get("rollbacks", 0))
 
     def _save(self, step: int, *, wait: bool = False) -> None:
-        if self.checkpointer is None:
+        if not self.saving:
             return
         self.watchdog.heartbeat()
         meta = _meta(self.cfg, self.raw, step, self.loader, self.rollbacks)
@@ -605,10 +630,10 @@ class _Trainer:
         step = last_bad = finished["step"]  # 1-based, as in metrics.jsonl
         first_bad = last_bad - int(finished.pop("bad_streak")) + 1
         where = f"steps {first_bad}..{last_bad} had non-finite losses"
-        if self.checkpointer is None or self.rollbacks >= cfg.max_rollbacks:
+        if not self.saving or self.rollbacks >= cfg.max_rollbacks:
             raise NonFiniteLossError(
                 f"{where}; no rollback left (train.max_rollbacks {cfg.max_rollbacks}, "
-                f"checkpoints {'on' if self.checkpointer else 'off'})"
+                f"checkpoints {'on' if self.saving else 'off'})"
             )
         self.checkpointer.wait()
         consumed = self.loader.state()["batches"]
@@ -643,6 +668,12 @@ class _Trainer:
         final: dict[str, Any] = {"run_dir": str(self.run_dir)}
         pending: tuple | None = None
         step = self.start_step
+        every = cfg.train.eval_every
+        if 0 < step < total and every and step % every == 0:
+            # a run stopped at an evaluation step saved before evaluating (or was killed
+            # between the two): evaluate here, as the uninterrupted run did
+            val = self._evaluate()
+            self.logger.log(step, {"val_loss": val, "val_perplexity": math.exp(min(val, 50))})
         last_time = time.perf_counter()
 
         def finish(pending, force: bool = False) -> bool:
@@ -673,9 +704,7 @@ class _Trainer:
                 pending = None
                 continue
             preempted = self.preemption.reached(step)
-            save_now = self.checkpointer is not None and (
-                preempted or step == total or self.checkpointer.due(step)
-            )
+            save_now = self.saving and (preempted or step == total or self.checkpointer.due(step))
             evaluate_now = cfg.train.eval_every and step % cfg.train.eval_every == 0
             if save_now or preempted or evaluate_now or step == total:
                 rollback_due = finish(pending, force=True)
@@ -685,11 +714,12 @@ class _Trainer:
                     continue
             if save_now:
                 self._save(step, wait=preempted or step == total)
-            elif self.checkpointer is not None:
+            elif self.saving:
                 self._log_saves(step)
             if preempted:
                 final["preempted"] = self.preemption.signal_name
                 final["step"] = step
+                final["checkpoint_saved"] = save_now
                 return final
             if evaluate_now and step < total:
                 val = self._evaluate()

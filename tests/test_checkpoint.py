@@ -91,6 +91,13 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
     state, out = jax.jit(make_train_step(graphdef, cfg))(state, batch)
     assert np.isfinite(float(out["loss"])) and int(state.bad_streak) == 0
     assert int(state.skipped_steps) == 2
+    # skips do not advance the schedule: the first applied update is the warmup's first, LR 0,
+    # which leaves the parameters as they were, and the logged LR is that one, not step 2's
+    # (step 2 of the 2-batch warmup would have had the peak LR)
+    assert float(out["lr"]) == 0.0
+    assert_bitwise_equal(
+        jax.tree.leaves(state.params), before[: len(jax.tree.leaves(state.params))]
+    )
 
 
 def test_nan_streak_rolls_back_and_skips_the_bad_data(small_dataset, tmp_path, monkeypatch, capfd):
@@ -113,6 +120,67 @@ def test_nan_streak_rolls_back_and_skips_the_bad_data(small_dataset, tmp_path, m
     monkeypatch.setenv("MPT_JAX_FAULTS", "nan@0-20")
     with pytest.raises(NonFiniteLossError, match="no checkpoint to roll back to"):
         run(config(small_dataset, run_dir=str(tmp_path / "bad"), train={"steps": 8}))
+
+
+def val_lines(run_dir):
+    lines = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [(x["step"], x["val_loss"]) for x in lines if "val_loss" in x]
+
+
+def test_resume_keeps_metrics_whole_and_refuses_what_it_cannot_continue(
+    small_dataset, tmp_path, monkeypatch
+):
+    sections = dict(
+        train={"steps": 8, "log_every": 1, "eval_every": 4, "eval_batches": 1},
+        checkpoint={"every": 4},
+    )
+    whole = tmp_path / "whole"
+    run(config(small_dataset, run_dir=str(whole), **sections))
+    assert [step for step, _ in val_lines(whole)] == [4, 8]
+    # stopped at an evaluation step: saved before evaluating; the resumed run evaluates it
+    cut = tmp_path / "cut"
+    monkeypatch.setenv("MPT_JAX_FAULTS", "sigterm@3")
+    stopped = run(config(small_dataset, run_dir=str(cut), **sections))
+    assert stopped["step"] == 4 and stopped["checkpoint_saved"] and val_lines(cut) == []
+    monkeypatch.delenv("MPT_JAX_FAULTS")
+    with open(cut / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # a line cut short by a crash
+    run(config(small_dataset, run_dir=str(cut), **sections))
+    assert val_lines(cut) == val_lines(whole) and train_lines(cut) == train_lines(whole)
+    # a finished run started again logs its final evaluation once
+    run(config(small_dataset, run_dir=str(cut), **sections))
+    assert val_lines(cut) == val_lines(whole)
+    # a run shorter than its checkpoint cannot continue from it
+    with pytest.raises(ConfigError, match=r"train\.steps: the run ends at step 6, before its"):
+        run(config(small_dataset, run_dir=str(cut), **{**sections, "train": {"steps": 6}}))
+    # checkpoints off for a run that has some: it resumes from them and saves nothing
+    off = dict(train={**sections["train"], "steps": 12}, checkpoint={"enabled": False})
+    monkeypatch.setenv("MPT_JAX_FAULTS", "sigterm@9")
+    stopped = run(config(small_dataset, run_dir=str(cut), **off))
+    assert stopped["step"] == 10 and not stopped["checkpoint_saved"]
+    assert sorted(train_lines(cut)) == list(range(1, 11))
+    assert checkpoint.committed_steps(cut / "checkpoints") == [4, 8]
+
+
+def test_no_readable_checkpoint_is_an_error_and_moves_nothing(tmp_path):
+    from mpt_jax.config import CheckpointConfig
+
+    ckpt = checkpoint.Checkpointer(tmp_path / "c", CheckpointConfig(every=1))
+    x, meta = {"w": jnp.arange(4.0)}, {"config": {}}
+    for step in (1, 2):
+        ckpt.save(step, params=x, opt_state=x, counters={"step": jnp.int32(step)}, meta=meta)
+    ckpt.wait()
+    abstract = {k: jax.ShapeDtypeStruct((4,), jnp.float32) for k in ("w",)}
+    target = {"params": abstract, "opt_state": abstract, "counters": {"step": jnp.int32(0)}}
+    (tmp_path / "c" / "2" / "meta" / "metadata").unlink()
+    assert ckpt.restore_latest(target).step == 1  # the newer one moved aside only now
+    assert checkpoint.committed_steps(tmp_path / "c") == [1]
+    assert len(list((tmp_path / "c" / checkpoint.CORRUPT_DIR).iterdir())) == 1
+    (tmp_path / "c" / "1" / "meta" / "metadata").unlink()
+    with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint could be restored"):
+        ckpt.restore_latest(target)
+    assert checkpoint.committed_steps(tmp_path / "c") == [1]  # kept for a later try
+    ckpt.close()
 
 
 def test_checkpointer_retention_and_time_backstop(tmp_path):

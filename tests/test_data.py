@@ -327,6 +327,11 @@ def _bad_input(tmp_path: Path, case: str) -> tuple[list[str], dict, str]:
         return [str(tmp_path / "*.none")], {}, r"the pattern matches no file"
     if case == "too_short":
         return [str(good)], {"seq_len": 4096}, r"fewer than seq_len \(4096\) tokens"
+    if case == "only_val":  # the same file, spelled relative and absolute
+        rel = os.path.relpath(good)
+        return [rel], {"val_inputs": [str(good)]}, r"every training input is also a validation"
+    if case == "all_drawn_for_val":  # one text file is one document, drawn whole
+        return [str(good)], {"val_fraction": 0.999999}, r"all 1 documents of .*good\.txt were drawn"
     raise AssertionError(case)
 
 
@@ -342,6 +347,8 @@ def _bad_input(tmp_path: Path, case: str) -> tuple[list[str], dict, str]:
         "no_column",
         "glob",
         "too_short",
+        "only_val",
+        "all_drawn_for_val",
     ],
 )
 def test_bad_inputs_name_the_file_and_leave_nothing(tmp_path, case):
@@ -382,8 +389,18 @@ def test_truncated_and_corrupted_shards(tmp_path):
     corrupted = bytearray(data)
     corrupted[100:200] = bytes(b ^ 0xFF for b in corrupted[100:200])
     shard.write_bytes(bytes(corrupted))
+    batches = loader(open_dataset(out), global_batch=1, shuffle=False, repeat=False)
     with pytest.raises(DataError, match=r"train-00000\.arrayrecord record \d+: unreadable"):
-        list(loader(open_dataset(out), global_batch=1, shuffle=False, repeat=False))
+        list(batches)
+    # the reader has stopped: asking again raises the same error instead of waiting forever
+    with pytest.raises(DataError, match=r"train-00000\.arrayrecord record \d+: unreadable"):
+        next(batches)
+    batches.close()
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["splits"]["train"]["shards"][0]["bytes"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"meta\.json: malformed \(KeyError: 'bytes'\)"):
+        open_dataset(out)
     (out / "meta.json").unlink()
     with pytest.raises(DataError, match=r"meta\.json: missing"):
         open_dataset(out)
@@ -474,3 +491,69 @@ def test_close_after_partial_read_of_a_finite_split_does_not_hang(dataset):
         )
     )
     assert len(full) == rows
+
+
+def test_val_inputs_inside_a_training_folder_feed_validation_only(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    with open(folder / "train.jsonl", "w") as f:
+        for d in make_docs(60):
+            f.write(json.dumps({"text": d}) + "\n")
+    with open(folder / "val.jsonl", "w") as f:
+        for d in make_docs(15, seed=1, prefix="VALDOC "):
+            f.write(json.dumps({"text": d}) + "\n")
+    # the folder given absolute, the validation file relative: two spellings of one file
+    val = os.path.relpath(folder / "val.jsonl")
+    out = prepare_dataset(
+        [str(folder.resolve())], tmp_path / "ds", seq_len=16, val_inputs=[val], progress=False
+    )
+    meta = open_dataset(out)
+    assert meta.splits["train"]["documents"] == 60 and meta.splits["val"]["documents"] == 15
+    text = {
+        split: bytes(
+            int(t)
+            for batch in loader(meta, split=split, global_batch=1, shuffle=False, repeat=False)
+            for t in batch["input_ids"].ravel()
+            if t < 256
+        )
+        for split in ("train", "val")
+    }
+    assert b"VALDOC" not in text["train"] and text["val"].count(b"VALDOC") == 15
+    # the folder gets the umask's permissions (mkdtemp's 0700 would lock other users out)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_any_seed_shuffles(dataset):
+    meta = dataset[0]
+    orders = {}
+    for seed in (3, 4295, 2**40, -7):
+        first = np.concatenate(take(loader(meta, seed=seed), 3))
+        np.testing.assert_array_equal(first, np.concatenate(take(loader(meta, seed=seed), 3)))
+        orders[seed] = first.tobytes()
+    assert len(set(orders.values())) == 4
+
+
+def test_builtin_cache_is_per_tokenizer_content(tmp_path, monkeypatch):
+    from mpt_jax.data import catalog
+    from mpt_jax.data.tokenizer import train_bpe
+
+    monkeypatch.setenv("MPT_JAX_CACHE", str(tmp_path / "cache"))
+    small = tmp_path / "small.jsonl"  # stands in for the 30 MB corpus, to keep BPE quick
+    small.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_docs(300)))
+    real_prepare = catalog.prepare_dataset
+    monkeypatch.setattr(
+        catalog, "prepare_dataset", lambda inputs, *a, **kw: real_prepare([str(small)], *a, **kw)
+    )
+    tokenizers = []
+    for name, docs in (("a", make_docs(50)), ("b", make_docs(50, seed=9, prefix="zq "))):
+        (tmp_path / name).mkdir()
+        tokenizers.append(train_bpe(iter(docs), 300 + 40 * len(name), tmp_path / name / "t.json"))
+    metas = [
+        resolve_dataset("builtin:python-stdlib", seq_len=16, tokenizer=str(t), progress=False)
+        for t in tokenizers
+    ]
+    assert metas[0].folder != metas[1].folder  # both files are named t.json
+    for meta, tok in zip(metas, tokenizers, strict=True):
+        assert meta.tokenizer["sha256"] == tokenizer_from_spec({"path": str(tok)}).sha256

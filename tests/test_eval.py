@@ -24,7 +24,7 @@ from mpt_jax.evaluation.metrics import exact_match, normalize_answer
 from mpt_jax.evaluation.perplexity import evaluate_perplexity
 from mpt_jax.evaluation.prompts import PromptBuilder, fewshot_indices, tokenize
 from mpt_jax.evaluation.scoring import Scorer, bucket_lengths
-from mpt_jax.evaluation.tasks import Example, TaskConfig
+from mpt_jax.evaluation.tasks import Example, TaskConfig, read_examples
 from mpt_jax.evaluation.tokens import IclTokenizer
 from mpt_jax.sharding import make_mesh
 
@@ -497,6 +497,15 @@ def test_bad_task_files_and_lists(tiny, tmp_path):
     with pytest.raises(EvalError, match=r"bad\.jsonl: the task has no examples"):
         run_one("\n\n")
     with pytest.raises(
+        EvalError,
+        match=r"icl_tasks\[0\]\.early_stopping_criteria: not a valid regular expression",
+    ):
+        run_one(
+            [{"context": "a", "answer": "b"}],
+            icl_task_type="generation_task_with_answers",
+            early_stopping_criteria=["Answer (final"],
+        )
+    with pytest.raises(
         EvalError, match=r"tasks\.yaml icl_tasks\[0\]\.icl_task_type: unknown task type 'qa_magic'"
     ):
         run_one([], icl_task_type="qa_magic")
@@ -635,3 +644,18 @@ def test_command_line_on_a_run_folder(small_dataset, tmp_path, capsys):
     assert main(["eval", str(tmp_path / "run"), "--tasks", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown task type 'code_evaluation'" in err[0]
+
+
+def test_task_lines_split_at_newlines_only(tmp_path):
+    # JSON strings may hold U+0085, U+2028 and U+2029 raw; str.splitlines would cut there
+    rows = [
+        {"context": "a\u2028b\u0085", "continuation": "c"},
+        {"context": "d\u2029", "continuation": "e"},
+    ]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows) + "{oops\n")
+    with pytest.raises(EvalError, match=r"t\.jsonl line 3: invalid JSON"):
+        read_examples(path, "language_modeling")
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows))
+    examples = read_examples(path, "language_modeling")
+    assert [e.fields for e in examples] == rows and [e.line for e in examples] == [1, 2]

@@ -189,6 +189,35 @@ def test_transformers_config_semantics_are_applied(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     with pytest.warns(UserWarning, match="alibi=False is ignored by transformers"):
         assert read_config(tmp_path / "hf").alibi
+    # fields transformers' MptForCausalLM never reads: each warned about, and the logits stay
+    # transformers' own
+    config["logit_scale"], config["no_bias"], config["norm_type"] = 0.5, False, "rmsnorm"
+    config["attn_config"]["qk_ln"] = True
+    config["ffn_config"] = {"ffn_type": "mptglu", "ffn_act_fn": {"name": "silu"}}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = from_pretrained(tmp_path / "hf")
+    said = " ".join(str(w.message) for w in caught)
+    for field in ("logit_scale=0.5", "no_bias=False", "qk_ln=True", "norm_type='rmsnorm'"):
+        assert f"{field} is ignored by transformers" in said, field
+    assert "ffn_type='mptglu'" in said and "ffn_act_fn='silu'" in said
+    ids = np.random.default_rng(1).integers(0, 150, (2, 17))
+    np.testing.assert_allclose(forward(model, ids), hf_logits(hf_model, ids), atol=1e-4, rtol=0)
+
+
+def test_llm_foundry_attention_temperature_tuning_is_refused(tmp_path):
+    hf_model = make_hf_model(d_model=32, n_heads=4, n_layers=1)
+    hf_model.save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["architectures"] = ["MPTForCausalLM"]  # llm-foundry's own format
+    config["attn_config"]["attn_temperature_tuning"] = {"floor_scale": 8192, "attn_scale": 0.0}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    assert read_config(tmp_path / "hf").alibi  # the default, off: accepted
+    config["attn_config"]["attn_temperature_tuning"]["attn_scale"] = 0.1
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"attn_temperature_tuning=.* is not supported"):
+        read_config(tmp_path / "hf")
 
 
 def test_export_refuses_non_empty_folder_and_leaves_nothing_on_failure(tmp_path):

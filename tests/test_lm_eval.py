@@ -193,3 +193,23 @@ def test_entry_point_declared_for_lm_eval_plugin_discovery():
     from mpt_jax.lm_eval import MPTJaxLM
 
     assert ep.load() is MPTJaxLM
+
+
+def test_sampling_without_a_temperature_samples_at_one(setup):
+    from lm_eval.api.instance import Instance
+
+    from mpt_jax.generate import generate
+    from mpt_jax.lm_eval import MPTJaxLM
+
+    model, model_dir, _ = setup
+    lm = MPTJaxLM(path=str(model_dir), tokenizer="byte", batch_size=2, max_length=32, seed=5)
+    prompts = [d["prompt"] for d in PROMPTS]
+    kwargs = {"until": ["never"], "do_sample": True, "max_gen_toks": 8}
+    requests = [Instance("generate_until", {}, (p, dict(kwargs)), i) for i, p in enumerate(prompts)]
+    got = lm.generate_until(requests)
+    tok = ByteTokenizer()
+    ids = [tok.encode(p).tolist() for p in prompts]
+    # lm-eval's HF and vLLM models sample at temperature 1.0 when the task names none
+    sampled = generate(model, ids, max_new_tokens=8, temperature=1.0, seed=5, eos_id=EOS)
+    greedy = generate(model, ids, max_new_tokens=8, temperature=0.0, eos_id=EOS)
+    assert got == [tok.decode(r) for r in sampled] != [tok.decode(r) for r in greedy]

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from mpt_jax.config import ConfigError, OptimConfig, ScheduleConfig
+from mpt_jax.config import ConfigError, OptimConfig, ScheduleConfig, run_config_from_dict
 from mpt_jax.optim import (
     AdamState,
     LionState,
@@ -66,10 +66,9 @@ def ref_linear(t, tw, tm, alpha_i, alpha_f):
     return alpha_i + (alpha_f - alpha_i) * min(1.0, (t - tw) / (tm - tw))
 
 
-def ref_constant(t, tw, tm, alpha):
-    if t < tw:
-        return alpha * t / tw
-    return alpha if t < tm else 1.0
+def ref_constant(t, tw, alpha):
+    # composer: LinearWithWarmupScheduler(alpha_i=alpha, alpha_f=alpha): alpha, also after t_max
+    return alpha * t / tw if t < tw else alpha
 
 
 def ref_inv_sqrt(t, tw, tm, ts, tc, af_decay, af_cool):
@@ -124,11 +123,11 @@ SCHEDULE_CASES = {
     ),
     "constant": (
         ScheduleConfig(name="constant_with_warmup", t_warmup="10ba", alpha=0.5, t_max="60ba"),
-        lambda t: ref_constant(t, 10, 60, 0.5),
+        lambda t: ref_constant(t, 10, 0.5),
     ),
     "constant_default": (
         ScheduleConfig(name="constant_with_warmup", t_warmup="2500tok"),
-        lambda t: ref_constant(t, 2500 / 1024, TOTAL, 1.0),
+        lambda t: ref_constant(t, 2500 / 1024, 1.0),
     ),
     "inv_sqrt": (
         ScheduleConfig(
@@ -187,19 +186,47 @@ def test_warmup_starts_at_zero_and_ends_at_peak():
     assert float(alpha(TOTAL)) == pytest.approx(0.1)
 
 
-def test_constant_schedule_returns_one_after_t_max():
+def test_constant_schedule_keeps_alpha_after_t_max():
     cfg = ScheduleConfig(name="constant_with_warmup", t_warmup="0ba", alpha=0.3, t_max="50ba")
     alpha = lr_multiplier(cfg, **KW)
-    assert float(alpha(0)) == pytest.approx(0.3)
-    assert float(alpha(49)) == pytest.approx(0.3)
-    assert float(alpha(50)) == 1.0
+    for t in (0, 49, 50, TOTAL + 5):
+        assert float(alpha(t)) == pytest.approx(0.3)
 
 
-def test_degenerate_t_max_does_not_divide_by_zero():
-    cfg = ScheduleConfig(t_warmup="10ba", t_max="10ba", alpha_f=0.25)
+@pytest.mark.parametrize(
+    "name, after", [("cosine_with_warmup", 1.0), ("linear_decay_with_warmup", 0.7)]
+)
+def test_t_max_not_after_warmup_stays_at_the_start(name, after):
+    # composer: frac_of_total = 0.0 unless t_max > t_warmup, so the decay never starts
+    cfg = ScheduleConfig(name=name, t_warmup="10ba", t_max="10ba", alpha_i=0.7, alpha_f=0.25)
     values = np.asarray(lr_multiplier(cfg, **KW)(jnp.arange(20)))
     assert np.isfinite(values).all()
-    np.testing.assert_allclose(values[10:], 0.25)
+    np.testing.assert_allclose(values[10:], after)
+
+
+@pytest.mark.parametrize(
+    "train, t_max, refused",
+    [
+        ({"steps": 100}, "1dur", False),
+        ({"steps": 100}, "100ba", False),
+        ({"steps": 100}, "150ba", False),
+        ({"steps": 100}, "99ba", True),
+        ({"steps": 100}, "0.995dur", True),  # composer rounds 99.5 batches down
+        ({"steps": 100}, "1000tok", False),  # units composer cannot compare: passed
+        ({"tokens": 4096}, "4000tok", True),
+        ({"tokens": 4096}, "4096tok", False),
+    ],
+)
+def test_t_max_before_the_end_of_the_run_is_refused(tmp_path, train, t_max, refused):
+    from helpers import raw_config
+
+    raw = raw_config(tmp_path, schedule={"t_max": t_max})
+    raw["train"] = {**{k: v for k, v in raw["train"].items() if k != "steps"}, **train}
+    if not refused:
+        assert run_config_from_dict(raw).schedule.t_max == t_max
+        return
+    with pytest.raises(ConfigError, match=rf"schedule\.t_max: '{t_max}' ends before the run"):
+        run_config_from_dict(raw)
 
 
 # ---------------------------------------------------------------------------------------------

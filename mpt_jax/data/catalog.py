@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -28,7 +29,15 @@ def resolve_dataset(
     if tokenizer != "byte" and not Path(tokenizer).exists():
         raise DataError(f"data.tokenizer: {tokenizer!r} is neither 'byte' nor an existing path")
     name = spec[len(BUILTIN_PREFIX) :]
-    tok_tag = "byte" if tokenizer == "byte" else Path(tokenizer).stem
+    if tokenizer == "byte":
+        tok_tag = "byte"
+    else:  # the content, not only the name: every tokenizer.json would share one folder
+        path = Path(tokenizer)
+        path = path / "tokenizer.json" if path.is_dir() else path
+        if not path.is_file():
+            raise DataError(f"data.tokenizer: {path} is missing")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        tok_tag = f"{Path(tokenizer).stem}-{digest}"
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
     folder = cache_root() / "datasets" / f"{name}-{py}-{tok_tag}-seq{seq_len}"
     if not (folder / META_FILE).is_file():
@@ -42,7 +51,8 @@ def resolve_dataset(
                 val_fraction=BUILTIN_VAL_FRACTION,
                 progress=progress,
             )
-        except DataError:
-            if not (folder / META_FILE).is_file():  # another process may have won the race
+        except (DataError, OSError):
+            # another process may have won the race (its rename can beat ours: ENOTEMPTY)
+            if not (folder / META_FILE).is_file():
                 raise
     return open_dataset(folder)

@@ -67,19 +67,22 @@ def open_dataset(folder: str | Path) -> DatasetMeta:
             dict(meta["tokenizer"]),
             dict(meta["splits"]),
         )
+        shards = {
+            split: [(folder / shard["file"], int(shard["bytes"])) for shard in counts["shards"]]
+            for split, counts in info.splits.items()
+        }
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, DataError):
             raise
         raise DataError(f"{path}: malformed ({type(e).__name__}: {e})") from e
-    for split, counts in info.splits.items():
-        for shard in counts["shards"]:
-            shard_path = folder / shard["file"]
+    for split, files in shards.items():
+        for shard_path, recorded in files:
             if not shard_path.is_file():
                 raise DataError(f"{shard_path}: shard of split {split!r} is missing")
             size = shard_path.stat().st_size
-            if size != shard["bytes"]:
+            if size != recorded:
                 raise DataError(
-                    f"{shard_path}: {size} bytes, meta.json records {shard['bytes']} "
+                    f"{shard_path}: {size} bytes, meta.json records {recorded} "
                     "(truncated or corrupted)"
                 )
     return info
@@ -235,7 +238,9 @@ class BatchLoader:
             if len(ds) == 0:
                 raise DataError(f"{meta.folder}: the {split} split has no rows")
             if shuffle:
-                ds = ds.shuffle(seed=seed * 1_000_003 + i)
+                # grain takes seeds in [0, 2**32): wrapped, so any train.seed works and the
+                # seeds below 4295 keep the order they always had
+                ds = ds.shuffle(seed=(seed * 1_000_003 + i) % 2**32)
             if repeat:
                 ds = ds.repeat(None)
             eos = meta.eos_id
@@ -316,6 +321,7 @@ class BatchLoader:
             self._queue.put(item)
             raise StopIteration
         if isinstance(item, BaseException):
+            self._queue.put(item)  # the producer has stopped: every later call raises it too
             raise item
         self._consumed += 1
         return item

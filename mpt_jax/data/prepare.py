@@ -11,8 +11,8 @@ import hashlib
 import json
 import multiprocessing
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,10 +58,18 @@ def prepare_dataset(
         raise DataError(f"{out_dir}: already exists and is not empty (pass overwrite)")
     files = sources.resolve_inputs(inputs)
     val_files = sources.resolve_inputs(val_inputs) if val_inputs else []
+    # a validation file is validation only, however its path was spelled or wherever it sits
+    val_paths = {f.path.resolve() for f in val_files}
+    files = [f for f in files if f.path.resolve() not in val_paths]
+    if not files:
+        raise DataError("input: every training input is also a validation input (val inputs)")
     read = dict(text_field=text_field, column=column)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    # mkdir, not mkdtemp: mkdtemp's mode 0700 would survive the rename, and a shared dataset
+    # (or the builtin: cache) must get the umask's permissions like any folder
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()
     try:
         if train_bpe_vocab is not None:
             train_docs = (
@@ -92,7 +100,6 @@ def prepare_dataset(
             disable=not progress,
             smoothing=0.1,
         )
-        val_names = {f.name for f in val_files}
         for batch, token_lists in _tokenize(docs, spec, tmp, workers):
             for doc, tokens in zip(batch, token_lists, strict=True):
                 if tokens.size and int(tokens.max()) >= tok.vocab_size:
@@ -100,7 +107,10 @@ def prepare_dataset(
                         f"{doc.source.name} record {doc.record}: token id {int(tokens.max())} "
                         f"is beyond the vocabulary ({tok.vocab_size})"
                     )
-                is_val = doc.source.name in val_names if val_files else _is_val(doc, val_fraction)
+                if val_files:
+                    is_val = doc.source.path.resolve() in val_paths
+                else:
+                    is_val = _is_val(doc, val_fraction)
                 writers["val" if is_val else "train"].add(tokens, tok.eos_id)
             bar.update(sum(len(d.text.encode("utf-8")) for d in batch))
         bar.close()
@@ -142,6 +152,12 @@ def _is_val(doc: sources.Document, fraction: float) -> bool:
 
 def _check_counts(counts, files, val_fraction, separate_val, seq_len) -> None:
     names = ", ".join(f.name for f in files[:3]) + (" ..." if len(files) > 3 else "")
+    if counts["train"]["documents"] == 0 and counts["val"]["documents"] > 0 and not separate_val:
+        raise DataError(
+            f"input: all {counts['val']['documents']} documents of {names} were drawn for "
+            f"validation (val_fraction {val_fraction}); documents are drawn whole and a text "
+            "file is one document: give more documents or separate val inputs"
+        )
     if counts["train"]["documents"] == 0:
         raise DataError(f"input: no documents found in {names}")
     if counts["train"]["rows"] == 0:
@@ -152,7 +168,8 @@ def _check_counts(counts, files, val_fraction, separate_val, seq_len) -> None:
     if (separate_val or val_fraction > 0) and counts["val"]["rows"] == 0:
         raise DataError(
             f"input: the validation split has no complete row of {seq_len} tokens "
-            f"({counts['val']['documents']} documents); raise val_fraction or give val inputs"
+            f"({counts['val']['documents']} documents, drawn whole: a text file is one "
+            "document); raise val_fraction or give val inputs"
         )
 
 

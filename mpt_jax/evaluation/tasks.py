@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,13 @@ def parse_task(raw: Any, *, where: str, base: Path) -> TaskConfig:
             f"{where}.metric_names: {kind} tasks compute {METRICS[task.task_type]} only, "
             f"got {list(task.metric_names)}"
         )
+    if task.early_stopping_criteria:
+        try:  # llm-foundry joins the criteria unescaped into one pattern
+            re.compile("|".join(task.early_stopping_criteria))
+        except re.error as e:
+            raise EvalError(
+                f"{where}.early_stopping_criteria: not a valid regular expression ({e})"
+            ) from None
     uri = task.dataset_uri
     if "://" in uri:
         raise EvalError(f"{where}.dataset_uri: {uri}: only local files are supported")
@@ -216,7 +224,10 @@ def read_examples(
     except UnicodeDecodeError as e:
         raise EvalError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
     examples = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # "\n" only: str.splitlines also breaks at U+0085, U+2028 and U+2029, which JSON strings
+    # may hold raw (llm-foundry's JSON Lines reader splits at newlines only)
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:

@@ -210,7 +210,8 @@ class MPTJaxLM(TemplateLM):
             self.model,
             prompts,
             max_new_tokens=max_new,
-            temperature=float(kwargs.get("temperature", 0.0)) if sample else 0.0,
+            # sampling without a temperature samples at 1.0, as lm-eval's HF and vLLM models do
+            temperature=float(kwargs.get("temperature", 1.0)) if sample else 0.0,
             top_k=kwargs.get("top_k") if sample else None,
             top_p=kwargs.get("top_p") if sample else None,
             seed=self.seed,
