@@ -46,11 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         return _supervise(args)
 
     from mpt_jax.checkpoint import CheckpointError
+    from mpt_jax.safetensors_io import CheckpointError as HFFolderError
     from mpt_jax.train import NonFiniteLossError, load_and_run
 
     try:
         final = load_and_run(args.config, args.overrides, overwrite=args.overwrite)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, HFFolderError) as e:  # HF folders: init_from
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (CheckpointError, NonFiniteLossError) as e:
@@ -165,7 +166,10 @@ def _generate(args: argparse.Namespace) -> int:
 
     try:
         run_cli(args)
-    except (ConfigError, DataError, GenerationError, CheckpointError, HFFolderError) as e:
+    except (ConfigError, DataError, GenerationError, HFFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:  # an unreadable run folder, as for train and eval
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -16,6 +16,7 @@ import json
 import math
 import operator
 import re
+import secrets
 import sys
 import warnings
 from collections.abc import Mapping
@@ -239,6 +240,18 @@ def _nonfinite_name(x: float) -> str:
     return "inf" if x > 0 else "-inf"
 
 
+def _wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of a run folder, made on first use and kept in RUN_DIR/wandb_run_id."""
+    path = run_dir / "wandb_run_id"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)
+    tmp = path.with_name(f"{path.name}.tmp")
+    tmp.write_text(run_id + "\n")
+    tmp.replace(path)
+    return run_id
+
+
 class MetricsLogger:
     """Per-step scalars to RUN_DIR/metrics.jsonl, TensorBoard (tensorboardX) and optionally W&B.
 
@@ -290,8 +303,15 @@ class MetricsLogger:
                     "wandb is not installed; skipping Weights & Biases logging", stacklevel=2
                 )
             else:
+                # one W&B run per run folder: a resumed run continues it instead of starting
+                # another (steps it logs again below W&B's last step are dropped by W&B)
                 self._wandb_run = wandb.init(
-                    project=wandb_project, mode=wandb_mode, dir=str(self.run_dir), config=config
+                    project=wandb_project,
+                    mode=wandb_mode,
+                    dir=str(self.run_dir),
+                    config=config,
+                    id=_wandb_run_id(self.run_dir),
+                    resume="allow",
                 )
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:

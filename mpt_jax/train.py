@@ -679,6 +679,8 @@ class _Trainer:
         def finish(pending, force: bool = False) -> bool:
             """Read and log a dispatched step's metrics; True when a rollback is due."""
             final.update(_log_step(pending, cfg, self.logger, self.throughput, self.bar, force))
+            if pending[0] == self.start_step:
+                self.throughput.reset()  # the first step's time is mostly compilation
             self.watchdog.heartbeat()
             return final["bad_streak"] >= cfg.train.nonfinite_patience
 

@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -278,6 +279,16 @@ def test_command_line_bad_input_is_one_line(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert re.search(message, err), err
+
+
+def test_damaged_checkpoint_exits_1_as_for_train_and_eval(tmp_path, capsys):
+    cfg = ModelConfig(**{**SMALL, "vocab_size": 258})
+    run = _run_folder(tmp_path, MPTForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    data = max(Path(run).rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else 0)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    assert main(["generate", run, "--prompt", "x"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "cannot restore the parameters" in err
 
 
 def test_hf_folder_without_tokenizer_is_named(tmp_path, capsys):

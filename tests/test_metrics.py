@@ -287,11 +287,14 @@ def test_logger_with_a_wandb_stand_in(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", FakeWandb)
     with MetricsLogger(tmp_path, tensorboard=False, wandb_project="mpt", config={"a": 1}) as lg:
         lg.log(7, {"loss": 1.25})
-    assert calls == [
-        ("init", {"project": "mpt", "mode": "offline", "dir": str(tmp_path), "config": {"a": 1}}),
-        ("log", {"loss": 1.25}, 7),
-        ("finish",),
-    ]
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    init = {"project": "mpt", "mode": "offline", "dir": str(tmp_path), "config": {"a": 1}}
+    init |= {"id": run_id, "resume": "allow"}
+    assert calls == [("init", init), ("log", {"loss": 1.25}, 7), ("finish",)]
+    # the same folder again (a resumed run): the same W&B run, continued
+    with MetricsLogger(tmp_path, tensorboard=False, wandb_project="mpt", config={"a": 1}) as lg:
+        pass
+    assert calls[-2] == ("init", init)
 
 
 def test_format_metrics():
@@ -332,3 +335,5 @@ def test_real_wandb_offline_run(tmp_path, monkeypatch):
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert any(p.suffix == ".wandb" and p.stat().st_size > 0 for p in runs[0].iterdir())
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    assert runs[0].name.endswith(f"-{run_id}")  # the run folder's id is W&B's run id

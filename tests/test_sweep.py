@@ -297,3 +297,55 @@ def test_loss_deviation_over_common_steps_and_nan_is_worst(tmp_path):
     assert report.loss_deviation(ours, reference)["loss_diff_max"] == math.inf
     out = report.loss_deviation(ours[:2] + ours[3:], reference[:3])  # step 4: not in both
     assert out == {"loss_diff_max": 0.5, "loss_diff_last": 0.5}
+
+
+def test_a_diverged_member_reports_and_plots(tmp_path):
+    from mpt_jax.metrics import MetricsLogger
+
+    write_base(tmp_path, tmp_path / "ds")
+    sweep = load_sweep(write_sweep(tmp_path, grid={"optim.lr": [1e-3, 1.0]}), tmp_path / "out")
+    for member, last in zip(sweep.members, (2.0, math.inf), strict=True):
+        with MetricsLogger(member.run_dir, tensorboard=False) as logger:
+            for step, loss in ((1, 3.0), (2, 2.5), (3, last)):
+                logger.log(step, {"loss": loss})
+    rows = [
+        {"member": m.name, **report.member_metrics(sweep, m, report.read_log(m))}
+        for m in sweep.members
+    ]
+    # the last logged loss, infinite included; the best one is still the best finite one
+    assert rows[0]["train_loss"] == 2.0 and rows[1]["train_loss"] == math.inf
+    assert rows[1]["best_train_loss"] == 2.5
+    logs = {m.name: report.read_log(m) for m in sweep.members}
+    paths = report.plot(sweep, rows, logs, tmp_path / "plots")  # an infinite loss: no error
+    assert paths[0].name == "loss_curves.png" and paths[0].read_bytes()[:8] == PNG
+
+
+def test_named_members_keep_their_names_and_slurm_redoes_changed_ones(tmp_path):
+    write_base(tmp_path, tmp_path / "ds")
+    members = [{"name": "baseline"}, {"name": "hot", "optim.lr": 1e-2}]
+    sweep = load_sweep(write_sweep(tmp_path, members=members, seeds=[1, 2]), tmp_path / "out")
+    assert [m.name for m in sweep.members][:2] == ["baseline,seed=1", "baseline,seed=2"]
+    # a member finished under an older sweep file (its folder holds another config)
+    member = sweep.members[0]
+    member.run_dir.mkdir(parents=True)
+    (member.run_dir / "config.yaml").write_text(yaml.safe_dump({**member.config, "old": 1}))
+    (member.run_dir / "complete.json").write_text("{}")
+    _, sbatch, todo = runner.write_slurm(sweep, runner.SlurmOptions())
+    assert todo == [0, 1, 2, 3] and not (member.run_dir / "complete.json").exists()
+    assert (tmp_path / "out" / "logs").is_dir()  # SLURM writes --output there, it makes no folder
+    assert f"#SBATCH --output={tmp_path / 'out'}/logs/" in sbatch.read_text()
+
+
+def test_visible_gpus_reads_indices_not_lines(tmp_path, monkeypatch):
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(
+        "#!/bin/sh\necho 'GPU 0: NVIDIA H100 (UUID: GPU-a)'\n"
+        "echo '  MIG 3g.40gb Device 0: (UUID: MIG-b)'\necho 'GPU 1: NVIDIA H100 (UUID: GPU-c)'\n"
+    )
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert runner.visible_gpus() == [0, 1]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a,GPU-c")
+    with pytest.raises(ConfigError, match=r"CUDA_VISIBLE_DEVICES='GPU-a,GPU-c': --parallel"):
+        runner.device_groups(2)

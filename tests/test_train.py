@@ -226,6 +226,18 @@ def test_command_line_with_overrides(small_dataset, tmp_path):
         env=env,
     )
     assert bad.returncode == 2 and "train.stepz: unknown key" in bad.stderr
+    (tmp_path / "not_mpt").mkdir()
+    (tmp_path / "not_mpt" / "config.json").write_text("{}")
+    bad = subprocess.run(
+        [sys.executable, "-m", "mpt_jax", "train", str(cfg_path), f"init_from={tmp_path}/not_mpt"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    # a config error (exit 2), which the supervisor does not retry, in one line
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert "model_type is None, expected 'mpt'" in bad.stderr
 
 
 def test_remat_policies_do_not_change_the_math(tmp_path):

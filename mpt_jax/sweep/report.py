@@ -73,12 +73,14 @@ def member_metrics(
     """Final and best metrics of one member from its log rows (and its eval results)."""
     train = [r for r in rows if "loss" in r]
     losses = _finite([r["loss"] for r in train])
+    logged = curves(rows)["loss"]
     val = _finite([r["val_loss"] for r in rows if "val_loss" in r])
     rates = _finite([r.get("tokens_per_s") for r in train[1:] or train])
     mfus = _finite([r.get("mfu") for r in train[1:] or train])
     out: dict[str, Any] = {
         "steps": max((int(r["step"]) for r in rows if "step" in r), default=0),
-        "train_loss": losses[-1] if losses else None,
+        # the last one logged, NaN or infinite included: a member that diverged says so
+        "train_loss": logged[-1][1] if logged else None,
         "best_train_loss": min(losses) if losses else None,
         "val_loss": val[-1] if val else None,
         "best_val_loss": min(val) if val else None,
@@ -299,7 +301,7 @@ def _loss_curves(
         if series["loss"]:
             steps, losses = zip(*series["loss"], strict=True)
             ax.plot(steps, losses, style, color=color, lw=1.2, label=member.name)
-            tail += losses[len(losses) // 10 :]
+            tail += [x for x in losses[len(losses) // 10 :] if math.isfinite(x)]
         if series["val_loss"]:
             steps, losses = zip(*series["val_loss"], strict=True)
             ax.plot(steps, losses, "o", color=color, ms=5, mfc="none")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
+import re
 import shlex
 import shutil
 import signal
@@ -36,15 +37,18 @@ def eval_path(member: Member) -> Path:
 
 def is_finished(sweep: Sweep, member: Member) -> bool:
     """Trained to the end with this member's config (and evaluated, if the sweep evaluates)."""
-    if not (member.run_dir / "complete.json").is_file():
-        return False
+    if not (member.run_dir / "complete.json").is_file() or _config_changed(member):
+        return False  # a changed sweep file: the trainer resumes or refuses, not the sweep
+    return sweep.eval is None or eval_path(member).is_file()
+
+
+def _config_changed(member: Member) -> bool:
+    """The member's run folder holds another config than the sweep file now gives (or none)."""
     try:
         saved = yaml.safe_load((member.run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
-        return False
-    if saved != member.config:
-        return False  # the sweep file changed: the trainer resumes or refuses, not the sweep
-    return sweep.eval is None or eval_path(member).is_file()
+        return True
+    return saved != member.config
 
 
 def train_command(sweep: Sweep, member: Member, python: str = "python") -> list[str]:
@@ -106,6 +110,14 @@ def write_slurm(sweep: Sweep, options: SlurmOptions) -> tuple[Path, Path, list[i
     unfinished members); returns both paths and the array indices."""
     members = sweep.members
     todo = [i for i, m in enumerate(members) if not is_finished(sweep, m)]
+    for i in todo:
+        # a member finished under an older sweep file: the array task's shell test sees only
+        # these files, so they go (the trainer resumes from the checkpoints, which stay)
+        if _config_changed(members[i]):
+            for name in ("complete.json", EVAL_FILE):
+                (members[i].run_dir / name).unlink(missing_ok=True)
+    # SLURM does not create the folder of --output: without it every task fails unlogged
+    (sweep.out_dir / "logs").mkdir(parents=True, exist_ok=True)
     commands = sweep.out_dir / "commands.txt"
     write_atomic(commands, "".join(shell_line(sweep, m) + "\n" for m in members))
     write_atomic(sweep.out_dir / "run_dirs.txt", "".join(f"{m.run_dir}\n" for m in members))
@@ -196,7 +208,13 @@ def visible_gpus() -> list[int]:
     """GPU ids this process may hand out: CUDA_VISIBLE_DEVICES, else those nvidia-smi lists."""
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if listed is not None:
-        return [int(x) for x in listed.split(",") if x.strip().isdigit()]
+        ids = [x.strip() for x in listed.split(",") if x.strip()]
+        if not all(x.isdigit() for x in ids):
+            raise ConfigError(
+                f"CUDA_VISIBLE_DEVICES={listed!r}: --parallel hands out GPUs by index; "
+                "give indices, not UUIDs"
+            )
+        return [int(x) for x in ids]
     if shutil.which("nvidia-smi") is None:
         return []
     try:
@@ -205,7 +223,8 @@ def visible_gpus() -> list[int]:
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
-    return [i for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+    # "GPU 3: NVIDIA H100 ... (UUID: ...)"; MIG devices are indented lines of their own
+    return [int(m.group(1)) for m in re.finditer(r"^GPU (\d+):", out, re.MULTILINE)]
 
 
 def device_groups(parallel: int, gpus: Sequence[int] | None = None) -> list[DeviceGroup]:

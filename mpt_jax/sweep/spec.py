@@ -247,6 +247,8 @@ def _member_name(params: Mapping[str, Any], label: tuple[str, tuple[str, ...]] |
             parts.append(f"{short[key]}={_value_text(value)}")
         elif text not in parts:
             parts.append(text)
+    if text and text not in parts:  # a member named but setting nothing (a baseline)
+        parts.insert(0, text)
     name = re.sub(r"[^A-Za-z0-9_.,=+-]+", "_", ",".join(parts)).strip("._")
     return name or "base"
 
