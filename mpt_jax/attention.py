@@ -71,9 +71,18 @@ def attention(
     if segment_ids is not None and k_BTGK.shape[1] != S:
         raise ValueError("attention: segment_ids need equal query and key lengths")
     scale = 1.0 / math.sqrt(K) if softmax_scale is None else float(softmax_scale)
+    T = k_BTGK.shape[1]
     if impl == "auto":
         alibi = alibi_slopes is not None
-        impl = "xla" if decoding else auto_impl(q_BSHK, dropout_rate, alibi=alibi)
+        # the kernels take equal query and key lengths only: queries that are the last S of T
+        # keys (a prompt scored against a longer context) go to XLA
+        xla = decoding or T != S
+        impl = "xla" if xla else auto_impl(q_BSHK, dropout_rate, alibi=alibi)
+    if T != S and impl != "xla":
+        raise ValueError(
+            f"attention impl {impl!r}: needs equal query and key lengths, got {S} and {T} "
+            "(impl 'xla' or 'auto' takes them)"
+        )
     if impl not in ("xla", "auto") and dropout_rate:
         raise ValueError(f"attention impl {impl!r}: attention dropout is not supported")
     kernel_kw = dict(causal=causal, softmax_scale=scale)

@@ -124,6 +124,15 @@ def test_auto_picks_the_pallas_tpu_kernel_on_a_tpu(monkeypatch):
         assert auto_impl(q, 0.0, alibi=False) == "pallas_tpu"
     assert auto_impl(jnp.zeros((1, 8, 2, 64), jnp.bfloat16), 0.1, alibi=True) == "xla"
     assert auto_impl(jnp.zeros((1, 8, 2, 512), jnp.bfloat16), 0.0, alibi=True) == "xla"
+    # queries that are the last S of T keys: the kernels take S == T only, so auto goes to XLA
+    q, k, v = _qkv(K=16)
+    slopes = jnp.linspace(0.5, 0.01, q.shape[2])
+    q_tail = q[:, -3:]
+    ours = attention(q_tail, k, v, alibi_slopes=slopes)
+    full = attention(q, k, v, alibi_slopes=slopes, impl="xla")[:, -3:]
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(full), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"'pallas_tpu': needs equal query and key lengths"):
+        attention(q_tail, k, v, alibi_slopes=slopes, impl="pallas_tpu")
 
 
 TOKAMAX_CASES = {
