@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import sys
@@ -21,8 +22,11 @@ def detected_cluster(env: Mapping[str, str] = os.environ) -> str | None:
         return "Open MPI"
     if "," in env.get("TPU_WORKER_HOSTNAMES", "") or int(env.get("MEGASCALE_NUM_SLICES", "1")) > 1:
         return "TPU pod"
-    if "KUBERNETES_SERVICE_HOST" in env and "JOB_COMPLETION_INDEX" in env:
-        return "Kubernetes"  # an Indexed Job / JobSet pod; JAX's detection needs jax[k8s]
+    # an Indexed Job / JobSet pod; JAX reads its peers only through the kubernetes package
+    # (jax[k8s]); without it the pod is one process (a Job of independent runs, say)
+    pod = "KUBERNETES_SERVICE_HOST" in env and "JOB_COMPLETION_INDEX" in env
+    if pod and importlib.util.find_spec("kubernetes") is not None:
+        return "Kubernetes"
     return None
 
 

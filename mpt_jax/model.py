@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from mpt_jax import attention as attention_lib
 from mpt_jax import hf_checkpoint
@@ -804,6 +805,10 @@ class MPTForCausalLM(nnx.Module):
             path_key, layer, n_in = layout[name]
             value = flat[path_key].get_value()
             value = value if layer is None else value[layer]
+            if not (value.is_fully_addressable or value.is_fully_replicated):
+                # sharded across processes (fsdp over hosts): a collective, so every process
+                # must fetch the same tensors in the same order (see hf_tensors)
+                value = multihost_utils.process_allgather(value, tiled=True)
             return _to_hf(np.asarray(jax.device_get(value)), n_in, shapes[name])
 
         return entries, fetch

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import re
 import signal
 import sys
 import threading
 import time
+
+from mpt_jax.config import ConfigError
 
 WATCHDOG_EXIT_CODE = 75  # EX_TEMPFAIL: a hang, worth a restart
 FAULTS_ENV = "MPT_JAX_FAULTS"
@@ -77,6 +80,10 @@ class Watchdog:
     def heartbeat(self) -> None:
         self._last = time.monotonic()
 
+    def disarm(self) -> None:
+        """Unarmed until the next heartbeat (e.g. before a step that compiles)."""
+        self._last = None
+
     def _watch(self) -> None:
         interval = min(5.0, max(0.05, self.timeout_s / 10))
         while not self._stop.wait(interval):
@@ -114,22 +121,23 @@ class InjectedFaults:
         self.sigterm_step: int | None = None
         for item in filter(None, (part.strip() for part in spec.split(","))):
             kind, _, where = item.partition("@")
-            first, _, last = where.partition("-")
-            try:
-                lo = int(first)
-                hi = int(last) if last else lo
-            except ValueError:
-                raise ValueError(
-                    f"{FAULTS_ENV}: cannot parse {item!r} (nan@A-B or hang@N)"
-                ) from None
+            if kind not in ("nan", "hang", "sigterm"):
+                raise ConfigError(f"{FAULTS_ENV}: unknown fault {item!r} (nan, hang or sigterm)")
+            form = "nan@A-B or nan@A" if kind == "nan" else f"{kind}@N"
+            pattern = r"(\d+)(?:-(\d+))?" if kind == "nan" else r"(\d+)()"
+            match = re.fullmatch(pattern, where)
+            if match is None:
+                raise ConfigError(f"{FAULTS_ENV}: cannot parse {item!r} ({form})")
+            lo = int(match.group(1))
+            hi = int(match.group(2) or lo)
+            if hi < lo:
+                raise ConfigError(f"{FAULTS_ENV}: {item!r} is an empty range")
             if kind == "nan":
                 self.nan_batches.update(range(lo, hi + 1))
-            elif kind == "hang":
-                self.hang_step = lo
-            elif kind == "sigterm":
-                self.sigterm_step = lo
+            elif getattr(self, f"{kind}_step") is not None:
+                raise ConfigError(f"{FAULTS_ENV}: {kind} is given twice ({spec!r})")
             else:
-                raise ValueError(f"{FAULTS_ENV}: unknown fault {kind!r} (nan, hang or sigterm)")
+                setattr(self, f"{kind}_step", lo)
 
     def before_step(self, step: int) -> None:
         if step == self.sigterm_step:

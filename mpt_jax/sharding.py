@@ -70,6 +70,23 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def check_tensor_within_processes(grid: np.ndarray) -> None:
+    """Refuse a (data, fsdp, tensor) device grid whose tensor groups span processes.
+
+    The devices of one tensor group hold the same batch rows, and each process loads rows of its
+    own (data.BatchLoader), so a group must sit within one process.
+    """
+    groups = grid.reshape(-1, grid.shape[-1])
+    for group in groups:
+        processes = sorted({d.process_index for d in group})
+        if len(processes) > 1:
+            raise ConfigError(
+                f"mesh.tensor: {grid.shape[-1]} spans processes {processes} (one tensor group "
+                "must sit within one process, which loads its batch rows); make mesh.tensor at "
+                "most the devices per process"
+            )
+
+
 def _slice_count(devices: Sequence[Any]) -> int | None:
     """TPU slices among the devices (multislice), or None where devices have no slice index."""
     if any(d.platform != "tpu" for d in devices):
@@ -130,6 +147,17 @@ def _mesh_axes(logical: str | None, mesh: Any, rules=LOGICAL_RULES) -> tuple[str
 def _spec_entry(axes: tuple[str, ...]) -> str | tuple[str, ...]:
     """A PartitionSpec entry for a dimension split over these mesh axes."""
     return axes[0] if len(axes) == 1 else axes
+
+
+def replicated_share(abstract_params: Any) -> float:
+    """The fraction of parameters (by count) that no mesh axis splits, from arrays that carry
+    their sharding (jax.ShapeDtypeStruct or jax.Array); 0 on a one-device mesh."""
+    leaves = jax.tree.leaves(abstract_params)
+    total = sum(math.prod(x.shape) for x in leaves)
+    whole = sum(math.prod(x.shape) for x in leaves if x.sharding.is_fully_replicated)
+    if len(leaves) == 0 or len(leaves[0].sharding.device_set) == 1:
+        return 0.0
+    return whole / max(total, 1)
 
 
 def state_shardings(abstract_state: nnx.State, mesh: Mesh) -> nnx.State:

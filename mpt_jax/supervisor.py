@@ -14,6 +14,7 @@ from mpt_jax.checkpoint import committed_steps
 
 NO_RETRY_EXIT_CODES = {2}  # bad config or data: a restart cannot help
 MAX_BACKOFF_S = 300.0
+STOP_GRACE_S = 600.0  # after a forwarded SIGTERM / SIGINT, then SIGKILL (a save takes less)
 
 
 def _describe(code: int) -> str:
@@ -32,24 +33,41 @@ def supervise(
     max_restarts: int,
     backoff_s: float = 10.0,
     first_extra: Sequence[str] = (),
+    stop_grace_s: float = STOP_GRACE_S,
+    launcher: Sequence[str] = (sys.executable, "-m", "mpt_jax"),
 ) -> int:
     """Run `python -m mpt_jax <child_argv>` until it succeeds or has failed `max_restarts` times.
 
     The wait before a restart doubles after each failure without progress (a new checkpoint)
     and resets after one with progress; SIGTERM / SIGINT are passed on to the child and end
-    supervision. `first_extra` is added to the first attempt only (e.g. --overwrite). Each
-    failure is printed and appended to RUN_DIR/restarts.jsonl.
+    supervision (a child still running `stop_grace_s` later is killed; a stop during the wait
+    before a restart ends it at once). `first_extra` is added to the first attempt only (e.g.
+    --overwrite). Each failure is printed and appended to RUN_DIR/restarts.jsonl.
     """
     checkpoints = Path(run_dir) / "checkpoints"
     log_path = Path(run_dir) / "restarts.jsonl"
     child: subprocess.Popen | None = None
-    stopping = False
+    stopping: float | None = None  # when the first stop signal came
 
     def forward(signum, frame):
         nonlocal stopping
-        stopping = True
+        stopping = stopping or time.monotonic()
         if child is not None and child.poll() is None:
             child.send_signal(signum)
+
+    def wait_for_child() -> int:
+        while True:
+            try:
+                return child.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                if stopping is not None and time.monotonic() - stopping > stop_grace_s:
+                    print(
+                        f"supervisor: trainer still running {stop_grace_s:.0f} s after the "
+                        "stop signal; killing it",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    child.kill()
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     restarts, delay = 0, backoff_s
@@ -58,9 +76,9 @@ def supervise(
             extra = list(first_extra) if restarts == 0 else []
             before = committed_steps(checkpoints)
             started = time.time()
-            child = subprocess.Popen([sys.executable, "-m", "mpt_jax", *child_argv, *extra])
-            code = child.wait()
-            if code == 0 or stopping or code in NO_RETRY_EXIT_CODES:
+            child = subprocess.Popen([*launcher, *child_argv, *extra])
+            code = wait_for_child()
+            if code == 0 or stopping is not None or code in NO_RETRY_EXIT_CODES:
                 return code if code >= 0 else 128 - code
             after = committed_steps(checkpoints)
             progressed = bool(after) and (not before or after[-1] > before[-1])
@@ -90,8 +108,10 @@ def supervise(
                 flush=True,
             )
             _append(log_path, {**record, "action": f"restart in {delay:.1f} s"})
-            time.sleep(delay)
-            if stopping:
+            deadline = time.monotonic() + delay
+            while stopping is None and time.monotonic() < deadline:
+                time.sleep(min(0.2, max(deadline - time.monotonic(), 0.0)))
+            if stopping is not None:
                 return 128 + signal.SIGTERM
             delay = min(delay * 2, MAX_BACKOFF_S)
     finally:

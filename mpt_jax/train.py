@@ -442,21 +442,36 @@ def _datasets(cfg: RunConfig, progress: bool):
     return out
 
 
-def evaluate(
-    eval_fn, params, datasets, cfg: RunConfig, batch_sharding, on_batch: Callable | None = None
-) -> float:
-    """Mean validation loss over the first eval_batches batches of the first dataset's val split."""
-    meta = datasets[0][0]
+def eval_batch_size(meta, global_batch: int, *, data_shards: int, processes: int) -> int:
+    """The evaluation batch: at most global_batch rows of the val split, split evenly over the
+    data-parallel devices (data x fsdp) and the processes feeding them."""
     rows = meta.splits["val"]["rows"]
-    procs = jax.process_count()
-    batch = min(cfg.train.global_batch, rows // procs * procs)
+    shards = math.lcm(data_shards, processes)
     if rows == 0:
         raise DataError(
             f"{meta.folder}: the val split is empty (prepared with val_fraction 0); training "
             "evaluates on it, at least at the end"
         )
-    if batch <= 0:
-        raise DataError(f"{meta.folder}: the val split has fewer rows ({rows}) than processes")
+    if rows < shards:
+        raise DataError(
+            f"{meta.folder}: the val split has {rows} rows, fewer than the {shards} data-parallel "
+            "shards of one evaluation batch"
+        )
+    return min(global_batch, rows // shards * shards)
+
+
+def evaluate(
+    eval_fn, params, datasets, cfg: RunConfig, batch_sharding, on_batch: Callable | None = None
+) -> float:
+    """Mean validation loss over the first eval_batches batches of the first dataset's val split."""
+    meta = datasets[0][0]
+    mesh_shape = batch_sharding.mesh.shape
+    batch = eval_batch_size(
+        meta,
+        cfg.train.global_batch,
+        data_shards=mesh_shape["data"] * mesh_shape["fsdp"],
+        processes=jax.process_count(),
+    )
     loader = BatchLoader(
         [(meta, 1.0)],
         global_batch=batch,
@@ -507,6 +522,7 @@ class _Trainer:
             prepare_run_dir(cfg, raw, overwrite=overwrite) if self.is_main else Path(cfg.run_dir)
         )
         self.mesh = mesh = sharding.make_mesh(cfg.mesh)
+        sharding.check_tensor_within_processes(mesh.devices)
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
         if cfg.train.global_batch % shards:
             raise ConfigError(
@@ -521,6 +537,16 @@ class _Trainer:
         self.datasets = _datasets(cfg, progress=self.show)
         self.batch_sharding = sharding.batch_sharding(mesh)
         self.graphdef, self.abstract, shardings = abstract_state(cfg, mesh)
+        share = sharding.replicated_share(self.abstract.params)
+        if share > 0.5 and mesh.shape["fsdp"] * mesh.shape["tensor"] > 1 and self.is_main:
+            # a dimension the mesh axes do not divide stays whole: warn, as it costs memory
+            print(
+                f"warning: {100 * share:.0f}% of the parameters are replicated on every device: "
+                f"mesh fsdp {mesh.shape['fsdp']} and tensor {mesh.shape['tensor']} divide too "
+                f"few of their dimensions (d_model {cfg.model.d_model}); choose sizes that do",
+                file=sys.stderr,
+                flush=True,
+            )
         self.step_fn = jit_train_step(self.graphdef, cfg, mesh, shardings)
         self.faults = resilience.InjectedFaults()
         self.poisoned_step_fn = (
@@ -674,6 +700,7 @@ class _Trainer:
             # between the two): evaluate here, as the uninterrupted run did
             val = self._evaluate()
             self.logger.log(step, {"val_loss": val, "val_perplexity": math.exp(min(val, 50))})
+            self.watchdog.disarm()  # the first step compiles: no hang
         last_time = time.perf_counter()
 
         def finish(pending, force: bool = False) -> bool:
@@ -732,9 +759,13 @@ class _Trainer:
         final.update(val_loss=val, val_perplexity=math.exp(min(val, 50)), step=total)
         self.logger.log(total, {"val_loss": val, "val_perplexity": final["val_perplexity"]})
         final.update(self.save_times)
-        if cfg.train.export_hf and self.is_main:
+        if cfg.train.export_hf:
             model = nnx.merge(self.graphdef, self.state.params)  # fetched tensor by tensor
-            final["hf_dir"] = str(model.save_pretrained(self.run_dir / "hf", overwrite=True))
+            if self.is_main:
+                final["hf_dir"] = str(model.save_pretrained(self.run_dir / "hf", overwrite=True))
+            else:  # tensors sharded across processes are gathered by all of them, in order
+                for _ in model.hf_tensors():
+                    pass
         if self.is_main:  # launch scripts requeue a job until this file exists
             tmp = self.run_dir / "complete.json.tmp"
             tmp.write_text(json.dumps(final, indent=1) + "\n")

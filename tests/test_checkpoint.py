@@ -387,6 +387,64 @@ def test_sigterm_and_ten_sigkills_under_the_supervisor(small_dataset, tmp_path):
     assert train_lines(tmp_path / "faulty") == train_lines(tmp_path / "ref")
 
 
+def test_fault_drill_specs_parse_or_are_refused():
+    from mpt_jax.resilience import InjectedFaults
+
+    faults = InjectedFaults("nan@5-7, hang@12,sigterm@9,nan@20")
+    assert faults.nan_batches == {5, 6, 7, 20} and faults.hang_step == 12
+    assert faults.sigterm_step == 9 and InjectedFaults("").nan_batches == set()
+    for spec, message in (
+        ("nan@7-5", "'nan@7-5' is an empty range"),
+        ("hang@3-9", r"cannot parse 'hang@3-9' \(hang@N\)"),
+        ("hang@3,hang@8", "hang is given twice"),
+        ("oops@1", "unknown fault 'oops@1'"),
+        ("nan@x", r"cannot parse 'nan@x' \(nan@A-B or nan@A\)"),
+    ):
+        with pytest.raises(ConfigError, match=rf"MPT_JAX_FAULTS: .*{message}"):
+            InjectedFaults(spec)
+
+
+SUPERVISED = """
+import sys
+from mpt_jax.supervisor import supervise
+child = {"stubborn": "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+         "print('up', flush=True); time.sleep(120)",
+         "crash": "print('up', flush=True); raise SystemExit(1)"}[sys.argv[1]]
+code = supervise(["-c", child], run_dir=sys.argv[2], max_restarts=3, backoff_s=60,
+                 stop_grace_s=1.0, launcher=[sys.executable])
+print("returned", code, flush=True)
+"""
+
+
+@pytest.mark.parametrize("child, code", [("stubborn", 137), ("crash", 143)])
+def test_supervisor_stops_promptly(tmp_path, child, code):
+    # a child that ignores SIGTERM is killed after the grace period; a SIGTERM during the
+    # 60 s wait before a restart ends the wait at once
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SUPERVISED, child, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "up"
+    time.sleep(0.5)  # the crash is seen and the wait begins; the stubborn child runs on
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert time.monotonic() - started < 10, err
+    assert f"returned {code}" in out, out + err
+
+
+@pytest.mark.parametrize("disarm, code", [(False, 75), (True, 0)])
+def test_a_disarmed_watchdog_waits_for_the_next_heartbeat(disarm, code):
+    script = (
+        "import time\nfrom mpt_jax.resilience import Watchdog\n"
+        f"dog = Watchdog(0.2)\ndog.heartbeat()\nif {disarm}: dog.disarm()\ntime.sleep(1.0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert done.returncode == code, done.stderr[-500:]
+
+
 def test_watchdog_exits_on_a_hang_and_the_supervisor_gives_up(small_dataset, tmp_path):
     cfg = write_config(tmp_path, small_dataset, tmp_path / "hung", steps=20, watchdog_minutes=0.02)
     env = {**ONE_DEVICE, "MPT_JAX_FAULTS": "hang@4"}

@@ -1,17 +1,26 @@
 """Multi-process training on localhost: jax.distributed with gloo, real processes."""
 
+import importlib.util
 import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
 
 import helpers
+import jax
 import numpy as np
+import pytest
+from flax import nnx
 from xla_flags import xla_flags
 
+from mpt_jax import from_pretrained
+from mpt_jax.config import ConfigError
 from mpt_jax.data import BatchLoader, open_dataset
+from mpt_jax.sharding import check_tensor_within_processes
 
 
 def free_port() -> int:
@@ -83,12 +92,19 @@ def test_two_processes_match_one_and_checkpoints_move_between_counts(small_datas
 
     # each run continues with the other process count from its step-5 checkpoint
     ((_, err_one),) = train(two, 1, 8, "train.steps=7", "mesh.dcn_data=1")
-    results = train(one, 2, 4, "train.steps=7", "mesh.dcn_data=2")
+    # fsdp over both processes' 8 devices: the export gathers the sharded tensors from both
+    over_both = ("mesh.data=1", "mesh.fsdp=8", "train.export_hf=true")
+    results = train(one, 2, 4, "train.steps=7", *over_both)
     assert f"resuming from {tmp_path / 'two' / 'checkpoints' / '5'}" in err_one
     assert f"resuming from {tmp_path / 'one' / 'checkpoints' / '5'}" in results[0][1]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6, 7]
     np.testing.assert_allclose([b[s] for s in (6, 7)], [a[s] for s in (6, 7)], atol=1e-4)
+    exported, saved = (from_pretrained(tmp_path / "one" / d) for d in ("hf", ""))
+    for x, y in zip(
+        *(jax.tree.leaves(nnx.state(m, nnx.Param)) for m in (exported, saved)), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 LOADER = """
@@ -167,7 +183,14 @@ def test_launcher_detection_and_explicit_settings():
     assert detected_cluster({"OMPI_COMM_WORLD_SIZE": "4"}) == "Open MPI"
     assert detected_cluster({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}) == "TPU pod"
     k8s = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "JOB_COMPLETION_INDEX": "3"}
-    assert detected_cluster(k8s) == "Kubernetes"
+    # JAX finds the other pods only through the kubernetes package (jax[k8s]); without it a
+    # pod of an Indexed Job runs as one process
+    has_k8s = importlib.util.find_spec("kubernetes") is not None
+    assert detected_cluster(k8s) == ("Kubernetes" if has_k8s else None)
+    with mock.patch("importlib.util.find_spec", return_value=object()):
+        assert detected_cluster(k8s) == "Kubernetes"
+    with mock.patch("importlib.util.find_spec", return_value=None):
+        assert detected_cluster(k8s) is None and settings(DistributedConfig(), k8s) is None
     env = {
         "MPT_JAX_COORDINATOR": "10.0.0.1:1234",
         "MPT_JAX_NUM_PROCESSES": "2",
@@ -183,3 +206,81 @@ def test_launcher_detection_and_explicit_settings():
         settings(DistributedConfig(num_processes=2), {})
     with pytest.raises(ConfigError, match="MPT_JAX_PROCESS_ID: expected an integer"):
         settings(cfg, {**env, "MPT_JAX_PROCESS_ID": "one"})
+
+
+def test_tensor_groups_must_sit_within_one_process():
+    def grid(processes, shape):
+        devices = [SimpleNamespace(process_index=p) for p in processes]
+        return np.array(devices, dtype=object).reshape(shape)
+
+    # 2 processes x 2 devices: (data 2, fsdp 1, tensor 2) keeps each tensor pair in a process
+    check_tensor_within_processes(grid([0, 0, 1, 1], (2, 1, 2)))
+    # one device per process (SLURM's one task per GPU) with tensor 2: a pair spans both
+    with pytest.raises(ConfigError, match=r"mesh\.tensor: 2 spans processes \[0, 1\]"):
+        check_tensor_within_processes(grid([0, 1], (1, 1, 2)))
+
+
+def _fake_tools(folder: Path, **scripts: str) -> dict:
+    """Executables named by the keywords (underscores for dashes) on a PATH before the real one."""
+    folder.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        tool = folder / name.replace("_", "-")
+        tool.write_text(f"#!/bin/sh\n{body}\n")
+        tool.chmod(0o755)
+    return {**os.environ, "PATH": f"{folder}:{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize(
+    "exit_code, complete, requeued, status",
+    [
+        (0, False, True, 0),
+        (0, True, False, 0),
+        (2, False, False, 2),
+        (1, False, False, 1),
+        (75, False, True, 75),
+        (137, False, True, 137),
+    ],
+)
+def test_slurm_script_requeues_stops_but_not_reported_errors(
+    small_dataset, tmp_path, exit_code, complete, requeued, status
+):
+    cfg = helpers.write_config(tmp_path / "run.yaml", small_dataset, run_dir=str(tmp_path / "r"))
+    if complete:
+        (tmp_path / "r").mkdir()
+        (tmp_path / "r" / "complete.json").write_text("{}")
+    env = _fake_tools(
+        tmp_path / "bin",
+        python=f'exec {sys.executable} "$@"',  # the script reads RUN_DIR with mpt_jax
+        srun=f"exit {exit_code}",
+        scontrol=f'echo "$@" >> {tmp_path / "requeued"}',
+    )
+    script = Path(__file__).resolve().parents[1] / "tools" / "launch" / "slurm.sbatch"
+    done = subprocess.run(
+        ["bash", str(script), str(cfg)],
+        env={**env, "SLURM_JOB_ID": "42"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == status, done.stdout + done.stderr
+    assert (tmp_path / "requeued").exists() == requeued
+    if requeued:
+        assert (tmp_path / "requeued").read_text() == "requeue 42\n"
+
+
+@pytest.mark.parametrize(
+    "exit_code, complete, status", [(0, False, 143), (0, True, 0), (2, False, 2), (1, True, 0)]
+)
+def test_kubernetes_command_retries_a_stopped_trainer(tmp_path, exit_code, complete, status):
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "launch" / "k8s-indexed-job.yaml"
+    job = list(yaml.safe_load_all(path.read_text()))[1]
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    command = [part.replace("/runs/my-run", str(tmp_path / "r")) for part in command]
+    (tmp_path / "r").mkdir()
+    if complete:
+        (tmp_path / "r" / "complete.json").write_text("{}")
+    env = _fake_tools(tmp_path / "bin", mpt_jax=f"exit {exit_code}")
+    done = subprocess.run(command, env=env, capture_output=True, timeout=60)
+    assert done.returncode == status

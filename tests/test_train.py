@@ -67,6 +67,17 @@ def test_eight_device_mesh_matches_one_device(tmp_path):
     assert "fsdp" in str(wqkv.sharding.spec) and "tensor" in str(wqkv.sharding.spec)
 
 
+def test_replicated_share_of_the_parameters(tmp_path):
+    from mpt_jax.sharding import replicated_share
+
+    cfg = config(tmp_path)  # TINY_MODEL: d_model 64
+    share = lambda mesh: replicated_share(abstract_state(cfg, mesh)[1].params)
+    assert share(make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])) == 0.0
+    assert share(make_mesh(MeshConfig(data=1, fsdp=8, tensor=1))) < 0.05  # 8 divides 64
+    # fsdp 6 divides neither d_model nor the vocabulary: (almost) everything whole on each device
+    assert share(make_mesh(MeshConfig(data=1, fsdp=6, tensor=1), jax.devices()[:6])) > 0.95
+
+
 def test_accumulation_over_four_microbatches_equals_one_batch(tmp_path):
     mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=1), jax.devices()[:2])
     data = batches(3)
@@ -491,3 +502,21 @@ def test_bf16_precisions_train(tmp_path, precision):
     losses, _ = train_losses(cfg, mesh, batches(1, vocab=64) * 6)
     assert losses[-1] < losses[0] - 0.5
     np.testing.assert_allclose(losses[0], fp32[0], rtol=2e-2)
+
+
+def test_evaluation_batch_divides_over_the_mesh_and_processes(tmp_path):
+    from types import SimpleNamespace
+
+    from mpt_jax.train import eval_batch_size
+
+    meta = SimpleNamespace(folder=tmp_path, splits={"val": {"rows": 153}})
+    # 153 val rows, a global batch of 160, data 2 x fsdp 4 over 2 processes: 152 rows, not 153
+    assert eval_batch_size(meta, 160, data_shards=8, processes=2) == 152
+    assert eval_batch_size(meta, 64, data_shards=8, processes=2) == 64
+    assert eval_batch_size(meta, 160, data_shards=2, processes=3) == 150
+    meta.splits["val"]["rows"] = 5
+    with pytest.raises(DataError, match=r"the val split has 5 rows, fewer than the 8 data-para"):
+        eval_batch_size(meta, 160, data_shards=8, processes=2)
+    meta.splits["val"]["rows"] = 0
+    with pytest.raises(DataError, match=r"the val split is empty \(prepared with val_fraction 0"):
+        eval_batch_size(meta, 160, data_shards=8, processes=1)
