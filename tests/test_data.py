@@ -540,8 +540,10 @@ def test_builtin_cache_is_per_tokenizer_content(tmp_path, monkeypatch):
     from mpt_jax.data.tokenizer import train_bpe
 
     monkeypatch.setenv("MPT_JAX_CACHE", str(tmp_path / "cache"))
-    small = tmp_path / "small.jsonl"  # stands in for the 30 MB corpus, to keep BPE quick
-    small.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_docs(300)))
+    # stands in for the 30 MB corpus, to keep BPE quick; 1000 documents, so the 2% drawn for
+    # validation (by a hash of the file's path, which differs per run) always fill a row
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_docs(1000)))
     real_prepare = catalog.prepare_dataset
     monkeypatch.setattr(
         catalog, "prepare_dataset", lambda inputs, *a, **kw: real_prepare([str(small)], *a, **kw)
