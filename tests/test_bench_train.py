@@ -143,6 +143,26 @@ def test_profile_traces_extra_steps_and_prints_their_summary(tmp_path, capsys):
     assert table.count("\n") == 2 + 1 and rest == summary
 
 
+def test_a_row_cut_off_while_tracing_keeps_its_timings(monkeypatch):
+    """The row process prints its timed result before tracing; a timeout then returns it."""
+    timed = {"status": "ok", "step_times": [0.5, 0.5], "profile_error": "cut off"}
+
+    def cut_off_after(printed: str):
+        def run(command, **kwargs):
+            output = printed.encode()  # TimeoutExpired holds bytes, whatever text= said
+            raise bench_train.subprocess.TimeoutExpired(command, kwargs["timeout"], output=output)
+
+        return run
+
+    marker = f"{bench_train._RESULT_MARKER}{json.dumps(timed)}\n"
+    monkeypatch.setattr(bench_train.subprocess, "run", cut_off_after(f"compiling\n{marker}"))
+    assert bench_train.run_isolated({"aot": False}, timeout=7) == timed
+    monkeypatch.setattr(bench_train.subprocess, "run", cut_off_after("compiling\n"))
+    assert bench_train.run_isolated({"aot": False}, timeout=7) == {
+        "status": "failed: timed out after 7 s"
+    }
+
+
 @pytest.mark.parametrize(
     "args, argument",
     [

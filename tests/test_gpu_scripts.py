@@ -88,3 +88,19 @@ def test_every_flag_a_script_passes_our_tools_is_one_they_take():
     for tool, flags in passed.items():
         unknown = flags - _accepted_flags(tool)
         assert not unknown, f"tools/{tool}.py does not take {sorted(unknown)}"
+
+
+def test_cap_keeps_every_step_inside_the_budget():
+    """`cap N` (setup.sh): N, or what is left of BUDGET_S less 20 s for the tables, at least 1."""
+    text = (REPO / "tools" / "gpu" / "setup.sh").read_text()
+    block = re.search(r"^BUDGET_S=.*?^}\n", text, re.MULTILINE | re.DOTALL).group(0)
+    script = block + "echo $(cap 90); BUDGET_S=100; echo $(cap 90); SECONDS=95; echo $(cap 90)"
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["90", "80", "1"]
+
+
+def test_every_timeout_in_the_scripts_is_capped():
+    for script in SCRIPTS:
+        for line in _logical_lines(script.read_text()):
+            if re.search(r"\btimeout\s", line):
+                assert 'timeout "$(cap ' in line or 'timeout "$limit"' in line, (script, line)

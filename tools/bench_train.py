@@ -601,6 +601,10 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
         if spec["isolated"] and all(s and "peak_bytes_in_use" in s for s in stats):
             result["peak_bytes"] = max(int(s["peak_bytes_in_use"]) for s in stats)
         if spec.get("profile_dir"):
+            if spec["isolated"]:  # the timings so far, for a row cut off while it traces
+                cut = "cut off by --row-timeout while tracing"
+                provisional = {**result, "status": "ok", "step_times": times, "profile_error": cut}
+                print(_RESULT_MARKER + json.dumps(provisional), flush=True)
             state, result["profile_error"] = _traced_steps(compiled, state, batch, spec)
         del state
     except Exception as e:  # one row's failure is its status, never the end of the table
@@ -665,7 +669,12 @@ def run_isolated(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     env = {**os.environ, **_aot_environment(spec["aot_plugin"])} if spec.get("aot") else None
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as e:
+        # a row timed before it was cut off (while tracing) printed its result already
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout
+        for line in reversed((out or "").splitlines()):
+            if line.startswith(_RESULT_MARKER):
+                return json.loads(line[len(_RESULT_MARKER) :])
         return {"status": f"failed: timed out after {timeout:g} s"}
     for line in reversed(done.stdout.splitlines()):
         if line.startswith(_RESULT_MARKER):

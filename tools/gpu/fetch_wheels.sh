@@ -8,5 +8,5 @@ pip download --quiet --python-version 3.12 --only-binary=:all: --no-deps -d .whl
   --platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 \
   grain==0.2.18 array-record==0.8.6 portpicker tensorboardx \
   tokamax==0.0.12 einshape jaxtyping wadler_lindig qwix typeguard==2.13.3 immutabledict \
-  pydantic pydantic-core annotated-types typing-inspection
+  pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection  # a matched pair
 ls .whl

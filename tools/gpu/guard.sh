@@ -2,10 +2,17 @@
 # [gpu-perf] correctness guard on one GPU (about 5 minutes): MPT-125M with ALiBi, 50 steps, the
 # reference settings (XLA attention, whole logits) against fp32 and the fast path (Pallas kernel,
 # loss_chunk 512) from the same initialization and batches; the report's loss_diff columns last.
-#   run: bash tools/gpu/guard.sh   (carry .whl; fill it with tools/gpu/fetch_wheels.sh)
+#   run: bash tools/gpu/guard.sh   (kind nvidia-h200: compiled for an H200 on a CPU host, the
+#   reference member needs about 107 GiB and the fp32 one 122; carry .whl; fill it with
+#   tools/gpu/fetch_wheels.sh)
 set -u
 source tools/gpu/setup.sh || exit 1
-timeout 500 python3 tools/sweep.py experiments/sweeps/gpu-perf-guard.yaml --no-plots \
+MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+if [ "${MIB:-0}" -lt 130000 ]; then
+  echo "guard.sh: ${MIB:-no} MiB of GPU memory; the guard's members need an H200 (141 GB)"
+  exit 1
+fi
+timeout "$(cap 500)" python3 tools/sweep.py experiments/sweeps/gpu-perf-guard.yaml --no-plots \
   --out-dir "$OUT/guard" >"$OUT/guard.log" 2>&1
 cp "$OUT/guard/results.md" "$OUT/guard.md" 2>/dev/null
 pack_details guard

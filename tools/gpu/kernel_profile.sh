@@ -3,7 +3,7 @@
 # each fwd+bwd run once (about 2 minutes): duration, SM and memory throughput, registers,
 # shared memory, occupancy and issue stalls per kernel, the profile that explains the gap to
 # cuDNN without ALiBi; then, with HOPPER=1, our Hopper kernels' tiling sweep (about 2 minutes),
-# and the Triton tiling sweep at head dim 128 (about 3 minutes; at most 9.7 in all).
+# and the Triton tiling sweep at head dim 128 (about 3 minutes; in all at most BUDGET_S, 590 s unless set).
 #   run: bash tools/gpu/kernel_profile.sh   (carry .whl; ncu reads counters on the Firecracker
 #   machines this workplace lends, not under gVisor); HOPPER=1 bash ... adds our Hopper
 #   kernels to the profile (both backward variants, the two-warpgroup one's kernels named
@@ -23,7 +23,7 @@ if [ -n "$NCU" ]; then
   "$NCU" --version | tail -1
   # no preallocation: ncu saves and restores the memory each profiled kernel touches between
   # its passes; the clocks stay as the card has them
-  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 300 "$NCU" --clock-control none \
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$(cap 300)" "$NCU" --clock-control none \
     --target-processes all -k "regex:mpt_flash|sdpa|fmha|flash" \
     --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
     --section ComputeWorkloadAnalysis --csv --page details \
@@ -33,7 +33,7 @@ if [ -n "$NCU" ]; then
   python3 tools/profile_summary.py --ncu "$OUT/ncu.csv" | tee "$OUT/ncu.md" || tail -5 "$OUT/ncu.err"
 else
   echo "ncu: not found; no counters"
-  timeout 120 python3 tools/bench_attention.py --once $ONCE_FLAGS
+  timeout "$(cap 120)" python3 tools/bench_attention.py --once $ONCE_FLAGS
 fi
 python3 - /tmp/xla_dump <<'PY' | tee "$OUT/ptx.md"
 import pathlib, re, sys
@@ -56,7 +56,7 @@ if [ "${HOPPER:-0}" = 1 ]; then
   # our Hopper kernels' tilings (forward key block and ring depth, then the backward's ring
   # depth and warpgroups), before the Triton sweep: they are the likelier winner; the winner's
   # check against XLA and its fwd+bwd beside the default print last
-  timeout 130 python3 tools/bench_attention.py --tune-hopper 128 --tune-budget-s 70 --reps 5 \
+  timeout "$(cap 130)" python3 tools/bench_attention.py --tune-hopper 128 --tune-budget-s 70 --reps 5 \
     --out "$OUT/tune_hopper.md" >/dev/null 2>"$OUT/tune.err"
   # cut off by its limit, the sweep left the candidates it timed in tune.err
   grep -v "^|" "$OUT/tune_hopper.md" || grep "^| 128 " "$OUT/tune.err"
@@ -65,6 +65,6 @@ fi
 # the Triton tilings at head dim 128 again: the 2026-11-28 sweep (default_tilings' winners) ran
 # with the kernels' old launch order (batch and head fastest); the grouped order may favour
 # other blocks. 64 (MPT-125M and MPT-350M) comes after
-timeout $TRITON_LIMIT python3 tools/bench_attention.py --tune 128 --tune-budget-s $TRITON_BUDGET \
+timeout "$(cap $TRITON_LIMIT)" python3 tools/bench_attention.py --tune 128 --tune-budget-s $TRITON_BUDGET \
   --reps 5 --out "$OUT/tune.md" >/dev/null 2>>"$OUT/tune.err"
 grep -v "^|" "$OUT/tune.md" || { echo "Triton sweep cut off; what it timed:"; tail -20 "$OUT/tune.err"; }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# [gpu-perf] on one GPU (about 6 minutes, at most 9.7): the plain-JAX MPT-1B anchor and ours in
+# [gpu-perf] on one GPU (about 6 minutes, at most BUDGET_S, 590 s): the plain-JAX MPT-1B anchor and ours in
 # the same run (both with ALiBi, batch 16, seq 2048), each row with 3 steps traced after the
 # timed ones (where the time goes):
 #   ROWS=main (the default): scanned layers with XLA norms (the preset), unrolled layers (no
@@ -20,10 +20,12 @@ set -u
 source tools/gpu/setup.sh || exit 1
 ANCHOR=${ANCHOR:-../shared/tools/anchor_bench.py}
 [ -f "$ANCHOR" ] || ANCHOR=shared/tools/anchor_bench.py
+# without the anchor there is no 1.3x verdict: stop before spending device time on the rows
+[ -f "$ANCHOR" ] || { echo "perf.sh: no anchor_bench.py: copy ../shared/tools/anchor_bench.py to shared/tools/ and carry shared"; exit 1; }
 WORK=$OUT/perf
 mkdir -p "$WORK"
 REPORT=$OUT/perf.md
-B=16 ANCHOR_OUT="$WORK" timeout 100 python3 "$ANCHOR" jax_plain_mpt1b >"$WORK/anchor.log" 2>&1
+B=16 ANCHOR_OUT="$WORK" timeout "$(cap 100)" python3 "$ANCHOR" jax_plain_mpt1b >"$WORK/anchor.log" 2>&1
 python3 - "$WORK/anchor_jax_plain_mpt1b.json" >"$REPORT" <<'PY'
 import json, sys
 try:
@@ -34,10 +36,16 @@ except (OSError, KeyError, ValueError) as e:
     print(f"anchor: no result ({e!r}); see anchor.log in perf_details.tgz")
 PY
 bench() {  # row name, seconds, then bench_train arguments; the row's table line goes to REPORT
-  local name=$1 limit=$2  # ROW_XLA_FLAGS, if set, is the row's XLA_FLAGS
+  local name=$1 limit row_limit  # ROW_XLA_FLAGS, if set, is the row's XLA_FLAGS
+  limit=$(cap "$2")
+  row_limit=$((limit - 15))
+  [ "$row_limit" -ge 15 ] || row_limit=$limit
   shift 2
+  # the row process stops 15 s before the shell's limit, so bench_train still writes its table
+  # (with the timings of a row cut off while tracing)
   XLA_FLAGS="${ROW_XLA_FLAGS:-${XLA_FLAGS:-}}" timeout "$limit" python3 tools/bench_train.py \
     --models mpt-1b --precision amp_bf16 --warmup 3 --steps 10 --remat none --loss-chunk 512 \
+    --row-timeout "$row_limit" \
     "${ALIBI[@]}" --out "$WORK/$name" "$@" >"$WORK/$name.log" 2>&1
   local table=$WORK/$name/bench_train.md
   if [ -f "$table" ]; then
@@ -51,7 +59,7 @@ NORMS=(--model-override norm_impl=pallas_gpu)
 UNROLLED=(--model-override scan_layers=false)
 case "${ROWS:-main}" in
 main)
-  # worst cases add up to 580 s of the 600 a call may take; typical runs take half
+  # worst cases add up to 580 s, each capped by what is left of BUDGET_S; typical runs take half
   bench scan_2048 90 --seq-lens 2048 --global-batch 16 --profile "$WORK/profile_scan"
   if [ "${HOPPER:-0}" = 1 ]; then
     # our Mosaic GPU (wgmma) kernels in the model, once kernels.sh has passed their GPU tests
@@ -88,7 +96,8 @@ for summary in "$WORK"/profile_*/*/summary.md; do
   awk '/^(no device process|device process|Busy)/ {print} /^\| category/ {t = 1}
     /^\| name/ {t = 1; n = 0} t && /^\|/ {if (n++ < 14) print; next} t {t = 0; print ""}' "$summary"
 done >>"$REPORT"
-# the traces themselves stay behind: the summaries hold what they say
-find "$WORK" -name "*.json.gz" -path "*plugins*" -delete
+# the traces themselves (trace.json.gz, the xplane.pb of each host: tens of MB for MPT-1B) stay
+# behind: the summaries hold what they say, and the archive must stay under the 16 MiB a file
+find "$WORK" -path "*plugins*" -type f -delete
 pack_details perf
 cat "$REPORT"

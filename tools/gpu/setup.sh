@@ -27,6 +27,14 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MPT_JAX_CACHE=/tmp/cache
 # the allocator's default 75% of the card leaves MPT-7B's ~113 GB no room on an H200
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}
 OUT=${OUT:-/tmp/out}  # what the scripts write there comes back with the run
+# BUDGET_S: the seconds this call may take (run's limit_s; give less when the session has less
+# device time left). `cap N` is N, or what is left of the budget less 20 s for the tables at
+# the end (1 when nothing is: that step fails at once and the script goes on to write them)
+BUDGET_S=${BUDGET_S:-590}
+cap() {
+  local left=$((BUDGET_S - SECONDS - 20))
+  if [ "$left" -lt "$1" ]; then echo $((left > 1 ? left : 1)); else echo "$1"; fi
+}
 mkdir -p "$OUT"
 pack_details() {  # $OUT/NAME/ -> $OUT/NAME_details.tgz: at most 8 files come back from $OUT
   tar czf "$OUT/$1_details.tgz" -C "$OUT" "$1" && rm -rf "${OUT:?}/$1"
