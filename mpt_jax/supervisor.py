@@ -77,6 +77,8 @@ def supervise(
             before = committed_steps(checkpoints)
             started = time.time()
             child = subprocess.Popen([*launcher, *child_argv, *extra])
+            if stopping is not None:  # a stop that came while the child was starting
+                child.send_signal(signal.SIGTERM)
             code = wait_for_child()
             if code == 0 or stopping is not None or code in NO_RETRY_EXIT_CODES:
                 return code if code >= 0 else 128 - code

@@ -15,9 +15,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import yaml
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from mpt_jax import checkpoint, distributed, resilience, sharding
 from mpt_jax import metrics as metrics_lib
@@ -326,11 +328,12 @@ def _model_changes(saved: Any, ours: Any, prefix: str = "") -> list[str]:
     return [k for k in _diff_keys(saved, ours, prefix) if k not in kernels]
 
 
-def _truncate_metrics(run_dir: Path, last_step: int) -> None:
+def _truncate_metrics(run_dir: Path, last_step: int, *, evaluates: bool = False) -> None:
     """Drop metrics.jsonl lines a run resumed at `last_step` logs again.
 
-    Those are the lines after `last_step` and its evaluation (resuming evaluates again at an
-    evaluation step, whose result a stop may have cut off), and a line cut short by a crash.
+    Those are the lines after `last_step`, its evaluation when the resumed run `evaluates` there
+    again (at an evaluation step, whose result a stop may have cut off, or at the end), and a
+    line cut short by a crash.
     """
     path = run_dir / "metrics.jsonl"
     if not path.exists():
@@ -342,7 +345,7 @@ def _truncate_metrics(run_dir: Path, last_step: int) -> None:
         except json.JSONDecodeError:
             continue  # a line cut short by a crash or a full disk, or an empty one
         step = record.get("step", 0) if isinstance(record, dict) else last_step + 1
-        if step < last_step or (step == last_step and "val_loss" not in record):
+        if step < last_step or (step == last_step and not (evaluates and "val_loss" in record)):
             kept.append(line if line.endswith("\n") else line + "\n")
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(kept))
@@ -571,9 +574,13 @@ class _Trainer:
         checkpoints = self.run_dir.absolute() / "checkpoints"
         self.saving = cfg.checkpoint.enabled
         # with saving off, a run's existing checkpoints are still read: it resumes, not restarts
+        # (process 0's view decides, so that all processes restore or none)
+        has_steps = bool(checkpoint.committed_steps(checkpoints))
+        if jax.process_count() > 1:
+            has_steps = bool(multihost_utils.broadcast_one_to_all(np.int32(has_steps)))
         self.checkpointer = (
             checkpoint.Checkpointer(checkpoints, cfg.checkpoint)
-            if self.saving or checkpoint.committed_steps(checkpoints)
+            if self.saving or has_steps
             else None
         )
         self.rollbacks = 0
@@ -613,11 +620,15 @@ class _Trainer:
                 self.state.params = _initial_params(self.cfg, self.abstract.params)
             if self.is_main:
                 _truncate_metrics(self.run_dir, 0)
+                # a fresh start is a new W&B run too (W&B drops steps below a run's last one)
+                (self.run_dir / "wandb_run_id").unlink(missing_ok=True)
             return 0
         self._adopt(restored)
         self.loader.restore(restored.meta["data"])
         if self.is_main:
-            _truncate_metrics(self.run_dir, restored.step)
+            every, total = self.cfg.train.eval_every, self.cfg.total_steps
+            evaluates = restored.step == total or bool(every and restored.step % every == 0)
+            _truncate_metrics(self.run_dir, restored.step, evaluates=evaluates)
             print(
                 f"resuming from {self.checkpointer.directory / str(restored.step)}",
                 file=sys.stderr,

@@ -160,6 +160,15 @@ def test_resume_keeps_metrics_whole_and_refuses_what_it_cannot_continue(
     assert stopped["step"] == 10 and not stopped["checkpoint_saved"]
     assert sorted(train_lines(cut)) == list(range(1, 11))
     assert checkpoint.committed_steps(cut / "checkpoints") == [4, 8]
+    # a finished run extended past a step that is no evaluation step keeps its final one
+    more = {**sections, "train": {**sections["train"], "steps": 9, "eval_every": 3}}
+    run(config(small_dataset, run_dir=str(whole), **more))
+    assert [step for step, _ in val_lines(whole)] == [4, 8, 9]
+    # a fresh start in a folder is a new W&B run: the old run id goes
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "wandb_run_id").write_text("0123abcd\n")
+    run(config(small_dataset, run_dir=str(tmp_path / "fresh"), train={"steps": 1}))
+    assert not (tmp_path / "fresh" / "wandb_run_id").exists()
 
 
 def test_no_readable_checkpoint_is_an_error_and_moves_nothing(tmp_path):

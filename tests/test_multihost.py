@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -236,12 +237,12 @@ def _fake_tools(folder: Path, **scripts: str) -> dict:
         (0, False, True, 0),
         (0, True, False, 0),
         (2, False, False, 2),
-        (1, False, False, 1),
+        (1, False, True, 1),  # a crash (a dead peer, a filesystem error)
         (75, False, True, 75),
         (137, False, True, 137),
     ],
 )
-def test_slurm_script_requeues_stops_but_not_reported_errors(
+def test_slurm_script_requeues_all_but_config_errors(
     small_dataset, tmp_path, exit_code, complete, requeued, status
 ):
     cfg = helpers.write_config(tmp_path / "run.yaml", small_dataset, run_dir=str(tmp_path / "r"))
@@ -284,3 +285,22 @@ def test_kubernetes_command_retries_a_stopped_trainer(tmp_path, exit_code, compl
     env = _fake_tools(tmp_path / "bin", mpt_jax=f"exit {exit_code}")
     done = subprocess.run(command, env=env, capture_output=True, timeout=60)
     assert done.returncode == status
+
+
+def test_kubernetes_command_passes_sigterm_to_the_trainer(tmp_path):
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "launch" / "k8s-indexed-job.yaml"
+    job = list(yaml.safe_load_all(path.read_text()))[1]
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    command = [part.replace("/runs/my-run", str(tmp_path / "r")) for part in command]
+    (tmp_path / "r").mkdir()
+    saved = tmp_path / "saved"
+    # a trainer that saves and exits 0 on SIGTERM, as ours does
+    trainer = f"trap 'touch {saved}; exit 0' TERM\necho up\nwhile true; do sleep 0.1; done"
+    env = _fake_tools(tmp_path / "bin", mpt_jax=trainer)
+    wrapper = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
+    assert wrapper.stdout.readline().strip() == "up"
+    wrapper.send_signal(signal.SIGTERM)  # what Kubernetes sends PID 1
+    assert wrapper.wait(timeout=30) == 143  # stopped before complete.json: retried
+    assert saved.exists()

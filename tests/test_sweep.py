@@ -332,6 +332,8 @@ def test_named_members_keep_their_names_and_slurm_redoes_changed_ones(tmp_path):
     (member.run_dir / "complete.json").write_text("{}")
     _, sbatch, todo = runner.write_slurm(sweep, runner.SlurmOptions())
     assert todo == [0, 1, 2, 3] and not (member.run_dir / "complete.json").exists()
+    # set aside, not deleted: the trainer may refuse the change, and the old results stay
+    assert (member.run_dir / "complete.json.before-sweep-change").read_text() == "{}"
     assert (tmp_path / "out" / "logs").is_dir()  # SLURM writes --output there, it makes no folder
     assert f"#SBATCH --output={tmp_path / 'out'}/logs/" in sbatch.read_text()
 
@@ -346,6 +348,10 @@ def test_visible_gpus_reads_indices_not_lines(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert runner.visible_gpus() == [0, 1]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,-1,3")  # as CUDA: up to the first invalid
+    assert runner.visible_gpus() == [0, 1]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")  # no GPU: CPU cores are shared out
+    assert runner.visible_gpus() == [] and runner.device_groups(2)[0].kind == "cpu"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a,GPU-c")
     with pytest.raises(ConfigError, match=r"CUDA_VISIBLE_DEVICES='GPU-a,GPU-c': --parallel"):
         runner.device_groups(2)

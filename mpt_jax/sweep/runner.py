@@ -112,10 +112,13 @@ def write_slurm(sweep: Sweep, options: SlurmOptions) -> tuple[Path, Path, list[i
     todo = [i for i, m in enumerate(members) if not is_finished(sweep, m)]
     for i in todo:
         # a member finished under an older sweep file: the array task's shell test sees only
-        # these files, so they go (the trainer resumes from the checkpoints, which stay)
+        # these files, so they are set aside (the trainer resumes from the checkpoints, or
+        # refuses a change it cannot resume, and the old results stay readable beside them)
         if _config_changed(members[i]):
             for name in ("complete.json", EVAL_FILE):
-                (members[i].run_dir / name).unlink(missing_ok=True)
+                done = members[i].run_dir / name
+                if done.exists():
+                    done.replace(done.with_name(f"{name}.before-sweep-change"))
     # SLURM does not create the folder of --output: without it every task fails unlogged
     (sweep.out_dir / "logs").mkdir(parents=True, exist_ok=True)
     commands = sweep.out_dir / "commands.txt"
@@ -208,13 +211,18 @@ def visible_gpus() -> list[int]:
     """GPU ids this process may hand out: CUDA_VISIBLE_DEVICES, else those nvidia-smi lists."""
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if listed is not None:
-        ids = [x.strip() for x in listed.split(",") if x.strip()]
-        if not all(x.isdigit() for x in ids):
-            raise ConfigError(
-                f"CUDA_VISIBLE_DEVICES={listed!r}: --parallel hands out GPUs by index; "
-                "give indices, not UUIDs"
-            )
-        return [int(x) for x in ids]
+        ids = []
+        for entry in (x.strip() for x in listed.split(",")):
+            if entry.isdigit():
+                ids.append(int(entry))
+            elif entry.startswith(("GPU-", "MIG-")):
+                raise ConfigError(
+                    f"CUDA_VISIBLE_DEVICES={listed!r}: --parallel hands out GPUs by index; "
+                    "give indices, not UUIDs"
+                )
+            else:
+                break  # as CUDA: the list ends at the first invalid entry (-1: no GPU at all)
+        return ids
     if shutil.which("nvidia-smi") is None:
         return []
     try:
