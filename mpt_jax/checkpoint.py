@@ -265,6 +265,8 @@ def find_step_dir(path: str | Path, step: int | None = None) -> Path:
     """The step folder of a run folder (latest, or `step`), or `path` itself if it is one."""
     path = Path(path)
     if (path / "params").is_dir() and path.name.isdigit():
+        if step is not None and step != int(path.name):
+            raise ConfigError(f"{path}: a step folder of step {path.name}, not of step {step}")
         return path
     checkpoints = path / "checkpoints"
     if not checkpoints.is_dir():

@@ -153,6 +153,7 @@ def _add_generate_parser(sub) -> None:
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.add_argument("--step", type=int, default=None, help="checkpoint step of a run folder")
     gen.add_argument("--tokenizer", help="'byte' or a tokenizer.json (default: the model's)")
+    gen.add_argument("--eos-token", help="the tokenizer's end-of-text token, where none says it")
     gen.add_argument("--max-seq-len", type=int, default=None, help="ALiBi: a longer context")
     gen.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
 

@@ -207,7 +207,11 @@ def run_cli(args) -> None:
     # the sampling arguments are checked before the (slow) model load
     SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     model, tokenizer = load_model_and_tokenizer(
-        args.model, step=args.step, tokenizer=args.tokenizer, dtype=jnp.dtype(args.dtype)
+        args.model,
+        step=args.step,
+        tokenizer=args.tokenizer,
+        eos_token=args.eos_token,
+        dtype=jnp.dtype(args.dtype),
     )
     completions = generate_text(
         model,

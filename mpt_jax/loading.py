@@ -63,21 +63,29 @@ def _run_param_dtype(raw: dict[str, Any]) -> Any:
     return jnp.bfloat16 if precision == "pure_bf16" else jnp.float32
 
 
-def load_tokenizer_for(path: str | Path, *, step: int | None = None, tokenizer: str | None = None):
+def load_tokenizer_for(
+    path: str | Path,
+    *,
+    step: int | None = None,
+    tokenizer: str | None = None,
+    eos_token: str | None = None,
+):
     """The tokenizer that goes with a model folder (ByteTokenizer or JsonTokenizer).
 
     `tokenizer` ('byte', a tokenizer.json or a transformers tokenizer folder) wins; else an HF
     folder's tokenizer.json (EOS from its tokenizer_config.json when present); else the
-    `data.tokenizer` a run folder trained with (also for RUN_DIR/hf, the run's export).
+    tokenizer of the dataset a run folder trained on, as its meta.json records it (its EOS
+    included), when that folder is there, and the run's `data.tokenizer` otherwise (also for
+    RUN_DIR/hf, the run's export). `eos_token` names the EOS where none of these says it.
     """
     from mpt_jax.data.errors import DataError
     from mpt_jax.data.tokenizer import load_tokenizer
 
     if tokenizer is not None:
-        return load_tokenizer(tokenizer)
+        return load_tokenizer(tokenizer, eos_token)
     path = Path(path)
     if (path / "tokenizer.json").is_file():
-        return load_tokenizer(str(path), eos_token=_hf_eos_token(path))
+        return load_tokenizer(str(path), eos_token)
     run = path if is_run_folder(path) else path.parent if is_run_folder(path.parent) else None
     if run is None:
         raise DataError(
@@ -85,7 +93,11 @@ def load_tokenizer_for(path: str | Path, *, step: int | None = None, tokenizer: 
             "name the tokenizer (--tokenizer byte|PATH)"
         )
     step_dir = checkpoint.find_step_dir(run, step if run == path else None)
-    name = checkpoint.read_meta(step_dir)["config"].get("data", {}).get("tokenizer", "byte")
+    data = checkpoint.read_meta(step_dir)["config"].get("data", {})
+    trained_on = _dataset_tokenizer(data)
+    if trained_on is not None and eos_token is None:
+        return trained_on
+    name = data.get("tokenizer", "byte")
     if name != "byte" and not Path(name).exists():
         run_dir = step_dir.parent.parent
         if not (run_dir / name).exists():
@@ -94,22 +106,24 @@ def load_tokenizer_for(path: str | Path, *, step: int | None = None, tokenizer: 
                 "name the tokenizer (--tokenizer byte|PATH)"
             )
         name = str(run_dir / name)
-    return load_tokenizer(name)
+    return load_tokenizer(name, eos_token)
 
 
-def _hf_eos_token(folder: Path) -> str | None:
-    """The eos_token a transformers tokenizer folder declares (a string or an AddedToken dict)."""
-    import json
+def _dataset_tokenizer(data: dict[str, Any]):
+    """The tokenizer a prepared dataset recorded (with its EOS), or None where it is not here."""
+    from mpt_jax.data.errors import DataError
+    from mpt_jax.data.loader import open_dataset
+    from mpt_jax.data.tokenizer import tokenizer_from_spec
 
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+    sources = [data.get("path")] + [s.get("path") for s in data.get("mixture") or ()]
+    for source in filter(None, sources):
+        if str(source).startswith("builtin:"):
+            continue  # prepared with data.tokenizer itself
         try:
-            eos = json.loads((folder / name).read_text()).get("eos_token")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(eos, dict):
-            eos = eos.get("content")
-        if isinstance(eos, str) and eos:
-            return eos
+            meta = open_dataset(source)
+            return tokenizer_from_spec(meta.tokenizer, meta.folder)
+        except (DataError, KeyError, OSError):
+            continue  # not on this machine, or not readable: data.tokenizer decides
     return None
 
 
@@ -118,13 +132,14 @@ def load_model_and_tokenizer(
     *,
     step: int | None = None,
     tokenizer: str | None = None,
+    eos_token: str | None = None,
     dtype: Any = jnp.float32,
     **kwargs: Any,
 ):
     """(model, tokenizer) of an HF MPT folder or a run folder; see load_tokenizer_for."""
     from mpt_jax.data.errors import DataError
 
-    tok = load_tokenizer_for(path, step=step, tokenizer=tokenizer)
+    tok = load_tokenizer_for(path, step=step, tokenizer=tokenizer, eos_token=eos_token)
     # a tokenizer that can emit ids the embedding lacks belongs to another model
     model = from_pretrained(path, step=step, dtype=dtype, **kwargs)
     if tok.vocab_size > model.config.vocab_size:

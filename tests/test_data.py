@@ -453,6 +453,18 @@ def test_prepare_command_line(tmp_path):
     )
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
     assert "missing.txt: no such file or folder" in bad.stderr
+    # options that would be ignored are refused, one line each, before any work
+    tool = [sys.executable, str(REPO / "tools" / "prepare_data.py"), str(tmp_path / "a.txt")]
+    for extra, message in (
+        (["--val-fraction", "0.5", "--val-input", "b.txt"], "--val-fraction and --val-input"),
+        (["--train-bpe", "300", "--tokenizer", "t.json"], "--tokenizer and --train-bpe"),
+        (["--eos-token", "</s>"], "--eos-token: only with a --tokenizer file or folder"),
+    ):
+        clash = subprocess.run(
+            [*tool, "--out", str(tmp_path / "y"), *extra], capture_output=True, text=True
+        )
+        assert clash.returncode == 2 and clash.stderr.startswith(f"error: {message}")
+        assert clash.stderr.count("\n") == 1 and not (tmp_path / "y").exists()
 
 
 def test_close_after_partial_read_of_a_finite_split_does_not_hang(dataset):

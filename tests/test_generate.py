@@ -15,7 +15,7 @@ from helpers import forward, random_hf_tensors, write_hf_folder
 from mpt_jax import MPTForCausalLM, from_pretrained
 from mpt_jax.attention import alibi_slopes, attention
 from mpt_jax.cli import main
-from mpt_jax.config import ModelConfig
+from mpt_jax.config import ConfigError, ModelConfig
 from mpt_jax.data.tokenizer import ByteTokenizer
 from mpt_jax.generate import GenerationError, SamplingConfig, generate, generate_text, sample_next
 from mpt_jax.loading import load_model_and_tokenizer
@@ -295,3 +295,52 @@ def test_hf_folder_without_tokenizer_is_named(tmp_path, capsys):
     _, folder = _model(tmp_path)
     assert main(["generate", str(folder), "--prompt", "x"]) == 2
     assert "no tokenizer.json and not part of a run folder" in capsys.readouterr().err
+
+
+def _im_end_tokenizer(folder: Path) -> Path:
+    """A word-level tokenizer.json whose only end-of-text token is <|im_end|>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["a", "b", "c", "<|im_end|>"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="a"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder / "tokenizer.json"
+
+
+def test_a_run_generates_with_the_eos_its_data_was_prepared_with(tmp_path):
+    from mpt_jax.data import DataError, prepare_dataset
+    from mpt_jax.data.tokenizer import load_tokenizer
+    from mpt_jax.loading import load_tokenizer_for
+
+    path = _im_end_tokenizer(tmp_path / "tok")
+    with pytest.raises(DataError, match="no end-of-text token found"):
+        load_tokenizer(str(path))  # nothing says which token ends a text
+    (tmp_path / "docs.txt").write_text(" ".join(["a b c"] * 40))
+    data = prepare_dataset(
+        [str(tmp_path / "docs.txt")],
+        tmp_path / "ds",
+        seq_len=8,
+        val_fraction=0.0,
+        tokenizer=str(path),
+        eos_token="<|im_end|>",
+        progress=False,
+    )
+    cfg = ModelConfig(**{**SMALL, "vocab_size": 8})
+    run = _run_folder(tmp_path, MPTForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    meta_file = Path(run) / "checkpoints" / "3" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["config"]["data"] = {"path": str(data), "tokenizer": str(path)}
+    meta_file.write_text(json.dumps(meta))
+    # the dataset's meta.json records the EOS the model was trained with
+    assert load_tokenizer_for(run).eos_token == "<|im_end|>"
+    # where the dataset is not at hand, --eos-token names it
+    (data / "meta.json").unlink()
+    assert load_tokenizer_for(run, eos_token="<|im_end|>").eos_id == 3
+    # a transformers folder's declared EOS is read wherever the folder is used
+    (tmp_path / "tok" / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>"}')
+    assert load_tokenizer(str(tmp_path / "tok")).eos_token == "<|im_end|>"
+    # a step folder with another step asked for is refused, not silently used
+    with pytest.raises(ConfigError, match=r"a step folder of step 3, not of step 5"):
+        from_pretrained(Path(run) / "checkpoints" / "3", step=5)

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="VOCAB",
         help="train a byte-level BPE tokenizer of this size on the input",
     )
-    parser.add_argument("--val-fraction", type=float, default=0.01)
+    parser.add_argument("--val-fraction", type=float, default=None, help="default 0.01")
     parser.add_argument("--val-input", nargs="+", default=(), help="separate validation input")
     parser.add_argument("--text-field", default="text", help="JSON Lines field")
     parser.add_argument("--column", default="text", help="Parquet column")
@@ -40,6 +40,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from mpt_jax.data import DataError, open_dataset, prepare_dataset
 
+    # options that would be ignored are refused: the dataset must be what was asked for
+    clash = None
+    if args.val_input and args.val_fraction is not None:
+        clash = "--val-fraction and --val-input: give one (a fraction or separate files)"
+    elif args.train_bpe is not None and args.tokenizer != "byte":
+        clash = "--tokenizer and --train-bpe: give one (a trained BPE is its own tokenizer)"
+    elif args.eos_token is not None and (args.train_bpe is not None or args.tokenizer == "byte"):
+        clash = "--eos-token: only with a --tokenizer file or folder (the others know their EOS)"
+    if clash:
+        print(f"error: {clash}", file=sys.stderr)
+        return 2
+
+    val_fraction = (
+        0.0 if args.val_input else (args.val_fraction if args.val_fraction is not None else 0.01)
+    )
     try:
         out = prepare_dataset(
             args.inputs,
@@ -48,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer=args.tokenizer,
             eos_token=args.eos_token,
             train_bpe_vocab=args.train_bpe,
-            val_fraction=0.0 if args.val_input else args.val_fraction,
+            val_fraction=val_fraction,
             val_inputs=args.val_input,
             text_field=args.text_field,
             column=args.column,

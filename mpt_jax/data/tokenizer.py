@@ -51,6 +51,9 @@ class JsonTokenizer:
                 raise DataError(
                     f"{path}: tokenizer folder has no tokenizer.json (a fast tokenizer is needed)"
                 )
+            # a transformers folder declares its EOS: the same folder gives the same EOS for
+            # preparing data, training and generating
+            eos_token = eos_token or declared_eos_token(path)
             path = path / "tokenizer.json"
         if not path.is_file():
             raise DataError(f"{path}: tokenizer file not found")
@@ -94,6 +97,20 @@ class JsonTokenizer:
             "eos_token": self.eos_token,
             "eos_id": self.eos_id,
         }
+
+
+def declared_eos_token(folder: Path) -> str | None:
+    """The eos_token a transformers tokenizer folder declares (a string or an AddedToken dict)."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        try:
+            eos = json.loads((folder / name).read_text()).get("eos_token")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        if isinstance(eos, str) and eos:
+            return eos
+    return None
 
 
 def load_tokenizer(name: str, eos_token: str | None = None) -> ByteTokenizer | JsonTokenizer:
