@@ -251,15 +251,22 @@ def _fusion(fusion: Instruction, computations: dict[str, list[Instruction]]) -> 
         else:
             written += shape_bytes(out.shape)
     read = 0.0
+    sliced = ("dynamic-slice", "slice", "gather")
     for param in (i for i in body if i.opcode == "parameter"):
         uses = users[param.name]
-        sliced = ("dynamic-slice", "slice", "gather")
-        if uses and all(u.opcode in sliced and u.operands[0] == param.name for u in uses):
-            read += sum(shape_bytes(u.shape) for u in uses)
-        elif uses and all(
-            u.opcode == "dynamic-update-slice" and u.operands[0] == param.name for u in uses
-        ):
-            continue  # the buffer updated in place
+        # the buffer an output updates in place is not read, beyond the slices read from it
+        # (a read-modify-write of one layer's slice of a stacked buffer)
+        rest = [
+            u
+            for u in uses
+            if not (
+                u.opcode == "dynamic-update-slice" and u.operands[0] == param.name and u in outputs
+            )
+        ]
+        if uses and not rest:
+            continue
+        if all(u.opcode in sliced and u.operands[0] == param.name for u in rest):
+            read += sum(shape_bytes(u.shape) for u in rest)
         else:
             read += shape_bytes(param.shape)
     flops = sum(_dot_flops(i, table) for i in body if i.opcode == "dot")

@@ -52,6 +52,23 @@ def test_an_in_place_update_counts_the_update_not_the_buffer():
     assert 2 * 4 * rows * width <= moved < 6 * 4 * rows * width
 
 
+def test_a_read_modify_write_of_a_slice_counts_the_slice_not_the_buffer():
+    layers, width = 24, 4096
+
+    def accumulate(stack, g):  # as a scan over layers adds into its layer's slice
+        def body(i, stack):
+            row = jax.lax.dynamic_slice(stack, (i, 0), (1, width))
+            return jax.lax.dynamic_update_slice(stack, row + g[None], (i, 0))
+
+        return jax.lax.fori_loop(0, layers, body, stack)
+
+    cost = _cost(accumulate, jnp.zeros((layers, width)), jnp.ones((width,)))
+    moved = cost.total("bytes")
+    # per layer: its slice read and written, g read: 3 rows; the whole stack each trip would
+    # be `layers` times more
+    assert 3 * 4 * layers * width <= moved < 6 * 4 * layers * width, moved
+
+
 def test_a_conditional_counts_its_costliest_branch():
     x = jnp.ones((1 << 16,))
 
