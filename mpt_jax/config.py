@@ -212,20 +212,20 @@ ScheduleName = Literal[
 _TIME_UNITS = ("ba", "tok", "sp", "dur")
 
 
-def check_time(value: str, where: str, *, allow_dur: bool = True) -> None:
-    """Validate a composer time string: `100ba`, `2.5e9tok`, `512sp`, `0.05dur`."""
+def split_time(value: str, where: str, *, allow_dur: bool = True) -> tuple[float, str]:
+    """(number, unit) of a composer time string: `100ba`, `2.5e9tok`, `512sp`, `0.05dur`."""
     unit = next((u for u in _TIME_UNITS if value.endswith(u)), None)
-    number = value[: -len(unit)] if unit else ""
     try:
-        ok = unit is not None and float(number) >= 0
+        number = float(value[: -len(unit)]) if unit else -1.0
     except ValueError:
-        ok = False
-    if not ok:
+        number = -1.0
+    if not number >= 0:  # NaN too
         raise ConfigError(
             f"{where}: {value!r} is not a time (a number with ba, tok, sp or dur, e.g. 100ba)"
         )
     if unit == "dur" and not allow_dur:
         raise ConfigError(f"{where}: {value!r} cannot be in units of dur")
+    return number, unit
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -296,10 +296,11 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         inv_sqrt = self.name == "inv_sqrt_with_warmup"
-        check_time(self.t_warmup, "schedule.t_warmup", allow_dur=not inv_sqrt)
-        check_time(self.t_max, "schedule.t_max")
-        check_time(self.t_scale, "schedule.t_scale", allow_dur=False)
-        check_time(self.t_cooldown, "schedule.t_cooldown", allow_dur=False)
+        # valid times now; they become steps once the run's length is known (mpt_jax.optim)
+        split_time(self.t_warmup, "schedule.t_warmup", allow_dur=not inv_sqrt)
+        split_time(self.t_max, "schedule.t_max")
+        split_time(self.t_scale, "schedule.t_scale", allow_dur=False)
+        split_time(self.t_cooldown, "schedule.t_cooldown", allow_dur=False)
         if inv_sqrt and self.alpha_f_decay < self.alpha_f_cooldown:
             raise ConfigError("schedule.alpha_f_decay: must be >= alpha_f_cooldown")
 
@@ -463,8 +464,7 @@ def _check_schedule_covers_run(schedule: ScheduleConfig, train: TrainConfig) -> 
     """Refuse a t_max that ends before the run, where composer's units make them comparable."""
     if schedule.name == "inv_sqrt_with_warmup":
         return
-    unit = next(u for u in _TIME_UNITS if schedule.t_max.endswith(u))
-    number = float(schedule.t_max[: -len(unit)])
+    number, unit = split_time(schedule.t_max, "schedule.t_max")
     duration, run_unit = (train.steps, "ba") if train.steps is not None else (train.tokens, "tok")
     if unit == "dur":
         ends = int(number * duration)  # composer rounds a duration fraction down

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mpt_jax.config import ConfigError, OptimConfig, ScheduleConfig, check_time
+from mpt_jax.config import ConfigError, OptimConfig, ScheduleConfig, split_time
 
 OPTIMIZERS = ("decoupled_adamw", "decoupled_lionw", "adamw")
 SCHEDULES = (
@@ -34,9 +34,7 @@ def time_to_steps(
     value: str, *, total_steps: int, tokens_per_step: int, global_batch: int
 ) -> float:
     """A composer time string (`100ba`, `2e9tok`, `512sp`, `0.05dur`) in optimizer steps."""
-    check_time(value, "time")
-    unit = next(u for u in ("ba", "tok", "sp", "dur") if value.endswith(u))
-    number = float(value[: -len(unit)])
+    number, unit = split_time(value, "time")
     if unit == "dur":
         # composer converts a duration fraction to whole batches, rounding down
         return float(int(number * total_steps))

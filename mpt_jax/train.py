@@ -352,6 +352,12 @@ def _truncate_metrics(run_dir: Path, last_step: int, *, evaluates: bool = False)
     tmp.replace(path)
 
 
+def _evaluates_at(cfg: RunConfig, step: int) -> bool:
+    """Whether the run evaluates after `step` updates: every train.eval_every and at the end."""
+    every = cfg.train.eval_every
+    return step == cfg.total_steps or bool(every and step % every == 0)
+
+
 def _check_checkpoint_meta(
     cfg: RunConfig, raw: dict[str, Any], step: int, meta: dict[str, Any]
 ) -> None:
@@ -626,8 +632,7 @@ class _Trainer:
         self._adopt(restored)
         self.loader.restore(restored.meta["data"])
         if self.is_main:
-            every, total = self.cfg.train.eval_every, self.cfg.total_steps
-            evaluates = restored.step == total or bool(every and restored.step % every == 0)
+            evaluates = _evaluates_at(self.cfg, restored.step)
             _truncate_metrics(self.run_dir, restored.step, evaluates=evaluates)
             print(
                 f"resuming from {self.checkpointer.directory / str(restored.step)}",
@@ -705,12 +710,10 @@ class _Trainer:
         final: dict[str, Any] = {"run_dir": str(self.run_dir)}
         pending: tuple | None = None
         step = self.start_step
-        every = cfg.train.eval_every
-        if 0 < step < total and every and step % every == 0:
+        if 0 < step < total and _evaluates_at(cfg, step):
             # a run stopped at an evaluation step saved before evaluating (or was killed
             # between the two): evaluate here, as the uninterrupted run did
-            val = self._evaluate()
-            self.logger.log(step, {"val_loss": val, "val_perplexity": math.exp(min(val, 50))})
+            self._evaluate_and_log(step)
             self.watchdog.disarm()  # the first step compiles: no hang
         last_time = time.perf_counter()
 
@@ -745,8 +748,8 @@ class _Trainer:
                 continue
             preempted = self.preemption.reached(step)
             save_now = self.saving and (preempted or step == total or self.checkpointer.due(step))
-            evaluate_now = cfg.train.eval_every and step % cfg.train.eval_every == 0
-            if save_now or preempted or evaluate_now or step == total:
+            evaluate_now = _evaluates_at(cfg, step)
+            if save_now or preempted or evaluate_now:
                 rollback_due = finish(pending, force=True)
                 pending = None
                 if rollback_due:
@@ -762,13 +765,10 @@ class _Trainer:
                 final["checkpoint_saved"] = save_now
                 return final
             if evaluate_now and step < total:
-                val = self._evaluate()
-                self.logger.log(step, {"val_loss": val, "val_perplexity": math.exp(min(val, 50))})
+                self._evaluate_and_log(step)
                 last_time = time.perf_counter()  # evaluation time is not step time
         jax.block_until_ready(self.state)
-        val = self._evaluate()
-        final.update(val_loss=val, val_perplexity=math.exp(min(val, 50)), step=total)
-        self.logger.log(total, {"val_loss": val, "val_perplexity": final["val_perplexity"]})
+        final.update(self._evaluate_and_log(total), step=total)
         final.update(self.save_times)
         if cfg.train.export_hf:
             model = nnx.merge(self.graphdef, self.state.params)  # fetched tensor by tensor
@@ -783,9 +783,10 @@ class _Trainer:
             tmp.replace(self.run_dir / "complete.json")
         return final
 
-    def _evaluate(self) -> float:
+    def _evaluate_and_log(self, step: int) -> dict[str, float]:
+        """Evaluate, and log val_loss and val_perplexity at `step`; returns them."""
         self.watchdog.heartbeat()
-        return evaluate(
+        val = evaluate(
             self.eval_fn,
             self.state.params,
             self.datasets,
@@ -793,6 +794,9 @@ class _Trainer:
             self.batch_sharding,
             on_batch=self.watchdog.heartbeat,
         )
+        values = {"val_loss": val, "val_perplexity": math.exp(min(val, 50))}
+        self.logger.log(step, values)
+        return values
 
     def close(self) -> None:
         """Release what `start` set up, also after a failed start."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from mpt_jax.data.errors import DataError
 from mpt_jax.data.loader import DatasetMeta, open_dataset
 from mpt_jax.data.prepare import META_FILE, prepare_dataset
 from mpt_jax.data.sources import BUILTIN_PREFIX
+from mpt_jax.data.tokenizer import load_tokenizer
 
 BUILTIN_VAL_FRACTION = 0.02
 
@@ -32,12 +32,7 @@ def resolve_dataset(
     if tokenizer == "byte":
         tok_tag = "byte"
     else:  # the content, not only the name: every tokenizer.json would share one folder
-        path = Path(tokenizer)
-        path = path / "tokenizer.json" if path.is_dir() else path
-        if not path.is_file():
-            raise DataError(f"data.tokenizer: {path} is missing")
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-        tok_tag = f"{Path(tokenizer).stem}-{digest}"
+        tok_tag = f"{Path(tokenizer).stem}-{load_tokenizer(tokenizer).sha256[:12]}"
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
     folder = cache_root() / "datasets" / f"{name}-{py}-{tok_tag}-seq{seq_len}"
     if not (folder / META_FILE).is_file():
