@@ -112,7 +112,11 @@ def _add_eval_parser(sub) -> None:
     ev.add_argument("--step", type=int, default=None, help="checkpoint step of a run folder")
     ev.add_argument("--tasks", metavar="TASKS.yaml", help="llm-foundry icl_tasks list")
     ev.add_argument("--gauntlet", metavar="GAUNTLET.yaml", help="llm-foundry eval_gauntlet")
-    ev.add_argument("--data", metavar="PREPARED_DIR", help="prepared dataset for perplexity")
+    ev.add_argument(
+        "--data",
+        metavar="PREPARED_DIR",
+        help="prepared dataset for perplexity, or builtin:NAME (prepared in the model's tokens)",
+    )
     ev.add_argument("--split", default="val", help="dataset split (default val)")
     ev.add_argument("--seq-lens", metavar="L1,L2", help="window lengths (default max_seq_len)")
     ev.add_argument("--max-tokens", type=int, default=None, help="perplexity token budget")

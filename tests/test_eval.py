@@ -459,6 +459,23 @@ def test_perplexity_and_bits_per_byte_equal_a_direct_computation(small_dataset, 
             np.testing.assert_allclose(b["loss"], ce[:, lo - 1 : hi - 1].mean(), rtol=1e-5)
 
 
+def test_perplexity_on_a_builtin_corpus_reads_the_folder_training_prepares(
+    tiny, tmp_path, monkeypatch
+):
+    from mpt_jax.data import ByteTokenizer, resolve_dataset
+    from mpt_jax.evaluation import evaluate
+
+    monkeypatch.setenv("MPT_JAX_CACHE", str(tmp_path / "cache"))
+    kw = dict(max_tokens=64 * 8, batch_size=8)
+    got = evaluate(tiny.model, ByteTokenizer(), data="builtin:python-stdlib", **kw)
+    # what `mpt-jax train` prepares for this model: data.path builtin, seq_len = max_seq_len 64
+    trained_on = resolve_dataset("builtin:python-stdlib", seq_len=64, tokenizer="byte").folder
+    assert [f for f in (tmp_path / "cache" / "datasets").iterdir()] == [trained_on]
+    want = evaluate(tiny.model, ByteTokenizer(), data=trained_on, **kw)
+    assert got["perplexity"] == want["perplexity"]
+    assert got["perplexity"][0]["dataset"] == str(trained_on)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: one clear error each, naming the file (and line)
 

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from mpt_jax.config import ConfigError, MeshConfig, from_dict
+from mpt_jax.data import resolve_dataset
+from mpt_jax.data.sources import BUILTIN_PREFIX
 from mpt_jax.evaluation.errors import EvalError
 from mpt_jax.evaluation.gauntlet import GauntletConfig, compute_gauntlet, parse_gauntlet
 from mpt_jax.evaluation.icl import benchmark_sizes, run_tasks
@@ -44,6 +46,8 @@ def evaluate(
     out: dict[str, Any] = {"mesh": dict(mesh.shape), "batch_size": scorer.batch_size}
     start = time.perf_counter()
     if data is not None:
+        if str(data).startswith(BUILTIN_PREFIX):
+            data = _builtin_dataset(str(data), tokenizer, model.config.max_seq_len, progress)
         out["perplexity"] = evaluate_perplexity(
             scorer, data, split=split, seq_lens=seq_lens, max_tokens=max_tokens, progress=progress
         )
@@ -150,6 +154,16 @@ def format_results(results: dict[str, Any]) -> str:
         for cat, keys in g["missing"].items():
             parts.append(f"gauntlet: category {cat} dropped, no result for {', '.join(keys)}")
     return "\n\n".join(parts)
+
+
+def _builtin_dataset(spec: str, tokenizer, seq_len: int, progress: bool) -> Path:
+    """The cached folder of a built-in corpus in the model's tokens (prepared once, as by train).
+
+    With the model's max_seq_len and the tokenizer a run trained with, this is the folder that
+    run's training used, so its val split is the run's validation data.
+    """
+    name = "byte" if tokenizer.kind == "byte" else str(tokenizer.path)
+    return resolve_dataset(spec, seq_len=seq_len, tokenizer=name, progress=progress).folder
 
 
 def write_json(path: str | Path, data: Any) -> None:
