@@ -253,6 +253,10 @@ class DataConfig:
         for i, source in enumerate(self.mixture):
             if source.weight <= 0:
                 raise ConfigError(f"data.mixture[{i}].weight: must be > 0, got {source.weight}")
+        if self.num_threads < 0:  # 0: grain reads in the loader's own thread
+            raise ConfigError(f"data.num_threads: must be >= 0, got {self.num_threads}")
+        if self.prefetch < 1:
+            raise ConfigError(f"data.prefetch: must be >= 1, got {self.prefetch}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -271,8 +275,9 @@ class OptimConfig:
             raise ConfigError(f"optim.lr: must be > 0, got {self.lr}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"optim.betas: each must be in [0, 1), got {list(self.betas)}")
-        if self.eps < 0 or self.weight_decay < 0:
-            raise ConfigError("optim.eps and optim.weight_decay: must be >= 0")
+        for name in ("eps", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"optim.{name}: must be >= 0, got {getattr(self, name)}")
         if self.clipping_threshold is not None and self.clipping_threshold <= 0:
             raise ConfigError(
                 f"optim.clipping_threshold: must be > 0, got {self.clipping_threshold}"
@@ -395,8 +400,9 @@ class TrainConfig:
                 raise ConfigError(f"train.{field}: must be > 0, got {value}")
         if self.loss_chunk is not None and self.loss_chunk <= 0:
             raise ConfigError(f"train.loss_chunk: must be > 0, got {self.loss_chunk}")
-        if self.log_every <= 0 or self.eval_every < 0 or self.eval_batches <= 0:
-            raise ConfigError("train.log_every and train.eval_batches: must be > 0")
+        for name, least in (("log_every", 1), ("eval_every", 0), ("eval_batches", 1)):
+            if getattr(self, name) < least:
+                raise ConfigError(f"train.{name}: must be >= {least}, got {getattr(self, name)}")
         if self.profile is not None and not 0 <= self.profile[0] < self.profile[1]:
             raise ConfigError(f"train.profile: expected [first, last) steps, got {self.profile}")
         if self.watchdog_minutes is not None and self.watchdog_minutes <= 0:
@@ -576,6 +582,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):  # every check below would pass a NaN
+                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
             return value if isinstance(value, int) else float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -667,6 +675,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

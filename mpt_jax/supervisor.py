@@ -122,6 +122,9 @@ def supervise(
 
 
 def _append(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:  # a run_dir the trainer refused (a file, unwritable): said, not fatal
+        print(f"supervisor: cannot record to {path}: {e.strerror or e}", file=sys.stderr)

@@ -265,6 +265,7 @@ def make_eval_step(graphdef) -> Callable:
 # Keys a resumed run may change: they alter speed, logging or duration, not the sample order
 # or the model. Any other difference needs --overwrite or another run_dir.
 RESUMABLE_KEYS = (
+    "run_dir",  # a run folder may be moved, or named by another path
     "mesh.",
     "distributed.",
     "checkpoint.",
@@ -293,22 +294,53 @@ RESUMABLE_KEYS = (
 )
 
 
-def prepare_run_dir(cfg: RunConfig, raw: dict[str, Any], *, overwrite: bool) -> Path:
-    """Create RUN_DIR with the resolved config; refuse a folder that holds a different run."""
+def check_run_dir(cfg: RunConfig, raw: dict[str, Any], *, overwrite: bool) -> None:
+    """Refuse, before anything is changed, a run_dir this run may not use (or replace)."""
     run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir: {run_dir} is a file, not a folder")
     config_path = run_dir / "config.yaml"
-    if config_path.is_file() and not overwrite:
-        previous = yaml.safe_load(config_path.read_text())
+    if overwrite:
+        # --overwrite deletes the folder: only a run's, never a folder of other files
+        if run_dir.is_dir() and any(run_dir.iterdir()) and not config_path.is_file():
+            raise ConfigError(
+                f"run_dir: {run_dir} is not empty and holds no run (no config.yaml); "
+                "--overwrite replaces run folders only: choose another run_dir"
+            )
+        return
+    if config_path.exists():
+        try:
+            previous = yaml.safe_load(config_path.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(
+                f"{config_path}: unreadable ({reason}); pass --overwrite to replace the run "
+                "or choose another run_dir"
+            ) from None
         changed = [key for key in _diff_keys(previous, raw) if not key.startswith(RESUMABLE_KEYS)]
         if changed:
             raise ConfigError(
                 f"{run_dir}: holds a run with a different config ({', '.join(changed[:5])}); "
                 "pass --overwrite to replace it or choose another run_dir"
             )
+    if (run_dir / "complete.json").is_file() and not checkpoint.committed_steps(
+        run_dir.absolute() / "checkpoints"
+    ):
+        # nothing to resume from: running again would train it anew over its metrics and export
+        raise ConfigError(
+            f"{run_dir}: holds a finished run without checkpoints (checkpoint.enabled false?); "
+            "pass --overwrite to train it again or choose another run_dir"
+        )
+
+
+def prepare_run_dir(cfg: RunConfig, raw: dict[str, Any], *, overwrite: bool) -> Path:
+    """Create RUN_DIR (emptied with overwrite) holding the resolved config; check_run_dir first."""
+    run_dir = Path(cfg.run_dir)
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "complete.json").unlink(missing_ok=True)  # written again when this run finishes
+    config_path = run_dir / "config.yaml"
     tmp = config_path.with_suffix(".yaml.tmp")
     tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
     tmp.replace(config_path)
@@ -527,9 +559,8 @@ class _Trainer:
     def start(self, *, overwrite: bool) -> None:
         """Set up the run folder, mesh, data, state (restored or fresh) and the loop's helpers."""
         cfg, raw = self.cfg, self.raw
-        self.run_dir = (
-            prepare_run_dir(cfg, raw, overwrite=overwrite) if self.is_main else Path(cfg.run_dir)
-        )
+        if self.is_main:
+            check_run_dir(cfg, raw, overwrite=overwrite)
         self.mesh = mesh = sharding.make_mesh(cfg.mesh)
         sharding.check_tensor_within_processes(mesh.devices)
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -576,6 +607,10 @@ class _Trainer:
             sharding=self.batch_sharding,
             num_threads=cfg.data.num_threads,
             prefetch=cfg.data.prefetch,
+        )
+        # the run folder changes only now, once the mesh, data and model are known to be usable
+        self.run_dir = (
+            prepare_run_dir(cfg, raw, overwrite=overwrite) if self.is_main else Path(cfg.run_dir)
         )
         checkpoints = self.run_dir.absolute() / "checkpoints"
         self.saving = cfg.checkpoint.enabled

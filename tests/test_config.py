@@ -213,6 +213,10 @@ def test_yaml_errors_name_the_file(tmp_path):
         load_model_config(listy)
     with pytest.raises(ConfigError, match="neither a YAML file nor a preset"):
         load_model_config("mpt-1t")
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("# café\nd_model: 64\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not UTF-8 text \(byte 5"):
+        load_model_config(latin1)
     # python-object tags are refused by the safe loader
     evil = tmp_path / "evil.yaml"
     evil.write_text("d_model: !!python/object/apply:os.system ['true']\n")
@@ -294,6 +298,14 @@ def test_run_config_presets_budgets_and_defaults():
             r"data\.mixture\[0\]\.weight: must be > 0",
         ),
         (dict(model={"preset": "mpt-125m", "n_heads": 7}), r"model\.n_heads: d_model \(768\)"),
+        (dict(optim={"lr": float("nan")}), r"optim\.lr: expected a finite number, got nan"),
+        (dict(optim={"eps": float("inf")}), r"optim\.eps: expected a finite number, got inf"),
+        (dict(optim={"weight_decay": -1.0}), r"optim\.weight_decay: must be >= 0, got -1\.0"),
+        (dict(schedule={"alpha_f": float("nan")}), r"schedule\.alpha_f: expected a finite"),
+        (dict(optim={"betas": [0.9, float("nan")]}), r"optim\.betas\[1\]: expected a finite"),
+        (dict(train={"eval_every": -1}), r"train\.eval_every: must be >= 0, got -1"),
+        (dict(data={"prefetch": 0}), r"data\.prefetch: must be >= 1, got 0"),
+        (dict(data={"num_threads": -1}), r"data\.num_threads: must be >= 0, got -1"),
     ],
 )
 def test_run_config_errors_name_the_field(changes, message):

@@ -661,6 +661,16 @@ def test_command_line_on_a_run_folder(small_dataset, tmp_path, capsys):
     assert main(["eval", str(tmp_path / "run"), "--tasks", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown task type 'code_evaluation'" in err[0]
+    # refused before any evaluation runs: results would be lost at the end
+    run_tasks_args = ["eval", str(tmp_path / "run"), "--tasks", str(tasks)]
+    for extra, message in [
+        (["--out", str(out.parent)], f"--out: {out.parent} is a folder; name a file"),
+        (["--out", str(tasks / "r.json")], f"--out: {tasks} is a file, not a folder"),
+        (["--data", str(small_dataset / "ds"), "--max-tokens", "-5"], "--max-tokens: must be >= 1"),
+    ]:
+        assert main(run_tasks_args + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
 
 
 def test_task_lines_split_at_newlines_only(tmp_path):

@@ -336,6 +336,14 @@ def test_named_members_keep_their_names_and_slurm_redoes_changed_ones(tmp_path):
     assert (member.run_dir / "complete.json.before-sweep-change").read_text() == "{}"
     assert (tmp_path / "out" / "logs").is_dir()  # SLURM writes --output there, it makes no folder
     assert f"#SBATCH --output={tmp_path / 'out'}/logs/" in sbatch.read_text()
+    # run locally, the member's stale evaluation is set aside too, before the trainer refuses it
+    runner.eval_path(member).write_text('{"icl": []}')
+    local = runner.LocalRunner(sweep, runner.device_groups(1, []), log=lambda line: None)
+    status = local.run([member])
+    assert status[member.name].startswith("failed"), status
+    assert not runner.eval_path(member).exists()
+    kept = runner.eval_path(member).with_name(f"{runner.EVAL_FILE}.before-sweep-change")
+    assert kept.read_text() == '{"icl": []}'
 
 
 def test_visible_gpus_reads_indices_not_lines(tmp_path, monkeypatch):

@@ -162,6 +162,58 @@ def test_end_to_end_run_writes_run_folder(small_dataset, tmp_path):
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 2
 
 
+def test_the_run_folder_changes_only_once_the_run_is_known_to_start(small_dataset, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    cfg = dict(run_dir=str(run_dir), train={"steps": 2})
+    run(config(small_dataset, **cfg))
+
+    def snapshot(folder):
+        return {
+            str(f.relative_to(folder)): f.read_bytes() for f in folder.rglob("*") if f.is_file()
+        }
+
+    before = snapshot(run_dir)
+    assert "complete.json" in before and any(k.startswith("checkpoints/2/") for k in before)
+    # a config that fails to start touches nothing: not with --overwrite, not a resumable change
+    with pytest.raises(DataError, match=r"meta\.json: missing"):
+        run(config(small_dataset, **cfg, data={"path": str(tmp_path / "none")}), overwrite=True)
+    with pytest.raises(ConfigError, match=r"mesh: data\*fsdp\*tensor"):
+        run(config(small_dataset, **cfg, mesh={"data": 3, "fsdp": 1, "tensor": 1}))
+    assert snapshot(run_dir) == before
+
+    # a moved run resumes where it was (run_dir is where it is, not part of the run)
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    final = run(config(small_dataset, run_dir=f"{moved}/", train={"steps": 3}))
+    assert final["step"] == 3
+    steps = [json.loads(x)["step"] for x in (moved / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 3 and sorted(set(steps)) == [1, 2, 3]
+
+    # --overwrite replaces run folders only
+    other = tmp_path / "thesis"
+    other.mkdir()
+    (other / "thesis.tex").write_text("chapter 1")
+    with pytest.raises(ConfigError, match=r"is not empty and holds no run \(no config.yaml\)"):
+        run(config(small_dataset, run_dir=str(other), train={"steps": 1}), overwrite=True)
+    assert (other / "thesis.tex").read_text() == "chapter 1"
+    with pytest.raises(ConfigError, match=r"run_dir: .*thesis.tex is a file, not a folder"):
+        run(config(small_dataset, run_dir=str(other / "thesis.tex"), train={"steps": 1}))
+
+    # an unreadable config.yaml is named, not a YAML traceback
+    (moved / "config.yaml").write_bytes(b"model: [\xe9")
+    with pytest.raises(ConfigError, match=r"config.yaml: unreadable"):
+        run(config(small_dataset, run_dir=str(moved), train={"steps": 3}))
+
+    # a finished run without checkpoints is not trained again over its metrics and export
+    no_ckpt = dict(run_dir=str(tmp_path / "nock"), checkpoint={"enabled": False})
+    run(config(small_dataset, **no_ckpt, train={"steps": 1}))
+    with pytest.raises(ConfigError, match=r"holds a finished run without checkpoints"):
+        run(config(small_dataset, **no_ckpt, train={"steps": 1}))
+    run(config(small_dataset, **no_ckpt, train={"steps": 1}), overwrite=True)
+
+
 def test_bad_inputs(small_dataset, tmp_path):
     with pytest.raises(
         ConfigError, match=r"mesh: data\*fsdp\*tensor = 27 .* but there are 8 devices"

@@ -78,6 +78,8 @@ def evaluate_perplexity(
     """One result per sequence length: loss, perplexity, bits per byte, loss by position."""
     from tqdm import tqdm
 
+    if max_tokens is not None and max_tokens < 1:
+        raise EvalError(f"--max-tokens: must be >= 1, got {max_tokens}")
     meta = open_dataset(dataset)
     cfg = scorer.config
     if meta.vocab_size > cfg.vocab_size:

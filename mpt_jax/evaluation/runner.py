@@ -166,6 +166,19 @@ def _builtin_dataset(spec: str, tokenizer, seq_len: int, progress: bool) -> Path
     return resolve_dataset(spec, seq_len=seq_len, tokenizer=name, progress=progress).folder
 
 
+def _check_writable(path: Path, option: str) -> None:
+    """Refuse an output path that names a folder or lies under a file."""
+    if path.is_dir():
+        raise EvalError(f"{option}: {path} is a folder; name a file")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise EvalError(f"{option}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK):
+                raise EvalError(f"{option}: {parent} is not writable")
+            break
+
+
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON atomically (a temporary sibling renamed into place)."""
     path = Path(path)
@@ -222,6 +235,10 @@ def run_cli(args) -> dict[str, Any]:
         raise EvalError("nothing to evaluate: give --tasks TASKS.yaml and/or --data PREPARED_DIR")
     if args.batch_size < 1:
         raise EvalError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise EvalError(f"--max-tokens: must be >= 1, got {args.max_tokens}")
+    if args.out:
+        _check_writable(Path(args.out), "--out")  # before the evaluation, not after it
     seq_lens = parse_ints(args.seq_lens, "--seq-lens")
     if seq_lens and not args.data:
         raise EvalError("--seq-lens: applies to perplexity, which needs --data")

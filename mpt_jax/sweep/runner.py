@@ -314,7 +314,9 @@ class LocalRunner:
         sweep = self.sweep
         start = time.perf_counter()
         self.log(f"[{member.name}] training on {group}")
-        eval_path(member).unlink(missing_ok=True)  # results of an earlier config or checkpoint
+        stale = eval_path(member)  # results of an earlier config or checkpoint: kept aside
+        if stale.exists():
+            stale.replace(stale.with_name(f"{stale.name}.before-sweep-change"))
         rc = self._call(train_command(sweep, member, sys.executable), member, "train", group)
         if rc != 0:
             return self._failed(member, "train", rc)
