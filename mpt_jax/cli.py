@@ -32,7 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     _add_eval_parser(sub)
     _add_generate_parser(sub)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":
+        # overrides may also follow the flags: `train C.yaml --overwrite train.steps=10`
+        stray = [x for x in extra if x.startswith("-") or "=" not in x]
+        args.overrides += [x for x in extra if x not in stray]
+        extra = stray
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
     from mpt_jax.config import ConfigError
     from mpt_jax.data import DataError

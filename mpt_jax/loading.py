@@ -84,6 +84,8 @@ def load_tokenizer_for(
     if tokenizer is not None:
         return load_tokenizer(tokenizer, eos_token)
     path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: no such model folder")
     if (path / "tokenizer.json").is_file():
         return load_tokenizer(str(path), eos_token)
     run = path if is_run_folder(path) else path.parent if is_run_folder(path.parent) else None

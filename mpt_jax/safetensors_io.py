@@ -311,8 +311,9 @@ class CheckpointReader:
             if not allow_pickle:
                 raise CheckpointError(
                     f"{d} has only a PyTorch pickle checkpoint ({BIN_FILE}); mpt_jax reads "
-                    "safetensors by default: pass allow_pickle=True (--allow-pickle on the command "
-                    "line) to load it with torch.load(weights_only=True)"
+                    "safetensors by default: pass allow_pickle=True to load it with "
+                    "torch.load(weights_only=True), or convert it once with "
+                    "tools/convert_hf.py SRC DST --allow-pickle"
                 )
             if (d / BIN_INDEX_FILE).is_file():
                 return self._open_index(d / BIN_INDEX_FILE, _TorchFile)

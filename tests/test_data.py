@@ -413,6 +413,15 @@ def test_existing_output_refused(tmp_path):
     with pytest.raises(DataError, match=r"out: already exists and is not empty"):
         prepare_dataset([str(tmp_path / "a.txt")], tmp_path / "out", seq_len=8, val_fraction=0.0)
     assert (tmp_path / "out" / "x").read_text() == "keep"
+    # with overwrite, a folder that holds the inputs is not replaced: they would go with it
+    for out in (tmp_path, tmp_path / "in"):
+        (tmp_path / "in").mkdir(exist_ok=True)
+        (tmp_path / "in" / "b.txt").write_text("z" * 100)
+        with pytest.raises(DataError, match=r"--out: .* holds the input .*b\.txt; choose another"):
+            prepare_dataset(
+                [str(tmp_path / "in")], out, seq_len=8, val_fraction=0.0, overwrite=True
+            )
+    assert (tmp_path / "in" / "b.txt").read_text() == "z" * 100
 
 
 def test_prepare_command_line(tmp_path):

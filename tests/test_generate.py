@@ -295,6 +295,8 @@ def test_hf_folder_without_tokenizer_is_named(tmp_path, capsys):
     _, folder = _model(tmp_path)
     assert main(["generate", str(folder), "--prompt", "x"]) == 2
     assert "no tokenizer.json and not part of a run folder" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert "nope: no such model folder" in capsys.readouterr().err
 
 
 def _im_end_tokenizer(folder: Path) -> Path:
@@ -341,6 +343,13 @@ def test_a_run_generates_with_the_eos_its_data_was_prepared_with(tmp_path):
     # a transformers folder's declared EOS is read wherever the folder is used
     (tmp_path / "tok" / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>"}')
     assert load_tokenizer(str(tmp_path / "tok")).eos_token == "<|im_end|>"
+    with pytest.raises(DataError, match=r"has no token '</s>', the end-of-text token named"):
+        load_tokenizer(str(tmp_path / "tok"), "</s>")
+    # a damaged declaration is named, not skipped for a guessed EOS
+    (tmp_path / "tok" / "tokenizer_config.json").write_text('{"eos_token": ')
+    with pytest.raises(DataError, match=r"tokenizer_config\.json: not valid JSON"):
+        load_tokenizer(str(tmp_path / "tok"))
+    (tmp_path / "tok" / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>"}')
     # a step folder with another step asked for is refused, not silently used
     with pytest.raises(ConfigError, match=r"a step folder of step 3, not of step 5"):
         from_pretrained(Path(run) / "checkpoints" / "3", step=5)

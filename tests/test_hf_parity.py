@@ -250,6 +250,12 @@ def test_export_refuses_non_empty_folder_and_leaves_nothing_on_failure(tmp_path)
         write_folder(cfg, entries, failing_fetch, tmp_path / "new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "m"]
 
+    # overwrite replaces exports, never a training run
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"run: holds an mpt_jax run; export to another"):
+        model.save_pretrained(tmp_path / "run", overwrite=True)
+    assert (tmp_path / "run" / "checkpoints").is_dir()
+
 
 def _corrupt(folder: Path, how: str) -> None:
     config_path = folder / "config.json"
@@ -359,6 +365,17 @@ def test_convert_hf_command_line(tmp_path):
     )
     assert bad.returncode != 0 and "nope: not a directory" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+    # in place (or into a folder above SRC), replacing DST would delete SRC's other files
+    (tmp_path / "hf" / "tokenizer.json").write_text("{}")
+    for dst in (tmp_path / "hf", tmp_path):
+        same = subprocess.run(
+            [sys.executable, REPO / "tools" / "convert_hf.py", tmp_path / "hf", dst, "--overwrite"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert same.returncode == 2 and "is SRC or holds it" in same.stderr
+    assert (tmp_path / "hf" / "tokenizer.json").read_text() == "{}"
 
 
 def test_jnp_dtype_names_accepted(tmp_path):

@@ -268,6 +268,7 @@ def test_command_line_with_overrides(small_dataset, tmp_path):
             "train",
             str(cfg_path),
             f"run_dir={tmp_path / 'r'}",
+            "--overwrite",  # overrides may follow the flags too
             "train.steps=3",
             "optim.lr=3e-4",
             "train.progress=false",

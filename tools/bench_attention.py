@@ -35,9 +35,11 @@ import argparse
 import dataclasses
 import functools
 import itertools
+import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -651,9 +653,11 @@ def main(argv: list[str] | None = None) -> int:
         lines += memory()
     text = "\n".join(lines)
     print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    if args.out:  # a temporary name, renamed when whole
+        out = Path(args.out)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        tmp.write_text(text + "\n")
+        tmp.replace(out)
     return 0
 
 

@@ -26,28 +26,43 @@ def main(argv: list[str] | None = None) -> int:
         "--precision", default="amp_bf16", choices=["fp32", "amp_bf16", "pure_bf16"]
     )
     parser.add_argument("--saves", type=int, default=3)
-    parser.add_argument("--workdir", default=None, help="default: a temporary folder")
+    parser.add_argument(
+        "--workdir", default=None, help="where its temporary folder goes (default: the system's)"
+    )
     args = parser.parse_args(argv)
+    if args.saves < 1:
+        parser.error(f"--saves: must be >= 1, got {args.saves}")
 
     import jax
 
     from mpt_jax.checkpoint import Checkpointer
-    from mpt_jax.config import CheckpointConfig, count_params, run_config_from_dict
+    from mpt_jax.config import CheckpointConfig, ConfigError, count_params, run_config_from_dict
     from mpt_jax.sharding import make_mesh
     from mpt_jax.train import init_state
 
-    cfg = run_config_from_dict(
-        {
-            "model": args.model,
-            "data": {"path": "unused"},
-            "train": {"global_batch": jax.device_count(), "steps": 1, "precision": args.precision},
-            "run_dir": "unused",
-        }
-    )
+    try:
+        cfg = run_config_from_dict(
+            {
+                "model": args.model,
+                "data": {"path": "unused"},
+                "train": {
+                    "global_batch": jax.device_count(),
+                    "steps": 1,
+                    "precision": args.precision,
+                },
+                "run_dir": "unused",
+            }
+        )
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     _, state, _ = init_state(cfg, make_mesh(cfg.mesh))
     jax.block_until_ready(state)
     n_bytes = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state)))
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_checkpoint-"))
+    if args.workdir is not None:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    # a folder of its own, also inside --workdir: only that is removed afterwards
+    work = Path(tempfile.mkdtemp(prefix="bench_checkpoint-", dir=args.workdir))
     checkpointer = Checkpointer(work / "checkpoints", CheckpointConfig(keep=2))
     rows = []
     for step in range(1, args.saves + 1):

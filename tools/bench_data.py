@@ -23,14 +23,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--global-batch", type=int, default=32)
     parser.add_argument("--batches", type=int, default=300)
     parser.add_argument("--bpe-vocab", type=int, default=8192)
-    parser.add_argument("--workdir", default=None, help="default: a temporary folder")
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="keep the datasets in a new folder here (default: a temporary folder, removed)",
+    )
     args = parser.parse_args(argv)
+    for name in ("seq_len", "global_batch", "batches", "bpe_vocab"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
 
+    from mpt_jax.data import DataError
+
+    try:
+        return _bench(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _bench(args) -> int:
     from mpt_jax.data import BatchLoader, open_dataset, prepare_dataset
     from mpt_jax.data.sources import builtin_files
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_data-"))
-    work.mkdir(parents=True, exist_ok=True)
+    if args.workdir is not None:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    # a new folder of its own, also inside --workdir: nothing already there is replaced
+    work = Path(tempfile.mkdtemp(prefix="bench_data-", dir=args.workdir))
     corpus_mb = sum(f.path.stat().st_size for f in builtin_files("python-stdlib")) / 1e6
     rows = []
     common = dict(seq_len=args.seq_len, val_fraction=0.01, progress=False, overwrite=True)

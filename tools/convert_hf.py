@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -45,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     from mpt_jax.config import ConfigError
     from mpt_jax.hf_checkpoint import transformers_incompatibilities
 
+    src, dst = Path(args.src).resolve(), Path(args.dst).resolve()
+    if dst == src or dst in src.parents:
+        # the old folder is removed once the new one is written: SRC's other files would go
+        print(f"error: DST {args.dst} is SRC or holds it; write to another folder", file=sys.stderr)
+        return 2
     try:
         extra = {"allow_pickle": True} if args.allow_pickle else {}
         model = from_pretrained(args.src, step=args.step, **extra)

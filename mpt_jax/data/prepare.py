@@ -55,9 +55,16 @@ def prepare_dataset(
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction: must be in [0, 1), got {val_fraction}")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise DataError(f"{out_dir}: already exists and is not empty (pass overwrite)")
+        raise DataError(
+            f"{out_dir}: already exists and is not empty (overwrite=True; --overwrite in "
+            "tools/prepare_data.py)"
+        )
     files = sources.resolve_inputs(inputs)
     val_files = sources.resolve_inputs(val_inputs) if val_inputs else []
+    out_resolved = out_dir.resolve()
+    for f in files + val_files:
+        if out_resolved in f.path.resolve().parents:  # replacing out_dir would delete it
+            raise DataError(f"--out: {out_dir} holds the input {f.path}; choose another folder")
     # a validation file is validation only, however its path was spelled or wherever it sits
     val_paths = {f.path.resolve() for f in val_files}
     files = [f for f in files if f.path.resolve() not in val_paths]

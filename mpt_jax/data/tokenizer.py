@@ -71,6 +71,11 @@ class JsonTokenizer:
         candidates = (eos_token,) if eos_token else EOS_CANDIDATES
         ids = [self._tok.token_to_id(t) for t in candidates]
         found = [(t, i) for t, i in zip(candidates, ids, strict=True) if i is not None]
+        if not found and eos_token:
+            raise DataError(
+                f"{path}: has no token {eos_token!r}, the end-of-text token named by --eos-token "
+                "or declared by the tokenizer folder"
+            )
         if not found:
             raise DataError(
                 f"{path}: no end-of-text token found (tried {', '.join(candidates)}); "
@@ -103,9 +108,14 @@ def declared_eos_token(folder: Path) -> str | None:
     """The eos_token a transformers tokenizer folder declares (a string or an AddedToken dict)."""
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         try:
-            eos = json.loads((folder / name).read_text()).get("eos_token")
-        except (OSError, ValueError, AttributeError):
+            declared = json.loads((folder / name).read_text())
+        except OSError:
             continue
+        except ValueError as e:  # a wrong EOS would be picked silently otherwise
+            raise DataError(f"{folder / name}: not valid JSON ({e})") from None
+        if not isinstance(declared, dict):
+            raise DataError(f"{folder / name}: expected a JSON object")
+        eos = declared.get("eos_token")
         if isinstance(eos, dict):
             eos = eos.get("content")
         if isinstance(eos, str) and eos:
