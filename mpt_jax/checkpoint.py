@@ -62,7 +62,8 @@ def _error_line(error: BaseException) -> str:
     # TensorStore appends the spec it was opening, a JSON object of a kilobyte or more, after
     # the cause ("... File too large [tensorstore_spec='{...}'] [os_error_code='27']"): without
     # it the cause is at the end, which the shortened line keeps
-    text = re.sub(r" ?\[tensorstore_spec='[^']*'\]", "", text)
+    # (a read names two specs: tensorstore_spec='...' and tensorstore_spec[1]='...')
+    text = re.sub(r" ?\[tensorstore_spec(?:\[\d+\])?='[^']*'\]", "", text)
     return text if len(text) <= 300 else f"{text[:120]} ... {text[-170:]}"
 
 

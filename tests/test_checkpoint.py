@@ -484,6 +484,14 @@ def test_error_line_keeps_tensorstores_cause_and_drops_its_spec():
     assert "File too large" in line and line.endswith("[os_error_code='27']")
     assert "tensorstore_spec" not in line and "second line" not in line
     assert line.startswith("OUT_OF_RANGE: Error opening") and len(line) <= 300
+    # a truncated file read: two specs, the cause after both
+    read = (
+        f"DATA_LOSS: Error reading \"params\" [tensorstore_spec='{spec}'] "
+        f"[tensorstore_spec[1]='{spec}'] Requested byte range [0, 895) is not valid for value "
+        "of size 10"
+    )
+    line = checkpoint._error_line(ValueError(read))
+    assert "tensorstore_spec" not in line and line.endswith("not valid for value of size 10")
     assert checkpoint._error_line(OSError()) == "OSError"
 
 

@@ -320,6 +320,9 @@ def _bad_input(tmp_path: Path, case: str) -> tuple[list[str], dict, str]:
     if case == "bad_json":
         (tmp_path / "j.jsonl").write_text('{"text": "a"}\n{"text": \n')
         return [str(tmp_path / "j.jsonl")], {}, r"j\.jsonl line 2: invalid JSON"
+    if case == "surrogate":  # valid JSON, but no UTF-8 can encode the text
+        (tmp_path / "s.jsonl").write_text('{"text": "a\\u00e9b"}\n{"text": "a\\ud800b"}\n')
+        return [str(tmp_path / "s.jsonl")], {}, r"s\.jsonl line 2: field 'text' holds a lone"
     if case == "no_column":
         pq.write_table(pa.table({"body": ["a" * 100]}), tmp_path / "p.parquet")
         return [str(tmp_path / "p.parquet")], {}, r"p\.parquet: no column 'text' \(columns: body\)"
@@ -344,6 +347,7 @@ def _bad_input(tmp_path: Path, case: str) -> tuple[list[str], dict, str]:
         "utf8_jsonl",
         "no_field",
         "bad_json",
+        "surrogate",
         "no_column",
         "glob",
         "too_short",

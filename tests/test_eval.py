@@ -543,6 +543,11 @@ def test_bad_task_files_and_lists(tiny, tmp_path):
             icl_task_type="generation_task_with_answers",
             max_seq_len=16,
         )
+    with pytest.raises(
+        EvalError,
+        match=r"icl_tasks label 'x' \(.*bad\.jsonl\): max_seq_len 1000 exceeds the model's 64",
+    ):
+        run_one([{"context": "a", "continuation": "b"}], max_seq_len=1000)
     # all tasks are checked before the first forward pass
     good = {
         "label": "g",

@@ -213,3 +213,18 @@ def test_sampling_without_a_temperature_samples_at_one(setup):
     sampled = generate(model, ids, max_new_tokens=8, temperature=1.0, seed=5, eos_id=EOS)
     greedy = generate(model, ids, max_new_tokens=8, temperature=0.0, eos_id=EOS)
     assert got == [tok.decode(r) for r in sampled] != [tok.decode(r) for r in greedy]
+
+
+def test_default_max_gen_toks_leaves_a_small_model_room_for_prompts(setup):
+    from lm_eval.api.instance import Instance
+
+    from mpt_jax.lm_eval import MPTJaxLM
+
+    _, model_dir, _ = setup
+    lm = MPTJaxLM(path=str(model_dir), tokenizer="byte", batch_size=2, max_length=32)
+    assert lm.max_gen_toks == 16  # lm-eval's 256 would leave no prompt in 32 tokens
+    # a task that names no max_gen_toks generates with the default, its prompt cut to 16 tokens
+    request = Instance("generate_until", {}, (PROMPTS[0]["prompt"], {"until": ["\n"]}), 0)
+    assert isinstance(lm.generate_until([request])[0], str)
+    with pytest.raises(ValueError, match=r"max_gen_toks must be in \[1, 31\]"):
+        MPTJaxLM(path=str(model_dir), tokenizer="byte", max_length=32, max_gen_toks=32)

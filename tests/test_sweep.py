@@ -193,7 +193,8 @@ def test_sweep_preempted_on_slurm_resumes_locally_reports_and_skips(tmp_path, sm
     sweep = load_sweep(path, out)
     first, second = sweep.members
 
-    _run_tool(path, "--out-dir", out, "--slurm", "--gpus-per-member", "0")
+    printed = _run_tool(path, "--out-dir", out, "--slurm", "--gpus-per-member", "0")
+    assert f"then collect: python tools/sweep.py {path} --out-dir {out} --report-only" in printed
     lines = (out / "commands.txt").read_text().splitlines()
     assert len(lines) == 2 and "train.seed=1" in lines[0] and "train.seed=2" in lines[1]
     sbatch = (out / "sweep.sbatch").read_text()

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"{len(sweep.members)} members, {len(indices)} to run; launch commands: {commands}")
         print(f"submit with: sbatch {sbatch}")
-        print(f"then collect: python tools/sweep.py {args.sweep} --report-only")
+        print(f"then collect: {runner.report_command(sweep)}")
         return 0
 
     status: dict[str, str] = {m.name: "finished" for m in finished}

@@ -156,6 +156,14 @@ def _read_jsonl(f: SourceFile, field: str) -> Iterator[Document]:
             text = obj[field]
             if not isinstance(text, str):
                 raise DataError(f"{f.name} line {lineno}: field {field!r} is not a string")
+            if "\\u" in line:  # only a \u escape can make a lone surrogate
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise DataError(
+                        f"{f.name} line {lineno}: field {field!r} holds a lone surrogate "
+                        f"(\\u{ord(text[e.start]):04x}), which is not valid Unicode"
+                    ) from None
             yield Document(f, lineno, text)
 
 

@@ -66,7 +66,8 @@ def run_tasks(
         limit = task.max_seq_len or scorer.config.max_seq_len
         if limit > scorer.config.max_seq_len:
             raise EvalError(
-                f"{task.label}: max_seq_len {limit} exceeds the model's {scorer.config.max_seq_len}"
+                f"icl_tasks label {task.label!r} ({task.dataset_uri}): max_seq_len {limit} "
+                f"exceeds the model's {scorer.config.max_seq_len}"
             )
         for k in task.num_fewshot:
             for name, group in groups.items():

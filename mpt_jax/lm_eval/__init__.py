@@ -62,7 +62,7 @@ class MPTJaxLM(TemplateLM):
         dtype: str = "float32",
         batch_size: int | str = 8,
         max_length: int | None = None,
-        max_gen_toks: int = 256,
+        max_gen_toks: int | None = None,
         seed: int = 0,
         max_batch_size: Any = None,
         device: Any = None,
@@ -84,7 +84,15 @@ class MPTJaxLM(TemplateLM):
         if not 1 < self.max_length <= limit:
             raise ValueError(f"mpt_jax: max_length must be in [2, {limit}], got {max_length}")
         self.batch_size = _batch_size(batch_size)
-        self.max_gen_toks = int(max_gen_toks)
+        # lm-eval's HFLM default of 256, but at most half the window, so that a small model's
+        # generation tasks keep room for their prompts
+        default = min(256, self.max_length // 2)
+        self.max_gen_toks = default if max_gen_toks is None else int(max_gen_toks)
+        if not 1 <= self.max_gen_toks < self.max_length:
+            raise ValueError(
+                f"mpt_jax: max_gen_toks must be in [1, {self.max_length - 1}] (below max_length "
+                f"{self.max_length}), got {max_gen_toks}"
+            )
         self.seed = int(seed)
         self._name = f"{path}" + ("" if step is None else f"@{step}")
 

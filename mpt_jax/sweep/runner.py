@@ -82,6 +82,14 @@ def shell_line(sweep: Sweep, member: Member, python: str = "python") -> str:
     return f"{line} && if test -f {done}; then {shlex.join(evaluation)}; fi"
 
 
+def report_command(sweep: Sweep) -> str:
+    """The command that collects this sweep's results (its out_dir named: it may be overridden)."""
+    return (
+        f"python tools/sweep.py {shlex.quote(str(sweep.path))} "
+        f"--out-dir {shlex.quote(str(sweep.out_dir))} --report-only"
+    )
+
+
 def write_atomic(path: Path, text: str, mode: int | None = None) -> None:
     """Write under a temporary name and rename: readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,7 +142,7 @@ def write_slurm(sweep: Sweep, options: SlurmOptions) -> tuple[Path, Path, list[i
 # tools/sweep.py. Task i runs line i+1 of commands.txt; a task whose member is finished exits at
 # once, and one stopped before the end (preemption, time limit) requeues itself and resumes from
 # its latest checkpoint. Collect the results afterwards with:
-#   python tools/sweep.py {shlex.quote(str(sweep.path))} --report-only
+#   {report_command(sweep)}
 #SBATCH --job-name=sweep-{sweep.name}
 #SBATCH --array={array}
 #SBATCH --nodes=1
