@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -193,6 +194,14 @@ class ModelConfig:
                     if key in flat:
                         raise ConfigError(f"{where}.{nested}.{key}: also given at the top level")
                     flat[key] = value
+        act = flat.get("ffn_act_fn")
+        if isinstance(act, Mapping):  # llm-foundry's form, {name: silu}, as in its YAMLs
+            if set(act) - {"name", "approximate"} or act.get("approximate", "none") != "none":
+                raise ConfigError(
+                    f"{where}.ffn_act_fn: expected a name or {{name: gelu | silu | relu}} "
+                    f"(exact gelu), got {dict(act)!r}"
+                )
+            flat["ffn_act_fn"] = act.get("name")
         return from_dict(cls, flat, where=where)
 
     def to_dict(self) -> dict[str, Any]:
@@ -548,7 +557,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
                 return _convert(arg, value, where)
             except ConfigError:
                 continue
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        raise _mismatch(where, tp, value)
     if origin is Literal:
         if value in typing.get_args(tp) and type(value) is not bool:
             return value
@@ -590,7 +599,16 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             return value
     else:  # pragma: no cover - a programming error in a config class
         raise TypeError(f"unsupported annotation {tp!r} at {where}")
-    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    raise _mismatch(where, tp, value)
+
+
+def _mismatch(where: str, tp: Any, value: Any) -> ConfigError:
+    """The wrong-type error; a whole number written as a float (2.5e9) for an int is told so."""
+    hint = ""
+    wants_int = tp is int or int in typing.get_args(tp)
+    if wants_int and isinstance(value, float) and value.is_integer():
+        hint = f" (write a whole number without a point or exponent: {int(value)})"
+    return ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}{hint}")
 
 
 def from_dict(cls: type, data: Mapping[str, Any], *, where: str) -> Any:
@@ -627,6 +645,23 @@ def to_dict(obj: Any) -> Any:
 # YAML and overrides
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading `3e-4` and `2.5e9` as floats as YAML 1.2 (and llm-foundry's
+    OmegaConf) does; YAML 1.1 wants a dot and a signed exponent (`3.0e-4`), else a string."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def safe_load_yaml(text: str) -> Any:
+    """yaml.safe_load, with exponent floats without a dot read as floats."""
+    return yaml.load(text, Loader=_YamlLoader)
+
+
 def parse_value(text: str) -> Any:
     """Parse an override value: ints, floats (also `3e-4`), booleans, null, lists, strings."""
     for conv in (int, float):
@@ -635,7 +670,7 @@ def parse_value(text: str) -> Any:
         except ValueError:
             pass
     try:
-        return yaml.safe_load(text)
+        return safe_load_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -678,7 +713,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""

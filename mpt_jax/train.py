@@ -867,8 +867,8 @@ def _log_step(pending, cfg: RunConfig, logger, throughput, bar, force=False) -> 
         "data_wait": data_wait,
         "skipped_steps": values["skipped_steps"],
     }
-    if cfg.train.remat == "full" and "hfu" in rates:
-        metrics["hfu"] = rates["hfu"]
+    if cfg.train.remat == "full":
+        metrics["hfu"] = rates.get("hfu")  # null with mfu where the peak is unknown (CPU)
     bad = values["bad_streak"] > 0
     bar.update(1)
     bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)

@@ -122,6 +122,7 @@ def test_yaml_with_nested_llm_foundry_sections_and_overrides(tmp_path):
               clip_qkv: 6
             ffn_config:
               ffn_type: mptglu
+              ffn_act_fn: {name: silu}
             init_config:
               name: baseline_
               init_std: 0.02
@@ -130,7 +131,8 @@ def test_yaml_with_nested_llm_foundry_sections_and_overrides(tmp_path):
     )
     cfg = load_model_config(path, ["n_layers=3", "softmax_scale=3e-1", "init_config.init_std=0.01"])
     assert cfg.n_layers == 3 and cfg.alibi and cfg.clip_qkv == 6.0
-    assert cfg.ffn_type == "mptglu" and cfg.softmax_scale == pytest.approx(0.3)
+    assert cfg.ffn_type == "mptglu" and cfg.ffn_act_fn == "silu"
+    assert cfg.softmax_scale == pytest.approx(0.3)
     assert cfg.init_config == InitConfig(name="baseline_", init_std=0.01)
     # the dict form round-trips
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
@@ -178,6 +180,11 @@ def test_config_is_frozen():
         (dict(attn_impl="triton"), r"model\.attn_impl: must be one of 'auto'"),
         (dict(ffn_type="moe"), r"model\.ffn_type: must be one of"),
         (dict(ffn_act_fn="gelu_tanh"), r"model\.ffn_act_fn: must be one of"),
+        (dict(ffn_act_fn={"name": "tanh"}), r"model\.ffn_act_fn: must be one of"),
+        (
+            dict(ffn_act_fn={"name": "gelu", "approximate": "tanh"}),
+            r"model\.ffn_act_fn: expected a name or \{name: gelu \| silu \| relu\} \(exact",
+        ),
         (dict(n_layers="4"), r"model\.n_layers: expected int, got '4'"),
         (dict(n_layers=4.0), r"model\.n_layers: expected int, got 4\.0"),
         (dict(no_bias=1), r"model\.no_bias: expected bool, got 1"),
@@ -311,3 +318,22 @@ def test_run_config_presets_budgets_and_defaults():
 def test_run_config_errors_name_the_field(changes, message):
     with pytest.raises(ConfigError, match=message):
         _run(**changes)
+
+
+def test_exponent_floats_read_as_floats_in_files_and_overrides(tmp_path):
+    from mpt_jax.config import load_run_config, load_yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "model: mpt-125m\ndata: {path: d}\nrun_dir: r\n"
+        "optim: {lr: 3e-4, eps: 1E-8, betas: [0.9, .95]}\ntrain: {steps: 10, seed: 1_000}\n"
+    )
+    cfg = load_run_config(path)
+    assert (cfg.optim.lr, cfg.optim.eps, cfg.optim.betas) == (3e-4, 1e-8, (0.9, 0.95))
+    assert cfg.train.seed == 1000
+    assert load_run_config(path, ["optim.betas=[9e-1, 0.99]"]).optim.betas == (0.9, 0.99)
+    assert load_yaml(path)["run_dir"] == "r"  # strings stay strings
+    with pytest.raises(
+        ConfigError, match=r"train\.tokens: .* \(write a whole number .*: 2500000000"
+    ):
+        load_run_config(path, ["train.steps=null", "train.tokens=2.5e9"])
