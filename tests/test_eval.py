@@ -416,6 +416,8 @@ def test_gauntlet_arithmetic():
         gauntlet_cfg(weighting="EQUALS")
     with pytest.raises(EvalError, match=r"g\.averages\.x: unknown category 'nope'"):
         gauntlet_cfg(averages={"x": ["nope"]})
+    with pytest.raises(EvalError, match=r"g\.categories: empty; a gauntlet needs at least one"):
+        gauntlet_cfg(categories=[], averages=None)
 
 
 # ---------------------------------------------------------------------------------------------

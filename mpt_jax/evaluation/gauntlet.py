@@ -65,6 +65,8 @@ class GauntletConfig:
             raise ConfigError(
                 "rescale_accuracy: only allowed together with subtract_random_baseline"
             )
+        if not self.categories:  # would score 0 and look like a result
+            raise ConfigError("categories: empty; a gauntlet needs at least one category")
         names = [c.name for c in self.categories]
         for name, _ in self.averages or ():
             if name in names:
