@@ -235,8 +235,6 @@ def run_cli(args) -> dict[str, Any]:
         raise EvalError("nothing to evaluate: give --tasks TASKS.yaml and/or --data PREPARED_DIR")
     if args.batch_size < 1:
         raise EvalError(f"--batch-size: must be >= 1, got {args.batch_size}")
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise EvalError(f"--max-tokens: must be >= 1, got {args.max_tokens}")
     if args.out:
         _check_writable(Path(args.out), "--out")  # before the evaluation, not after it
     seq_lens = parse_ints(args.seq_lens, "--seq-lens")

@@ -12,8 +12,15 @@ if [ "${MIB:-0}" -lt 130000 ]; then
   echo "guard.sh: ${MIB:-no} MiB of GPU memory; the guard's members need an H200 (141 GB)"
   exit 1
 fi
-timeout "$(cap 500)" python3 tools/sweep.py experiments/sweeps/gpu-perf-guard.yaml --no-plots \
-  --out-dir "$OUT/guard" >"$OUT/guard.log" 2>&1
+# SIGTERM stops the sweep cleanly (members save and stop); -k kills it 30 s later if not
+timeout -k 30 "$(cap 470)" python3 tools/sweep.py experiments/sweeps/gpu-perf-guard.yaml \
+  --no-plots --out-dir "$OUT/guard" >"$OUT/guard.log" 2>&1
+# members run in sessions of their own: one still compiling would hold 100+ GiB of the GPU
+nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill 2>/dev/null
+# a sweep cut off writes no table: collect what the members logged
+[ -f "$OUT/guard/results.md" ] || timeout "$(cap 60)" python3 tools/sweep.py \
+  experiments/sweeps/gpu-perf-guard.yaml --report-only --no-plots --out-dir "$OUT/guard" \
+  >>"$OUT/guard.log" 2>&1
 cp "$OUT/guard/results.md" "$OUT/guard.md" 2>/dev/null
 pack_details guard
 tail -8 "$OUT/guard.log"

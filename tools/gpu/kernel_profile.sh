@@ -30,7 +30,8 @@ if [ -n "$NCU" ]; then
     python3 tools/bench_attention.py --once $ONCE_FLAGS >"$OUT/ncu.csv" 2>"$OUT/ncu.err"
   echo "ncu exit status $?"
   grep "^ran once" "$OUT/ncu.csv"
-  python3 tools/profile_summary.py --ncu "$OUT/ncu.csv" | tee "$OUT/ncu.md" || tail -5 "$OUT/ncu.err"
+  python3 tools/profile_summary.py --ncu "$OUT/ncu.csv" >"$OUT/ncu.md" || tail -5 "$OUT/ncu.err"
+  cat "$OUT/ncu.md"
 else
   echo "ncu: not found; no counters"
   timeout "$(cap 120)" python3 tools/bench_attention.py --once $ONCE_FLAGS

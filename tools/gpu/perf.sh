@@ -3,11 +3,11 @@
 # the same run (both with ALiBi, batch 16, seq 2048), each row with 3 steps traced after the
 # timed ones (where the time goes):
 #   ROWS=main (the default): scanned layers with XLA norms (the preset), unrolled layers (no
-#     per-layer copies of the saved activations into and out of the scan's stacked buffers),
-#     unrolled with norm_impl=pallas_gpu (our fused add + norm kernels, the fastest predicted),
-#     then MPT-1B at seq 8192 unrolled with the Pallas norms. With HOPPER=1 (once kernels.sh
-#     passed the Hopper kernels' GPU tests) the unrolled XLA-norm row runs with
-#     attn_impl=pallas_mgpu and the Pallas norms instead.
+#     per-layer copies of the saved activations into and out of the scan's stacked buffers)
+#     with norm_impl=pallas_gpu (our fused add + norm kernels, the fastest predicted), the same
+#     at seq 8192, then unrolled layers with XLA norms (untraced). With HOPPER=1 (once
+#     kernels.sh passed the Hopper kernels' GPU tests) that last row runs with
+#     attn_impl=pallas_mgpu and the Pallas norms instead (traced).
 #   ROWS=levers: the smaller levers against the preset: every matmul in cuBLAS (no XLA Triton
 #     GEMMs), the whole logits, and seq 8192 scanned (about 4 minutes).
 # The correctness guard is tools/gpu/guard.sh, a run of its own.
@@ -59,19 +59,21 @@ NORMS=(--model-override norm_impl=pallas_gpu)
 UNROLLED=(--model-override scan_layers=false)
 case "${ROWS:-main}" in
 main)
-  # worst cases add up to 580 s, each capped by what is left of BUDGET_S; typical runs take half
+  # in the order of the targets: the preset, the fastest predicted at seq 2048 (60% MFU), the
+  # same at seq 8192 (50%), then the comparison row; worst cases add up to 600 s with the
+  # anchor, each capped by what is left of BUDGET_S, so a cut falls on the comparison row
   bench scan_2048 90 --seq-lens 2048 --global-batch 16 --profile "$WORK/profile_scan"
-  if [ "${HOPPER:-0}" = 1 ]; then
-    # our Mosaic GPU (wgmma) kernels in the model, once kernels.sh has passed their GPU tests
-    bench unrolled_2048_norms_hopper 150 --seq-lens 2048 --global-batch 16 "${UNROLLED[@]}" \
-      "${NORMS[@]}" --model-override attn_impl=pallas_mgpu --profile "$WORK/profile_hopper"
-  else
-    bench unrolled_2048 150 --seq-lens 2048 --global-batch 16 "${UNROLLED[@]}" \
-      --profile "$WORK/profile_unrolled"
-  fi
   bench unrolled_2048_norms 150 --seq-lens 2048 --global-batch 16 "${UNROLLED[@]}" \
     "${NORMS[@]}" --profile "$WORK/profile_unrolled_norms"
-  bench unrolled_8192_norms 90 --seq-lens 8192 --global-batch 4 "${UNROLLED[@]}" "${NORMS[@]}"
+  # 24 unrolled layers compile slowly (mpt-760m ran out of a 70 s row on 2026-11-28)
+  bench unrolled_8192_norms 130 --seq-lens 8192 --global-batch 4 "${UNROLLED[@]}" "${NORMS[@]}"
+  if [ "${HOPPER:-0}" = 1 ]; then
+    # our Mosaic GPU (wgmma) kernels in the model, once kernels.sh has passed their GPU tests
+    bench unrolled_2048_norms_hopper 130 --seq-lens 2048 --global-batch 16 "${UNROLLED[@]}" \
+      "${NORMS[@]}" --model-override attn_impl=pallas_mgpu --profile "$WORK/profile_hopper"
+  else
+    bench unrolled_2048 130 --seq-lens 2048 --global-batch 16 "${UNROLLED[@]}"
+  fi
   ;;
 levers)
   # XLA's own Triton GEMMs (gemm_fusion_dot_*: 38 ms of the 2026-11-28 step) against cuBLAS for
