@@ -264,8 +264,8 @@ class DataConfig:
                 raise ConfigError(f"data.mixture[{i}].weight: must be > 0, got {source.weight}")
         if self.num_threads < 0:  # 0: grain reads in the loader's own thread
             raise ConfigError(f"data.num_threads: must be >= 0, got {self.num_threads}")
-        if self.prefetch < 1:
-            raise ConfigError(f"data.prefetch: must be >= 1, got {self.prefetch}")
+        if self.prefetch < 0:  # 0 and 1 alike: one batch ahead
+            raise ConfigError(f"data.prefetch: must be >= 0, got {self.prefetch}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -603,10 +603,13 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 
 
 def _mismatch(where: str, tp: Any, value: Any) -> ConfigError:
-    """The wrong-type error; a whole number written as a float (2.5e9) for an int is told so."""
+    """The wrong-type error; a whole number written as a float (2.5e9) for an int, and a NaN or
+    infinity for a float, are told so."""
     hint = ""
-    wants_int = tp is int or int in typing.get_args(tp)
-    if wants_int and isinstance(value, float) and value.is_integer():
+    wants = (tp, *typing.get_args(tp))
+    if float in wants and isinstance(value, float) and not math.isfinite(value):
+        return ConfigError(f"{where}: expected a finite number, got {value!r}")
+    if int in wants and isinstance(value, float) and value.is_integer():
         hint = f" (write a whole number without a point or exponent: {int(value)})"
     return ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}{hint}")
 

@@ -41,8 +41,9 @@ def supervise(
     The wait before a restart doubles after each failure without progress (a new checkpoint)
     and resets after one with progress; SIGTERM / SIGINT are passed on to the child and end
     supervision (a child still running `stop_grace_s` later is killed; a stop during the wait
-    before a restart ends it at once). `first_extra` is added to the first attempt only (e.g.
-    --overwrite). Each failure is printed and appended to RUN_DIR/restarts.jsonl.
+    before a restart ends it at once). `first_extra` (e.g. --overwrite) is added to every attempt
+    until one has written the run folder's config.yaml. Each failure is printed and appended to
+    RUN_DIR/restarts.jsonl.
     """
     checkpoints = Path(run_dir) / "checkpoints"
     log_path = Path(run_dir) / "restarts.jsonl"
@@ -71,9 +72,13 @@ def supervise(
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     restarts, delay = 0, backoff_s
+    # first_extra (--overwrite) goes on until an attempt has set up the run folder (written its
+    # config.yaml anew): one that died before would otherwise leave the old run in place
+    config_before = _file_stamp(Path(run_dir) / "config.yaml")
     try:
         while True:
-            extra = list(first_extra) if restarts == 0 else []
+            set_up = _file_stamp(Path(run_dir) / "config.yaml") != config_before
+            extra = [] if set_up else list(first_extra)
             before = committed_steps(checkpoints)
             started = time.time()
             child = subprocess.Popen([*launcher, *child_argv, *extra])
@@ -119,6 +124,14 @@ def supervise(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _file_stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
 
 
 def _append(path: Path, record: dict) -> None:

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -294,20 +295,50 @@ RESUMABLE_KEYS = (
 )
 
 
+# What only training writes into a folder: with any of them (or a run's config.yaml) the folder
+# is a run's, which --overwrite may replace
+RUN_MARKERS = ("checkpoints", "metrics.jsonl", "complete.json", "restarts.jsonl")
+
+
+def _holds_a_run(run_dir: Path) -> bool:
+    if any((run_dir / marker).exists() for marker in RUN_MARKERS):
+        return True
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(saved, dict) and {"model", "train", "run_dir"} <= saved.keys()
+
+
 def check_run_dir(cfg: RunConfig, raw: dict[str, Any], *, overwrite: bool) -> None:
     """Refuse, before anything is changed, a run_dir this run may not use (or replace)."""
     run_dir = Path(cfg.run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"run_dir: {run_dir} is a file, not a folder")
-    config_path = run_dir / "config.yaml"
+    existing = next(p for p in (run_dir.absolute(), *run_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"run_dir: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"run_dir: {existing} is not writable")
+    steps = checkpoint.committed_steps(run_dir.absolute() / "checkpoints")
+    if cfg.init_from and (overwrite or not steps):  # a fresh start reads it
+        _check_init_from_exists(cfg)
     if overwrite:
-        # --overwrite deletes the folder: only a run's, never a folder of other files
-        if run_dir.is_dir() and any(run_dir.iterdir()) and not config_path.is_file():
+        if run_dir.is_symlink():
             raise ConfigError(
-                f"run_dir: {run_dir} is not empty and holds no run (no config.yaml); "
-                "--overwrite replaces run folders only: choose another run_dir"
+                f"run_dir: {run_dir} is a symbolic link; --overwrite replaces a real run folder: "
+                "name the folder it points to"
+            )
+        cwd = Path.cwd().resolve()
+        if run_dir.exists() and (run_dir.resolve() == cwd or run_dir.resolve() in cwd.parents):
+            raise ConfigError(f"run_dir: {run_dir} holds the working directory; not replaced")
+        # --overwrite deletes the folder: only a run's, never a folder of other files
+        if run_dir.is_dir() and any(run_dir.iterdir()) and not _holds_a_run(run_dir):
+            raise ConfigError(
+                f"run_dir: {run_dir} is not empty and holds no run (no run config.yaml, "
+                "checkpoints or metrics); --overwrite replaces run folders only: choose another "
+                "run_dir"
             )
         return
+    config_path = run_dir / "config.yaml"
     if config_path.exists():
         try:
             previous = yaml.safe_load(config_path.read_text())
@@ -323,13 +354,44 @@ def check_run_dir(cfg: RunConfig, raw: dict[str, Any], *, overwrite: bool) -> No
                 f"{run_dir}: holds a run with a different config ({', '.join(changed[:5])}); "
                 "pass --overwrite to replace it or choose another run_dir"
             )
-    if (run_dir / "complete.json").is_file() and not checkpoint.committed_steps(
-        run_dir.absolute() / "checkpoints"
-    ):
+    if steps:
+        _check_not_past_end(cfg, steps[-1])
+    elif (run_dir / "complete.json").is_file():
         # nothing to resume from: running again would train it anew over its metrics and export
         raise ConfigError(
             f"{run_dir}: holds a finished run without checkpoints (checkpoint.enabled false?); "
             "pass --overwrite to train it again or choose another run_dir"
+        )
+
+
+def retire_stale_completion(run_dir: Path, total_steps: int) -> None:
+    """Remove complete.json when this run goes past the step it marks.
+
+    Done at once, not once the run starts: launch scripts and sweeps read the file as 'finished',
+    and a relaunch with more steps that fails early would otherwise pass for one.
+    """
+    path = run_dir / "complete.json"
+    try:
+        step = json.loads(path.read_text()).get("step")
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, AttributeError):
+        step = None  # unreadable: no proof of a finished run
+    if not isinstance(step, int) or step < total_steps:
+        path.unlink(missing_ok=True)
+
+
+def _check_init_from_exists(cfg: RunConfig) -> None:
+    if not Path(cfg.init_from).exists():
+        raise ConfigError(f"init_from: {cfg.init_from} does not exist")
+
+
+def _check_not_past_end(cfg: RunConfig, step: int) -> None:
+    if step > cfg.total_steps:
+        length = "steps" if cfg.train.steps is not None else "tokens"
+        raise ConfigError(
+            f"train.{length}: the run ends at step {cfg.total_steps}, before its checkpoint "
+            f"at step {step}"
         )
 
 
@@ -394,12 +456,7 @@ def _check_checkpoint_meta(
     cfg: RunConfig, raw: dict[str, Any], step: int, meta: dict[str, Any]
 ) -> None:
     """Refuse a checkpoint written for another model or sample order, or beyond this run."""
-    if step > cfg.total_steps:
-        length = "steps" if cfg.train.steps is not None else "tokens"
-        raise ConfigError(
-            f"train.{length}: the run ends at step {cfg.total_steps}, before its checkpoint "
-            f"at step {step}"
-        )
+    _check_not_past_end(cfg, step)
     saved = meta["config"]
     changed = _model_changes(saved.get("model"), raw["model"], prefix="model.")
     changed += _diff_keys(saved.get("optim"), raw["optim"], "optim.")
@@ -436,8 +493,7 @@ def _initial_params(cfg: RunConfig, abstract_params) -> Any:
         params = nnx.state(loaded, nnx.Param)
         _check_same_shapes(params, abstract_params, source)
         return jax.device_put(params, jax.tree.map(lambda a: a.sharding, abstract_params))
-    if not source.exists():
-        raise ConfigError(f"init_from: {source} does not exist")
+    _check_init_from_exists(cfg)
     step_dir = checkpoint.find_step_dir(source)
     meta = checkpoint.read_meta(step_dir)
     saved_model = meta["config"].get("model", {})
@@ -561,6 +617,7 @@ class _Trainer:
         cfg, raw = self.cfg, self.raw
         if self.is_main:
             check_run_dir(cfg, raw, overwrite=overwrite)
+            retire_stale_completion(Path(cfg.run_dir), cfg.total_steps)
         self.mesh = mesh = sharding.make_mesh(cfg.mesh)
         sharding.check_tensor_within_processes(mesh.devices)
         shards = mesh.shape["data"] * mesh.shape["fsdp"]

@@ -444,6 +444,34 @@ def test_supervisor_stops_promptly(tmp_path, child, code):
     assert f"returned {code}" in out, out + err
 
 
+def test_supervisor_passes_overwrite_until_an_attempt_has_set_up_the_run(tmp_path):
+    from mpt_jax.supervisor import supervise
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("old run\n")
+    calls = tmp_path / "calls"
+    # attempt 1 dies before touching the folder, attempt 2 writes config.yaml then crashes
+    child = (
+        "import sys, pathlib; calls = pathlib.Path(sys.argv[1]); "
+        "calls.open('a').write(' '.join(sys.argv[2:]) + '\\n'); "
+        "n = len(calls.read_text().splitlines()); "
+        "n == 2 and (pathlib.Path(sys.argv[2]) / 'config.yaml').write_text('new run\\n'); "
+        "raise SystemExit(0 if n == 3 else 1)"
+    )
+    code = supervise(
+        ["-c", child, str(calls), str(run_dir)],
+        run_dir=run_dir,
+        max_restarts=3,
+        backoff_s=0,
+        first_extra=["--overwrite"],
+        launcher=[sys.executable],
+    )
+    assert code == 0
+    attempts = calls.read_text().splitlines()
+    assert [a.endswith("--overwrite") for a in attempts] == [True, True, False]
+
+
 @pytest.mark.parametrize("disarm, code", [(False, 75), (True, 0)])
 def test_a_disarmed_watchdog_waits_for_the_next_heartbeat(disarm, code):
     script = (

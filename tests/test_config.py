@@ -311,7 +311,11 @@ def test_run_config_presets_budgets_and_defaults():
         (dict(schedule={"alpha_f": float("nan")}), r"schedule\.alpha_f: expected a finite"),
         (dict(optim={"betas": [0.9, float("nan")]}), r"optim\.betas\[1\]: expected a finite"),
         (dict(train={"eval_every": -1}), r"train\.eval_every: must be >= 0, got -1"),
-        (dict(data={"prefetch": 0}), r"data\.prefetch: must be >= 1, got 0"),
+        (dict(data={"prefetch": -1}), r"data\.prefetch: must be >= 0, got -1"),
+        (
+            dict(checkpoint={"every_minutes": float("inf")}),
+            r"checkpoint\.every_minutes: expected a finite number, got inf",
+        ),
         (dict(data={"num_threads": -1}), r"data\.num_threads: must be >= 0, got -1"),
     ],
 )
@@ -332,7 +336,10 @@ def test_exponent_floats_read_as_floats_in_files_and_overrides(tmp_path):
     assert (cfg.optim.lr, cfg.optim.eps, cfg.optim.betas) == (3e-4, 1e-8, (0.9, 0.95))
     assert cfg.train.seed == 1000
     assert load_run_config(path, ["optim.betas=[9e-1, 0.99]"]).optim.betas == (0.9, 0.99)
-    assert load_yaml(path)["run_dir"] == "r"  # strings stay strings
+    assert load_yaml(path)["run_dir"] == "r"
+    quoted = tmp_path / "q.yaml"
+    quoted.write_text("a: '1e-3'\nb: 1e-3x\nc: v1e3\n")
+    assert load_yaml(quoted) == {"a": "1e-3", "b": "1e-3x", "c": "v1e3"}  # strings stay strings
     with pytest.raises(
         ConfigError, match=r"train\.tokens: .* \(write a whole number .*: 2500000000"
     ):

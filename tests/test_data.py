@@ -584,3 +584,20 @@ def test_builtin_cache_is_per_tokenizer_content(tmp_path, monkeypatch):
     assert metas[0].folder != metas[1].folder  # both files are named t.json
     for meta, tok in zip(metas, tokenizers, strict=True):
         assert meta.tokenizer["sha256"] == tokenizer_from_spec({"path": str(tok)}).sha256
+    # named by content and EOS, not path: a transformers-style folder holding the same file
+    # (as train's data.tokenizer) and the file with its EOS (as eval passes it) share a corpus
+    import shutil
+
+    (tmp_path / "folder").mkdir()
+    shutil.copyfile(tokenizers[0], tmp_path / "folder" / "tokenizer.json")
+    same = [
+        resolve_dataset("builtin:python-stdlib", seq_len=16, tokenizer=t, progress=False)
+        for t in (str(tmp_path / "folder"), str(tmp_path / "folder" / "tokenizer.json"))
+    ]
+    assert {m.folder for m in same} == {metas[0].folder}
+    # another end-of-text token (here one the folder declares) packs other rows: another corpus
+    (tmp_path / "folder" / "tokenizer_config.json").write_text('{"eos_token": "a"}')
+    other = resolve_dataset(
+        "builtin:python-stdlib", seq_len=16, tokenizer=str(tmp_path / "folder"), progress=False
+    )
+    assert other.folder != metas[0].folder and other.tokenizer["eos_token"] == "a"

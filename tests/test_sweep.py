@@ -95,6 +95,9 @@ def test_grid_zip_members_and_seeds_expand_to_their_product(tmp_path):
         ({"grid": {"train.seed": [1]}, "seeds": [2]}, r"train\.seed is also swept"),
         ({"seeds": [1], "eval": {"tasks": "missing.yaml"}}, r"eval\.tasks: .*does not exist"),
         ({"seeds": [1, 2], "reference": "seed=3"}, r"reference: no member is named 'seed=3'"),
+        # YAML reads an unquoted 1e-3 as 0.001: the folder would not be named as written
+        ({"members": [{"name": 1e-3, "optim.lr": 1e-3}]}, r"members\[0\]\.name: 0\.001 is a"),
+        ({"seeds": [1], "reference": 1e-3}, r"reference: 0\.001 is a number; quote the name"),
     ],
 )
 def test_bad_sweep_files_give_one_line_naming_the_fault(tmp_path, spec, message):
@@ -337,14 +340,17 @@ def test_named_members_keep_their_names_and_slurm_redoes_changed_ones(tmp_path):
     assert (member.run_dir / "complete.json.before-sweep-change").read_text() == "{}"
     assert (tmp_path / "out" / "logs").is_dir()  # SLURM writes --output there, it makes no folder
     assert f"#SBATCH --output={tmp_path / 'out'}/logs/" in sbatch.read_text()
-    # run locally, the member's stale evaluation is set aside too, before the trainer refuses it
+    # run locally, the member's stale results are set aside too, before the trainer runs
     runner.eval_path(member).write_text('{"icl": []}')
+    (member.run_dir / "complete.json").write_text('{"step": 5}')
     local = runner.LocalRunner(sweep, runner.device_groups(1, []), log=lambda line: None)
     status = local.run([member])
     assert status[member.name].startswith("failed"), status
     assert not runner.eval_path(member).exists()
     kept = runner.eval_path(member).with_name(f"{runner.EVAL_FILE}.before-sweep-change")
     assert kept.read_text() == '{"icl": []}'
+    assert not (member.run_dir / "complete.json").exists()
+    assert (member.run_dir / "complete.json.before-sweep-change").read_text() == '{"step": 5}'
 
 
 def test_visible_gpus_reads_indices_not_lines(tmp_path, monkeypatch):

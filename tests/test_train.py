@@ -182,6 +182,23 @@ def test_the_run_folder_changes_only_once_the_run_is_known_to_start(small_datase
     with pytest.raises(ConfigError, match=r"mesh: data\*fsdp\*tensor"):
         run(config(small_dataset, **cfg, mesh={"data": 3, "fsdp": 1, "tensor": 1}))
     assert snapshot(run_dir) == before
+    # nor does a run past its last checkpoint, or a fresh start from a missing init_from
+    with pytest.raises(ConfigError, match=r"train\.steps: the run ends at step 1, before its"):
+        run(config(small_dataset, run_dir=str(run_dir), train={"steps": 1}))
+    typo = dict(run_dir=str(run_dir), train={"steps": 2}, init_from=str(tmp_path / "typo"))
+    with pytest.raises(ConfigError, match=r"init_from: .*typo does not exist"):
+        run(config(small_dataset, **typo), overwrite=True)
+    link = tmp_path / "link"
+    link.symlink_to(run_dir)
+    with pytest.raises(ConfigError, match=r"link is a symbolic link; --overwrite replaces a real"):
+        run(config(small_dataset, run_dir=str(link), train={"steps": 2}), overwrite=True)
+    assert snapshot(run_dir) == before
+    # a relaunch for more steps: complete.json no longer holds, also when the relaunch fails
+    # (launch scripts would take the run for finished)
+    with pytest.raises(ConfigError, match=r"mesh: data\*fsdp\*tensor"):
+        more = dict(train={"steps": 4}, mesh={"data": 3, "fsdp": 1, "tensor": 1})
+        run(config(small_dataset, run_dir=str(run_dir), **more))
+    assert snapshot(run_dir) == {k: v for k, v in before.items() if k != "complete.json"}
 
     # a moved run resumes where it was (run_dir is where it is, not part of the run)
     moved = tmp_path / "moved"
@@ -191,11 +208,12 @@ def test_the_run_folder_changes_only_once_the_run_is_known_to_start(small_datase
     steps = [json.loads(x)["step"] for x in (moved / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 3 and sorted(set(steps)) == [1, 2, 3]
 
-    # --overwrite replaces run folders only
+    # --overwrite replaces run folders only (a config.yaml alone does not make one)
     other = tmp_path / "thesis"
     other.mkdir()
     (other / "thesis.tex").write_text("chapter 1")
-    with pytest.raises(ConfigError, match=r"is not empty and holds no run \(no config.yaml\)"):
+    (other / "config.yaml").write_text("lr: 1\n")
+    with pytest.raises(ConfigError, match=r"is not empty and holds no run \(no run config.yaml"):
         run(config(small_dataset, run_dir=str(other), train={"steps": 1}), overwrite=True)
     assert (other / "thesis.tex").read_text() == "chapter 1"
     with pytest.raises(ConfigError, match=r"run_dir: .*thesis.tex is a file, not a folder"):

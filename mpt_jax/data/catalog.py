@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -21,9 +22,20 @@ def cache_root() -> Path:
 
 
 def resolve_dataset(
-    spec: str, *, seq_len: int, tokenizer: str = "byte", progress: bool = True
+    spec: str,
+    *,
+    seq_len: int,
+    tokenizer: str = "byte",
+    progress: bool = True,
+    eos_token: str | None = None,
 ) -> DatasetMeta:
-    """Open a prepared folder, or prepare and cache a built-in corpus for this seq_len/tokenizer."""
+    """Open a prepared folder, or prepare and cache a built-in corpus for this seq_len/tokenizer.
+
+    A tokenizer file or folder names its cached corpus by what decides the tokens: the
+    tokenizer.json's content and the end-of-text token (`eos_token`, else the one a folder
+    declares or the first known one it has), not by its path: a folder and its tokenizer.json
+    share one corpus.
+    """
     if not spec.startswith(BUILTIN_PREFIX):
         return open_dataset(spec)
     if tokenizer != "byte" and not Path(tokenizer).exists():
@@ -31,8 +43,11 @@ def resolve_dataset(
     name = spec[len(BUILTIN_PREFIX) :]
     if tokenizer == "byte":
         tok_tag = "byte"
-    else:  # the content, not only the name: every tokenizer.json would share one folder
-        tok_tag = f"{Path(tokenizer).stem}-{load_tokenizer(tokenizer).sha256[:12]}"
+    else:
+        tok = load_tokenizer(tokenizer, eos_token)
+        eos_token = tok.eos_token
+        eos_tag = hashlib.sha256(eos_token.encode()).hexdigest()[:6]
+        tok_tag = f"tokenizer-{tok.sha256[:12]}-eos{eos_tag}"
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
     folder = cache_root() / "datasets" / f"{name}-{py}-{tok_tag}-seq{seq_len}"
     if not (folder / META_FILE).is_file():
@@ -43,6 +58,7 @@ def resolve_dataset(
                 folder,
                 seq_len=seq_len,
                 tokenizer=tokenizer,
+                eos_token=eos_token,
                 val_fraction=BUILTIN_VAL_FRACTION,
                 progress=progress,
             )

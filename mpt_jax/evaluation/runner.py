@@ -162,8 +162,15 @@ def _builtin_dataset(spec: str, tokenizer, seq_len: int, progress: bool) -> Path
     With the model's max_seq_len and the tokenizer a run trained with, this is the folder that
     run's training used, so its val split is the run's validation data.
     """
-    name = "byte" if tokenizer.kind == "byte" else str(tokenizer.path)
-    return resolve_dataset(spec, seq_len=seq_len, tokenizer=name, progress=progress).folder
+    if tokenizer.kind == "byte":
+        return resolve_dataset(spec, seq_len=seq_len, progress=progress).folder
+    return resolve_dataset(
+        spec,
+        seq_len=seq_len,
+        tokenizer=str(tokenizer.path),
+        eos_token=tokenizer.eos_token,
+        progress=progress,
+    ).folder
 
 
 def _check_writable(path: Path, option: str) -> None:

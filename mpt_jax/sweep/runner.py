@@ -51,6 +51,20 @@ def _config_changed(member: Member) -> bool:
     return saved != member.config
 
 
+def _set_aside_stale_results(member: Member) -> None:
+    """Rename, not delete, what a member about to run again left: its eval.json (an earlier
+    config's or checkpoint's), and complete.json too when the sweep file changed its config.
+
+    The trainer then resumes from the checkpoints, trains anew one that saved none, or refuses
+    a change it cannot resume; the old results stay readable beside the new ones.
+    """
+    names = ("complete.json", EVAL_FILE) if _config_changed(member) else (EVAL_FILE,)
+    for name in names:
+        done = member.run_dir / name
+        if done.exists():
+            done.replace(done.with_name(f"{name}.before-sweep-change"))
+
+
 def train_command(sweep: Sweep, member: Member, python: str = "python") -> list[str]:
     return [python, "-m", "mpt_jax", "train", str(sweep.base), *member.train_args()]
 
@@ -119,14 +133,8 @@ def write_slurm(sweep: Sweep, options: SlurmOptions) -> tuple[Path, Path, list[i
     members = sweep.members
     todo = [i for i, m in enumerate(members) if not is_finished(sweep, m)]
     for i in todo:
-        # a member finished under an older sweep file: the array task's shell test sees only
-        # these files, so they are set aside (the trainer resumes from the checkpoints, or
-        # refuses a change it cannot resume, and the old results stay readable beside them)
-        if _config_changed(members[i]):
-            for name in ("complete.json", EVAL_FILE):
-                done = members[i].run_dir / name
-                if done.exists():
-                    done.replace(done.with_name(f"{name}.before-sweep-change"))
+        # the array task's shell test sees only these files
+        _set_aside_stale_results(members[i])
     # SLURM does not create the folder of --output: without it every task fails unlogged
     (sweep.out_dir / "logs").mkdir(parents=True, exist_ok=True)
     commands = sweep.out_dir / "commands.txt"
@@ -322,9 +330,7 @@ class LocalRunner:
         sweep = self.sweep
         start = time.perf_counter()
         self.log(f"[{member.name}] training on {group}")
-        stale = eval_path(member)  # results of an earlier config or checkpoint: kept aside
-        if stale.exists():
-            stale.replace(stale.with_name(f"{stale.name}.before-sweep-change"))
+        _set_aside_stale_results(member)
         rc = self._call(train_command(sweep, member, sys.executable), member, "train", group)
         if rc != 0:
             return self._failed(member, "train", rc)

@@ -93,7 +93,7 @@ def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
         raise ConfigError(f"{where}: 'base' is missing (the run config the members start from)")
     base = (path.parent / str(spec["base"])).resolve()
     base_raw = load_yaml(base)
-    name = str(spec.get("name") or path.stem)
+    name = str(_label(spec.get("name"), f"{where}: name") or path.stem)
     if out_dir is None:
         out_dir = spec.get("out_dir") or Path("runs") / "sweeps" / name
     out_dir = Path(out_dir).absolute()
@@ -121,7 +121,7 @@ def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
         overrides = {**common, **params, "run_dir": str(run_dir)}
         config = _resolve_member(base, base_raw, overrides, member_name)
         members.append(Member(member_name, params, overrides, run_dir, config))
-    reference = spec.get("reference")
+    reference = _label(spec.get("reference"), f"{where}: reference")
     if reference is not None and str(reference) not in seen:
         raise ConfigError(
             f"{where}: reference: no member is named {reference!r} (members: {', '.join(seen)})"
@@ -170,7 +170,7 @@ def _axes(spec: Mapping[str, Any], where: str) -> tuple[list[str], list[list[dic
         parsed = []
         for i, entry in enumerate(sets):
             entry = _dotted_mapping(entry, f"{where}: members[{i}]")
-            label = entry.pop("name", None)
+            label = _label(entry.pop("name", None), f"{where}: members[{i}].name")
             axes.extend(k for k in entry if k not in axes)
             if label is not None:  # the label stands for this entry's keys in member names
                 entry["__label__"] = (str(label), tuple(entry))
@@ -236,6 +236,13 @@ def _check_key(key: str, where: str) -> None:
             )
         hint = typing.get_type_hints(node).get(part)
         node = hint if dataclasses.is_dataclass(hint) else None
+
+
+def _label(value: Any, where: str) -> Any:
+    """A name as written: YAML reads `1e-3` as the float 0.001, which would rename a folder."""
+    if isinstance(value, float):
+        raise ConfigError(f"{where}: {value!r} is a number; quote the name ('...') to keep it")
+    return value
 
 
 def _member_name(params: Mapping[str, Any], label: tuple[str, tuple[str, ...]] | None) -> str:
