@@ -77,7 +77,9 @@ def supervise(
     config_before = _file_stamp(Path(run_dir) / "config.yaml")
     try:
         while True:
-            set_up = _file_stamp(Path(run_dir) / "config.yaml") != config_before
+            stamp = _file_stamp(Path(run_dir) / "config.yaml")
+            # a config.yaml gone (an --overwrite deletion that failed midway) is not set up
+            set_up = stamp is not None and stamp != config_before
             extra = [] if set_up else list(first_extra)
             before = committed_steps(checkpoints)
             started = time.time()

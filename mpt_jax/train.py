@@ -295,9 +295,10 @@ RESUMABLE_KEYS = (
 )
 
 
-# What only training writes into a folder: with any of them (or a run's config.yaml) the folder
-# is a run's, which --overwrite may replace
-RUN_MARKERS = ("checkpoints", "metrics.jsonl", "complete.json", "restarts.jsonl")
+# What only the trainer writes into a folder: with any of them (or the resolved config.yaml it
+# writes) the folder is a run's, which --overwrite may replace. Not restarts.jsonl: the
+# supervisor writes it before any trainer has looked at the folder.
+RUN_MARKERS = ("checkpoints", "metrics.jsonl", "complete.json")
 
 
 def _holds_a_run(run_dir: Path) -> bool:
@@ -307,7 +308,9 @@ def _holds_a_run(run_dir: Path) -> bool:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return False
-    return isinstance(saved, dict) and {"model", "train", "run_dir"} <= saved.keys()
+    # the trainer writes every section; a hand-written config of the same name leaves some out
+    sections = {field.name for field in dataclasses.fields(RunConfig)}
+    return isinstance(saved, dict) and sections <= saved.keys()
 
 
 def check_run_dir(cfg: RunConfig, raw: dict[str, Any], *, overwrite: bool) -> None:
@@ -322,6 +325,13 @@ def check_run_dir(cfg: RunConfig, raw: dict[str, Any], *, overwrite: bool) -> No
     if cfg.init_from and (overwrite or not steps):  # a fresh start reads it
         _check_init_from_exists(cfg)
     if overwrite:
+        if cfg.init_from and run_dir.exists():
+            source = Path(cfg.init_from).resolve()
+            if source == run_dir.resolve() or run_dir.resolve() in source.parents:
+                raise ConfigError(
+                    f"init_from: {cfg.init_from} is inside run_dir, which --overwrite deletes "
+                    "before it is read: copy it elsewhere first"
+                )
         if run_dir.is_symlink():
             raise ConfigError(
                 f"run_dir: {run_dir} is a symbolic link; --overwrite replaces a real run folder: "
@@ -364,11 +374,12 @@ def check_run_dir(cfg: RunConfig, raw: dict[str, Any], *, overwrite: bool) -> No
         )
 
 
-def retire_stale_completion(run_dir: Path, total_steps: int) -> None:
-    """Remove complete.json when this run goes past the step it marks.
+def retire_stale_completion(run_dir: Path, total_steps: int, *, overwrite: bool) -> None:
+    """Remove complete.json when this run replaces the one it marks, or goes past its step.
 
     Done at once, not once the run starts: launch scripts and sweeps read the file as 'finished',
-    and a relaunch with more steps that fails early would otherwise pass for one.
+    and a relaunch that fails early (a preemption while the data is prepared) would otherwise
+    pass for one.
     """
     path = run_dir / "complete.json"
     try:
@@ -377,7 +388,7 @@ def retire_stale_completion(run_dir: Path, total_steps: int) -> None:
         return
     except (OSError, ValueError, AttributeError):
         step = None  # unreadable: no proof of a finished run
-    if not isinstance(step, int) or step < total_steps:
+    if overwrite or not isinstance(step, int) or step < total_steps:
         path.unlink(missing_ok=True)
 
 
@@ -615,9 +626,10 @@ class _Trainer:
     def start(self, *, overwrite: bool) -> None:
         """Set up the run folder, mesh, data, state (restored or fresh) and the loop's helpers."""
         cfg, raw = self.cfg, self.raw
+        # every process checks (the folder is shared), so that all refuse together
+        check_run_dir(cfg, raw, overwrite=overwrite)
         if self.is_main:
-            check_run_dir(cfg, raw, overwrite=overwrite)
-            retire_stale_completion(Path(cfg.run_dir), cfg.total_steps)
+            retire_stale_completion(Path(cfg.run_dir), cfg.total_steps, overwrite=overwrite)
         self.mesh = mesh = sharding.make_mesh(cfg.mesh)
         sharding.check_tensor_within_processes(mesh.devices)
         shards = mesh.shape["data"] * mesh.shape["fsdp"]

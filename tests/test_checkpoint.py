@@ -451,12 +451,14 @@ def test_supervisor_passes_overwrite_until_an_attempt_has_set_up_the_run(tmp_pat
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text("old run\n")
     calls = tmp_path / "calls"
-    # attempt 1 dies before touching the folder, attempt 2 writes config.yaml then crashes
+    # attempt 1 dies in --overwrite's deletion, having removed config.yaml only (as a failed
+    # rmtree can); attempt 2 writes config.yaml anew, then crashes
     child = (
         "import sys, pathlib; calls = pathlib.Path(sys.argv[1]); "
+        "config = pathlib.Path(sys.argv[2]) / 'config.yaml'; "
         "calls.open('a').write(' '.join(sys.argv[2:]) + '\\n'); "
         "n = len(calls.read_text().splitlines()); "
-        "n == 2 and (pathlib.Path(sys.argv[2]) / 'config.yaml').write_text('new run\\n'); "
+        "n == 1 and config.unlink(); n == 2 and config.write_text('new run\\n'); "
         "raise SystemExit(0 if n == 3 else 1)"
     )
     code = supervise(

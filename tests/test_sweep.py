@@ -96,8 +96,10 @@ def test_grid_zip_members_and_seeds_expand_to_their_product(tmp_path):
         ({"seeds": [1], "eval": {"tasks": "missing.yaml"}}, r"eval\.tasks: .*does not exist"),
         ({"seeds": [1, 2], "reference": "seed=3"}, r"reference: no member is named 'seed=3'"),
         # YAML reads an unquoted 1e-3 as 0.001: the folder would not be named as written
-        ({"members": [{"name": 1e-3, "optim.lr": 1e-3}]}, r"members\[0\]\.name: 0\.001 is a"),
-        ({"seeds": [1], "reference": 1e-3}, r"reference: 0\.001 is a number; quote the name"),
+        ({"members": [{"name": 1e-3, "optim.lr": 1e-3}]}, r"members\[0\]\.name: 0\.001 is not a"),
+        ({"seeds": [1], "reference": 1e-3}, r"reference: 0\.001 is not a string; quote the"),
+        ({"members": [{"name": 8, "optim.lr": 1e-3}]}, r"members\[0\]\.name: 8 is not a string"),
+        ({"members": [{"name": True, "optim.lr": 1e-3}]}, r"\.name: True is not a string; quote"),
     ],
 )
 def test_bad_sweep_files_give_one_line_naming_the_fault(tmp_path, spec, message):

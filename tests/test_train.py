@@ -176,29 +176,37 @@ def test_the_run_folder_changes_only_once_the_run_is_known_to_start(small_datase
 
     before = snapshot(run_dir)
     assert "complete.json" in before and any(k.startswith("checkpoints/2/") for k in before)
-    # a config that fails to start touches nothing: not with --overwrite, not a resumable change
-    with pytest.raises(DataError, match=r"meta\.json: missing"):
-        run(config(small_dataset, **cfg, data={"path": str(tmp_path / "none")}), overwrite=True)
+    # a relaunch that fails to start touches nothing: a resumable change, a run past its last
+    # checkpoint
     with pytest.raises(ConfigError, match=r"mesh: data\*fsdp\*tensor"):
         run(config(small_dataset, **cfg, mesh={"data": 3, "fsdp": 1, "tensor": 1}))
-    assert snapshot(run_dir) == before
-    # nor does a run past its last checkpoint, or a fresh start from a missing init_from
     with pytest.raises(ConfigError, match=r"train\.steps: the run ends at step 1, before its"):
         run(config(small_dataset, run_dir=str(run_dir), train={"steps": 1}))
+    assert snapshot(run_dir) == before
+    # but complete.json goes at once for one that asks for more steps, or replaces the run
+    # (--overwrite), also when it then fails: launch scripts would take it for finished
+    with pytest.raises(ConfigError, match=r"mesh: data\*fsdp\*tensor"):
+        more = dict(train={"steps": 4}, mesh={"data": 3, "fsdp": 1, "tensor": 1})
+        run(config(small_dataset, run_dir=str(run_dir), **more))
+    unfinished = {k: v for k, v in before.items() if k != "complete.json"}
+    assert snapshot(run_dir) == unfinished
+    (run_dir / "complete.json").write_bytes(before["complete.json"])
+    with pytest.raises(DataError, match=r"meta\.json: missing"):
+        run(config(small_dataset, **cfg, data={"path": str(tmp_path / "none")}), overwrite=True)
+    assert snapshot(run_dir) == unfinished
+    # with --overwrite, a fresh start's init_from is checked first, and never read from the
+    # folder about to be deleted; a symbolic link is not replaced
     typo = dict(run_dir=str(run_dir), train={"steps": 2}, init_from=str(tmp_path / "typo"))
     with pytest.raises(ConfigError, match=r"init_from: .*typo does not exist"):
         run(config(small_dataset, **typo), overwrite=True)
+    inside = dict(run_dir=str(run_dir), train={"steps": 2}, init_from=str(run_dir / "checkpoints"))
+    with pytest.raises(ConfigError, match=r"init_from: .* is inside run_dir, which --overwrite"):
+        run(config(small_dataset, **inside), overwrite=True)
     link = tmp_path / "link"
     link.symlink_to(run_dir)
     with pytest.raises(ConfigError, match=r"link is a symbolic link; --overwrite replaces a real"):
         run(config(small_dataset, run_dir=str(link), train={"steps": 2}), overwrite=True)
-    assert snapshot(run_dir) == before
-    # a relaunch for more steps: complete.json no longer holds, also when the relaunch fails
-    # (launch scripts would take the run for finished)
-    with pytest.raises(ConfigError, match=r"mesh: data\*fsdp\*tensor"):
-        more = dict(train={"steps": 4}, mesh={"data": 3, "fsdp": 1, "tensor": 1})
-        run(config(small_dataset, run_dir=str(run_dir), **more))
-    assert snapshot(run_dir) == {k: v for k, v in before.items() if k != "complete.json"}
+    assert snapshot(run_dir) == unfinished
 
     # a moved run resumes where it was (run_dir is where it is, not part of the run)
     moved = tmp_path / "moved"
@@ -212,7 +220,10 @@ def test_the_run_folder_changes_only_once_the_run_is_known_to_start(small_datase
     other = tmp_path / "thesis"
     other.mkdir()
     (other / "thesis.tex").write_text("chapter 1")
-    (other / "config.yaml").write_text("lr: 1\n")
+    # a hand-written config of that name (not every section the trainer writes), and the
+    # supervisor's restarts.jsonl, which it writes before any trainer looked at the folder
+    (other / "config.yaml").write_text("model: mpt-125m\ntrain: {steps: 1}\nrun_dir: thesis\n")
+    (other / "restarts.jsonl").write_text("{}\n")
     with pytest.raises(ConfigError, match=r"is not empty and holds no run \(no run config.yaml"):
         run(config(small_dataset, run_dir=str(other), train={"steps": 1}), overwrite=True)
     assert (other / "thesis.tex").read_text() == "chapter 1"

@@ -238,10 +238,11 @@ def _check_key(key: str, where: str) -> None:
         node = hint if dataclasses.is_dataclass(hint) else None
 
 
-def _label(value: Any, where: str) -> Any:
-    """A name as written: YAML reads `1e-3` as the float 0.001, which would rename a folder."""
-    if isinstance(value, float):
-        raise ConfigError(f"{where}: {value!r} is a number; quote the name ('...') to keep it")
+def _label(value: Any, where: str) -> str | None:
+    """A name as written: YAML reads `1e-3` as 0.001, `010` as 8 and `yes` as True, which would
+    name the folders otherwise."""
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{where}: {value!r} is not a string; quote the name ('...') to keep it")
     return value
 
 
