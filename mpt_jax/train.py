@@ -340,8 +340,10 @@ def check_run_dir(cfg: RunConfig, raw: dict[str, Any], *, overwrite: bool) -> No
         cwd = Path.cwd().resolve()
         if run_dir.exists() and (run_dir.resolve() == cwd or run_dir.resolve() in cwd.parents):
             raise ConfigError(f"run_dir: {run_dir} holds the working directory; not replaced")
-        # --overwrite deletes the folder: only a run's, never a folder of other files
-        if run_dir.is_dir() and any(run_dir.iterdir()) and not _holds_a_run(run_dir):
+        # --overwrite deletes the folder: only a run's, never a folder of other files (the
+        # supervisor's log of attempts that died before setting the folder up aside)
+        contents = list(run_dir.iterdir()) if run_dir.is_dir() else []
+        if any(f.name != "restarts.jsonl" for f in contents) and not _holds_a_run(run_dir):
             raise ConfigError(
                 f"run_dir: {run_dir} is not empty and holds no run (no run config.yaml, "
                 "checkpoints or metrics); --overwrite replaces run folders only: choose another "

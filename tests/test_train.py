@@ -227,6 +227,12 @@ def test_the_run_folder_changes_only_once_the_run_is_known_to_start(small_datase
     with pytest.raises(ConfigError, match=r"is not empty and holds no run \(no run config.yaml"):
         run(config(small_dataset, run_dir=str(other), train={"steps": 1}), overwrite=True)
     assert (other / "thesis.tex").read_text() == "chapter 1"
+    # a new folder that holds only the supervisor's log (an attempt died before setting it up)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "restarts.jsonl").write_text("{}\n")
+    run(config(small_dataset, run_dir=str(fresh), train={"steps": 1}), overwrite=True)
+    assert (fresh / "complete.json").is_file()
     with pytest.raises(ConfigError, match=r"run_dir: .*thesis.tex is a file, not a folder"):
         run(config(small_dataset, run_dir=str(other / "thesis.tex"), train={"steps": 1}))
 
