@@ -249,6 +249,31 @@ def test_the_run_folder_changes_only_once_the_run_is_known_to_start(small_datase
     run(config(small_dataset, **no_ckpt, train={"steps": 1}), overwrite=True)
 
 
+def test_stale_completion_and_the_working_directory(tmp_path, monkeypatch):
+    from mpt_jax.config import to_dict
+    from mpt_jax.train import check_run_dir, retire_stale_completion
+
+    done = tmp_path / "complete.json"
+    for text, total, overwrite, kept in [
+        ('{"step": 4}', 4, False, True),  # the same end: still finished
+        ('{"step": 4}', 3, False, True),  # refused later as past the end, not here
+        ('{"step": 4}', 5, False, False),  # more steps: no longer finished
+        ('{"step": 4}', 4, True, False),  # replaced by a new run
+        ('{"loss": 1.0}', 4, False, False),  # no step: no proof of a finished run
+        ("{cut", 4, False, False),
+    ]:
+        done.write_text(text)
+        retire_stale_completion(tmp_path, total, overwrite=overwrite)
+        assert done.exists() == kept, (text, total, overwrite)
+    # --overwrite never deletes the folder it is run from
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    monkeypatch.chdir(run_dir / "checkpoints")
+    cfg = config(tmp_path, run_dir=str(run_dir))
+    with pytest.raises(ConfigError, match=r"/run holds the working directory; not replaced"):
+        check_run_dir(cfg, to_dict(cfg), overwrite=True)
+
+
 def test_bad_inputs(small_dataset, tmp_path):
     with pytest.raises(
         ConfigError, match=r"mesh: data\*fsdp\*tensor = 27 .* but there are 8 devices"
