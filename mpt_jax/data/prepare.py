@@ -68,6 +68,7 @@ def prepare_dataset(
     # a validation file is validation only, however its path was spelled or wherever it sits
     val_paths = {f.path.resolve() for f in val_files}
     files = [f for f in files if f.path.resolve() not in val_paths]
+    val_sources = set(val_files)
     if not files:
         raise DataError("input: every training input is also a validation input (val inputs)")
     read = dict(text_field=text_field, column=column)
@@ -114,10 +115,8 @@ def prepare_dataset(
                         f"{doc.source.name} record {doc.record}: token id {int(tokens.max())} "
                         f"is beyond the vocabulary ({tok.vocab_size})"
                     )
-                if val_files:
-                    is_val = doc.source.path.resolve() in val_paths
-                else:
-                    is_val = _is_val(doc, val_fraction)
+                # the training files exclude the val files: a val file's documents are val
+                is_val = doc.source in val_sources if val_files else _is_val(doc, val_fraction)
                 writers["val" if is_val else "train"].add(tokens, tok.eos_id)
             bar.update(sum(len(d.text.encode("utf-8")) for d in batch))
         bar.close()
