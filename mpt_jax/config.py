@@ -590,9 +590,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            if not math.isfinite(value):  # every check below would pass a NaN
-                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        # not NaN or infinity, which every range check would pass (_mismatch says so)
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
             return value if isinstance(value, int) else float(value)
     elif tp is str:
         if isinstance(value, str):
