@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mpt_jax.atomic_write import write_atomic
 from mpt_jax.config import ModelConfig, count_params
 
 # ---------------------------------------------------------------------------------------------
@@ -246,9 +247,7 @@ def _wandb_run_id(run_dir: Path) -> str:
     if path.is_file():
         return path.read_text().strip()
     run_id = secrets.token_hex(4)
-    tmp = path.with_name(f"{path.name}.tmp")
-    tmp.write_text(run_id + "\n")
-    tmp.replace(path)
+    write_atomic(path, run_id + "\n")
     return run_id
 
 

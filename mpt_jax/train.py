@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 
 from mpt_jax import checkpoint, distributed, resilience, sharding
 from mpt_jax import metrics as metrics_lib
+from mpt_jax.atomic_write import write_atomic
 from mpt_jax.config import ConfigError, RunConfig, run_config_from_dict, to_dict
 from mpt_jax.data import BatchLoader, DataError, check_compatible, resolve_dataset
 from mpt_jax.loss import chunked_cross_entropy_sum, counted, cross_entropy_sum, shift_targets
@@ -415,10 +416,7 @@ def prepare_run_dir(cfg: RunConfig, raw: dict[str, Any], *, overwrite: bool) -> 
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "complete.json").unlink(missing_ok=True)  # written again when this run finishes
-    config_path = run_dir / "config.yaml"
-    tmp = config_path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
-    tmp.replace(config_path)
+    write_atomic(run_dir / "config.yaml", yaml.safe_dump(raw, sort_keys=False))
     return run_dir
 
 
@@ -454,9 +452,7 @@ def _truncate_metrics(run_dir: Path, last_step: int, *, evaluates: bool = False)
         step = record.get("step", 0) if isinstance(record, dict) else last_step + 1
         if step < last_step or (step == last_step and not (evaluates and "val_loss" in record)):
             kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(kept))
-    tmp.replace(path)
+    write_atomic(path, "".join(kept))
 
 
 def _evaluates_at(cfg: RunConfig, step: int) -> bool:
@@ -884,9 +880,7 @@ class _Trainer:
                 for _ in model.hf_tensors():
                     pass
         if self.is_main:  # launch scripts requeue a job until this file exists
-            tmp = self.run_dir / "complete.json.tmp"
-            tmp.write_text(json.dumps(final, indent=1) + "\n")
-            tmp.replace(self.run_dir / "complete.json")
+            write_atomic(self.run_dir / "complete.json", json.dumps(final, indent=1) + "\n")
         return final
 
     def _evaluate_and_log(self, step: int) -> dict[str, float]:

@@ -35,17 +35,16 @@ import argparse
 import dataclasses
 import functools
 import itertools
-import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from mpt_jax.atomic_write import write_atomic
 from mpt_jax.attention import alibi_slopes, attention
 from mpt_jax.kernels.flash_attention import Tiling, Tilings, default_tilings, flash_attention
 from mpt_jax.kernels.flash_attention_mgpu import HopperTiling, flash_attention_mgpu
@@ -653,11 +652,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += memory()
     text = "\n".join(lines)
     print(text)
-    if args.out:  # a temporary name, renamed when whole
-        out = Path(args.out)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(text + "\n")
-        tmp.replace(out)
+    if args.out:
+        write_atomic(args.out, text + "\n")
     return 0
 
 

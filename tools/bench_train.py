@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from mpt_jax import aot, hlo_cost, metrics, profiling
+from mpt_jax.atomic_write import write_atomic
 from mpt_jax.config import (
     ConfigError,
     MeshConfig,
@@ -867,12 +868,6 @@ def _output_dir(path: str, argument: str = "--out") -> Path:
     return out
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 # ---------------------------------------------------------------------------------------------
 
 
@@ -930,12 +925,12 @@ def main(argv: list[str] | None = None) -> int:
             f"`{command}`: jax {importlib.metadata.version('jax')}, Python "
             f"{sys.version.split()[0]}, {time.strftime('%Y-%m-%d')}\n\n"
         )
-        _write_atomic(out / "bench_train.md", caption + markdown)
-        _write_atomic(out / "bench_train.csv", to_csv(rows, columns))
+        write_atomic(out / "bench_train.md", caption + markdown)
+        write_atomic(out / "bench_train.csv", to_csv(rows, columns))
         for spec, result in zip(specs, results, strict=True):
             if "aot" in result:
                 report = f"# {row_label(spec)}: compiled for {result['device_kind']}\n\n"
-                _write_atomic(out / f"{row_label(spec)}.aot.md", report + result["aot"]["report"])
+                write_atomic(out / f"{row_label(spec)}.aot.md", report + result["aot"]["report"])
     print(markdown, end="")
     for spec, result in zip(specs, results, strict=True):
         if spec["profile_dir"] and result["status"] == "ok":
@@ -955,7 +950,7 @@ def _profile_summary(spec: dict[str, Any], error: str | None) -> str:
         text = profiling.format_summary(summary)
     except (OSError, ValueError) as e:
         return f"no profile: {' '.join(str(e).split())}\n"
-    _write_atomic(Path(trace_dir) / "summary.md", text)
+    write_atomic(Path(trace_dir) / "summary.md", text)
     return text
 
 

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from mpt_jax import aot, sass
+from mpt_jax.atomic_write import write_atomic
 from mpt_jax.attention import alibi_slopes
 from mpt_jax.kernels.flash_attention import Tiling, Tilings, default_tilings, flash_attention
 from mpt_jax.kernels.flash_attention_mgpu import HopperTiling, flash_attention_mgpu
@@ -193,9 +194,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if args.out:
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out)
+        write_atomic(args.out, text)
     return 0
 
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mpt_jax.atomic_write import write_atomic
 from mpt_jax.config import ConfigError, MeshConfig, from_dict
 from mpt_jax.data import resolve_dataset
 from mpt_jax.data.sources import BUILTIN_PREFIX
@@ -188,14 +189,7 @@ def _check_writable(path: Path, option: str) -> None:
 
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON atomically (a temporary sibling renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

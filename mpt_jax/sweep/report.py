@@ -13,7 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mpt_jax.sweep.runner import eval_path, is_finished, write_atomic
+from mpt_jax.atomic_write import write_atomic
+from mpt_jax.sweep.runner import eval_path, is_finished
 from mpt_jax.sweep.spec import SEED_KEY, Member, Sweep
 
 # the metric columns every member has, in table order: (column, what it is)

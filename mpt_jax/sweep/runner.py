@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from mpt_jax.atomic_write import write_atomic
 from mpt_jax.config import ConfigError
 from mpt_jax.sweep.spec import Member, Sweep
 
@@ -102,16 +103,6 @@ def report_command(sweep: Sweep) -> str:
         f"python tools/sweep.py {shlex.quote(str(sweep.path))} "
         f"--out-dir {shlex.quote(str(sweep.out_dir))} --report-only"
     )
-
-
-def write_atomic(path: Path, text: str, mode: int | None = None) -> None:
-    """Write under a temporary name and rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    if mode is not None:
-        tmp.chmod(mode)
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------------
