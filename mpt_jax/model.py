@@ -144,7 +144,8 @@ class Norm(nnx.Module):
     """LayerNorm / RMSNorm over the last axis; `low_precision_*` runs in the compute dtype.
 
     The plain variants compute and return float32, as torch autocast does; the low-precision
-    ones cast input and parameters to the compute dtype (statistics still in float32).
+    ones cast input and parameters to the compute dtype and round where torch does
+    (`_norm_forward`).
     """
 
     def __init__(self, width: int, cfg: ModelConfig, *, names, dtype: Any, param_dtype: Any):
@@ -193,14 +194,38 @@ def _centred(x: jax.Array, rms: bool) -> jax.Array:
     return x if rms else x - jnp.mean(x, axis=-1, keepdims=True)
 
 
+def _rounded(v: jax.Array, dtype) -> jax.Array:
+    """v (float32) rounded to dtype, back in float32: one torch op's output in dtype."""
+    return v.astype(dtype).astype(jnp.float32)
+
+
+def _rstd(xc: jax.Array, eps: float, rms: bool, dtype) -> jax.Array:
+    """1/σ (..., 1) float32 of a centred (LayerNorm) or raw (RMSNorm) float32 x.
+
+    LayerNorm's statistics are float32, as in torch's fused kernel. llm-foundry's RMSNorm is
+    separate torch ops (x.pow(2), mean, + eps, rsqrt), each rounding to the norm's dtype.
+    """
+    if not rms:
+        return jax.lax.rsqrt(jnp.mean(jnp.square(xc), axis=-1, keepdims=True) + eps)
+    mean_square = _rounded(jnp.mean(_rounded(jnp.square(xc), dtype), axis=-1, keepdims=True), dtype)
+    return _rounded(jax.lax.rsqrt(_rounded(mean_square + eps, dtype)), dtype)
+
+
 def _norm_forward(x, scale, bias, eps, rms, dtype):
-    """(y, 1/σ (..., 1) float32): the normalization of x (in dtype), statistics in float32."""
+    """(y, 1/σ (..., 1) float32): the normalization of x, returned in dtype.
+
+    LayerNorm rounds once, as torch's `F.layer_norm` on bf16 tensors does (x̂ · scale + bias in
+    float32); RMSNorm rounds x̂ and then x̂ · scale, as llm-foundry's `rms_norm` ops do.
+    """
     xc = _centred(x.astype(jnp.float32), rms)
-    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(xc), axis=-1, keepdims=True) + eps)
-    y = (xc * rstd).astype(dtype) * _leading_ones(scale.astype(dtype), x.ndim)
+    rstd = _rstd(xc, eps, rms, dtype)
+    scale_1D = _leading_ones(_rounded(scale, dtype), x.ndim)
+    if rms:
+        return (_rounded(xc * rstd, dtype) * scale_1D).astype(dtype), rstd
+    y = xc * rstd * scale_1D
     if bias is not None:
-        y = y + _leading_ones(bias.astype(dtype), x.ndim)
-    return y, rstd
+        y = y + _leading_ones(_rounded(bias, dtype), x.ndim)
+    return y.astype(dtype), rstd
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -223,10 +248,10 @@ def _norm_bwd(eps, rms, dtype, residuals, g):
     xhat = _centred(x.astype(jnp.float32), rms) * rstd
     g32 = g.astype(jnp.float32)
     rows = tuple(range(x.ndim - 1))
-    # the forward multiplies x̂ rounded to dtype by the scale rounded to dtype
-    d_scale = jnp.sum(g32 * xhat.astype(dtype).astype(jnp.float32), axis=rows)
+    # RMSNorm's forward multiplies x̂ rounded to dtype by the scale; LayerNorm's, x̂ itself
+    d_scale = jnp.sum(g32 * (_rounded(xhat, dtype) if rms else xhat), axis=rows)
     d_bias = None if bias is None else jnp.sum(g32, axis=rows).astype(bias.dtype)
-    d_xhat = g32 * _leading_ones(scale.astype(dtype).astype(jnp.float32), x.ndim)
+    d_xhat = g32 * _leading_ones(_rounded(scale, dtype), x.ndim)
     proj = jnp.mean(d_xhat * xhat, axis=-1, keepdims=True)
     dx = rstd * (_centred(d_xhat, rms) - xhat * proj)
     return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias

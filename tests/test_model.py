@@ -155,6 +155,50 @@ def test_low_precision_layernorm_runs_in_compute_dtype_plain_layernorm_in_fp32()
         )
 
 
+def _torch_low_precision_norm(torch, x, weight, bias, eps, rms):
+    """llm-foundry's LPLayerNorm / LPRMSNorm under bf16 autocast: x and the parameters cast to
+    bf16, then `F.layer_norm`, or `rms_norm`'s torch ops, with autocast off (norm.py)."""
+    x, weight = torch.tensor(x).bfloat16(), torch.tensor(weight).bfloat16()
+    if rms:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+    bias = None if bias is None else torch.tensor(bias).bfloat16()
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+@pytest.mark.parametrize(
+    "norm_type, no_bias, D",
+    [
+        ("low_precision_layernorm", False, 96),
+        ("low_precision_layernorm", True, 2048),
+        ("low_precision_rmsnorm", True, 160),
+    ],
+)
+def test_low_precision_norms_round_as_llm_foundry_does_in_bf16(norm_type, no_bias, D):
+    torch = pytest.importorskip("torch")
+    from mpt_jax.model import Norm
+
+    rng = np.random.default_rng(D)  # fresh inputs per case
+    # the float32 residual stream, with an offset and spread so centring and scaling matter
+    x = (3.0 * rng.standard_normal((64, D)) + 1.5).astype(np.float32)
+    cfg = ModelConfig(**{**BASE, "norm_type": norm_type, "no_bias": no_bias})
+    norm = Norm(D, cfg, names=(None,), dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    norm.scale[...] = jnp.asarray(1.0 + 0.3 * rng.standard_normal(D), jnp.float32)
+    if norm.bias is not None:
+        norm.bias[...] = jnp.asarray(0.2 * rng.standard_normal(D), jnp.float32)
+    ours = norm(jnp.asarray(x))
+    assert ours.dtype == jnp.bfloat16
+    bias = None if norm.bias is None else np.asarray(norm.bias[...])
+    rms = norm_type.endswith("rmsnorm")
+    expected = _torch_low_precision_norm(torch, x, np.asarray(norm.scale[...]), bias, 1e-5, rms)
+    ours, expected = np.asarray(ours, np.float32), expected.float().numpy()
+    # bit for bit but where float32 summation order tips a statistic (torch and XLA add in
+    # different orders): then one bf16 unit in the last place, or a hair for outputs near 0
+    differs = ours != expected
+    assert differs.mean() <= 1e-3, differs.mean()
+    one_ulp = 2.0 ** (np.floor(np.log2(np.abs(expected) + 1e-30)) - 7)
+    assert np.all(np.abs(ours - expected) <= np.maximum(one_ulp, 1e-4))
+
+
 def _autodiff_norm(x, scale, bias, eps, rms, dtype):
     """The norm as plain jnp, differentiated by JAX: the reference for the custom backward."""
     x32 = x.astype(dtype).astype(jnp.float32)

@@ -2,8 +2,9 @@
 
 Shapes: R rows (every axis of x but the last, flattened), D features. x keeps its own dtype (the
 float32 residual stream under amp) and is rounded to the norm's dtype inside the kernel, as the
-model's `x.astype(dtype)` before its norm does; statistics are float32. A pre-LN block adds its
-output h to the stream right before the next norm, so the kernels take that add too.
+model's `x.astype(dtype)` before its norm does; statistics are float32, and the kernels round
+where the model's norm (`mpt_jax.model._norm_forward`) rounds. A pre-LN block adds its output h to
+the stream right before the next norm, so the kernels take that add too.
 
 - forward: reads x (and h), writes y (R, D) in the norm's dtype, 1/σ (R,) float32, x + h when it
   is wanted, and the stream rounded to the norm's dtype when that is narrower (bf16 under amp),
@@ -88,9 +89,14 @@ def _load_row(ref, row, cols, mask):
 
 
 def _centred_and_rstd(x, mask, D: int, n: _Norm):
-    """(x less its mean, or x for RMSNorm, with the masked tail 0; 1/σ) of one row."""
-    xc = x if n.rms else jnp.where(mask, x - jnp.sum(x) / D, 0.0)
-    return xc, lax.rsqrt(jnp.sum(xc * xc) / D + n.eps)
+    """(x less its mean, or x for RMSNorm, with the masked tail 0; 1/σ) of one row.
+
+    RMSNorm rounds each step to the norm's dtype, as the model's norm (llm-foundry's ops)."""
+    if not n.rms:
+        xc = jnp.where(mask, x - jnp.sum(x) / D, 0.0)
+        return xc, lax.rsqrt(jnp.sum(xc * xc) / D + n.eps)
+    mean_square = n.round(jnp.sum(n.round(x * x)) / D)
+    return x, n.round(lax.rsqrt(n.round(mean_square + n.eps)))
 
 
 def _forward_kernel(*refs, n: _Norm, R: int):
@@ -119,9 +125,10 @@ def _forward_kernel(*refs, n: _Norm, R: int):
             if rounded_ref is not None:
                 plgpu.store(rounded_ref.at[row, cols], x.astype(rounded_ref.dtype), mask=mask)
             xc, rstd = _centred_and_rstd(x, mask, D, n)
-            y = n.round(n.round(xc * rstd) * scale)  # as the model: x̂ in dtype times scale
+            # as the model: LayerNorm rounds once, RMSNorm x̂ and then x̂ times scale
+            y = n.round(xc * rstd) * scale if n.rms else xc * rstd * scale
             if bias is not None:
-                y = n.round(y + bias)
+                y = y + bias
             plgpu.store(y_ref.at[row, cols], y.astype(y_ref.dtype), mask=mask)
             rstd_ref[row] = rstd
 
@@ -157,7 +164,7 @@ def _backward_kernel(*refs, n: _Norm, R: int):
         plgpu.store(dx_ref.at[at, cols], dx, mask=live)
         if dh_ref is not None:  # h entered as h.astype(x.dtype): its gradient is cast back
             plgpu.store(dh_ref.at[at, cols], dx.astype(dh_ref.dtype), mask=live)
-        return d_scale + g * n.round(xhat), d_bias + g
+        return d_scale + g * (n.round(xhat) if n.rms else xhat), d_bias + g
 
     zeros = jnp.zeros(cols.shape, jnp.float32)
     d_scale, d_bias = lax.fori_loop(0, n.rows_bwd, row_body, (zeros, zeros))
