@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import multihost_utils
 
 from mpt_jax import attention as attention_lib
@@ -33,7 +34,11 @@ Initializer = Callable[[jax.Array, tuple[int, ...]], jax.Array]
 # activation checkpointing per block: what the backward pass may keep instead of recomputing
 REMAT_POLICIES: dict[str, Any] = {
     "none": None,
-    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # a biased projection's matmul is inside a custom_vjp, out of the dots policy's sight
+    "dots_saveable": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names("biased_projection"),
+    ),
     "full": jax.checkpoint_policies.nothing_saveable,
 }
 
@@ -129,10 +134,37 @@ class Dense(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(self.dtype)
         contract = tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())))
-        if self.bias is not None:
-            y = y + _leading_ones(self.bias[...].astype(self.dtype), y.ndim)
-        return y
+        dims = (contract, ((), ()))
+        if self.bias is None:
+            return jax.lax.dot_general(x.astype(self.dtype), kernel, dims)
+        bias = self.bias[...].astype(self.dtype)
+        y = _biased_dot(x.astype(self.dtype), kernel, bias, dims)
+        return checkpoint_name(y, "biased_projection")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _biased_dot(x, kernel, bias, dims):
+    """x @ kernel + bias rounded once to x's dtype, as torch's addmm and cuBLASLt's bias epilogue
+    do; its backward multiplies in x's dtype, where autodiff would feed a float32 gradient to
+    mixed-dtype matmuls."""
+    y = jax.lax.dot_general(x, kernel, dims, preferred_element_type=jnp.float32)
+    return (y + _leading_ones(bias.astype(jnp.float32), y.ndim)).astype(x.dtype)
+
+
+def _biased_dot_fwd(x, kernel, bias, dims):
+    return _biased_dot(x, kernel, bias, dims), (x, kernel, bias)
+
+
+def _biased_dot_bwd(dims, residuals, g):
+    x, kernel, bias = residuals
+    g = g.astype(x.dtype)
+    (dx,) = jax.linear_transpose(lambda x: jax.lax.dot_general(x, kernel, dims), x)(g)
+    (d_kernel,) = jax.linear_transpose(lambda k: jax.lax.dot_general(x, k, dims), kernel)(g)
+    rows = tuple(range(g.ndim - bias.ndim))
+    return dx, d_kernel, jnp.sum(g, axis=rows, dtype=jnp.float32).astype(bias.dtype)
+
+
+_biased_dot.defvjp(_biased_dot_fwd, _biased_dot_bwd)
 
 
 def _leading_ones(p: jax.Array, ndim: int) -> jax.Array:
@@ -374,14 +406,18 @@ class Attention(nnx.Module):
         return self.out_proj(out_BSHK), k_BSGK, v_BSGK
 
 
+# The activations compute in float32 and round once to x's dtype, as torch's CUDA kernels do
+# under autocast; their backward passes keep only x.
+
+
 @jax.custom_vjp
 def _gelu(x: jax.Array) -> jax.Array:
-    """Exact (erf) GELU whose backward keeps only x.
+    """Exact (erf) GELU.
 
     Autodiff of jax.nn.gelu keeps x and two of its intermediates, each the size of the MLP's
     (..., F) activation; the derivative Φ(x) + x φ(x) is recomputed in the backward instead.
     """
-    return jax.nn.gelu(x, approximate=False)
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
 
 
 def _gelu_fwd(x):
@@ -397,9 +433,28 @@ def _gelu_bwd(x, g):
 
 _gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
+
+@jax.custom_vjp
+def _silu(x: jax.Array) -> jax.Array:
+    """SiLU, x σ(x); autodiff would keep σ(x) in float32 beside x."""
+    return jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
+
+
+def _silu_fwd(x):
+    return _silu(x), x
+
+
+def _silu_bwd(x, g):
+    x32 = x.astype(jnp.float32)
+    sigmoid = jax.nn.sigmoid(x32)
+    return ((g.astype(jnp.float32) * sigmoid * (1.0 + x32 * (1.0 - sigmoid))).astype(x.dtype),)
+
+
+_silu.defvjp(_silu_fwd, _silu_bwd)
+
 _ACTIVATIONS = {
     "gelu": _gelu,
-    "silu": jax.nn.silu,
+    "silu": _silu,
     "relu": jax.nn.relu,
 }
 
