@@ -20,3 +20,15 @@ def write_atomic(path: str | Path, text: str, *, mode: int | None = None) -> Pat
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def unwritable_reason(folder: str | Path) -> str | None:
+    """Why files cannot be made in `folder` (created if missing): its nearest existing ancestor is
+    a file, or is not writable. None when they can."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK):
+        return f"{existing} is not writable"
+    return None

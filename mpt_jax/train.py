@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -24,7 +23,7 @@ from jax.experimental import multihost_utils
 
 from mpt_jax import checkpoint, distributed, resilience, sharding
 from mpt_jax import metrics as metrics_lib
-from mpt_jax.atomic_write import write_atomic
+from mpt_jax.atomic_write import unwritable_reason, write_atomic
 from mpt_jax.config import ConfigError, RunConfig, run_config_from_dict, to_dict
 from mpt_jax.data import BatchLoader, DataError, check_compatible, resolve_dataset
 from mpt_jax.loss import chunked_cross_entropy_sum, counted, cross_entropy_sum, shift_targets
@@ -317,11 +316,8 @@ def _holds_a_run(run_dir: Path) -> bool:
 def check_run_dir(cfg: RunConfig, raw: dict[str, Any], *, overwrite: bool) -> None:
     """Refuse, before anything is changed, a run_dir this run may not use (or replace)."""
     run_dir = Path(cfg.run_dir)
-    existing = next(p for p in (run_dir.absolute(), *run_dir.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        raise ConfigError(f"run_dir: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK):
-        raise ConfigError(f"run_dir: {existing} is not writable")
+    if reason := unwritable_reason(run_dir):
+        raise ConfigError(f"run_dir: {reason}")
     steps = checkpoint.committed_steps(run_dir.absolute() / "checkpoints")
     if cfg.init_from and (overwrite or not steps):  # a fresh start reads it
         _check_init_from_exists(cfg)

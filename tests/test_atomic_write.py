@@ -1,5 +1,7 @@
 """write_atomic: whole files or none under the real name, and no temporary left behind."""
 
+import os
+
 import pytest
 
 from mpt_jax.atomic_write import write_atomic
@@ -20,3 +22,17 @@ def test_a_failed_rename_keeps_the_target_and_cleans_up(tmp_path):
         write_atomic(tmp_path / "results.json", "{}\n")
     assert (tmp_path / "results.json" / "keep").read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_unwritable_reason_names_the_nearest_existing_ancestor(tmp_path):
+    from mpt_jax.atomic_write import unwritable_reason
+
+    assert unwritable_reason(tmp_path / "a" / "b") is None  # missing folders are made later
+    (tmp_path / "notes").write_text("x")
+    reason = unwritable_reason(tmp_path / "notes" / "run")
+    assert reason == f"{tmp_path / 'notes'} is a file, not a folder"
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):  # root may write anywhere
+        pytest.skip("running as root: permissions are not enforced")
+    assert unwritable_reason(locked / "run") == f"{locked} is not writable"

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mpt_jax.atomic_write import write_atomic
+from mpt_jax.atomic_write import unwritable_reason, write_atomic
 from mpt_jax.config import ConfigError, MeshConfig, from_dict
 from mpt_jax.data import resolve_dataset
 from mpt_jax.data.sources import BUILTIN_PREFIX
@@ -178,13 +177,8 @@ def _check_writable(path: Path, option: str) -> None:
     """Refuse an output path that names a folder or lies under a file."""
     if path.is_dir():
         raise EvalError(f"{option}: {path} is a folder; name a file")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise EvalError(f"{option}: {parent} is a file, not a folder")
-            if not os.access(parent, os.W_OK):
-                raise EvalError(f"{option}: {parent} is not writable")
-            break
+    if reason := unwritable_reason(path.parent):
+        raise EvalError(f"{option}: {reason}")
 
 
 def write_json(path: str | Path, data: Any) -> None:
