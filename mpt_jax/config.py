@@ -213,6 +213,10 @@ class ModelConfig:
 # Training run configs
 
 Precision = Literal["amp_bf16", "fp32", "pure_bf16"]
+# llm-foundry's fsdp_config.mixed_precision: FULL leaves parameters as stored outside the
+# matmuls (torch autocast); DEFAULT and PURE cast every one to the compute dtype (FSDP's
+# param_dtype), so embeddings, norms and the residual stream run in bf16 too
+MixedPrecision = Literal["FULL", "DEFAULT", "PURE"]
 Remat = Literal["none", "dots_saveable", "full"]
 OptimName = Literal["decoupled_adamw", "decoupled_lionw", "adamw"]
 ScheduleName = Literal[
@@ -373,6 +377,7 @@ class TrainConfig:
     tokens: int | None = None  # token budget instead of steps (rounded up to whole steps)
     seed: int = 17
     precision: Precision = "amp_bf16"
+    mixed_precision: MixedPrecision = "FULL"
     remat: Remat = "none"
     # cross-entropy over chunks of this many positions, never holding the (B, S, V) logits;
     # null: the whole logits at once

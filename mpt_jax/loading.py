@@ -32,8 +32,10 @@ def from_pretrained(
 ) -> MPTForCausalLM:
     """Load a model from an HF MPT folder, or a run folder's latest (or `step`) checkpoint.
 
-    Run folders restore only the parameters (Orbax), cast to `param_dtype`; HF folders go
-    through MPTForCausalLM.from_pretrained (`kwargs`: allow_pickle, config overrides).
+    Run folders restore only the parameters (Orbax), cast to `param_dtype`, or to a narrower
+    `dtype` when the run computed with every parameter in its compute dtype (its
+    `train.mixed_precision` DEFAULT or PURE), as it trained; HF folders go through
+    MPTForCausalLM.from_pretrained (`kwargs`: allow_pickle, config overrides).
     """
     if not is_run_folder(path):
         if step is not None:
@@ -54,6 +56,9 @@ def from_pretrained(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params
     )
     params = checkpoint.load_params(step_dir, target)
+    mixed_precision = meta["config"].get("train", {}).get("mixed_precision", "FULL")
+    if mixed_precision != "FULL" and jnp.dtype(dtype).itemsize < jnp.dtype(param_dtype).itemsize:
+        param_dtype = dtype
     params = jax.tree.map(lambda x: x.astype(param_dtype), params)
     return nnx.merge(graphdef, params)
 

@@ -64,6 +64,17 @@ class TrainState:
 # Model, state and step
 
 
+def compute_params(cfg: RunConfig, params: nnx.State) -> nnx.State:
+    """The parameters the forward and backward passes see: with `train.mixed_precision` DEFAULT
+    or PURE each is cast to the compute dtype, as FSDP's param_dtype does; else as stored.
+
+    The gradients still reach the stored (float32) parameters through the cast."""
+    if cfg.train.mixed_precision == "FULL":
+        return params
+    _, dtype = PRECISIONS[cfg.train.precision]
+    return jax.tree.map(lambda p: p.astype(dtype), params)
+
+
 def build_model(cfg: RunConfig) -> MPTForCausalLM:
     """An (unsharded, eager) model with the run's seed, precision and remat settings."""
     param_dtype, dtype = PRECISIONS[cfg.train.precision]
@@ -156,7 +167,7 @@ def make_train_step(graphdef, cfg: RunConfig, *, poison: bool = False) -> Callab
 
     def normalized_loss(params, ids, targets, seg, key, denom):
         """The microbatch's summed token losses over the whole batch's token count."""
-        model = nnx.merge(graphdef, params)
+        model = nnx.merge(graphdef, compute_params(cfg, params))
         if cfg.train.loss_chunk is None:
             logits = model(ids, segment_ids=seg, dropout_key=key)
             loss_sum, _ = cross_entropy_sum(logits, targets)
@@ -247,11 +258,11 @@ def jit_train_step(graphdef, cfg: RunConfig, mesh, shardings, *, poison: bool = 
     )
 
 
-def make_eval_step(graphdef) -> Callable:
+def make_eval_step(graphdef, cfg: RunConfig) -> Callable:
     """(params, batch) -> (loss sum, token count), jitted by the caller."""
 
     def eval_step(params, batch):
-        logits = nnx.merge(graphdef, params)(
+        logits = nnx.merge(graphdef, compute_params(cfg, params))(
             batch["input_ids"], segment_ids=batch.get("segment_ids")
         )
         return cross_entropy_sum(logits, shift_targets(batch["input_ids"]))
@@ -658,7 +669,7 @@ class _Trainer:
             else None
         )
         self.eval_fn = jax.jit(
-            sharding.traced_on(mesh, make_eval_step(self.graphdef)),
+            sharding.traced_on(mesh, make_eval_step(self.graphdef, self.cfg)),
             in_shardings=(shardings.params, self.batch_sharding),
         )
         self.loader = BatchLoader(

@@ -291,6 +291,10 @@ def test_run_config_presets_budgets_and_defaults():
         (dict(train={"steps": None}), r"train: give exactly one of train\.steps and train\.tokens"),
         (dict(train={"global_batch": 8, "microbatch": 3}), r"train\.microbatch: must divide"),
         (dict(train={"precision": "fp16"}), r"train\.precision: must be one of 'amp_bf16'"),
+        (
+            dict(train={"mixed_precision": "pure"}),
+            r"train\.mixed_precision: must be one of 'FULL' \| 'DEFAULT' \| 'PURE', got 'pure'",
+        ),
         (dict(schedule={"t_warmup": "100"}), r"schedule\.t_warmup: '100' is not a time"),
         (
             dict(schedule={"name": "inv_sqrt_with_warmup", "t_warmup": "0.1dur"}),

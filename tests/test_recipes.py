@@ -31,6 +31,7 @@ def test_pretraining_recipes_match_llm_foundry(size):
     assert cfg.optim.name == "decoupled_adamw" and cfg.optim.lr == float(lr)
     assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.weight_decay == 0.0
     assert cfg.optim.clipping_threshold == 1.0 and cfg.train.precision == "amp_bf16"
+    assert cfg.train.mixed_precision == "PURE"  # fsdp_config.mixed_precision
     assert cfg.schedule.name == "cosine_with_warmup" and cfg.schedule.t_warmup == "100ba"
     assert cfg.schedule.alpha_f == 0.1 and cfg.train.seed == 17
     assert (cfg.train.global_batch, cfg.total_steps) == (batch, steps)

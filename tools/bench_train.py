@@ -2,16 +2,18 @@
 
     python tools/bench_train.py --models mpt-125m,mpt-1b --seq-lens 2048 --global-batch 32 \\
         [--microbatch N[,N...]] [--mesh data=1,fsdp=-1,tensor=1 [--mesh ...]] \\
-        [--precision amp_bf16[,fp32,...]] [--remat none[,dots_saveable,full]] \\
+        [--precision amp_bf16[,fp32,...]] [--mixed-precision FULL[,PURE,...]] \\
+        [--remat none[,dots_saveable,full]] \\
         [--warmup 3] [--steps 10] [--out DIR] [--peak-tflops X] [--device-memory-gib X] \\
         [--model-override key=value ...] [--in-process] [--row-timeout 3600] \\
         [--profile DIR [--profile-steps 3]] [--aot h100|h200 [--aot-rates ...] [--aot-plugin DIR]]
 
 Every combination of models x seq lens x global batches x microbatches x meshes x precisions x
-remat policies is one row. A model is a preset (experiments/models/), a YAML file or `tiny` (a
-very small model for CPU); its max_seq_len is set to the row's seq len (so NumParams grows with
-seq when positions are learned, as in llm-foundry's tables). `--microbatch` is train.microbatch:
-sequences per forward/backward over all devices (default: the global batch, no accumulation).
+mixed-precision modes x remat policies is one row. A model is a preset (experiments/models/), a
+YAML file or `tiny` (a very small model for CPU); its max_seq_len is set to the row's seq len (so
+NumParams grows with seq when positions are learned, as in llm-foundry's tables). `--microbatch`
+is train.microbatch: sequences per forward/backward over all devices (default: the global batch,
+no accumulation).
 
 Each row builds the trainer's state and step (mpt_jax.train: same shardings, donation), compiles
 it, checks XLA's memory estimate against the device memory, runs --warmup steps, then times
@@ -61,6 +63,7 @@ from mpt_jax.atomic_write import write_atomic
 from mpt_jax.config import (
     ConfigError,
     MeshConfig,
+    MixedPrecision,
     ModelConfig,
     Precision,
     Remat,
@@ -97,6 +100,7 @@ COLUMNS = (
     "Throughput (T/s/device)",
     "Step time (s)",
     "Precision",
+    "MP Mode",
     "Mesh (data x fsdp x tensor)",
     "Sharding Strategy",
     "Activation Checkpointing",
@@ -112,6 +116,7 @@ AOT_COLUMNS = (
     "Device",
     "GlobalBatchSize",
     "Precision",
+    "MP Mode",
     "Layers",
     "Activation Checkpointing",
     "Loss chunk",
@@ -234,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--microbatch", default=None, help="comma-separated train.microbatch values")
     add("--mesh", action="append", metavar="SPEC", help="data=N,fsdp=N,tensor=N; repeatable")
     add("--precision", default="amp_bf16", help="comma-separated: amp_bf16, pure_bf16, fp32")
+    add(
+        "--mixed-precision",
+        default="FULL",
+        help="comma-separated train.mixed_precision: FULL, DEFAULT, PURE",
+    )
     add("--remat", default="none", help="comma-separated: none, dots_saveable, full")
     add("--loss-chunk", default="none", help="comma-separated: none or train.loss_chunk values")
     add("--model-override", action="append", default=[], metavar="KEY=VALUE", help="repeatable")
@@ -356,6 +366,7 @@ def plan_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     micros = [None] if args.microbatch is None else _positive_ints(args.microbatch, "--microbatch")
     meshes = [parse_mesh(spec) for spec in (args.mesh or ["data=1,fsdp=-1,tensor=1"])]
     precisions = _choices(args.precision, "--precision", typing.get_args(Precision))
+    modes = _choices(args.mixed_precision, "--mixed-precision", typing.get_args(MixedPrecision))
     remats = _choices(args.remat, "--remat", typing.get_args(Remat))
     chunk_texts = [c for c in _split(args.loss_chunk) if c != "none"]
     chunks = [None] * (len(_split(args.loss_chunk)) > len(chunk_texts))
@@ -364,9 +375,10 @@ def plan_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise ArgError("--loss-chunk", "expected none or positive integers")
     profile = None if args.profile is None else Path(args.profile)
     specs = []
-    for (name, model), seq, batch, micro, mesh, precision, remat, chunk in itertools.product(
-        models, seq_lens, batches, micros, meshes, precisions, remats, chunks
-    ):
+    rows = itertools.product(
+        models, seq_lens, batches, micros, meshes, precisions, modes, remats, chunks
+    )
+    for (name, model), seq, batch, micro, mesh, precision, mode, remat, chunk in rows:
         model_dict = {**model.to_dict(), "max_seq_len": seq}
         specs.append(
             dict(
@@ -377,6 +389,7 @@ def plan_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                 microbatch=batch if micro is None else micro,
                 mesh={"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor},
                 precision=precision,
+                mixed_precision=mode,
                 remat=remat,
                 loss_chunk=chunk,
                 warmup=args.warmup,
@@ -412,8 +425,9 @@ def row_label(spec: dict[str, Any]) -> str:
     """A filesystem-safe name of the row: mpt-1b_seq2048_gb16_mb16_1x-1x1_amp_bf16_none_chunk512."""
     text = (
         f"{spec['label']}_seq{spec['seq']}_gb{spec['global_batch']}_mb{spec['microbatch']}"
-        f"_{_mesh_text(_requested_mesh(spec))}_{spec['precision']}_{spec['remat']}"
-        f"_chunk{spec['loss_chunk'] or 'none'}"
+        f"_{_mesh_text(_requested_mesh(spec))}_{spec['precision']}"
+        + ("" if spec["mixed_precision"] == "FULL" else f"_{spec['mixed_precision']}")
+        + f"_{spec['remat']}_chunk{spec['loss_chunk'] or 'none'}"
     )
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
@@ -432,6 +446,7 @@ def _run_config(spec: dict[str, Any]) -> dict[str, Any]:
             "microbatch": spec["microbatch"],
             "steps": spec["warmup"] + spec["steps"],
             "precision": spec["precision"],
+            "mixed_precision": spec["mixed_precision"],
             "remat": spec["remat"],
             "loss_chunk": spec["loss_chunk"],
             "progress": False,
@@ -749,6 +764,7 @@ def table_row(
             "GlobalBatchSize": spec["global_batch"],
             "GradAccum": None if skipped else spec["global_batch"] // spec["microbatch"],
             "Precision": spec["precision"],
+            "MP Mode": spec["mixed_precision"],
             "Mesh (data x fsdp x tensor)": _mesh_text(mesh or _requested_mesh(spec)),
             "Sharding Strategy": None if mesh is None else sharding_strategy(mesh),
             "Activation Checkpointing": spec["remat"],
@@ -796,6 +812,7 @@ def aot_table_row(
             "Device": result.get("device_kind"),
             "GlobalBatchSize": spec["global_batch"],
             "Precision": spec["precision"],
+            "MP Mode": spec["mixed_precision"],
             "Layers": "scanned" if model.scan_layers else "unrolled",
             "Activation Checkpointing": spec["remat"],
             "Loss chunk": spec["loss_chunk"] or "none",

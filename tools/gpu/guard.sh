@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# [gpu-perf] correctness guard on one GPU (about 5 minutes): MPT-125M with ALiBi, 50 steps, the
-# reference settings (XLA attention, whole logits) against fp32 and the fast path (Pallas kernel,
-# loss_chunk 512) from the same initialization and batches; the report's loss_diff columns last.
+# [gpu-perf] correctness guard on one GPU (about 6 minutes): MPT-125M with ALiBi, 50 steps, the
+# reference settings (XLA attention, whole logits, the recipe's PURE mixed precision) against
+# fp32, the fast path (Pallas kernel, loss_chunk 512) and fp32 parameters outside the matmuls
+# (FULL), from the same initialization and batches; the report's loss_diff columns last.
 #   run: bash tools/gpu/guard.sh   (kind nvidia-h200: compiled for an H200 on a CPU host, the
 #   reference member needs about 107 GiB and the fp32 one 122; carry .whl; fill it with
 #   tools/gpu/fetch_wheels.sh)

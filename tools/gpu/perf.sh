@@ -2,14 +2,16 @@
 # [gpu-perf] on one GPU (about 6 minutes, at most BUDGET_S, 590 s): the plain-JAX MPT-1B anchor and ours in
 # the same run (both with ALiBi, batch 16, seq 2048), each row with 3 steps traced after the
 # timed ones (where the time goes):
-#   ROWS=main (the default): scanned layers with XLA norms (the preset), unrolled layers (no
-#     per-layer copies of the saved activations into and out of the scan's stacked buffers)
-#     with norm_impl=pallas_gpu (our fused add + norm kernels, the fastest predicted), the same
-#     at seq 8192, then unrolled layers with XLA norms (untraced). With HOPPER=1 (once
+#   ROWS=main (the default): scanned layers with XLA norms (the preset, train.mixed_precision
+#     FULL), then, with mixed_precision PURE (every parameter in bf16 in the step, as the
+#     recipes, llm-foundry's FSDP runs and the anchor itself: a bf16 residual stream), unrolled
+#     layers (no per-layer copies of the saved activations into and out of the scan's stacked
+#     buffers) with norm_impl=pallas_gpu (our fused add + norm kernels, the fastest predicted),
+#     the same at seq 8192, then unrolled layers with XLA norms (untraced). With HOPPER=1 (once
 #     kernels.sh passed the Hopper kernels' GPU tests) that last row runs with
 #     attn_impl=pallas_mgpu and the Pallas norms instead (traced).
 #   ROWS=levers: the smaller levers against the preset: every matmul in cuBLAS (no XLA Triton
-#     GEMMs), the whole logits, and seq 8192 scanned (about 4 minutes).
+#     GEMMs), the whole logits, seq 8192 scanned, and mixed_precision PURE (about 5 minutes).
 # The correctness guard is tools/gpu/guard.sh, a run of its own.
 #   run: bash tools/gpu/perf.sh   (kind nvidia-h200: the targets are H200 figures and batch 16
 #   without remat does not fit an H100; carry .whl and shared; fill .whl with fetch_wheels.sh,
@@ -56,6 +58,7 @@ bench() {  # row name, seconds, then bench_train arguments; the row's table line
   fi
 }
 NORMS=(--model-override norm_impl=pallas_gpu)
+PURE=(--mixed-precision PURE)
 UNROLLED=(--model-override scan_layers=false)
 case "${ROWS:-main}" in
 main)
@@ -64,15 +67,17 @@ main)
   # anchor, each capped by what is left of BUDGET_S, so a cut falls on the comparison row
   bench scan_2048 90 --seq-lens 2048 --global-batch 16 --profile "$WORK/profile_scan"
   bench unrolled_2048_norms 150 --seq-lens 2048 --global-batch 16 "${UNROLLED[@]}" \
-    "${NORMS[@]}" --profile "$WORK/profile_unrolled_norms"
+    "${NORMS[@]}" "${PURE[@]}" --profile "$WORK/profile_unrolled_norms"
   # 24 unrolled layers compile slowly (mpt-760m ran out of a 70 s row on 2026-11-28)
-  bench unrolled_8192_norms 130 --seq-lens 8192 --global-batch 4 "${UNROLLED[@]}" "${NORMS[@]}"
+  bench unrolled_8192_norms 130 --seq-lens 8192 --global-batch 4 "${UNROLLED[@]}" "${NORMS[@]}" \
+    "${PURE[@]}"
   if [ "${HOPPER:-0}" = 1 ]; then
     # our Mosaic GPU (wgmma) kernels in the model, once kernels.sh has passed their GPU tests
     bench unrolled_2048_norms_hopper 130 --seq-lens 2048 --global-batch 16 "${UNROLLED[@]}" \
-      "${NORMS[@]}" --model-override attn_impl=pallas_mgpu --profile "$WORK/profile_hopper"
+      "${NORMS[@]}" "${PURE[@]}" --model-override attn_impl=pallas_mgpu \
+      --profile "$WORK/profile_hopper"
   else
-    bench unrolled_2048 130 --seq-lens 2048 --global-batch 16 "${UNROLLED[@]}"
+    bench unrolled_2048 130 --seq-lens 2048 --global-batch 16 "${UNROLLED[@]}" "${PURE[@]}"
   fi
   ;;
 levers)
@@ -84,6 +89,8 @@ levers)
   # the later value wins)
   bench scan_2048_whole_logits 70 --seq-lens 2048 --global-batch 16 --loss-chunk none
   bench scan_8192 70 --seq-lens 8192 --global-batch 4
+  # the preset with every parameter in bf16 in the step (the recipes' mixed_precision)
+  bench scan_2048_pure 70 --seq-lens 2048 --global-batch 16 "${PURE[@]}"
   ;;
 *)
   echo "ROWS=${ROWS}: not main or levers" >>"$REPORT"
