@@ -32,8 +32,8 @@ def from_pretrained(
 ) -> MPTForCausalLM:
     """Load a model from an HF MPT folder, or a run folder's latest (or `step`) checkpoint.
 
-    Run folders restore only the parameters (Orbax), cast to `param_dtype`, or to a narrower
-    `dtype` when the run computed with every parameter in its compute dtype (its
+    Run folders restore only the parameters (Orbax), cast to `param_dtype`, or to bf16 for a
+    bf16 `dtype` when the run's step computed with every parameter in bf16 (`pure_bf16`, or
     `train.mixed_precision` DEFAULT or PURE), as it trained; HF folders go through
     MPTForCausalLM.from_pretrained (`kwargs`: allow_pickle, config overrides).
     """
@@ -56,9 +56,8 @@ def from_pretrained(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params
     )
     params = checkpoint.load_params(step_dir, target)
-    mixed_precision = meta["config"].get("train", {}).get("mixed_precision", "FULL")
-    if mixed_precision != "FULL" and jnp.dtype(dtype).itemsize < jnp.dtype(param_dtype).itemsize:
-        param_dtype = dtype
+    if _step_saw_bf16_params(meta["config"]) and dtype == jnp.bfloat16:
+        param_dtype = dtype  # evaluated as it trained: a bf16 stream, bf16 norms and embeddings
     params = jax.tree.map(lambda x: x.astype(param_dtype), params)
     return nnx.merge(graphdef, params)
 
@@ -66,6 +65,14 @@ def from_pretrained(
 def _run_param_dtype(raw: dict[str, Any]) -> Any:
     precision = raw.get("train", {}).get("precision", "fp32")
     return jnp.bfloat16 if precision == "pure_bf16" else jnp.float32
+
+
+def _step_saw_bf16_params(raw: dict[str, Any]) -> bool:
+    """Whether the run's step computed with every parameter in bf16: stored so (pure_bf16), or
+    cast so by train.mixed_precision DEFAULT or PURE under amp_bf16."""
+    train = raw.get("train", {})
+    precision, mode = train.get("precision", "fp32"), train.get("mixed_precision", "FULL")
+    return precision == "pure_bf16" or (precision == "amp_bf16" and mode != "FULL")
 
 
 def load_tokenizer_for(

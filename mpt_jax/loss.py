@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mpt_jax.rounding import scaled
+
 IGNORE_INDEX = -100
 
 
@@ -74,7 +76,7 @@ def chunked_cross_entropy_sum(
 
 def _chunk_logits(h_BCD, w_DV, logit_scale):
     logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, w_DV)
-    return logits_BCV if logit_scale is None else logits_BCV * logit_scale
+    return logits_BCV if logit_scale is None else scaled(logits_BCV, logit_scale)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -27,6 +27,7 @@ from mpt_jax import attention as attention_lib
 from mpt_jax import hf_checkpoint
 from mpt_jax.config import InitConfig, ModelConfig, param_shapes
 from mpt_jax.kernels.layer_norm import fused_norm
+from mpt_jax.rounding import in_dtype, rounded, scaled
 from mpt_jax.sharding import device_local
 
 Initializer = Callable[[jax.Array, tuple[int, ...]], jax.Array]
@@ -148,7 +149,7 @@ def _biased_dot(x, kernel, bias, dims):
     do; its backward multiplies in x's dtype, where autodiff would feed a float32 gradient to
     mixed-dtype matmuls."""
     y = jax.lax.dot_general(x, kernel, dims, preferred_element_type=jnp.float32)
-    return (y + _leading_ones(bias.astype(jnp.float32), y.ndim)).astype(x.dtype)
+    return in_dtype(y + _leading_ones(bias.astype(jnp.float32), y.ndim), x.dtype)
 
 
 def _biased_dot_fwd(x, kernel, bias, dims):
@@ -170,6 +171,15 @@ _biased_dot.defvjp(_biased_dot_fwd, _biased_dot_bwd)
 def _leading_ones(p: jax.Array, ndim: int) -> jax.Array:
     """Reshape a trailing-axes parameter to rank `ndim` (explicit broadcasting)."""
     return p.reshape((1,) * (ndim - p.ndim) + p.shape)
+
+
+def _stream_add(x: jax.Array, h: jax.Array | None) -> jax.Array:
+    """x + h (h None: x) in the residual stream's dtype: rounded to a bf16 stream even where XLA
+    fuses the sum into a norm's float32 statistics (torch's add rounds)."""
+    if h is None:
+        return x
+    dtype = jnp.result_type(x, h)
+    return in_dtype(x.astype(jnp.float32) + h.astype(jnp.float32), dtype)
 
 
 class Norm(nnx.Module):
@@ -194,7 +204,7 @@ class Norm(nnx.Module):
         """The norm of x + h: h is a block's output not yet added to the stream x (None: none)."""
         if self.impl == "pallas_gpu":
             return self._fused(x, h, skip=False)
-        x = x if h is None else x + h
+        x = _stream_add(x, h)
         bias = None if self.bias is None else self.bias[...]
         # cast outside the custom_vjp: in amp the backward then keeps a bf16 x, not the fp32
         # residual stream
@@ -205,7 +215,7 @@ class Norm(nnx.Module):
         adds, normalizes and, backward, sums both paths' gradients."""
         if self.impl == "pallas_gpu":
             return self._fused(x, h, skip=True)
-        x = x if h is None else x + h
+        x = _stream_add(x, h)
         return x, self(x)
 
     def _fused(self, x: jax.Array, h: jax.Array | None, *, skip: bool):
@@ -226,11 +236,6 @@ def _centred(x: jax.Array, rms: bool) -> jax.Array:
     return x if rms else x - jnp.mean(x, axis=-1, keepdims=True)
 
 
-def _rounded(v: jax.Array, dtype) -> jax.Array:
-    """v (float32) rounded to dtype, back in float32: one torch op's output in dtype."""
-    return v.astype(dtype).astype(jnp.float32)
-
-
 def _rstd(xc: jax.Array, eps: float, rms: bool, dtype) -> jax.Array:
     """1/σ (..., 1) float32 of a centred (LayerNorm) or raw (RMSNorm) float32 x.
 
@@ -239,8 +244,8 @@ def _rstd(xc: jax.Array, eps: float, rms: bool, dtype) -> jax.Array:
     """
     if not rms:
         return jax.lax.rsqrt(jnp.mean(jnp.square(xc), axis=-1, keepdims=True) + eps)
-    mean_square = _rounded(jnp.mean(_rounded(jnp.square(xc), dtype), axis=-1, keepdims=True), dtype)
-    return _rounded(jax.lax.rsqrt(_rounded(mean_square + eps, dtype)), dtype)
+    mean_square = rounded(jnp.mean(rounded(jnp.square(xc), dtype), axis=-1, keepdims=True), dtype)
+    return rounded(jax.lax.rsqrt(rounded(mean_square + eps, dtype)), dtype)
 
 
 def _norm_forward(x, scale, bias, eps, rms, dtype):
@@ -251,13 +256,13 @@ def _norm_forward(x, scale, bias, eps, rms, dtype):
     """
     xc = _centred(x.astype(jnp.float32), rms)
     rstd = _rstd(xc, eps, rms, dtype)
-    scale_1D = _leading_ones(_rounded(scale, dtype), x.ndim)
+    scale_1D = _leading_ones(rounded(scale, dtype), x.ndim)
     if rms:
-        return (_rounded(xc * rstd, dtype) * scale_1D).astype(dtype), rstd
+        return in_dtype(rounded(xc * rstd, dtype) * scale_1D, dtype), rstd
     y = xc * rstd * scale_1D
     if bias is not None:
-        y = y + _leading_ones(_rounded(bias, dtype), x.ndim)
-    return y.astype(dtype), rstd
+        y = y + _leading_ones(rounded(bias, dtype), x.ndim)
+    return in_dtype(y, dtype), rstd
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -281,9 +286,9 @@ def _norm_bwd(eps, rms, dtype, residuals, g):
     g32 = g.astype(jnp.float32)
     rows = tuple(range(x.ndim - 1))
     # RMSNorm's forward multiplies x̂ rounded to dtype by the scale; LayerNorm's, x̂ itself
-    d_scale = jnp.sum(g32 * (_rounded(xhat, dtype) if rms else xhat), axis=rows)
+    d_scale = jnp.sum(g32 * (rounded(xhat, dtype) if rms else xhat), axis=rows)
     d_bias = None if bias is None else jnp.sum(g32, axis=rows).astype(bias.dtype)
-    d_xhat = g32 * _leading_ones(_rounded(scale, dtype), x.ndim)
+    d_xhat = g32 * _leading_ones(rounded(scale, dtype), x.ndim)
     proj = jnp.mean(d_xhat * xhat, axis=-1, keepdims=True)
     dx = rstd * (_centred(d_xhat, rms) - xhat * proj)
     return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias
@@ -417,7 +422,7 @@ def _gelu(x: jax.Array) -> jax.Array:
     Autodiff of jax.nn.gelu keeps x and two of its intermediates, each the size of the MLP's
     (..., F) activation; the derivative Φ(x) + x φ(x) is recomputed in the backward instead.
     """
-    return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
+    return in_dtype(jax.nn.gelu(x.astype(jnp.float32), approximate=False), x.dtype)
 
 
 def _gelu_fwd(x):
@@ -437,7 +442,7 @@ _gelu.defvjp(_gelu_fwd, _gelu_bwd)
 @jax.custom_vjp
 def _silu(x: jax.Array) -> jax.Array:
     """SiLU, x σ(x); autodiff would keep σ(x) in float32 beside x."""
-    return jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
+    return in_dtype(jax.nn.silu(x.astype(jnp.float32)), x.dtype)
 
 
 def _silu_fwd(x):
@@ -518,15 +523,15 @@ class Block(nnx.Module):
         h_BSD = _dropout(self.attn(y_BSD, segment_ids, k_attn), self.resid_pdrop, k_resid_attn)
         x_BSD, y_BSD = self.norm_2.with_skip(x_BSD, h_BSD)
         h_BSD = _dropout(self.ffn(y_BSD), self.resid_pdrop, k_resid_ffn)
-        return (x_BSD, h_BSD) if self.defers_add else (x_BSD + h_BSD, None)
+        return (x_BSD, h_BSD) if self.defers_add else (_stream_add(x_BSD, h_BSD), None)
 
     def decode(self, x_BSD, k_cache_BTGK, v_cache_BTGK, start_B, end):
         """The block on new tokens against a KV cache (no dropout): x, new k, new v."""
         h_BSD, k_BSGK, v_BSGK = self.attn.decode(
             self.norm_1(x_BSD), k_cache_BTGK, v_cache_BTGK, start_B, end
         )
-        x_BSD = x_BSD + h_BSD
-        return x_BSD + self.ffn(self.norm_2(x_BSD)), k_BSGK, v_BSGK
+        x_BSD = _stream_add(x_BSD, h_BSD)
+        return _stream_add(x_BSD, self.ffn(self.norm_2(x_BSD))), k_BSGK, v_BSGK
 
 
 class Embedding(nnx.Module):
@@ -680,12 +685,14 @@ class MPTForCausalLM(nnx.Module):
         return self.norm_f(x_BSD, h_BSD).astype(self.dtype)
 
     def _embed(self, input_ids, pos_emb_BSD, key):
-        x_BSD = self.wte(input_ids)
-        if pos_emb_BSD is not None:
-            x_BSD = x_BSD + pos_emb_BSD
+        x_BSD = _stream_add(self.wte(input_ids), pos_emb_BSD)
         if self.config.embedding_fraction < 1.0:
-            f = self.config.embedding_fraction
-            x_BSD = x_BSD * f + jax.lax.stop_gradient(x_BSD) * (1.0 - f)
+            f, dtype = self.config.embedding_fraction, x_BSD.dtype
+            x32 = x_BSD.astype(jnp.float32)
+            # GLM-130B's trick, each torch op rounded (with a bf16 stream the sum is not x)
+            part = rounded(x32 * f, dtype)
+            rest = rounded(jax.lax.stop_gradient(x32) * (1.0 - f), dtype)
+            x_BSD = in_dtype(part + rest, dtype)
         return _dropout(x_BSD, self.config.emb_pdrop, key)
 
     def _head(self, x_BSD):
@@ -694,7 +701,7 @@ class MPTForCausalLM(nnx.Module):
     def _project(self, h_BSD):
         w_DV, scale = self.output_weight()
         logits_BSV = jnp.einsum("bsd,dv->bsv", h_BSD, w_DV)
-        return logits_BSV if scale is None else logits_BSV * scale
+        return logits_BSV if scale is None else scaled(logits_BSV, scale)
 
     def output_weight(self) -> tuple[jax.Array, float | None]:
         """(W (D, V) in the compute dtype, logit scale or None): logits = final_hidden @ W * scale.

@@ -368,6 +368,7 @@ def check_run_dir(cfg: RunConfig, raw: dict[str, Any], *, overwrite: bool) -> No
                 f"{config_path}: unreadable ({reason}); pass --overwrite to replace the run "
                 "or choose another run_dir"
             ) from None
+        previous = _with_defaults(previous)
         changed = [key for key in _diff_keys(previous, raw) if not key.startswith(RESUMABLE_KEYS)]
         if changed:
             raise ConfigError(
@@ -427,6 +428,15 @@ def prepare_run_dir(cfg: RunConfig, raw: dict[str, Any], *, overwrite: bool) -> 
     return run_dir
 
 
+def _with_defaults(saved: Any) -> Any:
+    """A saved resolved config with the fields added since it was written at their defaults, so
+    an older run compares equal to the same config today (as saved if it no longer parses)."""
+    try:
+        return to_dict(run_config_from_dict(saved))
+    except (ConfigError, TypeError, ValueError, AttributeError):
+        return saved
+
+
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         keys = sorted(set(a) | set(b))
@@ -473,7 +483,7 @@ def _check_checkpoint_meta(
 ) -> None:
     """Refuse a checkpoint written for another model or sample order, or beyond this run."""
     _check_not_past_end(cfg, step)
-    saved = meta["config"]
+    saved = _with_defaults(meta["config"])
     changed = _model_changes(saved.get("model"), raw["model"], prefix="model.")
     changed += _diff_keys(saved.get("optim"), raw["optim"], "optim.")
     if changed:

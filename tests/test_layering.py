@@ -17,7 +17,8 @@ ALLOWED = {
     "optim": {"config"},
     "checkpoint": {"config"},
     "sharding": {"config"},
-    "model": {"config", "attention", "kernels", "sharding", "hf_checkpoint"},
+    "rounding": set(),
+    "model": {"config", "attention", "kernels", "sharding", "hf_checkpoint", "rounding"},
 }
 
 

@@ -155,6 +155,12 @@ def test_low_precision_layernorm_runs_in_compute_dtype_plain_layernorm_in_fp32()
         )
 
 
+def _eager_and_jitted(fn, *args):
+    """[fn(*args), jax.jit(fn)(*args)]: training runs jitted, where XLA may drop a cast pair
+    that eager mode keeps (closed-over modules are constants under jit)."""
+    return [fn(*args), jax.jit(fn)(*args)]
+
+
 def _torch_low_precision_norm(torch, x, weight, bias, eps, rms):
     """llm-foundry's LPLayerNorm / LPRMSNorm under bf16 autocast: x and the parameters cast to
     bf16, then `F.layer_norm`, or `rms_norm`'s torch ops, with autocast off (norm.py)."""
@@ -179,24 +185,26 @@ def test_low_precision_norms_round_as_llm_foundry_does_in_bf16(norm_type, no_bia
 
     rng = np.random.default_rng(D)  # fresh inputs per case
     # the float32 residual stream, with an offset and spread so centring and scaling matter
-    x = (3.0 * rng.standard_normal((64, D)) + 1.5).astype(np.float32)
+    # 256 rows: enough for XLA's CPU reduction fusion, which dropped cast pairs under jit
+    x = (3.0 * rng.standard_normal((256, D)) + 1.5).astype(np.float32)
     cfg = ModelConfig(**{**BASE, "norm_type": norm_type, "no_bias": no_bias})
     norm = Norm(D, cfg, names=(None,), dtype=jnp.bfloat16, param_dtype=jnp.float32)
     norm.scale[...] = jnp.asarray(1.0 + 0.3 * rng.standard_normal(D), jnp.float32)
     if norm.bias is not None:
         norm.bias[...] = jnp.asarray(0.2 * rng.standard_normal(D), jnp.float32)
-    ours = norm(jnp.asarray(x))
-    assert ours.dtype == jnp.bfloat16
     bias = None if norm.bias is None else np.asarray(norm.bias[...])
     rms = norm_type.endswith("rmsnorm")
     expected = _torch_low_precision_norm(torch, x, np.asarray(norm.scale[...]), bias, 1e-5, rms)
-    ours, expected = np.asarray(ours, np.float32), expected.float().numpy()
-    # bit for bit but where float32 summation order tips a statistic (torch and XLA add in
-    # different orders): then one bf16 unit in the last place, or a hair for outputs near 0
-    differs = ours != expected
-    assert differs.mean() <= 1e-3, differs.mean()
-    one_ulp = 2.0 ** (np.floor(np.log2(np.abs(expected) + 1e-30)) - 7)
-    assert np.all(np.abs(ours - expected) <= np.maximum(one_ulp, 1e-4))
+    expected = expected.float().numpy()
+    for ours in _eager_and_jitted(lambda x: norm(x), jnp.asarray(x)):
+        assert ours.dtype == jnp.bfloat16
+        ours = np.asarray(ours, np.float32)
+        # bit for bit but where float32 summation order tips a statistic (torch and XLA add in
+        # different orders): then one bf16 unit in the last place, or a hair for outputs near 0
+        differs = ours != expected
+        assert differs.mean() <= 1e-3, differs.mean()
+        one_ulp = 2.0 ** (np.floor(np.log2(np.abs(expected) + 1e-30)) - 7)
+        assert np.all(np.abs(ours - expected) <= np.maximum(one_ulp, 1e-4))
 
 
 def _autodiff_norm(x, scale, bias, eps, rms, dtype):
@@ -257,7 +265,8 @@ def test_activation_forward_rounds_once_and_gradient_matches_autodiff(name, dtyp
     plain = {"gelu": lambda x: jax.nn.gelu(x, approximate=False), "silu": jax.nn.silu}[name]
     x = jnp.linspace(-8.0, 8.0, 4001, dtype=jnp.float32)
     x_in = x.astype(dtype)
-    y = act(x_in)
+    y, jitted = _eager_and_jitted(act, x_in)
+    np.testing.assert_array_equal(np.asarray(jitted, np.float32), np.asarray(y, np.float32))
     assert y.dtype == dtype
     # float32 math rounded once, as torch's CUDA kernels under autocast: the correctly rounded
     # result (op-by-op bf16 math missed 30% of them). Below x = -5, 1 + erf cancels in float32,
@@ -280,9 +289,9 @@ def test_silu_in_bf16_matches_torch_bit_for_bit():
     from mpt_jax.model import _ACTIVATIONS
 
     x = np.random.default_rng(7).standard_normal(20000).astype(np.float32) * 4
-    ours = np.asarray(_ACTIVATIONS["silu"](jnp.asarray(x, jnp.bfloat16)), np.float32)
     expected = torch.nn.functional.silu(torch.tensor(x).bfloat16()).float().numpy()
-    np.testing.assert_array_equal(ours, expected)
+    for ours in _eager_and_jitted(_ACTIVATIONS["silu"], jnp.asarray(x, jnp.bfloat16)):
+        np.testing.assert_array_equal(np.asarray(ours, np.float32), expected)
 
 
 def _biased_dense(rng, dtype):
@@ -307,17 +316,18 @@ def test_biased_projection_rounds_once_as_torch_linear_does_in_bf16():
     rng = np.random.default_rng(11)
     dense = _biased_dense(rng, jnp.bfloat16)
     x = rng.standard_normal((2, 32, 256)).astype(np.float32)
-    ours = np.asarray(dense(jnp.asarray(x)), np.float32).reshape(2, 32, 384)
     # autocast: x, weight and bias cast to bf16, then F.linear (addmm: x W^T + b in float32)
     weight = torch.tensor(np.asarray(dense.kernel[...]).reshape(256, 384).T).bfloat16()
     bias = torch.tensor(np.asarray(dense.bias[...]).reshape(384)).bfloat16()
     expected = torch.nn.functional.linear(torch.tensor(x).bfloat16(), weight, bias).float().numpy()
-    # bit for bit but where float32 summation order tips a rounding (rounding x W and then
-    # adding b in bf16 differed in 30% of outputs)
-    differs = ours != expected
-    assert differs.mean() <= 1e-3, differs.mean()
-    one_ulp = 2.0 ** (np.floor(np.log2(np.abs(expected) + 1e-30)) - 7)
-    assert np.all(np.abs(ours - expected) <= one_ulp)
+    for ours in _eager_and_jitted(lambda x: dense(x), jnp.asarray(x)):
+        ours = np.asarray(ours, np.float32).reshape(2, 32, 384)
+        # bit for bit but where float32 summation order tips a rounding (rounding x W and then
+        # adding b in bf16 differed in 30% of outputs)
+        differs = ours != expected
+        assert differs.mean() <= 1e-3, differs.mean()
+        one_ulp = 2.0 ** (np.floor(np.log2(np.abs(expected) + 1e-30)) - 7)
+        assert np.all(np.abs(ours - expected) <= one_ulp)
 
 
 def test_biased_projection_gradients_match_autodiff_and_multiply_in_bf16():

@@ -126,12 +126,13 @@ def test_a_pure_run_loads_for_bf16_evaluation_as_it_trained(small_dataset, tmp_p
         model = mpt_jax.from_pretrained(run_dir, dtype=dtype)
         return {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))}
 
-    for mode in ("PURE", "FULL"):
-        run_dir = tmp_path / mode
-        bf16_run = {"steps": 2, "precision": "amp_bf16", "mixed_precision": mode}
-        run(config(small_dataset, run_dir=str(run_dir), train=bf16_run))
-        # a PURE run's step saw bf16 parameters; FULL's saw fp32 ones outside the matmuls
-        expected = jnp.bfloat16 if mode == "PURE" else jnp.float32
+    for precision, mode in (("amp_bf16", "PURE"), ("amp_bf16", "FULL"), ("fp32", "PURE")):
+        run_dir = tmp_path / f"{precision}-{mode}"
+        train = {"steps": 2, "precision": precision, "mixed_precision": mode}
+        run(config(small_dataset, run_dir=str(run_dir), train=train))
+        # amp_bf16 PURE's step saw bf16 parameters; FULL's saw fp32 ones outside the matmuls,
+        # and fp32's fp32 ones whatever the mode
+        expected = jnp.bfloat16 if (precision, mode) == ("amp_bf16", "PURE") else jnp.float32
         assert param_dtypes(run_dir, jnp.bfloat16) == {jnp.dtype(expected)}
         assert param_dtypes(run_dir, jnp.float32) == {jnp.dtype(jnp.float32)}
 
@@ -196,6 +197,25 @@ def test_end_to_end_run_writes_run_folder(small_dataset, tmp_path):
         run(other)
     run(other, overwrite=True)
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 2
+
+
+def test_a_run_saved_before_a_field_existed_resumes_and_a_changed_field_is_refused(
+    small_dataset, tmp_path
+):
+    run_dir = tmp_path / "run"
+    run(config(small_dataset, run_dir=str(run_dir), train={"steps": 2}))
+    # the config.yaml of a run written before train.mixed_precision existed
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del saved["train"]["mixed_precision"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    final = run(config(small_dataset, run_dir=str(run_dir), train={"steps": 3}))
+    assert final["step"] == 3
+    # choosing another mixed precision changes the math: refused like any other such change
+    pure = config(
+        small_dataset, run_dir=str(run_dir), train={"steps": 4, "mixed_precision": "PURE"}
+    )
+    with pytest.raises(ConfigError, match=r"different config \(train\.mixed_precision\)"):
+        run(pure)
 
 
 def test_the_run_folder_changes_only_once_the_run_is_known_to_start(small_dataset, tmp_path):

@@ -923,7 +923,8 @@ def main(argv: list[str] | None = None) -> int:
         mesh = _mesh_text(_requested_mesh(spec))
         print(
             f"[{i}/{len(specs)}] {spec['label']} seq {spec['seq']} batch {spec['global_batch']}"
-            f" micro {spec['microbatch']} mesh {mesh} {spec['precision']} remat {spec['remat']}"
+            f" micro {spec['microbatch']} mesh {mesh} {spec['precision']}"
+            f" {spec['mixed_precision']} remat {spec['remat']}"
             f" loss chunk {spec['loss_chunk'] or 'none'}:"
             f" {result['status']} ({time.perf_counter() - start:.1f} s)",
             file=sys.stderr,
