@@ -56,7 +56,7 @@ def from_pretrained(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params
     )
     params = checkpoint.load_params(step_dir, target)
-    if _step_saw_bf16_params(meta["config"]) and dtype == jnp.bfloat16:
+    if _step_saw_bf16_params(meta["config"]) and jnp.dtype(dtype) == jnp.bfloat16:
         param_dtype = dtype  # evaluated as it trained: a bf16 stream, bf16 norms and embeddings
     params = jax.tree.map(lambda x: x.astype(param_dtype), params)
     return nnx.merge(graphdef, params)

@@ -107,8 +107,8 @@ def _linear_cross_entropy_fwd(h_NBCD, w_DV, targets_NBC, logit_scale):
         one_hot_BCV = safe_BC[..., None] == jnp.arange(logits_BCV.shape[-1])[None, None]
         dlogits32_BCV = jnp.exp(logits32_BCV - logz_BC[..., None]) - one_hot_BCV
         dlogits_BCV = jnp.where(valid_BC[..., None], dlogits32_BCV, 0.0).astype(logits_BCV.dtype)
-        if logit_scale is not None:
-            dlogits_BCV = dlogits_BCV * logit_scale
+        if logit_scale is not None:  # the float32 scale and one rounding, as the forward
+            dlogits_BCV = scaled(dlogits_BCV, logit_scale)
         f32 = jnp.float32
         dh_BCD = jnp.einsum("bcv,dv->bcd", dlogits_BCV, w_DV, preferred_element_type=f32)
         dw_DV = dw_DV + jnp.einsum("bcd,bcv->dv", h_BCD, dlogits_BCV, preferred_element_type=f32)

@@ -14,7 +14,9 @@ import jax.numpy as jnp
 
 
 def rounded(v: jax.Array, dtype: Any) -> jax.Array:
-    """v (float32) rounded to dtype's precision, still in float32 (v itself for 32-bit dtypes)."""
+    """v rounded to dtype's precision, in v's own dtype (v itself for 32-bit dtypes).
+
+    v is float32 but for parameters already stored in dtype (pure_bf16), which pass unchanged."""
     info = jnp.finfo(dtype)
     if info.bits >= 32:
         return v

@@ -433,7 +433,7 @@ def _with_defaults(saved: Any) -> Any:
     an older run compares equal to the same config today (as saved if it no longer parses)."""
     try:
         return to_dict(run_config_from_dict(saved))
-    except (ConfigError, TypeError, ValueError, AttributeError):
+    except Exception:  # a config that no longer parses (hand edits too) is compared as saved
         return saved
 
 
@@ -522,7 +522,7 @@ def _initial_params(cfg: RunConfig, abstract_params) -> Any:
     _check_init_from_exists(cfg)
     step_dir = checkpoint.find_step_dir(source)
     meta = checkpoint.read_meta(step_dir)
-    saved_model = meta["config"].get("model", {})
+    saved_model = _with_defaults(meta["config"]).get("model", {})
     ours = to_dict(cfg.model)
     changed = _model_changes(saved_model, ours)
     if changed:

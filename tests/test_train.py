@@ -133,7 +133,8 @@ def test_a_pure_run_loads_for_bf16_evaluation_as_it_trained(small_dataset, tmp_p
         # amp_bf16 PURE's step saw bf16 parameters; FULL's saw fp32 ones outside the matmuls,
         # and fp32's fp32 ones whatever the mode
         expected = jnp.bfloat16 if (precision, mode) == ("amp_bf16", "PURE") else jnp.float32
-        assert param_dtypes(run_dir, jnp.bfloat16) == {jnp.dtype(expected)}
+        for bf16 in (jnp.bfloat16, "bfloat16"):  # a dtype or its name, as jnp.dtype takes
+            assert param_dtypes(run_dir, bf16) == {jnp.dtype(expected)}
         assert param_dtypes(run_dir, jnp.float32) == {jnp.dtype(jnp.float32)}
 
 
@@ -204,13 +205,18 @@ def test_a_run_saved_before_a_field_existed_resumes_and_a_changed_field_is_refus
 ):
     run_dir = tmp_path / "run"
     run(config(small_dataset, run_dir=str(run_dir), train={"steps": 2}))
-    # the config.yaml of a run written before train.mixed_precision existed
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    del saved["train"]["mixed_precision"]
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+
+    def as_written_before_the_field():
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        del saved["train"]["mixed_precision"]
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+
+    as_written_before_the_field()
     final = run(config(small_dataset, run_dir=str(run_dir), train={"steps": 3}))
     assert final["step"] == 3
-    # choosing another mixed precision changes the math: refused like any other such change
+    # choosing another mixed precision changes the math: refused like any other such change,
+    # also against a saved config that has the field at its default by leaving it out
+    as_written_before_the_field()
     pure = config(
         small_dataset, run_dir=str(run_dir), train={"steps": 4, "mixed_precision": "PURE"}
     )
