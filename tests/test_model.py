@@ -481,6 +481,30 @@ def test_embedding_fraction_scales_embedding_gradient_only():
     np.testing.assert_allclose(g_frac, 0.25 * g_full, rtol=1e-4, atol=1e-9)
 
 
+def test_bf16_embedding_with_positions_and_fraction_rounds_as_torch():
+    torch = pytest.importorskip("torch")
+    # train.mixed_precision PURE: the embedding tables are bf16, so is the stream they start
+    fields = dict(**BASE, embedding_fraction=0.3)
+    model = MPTForCausalLM(ModelConfig(**fields), rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+    graphdef, params = nnx.split(model, nnx.Param)
+    bf16_model = nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(jnp.bfloat16), params))
+    ids = np.asarray(_ids(model.config))
+    positions = jnp.arange(ids.shape[1])[None]
+    pos_emb = bf16_model.wpe(positions)
+
+    def embed(ids, pos_emb):
+        return bf16_model._embed(ids, pos_emb, None)
+
+    # llm-foundry: x = wte[ids] + wpe[pos]; x = x * f + x.detach() * (1 - f), each op in bf16
+    wte = torch.tensor(np.asarray(params["wte"]["embedding"][...])).bfloat16()
+    wpe = torch.tensor(np.asarray(params["wpe"]["embedding"][...])).bfloat16()
+    x = wte[torch.tensor(ids)] + wpe[torch.arange(ids.shape[1])][None]
+    expected = (x * 0.3 + x.detach() * (1 - 0.3)).float().numpy()
+    for ours in _eager_and_jitted(embed, jnp.asarray(ids), pos_emb):
+        assert ours.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(ours, np.float32), expected)
+
+
 def test_loss_matches_torch_cross_entropy_with_ignore_index():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(0)
