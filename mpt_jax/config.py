@@ -527,6 +527,16 @@ def run_config_from_dict(data: Mapping[str, Any], *, where: str = "config") -> R
     return from_dict(RunConfig, data, where="")
 
 
+def with_defaults(saved: Any) -> Any:
+    """A saved resolved run config (a run folder's config.yaml) with the fields added since it
+    was written at their defaults, so that it compares equal to the same config resolved today;
+    as saved if it no longer parses."""
+    try:
+        return to_dict(run_config_from_dict(saved))
+    except Exception:  # a config that no longer parses (hand edits too) is compared as saved
+        return saved
+
+
 def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     """Load a run YAML and apply dotted `key=value` overrides."""
     data = apply_overrides(load_yaml(path), overrides)

@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from mpt_jax import checkpoint, distributed, resilience, sharding
 from mpt_jax import metrics as metrics_lib
 from mpt_jax.atomic_write import unwritable_reason, write_atomic
-from mpt_jax.config import ConfigError, RunConfig, run_config_from_dict, to_dict
+from mpt_jax.config import ConfigError, RunConfig, run_config_from_dict, to_dict, with_defaults
 from mpt_jax.data import BatchLoader, DataError, check_compatible, resolve_dataset
 from mpt_jax.loss import chunked_cross_entropy_sum, counted, cross_entropy_sum, shift_targets
 from mpt_jax.model import MPTForCausalLM
@@ -368,7 +368,7 @@ def check_run_dir(cfg: RunConfig, raw: dict[str, Any], *, overwrite: bool) -> No
                 f"{config_path}: unreadable ({reason}); pass --overwrite to replace the run "
                 "or choose another run_dir"
             ) from None
-        previous = _with_defaults(previous)
+        previous = with_defaults(previous)
         changed = [key for key in _diff_keys(previous, raw) if not key.startswith(RESUMABLE_KEYS)]
         if changed:
             raise ConfigError(
@@ -428,15 +428,6 @@ def prepare_run_dir(cfg: RunConfig, raw: dict[str, Any], *, overwrite: bool) -> 
     return run_dir
 
 
-def _with_defaults(saved: Any) -> Any:
-    """A saved resolved config with the fields added since it was written at their defaults, so
-    an older run compares equal to the same config today (as saved if it no longer parses)."""
-    try:
-        return to_dict(run_config_from_dict(saved))
-    except Exception:  # a config that no longer parses (hand edits too) is compared as saved
-        return saved
-
-
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         keys = sorted(set(a) | set(b))
@@ -483,7 +474,7 @@ def _check_checkpoint_meta(
 ) -> None:
     """Refuse a checkpoint written for another model or sample order, or beyond this run."""
     _check_not_past_end(cfg, step)
-    saved = _with_defaults(meta["config"])
+    saved = with_defaults(meta["config"])
     changed = _model_changes(saved.get("model"), raw["model"], prefix="model.")
     changed += _diff_keys(saved.get("optim"), raw["optim"], "optim.")
     if changed:
@@ -522,7 +513,7 @@ def _initial_params(cfg: RunConfig, abstract_params) -> Any:
     _check_init_from_exists(cfg)
     step_dir = checkpoint.find_step_dir(source)
     meta = checkpoint.read_meta(step_dir)
-    saved_model = _with_defaults(meta["config"]).get("model", {})
+    saved_model = with_defaults(meta["config"]).get("model", {})
     ours = to_dict(cfg.model)
     changed = _model_changes(saved_model, ours)
     if changed:

@@ -355,6 +355,21 @@ def test_named_members_keep_their_names_and_slurm_redoes_changed_ones(tmp_path):
     assert (member.run_dir / "complete.json.before-sweep-change").read_text() == '{"step": 5}'
 
 
+def test_a_member_finished_before_a_config_field_existed_stays_finished(tmp_path):
+    write_base(tmp_path, tmp_path / "ds")
+    sweep = load_sweep(write_sweep(tmp_path, grid={"optim.lr": [1e-3, 2e-3]}), tmp_path / "out")
+    member = sweep.members[0]
+    member.run_dir.mkdir(parents=True)
+    # its config.yaml, written before train.mixed_precision existed: the default by omission
+    saved = {**member.config, "train": dict(member.config["train"])}
+    del saved["train"]["mixed_precision"]
+    (member.run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    (member.run_dir / "complete.json").write_text("{}")
+    assert runner.is_finished(sweep, member)
+    _, _, todo = runner.write_slurm(sweep, runner.SlurmOptions())
+    assert todo == [1] and (member.run_dir / "complete.json").read_text() == "{}"
+
+
 def test_visible_gpus_reads_indices_not_lines(tmp_path, monkeypatch):
     smi = tmp_path / "nvidia-smi"
     smi.write_text(

@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from mpt_jax.atomic_write import write_atomic
-from mpt_jax.config import ConfigError
+from mpt_jax.config import ConfigError, with_defaults
 from mpt_jax.sweep.spec import Member, Sweep
 
 EVAL_FILE = "eval.json"
@@ -49,7 +49,8 @@ def _config_changed(member: Member) -> bool:
         saved = yaml.safe_load((member.run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         return True
-    return saved != member.config
+    # a run written before a config field existed holds that field's default
+    return with_defaults(saved) != member.config
 
 
 def _set_aside_stale_results(member: Member) -> None:
