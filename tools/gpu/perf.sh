@@ -38,16 +38,13 @@ except (OSError, KeyError, ValueError) as e:
     print(f"anchor: no result ({e!r}); see anchor.log in perf_details.tgz")
 PY
 bench() {  # row name, seconds, then bench_train arguments; the row's table line goes to REPORT
-  local name=$1 limit row_limit  # ROW_XLA_FLAGS, if set, is the row's XLA_FLAGS
+  local name=$1 limit  # ROW_XLA_FLAGS, if set, is the row's XLA_FLAGS
   limit=$(cap "$2")
-  row_limit=$((limit - 15))
-  [ "$row_limit" -ge 15 ] || row_limit=$limit
   shift 2
-  # the row process stops 15 s before the shell's limit, so bench_train still writes its table
-  # (with the timings of a row cut off while tracing)
+  # row_limit: a row cut off (while tracing, say) still leaves its table
   XLA_FLAGS="${ROW_XLA_FLAGS:-${XLA_FLAGS:-}}" timeout "$limit" python3 tools/bench_train.py \
     --models mpt-1b --precision amp_bf16 --warmup 3 --steps 10 --remat none --loss-chunk 512 \
-    --row-timeout "$row_limit" \
+    --row-timeout "$(row_limit "$limit")" \
     "${ALIBI[@]}" --out "$WORK/$name" "$@" >"$WORK/$name.log" 2>&1
   local table=$WORK/$name/bench_train.md
   if [ -f "$table" ]; then

@@ -35,6 +35,11 @@ cap() {
   local left=$((BUDGET_S - SECONDS - 20))
   if [ "$left" -lt "$1" ]; then echo $((left > 1 ? left : 1)); else echo "$1"; fi
 }
+# bench_train's --row-timeout under a shell limit of $1 seconds: the row stops 15 s before the
+# shell's `timeout`, so bench_train still writes its table and CSV line for a row cut off
+row_limit() {
+  if [ $(($1 - 15)) -ge 15 ]; then echo $(($1 - 15)); else echo "$1"; fi
+}
 mkdir -p "$OUT"
 pack_details() {  # $OUT/NAME/ -> $OUT/NAME_details.tgz: at most 8 files come back from $OUT
   tar czf "$OUT/$1_details.tgz" -C "$OUT" "$1" && rm -rf "${OUT:?}/$1"

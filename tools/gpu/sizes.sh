@@ -27,15 +27,11 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*/bench_train.csv"),
 PY
 }
 row() {  # model, global batch, remat, seconds
-  local limit row_limit
+  local limit
   limit=$(cap "$4")
-  # the row stops 15 s before the shell's limit, so bench_train still writes its CSV line (a
-  # row killed by `timeout` would leave none in sizes.md)
-  row_limit=$((limit - 15))
-  [ "$row_limit" -ge 15 ] || row_limit=$limit
   timeout "$limit" python3 tools/bench_train.py --models "$1" --seq-lens 2048 --global-batch "$2" \
     --remat "$3" --loss-chunk 512 --precision amp_bf16 --warmup 2 --steps 5 "${ALIBI[@]}" \
-    --row-timeout "$row_limit" \
+    --row-timeout "$(row_limit "$limit")" \
     --out "$OUT/sizes/$1" >"$OUT/sizes/$1.log" 2>&1 || echo "$1: exit $? (see $OUT/sizes/$1.log)"
   merge
 }
