@@ -41,9 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
-    from mpt_jax.config import ConfigError
-    from mpt_jax.data import DataError
-
     if args.command == "eval":
         return _eval(args)
     if args.command == "generate":
@@ -52,7 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_restarts is not None:
         return _supervise(args)
 
+    from mpt_jax.run_log import captured_output
+
+    # the run log (RUN_DIR/logs/) gets this command's own last lines too
+    with captured_output():
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
     from mpt_jax.checkpoint import CheckpointError
+    from mpt_jax.config import ConfigError
+    from mpt_jax.data import DataError
     from mpt_jax.safetensors_io import CheckpointError as HFFolderError
     from mpt_jax.train import NonFiniteLossError, load_and_run
 

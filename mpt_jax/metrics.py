@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mpt_jax import run_log
 from mpt_jax.atomic_write import write_atomic
 from mpt_jax.config import ModelConfig, count_params
 
@@ -259,8 +260,9 @@ class MetricsLogger:
     `"nonfinite"` object mapping its key to "nan", "inf" or "-inf", e.g.
     `{"step": 7, "loss": null, "lr": 0.001, "nonfinite": {"loss": "nan"}}`. TensorBoard and W&B
     receive the raw non-finite floats, which both display. A `None` value (unknown, e.g. MFU on
-    CPU) is left out of every sink. With `enabled=False` (non-zero processes) nothing is created
-    or written.
+    CPU) is left out of every sink. A readable line (`format_metrics`) goes to stdout with
+    `console=True`, else to the run log only (`run_log.note`). With `enabled=False` (non-zero
+    processes) nothing is created or written.
     """
 
     def __init__(
@@ -272,8 +274,10 @@ class MetricsLogger:
         wandb_project: str | None = None,
         wandb_mode: str = "offline",
         config: dict[str, Any] | None = None,
+        console: bool = False,
     ) -> None:
         self.run_dir = Path(run_dir)
+        self.console = console
         self.path = self.run_dir / "metrics.jsonl"
         self.enabled = enabled
         self._file = None
@@ -347,6 +351,11 @@ class MetricsLogger:
             self._tb.flush()
         if self._wandb_run is not None:
             self._wandb_run.log(values, step=step)
+        line = format_metrics({"step": step, **values})
+        if self.console:
+            print(line, flush=True)
+        else:
+            run_log.note(line)
 
     def close(self) -> None:
         """Flush and close every sink; safe to call twice."""
@@ -367,20 +376,36 @@ class MetricsLogger:
         self.close()
 
 
+# per-step details that metrics.jsonl keeps and a console line leaves out
+_QUIET = {"tokens", "tflops_per_device", "step_time", "data_wait", "skipped_steps", "hfu"}
+
+
 def format_metrics(metrics: Mapping[str, Any], step: int | None = None) -> str:
-    """One console line: step, loss, lr, tokens/s and MFU, each only when present."""
+    """One console line: step, losses, lr, grad norm, tokens/s, MFU, checkpoint saves and
+    rollbacks, each only when present, then any other value as `key value`."""
     step = metrics.get("step", step)
     parts = [] if step is None else [f"step {int(step)}"]
-    formats = (
-        ("loss", "loss {:.4f}"),
-        ("lr", "lr {:.3e}"),
-        ("tokens_per_s", "{:,.0f} tok/s"),
-        ("mfu", "mfu {:.1%}"),
-    )
-    for key, fmt in formats:
+    formats = {
+        "loss": "loss {:.4f}",
+        "val_loss": "val_loss {:.4f}",
+        "val_perplexity": "val_ppl {:.2f}",
+        "lr": "lr {:.3e}",
+        "grad_norm": "grad_norm {:.3f}",
+        "tokens_per_s": "{:,.0f} tok/s",
+        "mfu": "mfu {:.1%}",
+        "checkpoint_step": "checkpoint {:.0f} saved",
+        "checkpoint_blocked_s": "blocked {:.2f} s",
+        "checkpoint_save_s": "written in {:.2f} s",
+        "rollback_to_step": "rolled back to step {:.0f}",
+        "rollback_skipped_batches": "{:.0f} batches skipped",
+    }
+    for key, fmt in formats.items():
         value = metrics.get(key)
         if value is not None:
             parts.append(fmt.format(float(value)))
+    for key, value in metrics.items():
+        if key not in formats and key not in _QUIET and key != "step" and value is not None:
+            parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
     return " | ".join(parts)
 
 

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+from mpt_jax import run_log
 from mpt_jax.config import ConfigError
 
 WATCHDOG_EXIT_CODE = 75  # EX_TEMPFAIL: a hang, worth a restart
@@ -99,6 +100,9 @@ class Watchdog:
             )
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
             sys.stderr.flush()
+            log = run_log.log_file()  # faulthandler writes to the console's descriptor only
+            if log is not None:
+                faulthandler.dump_traceback(file=log, all_threads=True)
             os._exit(WATCHDOG_EXIT_CODE)
 
     def close(self) -> None:

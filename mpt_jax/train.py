@@ -21,7 +21,7 @@ import yaml
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from mpt_jax import checkpoint, distributed, resilience, sharding
+from mpt_jax import checkpoint, distributed, resilience, run_log, sharding
 from mpt_jax import metrics as metrics_lib
 from mpt_jax.atomic_write import unwritable_reason, write_atomic
 from mpt_jax.config import ConfigError, RunConfig, run_config_from_dict, to_dict, with_defaults
@@ -611,12 +611,13 @@ def evaluate(
 
 def run(cfg: RunConfig, *, overwrite: bool = False) -> dict:
     """Train as configured, resuming from RUN_DIR's latest checkpoint; returns final metrics."""
-    trainer = _Trainer(cfg)
-    try:
-        trainer.start(overwrite=overwrite)
-        return trainer.train()
-    finally:
-        trainer.close()
+    with run_log.captured_output():
+        trainer = _Trainer(cfg)
+        try:
+            trainer.start(overwrite=overwrite)
+            return trainer.train()
+        finally:
+            trainer.close()
 
 
 class _Trainer:
@@ -694,6 +695,8 @@ class _Trainer:
         has_steps = bool(checkpoint.committed_steps(checkpoints))
         if jax.process_count() > 1:
             has_steps = bool(multihost_utils.broadcast_one_to_all(np.int32(has_steps)))
+        # after the broadcast: process 0 has set up the folder (--overwrite empties it)
+        run_log.attach(self.run_dir, jax.process_index())
         self.checkpointer = (
             checkpoint.Checkpointer(checkpoints, cfg.checkpoint)
             if self.saving or has_steps
@@ -707,6 +710,7 @@ class _Trainer:
             wandb_project=cfg.train.wandb_project,
             wandb_mode=cfg.train.wandb_mode,
             config=raw,
+            console=not self.show,  # a line per logged step where no progress bar shows them
         )
         peak = metrics_lib.peak_flops(jax.devices()[0].device_kind, cfg.train.precision)
         # a 10-step window, as llm-foundry's speed_monitor
@@ -962,7 +966,12 @@ def _progress(total: int, show: bool, initial: int = 0):
     from tqdm import tqdm
 
     return tqdm(
-        total=total, initial=initial, desc="train", unit="step", disable=not show, file=sys.stderr
+        total=total,
+        initial=initial,
+        desc="train",
+        unit="step",
+        disable=not show,
+        file=run_log.terminal_stderr(),  # its redraws stay out of the run log
     )
 
 

@@ -493,6 +493,11 @@ def test_watchdog_exits_on_a_hang_and_the_supervisor_gives_up(small_dataset, tmp
     assert err.count("watchdog: no training step completed") == 2
     assert "in before_step" in err  # the hung thread's stack was dumped
     assert "giving up after 1 restarts" in err
+    # both attempts in the run log, each with its stacks
+    log = (tmp_path / "hung" / "logs" / "process_0.log").read_text()
+    assert log.count(" start: pid ") == 2
+    assert log.count("watchdog: no training step completed") == 2
+    assert log.count("in before_step") == 2
     records = [
         json.loads(x) for x in (tmp_path / "hung" / "restarts.jsonl").read_text().splitlines()
     ]

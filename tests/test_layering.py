@@ -18,6 +18,7 @@ ALLOWED = {
     "checkpoint": {"config"},
     "sharding": {"config"},
     "rounding": set(),
+    "run_log": set(),
     "model": {"config", "attention", "kernels", "sharding", "hf_checkpoint", "rounding"},
 }
 

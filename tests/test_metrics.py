@@ -304,6 +304,13 @@ def test_format_metrics():
     assert line == "step 100 | loss 2.3457 | lr 1.200e-04 | 123,457 tok/s | mfu 46.4%"
     assert format_metrics({"loss": 3.0, "mfu": None}, step=5) == "step 5 | loss 3.0000"
     assert format_metrics({"loss": float("nan")}) == "loss nan"
+    saved = {"checkpoint_step": 20.0, "checkpoint_blocked_s": 0.031, "checkpoint_save_s": 1.234}
+    assert format_metrics(saved, step=20) == (
+        "step 20 | checkpoint 20 saved | blocked 0.03 s | written in 1.23 s"
+    )
+    # per-step details stay in metrics.jsonl; a value without a format is shown as it is
+    quiet = {"loss": 2.0, "tokens": 4096.0, "step_time": 0.5, "data_wait": 0.0, "new_key": 0.123456}
+    assert format_metrics(quiet, step=3) == "step 3 | loss 2.0000 | new_key 0.1235"
 
 
 def test_metrics_module_does_not_import_jax():

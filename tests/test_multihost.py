@@ -90,6 +90,11 @@ def test_two_processes_match_one_and_checkpoints_move_between_counts(small_datas
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
     np.testing.assert_allclose([b[s] for s in a], list(a.values()), rtol=0, atol=1e-5)
     assert len(list((tmp_path / "two" / "tensorboard").iterdir())) == 1
+    logs = {p.name: p.read_text() for p in (tmp_path / "two" / "logs").iterdir()}
+    assert sorted(logs) == ["process_0.log", "process_1.log"]  # one per process
+    assert all(text.count(" start: pid ") == 1 for text in logs.values())
+    assert "step 5 | loss " in logs["process_0.log"]  # process 0 alone logs the metrics
+    assert "| loss " not in logs["process_1.log"]
 
     # each run continues with the other process count from its step-5 checkpoint
     ((_, err_one),) = train(two, 1, 8, "train.steps=7", "mesh.dcn_data=1")

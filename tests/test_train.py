@@ -402,6 +402,11 @@ def test_command_line_with_overrides(small_dataset, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"run folder: {tmp_path / 'r'}" in result.stdout
+    # no progress bar: a line per logged step on the console, and all of it in the run log
+    assert "step 3 | loss " in result.stdout
+    log = (tmp_path / "r" / "logs" / "process_0.log").read_text()
+    assert re.search(r"^==== .* start: pid \d+ on .*-m mpt_jax train .*--overwrite", log, re.M)
+    assert "step 3 | loss " in log and f"run folder: {tmp_path / 'r'}" in log
     saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
     assert saved["train"]["steps"] == 3 and saved["optim"]["lr"] == 3e-4
     bad = subprocess.run(
