@@ -372,7 +372,9 @@ class TrainConfig:
     """Batch, duration, precision and logging of a training run."""
 
     global_batch: int = 8  # sequences per optimizer step
-    microbatch: int | None = None  # sequences per forward/backward (accumulated); null: global
+    # sequences per forward/backward, accumulated; null: the global batch; auto: the largest
+    # that fits the device's memory (composer's device_train_microbatch_size: auto)
+    microbatch: int | Literal["auto"] | None = None
     steps: int | None = None
     tokens: int | None = None  # token budget instead of steps (rounded up to whole steps)
     seed: int = 17
@@ -399,7 +401,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.global_batch <= 0:
             raise ConfigError(f"train.global_batch: must be > 0, got {self.global_batch}")
-        if self.microbatch is not None and (
+        if isinstance(self.microbatch, int) and (
             self.microbatch <= 0 or self.global_batch % self.microbatch
         ):
             raise ConfigError(

@@ -27,6 +27,7 @@ from mpt_jax.atomic_write import unwritable_reason, write_atomic
 from mpt_jax.config import ConfigError, RunConfig, run_config_from_dict, to_dict, with_defaults
 from mpt_jax.data import BatchLoader, DataError, check_compatible, resolve_dataset
 from mpt_jax.loss import chunked_cross_entropy_sum, counted, cross_entropy_sum, shift_targets
+from mpt_jax.memory import compiled_bytes, describe_bytes, device_memory_bytes
 from mpt_jax.model import MPTForCausalLM
 from mpt_jax.optim import global_norm, lr_multiplier, make_optimizer, update_count
 
@@ -255,6 +256,74 @@ def jit_train_step(graphdef, cfg: RunConfig, mesh, shardings, *, poison: bool = 
         in_shardings=(shardings, sharding.batch_sharding(mesh)),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
+    )
+
+
+# of the device's memory that `train.microbatch: auto` fills: XLA's estimate of the step leaves
+# out library workspaces (cuDNN, NCCL) and the batches prefetched to the device
+AUTO_MICROBATCH_SHARE = 0.95
+
+
+@dataclasses.dataclass(frozen=True)
+class MicrobatchChoice:
+    """What `train.microbatch: auto` chose, and XLA's per-device estimate for each size tried."""
+
+    microbatch: int
+    needed_bytes: dict[int, int | None]
+    budget_bytes: int
+
+
+def choose_microbatch(
+    graphdef, cfg: RunConfig, mesh, shardings, abstract: TrainState, budget_bytes: int
+) -> tuple[RunConfig, Callable, MicrobatchChoice]:
+    """`train.microbatch: auto`: the largest microbatch (dividing the global batch, a multiple
+    of data*fsdp) whose compiled step fits `budget_bytes` per device by XLA's estimate.
+
+    Returns the config with it, its jitted step (already compiled, which its first call reuses)
+    and the sizes tried (the whole batch, then a bisection) with XLA's estimate for each.
+    """
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    total = cfg.train.global_batch
+    ids = jax.ShapeDtypeStruct(
+        (total, cfg.seq_len), jnp.int32, sharding=sharding.batch_sharding(mesh)
+    )
+    batch = {"input_ids": ids, **({"segment_ids": ids} if cfg.model.attn_uses_sequence_id else {})}
+    sizes = [m for m in range(1, total + 1) if total % m == 0 and m % shards == 0]
+    needed: dict[int, int | None] = {}
+    steps: dict[int, Callable] = {}
+
+    def fits(size: int) -> bool:
+        trial = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, microbatch=size))
+        steps[size] = jit_train_step(graphdef, trial, mesh, shardings)
+        needed[size] = compiled_bytes(steps[size].lower(abstract, batch).compile())
+        return needed[size] is None or needed[size] <= budget_bytes
+
+    # the whole batch first (it usually fits), then a bisection: memory grows with the size
+    best = None
+    if sizes and fits(sizes[-1]):
+        best = sizes[-1]
+    else:
+        low, high = 0, len(sizes) - 2
+        while low <= high:
+            middle = (low + high + 1) // 2
+            if fits(sizes[middle]):
+                best, low = sizes[middle], middle + 1
+            else:
+                high = middle - 1
+    if best is not None:
+        trial = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, microbatch=best))
+        return trial, steps[best], MicrobatchChoice(best, needed, budget_bytes)
+    if not needed:
+        raise ConfigError(
+            f"train.microbatch: auto needs a microbatch that is a multiple of data*fsdp "
+            f"({shards}) and divides train.global_batch ({total}); there is none"
+        )
+    smallest = min(needed)
+    raise ConfigError(
+        f"train.microbatch: auto: even a microbatch of {smallest} needs "
+        f"{describe_bytes(needed[smallest])} per device (XLA's estimate), and "
+        f"{describe_bytes(budget_bytes)} is available: use train.remat, a shorter sequence or "
+        "more devices"
     )
 
 
@@ -645,7 +714,7 @@ class _Trainer:
                 f"train.global_batch: {cfg.train.global_batch} is not a multiple of data*fsdp "
                 f"({shards})"
             )
-        if (cfg.train.microbatch or cfg.train.global_batch) % shards:
+        if isinstance(cfg.train.microbatch, int) and cfg.train.microbatch % shards:
             raise ConfigError(
                 f"train.microbatch: {cfg.train.microbatch} is not a multiple of data*fsdp"
             )
@@ -663,7 +732,11 @@ class _Trainer:
                 file=sys.stderr,
                 flush=True,
             )
-        self.step_fn = jit_train_step(self.graphdef, cfg, mesh, shardings)
+        if cfg.train.microbatch == "auto":
+            # the step's config gets the chosen size; config.yaml keeps `auto`
+            cfg, self.step_fn = self._choose_microbatch(shardings)
+        else:
+            self.step_fn = jit_train_step(self.graphdef, cfg, mesh, shardings)
         self.faults = resilience.InjectedFaults()
         self.poisoned_step_fn = (
             jit_train_step(self.graphdef, cfg, mesh, shardings, poison=True)
@@ -723,6 +796,26 @@ class _Trainer:
         self.bar = _progress(cfg.total_steps, self.show, initial=self.start_step)
         self.profiler = _Profiler(cfg.train.profile, self.run_dir / "profile")
         self.save_times = {"checkpoint_blocked_s": 0.0, "checkpoint_save_s": 0.0, "saves": 0}
+
+    def _choose_microbatch(self, shardings) -> tuple[RunConfig, Callable]:
+        budget = int(AUTO_MICROBATCH_SHARE * device_memory_bytes(jax.local_devices()))
+        if jax.process_count() > 1:  # every process chooses from the same budget
+            budget = int(np.min(multihost_utils.process_allgather(np.int64(budget))))
+        cfg, step_fn, choice = choose_microbatch(
+            self.graphdef, self.cfg, self.mesh, shardings, self.abstract, budget
+        )
+        self.cfg = cfg
+        if self.is_main:
+            needed = choice.needed_bytes[choice.microbatch]
+            print(
+                f"train.microbatch: auto: {choice.microbatch} of {cfg.train.global_batch} "
+                "sequences per forward and backward"
+                + ("" if needed is None else f", {describe_bytes(needed)} per device")
+                + f" of the {describe_bytes(budget)} allowed (XLA's estimate)",
+                file=sys.stderr,
+                flush=True,
+            )
+        return cfg, step_fn
 
     # -- state -----------------------------------------------------------------------------------
 

@@ -290,6 +290,10 @@ def test_run_config_presets_budgets_and_defaults():
         (dict(trian={"steps": 1}), r"^trian: unknown key; allowed keys are"),
         (dict(train={"steps": None}), r"train: give exactly one of train\.steps and train\.tokens"),
         (dict(train={"global_batch": 8, "microbatch": 3}), r"train\.microbatch: must divide"),
+        (
+            dict(train={"microbatch": "Auto"}),
+            r"train\.microbatch: expected int \| 'auto' \| null, got 'Auto'",
+        ),
         (dict(train={"precision": "fp16"}), r"train\.precision: must be one of 'amp_bf16'"),
         (
             dict(train={"mixed_precision": "pure"}),

@@ -19,6 +19,7 @@ ALLOWED = {
     "sharding": {"config"},
     "rounding": set(),
     "run_log": set(),
+    "memory": set(),
     "model": {"config", "attention", "kernels", "sharding", "hf_checkpoint", "rounding"},
 }
 

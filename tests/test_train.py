@@ -87,6 +87,54 @@ def test_accumulation_over_four_microbatches_equals_one_batch(tmp_path):
     assert_same_params(state_micro, state_full, atol=2e-6)
 
 
+def test_auto_microbatch_is_the_largest_that_fits_the_memory_budget(tmp_path):
+    from mpt_jax.train import choose_microbatch
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=1), jax.devices()[:2])
+    cfg = config(tmp_path, train={"microbatch": "auto", "global_batch": 8})
+    graphdef, abstract, shardings = abstract_state(cfg, mesh)
+    choose = lambda budget: choose_microbatch(graphdef, cfg, mesh, shardings, abstract, budget)
+    chosen, _, roomy = choose(10**12)
+    assert chosen.train.microbatch == roomy.microbatch == 8 and list(roomy.needed_bytes) == [8]
+    # a byte short of the whole batch's step: the next size down (a multiple of fsdp 2)
+    need_8 = roomy.needed_bytes[8]
+    chosen, step, tight = choose(need_8 - 1)
+    assert list(tight.needed_bytes) == [8, 4] and tight.needed_bytes[4] < need_8
+    assert chosen.train.microbatch == 4 and cfg.train.microbatch == "auto"
+    # the returned step accumulates over two microbatches of 4: as an explicit microbatch of 4
+    _, state, _ = init_state(cfg, mesh)
+    data = {"input_ids": jax.device_put(batches(1)[0], batch_sharding(mesh))}
+    explicit, _ = train_losses(config(tmp_path, train={"microbatch": 4}), mesh, [data["input_ids"]])
+    _, out = step(state, data)
+    assert float(out["loss"]) == explicit[0]
+    smallest = min(choose(need_8 - 1)[2].needed_bytes.values())
+    with pytest.raises(ConfigError, match=r"train\.microbatch: auto: even a microbatch of 2 needs"):
+        choose(smallest // 2)
+
+
+def test_a_run_with_auto_microbatch_says_what_it_chose(
+    small_dataset, tmp_path, monkeypatch, capsys
+):
+    import mpt_jax.train as train_module
+
+    sixteen = {"global_batch": 16, "steps": 3}  # fsdp 8: microbatches of 16 or 8
+    auto_cfg = {**sixteen, "microbatch": "auto"}
+    cfg = config(small_dataset, train=auto_cfg, run_dir=str(tmp_path / "a"))
+    mesh = make_mesh(cfg.mesh)
+    graphdef, abstract, shardings = abstract_state(cfg, mesh)
+    whole = train_module.choose_microbatch(graphdef, cfg, mesh, shardings, abstract, 10**12)[2]
+    short = int((whole.needed_bytes[16] - 1) / train_module.AUTO_MICROBATCH_SHARE)
+    monkeypatch.setattr(train_module, "device_memory_bytes", lambda devices: short)
+    auto = run(cfg)
+    err = capsys.readouterr().err
+    assert "train.microbatch: auto: 8 of 16 sequences per forward and backward" in err
+    eight = {**sixteen, "microbatch": 8}
+    explicit = config(small_dataset, train=eight, run_dir=str(tmp_path / "8"))
+    assert auto["loss"] == run(explicit)["loss"]
+    saved = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    assert saved["train"]["microbatch"] == "auto"  # a resumed run chooses again
+
+
 def test_accumulation_is_token_weighted(tmp_path):
     """Microbatches with different numbers of counted tokens still give the global token mean."""
     from mpt_jax.loss import IGNORE_INDEX  # noqa: F401  (documents the convention)

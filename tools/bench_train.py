@@ -71,6 +71,7 @@ from mpt_jax.config import (
     load_model_config,
     preset_names,
 )
+from mpt_jax.memory import compiled_bytes, device_memory_bytes
 
 # a very small model for CPU runs: the presets' layout (learned positions, biases) scaled down
 TINY_MODEL = dict(
@@ -459,14 +460,7 @@ def _run_config(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _available_bytes(devices: list[Any], gib: float | None) -> int:
     """Memory per device: --device-memory-gib, the allocator's limit, or host RAM / devices."""
-    if gib is not None:
-        return int(gib * GIB)
-    stats = [d.memory_stats() for d in devices]
-    if all(s and "bytes_limit" in s for s in stats):
-        return min(int(s["bytes_limit"]) for s in stats)
-    with open("/proc/meminfo") as f:
-        meminfo = dict(line.split(":", 1) for line in f)
-    return int(meminfo["MemAvailable"].split()[0]) * 1024 // len(devices)
+    return int(gib * GIB) if gib is not None else device_memory_bytes(devices)
 
 
 def _fit_status(needed: int | None, available: float) -> str | None:
@@ -476,19 +470,6 @@ def _fit_status(needed: int | None, available: float) -> str | None:
     return (
         f"does not fit: needs {_gib(needed)} GiB/device, {_gib(available)} GiB available"
         " (XLA's estimate of the compiled step)"
-    )
-
-
-def _estimated_bytes(compiled: Any) -> int | None:
-    """XLA's per-device footprint of the compiled step: arguments + outputs + temps - aliased."""
-    analysis = compiled.memory_analysis()
-    if analysis is None:
-        return None
-    return (
-        analysis.argument_size_in_bytes
-        + analysis.output_size_in_bytes
-        + analysis.temp_size_in_bytes
-        - analysis.alias_size_in_bytes
     )
 
 
@@ -598,7 +579,7 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
         batch_sharding = sharding.batch_sharding(mesh)
         shape_bs = batch_abstract["input_ids"].shape
         compiled = step.lower(abstract, batch_abstract).compile()
-        needed = _estimated_bytes(compiled)
+        needed = compiled_bytes(compiled)
         result["estimated_bytes"] = needed
         available = _available_bytes(jax.local_devices(), spec["device_memory_gib"])
         if status := _fit_status(needed, available):
@@ -658,7 +639,7 @@ def compile_row(spec: dict[str, Any]) -> dict[str, Any]:
             memory_bytes=rates["memory"] * 1e12,
         ),
     )
-    needed = _estimated_bytes(compiled)
+    needed = compiled_bytes(compiled)
     # the allocator's share of the card, as on the GPU, or --device-memory-gib
     fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
     available = card.memory_bytes * fraction
