@@ -14,6 +14,7 @@ from mpt_jax import run_log
 from mpt_jax.config import ConfigError
 
 WATCHDOG_EXIT_CODE = 75  # EX_TEMPFAIL: a hang, worth a restart
+LAST_WORDS_TIMEOUT_S = 5.0  # for the watchdog's lines to reach the run log before it exits
 FAULTS_ENV = "MPT_JAX_FAULTS"
 
 
@@ -91,18 +92,17 @@ class Watchdog:
             last = self._last
             if last is None or time.monotonic() - last < self.timeout_s:
                 continue
-            print(
+            message = (
                 f"watchdog: no training step completed for {time.monotonic() - last:.0f} s "
                 f"(limit {self.timeout_s:.0f} s, train.watchdog_minutes); a hung device or "
-                "collective? Python stacks follow; exiting so a supervisor can restart",
-                file=sys.stderr,
-                flush=True,
+                "collective? Python stacks follow; exiting so a supervisor can restart"
             )
-            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-            sys.stderr.flush()
-            log = run_log.log_file()  # faulthandler writes to the console's descriptor only
-            if log is not None:
-                faulthandler.dump_traceback(file=log, all_threads=True)
+            # the console first and directly: the run log may be on the filesystem that hangs
+            console = run_log.terminal_stderr()
+            print(message, file=console, flush=True)
+            faulthandler.dump_traceback(file=console, all_threads=True)
+            console.flush()
+            run_log.note_within(message, LAST_WORDS_TIMEOUT_S, stacks=True)
             os._exit(WATCHDOG_EXIT_CODE)
 
     def close(self) -> None:

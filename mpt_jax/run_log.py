@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import faulthandler
 import io
 import os
 import shlex
@@ -48,12 +49,19 @@ class _Copy(io.TextIOBase):
     def fileno(self) -> int:
         return self.target.fileno()
 
+    def writable(self) -> bool:
+        return True
+
     def isatty(self) -> bool:
         return self.target.isatty()
 
     @property
     def encoding(self) -> str:  # type: ignore[override]
         return self.target.encoding
+
+    @property
+    def errors(self) -> str | None:  # type: ignore[override]
+        return self.target.errors
 
     def __getattr__(self, name: str):
         return getattr(self.target, name)
@@ -87,7 +95,8 @@ class OutputCopy:
                 sys.stderr = self.terminal_stderr
             if self.file is not None:
                 self.file.close()
-                self.file = None
+            # a writer that kept the copied stream (a logging handler) writes to the console only
+            self.file, self.held = None, None
 
     def take(self, stream: _Copy, text: str) -> None:
         with self.lock:
@@ -113,7 +122,7 @@ class OutputCopy:
                 self._give_up(path, e)
                 return
             self.path = path
-            held, self.held = list(self.held), collections.deque()
+            held, self.held = list(self.held), None
             self._write(f"==== {_stamp()} {header} ====\n" + "".join(held))
 
     def _line(self, line: str) -> None:
@@ -189,9 +198,24 @@ def terminal_stderr() -> TextIO:
     return _active.terminal_stderr if _active is not None else sys.stderr
 
 
-def log_file() -> IO[str] | None:
-    """The open log file, for writers that need a real file (faulthandler), else None."""
-    return _active.file if _active is not None else None
+def note_within(text: str, timeout_s: float, *, stacks: bool = False) -> None:
+    """Write `text` (and all threads' stacks) to the log from another thread, waiting at most
+    `timeout_s`: for a process about to exit, whose log may sit on a hung filesystem."""
+    copy = _active
+    if copy is None:
+        return
+
+    def write() -> None:
+        with copy.lock:
+            for line in text.split("\n"):
+                copy.note(line)
+            if stacks and copy.file is not None:
+                with contextlib.suppress(Exception):
+                    faulthandler.dump_traceback(file=copy.file, all_threads=True)
+
+    writer = threading.Thread(target=write, name="run-log-last-words", daemon=True)
+    writer.start()
+    writer.join(timeout_s)
 
 
 def _stamp() -> str:

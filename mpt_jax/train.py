@@ -196,10 +196,6 @@ def make_train_step(graphdef, cfg: RunConfig, *, poison: bool = False) -> Callab
         def micro_key(i):
             return None if step_key is None else jax.random.fold_in(step_key, i)
 
-        def split(x):
-            # rows i, i+M, i+2M, ... form microbatch i: each device keeps its own rows
-            return None if x is None else x.reshape(-1, n_micro, *x.shape[1:]).swapaxes(0, 1)
-
         def micro(carry, xs):
             grads_acc, loss_acc = carry
             i, ids_mb, targets_mb, seg_mb = xs
@@ -212,7 +208,7 @@ def make_train_step(graphdef, cfg: RunConfig, *, poison: bool = False) -> Callab
         else:
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
             init = (zeros, jnp.zeros((), jnp.float32))
-            xs = (jnp.arange(n_micro), split(ids), split(targets), split(seg))
+            xs = (jnp.arange(n_micro), *(_split_rows(x, n_micro) for x in (ids, targets, seg)))
             (grad_sum, loss), _ = jax.lax.scan(micro, init, xs)
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grad_sum, state.params)
         grad_norm = global_norm(grads)
@@ -247,6 +243,12 @@ def make_train_step(graphdef, cfg: RunConfig, *, poison: bool = False) -> Callab
         return new_state, out
 
     return step
+
+
+def _split_rows(x_B, n: int):
+    """(B, ...) -> (n, B / n, ...): rows i, i+n, i+2n, ... form part i, so each device keeps its
+    own rows. None stays None."""
+    return None if x_B is None else x_B.reshape(-1, n, *x_B.shape[1:]).swapaxes(0, 1)
 
 
 def jit_train_step(graphdef, cfg: RunConfig, mesh, shardings, *, poison: bool = False):
@@ -293,8 +295,7 @@ def choose_microbatch(
     steps: dict[int, Callable] = {}
 
     def fits(size: int) -> bool:
-        trial = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, microbatch=size))
-        steps[size] = jit_train_step(graphdef, trial, mesh, shardings)
+        steps[size] = jit_train_step(graphdef, _with_microbatch(cfg, size), mesh, shardings)
         needed[size] = compiled_bytes(steps[size].lower(abstract, batch).compile())
         return needed[size] is None or needed[size] <= budget_bytes
 
@@ -311,8 +312,11 @@ def choose_microbatch(
             else:
                 high = middle - 1
     if best is not None:
-        trial = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, microbatch=best))
-        return trial, steps[best], MicrobatchChoice(best, needed, budget_bytes)
+        return (
+            _with_microbatch(cfg, best),
+            steps[best],
+            MicrobatchChoice(best, needed, budget_bytes),
+        )
     if not needed:
         raise ConfigError(
             f"train.microbatch: auto needs a microbatch that is a multiple of data*fsdp "
@@ -327,16 +331,56 @@ def choose_microbatch(
     )
 
 
-def make_eval_step(graphdef, cfg: RunConfig) -> Callable:
-    """(params, batch) -> (loss sum, token count), jitted by the caller."""
+def _with_microbatch(cfg: RunConfig, size: int) -> RunConfig:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, microbatch=size))
+
+
+def make_eval_step(graphdef, cfg: RunConfig, data_shards: int = 1) -> Callable:
+    """(params, batch) -> (loss sum, token count), jitted by the caller.
+
+    As the train step computes its loss: in parts of at most `train.microbatch` rows (a multiple
+    of `data_shards`, data x fsdp) and with `train.loss_chunk`, so that evaluation fits where
+    training does.
+    """
+    micro = cfg.train.microbatch if isinstance(cfg.train.microbatch, int) else None
+
+    def loss_sums(params, ids, seg):
+        model = nnx.merge(graphdef, compute_params(cfg, params))
+        targets = shift_targets(ids)
+        if cfg.train.loss_chunk is None:
+            return cross_entropy_sum(model(ids, segment_ids=seg), targets)
+        h = model.final_hidden(ids, segment_ids=seg)
+        w, scale = model.output_weight()
+        return chunked_cross_entropy_sum(
+            h, w, targets, chunk=cfg.train.loss_chunk, logit_scale=scale
+        )
 
     def eval_step(params, batch):
-        logits = nnx.merge(graphdef, compute_params(cfg, params))(
-            batch["input_ids"], segment_ids=batch.get("segment_ids")
+        ids, seg = batch["input_ids"], batch.get("segment_ids")
+        n = _eval_parts(ids.shape[0], micro, data_shards)
+        if n == 1:
+            return loss_sums(params, ids, seg)
+
+        def part(carry, xs):
+            s, c = loss_sums(params, *xs)
+            return (carry[0] + s, carry[1] + c), None
+
+        zero = jnp.zeros((), jnp.float32)
+        (total, count), _ = jax.lax.scan(
+            part, (zero, zero), (_split_rows(ids, n), _split_rows(seg, n))
         )
-        return cross_entropy_sum(logits, shift_targets(batch["input_ids"]))
+        return total, count
 
     return eval_step
+
+
+def _eval_parts(rows: int, micro: int | None, data_shards: int) -> int:
+    """The fewest parts of equal size, a multiple of data_shards and at most `micro` rows, that
+    `rows` (a multiple of data_shards) splits into."""
+    if micro is None or rows <= micro:
+        return 1
+    per_shard = rows // data_shards
+    return next(n for n in range(1, per_shard + 1) if per_shard % n == 0 and rows // n <= micro)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -744,7 +788,7 @@ class _Trainer:
             else None
         )
         self.eval_fn = jax.jit(
-            sharding.traced_on(mesh, make_eval_step(self.graphdef, self.cfg)),
+            sharding.traced_on(mesh, make_eval_step(self.graphdef, cfg, shards)),
             in_shardings=(shardings.params, self.batch_sharding),
         )
         self.loader = BatchLoader(
@@ -804,9 +848,15 @@ class _Trainer:
         cfg, step_fn, choice = choose_microbatch(
             self.graphdef, self.cfg, self.mesh, shardings, self.abstract, budget
         )
+        if jax.process_count() > 1:  # one program on all: the smallest choice, should they differ
+            agreed = int(np.min(multihost_utils.process_allgather(np.int64(choice.microbatch))))
+            if agreed != choice.microbatch:
+                cfg = _with_microbatch(cfg, agreed)
+                step_fn = jit_train_step(self.graphdef, cfg, self.mesh, shardings)
+                choice = dataclasses.replace(choice, microbatch=agreed)
         self.cfg = cfg
         if self.is_main:
-            needed = choice.needed_bytes[choice.microbatch]
+            needed = choice.needed_bytes.get(choice.microbatch)
             print(
                 f"train.microbatch: auto: {choice.microbatch} of {cfg.train.global_batch} "
                 "sequences per forward and backward"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -81,7 +84,7 @@ def test_an_inner_capture_is_the_outer_one_and_nothing_is_kept_without_one(tmp_p
     run_log.attach(tmp_path / "other", 0)  # no capture: nothing is made
     run_log.note("dropped")
     assert not (tmp_path / "other").exists()
-    assert run_log.terminal_stderr() is sys.stderr and run_log.log_file() is None
+    assert run_log.terminal_stderr() is sys.stderr
 
 
 def test_an_unwritable_log_warns_once_and_the_output_goes_on(tmp_path, capsys):
@@ -115,3 +118,43 @@ def test_held_lines_are_bounded(monkeypatch, tmp_path, capsys):
             print(i)
         run_log.attach(tmp_path, 0)
     assert _lines(tmp_path / "logs" / "process_0.log")[1:] == ["7", "8", "9"]
+
+
+def test_the_copied_streams_answer_as_the_console_does(tmp_path, capsys):
+    with run_log.captured_output() as copy:
+        assert sys.stdout.writable() and sys.stdout.errors == copy.terminal_stdout.errors
+        stream = sys.stderr  # kept by a writer, as a logging handler keeps its stream
+        run_log.attach(tmp_path, 0)
+    stream.write("after the capture\n")  # reaches the console, and nothing holds it
+    assert copy.held is None and capsys.readouterr().err == "after the capture\n"
+    assert "after the capture" not in (tmp_path / "logs" / "process_0.log").read_text()
+
+
+HUNG_LOG = """
+import os, sys, threading, time
+from mpt_jax import run_log
+from mpt_jax.resilience import Watchdog
+fifo = sys.argv[1]
+reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # opened, never read: writes block when full
+with run_log.captured_output():
+    run_log.attach(os.path.dirname(os.path.dirname(fifo)), 0)
+    threading.Thread(target=lambda: print("x" * 300_000), daemon=True).start()
+    time.sleep(0.5)  # that print now blocks in the log, holding it
+    dog = Watchdog(0.5)
+    dog.heartbeat()
+    time.sleep(60)
+"""
+
+
+def test_the_watchdog_exits_even_when_the_run_log_hangs(tmp_path):
+    fifo = tmp_path / "logs" / "process_0.log"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", HUNG_LOG, str(fifo)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 75, done.stderr[-500:]
+    assert time.monotonic() - started < 30  # the log gets 5 s, then the process exits
+    assert "watchdog: no training step completed" in done.stderr
+    assert "Thread" in done.stderr  # the stacks, on the console

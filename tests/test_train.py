@@ -135,6 +135,48 @@ def test_a_run_with_auto_microbatch_says_what_it_chose(
     assert saved["train"]["microbatch"] == "auto"  # a resumed run chooses again
 
 
+def test_evaluation_runs_in_training_microbatches_and_loss_chunks(tmp_path):
+    from mpt_jax.memory import compiled_bytes
+    from mpt_jax.sharding import traced_on
+    from mpt_jax.train import make_eval_step
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=1), jax.devices()[:2])
+    model = {**TINY_MODEL, "vocab_size": 8192}  # the logits dominate the memory
+    graphdef, state, shardings = init_state(config(tmp_path, model=model), mesh)
+    rows = batches(1, batch=12)[0]  # 6 rows per device: microbatch 4 gives 3 parts of 4
+    batch = {"input_ids": jax.device_put(rows, batch_sharding(mesh))}
+    abstract_batch = {
+        "input_ids": jax.ShapeDtypeStruct(rows.shape, rows.dtype, sharding=batch_sharding(mesh))
+    }
+
+    def eval_with(**train):
+        step = make_eval_step(graphdef, config(tmp_path, model=model, train=train), 2)
+        fn = jax.jit(traced_on(mesh, step), in_shardings=(shardings.params, batch_sharding(mesh)))
+        needs = compiled_bytes(fn.lower(state.params, abstract_batch).compile())
+        return [float(x) for x in fn(state.params, batch)], needs
+
+    (whole, count), whole_needs = eval_with()
+    assert count == 12 * 31
+    for train in ({"microbatch": 4}, {"loss_chunk": 8}, {"microbatch": 4, "loss_chunk": 8}):
+        (total, counted), needs = eval_with(**train)
+        assert counted == count
+        np.testing.assert_allclose(total, whole, rtol=1e-5)
+        assert needs < whole_needs, train  # the (12, 32, vocab) fp32 logits are never whole
+
+
+@pytest.mark.parametrize("shards", [1, 2, 8])
+def test_evaluation_parts_are_the_fewest_that_fit_the_microbatch(shards):
+    from mpt_jax.train import _eval_parts
+
+    for rows in range(shards, 20 * shards + 1, shards):
+        for micro in range(shards, 8 * shards + 1, shards):
+            n = _eval_parts(rows, micro, shards)
+            assert rows % n == 0 and (rows // n) % shards == 0 and rows // n <= max(micro, 1)
+            fewer = [m for m in range(1, n) if rows % m == 0 and (rows // m) % shards == 0]
+            assert all(rows // m > micro for m in fewer)
+    assert _eval_parts(24, None, 8) == 1
+
+
 def test_accumulation_is_token_weighted(tmp_path):
     """Microbatches with different numbers of counted tokens still give the global token mean."""
     from mpt_jax.loss import IGNORE_INDEX  # noqa: F401  (documents the convention)
