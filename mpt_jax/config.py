@@ -386,7 +386,7 @@ class TrainConfig:
     loss_chunk: int | None = None
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
-    eval_batches: int = 8
+    eval_batches: int | None = 8  # null: the whole val split (eval_subset_num_batches: -1)
     profile: tuple[int, int] | None = None  # [first, last) steps traced with jax.profiler
     progress: bool = True
     export_hf: bool = False  # write RUN_DIR/hf with save_pretrained at the end
@@ -417,7 +417,7 @@ class TrainConfig:
         if self.loss_chunk is not None and self.loss_chunk <= 0:
             raise ConfigError(f"train.loss_chunk: must be > 0, got {self.loss_chunk}")
         for name, least in (("log_every", 1), ("eval_every", 0), ("eval_batches", 1)):
-            if getattr(self, name) < least:
+            if getattr(self, name) is not None and getattr(self, name) < least:
                 raise ConfigError(f"train.{name}: must be >= {least}, got {getattr(self, name)}")
         if self.profile is not None and not 0 <= self.profile[0] < self.profile[1]:
             raise ConfigError(f"train.profile: expected [first, last) steps, got {self.profile}")

@@ -690,7 +690,8 @@ def eval_batch_size(meta, global_batch: int, *, data_shards: int, processes: int
 def evaluate(
     eval_fn, params, datasets, cfg: RunConfig, batch_sharding, on_batch: Callable | None = None
 ) -> float:
-    """Mean validation loss over the first eval_batches batches of the first dataset's val split."""
+    """Mean validation loss over the first eval_batches batches of the first dataset's val split
+    (all of its whole batches when eval_batches is None)."""
     meta = datasets[0][0]
     mesh_shape = batch_sharding.mesh.shape
     batch = eval_batch_size(
@@ -711,7 +712,7 @@ def evaluate(
     total = count = 0.0
     try:
         for i, b in enumerate(loader):
-            if i >= cfg.train.eval_batches:
+            if cfg.train.eval_batches is not None and i >= cfg.train.eval_batches:
                 break
             s, c = eval_fn(params, b)
             total, count = total + float(s), count + float(c)

@@ -177,6 +177,27 @@ def test_evaluation_parts_are_the_fewest_that_fit_the_microbatch(shards):
     assert _eval_parts(24, None, 8) == 1
 
 
+def test_eval_batches_null_evaluates_the_whole_val_split(small_dataset):
+    from mpt_jax.train import _datasets, eval_batch_size, evaluate
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=1), jax.devices()[:2])
+    batches_seen = []
+
+    def eval_fn(params, batch):  # each row: a loss of 1 over 1 token
+        batches_seen.append(batch["input_ids"].shape[0])
+        return jnp.float32(batches_seen[-1]), jnp.float32(batches_seen[-1])
+
+    for eval_batches in (1, None):
+        batches_seen.clear()
+        cfg = config(small_dataset, train={"eval_batches": eval_batches})
+        datasets = _datasets(cfg, progress=False)
+        assert evaluate(eval_fn, None, datasets, cfg, batch_sharding(mesh)) == 1.0
+        rows = datasets[0][0].splits["val"]["rows"]
+        size = eval_batch_size(datasets[0][0], 8, data_shards=2, processes=1)
+        assert batches_seen == [size] * (1 if eval_batches == 1 else rows // size)
+    assert rows // size > 1  # the whole split is more than one batch
+
+
 def test_accumulation_is_token_weighted(tmp_path):
     """Microbatches with different numbers of counted tokens still give the global token mean."""
     from mpt_jax.loss import IGNORE_INDEX  # noqa: F401  (documents the convention)
