@@ -252,9 +252,6 @@ def _wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
-WANDB_STEP = "train/step"  # W&B's x-axis for every metric
-
-
 class MetricsLogger:
     """Per-step scalars to RUN_DIR/metrics.jsonl, TensorBoard (tensorboardX) and optionally W&B.
 
@@ -310,7 +307,7 @@ class MetricsLogger:
                 )
             else:
                 # one W&B run per run folder: a resumed run continues it instead of starting
-                # another
+                # another (steps it logs again below W&B's last step are dropped by W&B)
                 self._wandb_run = wandb.init(
                     project=wandb_project,
                     mode=wandb_mode,
@@ -319,10 +316,6 @@ class MetricsLogger:
                     id=_wandb_run_id(self.run_dir),
                     resume="allow",
                 )
-                # plotted against the training step as a value: W&B's own step must grow with
-                # each call and drops records below it, such as those a rollback logs again
-                self._wandb_run.define_metric(WANDB_STEP)
-                self._wandb_run.define_metric("*", step_metric=WANDB_STEP, step_sync=True)
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Write one step's scalars to every enabled sink."""
@@ -357,7 +350,7 @@ class MetricsLogger:
                 self._tb.add_scalar(key, x, global_step=step)
             self._tb.flush()
         if self._wandb_run is not None:
-            self._wandb_run.log({WANDB_STEP: step, **values})
+            self._wandb_run.log(values, step=step)
         line = format_metrics({"step": step, **values})
         if self.console:
             print(line, flush=True)

@@ -884,7 +884,7 @@ class _Trainer:
                 self.state.params = _initial_params(self.cfg, self.abstract.params)
             if self.is_main:
                 _truncate_metrics(self.run_dir, 0)
-                # a fresh start is a new W&B run too: a new history, not more of the old one
+                # a fresh start is a new W&B run too (W&B drops steps below a run's last one)
                 (self.run_dir / "wandb_run_id").unlink(missing_ok=True)
             return 0
         self._adopt(restored)
