@@ -845,12 +845,14 @@ class _Trainer:
     def _choose_microbatch(self, shardings) -> tuple[RunConfig, Callable]:
         budget = int(AUTO_MICROBATCH_SHARE * device_memory_bytes(jax.local_devices()))
         if jax.process_count() > 1:  # every process chooses from the same budget
-            budget = int(np.min(multihost_utils.process_allgather(np.int64(budget))))
+            # in MiB: without jax_enable_x64 the gather is int32, which bytes overflow
+            mib = multihost_utils.process_allgather(np.int32(budget >> 20))
+            budget = int(np.min(mib)) << 20
         cfg, step_fn, choice = choose_microbatch(
             self.graphdef, self.cfg, self.mesh, shardings, self.abstract, budget
         )
         if jax.process_count() > 1:  # one program on all: the smallest choice, should they differ
-            agreed = int(np.min(multihost_utils.process_allgather(np.int64(choice.microbatch))))
+            agreed = int(np.min(multihost_utils.process_allgather(np.int32(choice.microbatch))))
             if agreed != choice.microbatch:
                 cfg = _with_microbatch(cfg, agreed)
                 step_fn = jit_train_step(self.graphdef, cfg, self.mesh, shardings)

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from xla_flags import xla_flags
 from mpt_jax import from_pretrained
 from mpt_jax.config import ConfigError
 from mpt_jax.data import BatchLoader, open_dataset
+from mpt_jax.memory import device_memory_bytes
 from mpt_jax.sharding import check_tensor_within_processes
 
 
@@ -85,7 +87,12 @@ def test_two_processes_match_one_and_checkpoints_move_between_counts(small_datas
     one = write_config(tmp_path, small_dataset, "one")
     two = write_config(tmp_path, small_dataset, "two", dcn_data=2)  # hybrid: data across processes
     train(one, 1, 8)
-    train(two, 2, 4)
+    # auto: the budget every process agrees on is host memory / devices, not a 32-bit remainder
+    ((_, err0), _) = train(two, 2, 4, "train.microbatch=auto")
+    allowed = re.search(r"auto: 8 of 8 sequences .* of the ([\d.]+) GiB allowed", err0)
+    assert allowed, err0[-2000:]
+    if (host := 0.95 * device_memory_bytes(jax.devices()[:4]) / 2**30) > 3:
+        assert float(allowed.group(1)) > host / 2, (allowed.group(1), host)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
     np.testing.assert_allclose([b[s] for s in a], list(a.values()), rtol=0, atol=1e-5)
@@ -118,6 +125,7 @@ import json, os, sys
 import jax
 jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]), initialization_timeout=120)
 from mpt_jax.data import BatchLoader, open_dataset
+from mpt_jax.memory import device_memory_bytes
 loader = BatchLoader([(open_dataset(sys.argv[3]), 1.0)], global_batch=8, seed=3)
 rows = [next(loader)["input_ids"].tolist() for _ in range(3)]
 loader.close()
