@@ -386,6 +386,7 @@ class TrainConfig:
     loss_chunk: int | None = None
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
+    eval_first: bool = False  # also evaluate before the first step (llm-foundry's eval_first)
     eval_batches: int | None = 8  # null: the whole val split (eval_subset_num_batches: -1)
     profile: tuple[int, int] | None = None  # [first, last) steps traced with jax.profiler
     progress: bool = True

@@ -406,6 +406,7 @@ RESUMABLE_KEYS = (
     "train.loss_chunk",
     "train.log_every",
     "train.eval_every",
+    "train.eval_first",
     "train.eval_batches",
     "train.profile",
     "train.progress",
@@ -577,7 +578,10 @@ def _truncate_metrics(run_dir: Path, last_step: int, *, evaluates: bool = False)
 
 
 def _evaluates_at(cfg: RunConfig, step: int) -> bool:
-    """Whether the run evaluates after `step` updates: every train.eval_every and at the end."""
+    """Whether the run evaluates after `step` updates: every train.eval_every, at the end, and
+    before the first with train.eval_first."""
+    if step == 0:
+        return cfg.train.eval_first
     every = cfg.train.eval_every
     return step == cfg.total_steps or bool(every and step % every == 0)
 
@@ -970,9 +974,10 @@ class _Trainer:
         final: dict[str, Any] = {"run_dir": str(self.run_dir)}
         pending: tuple | None = None
         step = self.start_step
-        if 0 < step < total and _evaluates_at(cfg, step):
-            # a run stopped at an evaluation step saved before evaluating (or was killed
-            # between the two): evaluate here, as the uninterrupted run did
+        if step < total and _evaluates_at(cfg, step):
+            # train.eval_first at step 0; or a run stopped at an evaluation step saved before
+            # evaluating (or was killed between the two): evaluate here, as the uninterrupted
+            # run did
             self._evaluate_and_log(step)
             self.watchdog.disarm()  # the first step compiles: no hang
         last_time = time.perf_counter()

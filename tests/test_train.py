@@ -262,6 +262,21 @@ def test_overfits_one_batch(tmp_path):
     assert losses[0] > 3.5 and losses[-1] < 0.1, (losses[0], losses[-1])
 
 
+def test_eval_first_evaluates_the_initial_model_once(small_dataset, tmp_path):
+    def val_steps():
+        lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        return [(x["step"], x["val_loss"]) for x in map(json.loads, lines) if "val_loss" in x]
+
+    train = {"steps": 4, "eval_first": True, "eval_batches": 2}
+    run(config(small_dataset, run_dir=str(tmp_path / "run"), train=train))
+    (first, initial), (last, trained) = val_steps()
+    assert (first, last) == (0, 4) and 5.0 < initial < 6.5  # near ln(258) before training
+    assert trained < initial
+    # a resumed run does not evaluate the initial model again
+    run(config(small_dataset, run_dir=str(tmp_path / "run"), train={**train, "steps": 6}))
+    assert [step for step, _ in val_steps()] == [0, 4, 6]
+
+
 def test_end_to_end_run_writes_run_folder(small_dataset, tmp_path):
     cfg = config(
         small_dataset,
