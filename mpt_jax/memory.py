@@ -15,6 +15,18 @@ def device_memory_bytes(devices: list[Any]) -> int:
     return int(meminfo["MemAvailable"].split()[0]) * 1024 // len(devices)
 
 
+def memory_in_use_gib(devices: list[Any]) -> dict[str, float]:
+    """What the fullest of `devices` holds now and held at its peak, in GiB (composer's memory
+    monitor); empty where the backend keeps no statistics (CPU)."""
+    stats = [d.memory_stats() for d in devices]
+    if not stats or not all(s and "bytes_in_use" in s for s in stats):
+        return {}
+    out = {"memory_gib": max(s["bytes_in_use"] for s in stats) / 2**30}
+    if all("peak_bytes_in_use" in s for s in stats):
+        out["peak_memory_gib"] = max(s["peak_bytes_in_use"] for s in stats) / 2**30
+    return out
+
+
 def compiled_bytes(compiled: Any) -> int | None:
     """XLA's per-device footprint of a compiled program: arguments + outputs + temps - aliased.
 

@@ -377,7 +377,15 @@ class MetricsLogger:
 
 
 # per-step details that metrics.jsonl keeps and a console line leaves out
-_QUIET = {"tokens", "tflops_per_device", "step_time", "data_wait", "skipped_steps", "hfu"}
+_QUIET = {
+    "tokens",
+    "tflops_per_device",
+    "step_time",
+    "data_wait",
+    "skipped_steps",
+    "hfu",
+    "memory_gib",
+}
 
 
 def format_metrics(metrics: Mapping[str, Any], step: int | None = None) -> str:
@@ -393,6 +401,7 @@ def format_metrics(metrics: Mapping[str, Any], step: int | None = None) -> str:
         "grad_norm": "grad_norm {:.3f}",
         "tokens_per_s": "{:,.0f} tok/s",
         "mfu": "mfu {:.1%}",
+        "peak_memory_gib": "peak {:.1f} GiB",
         "checkpoint_step": "checkpoint {:.0f} saved",
         "checkpoint_blocked_s": "blocked {:.2f} s",
         "checkpoint_save_s": "written in {:.2f} s",

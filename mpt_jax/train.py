@@ -27,7 +27,12 @@ from mpt_jax.atomic_write import unwritable_reason, write_atomic
 from mpt_jax.config import ConfigError, RunConfig, run_config_from_dict, to_dict, with_defaults
 from mpt_jax.data import BatchLoader, DataError, check_compatible, resolve_dataset
 from mpt_jax.loss import chunked_cross_entropy_sum, counted, cross_entropy_sum, shift_targets
-from mpt_jax.memory import compiled_bytes, describe_bytes, device_memory_bytes
+from mpt_jax.memory import (
+    compiled_bytes,
+    describe_bytes,
+    device_memory_bytes,
+    memory_in_use_gib,
+)
 from mpt_jax.model import MPTForCausalLM
 from mpt_jax.optim import global_norm, lr_multiplier, make_optimizer, update_count
 
@@ -1101,7 +1106,8 @@ def _log_step(pending, cfg: RunConfig, logger, throughput, bar, force=False) -> 
     bar.update(1)
     bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
     if force or bad or (step + 1) % cfg.train.log_every == 0 or step == 0:
-        logger.log(step + 1, {k: v for k, v in metrics.items() if k != "step"})
+        memory = memory_in_use_gib(jax.local_devices())  # process 0's devices
+        logger.log(step + 1, {**{k: v for k, v in metrics.items() if k != "step"}, **memory})
     if bad:
         print(
             f"step {step + 1}: non-finite loss {values['loss']} "

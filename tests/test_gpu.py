@@ -72,6 +72,15 @@ def test_model_parity_on_gpu_fp32_and_bf16(tmp_path):
         assert rel <= 1e-2, (impl, rel)
 
 
+def test_memory_statistics_on_gpu():
+    from mpt_jax.memory import memory_in_use_gib
+
+    x = jnp.ones((256, 2**20), jnp.float32)  # 1 GiB
+    memory = memory_in_use_gib(jax.local_devices())
+    assert memory["memory_gib"] >= 1.0 and memory["peak_memory_gib"] >= memory["memory_gib"]
+    del x
+
+
 def test_train_gradient_runs_under_jit_on_gpu():
     cfg = ModelConfig(
         d_model=128,

@@ -311,6 +311,8 @@ def test_format_metrics():
     # per-step details stay in metrics.jsonl; a value without a format is shown as it is
     quiet = {"loss": 2.0, "tokens": 4096.0, "step_time": 0.5, "data_wait": 0.0, "new_key": 0.123456}
     assert format_metrics(quiet, step=3) == "step 3 | loss 2.0000 | new_key 0.1235"
+    memory = {"loss": 2.0, "memory_gib": 60.0, "peak_memory_gib": 71.04}
+    assert format_metrics(memory, step=4) == "step 4 | loss 2.0000 | peak 71.0 GiB"
 
 
 def test_metrics_module_does_not_import_jax():
