@@ -402,6 +402,7 @@ def format_metrics(metrics: Mapping[str, Any], step: int | None = None) -> str:
         "tokens_per_s": "{:,.0f} tok/s",
         "mfu": "mfu {:.1%}",
         "peak_memory_gib": "peak {:.1f} GiB",
+        "remaining_s": "{} left",
         "checkpoint_step": "checkpoint {:.0f} saved",
         "checkpoint_blocked_s": "blocked {:.2f} s",
         "checkpoint_save_s": "written in {:.2f} s",
@@ -411,11 +412,22 @@ def format_metrics(metrics: Mapping[str, Any], step: int | None = None) -> str:
     for key, fmt in formats.items():
         value = metrics.get(key)
         if value is not None:
-            parts.append(fmt.format(float(value)))
+            shown = _duration(value) if key == "remaining_s" else float(value)
+            parts.append(fmt.format(shown))
     for key, value in metrics.items():
         if key not in formats and key not in _QUIET and key != "step" and value is not None:
             parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
     return " | ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    """2h05m, 12m04s, 45s."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def _summary_writer_class():

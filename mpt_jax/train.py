@@ -1099,6 +1099,9 @@ def _log_step(pending, cfg: RunConfig, logger, throughput, bar, force=False) -> 
         "step_time": step_time,
         "data_wait": data_wait,
         "skipped_steps": values["skipped_steps"],
+        # the steps left at the window's pace; evaluations and saves not counted (composer's
+        # runtime_estimator)
+        "remaining_s": (cfg.total_steps - step - 1) * rates["step_time_s"],
     }
     if cfg.train.remat == "full":
         metrics["hfu"] = rates.get("hfu")  # null with mfu where the peak is unknown (CPU)

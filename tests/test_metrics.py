@@ -313,6 +313,8 @@ def test_format_metrics():
     assert format_metrics(quiet, step=3) == "step 3 | loss 2.0000 | new_key 0.1235"
     memory = {"loss": 2.0, "memory_gib": 60.0, "peak_memory_gib": 71.04}
     assert format_metrics(memory, step=4) == "step 4 | loss 2.0000 | peak 71.0 GiB"
+    for seconds, shown in ((7505, "2h05m"), (724.4, "12m04s"), (45, "45s"), (0, "0s")):
+        assert format_metrics({"remaining_s": seconds}) == f"{shown} left"
 
 
 def test_metrics_module_does_not_import_jax():

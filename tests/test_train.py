@@ -305,8 +305,10 @@ def test_end_to_end_run_writes_run_folder(small_dataset, tmp_path):
         "mfu",
         "step_time",
         "data_wait",
+        "remaining_s",
     }
     assert keys <= set(train_lines[-1]) and train_lines[-1]["step"] == 6
+    assert train_lines[-1]["remaining_s"] == 0 < train_lines[-2]["remaining_s"]
     assert train_lines[-1]["tokens"] == 6 * 8 * 32
     assert [x["step"] for x in lines if "val_loss" in x] == [3, 6]
     assert final["val_loss"] < 5.6  # below ln(258): it learned something
