@@ -173,16 +173,7 @@ def make_train_step(graphdef, cfg: RunConfig, *, poison: bool = False) -> Callab
 
     def normalized_loss(params, ids, targets, seg, key, denom):
         """The microbatch's summed token losses over the whole batch's token count."""
-        model = nnx.merge(graphdef, compute_params(cfg, params))
-        if cfg.train.loss_chunk is None:
-            logits = model(ids, segment_ids=seg, dropout_key=key)
-            loss_sum, _ = cross_entropy_sum(logits, targets)
-        else:
-            h = model.final_hidden(ids, segment_ids=seg, dropout_key=key)
-            w, scale = model.output_weight()
-            loss_sum, _ = chunked_cross_entropy_sum(
-                h, w, targets, chunk=cfg.train.loss_chunk, logit_scale=scale
-            )
+        loss_sum, _ = _loss_sums(graphdef, cfg, params, ids, targets, seg, key)
         return (loss_sum * jnp.nan if poison else loss_sum) / denom
 
     grad_fn = jax.value_and_grad(normalized_loss)
@@ -248,6 +239,17 @@ def make_train_step(graphdef, cfg: RunConfig, *, poison: bool = False) -> Callab
         return new_state, out
 
     return step
+
+
+def _loss_sums(graphdef, cfg: RunConfig, params, ids, targets, seg, key=None):
+    """(summed token losses, counted tokens) of a batch as the run computes them: parameters as
+    `compute_params` gives them, and over `train.loss_chunk` positions at a time when set."""
+    model = nnx.merge(graphdef, compute_params(cfg, params))
+    if cfg.train.loss_chunk is None:
+        return cross_entropy_sum(model(ids, segment_ids=seg, dropout_key=key), targets)
+    h = model.final_hidden(ids, segment_ids=seg, dropout_key=key)
+    w, scale = model.output_weight()
+    return chunked_cross_entropy_sum(h, w, targets, chunk=cfg.train.loss_chunk, logit_scale=scale)
 
 
 def _split_rows(x_B, n: int):
@@ -350,15 +352,7 @@ def make_eval_step(graphdef, cfg: RunConfig, data_shards: int = 1) -> Callable:
     micro = cfg.train.microbatch if isinstance(cfg.train.microbatch, int) else None
 
     def loss_sums(params, ids, seg):
-        model = nnx.merge(graphdef, compute_params(cfg, params))
-        targets = shift_targets(ids)
-        if cfg.train.loss_chunk is None:
-            return cross_entropy_sum(model(ids, segment_ids=seg), targets)
-        h = model.final_hidden(ids, segment_ids=seg)
-        w, scale = model.output_weight()
-        return chunked_cross_entropy_sum(
-            h, w, targets, chunk=cfg.train.loss_chunk, logit_scale=scale
-        )
+        return _loss_sums(graphdef, cfg, params, ids, shift_targets(ids), seg)
 
     def eval_step(params, batch):
         ids, seg = batch["input_ids"], batch.get("segment_ids")
