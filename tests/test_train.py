@@ -267,11 +267,24 @@ def test_eval_first_evaluates_the_initial_model_once(small_dataset, tmp_path):
         lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
         return [(x["step"], x["val_loss"]) for x in map(json.loads, lines) if "val_loss" in x]
 
+    from mpt_jax.sharding import traced_on
+    from mpt_jax.train import _datasets, evaluate, make_eval_step
+
     train = {"steps": 4, "eval_first": True, "eval_batches": 2}
-    run(config(small_dataset, run_dir=str(tmp_path / "run"), train=train))
+    cfg = config(small_dataset, run_dir=str(tmp_path / "run"), train=train)
+    run(cfg)
     (first, initial), (last, trained) = val_steps()
-    assert (first, last) == (0, 4) and 5.0 < initial < 6.5  # near ln(258) before training
-    assert trained < initial
+    assert (first, last) == (0, 4) and trained < initial
+    # step 0's val_loss is the freshly initialized model's, evaluated here on its own
+    mesh = make_mesh(cfg.mesh)
+    graphdef, state, shardings = init_state(cfg, mesh)
+    eval_fn = jax.jit(
+        traced_on(mesh, make_eval_step(graphdef, cfg, 8)),
+        in_shardings=(shardings.params, batch_sharding(mesh)),
+    )
+    datasets = _datasets(cfg, progress=False)
+    fresh = evaluate(eval_fn, state.params, datasets, cfg, batch_sharding(mesh))
+    np.testing.assert_allclose(initial, fresh, rtol=1e-6)
     # a resumed run does not evaluate the initial model again
     run(config(small_dataset, run_dir=str(tmp_path / "run"), train={**train, "steps": 6}))
     assert [step for step, _ in val_steps()] == [0, 4, 6]
