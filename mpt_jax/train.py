@@ -482,7 +482,11 @@ def check_run_dir(cfg: RunConfig, raw: dict[str, Any], *, overwrite: bool) -> No
                 "or choose another run_dir"
             ) from None
         previous = with_defaults(previous)
-        changed = [key for key in _diff_keys(previous, raw) if not key.startswith(RESUMABLE_KEYS)]
+        changed = [
+            key
+            for key in _diff_keys(_without_dataset_paths(previous), _without_dataset_paths(raw))
+            if not key.startswith(RESUMABLE_KEYS)
+        ]
         if changed:
             raise ConfigError(
                 f"{run_dir}: holds a run with a different config ({', '.join(changed[:5])}); "
@@ -539,6 +543,18 @@ def prepare_run_dir(cfg: RunConfig, raw: dict[str, Any], *, overwrite: bool) -> 
     (run_dir / "complete.json").unlink(missing_ok=True)  # written again when this run finishes
     write_atomic(run_dir / "config.yaml", yaml.safe_dump(raw, sort_keys=False))
     return run_dir
+
+
+def _without_dataset_paths(raw: dict[str, Any]) -> dict[str, Any]:
+    """The config without where its datasets sit: a resume checks their content instead."""
+    data = dict(raw.get("data") or {})
+    if data.get("path") is not None:
+        data["path"] = "a dataset"
+    data["mixture"] = [
+        {**source, "path": "a dataset"} if isinstance(source, dict) else source
+        for source in data.get("mixture") or ()
+    ]
+    return {**raw, "data": data}
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -805,6 +821,8 @@ class _Trainer:
             num_threads=cfg.data.num_threads,
             prefetch=cfg.data.prefetch,
         )
+        if not overwrite:
+            self._check_data_continues()
         # the run folder changes only now, once the mesh, data and model are known to be usable
         self.run_dir = (
             prepare_run_dir(cfg, raw, overwrite=overwrite) if self.is_main else Path(cfg.run_dir)
@@ -872,6 +890,18 @@ class _Trainer:
                 flush=True,
             )
         return cfg, step_fn
+
+    def _check_data_continues(self) -> None:
+        """Refuse, before the folder changes, to resume over datasets with other rows."""
+        checkpoints = Path(self.cfg.run_dir).absolute() / "checkpoints"
+        steps = checkpoint.committed_steps(checkpoints)
+        if not steps:
+            return
+        try:
+            saved = checkpoint.read_meta(checkpoints / str(steps[-1]))
+        except Exception:  # restoring reports an unreadable step and tries the one before
+            return
+        self.loader.check_state(saved["data"])
 
     # -- state -----------------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from xla_flags import xla_flags
 import mpt_jax
 from mpt_jax import checkpoint
 from mpt_jax.config import ConfigError, MeshConfig, run_config_from_dict, to_dict
+from mpt_jax.data import DataError, prepare_dataset
 from mpt_jax.sharding import batch_sharding, make_mesh
 from mpt_jax.train import (
     NonFiniteLossError,
@@ -67,11 +68,24 @@ def test_sigterm_then_resume_is_bitwise_exact(small_dataset, tmp_path, monkeypat
     assert checkpoint.committed_steps(tmp_path / "cut" / "checkpoints") == [4, 6]
     assert not (tmp_path / "cut" / "complete.json").exists()  # launch scripts requeue
     monkeypatch.delenv("MPT_JAX_FAULTS")
-    resumed = run(config(small_dataset, run_dir=str(tmp_path / "cut"), **sections))
+    # the dataset moved meanwhile (another mount): the run resumes on it, checked by content
+    moved = tmp_path / "moved"
+    shutil.copytree(small_dataset / "ds", moved / "ds")
+    resumed = run(config(moved, run_dir=str(tmp_path / "cut"), **sections))
     assert resumed["step"] == 9
     assert json.loads((tmp_path / "cut" / "complete.json").read_text())["step"] == 9
     assert_bitwise_equal(final_params(tmp_path / "cut"), final_params(tmp_path / "whole"))
     assert train_lines(tmp_path / "cut") == train_lines(tmp_path / "whole")
+    if precision != "fp32":
+        return
+    # prepared again with other options: other rows at that path, refused before any change
+    shutil.rmtree(moved / "ds")
+    source = small_dataset / "docs.jsonl"
+    prepare_dataset([str(source)], moved / "ds", seq_len=32, val_fraction=0.2, progress=False)
+    before = {p: p.read_bytes() for p in (tmp_path / "cut").rglob("*") if p.is_file()}
+    with pytest.raises(DataError, match=r"moved/ds is not the dataset the run trained on"):
+        run(config(moved, run_dir=str(tmp_path / "cut"), **sections))
+    assert {p: p.read_bytes() for p in (tmp_path / "cut").rglob("*") if p.is_file()} == before
 
 
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path):

@@ -113,6 +113,40 @@ def test_prepare_is_deterministic_byte_for_byte(tmp_path):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
 
 
+def test_val_split_follows_the_text_not_where_the_files_are(tmp_path):
+    docs = make_docs(240, seed=7)
+    docs[40:80] = docs[:40]  # copies, before the unique documents that end the stream
+    whole = tmp_path / "one" / "corpus.jsonl"
+    whole.parent.mkdir()
+    whole.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    cut = tmp_path / "moved" / "elsewhere"  # the same stream, in three files under other names
+    cut.mkdir(parents=True)
+    for i, part in enumerate((docs[:70], docs[70:150], docs[150:])):
+        (cut / f"part-{i}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
+    kw = dict(seq_len=16, val_fraction=0.25, progress=False)
+    outs = [
+        prepare_dataset([str(whole)], tmp_path / "ds_one", **kw),
+        prepare_dataset([str(cut)], tmp_path / "ds_cut", **kw),
+    ]
+    metas = [open_dataset(o) for o in outs]
+    assert metas[0].splits == metas[1].splits
+    for split in ("train", "val"):
+        paths = [m.shard_paths(split) for m in metas]
+        assert [p.read_bytes() for p in paths[0]] == [p.read_bytes() for p in paths[1]], split
+    val_stream = np.concatenate(
+        [
+            b["input_ids"][0]
+            for b in loader(metas[0], global_batch=1, split="val", shuffle=False, repeat=False)
+        ]
+    )
+    # the split's stream starts with a whole document; the part after the last EOS is cut
+    val_docs = bytes(int(t) if t < 256 else 0 for t in val_stream).decode().split("\0")[:-1]
+    assert set(val_docs) <= set(docs) and 0 < len(val_docs) < len(docs) // 2
+    for d in docs[:40]:  # a document and its copy are both drawn or both not
+        assert val_docs.count(d) in (0, 2), d
+    assert json.loads((outs[0] / "meta.json").read_text())["val"]["draw"].startswith("sha1")
+
+
 def test_trained_bpe_round_trips_and_is_deterministic(tmp_path):
     docs = make_docs(200, seed=5)
     inputs = write_inputs(tmp_path / "in", docs)
@@ -195,6 +229,39 @@ def test_exact_resume_from_saved_state(dataset, stop):
         np.testing.assert_array_equal(next(resumed)["input_ids"], expected)
     with pytest.raises(DataError, match="global_batch 4 differs"):
         loader(meta, global_batch=8).restore(state)
+
+
+def test_resume_follows_a_moved_dataset_and_refuses_other_rows(dataset, tmp_path):
+    import shutil
+
+    meta, _, inputs = dataset
+    first = loader(meta)
+    expected = take(first, 5)[3:]
+    state = json.loads(json.dumps({**first.state(), "batches": 3}))
+    moved = open_dataset(shutil.copytree(meta.folder, tmp_path / "elsewhere" / "copy"))
+    assert moved.content_id == meta.content_id and len(meta.content_id) == 16
+    resumed = loader(moved)
+    resumed.restore(state)
+    np.testing.assert_array_equal(take(resumed, 2), expected)
+    # the same inputs prepared with another val fraction: other rows, refused by name
+    other = open_dataset(
+        prepare_dataset(
+            inputs,
+            tmp_path / "other",
+            seq_len=32,
+            val_fraction=0.2,
+            column="content",
+            progress=False,
+        )
+    )
+    assert other.content_id != meta.content_id
+    with pytest.raises(DataError, match=r"other is not the dataset the run trained on \(.*ds\)"):
+        loader(other).restore(state)
+    # a state saved before content ids: the folder must be the same one
+    old = {k: v for k, v in state.items() if k != "contents"}
+    loader(meta).restore(old)
+    with pytest.raises(DataError, match=r"copy is not where the run's dataset was"):
+        loader(moved).restore(old)
 
 
 @pytest.mark.parametrize("processes", [2, 4])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mpt_jax.data.errors import DataError
 from mpt_jax.data.loader import DatasetMeta, open_dataset
-from mpt_jax.data.prepare import META_FILE, prepare_dataset
+from mpt_jax.data.prepare import META_FILE, VAL_DRAW_VERSION, prepare_dataset
 from mpt_jax.data.sources import BUILTIN_PREFIX
 from mpt_jax.data.tokenizer import load_tokenizer
 
@@ -49,7 +49,10 @@ def resolve_dataset(
         eos_tag = hashlib.sha256(eos_token.encode()).hexdigest()[:6]
         tok_tag = f"tokenizer-{tok.sha256[:12]}-eos{eos_tag}"
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
-    folder = cache_root() / "datasets" / f"{name}-{py}-{tok_tag}-seq{seq_len}"
+    # the draw's version keeps a cache prepared under another val draw from being reused
+    folder = (
+        cache_root() / "datasets" / f"{name}-{py}-{tok_tag}-seq{seq_len}-draw{VAL_DRAW_VERSION}"
+    )
     if not (folder / META_FILE).is_file():
         print(f"preparing {spec} into {folder} (once)", file=sys.stderr)
         try:

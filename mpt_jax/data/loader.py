@@ -10,6 +10,7 @@ number of processes, so a run can resume on a different process count with the s
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import queue
 import threading
@@ -36,6 +37,7 @@ class DatasetMeta:
     eos_id: int
     tokenizer: dict[str, Any]
     splits: dict[str, dict[str, Any]]
+    content_id: str = ""  # what decides the rows, whichever folder holds them: see content_id()
 
     def shard_paths(self, split: str) -> list[Path]:
         if split not in self.splits:
@@ -66,6 +68,7 @@ def open_dataset(folder: str | Path) -> DatasetMeta:
             int(meta["eos_id"]),
             dict(meta["tokenizer"]),
             dict(meta["splits"]),
+            content_id(meta),
         )
         shards = {
             split: [(folder / shard["file"], int(shard["bytes"])) for shard in counts["shards"]]
@@ -86,6 +89,21 @@ def open_dataset(folder: str | Path) -> DatasetMeta:
                     "(truncated or corrupted)"
                 )
     return info
+
+
+def content_id(meta: dict[str, Any]) -> str:
+    """A digest of a meta.json without its paths: equal for the same rows in any folder.
+
+    meta.json records the inputs' SHA-256, the options and every shard's rows and bytes, and
+    preparation is deterministic, so a moved or copied dataset keeps its id and a re-prepared
+    one (other inputs, options or val draw) gets another.
+    """
+    pathless = {key: value for key, value in meta.items() if key not in ("sources", "val_sources")}
+    pathless["tokenizer"] = {k: v for k, v in meta["tokenizer"].items() if k != "path"}
+    pathless["val"] = {k: v for k, v in meta.get("val", {}).items() if k != "inputs"}
+    for key in ("sources", "val_sources"):
+        pathless[key] = [source["sha256"] for source in meta.get(key, [])]
+    return hashlib.sha256(json.dumps(pathless, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check_compatible(
@@ -232,6 +250,7 @@ class BatchLoader:
         self.local_batch = global_batch // process_count
         self.sharding, self.prefetch = sharding, max(1, prefetch)
         self._names = [str(m.folder) for m, _ in datasets]
+        self._contents = [m.content_id for m, _ in datasets]
         parts = []
         for i, (meta, _) in enumerate(datasets):
             ds = grain.MapDataset.source(RowSource(meta, split))
@@ -334,16 +353,47 @@ class BatchLoader:
             "seed": self.seed,
             "split": self.split,
             "datasets": self._names,
+            "contents": self._contents,
         }
 
-    def restore(self, state: dict[str, Any]) -> None:
-        """Continue exactly after the batches `state` counts."""
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Refuse a position saved over other rows or in another order than this loader's."""
         for key in ("global_batch", "seed", "split"):
             if state.get(key) != getattr(self, key):
                 raise DataError(
                     f"data state: {key} {state.get(key)!r} differs from this loader's "
                     f"{getattr(self, key)!r}; the sample order would change"
                 )
+        saved = state.get("contents")
+        if saved is None:  # saved before content ids were: the folders must be the same
+            was = state.get("datasets", self._names)
+            if was != self._names:
+                raise DataError(
+                    f"data: {', '.join(self._names)} is not where the run's dataset was "
+                    f"({', '.join(map(str, was))}), and its checkpoint is older than content ids, "
+                    "so the rows cannot be checked; name the same folder, or start a new run "
+                    "with init_from"
+                )
+            return
+        if saved == self._contents:
+            return
+        if len(saved) != len(self._contents):
+            raise DataError(
+                f"data state: saved over {len(saved)} datasets, this loader reads "
+                f"{len(self._contents)}; the sample order would change"
+            )
+        i = next(i for i, (a, b) in enumerate(zip(saved, self._contents, strict=True)) if a != b)
+        was = state.get("datasets", [None] * len(saved))[i]
+        raise DataError(
+            f"data: {self._names[i]} is not the dataset the run trained on ({was}): its content "
+            f"id is {self._contents[i]}, the run's {saved[i]} (re-prepared, or other inputs or "
+            "options), so the sample order would change; prepare it as before, or start a new "
+            "run with init_from"
+        )
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue exactly after the batches `state` counts."""
+        self.check_state(state)
         self._consumed = int(state["batches"])
         self._start(self._consumed)
 

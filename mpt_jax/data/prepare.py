@@ -25,6 +25,10 @@ from mpt_jax.data.errors import DataError
 from mpt_jax.data.tokenizer import ByteTokenizer, JsonTokenizer, load_tokenizer, train_bpe
 
 FORMAT_VERSION = 1
+# how documents are drawn for validation (meta.json's val.draw); the second draw hashes the text
+# alone, the first hashed the input's path as given, so one corpus in two folders split apart
+VAL_DRAW = "sha1 of the document's UTF-8 text"
+VAL_DRAW_VERSION = 2
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
 _BATCH_CHARS = 1 << 21  # documents are sent to workers in batches of about 2M characters
@@ -130,7 +134,11 @@ def prepare_dataset(
             "eos_id": tok.eos_id,
             "tokenizer": spec,
             "packing": "concat: EOS after each document, rows of seq_len, tail dropped",
-            "val": {"inputs": list(val_inputs)} if val_files else {"fraction": val_fraction},
+            "val": (
+                {"inputs": list(val_inputs)}
+                if val_files
+                else {"fraction": val_fraction, "draw": VAL_DRAW}
+            ),
             "splits": counts,
             "sources": sources.describe(files),
             "val_sources": sources.describe(val_files),
@@ -149,10 +157,10 @@ def _chain(*iterators: Iterator) -> Iterator:
 
 
 def _is_val(doc: sources.Document, fraction: float) -> bool:
-    """A stable per-document draw from the source name and record number."""
+    """A draw from the document's text alone: paths, file names and order do not move it."""
     if fraction <= 0:
         return False
-    digest = hashlib.sha1(f"{doc.source.name}\0{doc.record}".encode()).digest()
+    digest = hashlib.sha1(doc.text.encode()).digest()
     return int.from_bytes(digest[:8], "little") / 2**64 < fraction
 
 
