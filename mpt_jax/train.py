@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import shutil
@@ -546,7 +547,11 @@ def prepare_run_dir(cfg: RunConfig, raw: dict[str, Any], *, overwrite: bool) -> 
 
 
 def _without_dataset_paths(raw: dict[str, Any]) -> dict[str, Any]:
-    """The config without where its datasets sit: a resume checks their content instead."""
+    """A run config mapping without where its datasets and tokenizer file sit.
+
+    A resume compares what these name by content instead (the datasets' content ids), so a
+    dataset moved to another folder or mount continues the run.
+    """
     data = dict(raw.get("data") or {})
     if data.get("path") is not None:
         data["path"] = "a dataset"
@@ -554,6 +559,8 @@ def _without_dataset_paths(raw: dict[str, Any]) -> dict[str, Any]:
         {**source, "path": "a dataset"} if isinstance(source, dict) else source
         for source in data.get("mixture") or ()
     ]
+    if data.get("tokenizer", "byte") != "byte":
+        data["tokenizer"] = "a tokenizer file"
     return {**raw, "data": data}
 
 
@@ -688,6 +695,20 @@ def _datasets(cfg: RunConfig, progress: bool):
     return out
 
 
+def _check_same_datasets_everywhere(datasets) -> None:
+    """Refuse processes that read different rows (per-host copies that differ)."""
+    ids = "".join(meta.content_id for meta, _ in datasets)
+    ours = np.int32(int(hashlib.sha256(ids.encode()).hexdigest()[:7], 16))
+    everyone = multihost_utils.process_allgather(ours)
+    if (everyone != everyone[0]).any():
+        other = int(np.argmax(everyone != everyone[0]))
+        raise DataError(
+            f"data: process {other} reads other rows than process 0 (content ids differ; here "
+            f"{', '.join(f'{m.folder}: {m.content_id}' for m, _ in datasets)}); every "
+            "process's copy of a dataset must hold the same rows"
+        )
+
+
 def eval_batch_size(meta, global_batch: int, *, data_shards: int, processes: int) -> int:
     """The evaluation batch: at most global_batch rows of the val split, split evenly over the
     data-parallel devices (data x fsdp) and the processes feeding them."""
@@ -784,6 +805,8 @@ class _Trainer:
             )
         self.show = cfg.train.progress and self.is_main
         self.datasets = _datasets(cfg, progress=self.show)
+        if jax.process_count() > 1:
+            _check_same_datasets_everywhere(self.datasets)
         self.batch_sharding = sharding.batch_sharding(mesh)
         self.graphdef, self.abstract, shardings = abstract_state(cfg, mesh)
         share = sharding.replicated_share(self.abstract.params)
@@ -892,16 +915,33 @@ class _Trainer:
         return cfg, step_fn
 
     def _check_data_continues(self) -> None:
-        """Refuse, before the folder changes, to resume over datasets with other rows."""
+        """Refuse, before the folder changes, to resume over datasets with other rows than the
+        run's checkpoints were saved over; all processes refuse if one does."""
         checkpoints = Path(self.cfg.run_dir).absolute() / "checkpoints"
-        steps = checkpoint.committed_steps(checkpoints)
-        if not steps:
-            return
-        try:
-            saved = checkpoint.read_meta(checkpoints / str(steps[-1]))
-        except Exception:  # restoring reports an unreadable step and tries the one before
-            return
-        self.loader.check_state(saved["data"])
+        problem, newest = None, True
+        for step in reversed(checkpoint.committed_steps(checkpoints)):  # any may be restored
+            try:
+                state = checkpoint.read_meta(checkpoints / str(step))["data"]
+            except Exception:  # restoring reports an unreadable step and tries the one before
+                continue
+            # an older step saved before content ids can only be checked by folder, which may
+            # have moved since: only the newest is held to that
+            if newest or "contents" in state:
+                try:
+                    self.loader.check_state(state)
+                except DataError as e:
+                    problem = e
+                    break
+            newest = False
+        if jax.process_count() > 1:
+            failed = multihost_utils.process_allgather(np.int32(problem is not None))
+            if problem is None and failed.any():
+                raise DataError(
+                    f"data: process {int(np.argmax(failed))} reads other rows than the run "
+                    "trained on (its own error says which); all processes stop"
+                )
+        if problem is not None:
+            raise problem
 
     # -- state -----------------------------------------------------------------------------------
 

@@ -130,6 +130,7 @@ def test_val_split_follows_the_text_not_where_the_files_are(tmp_path):
     ]
     metas = [open_dataset(o) for o in outs]
     assert metas[0].splits == metas[1].splits
+    assert metas[0].content_id == metas[1].content_id  # the same rows, however they came
     for split in ("train", "val"):
         paths = [m.shard_paths(split) for m in metas]
         assert [p.read_bytes() for p in paths[0]] == [p.read_bytes() for p in paths[1]], split
@@ -257,11 +258,42 @@ def test_resume_follows_a_moved_dataset_and_refuses_other_rows(dataset, tmp_path
     assert other.content_id != meta.content_id
     with pytest.raises(DataError, match=r"other is not the dataset the run trained on \(.*ds\)"):
         loader(other).restore(state)
-    # a state saved before content ids: the folder must be the same one
+    # a state saved before content ids: the folder must be the same one, however named
     old = {k: v for k, v in state.items() if k != "contents"}
     loader(meta).restore(old)
+    loader(open_dataset(os.path.relpath(meta.folder))).restore(old)
     with pytest.raises(DataError, match=r"copy is not where the run's dataset was"):
         loader(moved).restore(old)
+    # a mixture listed in another order
+    both = BatchLoader(
+        [(meta, 1.0), (other, 1.0)], global_batch=4, process_index=0, process_count=1
+    )
+    swapped = BatchLoader(
+        [(other, 1.0), (meta, 1.0)], global_batch=4, process_index=0, process_count=1
+    )
+    with pytest.raises(DataError, match=r"the datasets are in another order than the run's"):
+        swapped.restore(both.state())
+
+
+def test_content_id_tells_apart_fields_of_one_file_with_equal_counts(tmp_path):
+    docs = make_docs(120, seed=9)
+    source = tmp_path / "docs.jsonl"  # two fields of equal byte lengths: the same counts
+    source.write_text("".join(json.dumps({"text": d, "flipped": d[::-1]}) + "\n" for d in docs))
+    metas = [
+        open_dataset(
+            prepare_dataset(
+                [str(source)],
+                tmp_path / field,
+                seq_len=16,
+                val_fraction=0.0,
+                text_field=field,
+                progress=False,
+            )
+        )
+        for field in ("text", "flipped")
+    ]
+    assert metas[0].splits["train"]["shards"] == metas[1].splits["train"]["shards"]
+    assert metas[0].content_id != metas[1].content_id
 
 
 @pytest.mark.parametrize("processes", [2, 4])

@@ -597,7 +597,7 @@ def test_bad_task_files_and_lists(tiny, tmp_path):
 # Command line
 
 
-def test_command_line_on_a_run_folder(small_dataset, tmp_path, capsys):
+def test_command_line_on_a_run_folder(small_dataset, tmp_path, capsys, monkeypatch):
     from mpt_jax.train import run
 
     run(config(small_dataset, run_dir=str(tmp_path / "run"), train={"steps": 2}))
@@ -678,6 +678,43 @@ def test_command_line_on_a_run_folder(small_dataset, tmp_path, capsys):
         assert main(run_tasks_args + extra) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+    # a run on the built-in corpus is evaluated on the rows it held out: the corpus prepared
+    # now when it holds the run's rows, else the folder the run trained on, else refused
+    import shutil
+
+    from mpt_jax.data import resolve_dataset
+
+    monkeypatch.setenv("MPT_JAX_CACHE", str(tmp_path / "cache"))
+    seq_len = TINY_MODEL["max_seq_len"]
+    built = resolve_dataset("builtin:python-stdlib", seq_len=seq_len, progress=False)
+    capsys.readouterr()  # its "preparing ... (once)"
+    meta_path = tmp_path / "run" / "checkpoints" / "2" / "meta" / "metadata"
+    saved = json.loads(meta_path.read_text())
+
+    def evaluated_on(contents, folders):
+        meta = {**saved, "config": {**saved["config"], "data": {"path": "builtin:python-stdlib"}}}
+        meta["data"] = {**saved["data"], "datasets": folders, "contents": contents}
+        if contents is None:  # a checkpoint from before content ids
+            del meta["data"]["contents"]
+        meta_path.write_text(json.dumps(meta))
+        argv = ["eval", str(tmp_path / "run"), "--data", "builtin:python-stdlib"]
+        argv += ["--max-tokens", "256", "--no-progress", "--out", str(out)]
+        code, printed = main(argv), capsys.readouterr()
+        return (
+            printed.err.strip().splitlines()
+            if code
+            else json.loads(out.read_text())["perplexity"][0]["dataset"]
+        )
+
+    assert evaluated_on([built.content_id], [str(built.folder)]) == str(built.folder)
+    old = shutil.copytree(built.folder, tmp_path / "drawn-by-path")
+    assert evaluated_on(None, [str(old)]) == str(old)
+    other_rows = evaluated_on(["0" * 16], [str(old)])  # neither holds the rows the run recorded
+    assert "may be the run's training documents" in other_rows[0]
+    shutil.rmtree(old)
+    err = evaluated_on(None, [str(old)])
+    assert len(err) == 1 and "may be the run's training documents" in err[0], err
 
 
 def test_task_lines_split_at_newlines_only(tmp_path):

@@ -21,7 +21,7 @@ from xla_flags import xla_flags
 
 from mpt_jax import from_pretrained
 from mpt_jax.config import ConfigError
-from mpt_jax.data import BatchLoader, open_dataset
+from mpt_jax.data import BatchLoader, open_dataset, prepare_dataset
 from mpt_jax.memory import device_memory_bytes
 from mpt_jax.sharding import check_tensor_within_processes
 
@@ -39,11 +39,13 @@ def environment(devices: int, **extra) -> dict:
     return {**env, **extra}
 
 
-def train(cfg_path, processes, devices, *overrides, timeout=600):
-    """Run `mpt-jax train` as `processes` processes of `devices` CPU devices each."""
+def train(cfg_path, processes, devices, *overrides, timeout=600, per_process=None, code=0):
+    """Run `mpt-jax train` as `processes` processes of `devices` CPU devices each; each must
+    exit with `code`. `per_process[i]` adds overrides for process i alone."""
     port = free_port()
     procs = []
     for i in range(processes):
+        own = per_process[i] if per_process else ()
         extra = {}
         if processes > 1:
             extra = {
@@ -53,7 +55,7 @@ def train(cfg_path, processes, devices, *overrides, timeout=600):
             }
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "mpt_jax", "train", str(cfg_path), *overrides],
+                [sys.executable, "-m", "mpt_jax", "train", str(cfg_path), *overrides, *own],
                 env=environment(devices, **extra),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -62,7 +64,7 @@ def train(cfg_path, processes, devices, *overrides, timeout=600):
         )
     results = [p.communicate(timeout=timeout) for p in procs]
     for p, (_, err) in zip(procs, results, strict=True):
-        assert p.returncode == 0, err[-3000:]
+        assert p.returncode == code, err[-3000:]
     return results
 
 
@@ -118,6 +120,22 @@ def test_two_processes_match_one_and_checkpoints_move_between_counts(small_datas
         *(jax.tree.leaves(nnx.state(m, nnx.Param)) for m in (exported, saved)), strict=True
     ):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_processes_whose_dataset_copies_differ_all_refuse(small_dataset, tmp_path):
+    cfg = write_config(tmp_path, small_dataset, "copies")
+    other = prepare_dataset(  # per-host copies gone wrong: other rows on process 1
+        [str(small_dataset / "docs.jsonl")],
+        tmp_path / "ds",
+        seq_len=32,
+        val_fraction=0.3,
+        progress=False,
+    )
+    results = train(cfg, 2, 4, per_process=[(), (f"data.path={other}",)], code=2)
+    for _, err in results:  # the same line from both
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: data: process 1 reads other rows than process 0"), err
+    assert not (tmp_path / "copies").exists()
 
 
 LOADER = """

@@ -92,18 +92,25 @@ def open_dataset(folder: str | Path) -> DatasetMeta:
 
 
 def content_id(meta: dict[str, Any]) -> str:
-    """A digest of a meta.json without its paths: equal for the same rows in any folder.
+    """A digest of the rows a dataset holds and their tokenizer, not of where the folder sits.
 
-    meta.json records the inputs' SHA-256, the options and every shard's rows and bytes, and
-    preparation is deterministic, so a moved or copied dataset keeps its id and a re-prepared
-    one (other inputs, options or val draw) gets another.
+    From each split's `rows_sha256` (the SHA-256 of its rows' bytes in order), so a moved or
+    copied dataset keeps its id and any other rows get another; a dataset prepared before
+    row digests were recorded is known by its whole meta.json (counts, sources, options).
     """
-    pathless = {key: value for key, value in meta.items() if key not in ("sources", "val_sources")}
-    pathless["tokenizer"] = {k: v for k, v in meta["tokenizer"].items() if k != "path"}
-    pathless["val"] = {k: v for k, v in meta.get("val", {}).items() if k != "inputs"}
-    for key in ("sources", "val_sources"):
-        pathless[key] = [source["sha256"] for source in meta.get(key, [])]
-    return hashlib.sha256(json.dumps(pathless, sort_keys=True).encode()).hexdigest()[:16]
+    splits = meta["splits"]
+    if not all("rows_sha256" in counts for counts in splits.values()):
+        decided = meta
+    else:
+        decided = {
+            "seq_len": meta["seq_len"],
+            "dtype": meta["dtype"],
+            "vocab_size": meta["vocab_size"],
+            "eos_id": meta["eos_id"],
+            "tokenizer": {k: v for k, v in meta["tokenizer"].items() if k != "path"},
+            "splits": {name: [c["rows"], c["rows_sha256"]] for name, c in splits.items()},
+        }
+    return hashlib.sha256(json.dumps(decided, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check_compatible(
@@ -366,17 +373,23 @@ class BatchLoader:
                 )
         saved = state.get("contents")
         if saved is None:  # saved before content ids were: the folders must be the same
-            was = state.get("datasets", self._names)
-            if was != self._names:
+            was = [str(p) for p in state.get("datasets", self._names)]
+            if not all(map(_same_folder, was, self._names)) or len(was) != len(self._names):
                 raise DataError(
                     f"data: {', '.join(self._names)} is not where the run's dataset was "
-                    f"({', '.join(map(str, was))}), and its checkpoint is older than content ids, "
-                    "so the rows cannot be checked; name the same folder, or start a new run "
-                    "with init_from"
+                    f"({', '.join(was)}), and its checkpoint is older than content ids, so the "
+                    "rows cannot be checked; name the same folder, or start a new run with "
+                    "init_from"
                 )
             return
         if saved == self._contents:
             return
+        if sorted(saved) == sorted(self._contents):
+            raise DataError(
+                f"data: the datasets are in another order than the run's "
+                f"({', '.join(map(str, state.get('datasets', saved)))}), so the sample order "
+                "would change; list them as the run did"
+            )
         if len(saved) != len(self._contents):
             raise DataError(
                 f"data state: saved over {len(saved)} datasets, this loader reads "
@@ -386,9 +399,9 @@ class BatchLoader:
         was = state.get("datasets", [None] * len(saved))[i]
         raise DataError(
             f"data: {self._names[i]} is not the dataset the run trained on ({was}): its content "
-            f"id is {self._contents[i]}, the run's {saved[i]} (re-prepared, or other inputs or "
-            "options), so the sample order would change; prepare it as before, or start a new "
-            "run with init_from"
+            f"id is {self._contents[i]}, the run's {saved[i]} (prepared from other inputs or "
+            "with other options), so the sample order would change; prepare it as before, or "
+            "start a new run with init_from"
         )
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -403,6 +416,14 @@ class BatchLoader:
     def __del__(self):
         with contextlib.suppress(Exception):
             self._stop()
+
+
+def _same_folder(a: str, b: str) -> bool:
+    """The same folder, however named (relative, absolute, through a link)."""
+    try:
+        return a == b or Path(a).samefile(b)
+    except OSError:
+        return False
 
 
 def _example(row: np.ndarray, eos_id: int, with_segments: bool) -> dict[str, np.ndarray]:

@@ -275,6 +275,7 @@ class _SplitWriter:
         self.rows_in_shard = 0
         self.documents = 0
         self.dropped = 0
+        self.rows_digest = hashlib.sha256()  # identifies the rows wherever the folder goes
 
     def add(self, tokens: np.ndarray, eos_id: int) -> None:
         limit = np.iinfo(self.dtype).max
@@ -303,6 +304,7 @@ class _SplitWriter:
             self.writer = ArrayRecordWriter(str(self.folder / name), "group_size:1")
             self.shards.append({"file": name, "rows": 0})
         self.writer.write(row.tobytes())
+        self.rows_digest.update(row.tobytes())
         self.shards[-1]["rows"] += 1
         if self.shards[-1]["rows"] == self.rows_per_shard:
             self._close_shard()
@@ -322,4 +324,5 @@ class _SplitWriter:
             "documents": self.documents,
             "dropped_tail_tokens": self.pending_len,
             "shards": self.shards,
+            "rows_sha256": self.rows_digest.hexdigest(),
         }

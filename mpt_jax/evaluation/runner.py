@@ -8,9 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mpt_jax import checkpoint
 from mpt_jax.atomic_write import unwritable_reason, write_atomic
 from mpt_jax.config import ConfigError, MeshConfig, from_dict
-from mpt_jax.data import resolve_dataset
+from mpt_jax.data import open_dataset, resolve_dataset
+from mpt_jax.data.prepare import META_FILE
 from mpt_jax.data.sources import BUILTIN_PREFIX
 from mpt_jax.evaluation.errors import EvalError
 from mpt_jax.evaluation.gauntlet import GauntletConfig, compute_gauntlet, parse_gauntlet
@@ -160,7 +162,8 @@ def _builtin_dataset(spec: str, tokenizer, seq_len: int, progress: bool) -> Path
     """The cached folder of a built-in corpus in the model's tokens (prepared once, as by train).
 
     With the model's max_seq_len and the tokenizer a run trained with, this is the folder that
-    run's training used, so its val split is the run's validation data.
+    run's training prepares today; `mpt-jax eval` of a run folder checks that it holds the
+    rows the run trained on (_as_the_run_trained).
     """
     if tokenizer.kind == "byte":
         return resolve_dataset(spec, seq_len=seq_len, progress=progress).folder
@@ -171,6 +174,35 @@ def _builtin_dataset(spec: str, tokenizer, seq_len: int, progress: bool) -> Path
         eos_token=tokenizer.eos_token,
         progress=progress,
     ).folder
+
+
+def _as_the_run_trained(spec: str, built: Path, run_dir: Path, step: int) -> Path:
+    """The folder of `spec` a run trained on: `built` when it holds the same rows, else the
+    folder the run's checkpoint names; refused when neither does, since another split of the
+    corpus can put the run's training documents into validation."""
+    meta = checkpoint.read_meta(checkpoint.find_step_dir(run_dir, step))
+    data_cfg = meta.get("config", {}).get("data", {})
+    sources = [data_cfg.get("path")] + [s.get("path") for s in data_cfg.get("mixture") or ()]
+    sources = [s for s in sources if s is not None]
+    if spec not in sources:
+        return built  # the run trained on other data: nothing of the corpus was held out for it
+    i = sources.index(spec)
+    state = meta.get("data", {})
+    contents, folders = state.get("contents"), state.get("datasets") or []
+    if contents is not None and open_dataset(built).content_id == contents[i]:
+        return built
+    recorded = Path(folders[i]) if i < len(folders) else None
+    if (
+        recorded is not None
+        and (recorded / META_FILE).is_file()
+        and (contents is None or open_dataset(recorded).content_id == contents[i])
+    ):
+        return recorded
+    raise EvalError(
+        f"--data {spec}: the run trained on {recorded}, which is not here or holds other rows, "
+        f"and the corpus prepared now ({built}) is split differently, so its validation "
+        "documents may be the run's training documents; give the run's dataset folder"
+    )
 
 
 def _check_writable(path: Path, option: str) -> None:
@@ -248,12 +280,17 @@ def run_cli(args) -> dict[str, Any]:
     model, tokenizer, info = load_for_eval(
         args.model, step=args.step, tokenizer=args.tokenizer, dtype=args.dtype
     )
+    data = args.data
+    if data and str(data).startswith(BUILTIN_PREFIX) and "step" in info:
+        # a run folder: its own copy of the corpus, whose val split it held out
+        built = _builtin_dataset(str(data), tokenizer, model.config.max_seq_len, args.progress)
+        data = _as_the_run_trained(str(data), built, Path(args.model), info["step"])
     results = evaluate(
         model,
         tokenizer,
         tasks=tasks,
         gauntlet=gauntlet,
-        data=args.data,
+        data=data,
         split=args.split,
         seq_lens=seq_lens,
         max_tokens=args.max_tokens,
