@@ -388,6 +388,11 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only at the end
     eval_first: bool = False  # also evaluate before the first step (llm-foundry's eval_first)
     eval_batches: int | None = 8  # null: the whole val split (eval_subset_num_batches: -1)
+    # llm-foundry's icl_tasks: a task-list YAML (as for `mpt-jax eval --tasks`) run at every
+    # evaluation, with an eval_gauntlet YAML (else the list's inline eval_gauntlet, if any)
+    icl_tasks: str | None = None
+    eval_gauntlet: str | None = None
+    icl_subset_num_batches: int | None = None  # null: every example of each task
     profile: tuple[int, int] | None = None  # [first, last) steps traced with jax.profiler
     progress: bool = True
     export_hf: bool = False  # write RUN_DIR/hf with save_pretrained at the end
@@ -417,7 +422,14 @@ class TrainConfig:
                 raise ConfigError(f"train.{field}: must be > 0, got {value}")
         if self.loss_chunk is not None and self.loss_chunk <= 0:
             raise ConfigError(f"train.loss_chunk: must be > 0, got {self.loss_chunk}")
-        for name, least in (("log_every", 1), ("eval_every", 0), ("eval_batches", 1)):
+        if self.eval_gauntlet is not None and self.icl_tasks is None:
+            raise ConfigError("train.eval_gauntlet: needs train.icl_tasks")
+        for name, least in (
+            ("log_every", 1),
+            ("eval_every", 0),
+            ("eval_batches", 1),
+            ("icl_subset_num_batches", 1),
+        ):
             if getattr(self, name) is not None and getattr(self, name) < least:
                 raise ConfigError(f"train.{name}: must be >= {least}, got {getattr(self, name)}")
         if self.profile is not None and not 0 <= self.profile[0] < self.profile[1]:

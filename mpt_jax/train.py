@@ -26,7 +26,15 @@ from mpt_jax import checkpoint, distributed, resilience, run_log, sharding
 from mpt_jax import metrics as metrics_lib
 from mpt_jax.atomic_write import unwritable_reason, write_atomic
 from mpt_jax.config import ConfigError, RunConfig, run_config_from_dict, to_dict, with_defaults
-from mpt_jax.data import BatchLoader, DataError, check_compatible, resolve_dataset
+from mpt_jax.data import (
+    BatchLoader,
+    DataError,
+    check_compatible,
+    resolve_dataset,
+    tokenizer_from_spec,
+)
+from mpt_jax.evaluation.during_training import IclDuringTraining
+from mpt_jax.evaluation.errors import EvalError
 from mpt_jax.loss import chunked_cross_entropy_sum, counted, cross_entropy_sum, shift_targets
 from mpt_jax.memory import (
     compiled_bytes,
@@ -408,6 +416,9 @@ RESUMABLE_KEYS = (
     "train.eval_every",
     "train.eval_first",
     "train.eval_batches",
+    "train.icl_tasks",
+    "train.eval_gauntlet",
+    "train.icl_subset_num_batches",
     "train.profile",
     "train.progress",
     "train.export_hf",
@@ -695,6 +706,24 @@ def _datasets(cfg: RunConfig, progress: bool):
     return out
 
 
+def _icl_during_training(cfg: RunConfig, meta, data_shards: int) -> IclDuringTraining | None:
+    """train.icl_tasks in the first dataset's tokens, batched as the eval step is."""
+    if cfg.train.icl_tasks is None:
+        return None
+    micro = cfg.train.microbatch if isinstance(cfg.train.microbatch, int) else None
+    try:
+        return IclDuringTraining(
+            cfg.train.icl_tasks,
+            cfg.train.eval_gauntlet,
+            tokenizer_from_spec(meta.tokenizer, meta.folder),
+            max_seq_len=cfg.model.max_seq_len,
+            batch_size=max(data_shards, micro or cfg.train.global_batch),
+            subset_num_batches=cfg.train.icl_subset_num_batches,
+        )
+    except EvalError as e:
+        raise ConfigError(f"train.icl_tasks: {e}") from None
+
+
 def _check_same_datasets_everywhere(datasets) -> None:
     """Refuse processes that read different rows (per-host copies that differ)."""
     ids = "".join(meta.content_id for meta, _ in datasets)
@@ -781,7 +810,7 @@ class _Trainer:
         self.cfg = cfg
         self.raw = to_dict(cfg)  # the resolved config: every field, the model expanded
         self.is_main = jax.process_index() == 0
-        self.loader = self.checkpointer = self.logger = self.bar = None
+        self.loader = self.checkpointer = self.logger = self.bar = self.icl = None
         self.watchdog = self.preemption = self.profiler = None
 
     def start(self, *, overwrite: bool) -> None:
@@ -846,6 +875,8 @@ class _Trainer:
         )
         if not overwrite:
             self._check_data_continues()
+        # task files are read and tokenized now: a bad one stops the run before it starts
+        self.icl = _icl_during_training(cfg, self.datasets[0][0], shards)
         # the run folder changes only now, once the mesh, data and model are known to be usable
         self.run_dir = (
             prepare_run_dir(cfg, raw, overwrite=overwrite) if self.is_main else Path(cfg.run_dir)
@@ -1127,6 +1158,11 @@ class _Trainer:
             on_batch=self.watchdog.heartbeat,
         )
         values = {"val_loss": val, "val_perplexity": math.exp(min(val, 50))}
+        if self.icl is not None:
+            params = compute_params(self.cfg, self.state.params)  # as the eval step sees them
+            values |= self.icl.evaluate(
+                self.graphdef, params, self.mesh, on_batch=self.watchdog.heartbeat
+            )
         self.logger.log(step, values)
         return values
 

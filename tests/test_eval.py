@@ -730,3 +730,108 @@ def test_task_lines_split_at_newlines_only(tmp_path):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows))
     examples = read_examples(path, "language_modeling")
     assert [e.fields for e in examples] == rows and [e.line for e in examples] == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# During training: train.icl_tasks
+
+
+def test_icl_tasks_during_training_equal_the_standalone_evaluation(small_dataset, tmp_path):
+    from mpt_jax.config import ConfigError
+    from mpt_jax.train import run
+
+    rng = random.Random(5)
+    rows = []
+    for i in range(12):
+        a, b = rng.randrange(10), rng.randrange(10)
+        rows.append({"query": f"{a}+{b}=", "choices": [str(a + b), str(a + b + 1)], "gold": i % 2})
+    write_jsonl(tmp_path / "arith.jsonl", rows)
+    write_jsonl(
+        tmp_path / "lm.jsonl", [{"context": f"def f{i}(", "continuation": "x)"} for i in range(6)]
+    )
+    entries = [
+        {
+            "label": "arith",
+            "dataset_uri": "arith.jsonl",
+            "num_fewshot": [0, 1],
+            "icl_task_type": "multiple_choice",
+        },
+        {
+            "label": "lm",
+            "dataset_uri": "lm.jsonl",
+            "num_fewshot": [0],
+            "icl_task_type": "language_modeling",
+        },
+    ]
+    gauntlet = {
+        "categories": [
+            {
+                "name": "math",
+                "benchmarks": [{"name": "arith", "num_fewshot": 1, "random_baseline": 0.5}],
+            },
+            {
+                "name": "text",
+                "benchmarks": [{"name": "lm", "num_fewshot": 0, "random_baseline": 0.0}],
+            },
+        ]
+    }
+    tasks = write_tasks(tmp_path / "tasks.yaml", entries, gauntlet)
+    run_dir = tmp_path / "run"
+    train = {"steps": 4, "eval_every": 2, "eval_batches": 1, "icl_tasks": str(tasks)}
+    final = run(config(small_dataset, run_dir=str(run_dir), train=train))
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evaluated = {x["step"]: x for x in lines if "val_loss" in x}
+    keys = {
+        "icl/arith/0-shot",
+        "icl/arith/1-shot",
+        "icl/lm/0-shot",
+        "gauntlet/math",
+        "gauntlet/text",
+        "gauntlet/default_average",
+    }
+    assert sorted(evaluated) == [2, 4] and all(keys <= x.keys() for x in evaluated.values())
+    last = evaluated[4]
+    assert last["gauntlet/math"] == pytest.approx((last["icl/arith/1-shot"] - 0.5) / 0.5)
+    assert all(final[k] == last[k] for k in keys)  # complete.json has them too
+
+    # the same checkpoint through `mpt-jax eval`, in the same batches: the same accuracies
+    out = tmp_path / "standalone.json"
+    argv = ["eval", str(run_dir), "--tasks", str(tasks), "--batch-size", "8"]
+    assert main([*argv, "--no-progress", "--out", str(out)]) == 0
+    standalone = json.loads(out.read_text())
+    for r in standalone["icl"]:
+        assert last[f"icl/{r['key']}"] == r["accuracy"], r["key"]
+    for name, score in standalone["gauntlet"]["categories"].items():
+        assert last[f"gauntlet/{name}"] == pytest.approx(score)
+
+    # a bad task list stops the run before its folder is made
+    bad = write_tasks(tmp_path / "bad.yaml", [{**entries[0], "icl_task_type": "code_evaluation"}])
+    fresh = config(
+        small_dataset, run_dir=str(tmp_path / "bad_run"), train={**train, "icl_tasks": str(bad)}
+    )
+    with pytest.raises(ConfigError, match=r"train\.icl_tasks: .*unknown task type"):
+        run(fresh)
+    assert not (tmp_path / "bad_run").exists()
+
+
+def test_icl_subset_keeps_the_first_batches_with_the_whole_files_few_shot_draws(tmp_path):
+    from mpt_jax.evaluation.icl import prepare_tasks
+
+    rows = [{"query": f"q{i}", "choices": ["a", "b"], "gold": 0} for i in range(20)]
+    write_jsonl(tmp_path / "mc.jsonl", rows)
+    task = TaskConfig(
+        label="mc",
+        dataset_uri=str(tmp_path / "mc.jsonl"),
+        num_fewshot=(2,),
+        icl_task_type="multiple_choice",
+    )
+    tokenizer = IclTokenizer(load_tokenizer("byte"))
+    whole = prepare_tasks([task], tokenizer, 64)
+    subset = prepare_tasks([task], tokenizer, 64, subset_num_batches=2, batch_size=3)
+    assert len(whole[0].prompts) == 20 and len(subset[0].prompts) == 6
+    assert subset[0].prompts == whole[0].prompts[:6]
+    seqs = whole[0].sequences[: len(subset[0].sequences)]
+    assert all(
+        np.array_equal(a, b) and i == j
+        for (a, i), (b, j) in zip(subset[0].sequences, seqs, strict=True)
+    )

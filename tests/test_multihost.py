@@ -88,9 +88,17 @@ def losses(run_dir):
 def test_two_processes_match_one_and_checkpoints_move_between_counts(small_dataset, tmp_path):
     one = write_config(tmp_path, small_dataset, "one")
     two = write_config(tmp_path, small_dataset, "two", dcn_data=2)  # hybrid: data across processes
-    train(one, 1, 8)
+    rows = [
+        {"query": f"{i}+{i}=", "choices": [str(2 * i), str(2 * i + 1)], "gold": i % 2}
+        for i in range(12)
+    ]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks = tmp_path / "tasks.yaml"
+    mc = {"label": "mc", "dataset_uri": "mc.jsonl", "num_fewshot": [0, 1]}
+    tasks.write_text(json.dumps({"icl_tasks": [{**mc, "icl_task_type": "multiple_choice"}]}))
+    train(one, 1, 8, f"train.icl_tasks={tasks}")
     # auto: the budget every process agrees on is host memory / devices, not a 32-bit remainder
-    ((_, err0), _) = train(two, 2, 4, "train.microbatch=auto")
+    ((_, err0), _) = train(two, 2, 4, "train.microbatch=auto", f"train.icl_tasks={tasks}")
     allowed = re.search(r"auto: 8 of 8 sequences .* of the ([\d.]+) GiB allowed", err0)
     assert allowed, err0[-2000:]
     if (host := 0.95 * device_memory_bytes(jax.devices()[:4]) / 2**30) > 3:
@@ -98,6 +106,11 @@ def test_two_processes_match_one_and_checkpoints_move_between_counts(small_datas
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
     np.testing.assert_allclose([b[s] for s in a], list(a.values()), rtol=0, atol=1e-5)
+    # ICL during training, scored on both processes' devices: the single process's accuracies
+    icl = [json.loads((tmp_path / r / "complete.json").read_text()) for r in ("one", "two")]
+    assert [{k: v for k, v in x.items() if k.startswith("icl/")} for x in icl] == [
+        {"icl/mc/0-shot": icl[0]["icl/mc/0-shot"], "icl/mc/1-shot": icl[0]["icl/mc/1-shot"]}
+    ] * 2
     assert len(list((tmp_path / "two" / "tensorboard").iterdir())) == 1
     logs = {p.name: p.read_text() for p in (tmp_path / "two" / "logs").iterdir()}
     assert sorted(logs) == ["process_0.log", "process_1.log"]  # one per process

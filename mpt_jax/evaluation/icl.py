@@ -27,7 +27,7 @@ from mpt_jax.evaluation.tokens import IclTokenizer
 
 
 @dataclasses.dataclass
-class _Job:
+class IclJob:
     """One (sub-)dataset of a task at one few-shot count, tokenized and ready to run."""
 
     task: TaskConfig
@@ -59,38 +59,82 @@ def run_tasks(
     input fails fast. `generate(prompts, max_new_tokens=, eos_id=, stop=, on_batch=)` replaces
     the scorer's greedy decoding for generation tasks when given.
     """
+    jobs = prepare_tasks(tasks, tokenizer, scorer.config.max_seq_len)
+    return run_prepared(
+        jobs, scorer, tokenizer, progress=progress, details=details, generate=generate
+    )
+
+
+def prepare_tasks(
+    tasks: Sequence[TaskConfig],
+    tokenizer: IclTokenizer,
+    max_seq_len: int,
+    *,
+    subset_num_batches: int | None = None,
+    batch_size: int = 1,
+) -> list[IclJob]:
+    """Read, assemble and tokenize every task at each few-shot count (and category).
+
+    With `subset_num_batches` (llm-foundry's icl_subset_num_batches) each task keeps its first
+    that many batches of prompts (of its batch_size, else `batch_size`); their few-shot
+    examples are still drawn from the whole file.
+    """
     jobs = []
     for task in tasks:
         examples = read_examples(task.path, task.task_type, need_category=task.has_categories)
         groups = split_by_category(examples) if task.has_categories else {"": examples}
-        limit = task.max_seq_len or scorer.config.max_seq_len
-        if limit > scorer.config.max_seq_len:
+        limit = task.max_seq_len or max_seq_len
+        if limit > max_seq_len:
             raise EvalError(
                 f"icl_tasks label {task.label!r} ({task.dataset_uri}): max_seq_len {limit} "
-                f"exceeds the model's {scorer.config.max_seq_len}"
+                f"exceeds the model's {max_seq_len}"
             )
+        max_prompts = None
+        if subset_num_batches is not None:
+            max_prompts = subset_num_batches * (task.batch_size or batch_size)
         for k in task.num_fewshot:
             for name, group in groups.items():
                 builder = PromptBuilder(task, group, prefix_space=tokenizer.needs_prefix_space)
-                jobs.append(_prepare(builder, tokenizer, k, name, limit))
+                jobs.append(_prepare(builder, tokenizer, k, name, limit, max_prompts))
+    return jobs
+
+
+def run_prepared(
+    jobs: Sequence[IclJob],
+    scorer: Scorer,
+    tokenizer: IclTokenizer,
+    *,
+    progress: bool = False,
+    details: bool = False,
+    generate: Callable | None = None,
+    on_batch: Callable[[], None] | None = None,
+) -> list[dict[str, Any]]:
+    """run_tasks over prepare_tasks' jobs; `on_batch()` is called after every batch."""
     done: dict[tuple[str, int], list] = {}
     for job in jobs:
         start = time.perf_counter()
         if job.task.task_type == GENERATION:
-            rows = _generate(job, scorer, tokenizer, progress, generate)
+            rows = _generate(job, scorer, tokenizer, progress, generate, on_batch)
         else:
-            rows = _score(job, scorer, progress)
+            rows = _score(job, scorer, progress, on_batch)
         done.setdefault((job.task.label, job.k), []).append(
             (job, rows, time.perf_counter() - start)
         )
     return [_summarize(parts, details) for parts in done.values()]
 
 
-def _prepare(builder: PromptBuilder, tokenizer: IclTokenizer, k: int, group: str, limit: int):
+def _prepare(
+    builder: PromptBuilder,
+    tokenizer: IclTokenizer,
+    k: int,
+    group: str,
+    limit: int,
+    max_prompts: int | None = None,
+) -> IclJob:
     task = builder.task
-    prompts = builder.build(k)
+    prompts = builder.build(k)[:max_prompts]
     if task.task_type != GENERATION:
-        job = _Job(task, k, group, prompts, 0)
+        job = IclJob(task, k, group, prompts, 0)
         for prompt in prompts:
             seqs = tokenize(prompt, tokenizer, limit, task.path)
             job.sequences += [(s.tokens, s.start) for s in seqs]
@@ -104,13 +148,13 @@ def _prepare(builder: PromptBuilder, tokenizer: IclTokenizer, k: int, group: str
             f"the prompt in the model's {limit}-token context"
         )
     encoded = [tokenize_generation(p, tokenizer, limit - max_new, task.path) for p in prompts]
-    job = _Job(task, k, group, prompts, sum(cut for _, cut in encoded), max_new=max_new)
+    job = IclJob(task, k, group, prompts, sum(cut for _, cut in encoded), max_new=max_new)
     job.sequences = [(tokens, len(tokens)) for tokens, _ in encoded]
     return job
 
 
-def _score(job: _Job, scorer: Scorer, progress: bool) -> list[dict[str, Any]]:
-    with _bar(len(job.sequences), job.desc, progress) as bar:
+def _score(job: IclJob, scorer: Scorer, progress: bool, on_batch=None) -> list[dict[str, Any]]:
+    with _bar(len(job.sequences), job.desc, progress, on_batch) as bar:
         scores = scorer.score(job.sequences, batch_size=job.task.batch_size, on_batch=bar.update)
     offsets = np.cumsum([0, *job.counts])
     rows = []
@@ -139,7 +183,7 @@ def _score(job: _Job, scorer: Scorer, progress: bool) -> list[dict[str, Any]]:
     return rows
 
 
-def _generate(job: _Job, scorer, tokenizer, progress, generate) -> list[dict[str, Any]]:
+def _generate(job: IclJob, scorer, tokenizer, progress, generate, on_batch=None) -> list[dict]:
     task = job.task
     criteria = task.early_stopping_criteria
     stop_re = re.compile("|".join(criteria)) if criteria else None
@@ -150,7 +194,7 @@ def _generate(job: _Job, scorer, tokenizer, progress, generate) -> list[dict[str
 
     prompts = [tokens for tokens, _ in job.sequences]
     kwargs = dict(max_new_tokens=job.max_new, eos_id=tokenizer.eos_id, stop=stop)
-    with _bar(len(prompts), job.desc, progress) as bar:
+    with _bar(len(prompts), job.desc, progress, on_batch) as bar:
         if generate is not None:
             outputs = generate(prompts, on_batch=bar.update, **kwargs)
         else:
@@ -171,7 +215,7 @@ def _generate(job: _Job, scorer, tokenizer, progress, generate) -> list[dict[str
     return rows
 
 
-def _summarize(parts: list[tuple[_Job, list[dict], float]], details: bool) -> dict[str, Any]:
+def _summarize(parts: list[tuple[IclJob, list[dict], float]], details: bool) -> dict[str, Any]:
     task, k = parts[0][0].task, parts[0][0].k
     key = f"{task.label}/{k}-shot"
     accs = {job.group: metrics.accuracy([r["correct"] for r in rows]) for job, rows, _ in parts}
@@ -214,15 +258,21 @@ def benchmark_sizes(results: Sequence[dict[str, Any]]) -> dict[str, int]:
 
 
 class _bar:
-    """A tqdm bar over sequences, or nothing."""
+    """A tqdm bar over sequences, or nothing; `on_batch()` also hears of every update."""
 
-    def __init__(self, total: int, desc: str, show: bool):
+    def __init__(self, total: int, desc: str, show: bool, on_batch=None):
         from tqdm import tqdm
 
         self.tqdm = tqdm(total=total, desc=desc, unit="seq", disable=not show, leave=False)
+        self.on_batch = on_batch
 
     def __enter__(self):
-        return self.tqdm
+        return self
+
+    def update(self, n: int) -> None:
+        self.tqdm.update(n)
+        if self.on_batch is not None:
+            self.on_batch()
 
     def __exit__(self, *exc):
         self.tqdm.close()

@@ -90,6 +90,10 @@ class Scorer:
         self._graphdefs: dict[int, Any] = {model.config.max_seq_len: graphdef}
         self._fns: dict[tuple[str, int], Callable] = {}
 
+    def use_params(self, state: Any) -> None:
+        """Score with other values of the same parameters (a later training step's)."""
+        self.state = jax.device_put(state, self.param_shardings)
+
     # -- programs ----------------------------------------------------------------------------
 
     def graphdef(self, max_len: int) -> Any:

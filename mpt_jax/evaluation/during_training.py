@@ -1,0 +1,73 @@
+"""llm-foundry's `icl_tasks` and `eval_gauntlet` run at each evaluation of a training run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flax import nnx
+from jax.sharding import Mesh
+
+from mpt_jax.evaluation.gauntlet import compute_gauntlet, load_gauntlet, parse_gauntlet
+from mpt_jax.evaluation.icl import benchmark_sizes, prepare_tasks, run_prepared
+from mpt_jax.evaluation.scoring import Scorer
+from mpt_jax.evaluation.tasks import load_task_list
+from mpt_jax.evaluation.tokens import IclTokenizer
+
+
+class IclDuringTraining:
+    """Task files read and tokenized once at the start; scored with each evaluation's params.
+
+    The scorer (its compiled programs included) is built at the first evaluation and reused,
+    so later evaluations compile nothing. Generation tasks decode greedily by full forward
+    passes (Scorer.greedy), not with `mpt-jax eval`'s KV cache.
+    """
+
+    def __init__(
+        self,
+        tasks_path: str,
+        gauntlet_path: str | None,
+        tokenizer: Any,
+        *,
+        max_seq_len: int,
+        batch_size: int,
+        subset_num_batches: int | None = None,
+    ):
+        tasks, inline = load_task_list(tasks_path)
+        if gauntlet_path is not None:
+            self.gauntlet = load_gauntlet(gauntlet_path)
+        elif inline is not None:
+            self.gauntlet = parse_gauntlet(inline, where=f"{tasks_path} eval_gauntlet")
+        else:
+            self.gauntlet = None
+        self.tokenizer = IclTokenizer(tokenizer)
+        self.batch_size = batch_size
+        self.jobs = prepare_tasks(
+            tasks,
+            self.tokenizer,
+            max_seq_len,
+            subset_num_batches=subset_num_batches,
+            batch_size=batch_size,
+        )
+        self.scorer: Scorer | None = None
+
+    def evaluate(
+        self, graphdef: Any, params: Any, mesh: Mesh, on_batch: Callable[[], None] | None = None
+    ) -> dict[str, float]:
+        """`icl/LABEL/N-shot[/CATEGORY]` accuracies and `gauntlet/NAME` scores."""
+        if self.scorer is None:
+            self.scorer = Scorer(nnx.merge(graphdef, params), mesh, batch_size=self.batch_size)
+        else:
+            self.scorer.use_params(params)
+        results = run_prepared(self.jobs, self.scorer, self.tokenizer, on_batch=on_batch)
+        values = {}
+        for r in results:
+            values[f"icl/{r['key']}"] = r["accuracy"]
+            for name, part in r.get("categories", {}).items():
+                values[f"icl/{r['key']}/{name}"] = part["accuracy"]
+        if self.gauntlet is not None:
+            accuracies = {r["key"]: r["accuracy"] for r in results}
+            scores = compute_gauntlet(self.gauntlet, accuracies, benchmark_sizes(results))
+            for name, score in {**scores["categories"], **scores["averages"]}.items():
+                values[f"gauntlet/{name}"] = score
+        return values
