@@ -721,7 +721,7 @@ def _icl_during_training(cfg: RunConfig, meta, data_shards: int) -> IclDuringTra
             subset_num_batches=cfg.train.icl_subset_num_batches,
         )
     except EvalError as e:
-        raise ConfigError(f"train.icl_tasks: {e}") from None
+        raise ConfigError(f"train.{e}") from None
 
 
 def _check_same_datasets_everywhere(datasets) -> None:

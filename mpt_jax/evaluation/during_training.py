@@ -8,6 +8,7 @@ from typing import Any
 from flax import nnx
 from jax.sharding import Mesh
 
+from mpt_jax.evaluation.errors import EvalError
 from mpt_jax.evaluation.gauntlet import compute_gauntlet, load_gauntlet, parse_gauntlet
 from mpt_jax.evaluation.icl import benchmark_sizes, prepare_tasks, run_prepared
 from mpt_jax.evaluation.scoring import Scorer
@@ -17,6 +18,8 @@ from mpt_jax.evaluation.tokens import IclTokenizer
 
 class IclDuringTraining:
     """Task files read and tokenized once at the start; scored with each evaluation's params.
+
+    Errors (EvalError) start with the option at fault: `icl_tasks:` or `eval_gauntlet:`.
 
     The scorer (its compiled programs included) is built at the first evaluation and reused,
     so later evaluations compile nothing. Generation tasks decode greedily by full forward
@@ -33,22 +36,28 @@ class IclDuringTraining:
         batch_size: int,
         subset_num_batches: int | None = None,
     ):
-        tasks, inline = load_task_list(tasks_path)
-        if gauntlet_path is not None:
-            self.gauntlet = load_gauntlet(gauntlet_path)
-        elif inline is not None:
-            self.gauntlet = parse_gauntlet(inline, where=f"{tasks_path} eval_gauntlet")
-        else:
-            self.gauntlet = None
-        self.tokenizer = IclTokenizer(tokenizer)
+        try:
+            tasks, inline = load_task_list(tasks_path)
+            self.tokenizer = IclTokenizer(tokenizer)
+            self.jobs = prepare_tasks(
+                tasks,
+                self.tokenizer,
+                max_seq_len,
+                subset_num_batches=subset_num_batches,
+                batch_size=batch_size,
+            )
+        except EvalError as e:
+            raise EvalError(f"icl_tasks: {e}") from None
+        try:
+            if gauntlet_path is not None:
+                self.gauntlet = load_gauntlet(gauntlet_path)
+            elif inline is not None:
+                self.gauntlet = parse_gauntlet(inline, where=f"{tasks_path} eval_gauntlet")
+            else:
+                self.gauntlet = None
+        except EvalError as e:
+            raise EvalError(f"eval_gauntlet: {e}") from None
         self.batch_size = batch_size
-        self.jobs = prepare_tasks(
-            tasks,
-            self.tokenizer,
-            max_seq_len,
-            subset_num_batches=subset_num_batches,
-            batch_size=batch_size,
-        )
         self.scorer: Scorer | None = None
 
     def evaluate(
