@@ -724,6 +724,20 @@ def _icl_during_training(cfg: RunConfig, meta, data_shards: int) -> IclDuringTra
         raise ConfigError(f"train.{e}") from None
 
 
+def _stop_together(problem: BaseException | None, what: str) -> None:
+    """Raise `problem` here, and on the other processes an error naming the one that failed,
+    so that none waits in a later collective for a process that has stopped."""
+    if jax.process_count() > 1:
+        failed = multihost_utils.process_allgather(np.int32(problem is not None))
+        if problem is None and failed.any():
+            raise DataError(
+                f"data: process {int(np.argmax(failed))} {what} (its own error says why); "
+                "all processes stop"
+            )
+    if problem is not None:
+        raise problem
+
+
 def _check_same_datasets_everywhere(datasets) -> None:
     """Refuse processes that read different rows (per-host copies that differ)."""
     ids = "".join(meta.content_id for meta, _ in datasets)
@@ -833,7 +847,12 @@ class _Trainer:
                 f"train.microbatch: {cfg.train.microbatch} is not a multiple of data*fsdp"
             )
         self.show = cfg.train.progress and self.is_main
-        self.datasets = _datasets(cfg, progress=self.show)
+        problem = None
+        try:
+            self.datasets = _datasets(cfg, progress=self.show)
+        except (DataError, ConfigError, OSError) as e:  # a per-host copy missing, say
+            problem = e
+        _stop_together(problem, "could not open its datasets")
         if jax.process_count() > 1:
             _check_same_datasets_everywhere(self.datasets)
         self.batch_sharding = sharding.batch_sharding(mesh)
@@ -964,15 +983,7 @@ class _Trainer:
                     problem = e
                     break
             newest = False
-        if jax.process_count() > 1:
-            failed = multihost_utils.process_allgather(np.int32(problem is not None))
-            if problem is None and failed.any():
-                raise DataError(
-                    f"data: process {int(np.argmax(failed))} reads other rows than the run "
-                    "trained on (its own error says which); all processes stop"
-                )
-        if problem is not None:
-            raise problem
+        _stop_together(problem, "reads other rows than the run trained on")
 
     # -- state -----------------------------------------------------------------------------------
 

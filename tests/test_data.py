@@ -166,6 +166,12 @@ def test_trained_bpe_round_trips_and_is_deterministic(tmp_path):
     meta = open_dataset(a)
     tok = tokenizer_from_spec(meta.tokenizer, meta.folder)
     assert meta.vocab_size == 320 and meta.tokenizer["eos_token"] == "<|endoftext|>"
+    # data.tokenizer must be the tokenizer.json the dataset was prepared with, not just any
+    check_compatible(meta, seq_len=32, vocab_size=320, tokenizer=str(a / "tokenizer.json"))
+    other = tmp_path / "other.json"  # another file: here the same vocabulary, re-serialized
+    other.write_text(json.dumps(json.loads((a / "tokenizer.json").read_text()), indent=2))
+    with pytest.raises(DataError, match=r"prepared with a tokenizer\.json of sha256 \w{12}, "):
+        check_compatible(meta, seq_len=32, vocab_size=320, tokenizer=str(other))
     rows = [r["input_ids"][0] for r in loader(meta, global_batch=1, shuffle=False, repeat=False)]
     text = tok.decode(np.concatenate(rows))
     assert text.startswith(docs[0] + "<|endoftext|>" + docs[1] + "<|endoftext|>")

@@ -24,6 +24,7 @@ import numpy as np
 
 from mpt_jax.data.errors import DataError
 from mpt_jax.data.prepare import FORMAT_VERSION, META_FILE
+from mpt_jax.data.tokenizer import JsonTokenizer
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,15 @@ def check_compatible(
             raise DataError(
                 f"{where}: prepared with tokenizer {kind!r}, the config asks for {tokenizer!r}"
             )
+        if tokenizer != "byte":  # another tokenizer.json would read the ids as other text
+            theirs = meta.tokenizer.get("sha256", "")
+            ours = JsonTokenizer(tokenizer, meta.tokenizer.get("eos_token")).sha256
+            if ours != theirs:
+                raise DataError(
+                    f"{where}: prepared with a tokenizer.json of sha256 {theirs[:12]}, "
+                    f"data.tokenizer {tokenizer} is {ours[:12]}; name the tokenizer it was "
+                    "prepared with (the dataset keeps a copy: tokenizer.json)"
+                )
 
 
 class RowSource(grain.sources.RandomAccessDataSource):

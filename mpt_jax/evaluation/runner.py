@@ -200,8 +200,9 @@ def _as_the_run_trained(spec: str, built: Path, run_dir: Path, step: int) -> Pat
         return recorded
     raise EvalError(
         f"--data {spec}: the run trained on {recorded}, which is not here or holds other rows, "
-        f"and the corpus prepared now ({built}) is split differently, so its validation "
-        "documents may be the run's training documents; give the run's dataset folder"
+        f"and the corpus prepared now ({built}) holds other rows (another split, tokenizer or "
+        "Python's sources), so its validation documents may be the run's training documents; "
+        "give the run's dataset folder"
     )
 
 
