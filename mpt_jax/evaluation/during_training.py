@@ -68,7 +68,10 @@ class IclDuringTraining:
             self.scorer = Scorer(nnx.merge(graphdef, params), mesh, batch_size=self.batch_size)
         else:
             self.scorer.use_params(params)
-        results = run_prepared(self.jobs, self.scorer, self.tokenizer, on_batch=on_batch)
+        try:
+            results = run_prepared(self.jobs, self.scorer, self.tokenizer, on_batch=on_batch)
+        finally:  # training goes on without this copy (a cast) of the parameters
+            self.scorer.use_params(None)
         values = {}
         for r in results:
             values[f"icl/{r['key']}"] = r["accuracy"]

@@ -91,8 +91,9 @@ class Scorer:
         self._fns: dict[tuple[str, int], Callable] = {}
 
     def use_params(self, state: Any) -> None:
-        """Score with other values of the same parameters (a later training step's)."""
-        self.state = jax.device_put(state, self.param_shardings)
+        """Score with other values of the same parameters (a later training step's); None
+        lets go of the ones held."""
+        self.state = None if state is None else jax.device_put(state, self.param_shardings)
 
     # -- programs ----------------------------------------------------------------------------
 
