@@ -23,6 +23,7 @@ from mpt_jax.data import (
     resolve_dataset,
     sequence_ids,
     tokenizer_from_spec,
+    verify_dataset,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -300,6 +301,26 @@ def test_content_id_tells_apart_fields_of_one_file_with_equal_counts(tmp_path):
     ]
     assert metas[0].splits["train"]["shards"] == metas[1].splits["train"]["shards"]
     assert metas[0].content_id != metas[1].content_id
+
+    # tools/verify_data.py reads the rows: a shard swapped for one of the same size is caught
+    import shutil
+
+    sys.path.insert(0, str(REPO / "tools"))
+    from verify_data import main as verify_main
+
+    assert verify_main([str(metas[0].folder), "--no-progress"]) == 0
+    shard = metas[0].shard_paths("train")[0]
+    shutil.copyfile(metas[1].shard_paths("train")[0], shard)
+    assert open_dataset(metas[0].folder).content_id == metas[0].content_id  # meta.json unchanged
+    with pytest.raises(DataError, match=r"text: the train rows differ from those meta\.json"):
+        verify_dataset(metas[0].folder)
+    assert verify_main([str(metas[1].folder), str(metas[0].folder), "--no-progress"]) == 2
+    # a dataset prepared before row digests were recorded
+    info = json.loads((metas[1].folder / "meta.json").read_text())
+    del info["splits"]["val"]["rows_sha256"]
+    (metas[1].folder / "meta.json").write_text(json.dumps(info))
+    with pytest.raises(DataError, match=r"split 'val' records no rows_sha256 \(prepared before"):
+        verify_dataset(metas[1].folder)
 
 
 @pytest.mark.parametrize("processes", [2, 4])

@@ -11,6 +11,7 @@ from mpt_jax.data.loader import (
 )
 from mpt_jax.data.prepare import prepare_dataset
 from mpt_jax.data.tokenizer import ByteTokenizer, load_tokenizer, tokenizer_from_spec
+from mpt_jax.data.verify import verify_dataset
 
 __all__ = [
     "BatchLoader",
@@ -24,4 +25,5 @@ __all__ = [
     "resolve_dataset",
     "sequence_ids",
     "tokenizer_from_spec",
+    "verify_dataset",
 ]
