@@ -422,8 +422,9 @@ class TrainConfig:
                 raise ConfigError(f"train.{field}: must be > 0, got {value}")
         if self.loss_chunk is not None and self.loss_chunk <= 0:
             raise ConfigError(f"train.loss_chunk: must be > 0, got {self.loss_chunk}")
-        if self.eval_gauntlet is not None and self.icl_tasks is None:
-            raise ConfigError("train.eval_gauntlet: needs train.icl_tasks")
+        for name in ("eval_gauntlet", "icl_subset_num_batches"):
+            if getattr(self, name) is not None and self.icl_tasks is None:
+                raise ConfigError(f"train.{name}: needs train.icl_tasks")
         for name, least in (
             ("log_every", 1),
             ("eval_every", 0),

@@ -718,37 +718,36 @@ def _icl_during_training(cfg: RunConfig, meta, data_shards: int) -> IclDuringTra
             tokenizer_from_spec(meta.tokenizer, meta.folder),
             max_seq_len=cfg.model.max_seq_len,
             batch_size=max(data_shards, micro or cfg.train.global_batch),
+            row_multiple=data_shards,
             subset_num_batches=cfg.train.icl_subset_num_batches,
+            loss_chunk=cfg.train.loss_chunk,  # scoring fits where the loss does
         )
     except EvalError as e:
         raise ConfigError(f"train.{e}") from None
 
 
-def _stop_together(problem: BaseException | None, what: str) -> None:
+def _stop_together(problem: BaseException | None, field: str, what: str) -> None:
     """Raise `problem` here, and on the other processes an error naming the one that failed,
     so that none waits in a later collective for a process that has stopped."""
     if jax.process_count() > 1:
         failed = multihost_utils.process_allgather(np.int32(problem is not None))
         if problem is None and failed.any():
-            raise DataError(
-                f"data: process {int(np.argmax(failed))} {what} (its own error says why); "
+            raise ConfigError(
+                f"{field}: process {int(np.argmax(failed))} {what} (its own error says why); "
                 "all processes stop"
             )
     if problem is not None:
         raise problem
 
 
-def _check_same_datasets_everywhere(datasets) -> None:
-    """Refuse processes that read different rows (per-host copies that differ)."""
-    ids = "".join(meta.content_id for meta, _ in datasets)
-    ours = np.int32(int(hashlib.sha256(ids.encode()).hexdigest()[:7], 16))
+def _check_same_everywhere(digest: str, field: str, what: str, here: str = "") -> None:
+    """Refuse processes whose `digest` differs from process 0's (per-host copies that differ)."""
+    ours = np.int32(int(hashlib.sha256(digest.encode()).hexdigest()[:7], 16))
     everyone = multihost_utils.process_allgather(ours)
     if (everyone != everyone[0]).any():
-        other = int(np.argmax(everyone != everyone[0]))
-        raise DataError(
-            f"data: process {other} reads other rows than process 0 (content ids differ; here "
-            f"{', '.join(f'{m.folder}: {m.content_id}' for m, _ in datasets)}); every "
-            "process's copy of a dataset must hold the same rows"
+        raise ConfigError(
+            f"{field}: process {int(np.argmax(everyone != everyone[0]))} {what} than process 0"
+            f"{here}; every process's copy must hold the same"
         )
 
 
@@ -852,9 +851,10 @@ class _Trainer:
             self.datasets = _datasets(cfg, progress=self.show)
         except (DataError, ConfigError, OSError) as e:  # a per-host copy missing, say
             problem = e
-        _stop_together(problem, "could not open its datasets")
+        _stop_together(problem, "data", "could not open its datasets")
         if jax.process_count() > 1:
-            _check_same_datasets_everywhere(self.datasets)
+            ids = ", ".join(f"{meta.folder}: {meta.content_id}" for meta, _ in self.datasets)
+            _check_same_everywhere(ids, "data", "reads other rows", f" (content ids here: {ids})")
         self.batch_sharding = sharding.batch_sharding(mesh)
         self.graphdef, self.abstract, shardings = abstract_state(cfg, mesh)
         share = sharding.replicated_share(self.abstract.params)
@@ -895,7 +895,16 @@ class _Trainer:
         if not overwrite:
             self._check_data_continues()
         # task files are read and tokenized now: a bad one stops the run before it starts
-        self.icl = _icl_during_training(cfg, self.datasets[0][0], shards)
+        problem = None
+        try:
+            self.icl = _icl_during_training(cfg, self.datasets[0][0], shards)
+        except (ConfigError, DataError, OSError) as e:
+            problem = e
+        _stop_together(problem, "train.icl_tasks", "could not prepare its tasks")
+        if self.icl is not None and jax.process_count() > 1:
+            _check_same_everywhere(
+                self.icl.digest(), "train.icl_tasks", "prepared other prompts from its task files"
+            )
         # the run folder changes only now, once the mesh, data and model are known to be usable
         self.run_dir = (
             prepare_run_dir(cfg, raw, overwrite=overwrite) if self.is_main else Path(cfg.run_dir)
@@ -983,7 +992,7 @@ class _Trainer:
                     problem = e
                     break
             newest = False
-        _stop_together(problem, "reads other rows than the run trained on")
+        _stop_together(problem, "data", "reads other rows than the run trained on")
 
     # -- state -----------------------------------------------------------------------------------
 

@@ -194,7 +194,8 @@ def oracle_scores(tiny, context: bytes, continuation: bytes):
     return bool((logits[pos].argmax(-1) == list(continuation)).all()), float(ce.mean())
 
 
-def test_icl_metrics_equal_a_direct_float64_computation(tiny, tmp_path):
+@pytest.mark.parametrize("loss_chunk", [None, 5])  # 5: chunks that do not divide the buckets
+def test_icl_metrics_equal_a_direct_float64_computation(tiny, tmp_path, loss_chunk):
     # continuations that are the model's greedy next byte score as correct
     lm_rows = []
     for i in range(12):
@@ -240,7 +241,10 @@ def test_icl_metrics_equal_a_direct_float64_computation(tiny, tmp_path):
         },
     ]
     tasks, _ = load_task_list(write_tasks(tmp_path / "tasks.yaml", entries))
-    results = run_tasks(tiny.scorer, BYTES, tasks, details=True)
+    scorer = tiny.scorer
+    if loss_chunk is not None:
+        scorer = Scorer(tiny.model, make_mesh(MeshConfig()), batch_size=8, loss_chunk=loss_chunk)
+    results = run_tasks(scorer, BYTES, tasks, details=True)
     assert [r["key"] for r in results] == [
         "lm/0-shot",
         "lm/2-shot",
@@ -811,27 +815,49 @@ def test_icl_tasks_during_training_equal_the_standalone_evaluation(small_dataset
     )
     with pytest.raises(ConfigError, match=r"train\.icl_tasks: .*unknown task type"):
         run(fresh)
+    # a gauntlet over a task that does not run would score zeros: refused, naming it
+    gauntlet["categories"][0]["benchmarks"][0]["num_fewshot"] = 5
+    (tmp_path / "gauntlet.yaml").write_text(json.dumps({"eval_gauntlet": gauntlet}))
+    fresh = config(
+        small_dataset,
+        run_dir=str(tmp_path / "bad_run"),
+        train={**train, "eval_gauntlet": str(tmp_path / "gauntlet.yaml")},
+    )
+    with pytest.raises(ConfigError, match=r"train\.eval_gauntlet: .*math benchmark arith/5-shot"):
+        run(fresh)
     assert not (tmp_path / "bad_run").exists()
 
 
 def test_icl_subset_keeps_the_first_batches_with_the_whole_files_few_shot_draws(tmp_path):
     from mpt_jax.evaluation.icl import prepare_tasks
 
-    rows = [{"query": f"q{i}", "choices": ["a", "b"], "gold": 0} for i in range(20)]
-    write_jsonl(tmp_path / "mc.jsonl", rows)
-    task = TaskConfig(
-        label="mc",
-        dataset_uri=str(tmp_path / "mc.jsonl"),
-        num_fewshot=(2,),
-        icl_task_type="multiple_choice",
-    )
+    mc_rows = [{"query": f"q{i}", "choices": ["a", "b", "c"], "gold": 0} for i in range(20)]
+    lm_rows = [{"context": f"c{i}", "continuation": "x"} for i in range(20)]
+    tasks = [
+        TaskConfig(
+            label="mc",
+            dataset_uri=str(write_jsonl(tmp_path / "mc.jsonl", mc_rows)),
+            num_fewshot=(2,),
+            icl_task_type="multiple_choice",
+        ),
+        TaskConfig(
+            label="lm",
+            dataset_uri=str(write_jsonl(tmp_path / "lm.jsonl", lm_rows)),
+            num_fewshot=(0,),
+            icl_task_type="language_modeling",
+        ),
+    ]
     tokenizer = IclTokenizer(load_tokenizer("byte"))
-    whole = prepare_tasks([task], tokenizer, 64)
-    subset = prepare_tasks([task], tokenizer, 64, subset_num_batches=2, batch_size=3)
-    assert len(whole[0].prompts) == 20 and len(subset[0].prompts) == 6
-    assert subset[0].prompts == whole[0].prompts[:6]
-    seqs = whole[0].sequences[: len(subset[0].sequences)]
-    assert all(
-        np.array_equal(a, b) and i == j
-        for (a, i), (b, j) in zip(subset[0].sequences, seqs, strict=True)
-    )
+    whole = prepare_tasks(tasks, tokenizer, 64)
+    # 2 batches of 5 rows, rounded up to 6 for 2 data-parallel devices: 6 // 3 choices = 2
+    # questions a batch (llm-foundry's batch_size // num_choices), 6 language-modeling prompts
+    subset = prepare_tasks(tasks, tokenizer, 64, subset_num_batches=2, batch_size=5, row_multiple=2)
+    assert [len(j.prompts) for j in whole] == [20, 20]
+    assert [len(j.prompts) for j in subset] == [4, 12]
+    for part, full in zip(subset, whole, strict=True):
+        assert part.prompts == full.prompts[: len(part.prompts)]  # the same few-shot draws
+        seqs = full.sequences[: len(part.sequences)]
+        assert all(
+            np.array_equal(a, b) and i == j
+            for (a, i), (b, j) in zip(part.sequences, seqs, strict=True)
+        )

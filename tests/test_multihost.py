@@ -157,6 +157,15 @@ def test_processes_whose_dataset_copies_differ_all_refuse(small_dataset, tmp_pat
         .startswith("error: data: process 1 could not open its datasets")
     ), err0
     assert "nowhere" in err1.strip().splitlines()[-1], err1
+    # an ICL task file missing on one host, likewise
+    missing = f"train.icl_tasks={tmp_path / 'tasks.yaml'}"
+    (_, err0), (_, err1) = train(cfg, 2, 4, per_process=[(), (missing,)], code=2)
+    assert (
+        err0.strip()
+        .splitlines()[-1]
+        .startswith("error: train.icl_tasks: process 1 could not prepare its tasks")
+    ), err0
+    assert "tasks.yaml: cannot read" in err1.strip().splitlines()[-1], err1
     assert not (tmp_path / "copies").exists()
 
 

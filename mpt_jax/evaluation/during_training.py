@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -34,8 +36,11 @@ class IclDuringTraining:
         *,
         max_seq_len: int,
         batch_size: int,
+        row_multiple: int = 1,
         subset_num_batches: int | None = None,
+        loss_chunk: int | None = None,
     ):
+        self.gauntlet = None
         try:
             tasks, inline = load_task_list(tasks_path)
             self.tokenizer = IclTokenizer(tokenizer)
@@ -45,27 +50,53 @@ class IclDuringTraining:
                 max_seq_len,
                 subset_num_batches=subset_num_batches,
                 batch_size=batch_size,
+                row_multiple=row_multiple,
             )
+            if gauntlet_path is None and inline is not None:
+                self.gauntlet = parse_gauntlet(inline, where=f"{tasks_path} eval_gauntlet")
         except EvalError as e:
             raise EvalError(f"icl_tasks: {e}") from None
-        try:
-            if gauntlet_path is not None:
+        if gauntlet_path is not None:
+            try:
                 self.gauntlet = load_gauntlet(gauntlet_path)
-            elif inline is not None:
-                self.gauntlet = parse_gauntlet(inline, where=f"{tasks_path} eval_gauntlet")
-            else:
-                self.gauntlet = None
-        except EvalError as e:
-            raise EvalError(f"eval_gauntlet: {e}") from None
+            except EvalError as e:
+                raise EvalError(f"eval_gauntlet: {e}") from None
+        if self.gauntlet is not None:
+            # llm-foundry only warns; a gauntlet over tasks that are not run would log zeros
+            evaluated = {f"{job.task.label}/{job.k}-shot" for job in self.jobs}
+            for category in self.gauntlet.categories:
+                for bench in category.benchmarks:
+                    if bench.key not in evaluated:
+                        option = "eval_gauntlet" if gauntlet_path else "icl_tasks"
+                        raise EvalError(
+                            f"{option}: {gauntlet_path or tasks_path}: the gauntlet's "
+                            f"{category.name} benchmark {bench.key} is not among the tasks "
+                            f"({', '.join(sorted(evaluated))})"
+                        )
         self.batch_size = batch_size
+        self.loss_chunk = loss_chunk
         self.scorer: Scorer | None = None
+
+    def digest(self) -> str:
+        """SHA-256 of every prepared prompt's tokens: equal on processes that read equal files."""
+        h = hashlib.sha256()
+        for job in self.jobs:
+            h.update(f"{job.task.label}/{job.k}/{job.group}/{job.counts}".encode())
+            for tokens, start in job.sequences:
+                h.update(np.asarray(tokens, np.int64).tobytes() + start.to_bytes(8, "little"))
+        return h.hexdigest()
 
     def evaluate(
         self, graphdef: Any, params: Any, mesh: Mesh, on_batch: Callable[[], None] | None = None
     ) -> dict[str, float]:
         """`icl/LABEL/N-shot[/CATEGORY]` accuracies and `gauntlet/NAME` scores."""
         if self.scorer is None:
-            self.scorer = Scorer(nnx.merge(graphdef, params), mesh, batch_size=self.batch_size)
+            self.scorer = Scorer(
+                nnx.merge(graphdef, params),
+                mesh,
+                batch_size=self.batch_size,
+                loss_chunk=self.loss_chunk,
+            )
         else:
             self.scorer.use_params(params)
         try:

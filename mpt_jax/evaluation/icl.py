@@ -72,12 +72,16 @@ def prepare_tasks(
     *,
     subset_num_batches: int | None = None,
     batch_size: int = 1,
+    row_multiple: int = 1,
 ) -> list[IclJob]:
     """Read, assemble and tokenize every task at each few-shot count (and category).
 
-    With `subset_num_batches` (llm-foundry's icl_subset_num_batches) each task keeps its first
-    that many batches of prompts (of its batch_size, else `batch_size`); their few-shot
-    examples are still drawn from the whole file.
+    With `subset_num_batches` K (llm-foundry's icl_subset_num_batches) each task keeps the
+    prompts of its first K batches: a batch is the task's batch_size (else `batch_size`)
+    scored rows, rounded up to a multiple of `row_multiple` (the data-parallel devices), and
+    holds as many prompts as fit whole, one per choice for multiple_choice and schema (as
+    llm-foundry's batch_size // num_choices). The few-shot examples are still drawn from the
+    whole file.
     """
     jobs = []
     for task in tasks:
@@ -89,13 +93,14 @@ def prepare_tasks(
                 f"icl_tasks label {task.label!r} ({task.dataset_uri}): max_seq_len {limit} "
                 f"exceeds the model's {max_seq_len}"
             )
-        max_prompts = None
+        subset = None
         if subset_num_batches is not None:
-            max_prompts = subset_num_batches * (task.batch_size or batch_size)
+            rows = -(-(task.batch_size or batch_size) // row_multiple) * row_multiple
+            subset = (subset_num_batches, rows)
         for k in task.num_fewshot:
             for name, group in groups.items():
                 builder = PromptBuilder(task, group, prefix_space=tokenizer.needs_prefix_space)
-                jobs.append(_prepare(builder, tokenizer, k, name, limit, max_prompts))
+                jobs.append(_prepare(builder, tokenizer, k, name, limit, subset))
     return jobs
 
 
@@ -129,10 +134,17 @@ def _prepare(
     k: int,
     group: str,
     limit: int,
-    max_prompts: int | None = None,
+    subset: tuple[int, int] | None = None,
 ) -> IclJob:
+    """The job of one few-shot count; `subset` (batches, rows each) keeps its first prompts."""
     task = builder.task
-    prompts = builder.build(k)[:max_prompts]
+    prompts = builder.build(k)
+    if subset is not None:
+        batches, rows = subset
+        # scored sequences per prompt: one per choice (generation: one per prompt)
+        per_prompt = max((len(p.contexts) * len(p.continuations) for p in prompts), default=1)
+        per_prompt = max(per_prompt, 1)
+        prompts = prompts[: batches * max(1, rows // per_prompt)]
     if task.task_type != GENERATION:
         job = IclJob(task, k, group, prompts, 0)
         for prompt in prompts:

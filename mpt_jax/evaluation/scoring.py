@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from mpt_jax import sharding
 from mpt_jax.model import MPTForCausalLM
+from mpt_jax.rounding import scaled
 
 MIN_BUCKET = 16
 
@@ -74,8 +75,13 @@ class ScoreResult:
 class Scorer:
     """A model's parameters placed on a mesh plus jitted scoring and next-token programs."""
 
-    def __init__(self, model: MPTForCausalLM, mesh: Mesh, *, batch_size: int):
+    def __init__(
+        self, model: MPTForCausalLM, mesh: Mesh, *, batch_size: int, loss_chunk: int | None = None
+    ):
+        """`loss_chunk`: continuations are scored that many positions at a time, never holding
+        a batch's whole (B, S, V) logits (as train.loss_chunk does for the loss)."""
         self.mesh = mesh
+        self.loss_chunk = loss_chunk
         self.config = model.config
         self.dtype = model.dtype
         self.remat = model.remat
@@ -151,7 +157,8 @@ class Scorer:
         B = self.rows(batch_size)
         n = len(sequences)
         ce, count, correct = np.zeros(n), np.zeros(n, np.int64), np.zeros(n, bool)
-        fn = self._jit("score", self.config.max_seq_len, _score_body, 3)
+        body = _score_body if self.loss_chunk is None else _chunked_score_body(self.loss_chunk)
+        fn = self._jit("score", self.config.max_seq_len, body, 3)
         buckets = bucket_lengths(self.config.max_seq_len)
         for idx, length in self._batches([len(t) for t, _ in sequences], buckets, B):
             ids, targets, mask = (np.zeros((B, length), np.int32) for _ in range(3))
@@ -248,9 +255,44 @@ def _score_body(model, ids_BS, targets_BS, mask_BS):
     return ce_B, mask_BS.sum(axis=1), jnp.all(correct_BS | ~mask_BS, axis=1)
 
 
+def _chunked_score_body(chunk: int) -> Callable:
+    """_score_body over `chunk` positions at a time: one (B, chunk, V) block of logits alive."""
+
+    def body(model, ids_BS, targets_BS, mask_BS):
+        h_BSD = model.final_hidden(ids_BS)
+        w_DV, scale = model.output_weight()
+        B, S, D = h_BSD.shape
+        n = -(-S // chunk)
+        pad = ((0, 0), (0, n * chunk - S))  # padded positions are masked out
+        h_NBCD = jnp.pad(h_BSD, (*pad, (0, 0))).reshape(B, n, chunk, D).swapaxes(0, 1)
+        targets_NBC, mask_NBC = (
+            jnp.pad(x, pad).reshape(B, n, chunk).swapaxes(0, 1) for x in (targets_BS, mask_BS)
+        )
+
+        def one(xs):
+            h_BCD, targets_BC, mask_BC = xs
+            logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, w_DV)
+            if scale is not None:
+                logits_BCV = scaled(logits_BCV, scale)
+            losses_BC, correct_BC = token_losses(logits_BCV, targets_BC)
+            mask_BC = mask_BC.astype(bool)
+            ce_B = jnp.where(mask_BC, losses_BC, 0.0).sum(axis=1)
+            return ce_B, mask_BC.sum(axis=1), jnp.all(correct_BC | ~mask_BC, axis=1)
+
+        ce_NB, count_NB, correct_NB = jax.lax.map(one, (h_NBCD, targets_NBC, mask_NBC))
+        return ce_NB.sum(axis=0), count_NB.sum(axis=0), jnp.all(correct_NB, axis=0)
+
+    return body
+
+
 def _next_token_body(model, ids_BS, last_B1):
-    logits_BSV = model(ids_BS)
-    last_BV = jnp.take_along_axis(logits_BSV, last_B1[..., None], axis=1)[:, 0]
+    # only the last positions are projected: no (B, S, V) logits
+    h_BSD = model.final_hidden(ids_BS)
+    last_BD = jnp.take_along_axis(h_BSD, last_B1[..., None], axis=1)[:, 0]
+    w_DV, scale = model.output_weight()
+    last_BV = jnp.einsum("bd,dv->bv", last_BD, w_DV)
+    if scale is not None:
+        last_BV = scaled(last_BV, scale)
     return jnp.argmax(last_BV.astype(jnp.float32), axis=-1)
 
 
