@@ -853,8 +853,9 @@ class _Trainer:
             problem = e
         _stop_together(problem, "data", "could not open its datasets")
         if jax.process_count() > 1:
-            ids = ", ".join(f"{meta.folder}: {meta.content_id}" for meta, _ in self.datasets)
-            _check_same_everywhere(ids, "data", "reads other rows", f" (content ids here: {ids})")
+            ids = [meta.content_id for meta, _ in self.datasets]  # not paths: copies may differ
+            here = ", ".join(f"{meta.folder}: {meta.content_id}" for meta, _ in self.datasets)
+            _check_same_everywhere(" ".join(ids), "data", "reads other rows", f" ({here})")
         self.batch_sharding = sharding.batch_sharding(mesh)
         self.graphdef, self.abstract, shardings = abstract_state(cfg, mesh)
         share = sharding.replicated_share(self.abstract.params)

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -98,7 +99,16 @@ def test_two_processes_match_one_and_checkpoints_move_between_counts(small_datas
     tasks.write_text(json.dumps({"icl_tasks": [{**mc, "icl_task_type": "multiple_choice"}]}))
     train(one, 1, 8, f"train.icl_tasks={tasks}")
     # auto: the budget every process agrees on is host memory / devices, not a 32-bit remainder
-    ((_, err0), _) = train(two, 2, 4, "train.microbatch=auto", f"train.icl_tasks={tasks}")
+    # process 1 reads its own copy of the dataset, at another path: the same rows
+    copy = shutil.copytree(small_dataset / "ds", tmp_path / "host1" / "ds")
+    ((_, err0), _) = train(
+        two,
+        2,
+        4,
+        "train.microbatch=auto",
+        f"train.icl_tasks={tasks}",
+        per_process=[(), (f"data.path={copy}",)],
+    )
     allowed = re.search(r"auto: 8 of 8 sequences .* of the ([\d.]+) GiB allowed", err0)
     assert allowed, err0[-2000:]
     if (host := 0.95 * device_memory_bytes(jax.devices()[:4]) / 2**30) > 3:
