@@ -250,6 +250,15 @@ class DataSource:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalSource:
+    """A dataset whose val split is evaluated beside the training data's (an eval_loader of
+    llm-foundry's list); logged as val_loss/LABEL."""
+
+    label: str
+    path: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """Where batches come from; `path` is a prepared folder or `builtin:python-stdlib`."""
 
@@ -259,10 +268,20 @@ class DataConfig:
     shuffle: bool = True
     num_threads: int = 2
     prefetch: int = 2
+    eval: tuple[EvalSource, ...] = ()  # more val splits at every evaluation
 
     def __post_init__(self) -> None:
         if (self.path is None) == (not self.mixture):
             raise ConfigError("data: give exactly one of data.path and data.mixture")
+        labels = [source.label for source in self.eval]
+        for i, label in enumerate(labels):
+            if not label or "/" in label or label != label.strip():
+                raise ConfigError(
+                    f"data.eval[{i}].label: {label!r} must be a non-empty name without '/' "
+                    "or surrounding spaces (it becomes val_loss/LABEL)"
+                )
+            if label in labels[:i]:
+                raise ConfigError(f"data.eval[{i}].label: {label!r} is given twice")
         for i, source in enumerate(self.mixture):
             if source.weight <= 0:
                 raise ConfigError(f"data.mixture[{i}].weight: must be > 0, got {source.weight}")

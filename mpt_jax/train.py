@@ -416,6 +416,7 @@ RESUMABLE_KEYS = (
     "train.eval_every",
     "train.eval_first",
     "train.eval_batches",
+    "data.eval",
     "train.icl_tasks",
     "train.eval_gauntlet",
     "train.icl_subset_num_batches",
@@ -706,6 +707,33 @@ def _datasets(cfg: RunConfig, progress: bool):
     return out
 
 
+def _eval_datasets(cfg: RunConfig, progress: bool, data_shards: int) -> list[tuple[str, Any]]:
+    """(label, dataset) of each data.eval entry, checked as the training datasets are."""
+    out = []
+    for i, source in enumerate(cfg.data.eval):
+        meta = resolve_dataset(
+            source.path, seq_len=cfg.seq_len, tokenizer=cfg.data.tokenizer, progress=progress
+        )
+        try:
+            check_compatible(
+                meta,
+                seq_len=cfg.seq_len,
+                vocab_size=cfg.model.vocab_size,
+                tokenizer=cfg.data.tokenizer,
+            )
+            # an empty or too small val split is refused now, not at the first evaluation
+            eval_batch_size(
+                meta,
+                cfg.train.global_batch,
+                data_shards=data_shards,
+                processes=jax.process_count(),
+            )
+        except DataError as e:
+            raise DataError(f"data.eval[{i}] ({source.label}): {e}") from None
+        out.append((source.label, meta))
+    return out
+
+
 def _icl_during_training(cfg: RunConfig, meta, data_shards: int) -> IclDuringTraining | None:
     """train.icl_tasks in the first dataset's tokens, batched as the eval step is."""
     if cfg.train.icl_tasks is None:
@@ -824,6 +852,7 @@ class _Trainer:
         self.raw = to_dict(cfg)  # the resolved config: every field, the model expanded
         self.is_main = jax.process_index() == 0
         self.loader = self.checkpointer = self.logger = self.bar = self.icl = None
+        self.eval_datasets: list[tuple[str, Any]] = []
         self.watchdog = self.preemption = self.profiler = None
 
     def start(self, *, overwrite: bool) -> None:
@@ -849,12 +878,14 @@ class _Trainer:
         problem = None
         try:
             self.datasets = _datasets(cfg, progress=self.show)
+            self.eval_datasets = _eval_datasets(cfg, self.show, shards)
         except (DataError, ConfigError, OSError) as e:  # a per-host copy missing, say
             problem = e
         _stop_together(problem, "data", "could not open its datasets")
         if jax.process_count() > 1:
-            ids = [meta.content_id for meta, _ in self.datasets]  # not paths: copies may differ
-            here = ", ".join(f"{meta.folder}: {meta.content_id}" for meta, _ in self.datasets)
+            metas = [meta for meta, _ in self.datasets] + [m for _, m in self.eval_datasets]
+            ids = [meta.content_id for meta in metas]  # not paths: copies may differ
+            here = ", ".join(f"{meta.folder}: {meta.content_id}" for meta in metas)
             _check_same_everywhere(" ".join(ids), "data", "reads other rows", f" ({here})")
         self.batch_sharding = sharding.batch_sharding(mesh)
         self.graphdef, self.abstract, shardings = abstract_state(cfg, mesh)
@@ -1179,6 +1210,17 @@ class _Trainer:
             on_batch=self.watchdog.heartbeat,
         )
         values = {"val_loss": val, "val_perplexity": math.exp(min(val, 50))}
+        for label, meta in self.eval_datasets:
+            loss = evaluate(
+                self.eval_fn,
+                self.state.params,
+                [(meta, 1.0)],
+                self.cfg,
+                self.batch_sharding,
+                on_batch=self.watchdog.heartbeat,
+            )
+            values[f"val_loss/{label}"] = loss
+            values[f"val_perplexity/{label}"] = math.exp(min(loss, 50))
         if self.icl is not None:
             params = compute_params(self.cfg, self.state.params)  # as the eval step sees them
             values |= self.icl.evaluate(

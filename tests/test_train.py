@@ -841,3 +841,52 @@ def test_evaluation_batch_divides_over_the_mesh_and_processes(tmp_path):
     meta.splits["val"]["rows"] = 0
     with pytest.raises(DataError, match=r"the val split is empty \(prepared with val_fraction 0"):
         eval_batch_size(meta, 160, data_shards=8, processes=1)
+
+
+def test_data_eval_adds_val_losses_of_other_datasets(small_dataset, tmp_path):
+    from mpt_jax.data import prepare_dataset
+
+    other = prepare_dataset(  # the same documents, split otherwise: other validation rows
+        [str(small_dataset / "docs.jsonl")],
+        tmp_path / "other",
+        seq_len=32,
+        val_fraction=0.3,
+        progress=False,
+    )
+    empty = prepare_dataset(
+        [str(small_dataset / "docs.jsonl")],
+        tmp_path / "empty",
+        seq_len=32,
+        val_fraction=0.0,
+        progress=False,
+    )
+    evals = [
+        {"label": "again", "path": str(small_dataset / "ds")},
+        {"label": "other", "path": str(other)},
+    ]
+    run_dir = tmp_path / "run"
+    train = {"steps": 4, "eval_every": 2, "eval_batches": 2}
+    final = run(config(small_dataset, run_dir=str(run_dir), data={"eval": evals}, train=train))
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [x for x in lines if "val_loss" in x]
+    assert [x["step"] for x in evaluated] == [2, 4]
+    for x in evaluated:  # the training data's own val split again: the same loss
+        assert x["val_loss/again"] == x["val_loss"]
+        assert x["val_loss/other"] != x["val_loss"] and math.isfinite(x["val_loss/other"])
+        assert x["val_perplexity/other"] == pytest.approx(math.exp(x["val_loss/other"]))
+    assert final["val_loss/other"] == evaluated[-1]["val_loss/other"]
+
+    # bad entries: refused before the run folder is made
+    for data, error, message in [
+        ({"eval": [evals[0], {**evals[1], "label": "again"}]}, ConfigError, r"given twice"),
+        ({"eval": [{"label": "a/b", "path": str(other)}]}, ConfigError, r"without '/'"),
+        (
+            {"eval": [{"label": "e", "path": str(empty)}]},
+            DataError,
+            r"data\.eval\[0\] \(e\): .*the val split is empty",
+        ),
+        ({"eval": [{"label": "gone", "path": str(tmp_path / "gone")}]}, DataError, r"gone"),
+    ]:
+        with pytest.raises(error, match=message):
+            run(config(small_dataset, run_dir=str(tmp_path / "bad"), data=data, train=train))
+        assert not (tmp_path / "bad").exists()
