@@ -44,6 +44,26 @@ def write_jsonl(path, rows):
     return path
 
 
+def arith_and_lm_tasks(folder, arith_rows, lm_rows):
+    """Task entries for arith.jsonl (multiple choice, 0 and 1 shots) and lm.jsonl in `folder`."""
+    write_jsonl(folder / "arith.jsonl", arith_rows)
+    write_jsonl(folder / "lm.jsonl", lm_rows)
+    return [
+        {
+            "label": "arith",
+            "dataset_uri": "arith.jsonl",
+            "num_fewshot": [0, 1],
+            "icl_task_type": "multiple_choice",
+        },
+        {
+            "label": "lm",
+            "dataset_uri": "lm.jsonl",
+            "num_fewshot": [0],
+            "icl_task_type": "language_modeling",
+        },
+    ]
+
+
 def write_tasks(path, entries, gauntlet=None):
     data = {"icl_tasks": entries, **({"eval_gauntlet": gauntlet} if gauntlet else {})}
     path.write_text(json.dumps(data))  # JSON is YAML
@@ -608,24 +628,8 @@ def test_command_line_on_a_run_folder(small_dataset, tmp_path, capsys, monkeypat
     rows = [
         {"query": f"{i}+{i}=", "choices": [str(2 * i), str(2 * i + 1)], "gold": 0} for i in range(6)
     ]
-    write_jsonl(tmp_path / "arith.jsonl", rows)
-    write_jsonl(
-        tmp_path / "lm.jsonl", [{"context": f"def f{i}", "continuation": "x"} for i in range(4)]
-    )
-    entries = [
-        {
-            "label": "arith",
-            "dataset_uri": "arith.jsonl",
-            "num_fewshot": [0, 1],
-            "icl_task_type": "multiple_choice",
-        },
-        {
-            "label": "lm",
-            "dataset_uri": "lm.jsonl",
-            "num_fewshot": [0],
-            "icl_task_type": "language_modeling",
-        },
-    ]
+    lm_rows = [{"context": f"def f{i}", "continuation": "x"} for i in range(4)]
+    entries = arith_and_lm_tasks(tmp_path, rows, lm_rows)
     gauntlet = {
         "categories": [
             {
@@ -749,24 +753,8 @@ def test_icl_tasks_during_training_equal_the_standalone_evaluation(small_dataset
     for i in range(12):
         a, b = rng.randrange(10), rng.randrange(10)
         rows.append({"query": f"{a}+{b}=", "choices": [str(a + b), str(a + b + 1)], "gold": i % 2})
-    write_jsonl(tmp_path / "arith.jsonl", rows)
-    write_jsonl(
-        tmp_path / "lm.jsonl", [{"context": f"def f{i}(", "continuation": "x)"} for i in range(6)]
-    )
-    entries = [
-        {
-            "label": "arith",
-            "dataset_uri": "arith.jsonl",
-            "num_fewshot": [0, 1],
-            "icl_task_type": "multiple_choice",
-        },
-        {
-            "label": "lm",
-            "dataset_uri": "lm.jsonl",
-            "num_fewshot": [0],
-            "icl_task_type": "language_modeling",
-        },
-    ]
+    lm_rows = [{"context": f"def f{i}(", "continuation": "x)"} for i in range(6)]
+    entries = arith_and_lm_tasks(tmp_path, rows, lm_rows)
     gauntlet = {
         "categories": [
             {

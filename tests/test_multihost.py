@@ -158,24 +158,23 @@ def test_processes_whose_dataset_copies_differ_all_refuse(small_dataset, tmp_pat
     for _, err in results:  # the same line from both
         last = err.strip().splitlines()[-1]
         assert last.startswith("error: data: process 1 reads other rows than process 0"), err
-    # a copy missing on one host: that process says where, the other that it stopped
-    missing = f"data.path={tmp_path / 'nowhere'}"
-    (_, err0), (_, err1) = train(cfg, 2, 4, per_process=[(), (missing,)], code=2)
-    assert (
-        err0.strip()
-        .splitlines()[-1]
-        .startswith("error: data: process 1 could not open its datasets")
-    ), err0
-    assert "nowhere" in err1.strip().splitlines()[-1], err1
-    # an ICL task file missing on one host, likewise
-    missing = f"train.icl_tasks={tmp_path / 'tasks.yaml'}"
-    (_, err0), (_, err1) = train(cfg, 2, 4, per_process=[(), (missing,)], code=2)
-    assert (
-        err0.strip()
-        .splitlines()[-1]
-        .startswith("error: train.icl_tasks: process 1 could not prepare its tasks")
-    ), err0
-    assert "tasks.yaml: cannot read" in err1.strip().splitlines()[-1], err1
+    # a dataset or ICL task file missing on one host: that process says where, the other that
+    # it stopped
+    for missing, stopped, reason in [
+        (
+            f"data.path={tmp_path / 'nowhere'}",
+            "data: process 1 could not open its datasets",
+            "nowhere",
+        ),
+        (
+            f"train.icl_tasks={tmp_path / 'tasks.yaml'}",
+            "train.icl_tasks: process 1 could not prepare its tasks",
+            "tasks.yaml: cannot read",
+        ),
+    ]:
+        (_, err0), (_, err1) = train(cfg, 2, 4, per_process=[(), (missing,)], code=2)
+        assert err0.strip().splitlines()[-1].startswith(f"error: {stopped}"), err0
+        assert reason in err1.strip().splitlines()[-1], err1
     assert not (tmp_path / "copies").exists()
 
 
