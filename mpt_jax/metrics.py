@@ -416,6 +416,11 @@ def format_metrics(metrics: Mapping[str, Any], step: int | None = None) -> str:
             parts.append(fmt.format(shown))
     for key, value in metrics.items():
         if key not in formats and key not in _QUIET and key != "step" and value is not None:
+            if key.startswith(("val_loss/", "val_perplexity/")):  # data.eval's sets, as above
+                name, label = key.split("/", 1)
+                shown, number = formats[name].split(" ", 1)
+                parts.append(f"{shown}/{label} {number.format(value)}")
+                continue
             parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
     return " | ".join(parts)
 

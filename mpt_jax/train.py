@@ -711,10 +711,10 @@ def _eval_datasets(cfg: RunConfig, progress: bool, data_shards: int) -> list[tup
     """(label, dataset) of each data.eval entry, checked as the training datasets are."""
     out = []
     for i, source in enumerate(cfg.data.eval):
-        meta = resolve_dataset(
-            source.path, seq_len=cfg.seq_len, tokenizer=cfg.data.tokenizer, progress=progress
-        )
         try:
+            meta = resolve_dataset(
+                source.path, seq_len=cfg.seq_len, tokenizer=cfg.data.tokenizer, progress=progress
+            )
             check_compatible(
                 meta,
                 seq_len=cfg.seq_len,

@@ -849,3 +849,47 @@ def test_icl_subset_keeps_the_first_batches_with_the_whole_files_few_shot_draws(
             np.array_equal(a, b) and i == j
             for (a, i), (b, j) in zip(part.sequences, seqs, strict=True)
         )
+
+
+def test_greedy_projects_the_last_positions_to_the_models_own_logits_in_bf16():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mpt_jax.evaluation.scoring import last_logits
+    from mpt_jax.model import MPTForCausalLM
+
+    cfg = ModelConfig.from_dict({**TINY_MODEL, "max_seq_len": 64, "logit_scale": 0.37})
+    model = MPTForCausalLM(cfg, rngs=nnx.Rngs(1), dtype=jnp.bfloat16)  # amp: fp32 parameters
+    graphdef, state = nnx.split(model)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 258, (8, 48)).astype(np.int32)
+    last = rng.integers(1, 48, (8, 1)).astype(np.int32)
+    got = jax.jit(lambda st, i, k: last_logits(nnx.merge(graphdef, st), i, k))(state, ids, last)
+    # the head rounds its product to bf16, then scales: bit for bit, as torch does
+    logits = jax.jit(lambda st, i: nnx.merge(graphdef, st)(i))(state, ids)
+    want = np.take_along_axis(np.asarray(logits, np.float32), last[..., None], 1)[:, 0]
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), want)
+
+
+def test_processes_with_task_files_that_differ_in_settings_get_other_digests(tmp_path):
+    from mpt_jax.evaluation.during_training import IclDuringTraining
+
+    rows = [{"context": f"Q{i}:", "answer": "yes"} for i in range(4)]
+    write_jsonl(tmp_path / "qa.jsonl", rows)
+    task = {
+        "label": "qa",
+        "dataset_uri": "qa.jsonl",
+        "num_fewshot": [0],
+        "icl_task_type": "generation_task_with_answers",
+    }
+    digests = []
+    for extra in ({}, {}, {"early_stopping_criteria": ["\n"]}, {"batch_size": 2}):
+        path = write_tasks(tmp_path / f"t{len(digests)}.yaml", [{**task, **extra}])
+        icl = IclDuringTraining(
+            str(path), None, load_tokenizer("byte"), max_seq_len=32, batch_size=8
+        )
+        digests.append(icl.digest())
+    # the same file twice: equal; a stop sequence or a batch size: other programs, refused
+    assert digests[0] == digests[1] and len(set(digests)) == 3

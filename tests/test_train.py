@@ -885,7 +885,11 @@ def test_data_eval_adds_val_losses_of_other_datasets(small_dataset, tmp_path):
             DataError,
             r"data\.eval\[0\] \(e\): .*the val split is empty",
         ),
-        ({"eval": [{"label": "gone", "path": str(tmp_path / "gone")}]}, DataError, r"gone"),
+        (
+            {"eval": [{"label": "gone", "path": str(tmp_path / "gone")}]},
+            DataError,
+            r"data\.eval\[0\] \(gone\): .*gone",
+        ),
     ]:
         with pytest.raises(error, match=message):
             run(config(small_dataset, run_dir=str(tmp_path / "bad"), data=data, train=train))

@@ -78,10 +78,12 @@ class IclDuringTraining:
         self.scorer: Scorer | None = None
 
     def digest(self) -> str:
-        """SHA-256 of every prepared prompt's tokens: equal on processes that read equal files."""
+        """SHA-256 of the tasks, prompts and tokens: equal on processes that read equal files."""
         h = hashlib.sha256()
         for job in self.jobs:
-            h.update(f"{job.task.label}/{job.k}/{job.group}/{job.counts}".encode())
+            # the task's settings and answers too: they decide how many programs run
+            h.update(repr((job.task, job.k, job.group, job.counts, job.max_new)).encode())
+            h.update(repr(job.prompts).encode())
             for tokens, start in job.sequences:
                 h.update(np.asarray(tokens, np.int64).tobytes() + start.to_bytes(8, "little"))
         return h.hexdigest()

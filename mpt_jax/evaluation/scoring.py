@@ -286,14 +286,21 @@ def _chunked_score_body(chunk: int) -> Callable:
 
 
 def _next_token_body(model, ids_BS, last_B1):
-    # only the last positions are projected: no (B, S, V) logits
+    return jnp.argmax(last_logits(model, ids_BS, last_B1).astype(jnp.float32), axis=-1)
+
+
+def last_logits(model, ids_BS: jax.Array, last_B1: jax.Array) -> jax.Array:
+    """The logits (B, V) at position last_B1 of each row, as model(ids) has them, projecting
+    only those positions: no (B, S, V) logits."""
     h_BSD = model.final_hidden(ids_BS)
-    last_BD = jnp.take_along_axis(h_BSD, last_B1[..., None], axis=1)[:, 0]
+    last_B1D = jnp.take_along_axis(h_BSD, last_B1[..., None], axis=1)
     w_DV, scale = model.output_weight()
-    last_BV = jnp.einsum("bd,dv->bv", last_BD, w_DV)
+    # the same (B, S, D) x (D, V) product as the model's head: as a 2-D dot XLA dropped the
+    # rounding to bf16 before the logit scale, and greedy picks moved (bf16, logit_scale)
+    last_B1V = jnp.einsum("bsd,dv->bsv", last_B1D, w_DV)
     if scale is not None:
-        last_BV = scaled(last_BV, scale)
-    return jnp.argmax(last_BV.astype(jnp.float32), axis=-1)
+        last_B1V = scaled(last_B1V, scale)
+    return last_B1V[:, 0]
 
 
 def _row_losses_body(model, ids_BS):
