@@ -28,7 +28,7 @@ from mpt_jax import hf_checkpoint
 from mpt_jax.config import InitConfig, ModelConfig, param_shapes
 from mpt_jax.kernels.layer_norm import fused_norm
 from mpt_jax.rounding import in_dtype, rounded, scaled
-from mpt_jax.sharding import device_local
+from mpt_jax.sharding import constrain, device_local
 
 Initializer = Callable[[jax.Array, tuple[int, ...]], jax.Array]
 
@@ -677,7 +677,8 @@ class MPTForCausalLM(nnx.Module):
         emb_key = block_key = None
         if dropout_key is not None:
             emb_key, block_key = jax.random.split(dropout_key)
-        x_BSD = self._embed(input_ids, pos_emb_1SD, emb_key)
+        # rows over the batch devices from here on, not wherever the embedding table leads
+        x_BSD = constrain(self._embed(input_ids, pos_emb_1SD, emb_key), ("batch", None, None))
         x_BSD, h_BSD = self._blocks(x_BSD, segment_ids, block_key)
         return self._final_norm(x_BSD, h_BSD)
 

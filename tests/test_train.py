@@ -645,6 +645,26 @@ def test_step_temporaries_hold_one_copy_of_the_gradients(tmp_path, precision, by
     assert temp / count_params(cfg.model) < bytes_per_param
 
 
+def test_fsdp_keeps_each_devices_rows_through_the_blocks(tmp_path):
+    """Activation-dominated step temporaries shrink with the fsdp devices: XLA kept every row
+    of the batch on each device after the embedding gather until the model constrained its
+    output to the batch's sharding (at fsdp 8: 0.42 of one device's temporaries, now 0.13)."""
+    model = {**TINY_MODEL, "d_model": 256, "n_layers": 2, "vocab_size": 4096, "max_seq_len": 256}
+    temps = {}
+    for fsdp in (1, 8):
+        mesh = make_mesh(MeshConfig(data=1, fsdp=fsdp, tensor=1), jax.devices()[:fsdp])
+        cfg = config(
+            tmp_path, model=model, mesh={"data": 1, "fsdp": fsdp}, train={"global_batch": 32}
+        )
+        graphdef, abstract, shardings = abstract_state(cfg, mesh)
+        step = jit_train_step(graphdef, cfg, mesh, shardings)
+        batch = {
+            "input_ids": jax.ShapeDtypeStruct((32, 256), jnp.int32, sharding=batch_sharding(mesh))
+        }
+        temps[fsdp] = step.lower(abstract, batch).compile().memory_analysis().temp_size_in_bytes
+    assert temps[8] < 0.2 * temps[1], temps
+
+
 def test_backward_keeps_32_bytes_per_token_layer_and_model_dim(tmp_path, monkeypatch):
     """The scanned layers' saved activations in amp_bf16 without remat, as a GPU step saves them.
 
