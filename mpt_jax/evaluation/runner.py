@@ -11,7 +11,7 @@ from typing import Any
 from mpt_jax import checkpoint
 from mpt_jax.atomic_write import unwritable_reason, write_atomic
 from mpt_jax.config import ConfigError, MeshConfig, from_dict
-from mpt_jax.data import open_dataset, resolve_dataset
+from mpt_jax.data import DatasetMeta, open_dataset, resolve_dataset
 from mpt_jax.data.prepare import META_FILE
 from mpt_jax.data.sources import BUILTIN_PREFIX
 from mpt_jax.evaluation.errors import EvalError
@@ -49,7 +49,7 @@ def evaluate(
     start = time.perf_counter()
     if data is not None:
         if str(data).startswith(BUILTIN_PREFIX):
-            data = _builtin_dataset(str(data), tokenizer, model.config.max_seq_len, progress)
+            data = _builtin_dataset(str(data), tokenizer, model.config.max_seq_len, progress).folder
         out["perplexity"] = evaluate_perplexity(
             scorer, data, split=split, seq_lens=seq_lens, max_tokens=max_tokens, progress=progress
         )
@@ -158,25 +158,25 @@ def format_results(results: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def _builtin_dataset(spec: str, tokenizer, seq_len: int, progress: bool) -> Path:
-    """The cached folder of a built-in corpus in the model's tokens (prepared once, as by train).
+def _builtin_dataset(spec: str, tokenizer, seq_len: int, progress: bool) -> DatasetMeta:
+    """The cached dataset of a built-in corpus in the model's tokens (prepared once, as by train).
 
     With the model's max_seq_len and the tokenizer a run trained with, this is the folder that
     run's training prepares today; `mpt-jax eval` of a run folder checks that it holds the
     rows the run trained on (_as_the_run_trained).
     """
     if tokenizer.kind == "byte":
-        return resolve_dataset(spec, seq_len=seq_len, progress=progress).folder
+        return resolve_dataset(spec, seq_len=seq_len, progress=progress)
     return resolve_dataset(
         spec,
         seq_len=seq_len,
         tokenizer=str(tokenizer.path),
         eos_token=tokenizer.eos_token,
         progress=progress,
-    ).folder
+    )
 
 
-def _as_the_run_trained(spec: str, built: Path, run_dir: Path, step: int) -> Path:
+def _as_the_run_trained(spec: str, built: DatasetMeta, run_dir: Path, step: int) -> Path:
     """The folder of `spec` a run trained on: `built` when it holds the same rows, else the
     folder the run's checkpoint names; refused when neither does, since another split of the
     corpus can put the run's training documents into validation."""
@@ -185,12 +185,12 @@ def _as_the_run_trained(spec: str, built: Path, run_dir: Path, step: int) -> Pat
     sources = [data_cfg.get("path")] + [s.get("path") for s in data_cfg.get("mixture") or ()]
     sources = [s for s in sources if s is not None]
     if spec not in sources:
-        return built  # the run trained on other data: nothing of the corpus was held out for it
+        return built.folder  # the run trained on other data: nothing was held out for it
     i = sources.index(spec)
     state = meta.get("data", {})
     contents, folders = state.get("contents"), state.get("datasets") or []
-    if contents is not None and open_dataset(built).content_id == contents[i]:
-        return built
+    if contents is not None and built.content_id == contents[i]:
+        return built.folder
     recorded = Path(folders[i]) if i < len(folders) else None
     if (
         recorded is not None
@@ -200,8 +200,8 @@ def _as_the_run_trained(spec: str, built: Path, run_dir: Path, step: int) -> Pat
         return recorded
     raise EvalError(
         f"--data {spec}: the run trained on {recorded}, which is not here or holds other rows, "
-        f"and the corpus prepared now ({built}) holds other rows (another split, tokenizer or "
-        "Python's sources), so its validation documents may be the run's training documents; "
+        f"and the corpus prepared now ({built.folder}) holds other rows (another split, tokenizer "
+        "or Python's sources), so its validation documents may be the run's training documents; "
         "give the run's dataset folder"
     )
 
