@@ -695,16 +695,18 @@ def _datasets(cfg: RunConfig, progress: bool):
     sources = (
         [(cfg.data.path, 1.0)] if cfg.data.path else [(s.path, s.weight) for s in cfg.data.mixture]
     )
-    out = []
-    for path, weight in sources:
-        meta = resolve_dataset(
-            path, seq_len=cfg.seq_len, tokenizer=cfg.data.tokenizer, progress=progress
-        )
-        check_compatible(
-            meta, seq_len=cfg.seq_len, vocab_size=cfg.model.vocab_size, tokenizer=cfg.data.tokenizer
-        )
-        out.append((meta, weight))
-    return out
+    return [(_open_dataset(cfg, path, progress), weight) for path, weight in sources]
+
+
+def _open_dataset(cfg: RunConfig, path: str, progress: bool):
+    """A dataset resolved (a built-in corpus prepared once) and checked against the run."""
+    meta = resolve_dataset(
+        path, seq_len=cfg.seq_len, tokenizer=cfg.data.tokenizer, progress=progress
+    )
+    check_compatible(
+        meta, seq_len=cfg.seq_len, vocab_size=cfg.model.vocab_size, tokenizer=cfg.data.tokenizer
+    )
+    return meta
 
 
 def _eval_datasets(cfg: RunConfig, progress: bool, data_shards: int) -> list[tuple[str, Any]]:
@@ -712,15 +714,7 @@ def _eval_datasets(cfg: RunConfig, progress: bool, data_shards: int) -> list[tup
     out = []
     for i, source in enumerate(cfg.data.eval):
         try:
-            meta = resolve_dataset(
-                source.path, seq_len=cfg.seq_len, tokenizer=cfg.data.tokenizer, progress=progress
-            )
-            check_compatible(
-                meta,
-                seq_len=cfg.seq_len,
-                vocab_size=cfg.model.vocab_size,
-                tokenizer=cfg.data.tokenizer,
-            )
+            meta = _open_dataset(cfg, source.path, progress)
             # an empty or too small val split is refused now, not at the first evaluation
             eval_batch_size(
                 meta,
@@ -1201,26 +1195,21 @@ class _Trainer:
     def _evaluate_and_log(self, step: int) -> dict[str, float]:
         """Evaluate, and log val_loss and val_perplexity at `step`; returns them."""
         self.watchdog.heartbeat()
-        val = evaluate(
-            self.eval_fn,
-            self.state.params,
-            self.datasets,
-            self.cfg,
-            self.batch_sharding,
-            on_batch=self.watchdog.heartbeat,
-        )
-        values = {"val_loss": val, "val_perplexity": math.exp(min(val, 50))}
-        for label, meta in self.eval_datasets:
+        # the training data's val split, then data.eval's, each logged under its own label
+        val_sets = [("", self.datasets)]
+        val_sets += [(f"/{label}", [(meta, 1.0)]) for label, meta in self.eval_datasets]
+        values = {}
+        for suffix, datasets in val_sets:
             loss = evaluate(
                 self.eval_fn,
                 self.state.params,
-                [(meta, 1.0)],
+                datasets,
                 self.cfg,
                 self.batch_sharding,
                 on_batch=self.watchdog.heartbeat,
             )
-            values[f"val_loss/{label}"] = loss
-            values[f"val_perplexity/{label}"] = math.exp(min(loss, 50))
+            values[f"val_loss{suffix}"] = loss
+            values[f"val_perplexity{suffix}"] = math.exp(min(loss, 50))
         if self.icl is not None:
             params = compute_params(self.cfg, self.state.params)  # as the eval step sees them
             values |= self.icl.evaluate(
