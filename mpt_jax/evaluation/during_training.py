@@ -11,8 +11,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mpt_jax.evaluation.errors import EvalError
-from mpt_jax.evaluation.gauntlet import compute_gauntlet, load_gauntlet, parse_gauntlet
-from mpt_jax.evaluation.icl import benchmark_sizes, prepare_tasks, run_prepared
+from mpt_jax.evaluation.gauntlet import load_gauntlet, parse_gauntlet
+from mpt_jax.evaluation.icl import gauntlet_scores, prepare_tasks, run_prepared
 from mpt_jax.evaluation.scoring import Scorer
 from mpt_jax.evaluation.tasks import load_task_list
 from mpt_jax.evaluation.tokens import IclTokenizer
@@ -111,8 +111,7 @@ class IclDuringTraining:
             for name, part in r.get("categories", {}).items():
                 values[f"icl/{r['key']}/{name}"] = part["accuracy"]
         if self.gauntlet is not None:
-            accuracies = {r["key"]: r["accuracy"] for r in results}
-            scores = compute_gauntlet(self.gauntlet, accuracies, benchmark_sizes(results))
+            scores = gauntlet_scores(self.gauntlet, results)
             for name, score in {**scores["categories"], **scores["averages"]}.items():
                 values[f"gauntlet/{name}"] = score
         return values

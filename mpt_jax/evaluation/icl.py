@@ -13,6 +13,7 @@ import numpy as np
 
 from mpt_jax.evaluation import metrics
 from mpt_jax.evaluation.errors import EvalError
+from mpt_jax.evaluation.gauntlet import GauntletConfig, compute_gauntlet
 from mpt_jax.evaluation.prompts import Prompt, PromptBuilder, tokenize, tokenize_generation
 from mpt_jax.evaluation.scoring import Scorer
 from mpt_jax.evaluation.tasks import (
@@ -267,6 +268,12 @@ def benchmark_sizes(results: Sequence[dict[str, Any]]) -> dict[str, int]:
         else:
             sizes[r["key"]] = r["samples"]
     return sizes
+
+
+def gauntlet_scores(gauntlet: GauntletConfig, results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """compute_gauntlet over run_tasks' results: their accuracies, weighted by their sizes."""
+    accuracies = {r["key"]: r["accuracy"] for r in results}
+    return compute_gauntlet(gauntlet, accuracies, benchmark_sizes(results))
 
 
 class _bar:

@@ -15,8 +15,8 @@ from mpt_jax.data import DatasetMeta, open_dataset, resolve_dataset
 from mpt_jax.data.prepare import META_FILE
 from mpt_jax.data.sources import BUILTIN_PREFIX
 from mpt_jax.evaluation.errors import EvalError
-from mpt_jax.evaluation.gauntlet import GauntletConfig, compute_gauntlet, parse_gauntlet
-from mpt_jax.evaluation.icl import benchmark_sizes, run_tasks
+from mpt_jax.evaluation.gauntlet import GauntletConfig, parse_gauntlet
+from mpt_jax.evaluation.icl import gauntlet_scores, run_tasks
 from mpt_jax.evaluation.perplexity import evaluate_perplexity
 from mpt_jax.evaluation.scoring import Scorer
 from mpt_jax.evaluation.tasks import TaskConfig, load_task_list
@@ -64,8 +64,7 @@ def evaluate(
         )
         out["icl"] = icl
         if gauntlet is not None:
-            accuracies = {r["key"]: r["accuracy"] for r in icl}
-            out["gauntlet"] = compute_gauntlet(gauntlet, accuracies, benchmark_sizes(icl))
+            out["gauntlet"] = gauntlet_scores(gauntlet, icl)
     out["seconds"] = time.perf_counter() - start
     out["compiled_shapes"] = sorted(scorer.shapes)
     return out
