@@ -212,15 +212,7 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    entries, used = [], set()
-    for size, logical in zip(x.shape, names, strict=True):
-        axes = tuple(a for a in _mesh_axes(logical, mesh) if a not in used)
-        if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
-            entries.append(_spec_entry(axes))
-            used.update(axes)
-        else:
-            entries.append(None)
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(*entries))
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh))
 
 
 def device_local(
