@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -25,6 +26,7 @@ from mpt_jax.config import CheckpointConfig, ConfigError
 
 ITEMS = ("params", "opt_state", "counters", "meta")
 CORRUPT_DIR = "corrupt"  # unreadable steps are moved here (outside Orbax's step names)
+DISCARDED_PREFIX = "discarded-"  # a step being deleted after a rollback past it
 TIME_CHECK_STEPS = 10  # with several processes, the time backstop is checked every 10 steps
 
 
@@ -86,6 +88,9 @@ class Checkpointer:
             create=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+        if jax.process_index() == 0:  # a discard that was killed midway
+            for leftover in self.directory.glob(f"{DISCARDED_PREFIX}*"):
+                shutil.rmtree(leftover, ignore_errors=True)
         self._last_save = time.monotonic()
         self._in_flight: tuple[int, float, float] | None = None  # step, start, blocked seconds
         # per finished save: its step, seconds the caller was blocked, seconds until on disk
@@ -197,8 +202,9 @@ class Checkpointer:
         abstract: Mapping[str, Any],
         *,
         check_meta: Callable[[int, dict[str, Any]], None] | None = None,
+        before: int | None = None,
     ) -> Restored | None:
-        """The newest readable step, or None when there is none.
+        """The newest readable step (below `before` if given), or None when there is none.
 
         `abstract` maps params / opt_state / counters to trees of jax.ShapeDtypeStruct with the
         target shardings (any mesh: Orbax reshards). `check_meta` may reject a step whose meta
@@ -209,7 +215,8 @@ class Checkpointer:
         flaky filesystem, memory, a changed state tree) must not turn into a fresh start.
         """
         failed: list[tuple[int, BaseException]] = []
-        for step in sorted(self._manager.all_steps(), reverse=True):
+        steps = [s for s in self._manager.all_steps() if before is None or s < before]
+        for step in sorted(steps, reverse=True):
             try:
                 meta = read_meta(self.directory / str(step))
             except Exception as e:
@@ -237,6 +244,25 @@ class Checkpointer:
                 f"failed with {_error_line(failed[0][1])}); nothing was moved or deleted"
             )
         return None
+
+    def discard_after(self, step: int) -> list[int]:
+        """Delete the steps after `step`, newest first; returns them. Each is renamed out of the
+        step names before it is removed, so a kill midway leaves no half-deleted checkpoint."""
+        self.wait()
+        doomed = sorted((s for s in self._manager.all_steps() if s > step), reverse=True)
+        for late in doomed:
+            if jax.process_index() == 0:
+                target = self.directory / f"{DISCARDED_PREFIX}{late}"
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(self.directory / str(late), target)
+                shutil.rmtree(target)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices(f"mpt_jax discard {late}")
+        if doomed:
+            self._manager.reload()
+        return doomed
 
     def _unreadable(self, step: int, error: BaseException) -> tuple[int, BaseException]:
         _log(

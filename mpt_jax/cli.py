@@ -60,6 +60,7 @@ def _train(args: argparse.Namespace) -> int:
     from mpt_jax.checkpoint import CheckpointError
     from mpt_jax.config import ConfigError
     from mpt_jax.data import DataError
+    from mpt_jax.loss_spikes import LOSS_SPIKE_EXIT_CODE, LossSpikeError
     from mpt_jax.safetensors_io import CheckpointError as HFFolderError
     from mpt_jax.train import NonFiniteLossError, load_and_run
 
@@ -68,6 +69,9 @@ def _train(args: argparse.Namespace) -> int:
     except (ConfigError, DataError, HFFolderError) as e:  # HF folders: init_from
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except LossSpikeError as e:  # the data and state are as before: a restart would repeat it
+        print(f"error: {e}", file=sys.stderr)
+        return LOSS_SPIKE_EXIT_CODE
     except (CheckpointError, NonFiniteLossError) as e:
         import logging
         import warnings

@@ -386,6 +386,35 @@ class DistributedConfig:
             raise ConfigError("distributed.initialization_timeout_s: must be > 0")
 
 
+SpikeAction = Literal["off", "log", "stop", "rollback"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LossSpikeConfig:
+    """llm-foundry's kill_loss_spike, with a rollback besides (docs/fault-tolerance.md)."""
+
+    # log: report; stop: exit 3 (a restart would repeat it); rollback: to the newest checkpoint
+    # before the spike, past its data (as after non-finite losses)
+    action: SpikeAction = "log"
+    patience: int = 4  # outliers in a row tolerated: the next one is a spike
+    outlier_multiplier: float = 2.0  # an outlier: a loss >= this x the mean of the window
+    window: int | None = None  # losses in the window; null: max(100, 5% of the run's steps)
+    loss_cap: float | None = None  # null: min(10, the first window's highest loss)
+
+    def __post_init__(self) -> None:
+        if self.patience < 0:
+            raise ConfigError(f"train.loss_spike.patience: must be >= 0, got {self.patience}")
+        if self.outlier_multiplier <= 1:
+            raise ConfigError(
+                "train.loss_spike.outlier_multiplier: must be > 1 (a loss at the mean would be "
+                f"an outlier), got {self.outlier_multiplier}"
+            )
+        if self.window is not None and self.window < 1:
+            raise ConfigError(f"train.loss_spike.window: must be >= 1, got {self.window}")
+        if self.loss_cap is not None and self.loss_cap <= 0:
+            raise ConfigError(f"train.loss_spike.loss_cap: must be > 0, got {self.loss_cap}")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Batch, duration, precision and logging of a training run."""
@@ -422,6 +451,7 @@ class TrainConfig:
     nonfinite_patience: int = 5  # consecutive skipped (non-finite) steps before a rollback
     rollback_skip_batches: int = 0  # batches skipped beyond the bad window after a rollback
     max_rollbacks: int = 3
+    loss_spike: LossSpikeConfig = dataclasses.field(default_factory=LossSpikeConfig)
 
     def __post_init__(self) -> None:
         if self.global_batch <= 0:

@@ -113,6 +113,8 @@ class InjectedFaults:
     """Fault drills from $MPT_JAX_FAULTS, e.g. `nan@5-7,hang@12,sigterm@9`.
 
     `nan@A-B`: data batches A..B (0-based, inclusive) give a NaN loss, as corrupt data would;
+    `spike@A-B`: data batches A..B hold uniformly random tokens, as a shard of noise would (a
+    loss spike once the model has learned something);
     `hang@N`: the host loop stops before step N (0-based) as a hung collective would;
     `sigterm@N`: the process sends itself SIGTERM before step N, as a preemption notice.
     Empty when the variable is unset.
@@ -121,14 +123,18 @@ class InjectedFaults:
     def __init__(self, spec: str | None = None):
         spec = os.environ.get(FAULTS_ENV, "") if spec is None else spec
         self.nan_batches: set[int] = set()
+        self.spike_batches: set[int] = set()
         self.hang_step: int | None = None
         self.sigterm_step: int | None = None
         for item in filter(None, (part.strip() for part in spec.split(","))):
             kind, _, where = item.partition("@")
-            if kind not in ("nan", "hang", "sigterm"):
-                raise ConfigError(f"{FAULTS_ENV}: unknown fault {item!r} (nan, hang or sigterm)")
-            form = "nan@A-B or nan@A" if kind == "nan" else f"{kind}@N"
-            pattern = r"(\d+)(?:-(\d+))?" if kind == "nan" else r"(\d+)()"
+            if kind not in ("nan", "spike", "hang", "sigterm"):
+                raise ConfigError(
+                    f"{FAULTS_ENV}: unknown fault {item!r} (nan, spike, hang or sigterm)"
+                )
+            ranged = kind in ("nan", "spike")
+            form = f"{kind}@A-B or {kind}@A" if ranged else f"{kind}@N"
+            pattern = r"(\d+)(?:-(\d+))?" if ranged else r"(\d+)()"
             match = re.fullmatch(pattern, where)
             if match is None:
                 raise ConfigError(f"{FAULTS_ENV}: cannot parse {item!r} ({form})")
@@ -136,8 +142,8 @@ class InjectedFaults:
             hi = int(match.group(2) or lo)
             if hi < lo:
                 raise ConfigError(f"{FAULTS_ENV}: {item!r} is an empty range")
-            if kind == "nan":
-                self.nan_batches.update(range(lo, hi + 1))
+            if ranged:
+                getattr(self, f"{kind}_batches").update(range(lo, hi + 1))
             elif getattr(self, f"{kind}_step") is not None:
                 raise ConfigError(f"{FAULTS_ENV}: {kind} is given twice ({spec!r})")
             else:
@@ -152,3 +158,6 @@ class InjectedFaults:
 
     def poisons(self, batch_index: int) -> bool:
         return batch_index in self.nan_batches
+
+    def scrambles(self, batch_index: int) -> bool:
+        return batch_index in self.spike_batches

@@ -11,8 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mpt_jax.checkpoint import committed_steps
+from mpt_jax.loss_spikes import LOSS_SPIKE_EXIT_CODE
 
-NO_RETRY_EXIT_CODES = {2}  # bad config or data: a restart cannot help
+# bad config or data, a stop for a loss spike: a restart cannot help
+NO_RETRY_EXIT_CODES = {2, LOSS_SPIKE_EXIT_CODE}
 MAX_BACKOFF_S = 300.0
 STOP_GRACE_S = 600.0  # after a forwarded SIGTERM / SIGINT, then SIGKILL (a save takes less)
 

@@ -36,6 +36,7 @@ from mpt_jax.data import (
 from mpt_jax.evaluation.during_training import IclDuringTraining
 from mpt_jax.evaluation.errors import EvalError
 from mpt_jax.loss import chunked_cross_entropy_sum, counted, cross_entropy_sum, shift_targets
+from mpt_jax.loss_spikes import LossSpikeError, LossSpikeMonitor
 from mpt_jax.memory import (
     compiled_bytes,
     describe_bytes,
@@ -54,6 +55,16 @@ PRECISIONS = {  # precision -> (param dtype, compute dtype)
 
 class NonFiniteLossError(FloatingPointError):
     """The loss or gradient norm of a step was NaN or infinite."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Divergence:
+    """What calls for a rollback: `where` for messages; the updates from `first_step` on (1-based)
+    were applied and must be undone (None: non-finite ones, which were skipped)."""
+
+    where: str
+    first_step: int | None
+    error: type[Exception]
 
 
 @jax.tree_util.register_dataclass
@@ -429,6 +440,7 @@ RESUMABLE_KEYS = (
     "train.nonfinite_patience",
     "train.rollback_skip_batches",
     "train.max_rollbacks",
+    "train.loss_spike",
 )
 
 
@@ -634,7 +646,14 @@ def _check_checkpoint_meta(
         )
 
 
-def _meta(cfg: RunConfig, raw: dict, step: int, loader: BatchLoader, rollbacks: int) -> dict:
+def _meta(
+    cfg: RunConfig,
+    raw: dict,
+    step: int,
+    loader: BatchLoader,
+    rollbacks: int,
+    spikes: LossSpikeMonitor | None,
+) -> dict:
     key = jax.random.key_data(jax.random.key(cfg.train.seed))
     return {
         "step": step,
@@ -642,6 +661,7 @@ def _meta(cfg: RunConfig, raw: dict, step: int, loader: BatchLoader, rollbacks: 
         "data": loader.state(),
         "rng": {"seed": cfg.train.seed, "key_data": [int(x) for x in jax.device_get(key)]},
         "rollbacks": rollbacks,
+        "loss_spike": None if spikes is None else spikes.state(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": {"jax": jax.__version__},
         "config": raw,
@@ -848,6 +868,8 @@ class _Trainer:
         self.loader = self.checkpointer = self.logger = self.bar = self.icl = None
         self.eval_datasets: list[tuple[str, Any]] = []
         self.watchdog = self.preemption = self.profiler = None
+        self.spikes: LossSpikeMonitor | None = None
+        self.scramble: Callable | None = None  # the spike drill's
 
     def start(self, *, overwrite: bool) -> None:
         """Set up the run folder, mesh, data, state (restored or fresh) and the loop's helpers."""
@@ -950,6 +972,8 @@ class _Trainer:
             else None
         )
         self.rollbacks = 0
+        if cfg.train.loss_spike.action != "off":
+            self.spikes = LossSpikeMonitor(cfg.train.loss_spike, cfg.total_steps)
         self.start_step = self._restore_or_init()
         self.logger = metrics_lib.MetricsLogger(
             self.run_dir,
@@ -1057,12 +1081,14 @@ class _Trainer:
             restored.params, restored.opt_state, c["step"], c["skipped_steps"], c["bad_streak"]
         )
         self.rollbacks = int(restored.meta.get("rollbacks", 0))
+        if self.spikes is not None:
+            self.spikes.restore(restored.meta.get("loss_spike"))
 
     def _save(self, step: int, *, wait: bool = False) -> None:
         if not self.saving:
             return
         self.watchdog.heartbeat()
-        meta = _meta(self.cfg, self.raw, step, self.loader, self.rollbacks)
+        meta = _meta(self.cfg, self.raw, step, self.loader, self.rollbacks, self.spikes)
         self.checkpointer.save(step, **_items(self.state), meta=meta, wait=wait)
         self.watchdog.heartbeat()
         self._log_saves(step)
@@ -1076,22 +1102,25 @@ class _Trainer:
             self.logger.log(step, done)
         self.checkpointer.completed.clear()
 
-    def _rollback(self, finished: dict[str, Any]) -> int:
-        """After K non-finite steps in a row: back to the last checkpoint, past the bad data."""
+    def _rollback(self, step: int, cause: _Divergence) -> int:
+        """Back to the newest checkpoint before `cause.first_step` (any, for non-finite losses,
+        whose updates were skipped), and on with the data after every batch handed out."""
         cfg = self.cfg.train
-        step = last_bad = finished["step"]  # 1-based, as in metrics.jsonl
-        first_bad = last_bad - int(finished.pop("bad_streak")) + 1
-        where = f"steps {first_bad}..{last_bad} had non-finite losses"
         if not self.saving or self.rollbacks >= cfg.max_rollbacks:
-            raise NonFiniteLossError(
-                f"{where}; no rollback left (train.max_rollbacks {cfg.max_rollbacks}, "
+            raise cause.error(
+                f"{cause.where}; no rollback left (train.max_rollbacks {cfg.max_rollbacks}, "
                 f"checkpoints {'on' if self.saving else 'off'})"
             )
         self.checkpointer.wait()
         consumed = self.loader.state()["batches"]
-        restored = self.checkpointer.restore_latest(_items(self.abstract))
+        restored = self.checkpointer.restore_latest(_items(self.abstract), before=cause.first_step)
         if restored is None:
-            raise NonFiniteLossError(f"{where}; there is no checkpoint to roll back to")
+            before = "" if cause.first_step is None else f" before step {cause.first_step}"
+            raise cause.error(f"{cause.where}; there is no checkpoint to roll back to{before}")
+        # the updates since were applied: their checkpoints must not be resumed from
+        discarded = (
+            [] if cause.first_step is None else self.checkpointer.discard_after(restored.step)
+        )
         self._adopt(restored)
         self.state.bad_streak = jax.device_put(
             jnp.zeros((), jnp.int32), self.abstract.bad_streak.sharding
@@ -1100,9 +1129,14 @@ class _Trainer:
         resume_at = consumed + cfg.rollback_skip_batches
         skipped = resume_at - restored.meta["data"]["batches"]
         self.loader.restore({**restored.meta["data"], "batches": resume_at})
+        deleted = ""
+        if discarded:  # which hold the spike's updates
+            steps = ", ".join(map(str, sorted(discarded)))
+            plural = "s" if len(discarded) > 1 else ""
+            deleted = f", deleting the checkpoint{plural} of step{plural} {steps}"
         message = (
-            f"{where}: rolled back to step {restored.step}, skipping {skipped} data batches "
-            f"({restored.meta['data']['batches']}..{resume_at - 1}); "
+            f"{cause.where}: rolled back to step {restored.step}, skipping {skipped} data batches "
+            f"({restored.meta['data']['batches']}..{resume_at - 1}){deleted}; "
             f"rollback {self.rollbacks} of {cfg.max_rollbacks}"
         )
         print(message, file=sys.stderr, flush=True)
@@ -1112,6 +1146,37 @@ class _Trainer:
         self.bar.reset(total=self.cfg.total_steps)
         self.bar.update(restored.step)
         return restored.step
+
+    def _divergence(self, finished: dict[str, Any]) -> _Divergence | None:
+        """What a finished step's metrics call for: a rollback (returned), a stop (raised), a
+        warning or nothing."""
+        step, streak = finished["step"], finished.pop("bad_streak")
+        if streak >= self.cfg.train.nonfinite_patience:
+            where = f"steps {step - streak + 1}..{step} had non-finite losses"
+            return _Divergence(where, None, NonFiniteLossError)
+        event = None if self.spikes is None else self.spikes.observe(step, finished["loss"])
+        if event is None:
+            return None
+        self.logger.log(step, event.metrics())
+        action = self.cfg.train.loss_spike.action
+        if action == "log":
+            if self.is_main:
+                print(
+                    f"warning: {event.describe()}; training on (train.loss_spike.action: log)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return None
+        if action == "stop":
+            raise LossSpikeError(
+                f"{event.describe()}; stopped (train.loss_spike.action: stop). To go on from the "
+                "newest checkpoint before it, past its data: train.loss_spike.action=rollback"
+            )
+        if event.kind == "high_loss":  # no step to roll back before
+            raise LossSpikeError(
+                f"{event.describe()}; stopped: a rollback cannot tell where they began"
+            )
+        return _Divergence(event.describe(), event.first_step, LossSpikeError)
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -1128,13 +1193,13 @@ class _Trainer:
             self.watchdog.disarm()  # the first step compiles: no hang
         last_time = time.perf_counter()
 
-        def finish(pending, force: bool = False) -> bool:
-            """Read and log a dispatched step's metrics; True when a rollback is due."""
+        def finish(pending, force: bool = False) -> _Divergence | None:
+            """Read and log a dispatched step's metrics; what to roll back, if anything."""
             final.update(_log_step(pending, cfg, self.logger, self.throughput, self.bar, force))
             if pending[0] == self.start_step:
                 self.throughput.reset()  # the first step's time is mostly compilation
             self.watchdog.heartbeat()
-            return final["bad_streak"] >= cfg.train.nonfinite_patience
+            return self._divergence(final)
 
         while step < total:
             self.faults.before_step(step)
@@ -1142,19 +1207,22 @@ class _Trainer:
             t0 = time.perf_counter()
             batch = next(self.loader)
             data_wait = time.perf_counter() - t0
-            poisoned = self.faults.poisons(self.loader.state()["batches"] - 1)
+            batch_index = self.loader.state()["batches"] - 1
+            poisoned = self.faults.poisons(batch_index)
+            if self.faults.scrambles(batch_index):
+                batch = self._scrambled(batch, batch_index)
             step_fn = self.poisoned_step_fn if poisoned else self.step_fn
             self.state, out = step_fn(self.state, batch)
             # dispatch returns once compiled; a hung device blocks reading metrics, below
             self.watchdog.heartbeat()
             # read step n-1's metrics only after step n is dispatched: the host never stalls
-            rollback_due = pending is not None and finish(pending)
+            rollback_due = None if pending is None else finish(pending)
             now = time.perf_counter()
             pending = (step, out, now - last_time, data_wait)
             last_time = now
             step += 1
             if rollback_due:
-                step = self._rollback(final)
+                step = self._rollback(step, rollback_due)
                 pending = None
                 continue
             preempted = self.preemption.reached(step)
@@ -1164,7 +1232,7 @@ class _Trainer:
                 rollback_due = finish(pending, force=True)
                 pending = None
                 if rollback_due:
-                    step = self._rollback(final)
+                    step = self._rollback(step, rollback_due)
                     continue
             if save_now:
                 self._save(step, wait=preempted or step == total)
@@ -1191,6 +1259,18 @@ class _Trainer:
         if self.is_main:  # launch scripts requeue a job until this file exists
             write_atomic(self.run_dir / "complete.json", json.dumps(final, indent=1) + "\n")
         return final
+
+    def _scrambled(self, batch: dict[str, jax.Array], batch_index: int) -> dict[str, jax.Array]:
+        """The batch with uniformly random tokens: the spike drill's noise (`spike@A-B`)."""
+        if self.scramble is None:
+            vocab = self.cfg.model.vocab_size
+
+            def noise(ids, index):
+                key = jax.random.fold_in(jax.random.key(0), index)
+                return jax.random.randint(key, ids.shape, 0, vocab, ids.dtype)
+
+            self.scramble = jax.jit(noise, out_shardings=self.batch_sharding)
+        return {**batch, "input_ids": self.scramble(batch["input_ids"], batch_index)}
 
     def _evaluate_and_log(self, step: int) -> dict[str, float]:
         """Evaluate, and log val_loss and val_perplexity at `step`; returns them."""

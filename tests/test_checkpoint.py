@@ -413,8 +413,9 @@ def test_sigterm_and_ten_sigkills_under_the_supervisor(small_dataset, tmp_path):
 def test_fault_drill_specs_parse_or_are_refused():
     from mpt_jax.resilience import InjectedFaults
 
-    faults = InjectedFaults("nan@5-7, hang@12,sigterm@9,nan@20")
+    faults = InjectedFaults("nan@5-7, hang@12,sigterm@9,nan@20,spike@3-4")
     assert faults.nan_batches == {5, 6, 7, 20} and faults.hang_step == 12
+    assert faults.spike_batches == {3, 4} and faults.scrambles(4) and not faults.scrambles(5)
     assert faults.sigterm_step == 9 and InjectedFaults("").nan_batches == set()
     for spec, message in (
         ("nan@7-5", "'nan@7-5' is an empty range"),
@@ -422,6 +423,7 @@ def test_fault_drill_specs_parse_or_are_refused():
         ("hang@3,hang@8", "hang is given twice"),
         ("oops@1", "unknown fault 'oops@1'"),
         ("nan@x", r"cannot parse 'nan@x' \(nan@A-B or nan@A\)"),
+        ("spike@2-1", "'spike@2-1' is an empty range"),
     ):
         with pytest.raises(ConfigError, match=rf"MPT_JAX_FAULTS: .*{message}"):
             InjectedFaults(spec)

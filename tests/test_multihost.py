@@ -314,12 +314,13 @@ def _fake_tools(folder: Path, **scripts: str) -> dict:
         (0, False, True, 0),
         (0, True, False, 0),
         (2, False, False, 2),
+        (3, False, False, 3),  # stopped for a loss spike
         (1, False, True, 1),  # a crash (a dead peer, a filesystem error)
         (75, False, True, 75),
         (137, False, True, 137),
     ],
 )
-def test_slurm_script_requeues_all_but_config_errors(
+def test_slurm_script_requeues_all_but_config_errors_and_loss_spikes(
     small_dataset, tmp_path, exit_code, complete, requeued, status
 ):
     cfg = helpers.write_config(tmp_path / "run.yaml", small_dataset, run_dir=str(tmp_path / "r"))

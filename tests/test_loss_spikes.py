@@ -1,0 +1,193 @@
+"""Loss spikes: the monitor's rules, and a spike drill that rolls back, stops or resumes."""
+
+import json
+import math
+import random
+import sys
+
+import helpers
+import numpy as np
+import pytest
+from helpers import config
+from test_checkpoint import assert_bitwise_equal, final_params, train_lines
+
+from mpt_jax import checkpoint
+from mpt_jax.cli import main
+from mpt_jax.config import ConfigError, LossSpikeConfig, run_config_from_dict
+from mpt_jax.loss_spikes import LOSS_SPIKE_EXIT_CODE, LossSpikeMonitor, window_size
+from mpt_jax.supervisor import supervise
+from mpt_jax.train import run
+
+
+def events(monitor, losses, first_step=1):
+    found = [monitor.observe(step, x) for step, x in enumerate(losses, first_step)]
+    return [(e.kind, e.first_step, e.step) for e in found if e is not None]
+
+
+def test_window_defaults_to_five_percent_of_the_run_but_at_least_100():
+    assert window_size(LossSpikeConfig(), 1000) == 100
+    assert window_size(LossSpikeConfig(), 4000) == 200
+    assert window_size(LossSpikeConfig(window=7), 4000) == 7
+
+
+def test_patience_plus_one_outliers_in_a_row_are_one_spike():
+    monitor = LossSpikeMonitor(LossSpikeConfig(window=10, patience=2), total_steps=100)
+    flat = [2.0] * 10
+    # two outliers (>= 2 x the mean 2.0) then a normal loss: the streak starts over
+    assert events(monitor, [*flat, 4.0, 5.0, 3.0]) == []
+    assert monitor.streak == 0
+    monitor = LossSpikeMonitor(LossSpikeConfig(window=10, patience=2), total_steps=100)
+    # the third outlier in a row is the spike, reported once however long it lasts; a
+    # non-finite loss (a skipped update) neither enters the window nor breaks the streak
+    # (each outlier enters the window and raises the mean for the next)
+    found = events(monitor, [*flat, 6.0, math.nan, 7.0, 8.0, 9.0, 2.0])
+    assert found == [("loss_spike", 11, 14)]
+    event = LossSpikeMonitor(LossSpikeConfig(window=10, patience=0), 100)
+    for step, x in enumerate(flat, 1):
+        event.observe(step, x)
+    spike = event.observe(11, 5.0)
+    assert (spike.running_mean, spike.threshold, spike.count) == (2.0, 4.0, 1)
+    assert "steps 11..11 were a loss spike: 1 losses in a row at least 2 x" in spike.describe()
+    # just below the threshold is not an outlier
+    monitor = LossSpikeMonitor(LossSpikeConfig(window=10, patience=0), 100)
+    assert events(monitor, [*flat, np.nextafter(4.0, 0)]) == []
+
+
+def test_high_losses_need_two_windows_and_half_the_window_above_the_cap():
+    cfg = LossSpikeConfig(window=4, patience=100)
+    monitor = LossSpikeMonitor(cfg, total_steps=100)
+    # the cap: the first window's highest loss (9.0), no more than 10
+    assert events(monitor, [5.0, 9.0, 6.0, 7.0]) == [] and monitor.loss_cap == 9.0
+    # step 7 has half the window above 9.0 but comes before step 2 x 4; step 8 starts the stretch
+    # (each step is judged on the window before it, as llm-foundry does)
+    assert events(monitor, [9.5, 9.6, 9.7, 9.8, 9.9, 3.0, 3.0, 3.0, 9.5, 9.5, 9.5], 5) == [
+        ("high_loss", 8, 8),
+        ("high_loss", 15, 15),  # after the stretch ended (step 13: one of four above) again
+    ]
+    assert LossSpikeMonitor(LossSpikeConfig(window=2), 10).observe(1, 50.0) is None
+    capped = LossSpikeMonitor(LossSpikeConfig(window=2), 10)
+    events(capped, [50.0, 40.0])
+    assert capped.loss_cap == 10.0  # llm-foundry's ceiling
+    assert LossSpikeMonitor(LossSpikeConfig(window=2, loss_cap=3.5), 10).loss_cap == 3.5
+
+
+def test_a_restored_monitor_decides_as_the_uninterrupted_one():
+    rng = random.Random(5)
+    losses = [rng.uniform(1.5, 2.5) for _ in range(100)]
+    losses[30:36] = [rng.uniform(5, 6) for _ in range(6)]  # a spike
+    losses[50] = math.nan
+    losses[60:80] = [rng.uniform(5, 6) for _ in range(20)]  # a spike, then high losses
+    cfg = LossSpikeConfig(window=20, patience=3, outlier_multiplier=1.8, loss_cap=4.0)
+    whole = events(LossSpikeMonitor(cfg, 100), losses)
+    assert whole == [("loss_spike", 31, 34), ("loss_spike", 61, 64), ("high_loss", 71, 71)]
+    for cut in range(len(losses)):
+        first = LossSpikeMonitor(cfg, 100)
+        before = events(first, losses[:cut])
+        second = LossSpikeMonitor(cfg, 100)
+        second.restore(json.loads(json.dumps(first.state())))  # as a checkpoint's meta holds it
+        assert before + events(second, losses[cut:], cut + 1) == whole
+    # a window made smaller on resume keeps the newest losses; none is empty (an old checkpoint)
+    monitor = LossSpikeMonitor(LossSpikeConfig(window=3), 60)
+    monitor.restore({"losses": [1.0, 2.0, 3.0, 4.0, 5.0]})
+    assert list(monitor.losses) == [3.0, 4.0, 5.0] and monitor.loss_cap == 5.0
+    monitor.restore(None)
+    assert list(monitor.losses) == [] and monitor.streak == 0
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("action", "kill", "must be one of 'off' | 'log' | 'stop' | 'rollback'"),
+        ("outlier_multiplier", 1.0, "must be > 1"),
+        ("patience", -1, "must be >= 0"),
+        ("window", 0, "must be >= 1"),
+        ("loss_cap", 0, "must be > 0"),
+        ("windows", 5, "unknown key"),
+    ],
+)
+def test_bad_loss_spike_settings_are_refused(small_dataset, field, value, message):
+    raw = helpers.raw_config(small_dataset, train={"loss_spike": {field: value}})
+    with pytest.raises(ConfigError, match=rf"train\.loss_spike\.{field}: {message}"):
+        run_config_from_dict(raw)
+
+
+# a tiny run learns to about 1.8 by step 27; the drill's batches of random tokens give about 7
+SPIKE = "spike@27-31"  # data batches 27..31: steps 28..32, across the checkpoint of step 30
+
+
+def spike_sections(action):
+    return dict(
+        train={
+            "steps": 40,
+            "log_every": 1,
+            "eval_batches": 1,
+            "loss_spike": {"action": action, "window": 20, "outlier_multiplier": 1.5},
+        },
+        checkpoint={"every": 5},
+    )
+
+
+def test_a_spike_rolls_back_before_it_and_resumes_as_the_uninterrupted_run(
+    small_dataset, tmp_path, monkeypatch, capfd
+):
+    monkeypatch.setenv("MPT_JAX_FAULTS", SPIKE)
+    whole = tmp_path / "whole"
+    run(config(small_dataset, run_dir=str(whole), **spike_sections("rollback")))
+    err = capfd.readouterr().err
+    assert "steps 28..32 were a loss spike: 5 losses in a row at least 1.5 x the mean" in err
+    # the checkpoint of step 30 holds three of the spike's updates: gone, and saved anew
+    assert (
+        "rolled back to step 25, skipping 8 data batches (25..32), deleting the checkpoint of "
+        "step 30; rollback 1 of 3"
+    ) in err
+    lines = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert [x["loss_spike_from_step"] for x in lines if "loss_spike_from_step" in x] == [28]
+    assert [x["rollback_to_step"] for x in lines if "rollback_to_step" in x] == [25]
+    meta = checkpoint.read_meta(whole / "checkpoints" / "30")
+    assert meta["data"]["batches"] == 38 and meta["rollbacks"] == 1
+    assert max(loss for step, (loss, _, _) in train_lines(whole).items() if step > 25) < 3.0
+    assert not list((whole / "checkpoints").glob("discarded-*"))
+
+    # the same run stopped by SIGTERM inside the spike saves step 30, three outliers in
+    cut = tmp_path / "cut"
+    monkeypatch.setenv("MPT_JAX_FAULTS", f"{SPIKE},sigterm@29")
+    stopped = run(config(small_dataset, run_dir=str(cut), **spike_sections("rollback")))
+    assert stopped["step"] == 30 and stopped["checkpoint_saved"]
+    assert checkpoint.read_meta(cut / "checkpoints" / "30")["loss_spike"]["streak"] == 3
+    # told to stop at a spike, the resumed run exits 3 and leaves its checkpoints as they were
+    monkeypatch.setenv("MPT_JAX_FAULTS", SPIKE)
+    path = helpers.write_config(
+        tmp_path / "stop.yaml", small_dataset, run_dir=str(cut), **spike_sections("stop")
+    )
+    capfd.readouterr()
+    assert main(["train", str(path)]) == LOSS_SPIKE_EXIT_CODE
+    err = capfd.readouterr().err
+    assert "error: steps 28..32 were a loss spike" in err
+    assert "train.loss_spike.action=rollback" in err
+    assert checkpoint.committed_steps(cut / "checkpoints") == [20, 25, 30]
+    # resumed with rollbacks, it ends bit for bit as the uninterrupted run
+    run(config(small_dataset, run_dir=str(cut), **spike_sections("rollback")))
+    assert_bitwise_equal(final_params(cut), final_params(whole))
+    assert train_lines(cut) == train_lines(whole)
+
+
+def test_a_spike_that_is_only_logged_trains_on(small_dataset, tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("MPT_JAX_FAULTS", SPIKE)
+    sections = spike_sections("log")
+    sections["checkpoint"] = {"enabled": False}
+    final = run(config(small_dataset, run_dir=str(tmp_path / "run"), **sections))
+    assert final["step"] == 40
+    err = capfd.readouterr().err
+    assert "warning: steps 28..32 were a loss spike" in err and "training on" in err
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert sum("loss_spike_from_step" in x for x in lines) == 1
+    assert "rollback" not in "".join(lines)
+
+
+def test_the_supervisor_does_not_restart_a_stop_for_a_loss_spike(tmp_path):
+    calls = tmp_path / "calls"
+    child = f"open({str(calls)!r}, 'a').write('x'); raise SystemExit({LOSS_SPIKE_EXIT_CODE})"
+    code = supervise(
+        ["-c", child], run_dir=tmp_path, max_restarts=3, backoff_s=0, launcher=[sys.executable]
+    )
+    assert code == LOSS_SPIKE_EXIT_CODE and calls.read_text() == "x"
