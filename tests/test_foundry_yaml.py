@@ -1,0 +1,237 @@
+"""llm-foundry training YAMLs translated into run configs: the recipe, a run, refusals."""
+
+import copy
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+import yaml
+
+from mpt_jax.config import ConfigError, load_run_config, to_dict
+from mpt_jax.foundry_yaml import resolve_references, translate
+from mpt_jax.train import run
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+import from_foundry  # noqa: E402
+
+# scripts/train/yamls/pretrain/mpt-125m.yaml as the llm-foundry facts describe it
+# (../shared/reference/mpt-llm-foundry-facts.md, section 3.1), with its variables block
+FOUNDRY_125M = """
+variables:
+  data_local: ./my-copy-c4
+  data_remote:
+  max_seq_len: 2048
+  global_seed: 17
+  run_name:
+max_seq_len: ${variables.max_seq_len}
+run_name: ${variables.run_name}
+model:
+  name: mpt_causal_lm
+  init_device: meta
+  d_model: 768
+  n_heads: 12
+  n_layers: 12
+  expansion_ratio: 4
+  max_seq_len: ${variables.max_seq_len}
+  vocab_size: 50368
+  attn_config:
+    attn_impl: flash
+tokenizer:
+  name: EleutherAI/gpt-neox-20b
+  kwargs:
+    model_max_length: ${variables.max_seq_len}
+train_loader:
+  name: text
+  dataset:
+    local: ${variables.data_local}
+    remote: ${variables.data_remote}
+    split: train
+    shuffle: true
+    max_seq_len: ${variables.max_seq_len}
+    shuffle_seed: ${variables.global_seed}
+  drop_last: true
+  num_workers: 8
+eval_loader:
+  name: text
+  dataset:
+    local: ${variables.data_local}
+    split: val
+scheduler:
+  name: cosine_with_warmup
+  t_warmup: 100ba
+  alpha_f: 0.1
+optimizer:
+  name: decoupled_adamw
+  lr: 6.0e-4
+  betas: [0.9, 0.95]
+  eps: 1.0e-08
+  weight_decay: 0.0
+algorithms:
+  gradient_clipping:
+    clipping_type: norm
+    clipping_threshold: 1.0
+max_duration: 4800ba
+eval_interval: 500ba
+eval_first: false
+eval_subset_num_batches: -1
+global_train_batch_size: 256
+seed: ${variables.global_seed}
+device_eval_batch_size: 16
+device_train_microbatch_size: 16
+precision: amp_bf16
+fsdp_config:
+  sharding_strategy: FULL_SHARD
+  mixed_precision: PURE
+  activation_checkpointing: false
+  activation_checkpointing_reentrant: false
+  activation_cpu_offload: false
+  limit_all_gathers: true
+progress_bar: false
+log_to_console: true
+console_log_interval: 1ba
+callbacks:
+  speed_monitor:
+    window_size: 10
+  lr_monitor: {}
+  memory_monitor: {}
+  runtime_estimator: {}
+save_interval: 500ba
+"""
+
+
+def test_the_125m_pretraining_yaml_becomes_our_125m_recipe(small_dataset, tmp_path, capsys):
+    (tmp_path / "mpt-125m.yaml").write_text(FOUNDRY_125M)
+    out = tmp_path / "run.yaml"
+    argv = [str(tmp_path / "mpt-125m.yaml"), "--data", str(small_dataset / "ds"), "-o", str(out)]
+    assert from_foundry.main(argv) == 0
+    ours = load_run_config(out)
+    recipe = load_run_config(REPO / "experiments" / "recipes" / "mpt-125m.yaml")
+    for section in ("model", "optim", "schedule", "mesh"):
+        assert to_dict(getattr(ours, section)) == to_dict(getattr(recipe, section)), section
+    # the recipe evaluates 100 batches; llm-foundry's eval_subset_num_batches -1 is all of them
+    train = {**to_dict(ours.train), "eval_batches": 100, "progress": True, "log_every": 10}
+    assert train == to_dict(recipe.train)
+    assert ours.train.eval_batches is None and not ours.train.progress
+    assert ours.train.log_every == 1 and ours.checkpoint.every == 500
+    header = out.read_text()
+    assert "# callbacks.speed_monitor: built in (tokens_per_s, mfu)" in header
+    assert "# model.attn_config.attn_impl: 'flash' dropped" in header
+    assert "device_train_microbatch_size: 16 per device" in header
+    # per device x 8 devices, and the byte tokenizer of the dataset
+    assert from_foundry.main([*argv, "--devices", "8"]) == 0
+    assert load_run_config(out).train.microbatch == 128
+    assert load_run_config(out).data.tokenizer == "byte"
+
+
+TINY = """
+variables:
+  seq: 32
+run_name: tiny-${variables.seq}
+model:
+  name: mpt_causal_lm
+  d_model: 64
+  n_heads: 4
+  n_layers: 2
+  max_seq_len: ${variables.seq}
+  vocab_size: 258
+  no_bias: true
+  attn_config:
+    attn_impl: triton
+    alibi: true
+    rope: false
+  ffn_config:
+    ffn_type: mptmlp
+    ffn_act_fn:
+      name: gelu
+optimizer: {name: decoupled_lionw, lr: 1.0e-4, betas: [0.9, 0.99], weight_decay: 0.0}
+scheduler: {name: linear_decay_with_warmup, t_warmup: 1ba, alpha_f: 0.1, scale_warmup: false}
+max_duration: 96sp
+global_train_batch_size: 16
+device_train_microbatch_size: 1
+precision: fp32
+eval_interval: 0.5dur
+save_interval: 2ba
+save_num_checkpoints_to_keep: -1
+callbacks:
+  kill_loss_spike: {log_only: false, patience: 2}
+  generate: {prompts: [hi]}
+"""
+
+
+def test_a_translated_yaml_trains(small_dataset, tmp_path):
+    config = translate(
+        yaml.safe_load(TINY),
+        data=str(small_dataset / "ds"),
+        run_dir=str(tmp_path / "run"),
+        devices=jax.device_count(),
+    )
+    assert "callbacks.generate: dropped (no counterpart; callbacks leave the math)" in config.notes
+    assert any(note.startswith("algorithms.gradient_clipping: absent") for note in config.notes)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config.config))
+    cfg = load_run_config(tmp_path / "run.yaml")
+    assert (cfg.train.steps, cfg.train.eval_every) == (6, 3)
+    assert cfg.train.microbatch == min(16, jax.device_count())  # 1 per device
+    assert (
+        cfg.model.alibi and not cfg.model.learned_pos_emb and cfg.optim.clipping_threshold is None
+    )
+    assert (cfg.train.loss_spike.action, cfg.train.loss_spike.patience) == ("stop", 2)
+    assert (cfg.checkpoint.every, cfg.checkpoint.keep_every) == (2, 2)
+    assert cfg.mesh.data == -1 and cfg.mesh.fsdp == 1  # no fsdp_config: DDP
+    final = run(cfg)
+    assert final["step"] == 6 and "val_loss" in final
+    steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert steps == [2, 4, 6]  # -1: every checkpoint kept
+
+
+def _with(text, path, value):
+    data = yaml.safe_load(text)
+    node = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
+    return data
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        (("max_duration",), "2ep", "max_duration: 2ep is in epochs"),
+        (("max_duration",), 3, "max_duration: expected a time"),
+        (("max_duration",), "20sp", "max_duration: 20sp is not a whole number of batches of 16"),
+        (("precision",), "amp_fp16", "precision: 'amp_fp16' is not supported"),
+        (("algorithms", "low_precision_layernorm"), {}, "algorithms.low_precision_layernorm: not"),
+        (("optimizer", "name"), "adam", "optimizer.name: 'adam' is not supported"),
+        (("model", "attn_config", "rope"), True, "model.attn_config.rope: True is not supported"),
+        (("model", "d_modell"), 5, "model.d_modell: unknown key"),
+        (("model", "max_seq_len"), "${variables.nope}", r"\$\{variables.nope\} names nothing"),
+        (("fsdp_config", "activation_cpu_offload"), True, "offloading to the CPU"),
+        (("icl_tasks",), [{"label": "x"}], "icl_tasks: given inline"),
+        (("load_path",), "ckpt.pt", "load_path: ckpt.pt is a composer checkpoint"),
+        (("eval_interval",), 1, "eval_interval: 1 cannot be translated"),
+        (("device_train_microbatch_size",), 3, "3 x 1 devices does not divide"),
+        (("accumulate_train_batch_on_tokens",), False, "accumulate_train_batch_on_tokens"),
+        (("train_loader",), {"name": "finetuning"}, "train_loader.name: 'finetuning'"),
+        (("my_key",), 1, "my_key: not an llm-foundry key the translation knows"),
+    ],
+)
+def test_what_would_train_differently_is_refused(small_dataset, path, value, message):
+    with pytest.raises(ConfigError, match=message):
+        translate(_with(TINY, path, value), data=str(small_dataset / "ds"), devices=1)
+
+
+def test_references_resolve_with_types_and_refuse_cycles():
+    data = {"variables": {"n": 4, "name": "x"}, "a": "${variables.n}", "b": "r-${variables.name}"}
+    assert resolve_references(data) == {**data, "a": 4, "b": "r-x"}
+    with pytest.raises(ConfigError, match=r"refers to itself"):
+        resolve_references({"a": "${b}", "b": "${a}"})
+    assert resolve_references(copy.deepcopy(data)) == resolve_references(data)
+
+
+def test_the_tool_exits_2_with_one_line(tmp_path, small_dataset, capsys):
+    (tmp_path / "bad.yaml").write_text(FOUNDRY_125M.replace("4800ba", "1ep"))
+    argv = [str(tmp_path / "bad.yaml"), "--data", str(small_dataset / "ds")]
+    assert from_foundry.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "max_duration: 1ep is in epochs" in err
