@@ -533,6 +533,11 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_schedule_covers_run(self.schedule, self.train)
+        if self.train.loss_spike.action == "rollback" and not self.checkpoint.enabled:
+            raise ConfigError(
+                "train.loss_spike.action: rollback needs checkpoints to roll back to "
+                "(checkpoint.enabled is false); use stop or log"
+            )
 
     @property
     def seq_len(self) -> int:

@@ -36,7 +36,7 @@ class LossEvent:
     step: int  # 1-based, as in metrics.jsonl
     first_step: int
     loss: float
-    running_mean: float  # of the window before `step`
+    running_mean: float  # the window's mean before `first_step`
     threshold: float  # multiplier x running_mean (spike), the loss cap (high loss)
     count: int  # outliers in a row (spike); window losses above the cap (high loss)
     window: int
@@ -44,14 +44,15 @@ class LossEvent:
 
     def describe(self) -> str:
         if self.kind == "loss_spike":
+            losses = "loss" if self.count == 1 else f"{self.count} losses in a row"
             return (
-                f"steps {self.first_step}..{self.step} were a loss spike: {self.count} losses in "
-                f"a row at least {self.multiplier:g} x the mean of the {self.window} before each "
-                f"(the last {self.loss:.4g}, against a mean of {self.running_mean:.4g})"
+                f"steps {self.first_step}..{self.step} were a loss spike: {losses} at least "
+                f"{self.multiplier:g} x the mean of the {self.window} before (the last "
+                f"{self.loss:.4g}, against a mean of {self.running_mean:.4g} before the first)"
             )
         return (
             f"step {self.step}: {self.count} of the last {self.window} losses are above the loss "
-            f"cap {self.threshold:.4g} (their mean {self.running_mean:.4g})"
+            f"cap {self.threshold:.4g} (the window's mean {self.running_mean:.4g})"
         )
 
     def metrics(self) -> dict[str, float]:
@@ -78,6 +79,8 @@ class LossSpikeMonitor:
         self.derived_cap: float | None = None  # from the first full window, without loss_cap
         self.streak = 0  # outliers in a row
         self.streak_from: int | None = None  # the step of the streak's first outlier
+        self.streak_mean: float | None = None  # the window's mean before that outlier
+        self.reported = False  # this streak has been reported as a spike
         self.high = False  # inside a high-loss stretch
 
     @property
@@ -85,32 +88,38 @@ class LossSpikeMonitor:
         return self.cfg.loss_cap if self.cfg.loss_cap is not None else self.derived_cap
 
     def observe(self, step: int, loss: float) -> LossEvent | None:
-        """Take step `step`'s loss (1-based); a spike or a high-loss stretch that starts here."""
+        """Take step `step`'s loss (1-based); a spike or a high-loss stretch that starts here.
+
+        Give only the losses of applied updates: a skipped one (non-finite loss or gradient)
+        is the non-finite guard's business and neither enters the window nor breaks a streak.
+        """
         if not math.isfinite(loss):
-            return None  # a skipped update: the non-finite guard's business, not the window's
+            return None
         event = None
         if len(self.losses) == self.size:
             mean = math.fsum(self.losses) / self.size
-            threshold = self.cfg.outlier_multiplier * mean
-            if loss >= threshold:
+            if loss >= self.cfg.outlier_multiplier * mean:
                 if self.streak == 0:
-                    self.streak_from = step
+                    self.streak_from, self.streak_mean = step, mean
                 self.streak += 1
             else:
-                self.streak, self.streak_from = 0, None
-            if self.streak == self.cfg.patience + 1:  # reported once per streak
+                self.streak, self.streak_from, self.streak_mean = 0, None, None
+                self.reported = False
+            # `>=`: a patience lowered on resume still catches a streak already past it
+            if self.streak > self.cfg.patience and not self.reported:
+                self.reported = True
                 event = LossEvent(
                     "loss_spike",
                     step,
                     self.streak_from,
                     loss,
-                    mean,
-                    threshold,
+                    self.streak_mean,
+                    self.cfg.outlier_multiplier * self.streak_mean,
                     self.streak,
                     self.size,
                     self.cfg.outlier_multiplier,
                 )
-            elif self.streak <= self.cfg.patience:
+            elif not self.reported:
                 event = self._high_losses(step, loss, mean)
         self.losses.append(loss)
         if self.derived_cap is None and len(self.losses) == self.size:
@@ -136,17 +145,24 @@ class LossSpikeMonitor:
             "derived_cap": self.derived_cap,
             "streak": self.streak,
             "streak_from": self.streak_from,
+            "streak_mean": self.streak_mean,
+            "reported": self.reported,
             "high": self.high,
         }
 
-    def restore(self, state: dict[str, Any] | None) -> None:
-        """Back to a `state()` (None: empty, as a checkpoint from before the monitor). A window
-        of another size keeps the newest losses."""
-        state = state or {}
+    def restore(self, state: dict[str, Any] | None, step: int) -> None:
+        """Back to a `state()` saved at `step`. A window of another size keeps the newest
+        losses. None (a checkpoint from before the monitor) starts an empty window; past step 0
+        the run's first window is gone, so the cap is llm-foundry's ceiling, not a later
+        window's highest loss (which would sit just above the mean of a late plateau)."""
+        if state is None:
+            state = {"derived_cap": MAX_LOSS_CAP if step > 0 else None}
         self.losses = collections.deque(state.get("losses", ()), maxlen=self.size)
         self.derived_cap = state.get("derived_cap")
         if self.derived_cap is None and len(self.losses) == self.size:
             self.derived_cap = min(MAX_LOSS_CAP, max(self.losses))
         self.streak = int(state.get("streak", 0))
         self.streak_from = state.get("streak_from")
+        self.streak_mean = state.get("streak_mean")
+        self.reported = bool(state.get("reported", False))
         self.high = bool(state.get("high", False))

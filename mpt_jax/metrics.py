@@ -284,9 +284,12 @@ class MetricsLogger:
         self._tb = None
         self._wandb_run = None
         self._closed = False
+        self.lines = 0  # in metrics.jsonl: a checkpoint records it (resumes cut back to it)
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            self.lines = self.path.read_bytes().count(b"\n")
         # Append, so a resumed run continues the same file.
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         if tensorboard:
@@ -345,6 +348,7 @@ class MetricsLogger:
         # One write per line, then flush: a crash loses at most the line being written.
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
+        self.lines += 1
         if self._tb is not None:
             for key, x in values.items():
                 self._tb.add_scalar(key, x, global_step=step)

@@ -63,6 +63,7 @@ class _Divergence:
     were applied and must be undone (None: non-finite ones, which were skipped)."""
 
     where: str
+    step: int  # the step that revealed it
     first_step: int | None
     error: type[Exception]
 
@@ -601,18 +602,25 @@ def _model_changes(saved: Any, ours: Any, prefix: str = "") -> list[str]:
     return [k for k in _diff_keys(saved, ours, prefix) if k not in kernels]
 
 
-def _truncate_metrics(run_dir: Path, last_step: int, *, evaluates: bool = False) -> None:
+def _truncate_metrics(
+    run_dir: Path, last_step: int, *, evaluates: bool = False, lines: int | None = None
+) -> None:
     """Drop metrics.jsonl lines a run resumed at `last_step` logs again.
 
-    Those are the lines after `last_step`, its evaluation when the resumed run `evaluates` there
-    again (at an evaluation step, whose result a stop may have cut off, or at the end), and a
-    line cut short by a crash.
+    The first `lines` lines (as many as the file held when the checkpoint was saved) stay
+    whole: after a rollback they hold steps past `last_step` that the resumed run does not
+    repeat, and its record. Of the lines after them (all of them for a checkpoint without the
+    count), those after `last_step` go, as does its evaluation when the resumed run `evaluates`
+    there again (at an evaluation step, whose result a stop may have cut off, or at the end),
+    and a line cut short by a crash.
     """
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text().splitlines(keepends=True):
+    text = path.read_text().splitlines(keepends=True)
+    head = lines or 0
+    kept = [line for line in text[:head] if line.endswith("\n")]
+    for line in text[head:]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -652,7 +660,8 @@ def _meta(
     step: int,
     loader: BatchLoader,
     rollbacks: int,
-    spikes: LossSpikeMonitor | None,
+    spikes: LossSpikeMonitor,
+    metrics_lines: int,
 ) -> dict:
     key = jax.random.key_data(jax.random.key(cfg.train.seed))
     return {
@@ -661,7 +670,8 @@ def _meta(
         "data": loader.state(),
         "rng": {"seed": cfg.train.seed, "key_data": [int(x) for x in jax.device_get(key)]},
         "rollbacks": rollbacks,
-        "loss_spike": None if spikes is None else spikes.state(),
+        "loss_spike": spikes.state(),
+        "metrics_lines": metrics_lines,  # process 0's, which writes metrics.jsonl and this
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": {"jax": jax.__version__},
         "config": raw,
@@ -868,7 +878,6 @@ class _Trainer:
         self.loader = self.checkpointer = self.logger = self.bar = self.icl = None
         self.eval_datasets: list[tuple[str, Any]] = []
         self.watchdog = self.preemption = self.profiler = None
-        self.spikes: LossSpikeMonitor | None = None
         self.scramble: Callable | None = None  # the spike drill's
 
     def start(self, *, overwrite: bool) -> None:
@@ -972,8 +981,7 @@ class _Trainer:
             else None
         )
         self.rollbacks = 0
-        if cfg.train.loss_spike.action != "off":
-            self.spikes = LossSpikeMonitor(cfg.train.loss_spike, cfg.total_steps)
+        self.spikes = LossSpikeMonitor(cfg.train.loss_spike, cfg.total_steps)
         self.start_step = self._restore_or_init()
         self.logger = metrics_lib.MetricsLogger(
             self.run_dir,
@@ -1067,7 +1075,12 @@ class _Trainer:
         self.loader.restore(restored.meta["data"])
         if self.is_main:
             evaluates = _evaluates_at(self.cfg, restored.step)
-            _truncate_metrics(self.run_dir, restored.step, evaluates=evaluates)
+            _truncate_metrics(
+                self.run_dir,
+                restored.step,
+                evaluates=evaluates,
+                lines=restored.meta.get("metrics_lines"),
+            )
             print(
                 f"resuming from {self.checkpointer.directory / str(restored.step)}",
                 file=sys.stderr,
@@ -1081,14 +1094,15 @@ class _Trainer:
             restored.params, restored.opt_state, c["step"], c["skipped_steps"], c["bad_streak"]
         )
         self.rollbacks = int(restored.meta.get("rollbacks", 0))
-        if self.spikes is not None:
-            self.spikes.restore(restored.meta.get("loss_spike"))
+        self.spikes.restore(restored.meta.get("loss_spike"), restored.step)
 
     def _save(self, step: int, *, wait: bool = False) -> None:
         if not self.saving:
             return
         self.watchdog.heartbeat()
-        meta = _meta(self.cfg, self.raw, step, self.loader, self.rollbacks, self.spikes)
+        meta = _meta(
+            self.cfg, self.raw, step, self.loader, self.rollbacks, self.spikes, self.logger.lines
+        )
         self.checkpointer.save(step, **_items(self.state), meta=meta, wait=wait)
         self.watchdog.heartbeat()
         self._log_saves(step)
@@ -1102,7 +1116,7 @@ class _Trainer:
             self.logger.log(step, done)
         self.checkpointer.completed.clear()
 
-    def _rollback(self, step: int, cause: _Divergence) -> int:
+    def _rollback(self, cause: _Divergence) -> int:
         """Back to the newest checkpoint before `cause.first_step` (any, for non-finite losses,
         whose updates were skipped), and on with the data after every batch handed out."""
         cfg = self.cfg.train
@@ -1121,11 +1135,12 @@ class _Trainer:
         discarded = (
             [] if cause.first_step is None else self.checkpointer.discard_after(restored.step)
         )
+        done = self.rollbacks  # the checkpoint's count may be lower: this session's counts
         self._adopt(restored)
         self.state.bad_streak = jax.device_put(
             jnp.zeros((), jnp.int32), self.abstract.bad_streak.sharding
         )
-        self.rollbacks += 1
+        self.rollbacks = max(done, self.rollbacks) + 1
         resume_at = consumed + cfg.rollback_skip_batches
         skipped = resume_at - restored.meta["data"]["batches"]
         self.loader.restore({**restored.meta["data"], "batches": resume_at})
@@ -1139,9 +1154,10 @@ class _Trainer:
             f"({restored.meta['data']['batches']}..{resume_at - 1}){deleted}; "
             f"rollback {self.rollbacks} of {cfg.max_rollbacks}"
         )
-        print(message, file=sys.stderr, flush=True)
+        if self.is_main:
+            print(message, file=sys.stderr, flush=True)
         self.logger.log(
-            step, {"rollback_to_step": restored.step, "rollback_skipped_batches": skipped}
+            cause.step, {"rollback_to_step": restored.step, "rollback_skipped_batches": skipped}
         )
         self.bar.reset(total=self.cfg.total_steps)
         self.bar.update(restored.step)
@@ -1150,15 +1166,18 @@ class _Trainer:
     def _divergence(self, finished: dict[str, Any]) -> _Divergence | None:
         """What a finished step's metrics call for: a rollback (returned), a stop (raised), a
         warning or nothing."""
-        step, streak = finished["step"], finished.pop("bad_streak")
+        step, streak = finished["step"], finished["bad_streak"]
         if streak >= self.cfg.train.nonfinite_patience:
             where = f"steps {step - streak + 1}..{step} had non-finite losses"
-            return _Divergence(where, None, NonFiniteLossError)
-        event = None if self.spikes is None else self.spikes.observe(step, finished["loss"])
-        if event is None:
+            return _Divergence(where, step, None, NonFiniteLossError)
+        if streak:  # a skipped update: not the loss window's business
+            return None
+        # watched with action off too, so that switching it on when resuming finds a window
+        event = self.spikes.observe(step, finished["loss"])
+        action = self.cfg.train.loss_spike.action
+        if event is None or action == "off":
             return None
         self.logger.log(step, event.metrics())
-        action = self.cfg.train.loss_spike.action
         if action == "log":
             if self.is_main:
                 print(
@@ -1167,16 +1186,31 @@ class _Trainer:
                     flush=True,
                 )
             return None
+        if event.kind == "high_loss":  # no step to roll back before
+            raise LossSpikeError(
+                f"{event.describe()}; stopped (train.loss_spike.action: {action}; a rollback "
+                "cannot tell where high losses began). To train on: a higher "
+                "train.loss_spike.loss_cap, or train.loss_spike.action=log"
+            )
         if action == "stop":
             raise LossSpikeError(
                 f"{event.describe()}; stopped (train.loss_spike.action: stop). To go on from the "
                 "newest checkpoint before it, past its data: train.loss_spike.action=rollback"
             )
-        if event.kind == "high_loss":  # no step to roll back before
-            raise LossSpikeError(
-                f"{event.describe()}; stopped: a rollback cannot tell where they began"
-            )
-        return _Divergence(event.describe(), event.first_step, LossSpikeError)
+        return _Divergence(event.describe(), step, event.first_step, LossSpikeError)
+
+    def _stopped(self, final: dict[str, Any], step: int, *, saved: bool) -> dict[str, Any]:
+        """What a preempted run returns, standing at `step`."""
+        final["preempted"] = self.preemption.signal_name
+        final["step"] = step
+        final["checkpoint_saved"] = saved
+        return final
+
+    def _spike_open(self) -> bool:
+        """An outlier streak is open that may end in a stop or rollback: a scheduled save now
+        could push the newest checkpoint before it out of `checkpoint.keep`."""
+        acting = self.cfg.train.loss_spike.action in ("stop", "rollback")
+        return acting and self.spikes.streak > 0
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -1221,28 +1255,35 @@ class _Trainer:
             pending = (step, out, now - last_time, data_wait)
             last_time = now
             step += 1
-            if rollback_due:
-                step = self._rollback(step, rollback_due)
-                pending = None
-                continue
+            # before any rollback: with several processes only this step is the agreed one
             preempted = self.preemption.reached(step)
-            save_now = self.saving and (preempted or step == total or self.checkpointer.due(step))
+            if rollback_due:
+                step = self._rollback(rollback_due)
+                pending = None
+                if preempted:  # the checkpoint rolled back to is this state (less the skip)
+                    return self._stopped(final, step, saved=True)
+                continue
+            # a scheduled save waits while an outlier streak is open (see _spike_open)
+            save_now = self.saving and (
+                preempted
+                or step == total
+                or (self.checkpointer.due(step) and not self._spike_open())
+            )
             evaluate_now = _evaluates_at(cfg, step)
             if save_now or preempted or evaluate_now:
                 rollback_due = finish(pending, force=True)
                 pending = None
                 if rollback_due:
-                    step = self._rollback(step, rollback_due)
+                    step = self._rollback(rollback_due)
+                    if preempted:
+                        return self._stopped(final, step, saved=True)
                     continue
             if save_now:
                 self._save(step, wait=preempted or step == total)
             elif self.saving:
                 self._log_saves(step)
             if preempted:
-                final["preempted"] = self.preemption.signal_name
-                final["step"] = step
-                final["checkpoint_saved"] = save_now
-                return final
+                return self._stopped(final, step, saved=save_now)
             if evaluate_now and step < total:
                 self._evaluate_and_log(step)
                 last_time = time.perf_counter()  # evaluation time is not step time

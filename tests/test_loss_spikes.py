@@ -3,6 +3,7 @@
 import json
 import math
 import random
+import shutil
 import sys
 
 import helpers
@@ -14,7 +15,12 @@ from test_checkpoint import assert_bitwise_equal, final_params, train_lines
 from mpt_jax import checkpoint
 from mpt_jax.cli import main
 from mpt_jax.config import ConfigError, LossSpikeConfig, run_config_from_dict
-from mpt_jax.loss_spikes import LOSS_SPIKE_EXIT_CODE, LossSpikeMonitor, window_size
+from mpt_jax.loss_spikes import (
+    LOSS_SPIKE_EXIT_CODE,
+    LossSpikeError,
+    LossSpikeMonitor,
+    window_size,
+)
 from mpt_jax.supervisor import supervise
 from mpt_jax.train import run
 
@@ -47,7 +53,7 @@ def test_patience_plus_one_outliers_in_a_row_are_one_spike():
         event.observe(step, x)
     spike = event.observe(11, 5.0)
     assert (spike.running_mean, spike.threshold, spike.count) == (2.0, 4.0, 1)
-    assert "steps 11..11 were a loss spike: 1 losses in a row at least 2 x" in spike.describe()
+    assert "steps 11..11 were a loss spike: loss at least 2 x the mean" in spike.describe()
     # just below the threshold is not an outlier
     monitor = LossSpikeMonitor(LossSpikeConfig(window=10, patience=0), 100)
     assert events(monitor, [*flat, np.nextafter(4.0, 0)]) == []
@@ -84,14 +90,31 @@ def test_a_restored_monitor_decides_as_the_uninterrupted_one():
         first = LossSpikeMonitor(cfg, 100)
         before = events(first, losses[:cut])
         second = LossSpikeMonitor(cfg, 100)
-        second.restore(json.loads(json.dumps(first.state())))  # as a checkpoint's meta holds it
+        # as a checkpoint's meta holds it
+        second.restore(json.loads(json.dumps(first.state())), cut)
         assert before + events(second, losses[cut:], cut + 1) == whole
-    # a window made smaller on resume keeps the newest losses; none is empty (an old checkpoint)
+    # a window made smaller on resume keeps the newest losses
     monitor = LossSpikeMonitor(LossSpikeConfig(window=3), 60)
-    monitor.restore({"losses": [1.0, 2.0, 3.0, 4.0, 5.0]})
+    monitor.restore({"losses": [1.0, 2.0, 3.0, 4.0, 5.0]}, 5)
     assert list(monitor.losses) == [3.0, 4.0, 5.0] and monitor.loss_cap == 5.0
-    monitor.restore(None)
-    assert list(monitor.losses) == [] and monitor.streak == 0
+    # a checkpoint from before the monitor: an empty window; past step 0 the first window is
+    # gone, and a cap from a later one would sit just above a plateau: the ceiling instead
+    monitor.restore(None, 5000)
+    assert list(monitor.losses) == [] and monitor.streak == 0 and monitor.loss_cap == 10.0
+    monitor.restore(None, 0)
+    assert monitor.loss_cap is None
+
+
+def test_a_patience_lowered_on_resume_still_catches_the_open_streak():
+    cfg = LossSpikeConfig(window=10, patience=4)
+    monitor = LossSpikeMonitor(cfg, 100)
+    assert events(monitor, [2.0] * 10 + [9.0, 9.5, 9.9]) == []  # three outliers: no spike yet
+    lowered = LossSpikeMonitor(LossSpikeConfig(window=10, patience=1), 100)
+    lowered.restore(monitor.state(), 13)
+    assert events(lowered, [10.0, 10.5], 14) == [("loss_spike", 11, 14)]  # once
+    raised = LossSpikeMonitor(LossSpikeConfig(window=10, patience=1), 100)
+    raised.restore(lowered.state(), 15)
+    assert events(raised, [11.0], 16) == []  # reported already
 
 
 @pytest.mark.parametrize(
@@ -135,11 +158,8 @@ def test_a_spike_rolls_back_before_it_and_resumes_as_the_uninterrupted_run(
     run(config(small_dataset, run_dir=str(whole), **spike_sections("rollback")))
     err = capfd.readouterr().err
     assert "steps 28..32 were a loss spike: 5 losses in a row at least 1.5 x the mean" in err
-    # the checkpoint of step 30 holds three of the spike's updates: gone, and saved anew
-    assert (
-        "rolled back to step 25, skipping 8 data batches (25..32), deleting the checkpoint of "
-        "step 30; rollback 1 of 3"
-    ) in err
+    # the save due at step 30 waited, the streak being open: no checkpoint holds the spike
+    assert "rolled back to step 25, skipping 8 data batches (25..32); rollback 1 of 3" in err
     lines = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
     assert [x["loss_spike_from_step"] for x in lines if "loss_spike_from_step" in x] == [28]
     assert [x["rollback_to_step"] for x in lines if "rollback_to_step" in x] == [25]
@@ -165,10 +185,43 @@ def test_a_spike_rolls_back_before_it_and_resumes_as_the_uninterrupted_run(
     assert "error: steps 28..32 were a loss spike" in err
     assert "train.loss_spike.action=rollback" in err
     assert checkpoint.committed_steps(cut / "checkpoints") == [20, 25, 30]
-    # resumed with rollbacks, it ends bit for bit as the uninterrupted run
+    # resumed with rollbacks, it deletes the checkpoint of step 30 (three of the spike's
+    # updates) and ends bit for bit as the uninterrupted run, metrics.jsonl line for line
     run(config(small_dataset, run_dir=str(cut), **spike_sections("rollback")))
+    assert "rolled back to step 25, skipping 8 data batches (25..32), deleting the " in (
+        capfd.readouterr().err
+    )
     assert_bitwise_equal(final_params(cut), final_params(whole))
-    assert train_lines(cut) == train_lines(whole)
+    assert records(cut) == records(whole)
+
+    # killed after the rollback (checkpoints 35 and 40 and complete.json gone): the resume from
+    # the second pass's checkpoint 30 keeps the first pass's lines and the rollback's record
+    shutil.rmtree(cut / "checkpoints" / "35")
+    shutil.rmtree(cut / "checkpoints" / "40")
+    (cut / "complete.json").unlink()
+    run(config(small_dataset, run_dir=str(cut), **spike_sections("rollback")))
+    assert records(cut) == records(whole)
+
+
+def records(run_dir):
+    """metrics.jsonl in order: each line's step and the values that do not depend on timing."""
+    keys = ("loss", "val_loss", "loss_spike_from_step", "rollback_to_step", "skipped_steps")
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(x["step"], {k: x[k] for k in keys if k in x}) for x in lines if set(keys) & set(x)]
+
+
+def test_every_rollback_counts_against_max_rollbacks(small_dataset, tmp_path, monkeypatch, capfd):
+    # three spikes, each rolled back to the checkpoint of step 25, whose meta counts none
+    monkeypatch.setenv("MPT_JAX_FAULTS", "spike@27-31,spike@33-37,spike@41-45")
+    sections = spike_sections("rollback")
+    sections["train"]["max_rollbacks"] = 2
+    with pytest.raises(LossSpikeError, match=r"no rollback left \(train.max_rollbacks 2"):
+        run(config(small_dataset, run_dir=str(tmp_path / "run"), **sections))
+    err = capfd.readouterr().err
+    assert "rollback 1 of 2" in err and "rollback 2 of 2" in err
+    # and a rollback needs checkpoints
+    with pytest.raises(ConfigError, match="rollback needs checkpoints"):
+        config(small_dataset, **{**sections, "checkpoint": {"enabled": False}})
 
 
 def test_a_spike_that_is_only_logged_trains_on(small_dataset, tmp_path, monkeypatch, capfd):
