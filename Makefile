@@ -60,6 +60,6 @@ GPU_STACK_VENV ?= .venv-gpu-stack
 test-gpu-stack:
 	$(PYTHON312) -m venv $(GPU_STACK_VENV)
 	$(GPU_STACK_VENV)/bin/python -m pip install -q jax==0.11.2 jaxlib==0.11.2 flax==0.12.10 \
-		optax==0.2.8 tokamax==0.0.12 typeguard==2.13.3 pytest pytest-xdist matplotlib -e .
+		optax==0.2.8 tokamax==0.0.12 typeguard==2.13.3 pytest pytest-xdist matplotlib omegaconf -e .
 	$(MAKE) aot-plugin nvidia-tools VENV=$(GPU_STACK_VENV)
 	$(GPU_STACK_VENV)/bin/python -m pytest -n 2 -q -p no:cacheprovider --durations=5

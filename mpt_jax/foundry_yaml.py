@@ -1,11 +1,13 @@
 """llm-foundry training YAMLs (scripts/train/train.py's) in mpt_jax's run-config keys.
 
-`translate` maps what has a counterpart (model, batch, duration, optimizer, scheduler, gradient
-clipping, precision and FSDP settings, evaluation, checkpoints, ICL tasks, loggers, the loss-spike
-callback), drops with a note what changes nothing here (monitors, loader workers, timeouts), and
-refuses in one line what would train differently (epochs, fp16, other algorithms, composer
-checkpoints). The data is not translated: StreamingDataset (MDS) shards are not read here, so the
-caller names a prepared dataset.
+`load_foundry_yaml` reads one as llm-foundry does (OmegaConf, `${...}` references resolved,
+`variables` set aside); `translate` maps what has a counterpart (model, batch, duration,
+optimizer, scheduler, gradient clipping, precision and FSDP settings, evaluation, checkpoints,
+ICL tasks, loggers, the loss-spike callback), with llm-foundry's defaults where a key is absent;
+drops with a note what changes nothing here (monitors, loader workers, timeouts, file names);
+and refuses in one line what would train differently (epochs, fp16, other algorithms, callbacks
+that change the training, composer checkpoints). The data is not translated: StreamingDataset
+(MDS) shards are not read here, so the caller names a prepared dataset.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from mpt_jax.config import ConfigError, ModelConfig, run_config_from_dict, split_time
@@ -44,18 +47,30 @@ MODEL_KEYS_DROPPED = {
     "use_train_metrics": "the training loss is logged at every logged step",
     "use_pad_tok_in_ffn": "rows are packed without padding",
 }
-# top-level keys that change nothing here: why
+# top-level keys of llm-foundry's TrainConfig that change nothing here: why
 TOP_KEYS_DROPPED = {
     "python_log_level": "logging",
+    "log_config": "the resolved config is RUN_DIR/config.yaml",
     "device_eval_batch_size": "evaluation batches are the global batch (docs/training.md)",
+    "device_eval_microbatch_size": "evaluation batches are the global batch",
     "eval_loader": "the validation split is the prepared dataset's (data.eval adds more)",
+    "eval_loaders": "the validation split is the prepared dataset's (data.eval adds more)",
     "dist_timeout": "collective hangs are the watchdog's (train.watchdog_minutes)",
     "autoresume": "always on: a run folder with checkpoints resumes",
     "spin_dataloaders": "the loader resumes at its position",
     "save_overwrite": "mpt-jax train --overwrite",
     "save_weights_only": "checkpoints hold the whole state",
+    "save_filename": "checkpoints are RUN_DIR/checkpoints/<step>",
+    "save_latest_filename": "checkpoints are RUN_DIR/checkpoints/<step>",
+    "load_weights_only": "only with load_path",
     "code_paths": "no plugins",
     "metadata": "not recorded",
+    "max_split_size_mb": "a PyTorch allocator setting",
+    "expandable_segments": "a PyTorch allocator setting",
+    "compile_config": "torch.compile: XLA compiles the step",
+    "icl_seq_len": "ICL prompts are cut to model.max_seq_len",
+    "tp_config": "tensor parallelism is mesh.tensor",
+    "eval_gauntlet_callback": "train.eval_gauntlet",
 }
 FSDP_KEYS_DROPPED = (
     "limit_all_gathers",
@@ -68,17 +83,43 @@ FSDP_KEYS_DROPPED = (
     "verbose",
     "load_monolith_rank0_only",
 )
-# composer / llm-foundry callbacks whose figures the trainer logs itself
-CALLBACKS_BUILT_IN = {
-    "speed_monitor": "tokens_per_s, mfu",
-    "lr_monitor": "lr",
-    "memory_monitor": "memory_gib on GPUs",
-    "runtime_estimator": "remaining_s",
-    "optimizer_monitor": "grad_norm",
+# callbacks that leave the training as it is: what stands for them here
+CALLBACKS_HARMLESS = {
+    "speed_monitor": "built in: tokens_per_s, mfu",
+    "lr_monitor": "built in: lr",
+    "memory_monitor": "built in: memory_gib on GPUs",
+    "runtime_estimator": "built in: remaining_s",
+    "optimizer_monitor": "built in: grad_norm",
     "scheduled_gc": "no Python garbage in the step",
     "run_timeout": "the watchdog",
+    "nan_monitor": "non-finite losses are skipped and rolled back (train.nonfinite_patience)",
+    "generate": "samples: mpt-jax generate on a checkpoint",
+    "mono_checkpoint_saver": "checkpoints convert with tools/convert_hf.py",
+    "memory_snapshot": "a PyTorch memory tool",
+    "oom_observer": "a PyTorch memory tool",
+    "eval_output_logging": "mpt-jax eval --details",
+    "system_metrics_monitor": "logging",
+    "env_logging": "logging",
+    "loss_perp_v_len": "logging",
+    "fdiff": "logging",
+    "log_mbmoe_tok_per_expert": "logging",
+    "async_eval": "mpt-jax eval on the checkpoints",
 }
-_REFERENCE = re.compile(r"\$\{([^{}]+)\}")
+# callbacks that change the training: refused
+CALLBACKS_CHANGING = {
+    "layer_freezing": "freezes layers",
+    "global_lr_scaling": "rescales the learning rate and weight decay",
+    "early_stopper": "stops early",
+    "load_checkpoint": "loads weights",
+    "curriculum_learning": "changes the data",
+    "dataset_swap": "changes the data",
+}
+OPTIMIZER_DEFAULTS = {  # composer's DecoupledAdamW and llm-foundry's DecoupledLionW
+    "decoupled_adamw": {"lr": 1.0e-3, "betas": [0.9, 0.95], "eps": 1.0e-8, "weight_decay": 1.0e-5},
+    "decoupled_lionw": {"lr": 1.0e-4, "betas": [0.9, 0.99], "weight_decay": 0.0},
+}
+LOSS_SPIKE_UNSET = {"window_size": 100, "loss_cap": 10}  # llm-foundry's "not set" values
+_REFERENCE_ROOT = re.compile(r"\$\{\s*([A-Za-z_][\w-]*)")
 
 
 @dataclasses.dataclass
@@ -89,36 +130,38 @@ class Translation:
     notes: list[str]
 
 
-def resolve_references(data: Any, root: Mapping[str, Any] | None = None) -> Any:
-    """OmegaConf's `${a.b}` references (llm-foundry's `${variables.x}`) replaced by their values:
-    a whole-string reference keeps the value's type, one inside text becomes text."""
-    root = data if root is None else root
-
-    def lookup(path: str, where: str, depth: int) -> Any:
-        if depth > 20:
-            raise ConfigError(f"{where}: ${{{path}}} refers to itself")
-        node: Any = root
-        for part in path.strip().split("."):
-            if not isinstance(node, Mapping) or part not in node:
-                raise ConfigError(f"{where}: ${{{path}}} names nothing in the YAML")
-            node = node[part]
-        return resolve(node, where, depth + 1)
-
-    def resolve(node: Any, where: str, depth: int = 0) -> Any:
-        if isinstance(node, Mapping):
-            return {
-                k: resolve(v, f"{where}.{k}" if where else str(k), depth) for k, v in node.items()
-            }
-        if isinstance(node, list):
-            return [resolve(v, f"{where}[{i}]", depth) for i, v in enumerate(node)]
-        if not isinstance(node, str) or "${" not in node:
-            return node
-        whole = _REFERENCE.fullmatch(node)
-        if whole:
-            return lookup(whole.group(1), where, depth)
-        return _REFERENCE.sub(lambda m: str(lookup(m.group(1), where, depth)), node)
-
-    return resolve(data, "")
+def load_foundry_yaml(path: str | Path) -> dict[str, Any]:
+    """A training YAML read as llm-foundry's train.py reads it: OmegaConf, references resolved
+    (its `oc.env` resolver is cleared there, so refused here). Top-level entries that only
+    references use (older YAMLs' `data_local`, `global_seed`, ...) move under `variables`."""
+    try:
+        from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+    except ImportError:
+        raise ConfigError(
+            "omegaconf is not installed: pip install 'mpt_jax[foundry]' (llm-foundry reads its "
+            "YAMLs with it)"
+        ) from None
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({e})") from None
+    if "oc.env" in text:
+        raise ConfigError("${oc.env:...}: llm-foundry clears that resolver; write the value")
+    try:
+        data = OmegaConf.to_container(OmegaConf.create(text), resolve=True)
+    except (OmegaConfBaseException, ValueError) as e:
+        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    referenced = set(_REFERENCE_ROOT.findall(text))
+    variables = data.setdefault("variables", {}) or {}
+    for key in sorted(referenced - KNOWN_TOP_KEYS):
+        if key in data:
+            variables[key] = data.pop(key)
+    data["variables"] = variables
+    return data
 
 
 def translate(
@@ -129,15 +172,14 @@ def translate(
     run_dir: str | None = None,
     devices: int | None = None,
 ) -> Translation:
-    """An llm-foundry training YAML (already loaded) as an mpt_jax run config.
+    """An llm-foundry training YAML (as `load_foundry_yaml` gives it) as an mpt_jax run config.
 
     `data` is a prepared dataset (or builtin:NAME) and `tokenizer` the one it was prepared with;
     `devices` turns the per-device `device_train_microbatch_size` into a global microbatch
-    (without it: `auto`). Raises ConfigError naming the first key it cannot translate.
+    (without it: `auto`); on one device, llm-foundry drops `fsdp_config`, and so does this.
+    Raises ConfigError naming the first key it cannot translate.
     """
-    if not isinstance(foundry, Mapping):
-        raise ConfigError("foundry YAML: expected a mapping at the top level")
-    src = dict(resolve_references(dict(foundry)))
+    src = dict(_mapping(foundry, "the YAML's top level"))
     src.pop("variables", None)
     notes: list[str] = []
     out: dict[str, Any] = {}
@@ -149,10 +191,10 @@ def translate(
     seq = out["model"].get("max_seq_len", ModelConfig.max_seq_len)
     top_seq = take("max_seq_len")
     if top_seq is not None and top_seq != seq:
-        raise ConfigError(f"max_seq_len: {top_seq} differs from model.max_seq_len {seq}")
+        raise ConfigError(f"max_seq_len: {top_seq!r} differs from model.max_seq_len {seq}")
 
     out["data"] = {"path": data, "tokenizer": tokenizer}
-    out["data"].update(_train_loader(take("train_loader"), seq, notes))
+    out["data"].update(_train_loader(take("train_loader"), seq, out["model"], notes))
     tok = take("tokenizer")
     if tok is not None:
         name = tok.get("name") if isinstance(tok, Mapping) else tok
@@ -177,17 +219,25 @@ def translate(
     if precision not in ("amp_bf16", "fp32"):
         raise ConfigError(f"precision: {precision!r} is not supported (amp_bf16 or fp32)")
     train["precision"] = precision
-    mesh, fsdp_train = _fsdp(take("fsdp_config"), notes)
+    fsdp = take("fsdp_config")
+    if fsdp is not None and devices == 1:
+        notes.append("fsdp_config: dropped on one device, as llm-foundry does (DDP)")
+        fsdp = None
+    mesh, fsdp_train = _fsdp(fsdp, notes)
     train.update(fsdp_train)
-    for key, ours in (("eval_interval", "eval_every"), ("console_log_interval", "log_every")):
-        value = take(key)
+    # llm-foundry's TrainConfig defaults: every eval batch, a console line per batch
+    intervals = (
+        ("eval_interval", "eval_every", None),
+        ("console_log_interval", "log_every", "1ba"),
+    )
+    for key, ours, default in intervals:
+        value = take(key, default)
         if value is not None:
-            train[ours] = _interval(value, key, steps)
+            train[ours] = _interval(value, key, steps, batch, seq)
     if "eval_first" in src:
         train["eval_first"] = bool(take("eval_first"))
-    subset = take("eval_subset_num_batches")
-    if subset is not None:
-        train["eval_batches"] = None if subset == -1 else subset
+    subset = take("eval_subset_num_batches", -1)
+    train["eval_batches"] = None if subset == -1 else subset
     for key in ("icl_tasks", "eval_gauntlet"):
         value = take(key)
         if value is None:
@@ -201,9 +251,8 @@ def translate(
         train["icl_subset_num_batches"] = subset
     train.update(_callbacks(take("callbacks"), notes))
     train.update(_loggers(take("loggers"), notes))
-    progress_bar, log_to_console = take("progress_bar"), take("log_to_console")
-    if progress_bar is False or log_to_console is True:
-        train["progress"] = False  # a line per logged step, as composer's console logger
+    progress_bar, log_to_console = take("progress_bar", False), take("log_to_console", True)
+    train["progress"] = bool(progress_bar) and not log_to_console
     if take("accumulate_train_batch_on_tokens", True) is not True:
         raise ConfigError(
             "accumulate_train_batch_on_tokens: false weighs microbatches by samples; mpt_jax "
@@ -211,25 +260,11 @@ def translate(
         )
 
     out["optim"] = _optimizer(take("optimizer"), notes)
-    clipping = _clipping(take("algorithms"))
-    out["optim"]["clipping_threshold"] = clipping
-    if clipping is None:
-        notes.append(
-            "algorithms.gradient_clipping: absent, so no clipping (optim's default is 1.0)"
-        )
-    schedule = take("scheduler")
-    if schedule is not None:
-        if not isinstance(schedule, Mapping):
-            raise ConfigError(f"scheduler: expected a mapping, got {schedule!r}")
-        schedule = dict(schedule)
-        if schedule.pop("scale_warmup", False):
-            raise ConfigError("scheduler.scale_warmup: true is not supported")
-        out["schedule"] = schedule
+    out["optim"]["clipping_threshold"] = _clipping(take("algorithms"), notes)
+    out["schedule"] = _scheduler(take("scheduler"))
     out["mesh"] = mesh
     out["train"] = train
-    checkpoint = _checkpoints(src, notes)
-    if checkpoint:
-        out["checkpoint"] = checkpoint
+    out["checkpoint"] = _checkpoints(src, steps, batch, seq, notes)
     load_path = take("load_path")
     if load_path is not None:
         raise ConfigError(
@@ -239,13 +274,23 @@ def translate(
     name = take("run_name")
     out["run_dir"] = run_dir or f"runs/{name or 'foundry-run'}"
     for key, why in TOP_KEYS_DROPPED.items():
-        if key in src:
+        if key in src and src.pop(key) is not None:
             notes.append(f"{key}: dropped ({why})")
-            src.pop(key)
     if src:
-        raise ConfigError(f"{sorted(src)[0]}: not an llm-foundry key the translation knows")
+        raise ConfigError(
+            f"{sorted(src)[0]}: a key this translation does not handle (llm-foundry's "
+            "TrainConfig keys; a variable belongs under variables:)"
+        )
     run_config_from_dict(out, where="the translated config")  # whole, or the error names the key
     return Translation(out, notes)
+
+
+def _mapping(value: Any, where: str, *, none_ok: bool = False) -> Mapping[str, Any]:
+    if value is None and none_ok:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    return value
 
 
 def _model(model: Any, notes: list[str]) -> dict[str, Any]:
@@ -292,28 +337,36 @@ def _model_key(where: str, key: str, value: Any, flat: dict[str, Any], notes: li
         flat[key] = value
 
 
-def _train_loader(loader: Any, seq: int, notes: list[str]) -> dict[str, Any]:
+def _train_loader(
+    loader: Any, seq: int, model: Mapping[str, Any], notes: list[str]
+) -> dict[str, Any]:
     if loader is None:
         return {}
-    if not isinstance(loader, Mapping):
-        raise ConfigError(f"train_loader: expected a mapping, got {loader!r}")
+    loader = _mapping(loader, "train_loader")
     kind = loader.get("name", "text")
     if kind != "text":
         raise ConfigError(f"train_loader.name: {kind!r} is not supported (text: pretraining)")
-    dataset = loader.get("dataset") or {}
+    dataset = _mapping(loader.get("dataset"), "train_loader.dataset", none_ok=True)
     out = {}
     if "shuffle" in dataset:
         out["shuffle"] = bool(dataset["shuffle"])
     dataset_seq = dataset.get("max_seq_len")
     if dataset_seq is not None and dataset_seq != seq:
         raise ConfigError(
-            f"train_loader.dataset.max_seq_len: {dataset_seq} differs from model.max_seq_len {seq}"
+            f"train_loader.dataset.max_seq_len: {dataset_seq!r} differs from model.max_seq_len "
+            f"{seq}"
         )
     where = dataset.get("remote") or dataset.get("local")
     notes.append(
         f"train_loader: the StreamingDataset at {where} is not read here; data.path names a "
-        "prepared dataset (tools/prepare_data.py); the order comes from train.seed"
+        "prepared dataset (tools/prepare_data.py); its order comes from train.seed, not "
+        "shuffle_seed, and documents end at the dataset's EOS"
     )
+    if model.get("attn_uses_sequence_id"):
+        notes.append(
+            "model.attn_config.attn_uses_sequence_id: documents are told apart by the dataset's "
+            "EOS (llm-foundry needs train_loader.dataset.eos_token_id for it)"
+        )
     return out
 
 
@@ -337,17 +390,24 @@ def _duration(value: Any, batch: int, seq: int) -> dict[str, int]:
     return {"steps": int(number) // batch}
 
 
-def _interval(value: Any, key: str, steps: int | None) -> int:
-    if isinstance(value, str) and value.endswith("ba"):
-        number, _ = split_time(value, key)
-    elif isinstance(value, str) and value.endswith("dur") and steps is not None:
-        number, _ = split_time(value, key)
-        number = math.floor(number * steps)
-    else:
+def _interval(value: Any, key: str, steps: int | None, batch: int, seq: int) -> int:
+    """A composer interval in batches: `ba`, `sp` and `tok` that make whole batches, or `dur`
+    of a run given in batches (composer's ceil(max_duration x fraction))."""
+    if not isinstance(value, str) or value.endswith("ep"):
         raise ConfigError(
-            f"{key}: {value!r} cannot be translated; give batches (e.g. 500ba)"
-            + (" or a fraction of max_duration in ba (0.1dur)" if steps is not None else "")
+            f"{key}: {value!r} cannot be translated (a bare number or ep is epochs); give "
+            "batches (500ba), samples or tokens that make whole batches, or 0.1dur"
         )
+    number, unit = split_time(value, key)
+    if unit == "dur":
+        if steps is None:
+            raise ConfigError(f"{key}: {value} needs max_duration in batches or samples")
+        number = math.ceil(number * steps)
+    elif unit in ("sp", "tok"):
+        per_batch = batch if unit == "sp" else batch * seq
+        if number % per_batch:
+            raise ConfigError(f"{key}: {value} is not a whole number of batches")
+        number //= per_batch
     if not float(number).is_integer() or number <= 0:
         raise ConfigError(f"{key}: {value!r} is not a whole positive number of batches")
     return int(number)
@@ -369,20 +429,19 @@ def _microbatch(micro: Any, batch: int, devices: int | None, notes: list[str]) -
     total = micro * devices
     if total >= batch:
         return batch
-    if batch % total:
-        raise ConfigError(
+    if batch % total:  # composer runs a shorter last microbatch; here they divide the batch
+        notes.append(
             f"device_train_microbatch_size: {micro} x {devices} devices does not divide "
-            f"global_train_batch_size {batch}"
+            f"global_train_batch_size {batch}; train.microbatch is auto"
         )
+        return "auto"
     return total
 
 
 def _fsdp(fsdp: Any, notes: list[str]) -> tuple[dict[str, int], dict[str, Any]]:
-    if fsdp is None:  # DDP: every device holds the whole model
-        return {"data": -1, "fsdp": 1, "tensor": 1}, {}
-    if not isinstance(fsdp, Mapping):
-        raise ConfigError(f"fsdp_config: expected a mapping, got {fsdp!r}")
-    fsdp = dict(fsdp)
+    if fsdp is None:  # DDP: every device holds the whole model, autocast only
+        return {"data": -1, "fsdp": 1, "tensor": 1}, {"mixed_precision": "FULL"}
+    fsdp = dict(_mapping(fsdp, "fsdp_config"))
     train: dict[str, Any] = {}
     strategy = fsdp.pop("sharding_strategy", "FULL_SHARD")
     if strategy == "NO_SHARD":
@@ -398,9 +457,12 @@ def _fsdp(fsdp: Any, notes: list[str]) -> tuple[dict[str, int], dict[str, Any]]:
     else:
         raise ConfigError(f"fsdp_config.sharding_strategy: {strategy!r} is not an FSDP strategy")
     mixed = fsdp.pop("mixed_precision", "DEFAULT")
-    if mixed not in ("FULL", "DEFAULT", "PURE"):
-        raise ConfigError(f"fsdp_config.mixed_precision: {mixed!r} is not FULL, DEFAULT or PURE")
-    train["mixed_precision"] = mixed
+    if not isinstance(mixed, str) or mixed.upper() not in ("FULL", "DEFAULT", "PURE"):
+        raise ConfigError(
+            f"fsdp_config.mixed_precision: {mixed!r} is not FULL, DEFAULT or PURE (a per-dtype "
+            "mapping has no counterpart)"
+        )
+    train["mixed_precision"] = mixed.upper()
     if fsdp.pop("activation_checkpointing", False):
         train["remat"] = "full"
     for key in ("activation_cpu_offload", "cpu_offload"):
@@ -411,60 +473,82 @@ def _fsdp(fsdp: Any, notes: list[str]) -> tuple[dict[str, int], dict[str, Any]]:
             notes.append(f"fsdp_config.{key}: dropped (XLA schedules the collectives)")
             fsdp.pop(key)
     if fsdp:
-        raise ConfigError(f"fsdp_config.{sorted(fsdp)[0]}: not a key the translation knows")
+        raise ConfigError(f"fsdp_config.{sorted(fsdp)[0]}: a key this translation does not handle")
     return mesh, train
 
 
 def _optimizer(optimizer: Any, notes: list[str]) -> dict[str, Any]:
-    if not isinstance(optimizer, Mapping):
-        raise ConfigError(f"optimizer: expected a mapping, got {optimizer!r}")
-    optimizer = dict(optimizer)
-    name = optimizer.get("name")
-    if name not in ("decoupled_adamw", "decoupled_lionw", "adamw"):
+    optimizer = dict(_mapping(optimizer, "optimizer"))
+    name = optimizer.pop("name", None)
+    if name not in OPTIMIZER_DEFAULTS:
         raise ConfigError(
-            f"optimizer.name: {name!r} is not supported (decoupled_adamw, decoupled_lionw, adamw)"
+            f"optimizer.name: {name!r} is not supported (decoupled_adamw, decoupled_lionw)"
         )
-    known = {"name", "lr", "betas", "eps", "weight_decay"}
-    extra = sorted(set(optimizer) - known)
+    defaults = OPTIMIZER_DEFAULTS[name]
+    extra = sorted(set(optimizer) - set(defaults))
     if extra:
-        raise ConfigError(f"optimizer.{extra[0]}: not supported by mpt_jax's {name}")
-    return {k: list(v) if k == "betas" else v for k, v in optimizer.items()}
+        raise ConfigError(f"optimizer.{extra[0]}: not an argument of llm-foundry's {name}")
+    out = {"name": name, **defaults, **optimizer}
+    betas = out["betas"]
+    if not (isinstance(betas, list | tuple) and len(betas) == 2):
+        raise ConfigError(f"optimizer.betas: expected two numbers, got {betas!r}")
+    out["betas"] = list(betas)
+    absent = [k for k in defaults if k not in optimizer]
+    if absent:
+        notes.append(
+            f"optimizer: {', '.join(absent)} absent: {name}'s defaults "
+            f"({', '.join(f'{k} {defaults[k]}' for k in absent)})"
+        )
+    return out
 
 
-def _clipping(algorithms: Any) -> float | None:
-    if algorithms is None:
-        return None
-    if not isinstance(algorithms, Mapping):
-        raise ConfigError(f"algorithms: expected a mapping, got {algorithms!r}")
+def _clipping(algorithms: Any, notes: list[str]) -> float | None:
+    algorithms = _mapping(algorithms, "algorithms", none_ok=True)
     others = sorted(set(algorithms) - {"gradient_clipping"})
     if others:
         raise ConfigError(f"algorithms.{others[0]}: not supported (it would change the training)")
-    clipping = algorithms.get("gradient_clipping")
-    if clipping is None:
+    if "gradient_clipping" not in algorithms:
+        notes.append("algorithms.gradient_clipping: absent, so no clipping (as llm-foundry)")
         return None
+    clipping = _mapping(algorithms["gradient_clipping"], "algorithms.gradient_clipping")
     kind = clipping.get("clipping_type", "norm")
     if kind != "norm":
         raise ConfigError(
             f"algorithms.gradient_clipping.clipping_type: {kind!r} is not supported (norm)"
         )
-    return clipping.get("clipping_threshold")
+    if clipping.get("clipping_threshold") is None:
+        raise ConfigError("algorithms.gradient_clipping.clipping_threshold: required")
+    return clipping["clipping_threshold"]
+
+
+def _scheduler(scheduler: Any) -> dict[str, Any]:
+    scheduler = dict(_mapping(scheduler, "scheduler"))
+    if "name" not in scheduler:
+        raise ConfigError("scheduler.name: required (cosine_with_warmup, ...)")
+    if "t_warmup" not in scheduler:
+        raise ConfigError("scheduler.t_warmup: required by composer's warmup schedulers")
+    if scheduler.pop("scale_warmup", False):
+        raise ConfigError("scheduler.scale_warmup: true is not supported")
+    return scheduler
 
 
 def _callbacks(callbacks: Any, notes: list[str]) -> dict[str, Any]:
     train: dict[str, Any] = {}
-    for name, options in (callbacks or {}).items():
-        options = options or {}
+    for name, options in _mapping(callbacks, "callbacks", none_ok=True).items():
+        options = _mapping(options, f"callbacks.{name}", none_ok=True)
         if name == "kill_loss_spike":
             spike: dict[str, Any] = {"action": "log" if options.get("log_only", True) else "stop"}
             for theirs, ours in (
                 ("patience", "patience"),
                 ("outlier_multiplier", "outlier_multiplier"),
+                ("window_size", "window"),
                 ("loss_cap", "loss_cap"),
             ):
-                if theirs in options:
+                # llm-foundry takes its defaults of window and cap as "derive it"
+                if options.get(theirs, LOSS_SPIKE_UNSET.get(theirs)) != LOSS_SPIKE_UNSET.get(
+                    theirs
+                ):
                     spike[ours] = options[theirs]
-            if options.get("window_size", 100) != 100:  # 100 is llm-foundry's "not set"
-                spike["window"] = options["window_size"]
             train["loss_spike"] = spike
         elif name == "hf_checkpointer":
             train["export_hf"] = True
@@ -472,20 +556,27 @@ def _callbacks(callbacks: Any, notes: list[str]) -> dict[str, Any]:
                 "callbacks.hf_checkpointer: the HF folder is written at the end (RUN_DIR/hf); "
                 "any checkpoint converts with tools/convert_hf.py"
             )
-        elif name in CALLBACKS_BUILT_IN:
-            notes.append(f"callbacks.{name}: built in ({CALLBACKS_BUILT_IN[name]})")
+        elif name in CALLBACKS_HARMLESS:
+            notes.append(f"callbacks.{name}: dropped ({CALLBACKS_HARMLESS[name]})")
+        elif name in CALLBACKS_CHANGING:
+            raise ConfigError(f"callbacks.{name}: not supported (it {CALLBACKS_CHANGING[name]})")
         else:
-            notes.append(f"callbacks.{name}: dropped (no counterpart; callbacks leave the math)")
+            raise ConfigError(
+                f"callbacks.{name}: unknown to the translation; remove it if it only logs"
+            )
     return train
 
 
 def _loggers(loggers: Any, notes: list[str]) -> dict[str, Any]:
     train: dict[str, Any] = {}
-    for name, options in (loggers or {}).items():
-        options = options or {}
+    for name, options in _mapping(loggers, "loggers", none_ok=True).items():
+        options = _mapping(options, f"loggers.{name}", none_ok=True)
         if name == "wandb":
             train["wandb_project"] = options.get("project") or "mpt-jax"
             train["wandb_mode"] = "online"
+            others = sorted(set(options) - {"project"})
+            if others:
+                notes.append(f"loggers.wandb: {', '.join(others)} dropped (the project only)")
         elif name == "tensorboard":
             notes.append("loggers.tensorboard: always written (RUN_DIR/tensorboard)")
         else:
@@ -493,23 +584,63 @@ def _loggers(loggers: Any, notes: list[str]) -> dict[str, Any]:
     return train
 
 
-def _checkpoints(src: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+def _checkpoints(
+    src: dict[str, Any], steps: int | None, batch: int, seq: int, notes: list[str]
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     folder = src.pop("save_folder", None)
-    interval = src.pop("save_interval", None)
-    keep = src.pop("save_num_checkpoints_to_keep", None)
+    # llm-foundry's defaults: every 1000 batches, every checkpoint kept
+    interval = src.pop("save_interval", "1000ba")
+    keep = src.pop("save_num_checkpoints_to_keep", -1)
     if folder is None:
         notes.append(
             "save_folder: absent, so llm-foundry would save nothing; checkpoints go to "
-            "RUN_DIR/checkpoints at checkpoint's defaults"
+            "RUN_DIR/checkpoints all the same"
         )
-    if interval is not None:
-        out["every"] = _interval(interval, "save_interval", None)
-    if keep is not None:
-        if keep == -1:  # every checkpoint
-            out["keep_every"] = out.get("every", 1000)
-        elif isinstance(keep, int) and keep > 0:
-            out["keep"] = keep
-        else:
-            raise ConfigError(f"save_num_checkpoints_to_keep: expected -1 or > 0, got {keep!r}")
+    else:
+        notes.append(f"save_folder: {folder} dropped (checkpoints go to RUN_DIR/checkpoints)")
+    out["every"] = _interval(interval, "save_interval", steps, batch, seq)
+    if keep == -1:  # every checkpoint
+        out["keep_every"] = out["every"]
+    elif isinstance(keep, int) and not isinstance(keep, bool) and keep > 0:
+        out["keep"] = keep
+    else:
+        raise ConfigError(f"save_num_checkpoints_to_keep: expected -1 or > 0, got {keep!r}")
     return out
+
+
+# every top-level key translate() reads or drops
+KNOWN_TOP_KEYS = {
+    "variables",
+    "model",
+    "max_seq_len",
+    "train_loader",
+    "tokenizer",
+    "global_train_batch_size",
+    "max_duration",
+    "device_train_microbatch_size",
+    "seed",
+    "precision",
+    "fsdp_config",
+    "eval_interval",
+    "console_log_interval",
+    "eval_first",
+    "eval_subset_num_batches",
+    "icl_tasks",
+    "eval_gauntlet",
+    "icl_subset_num_batches",
+    "callbacks",
+    "loggers",
+    "progress_bar",
+    "log_to_console",
+    "accumulate_train_batch_on_tokens",
+    "optimizer",
+    "algorithms",
+    "scheduler",
+    "save_folder",
+    "save_interval",
+    "save_num_checkpoints_to_keep",
+    "load_path",
+    "run_name",
+    *TOP_KEYS_DROPPED,
+}

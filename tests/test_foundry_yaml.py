@@ -1,6 +1,5 @@
 """llm-foundry training YAMLs translated into run configs: the recipe, a run, refusals."""
 
-import copy
 import sys
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import pytest
 import yaml
 
 from mpt_jax.config import ConfigError, load_run_config, to_dict
-from mpt_jax.foundry_yaml import resolve_references, translate
+from mpt_jax.foundry_yaml import load_foundry_yaml, translate
 from mpt_jax.train import run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -116,13 +115,22 @@ def test_the_125m_pretraining_yaml_becomes_our_125m_recipe(small_dataset, tmp_pa
     assert ours.train.eval_batches is None and not ours.train.progress
     assert ours.train.log_every == 1 and ours.checkpoint.every == 500
     header = out.read_text()
-    assert "# callbacks.speed_monitor: built in (tokens_per_s, mfu)" in header
+    assert "# callbacks.speed_monitor: dropped (built in: tokens_per_s, mfu)" in header
     assert "# model.attn_config.attn_impl: 'flash' dropped" in header
     assert "device_train_microbatch_size: 16 per device" in header
     # per device x 8 devices, and the byte tokenizer of the dataset
     assert from_foundry.main([*argv, "--devices", "8"]) == 0
     assert load_run_config(out).train.microbatch == 128
     assert load_run_config(out).data.tokenizer == "byte"
+    # the older layout, variables at the top level, translates the same
+    top = "data_local: ./my-copy-c4\ndata_remote:\nmax_seq_len: 2048\nglobal_seed: 17\nrun_name:\n"
+    old = top + FOUNDRY_125M.split("run_name: ${variables.run_name}\n")[1]
+    (tmp_path / "old.yaml").write_text(old.replace("${variables.", "${"))
+    translations = [
+        translate(load_foundry_yaml(tmp_path / name), data=str(small_dataset / "ds")).config
+        for name in ("old.yaml", "mpt-125m.yaml")
+    ]
+    assert translations[0] == translations[1]
 
 
 TINY = """
@@ -161,13 +169,14 @@ callbacks:
 
 
 def test_a_translated_yaml_trains(small_dataset, tmp_path):
+    (tmp_path / "tiny.yaml").write_text(TINY)
     config = translate(
-        yaml.safe_load(TINY),
+        load_foundry_yaml(tmp_path / "tiny.yaml"),
         data=str(small_dataset / "ds"),
         run_dir=str(tmp_path / "run"),
         devices=jax.device_count(),
     )
-    assert "callbacks.generate: dropped (no counterpart; callbacks leave the math)" in config.notes
+    assert "callbacks.generate: dropped (samples: mpt-jax generate on a checkpoint)" in config.notes
     assert any(note.startswith("algorithms.gradient_clipping: absent") for note in config.notes)
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config.config))
     cfg = load_run_config(tmp_path / "run.yaml")
@@ -185,13 +194,14 @@ def test_a_translated_yaml_trains(small_dataset, tmp_path):
     assert steps == [2, 4, 6]  # -1: every checkpoint kept
 
 
-def _with(text, path, value):
-    data = yaml.safe_load(text)
+def _with(tmp_path, path, value):
+    data = yaml.safe_load(TINY)
     node = data
     for part in path[:-1]:
         node = node.setdefault(part, {})
     node[path[-1]] = value
-    return data
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(data))
+    return tmp_path / "changed.yaml"
 
 
 @pytest.mark.parametrize(
@@ -202,31 +212,79 @@ def _with(text, path, value):
         (("max_duration",), "20sp", "max_duration: 20sp is not a whole number of batches of 16"),
         (("precision",), "amp_fp16", "precision: 'amp_fp16' is not supported"),
         (("algorithms", "low_precision_layernorm"), {}, "algorithms.low_precision_layernorm: not"),
+        (("algorithms", "gradient_clipping"), {"clipping_type": "norm"}, "threshold: required"),
+        (("algorithms",), {"gradient_clipping": 1.0}, "gradient_clipping: expected a mapping"),
         (("optimizer", "name"), "adam", "optimizer.name: 'adam' is not supported"),
+        (("optimizer", "eps"), 1e-8, "optimizer.eps: not an argument of llm-foundry's decoupled_l"),
+        (("optimizer", "betas"), 0.9, "optimizer.betas: expected two numbers"),
         (("model", "attn_config", "rope"), True, "model.attn_config.rope: True is not supported"),
         (("model", "d_modell"), 5, "model.d_modell: unknown key"),
-        (("model", "max_seq_len"), "${variables.nope}", r"\$\{variables.nope\} names nothing"),
+        (("model", "max_seq_len"), "${variables.nope}", "variables.nope"),
         (("fsdp_config", "activation_cpu_offload"), True, "offloading to the CPU"),
         (("icl_tasks",), [{"label": "x"}], "icl_tasks: given inline"),
         (("load_path",), "ckpt.pt", "load_path: ckpt.pt is a composer checkpoint"),
         (("eval_interval",), 1, "eval_interval: 1 cannot be translated"),
-        (("device_train_microbatch_size",), 3, "3 x 1 devices does not divide"),
+        (("callbacks",), ["speed_monitor"], "callbacks: expected a mapping"),
+        (("callbacks", "layer_freezing"), {}, "callbacks.layer_freezing: not supported"),
+        (("callbacks", "my_callback"), {}, "callbacks.my_callback: unknown to the translation"),
+        (("train_loader",), {"dataset": 5}, "train_loader.dataset: expected a mapping"),
         (("accumulate_train_batch_on_tokens",), False, "accumulate_train_batch_on_tokens"),
         (("train_loader",), {"name": "finetuning"}, "train_loader.name: 'finetuning'"),
-        (("my_key",), 1, "my_key: not an llm-foundry key the translation knows"),
+        (("my_key",), 1, "my_key: a key this translation does not handle"),
     ],
 )
-def test_what_would_train_differently_is_refused(small_dataset, path, value, message):
+def test_what_would_train_differently_is_refused(small_dataset, tmp_path, path, value, message):
     with pytest.raises(ConfigError, match=message):
-        translate(_with(TINY, path, value), data=str(small_dataset / "ds"), devices=1)
+        foundry = load_foundry_yaml(_with(tmp_path, path, value))
+        translate(foundry, data=str(small_dataset / "ds"), devices=2)
 
 
-def test_references_resolve_with_types_and_refuse_cycles():
-    data = {"variables": {"n": 4, "name": "x"}, "a": "${variables.n}", "b": "r-${variables.name}"}
-    assert resolve_references(data) == {**data, "a": 4, "b": "r-x"}
-    with pytest.raises(ConfigError, match=r"refers to itself"):
-        resolve_references({"a": "${b}", "b": "${a}"})
-    assert resolve_references(copy.deepcopy(data)) == resolve_references(data)
+def test_llm_foundry_defaults_fill_what_is_absent(small_dataset, tmp_path):
+    data = yaml.safe_load(TINY)
+    data["optimizer"] = {"name": "decoupled_adamw"}
+    data["fsdp_config"] = {"mixed_precision": "pure", "activation_checkpointing": True}
+    data["callbacks"] = {"kill_loss_spike": {"loss_cap": 10, "window_size": 100}}
+    data["save_folder"] = "s3://bucket/run"
+    del data["save_interval"], data["save_num_checkpoints_to_keep"]
+    data["eval_interval"] = "0.15dur"
+    data["max_duration"] = "4801ba"
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(data))
+    foundry = load_foundry_yaml(tmp_path / "run.yaml")
+    out = translate(foundry, data=str(small_dataset / "ds"), devices=8).config
+    # composer's DecoupledAdamW defaults, not ours
+    assert out["optim"] == {
+        "name": "decoupled_adamw",
+        "lr": 1.0e-3,
+        "betas": [0.9, 0.95],
+        "eps": 1.0e-8,
+        "weight_decay": 1.0e-5,
+        "clipping_threshold": None,
+    }
+    assert out["train"]["mixed_precision"] == "PURE" and out["train"]["remat"] == "full"
+    # kill_loss_spike's window and cap at their defaults mean "derive them"
+    assert out["train"]["loss_spike"] == {"action": "log"}
+    # save_interval 1000ba, every checkpoint kept; composer's ceil for dur; every eval batch
+    assert out["checkpoint"] == {"every": 1000, "keep_every": 1000}
+    assert out["train"]["eval_every"] == 721 and out["train"]["eval_batches"] is None
+    assert out["train"]["log_every"] == 1 and out["train"]["progress"] is False
+    # on one device llm-foundry drops FSDP: autocast only
+    one = translate(foundry, data=str(small_dataset / "ds"), devices=1)
+    assert one.config["train"]["mixed_precision"] == "FULL" and one.config["mesh"]["fsdp"] == 1
+    assert "fsdp_config: dropped on one device, as llm-foundry does (DDP)" in one.notes
+
+
+def test_references_resolve_as_omegaconf_does(tmp_path):
+    (tmp_path / "a.yaml").write_text(
+        "variables:\n  n: 4\n  k: n\n  l: [5, 6]\n"
+        "a: ${variables.n}\nb: r-${variables.${variables.k}}\nc: ${variables.l.1}\n"
+        "d:\n  e: 7\n  f: ${.e}\ng: \\${not_a_reference}\n"
+    )
+    data = load_foundry_yaml(tmp_path / "a.yaml")
+    assert (data["a"], data["b"], data["c"], data["d"]["f"]) == (4, "r-4", 6, 7)
+    assert data["g"] == "${not_a_reference}"
+    (tmp_path / "env.yaml").write_text("a: ${oc.env:HOME}\n")
+    with pytest.raises(ConfigError, match="llm-foundry clears that resolver"):
+        load_foundry_yaml(tmp_path / "env.yaml")
 
 
 def test_the_tool_exits_2_with_one_line(tmp_path, small_dataset, capsys):

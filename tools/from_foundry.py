@@ -2,11 +2,13 @@
 
     python tools/from_foundry.py FOUNDRY.yaml --data DIR [--run-dir DIR] [--devices N] [-o OUT]
 
-The model, batch, duration, optimizer, scheduler, clipping, precision, FSDP, evaluation,
-checkpoint, ICL and logging keys are translated; keys that change nothing here are dropped with
-a note (written as comments at the top of the output); a key that would train differently is
-refused in one line (exit 2). `--data` names a dataset prepared with tools/prepare_data.py (or
-builtin:NAME): StreamingDataset shards are not read. Writes OUT (else prints the YAML).
+The YAML is read as llm-foundry reads it (OmegaConf: pip install 'mpt_jax[foundry]'). The model,
+batch, duration, optimizer, scheduler, clipping, precision, FSDP, evaluation, checkpoint, ICL and
+logging keys are translated, with llm-foundry's defaults where one is absent; keys that change
+nothing here are dropped with a note (comments at the top of the output); a key that would train
+differently is refused in one line (exit 2). `--data` names a dataset prepared with
+tools/prepare_data.py (or builtin:NAME): StreamingDataset shards are not read. Writes OUT (else
+prints the YAML).
 """
 
 from __future__ import annotations
@@ -39,14 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
 
     from mpt_jax.atomic_write import write_atomic
-    from mpt_jax.config import ConfigError, load_yaml
+    from mpt_jax.config import ConfigError
     from mpt_jax.data import DataError, open_dataset
-    from mpt_jax.foundry_yaml import translate
+    from mpt_jax.foundry_yaml import load_foundry_yaml, translate
 
     try:
         tokenizer = args.tokenizer or _dataset_tokenizer(args.data, open_dataset)
         translation = translate(
-            load_yaml(args.foundry_yaml),
+            load_foundry_yaml(args.foundry_yaml),
             data=args.data,
             tokenizer=tokenizer,
             run_dir=args.run_dir,
