@@ -444,6 +444,8 @@ class TrainConfig:
     profile: tuple[int, int] | None = None  # [first, last) steps traced with jax.profiler
     progress: bool = True
     export_hf: bool = False  # write RUN_DIR/hf with save_pretrained at the end
+    # also RUN_DIR/hf-steps/ba<step> every N steps (llm-foundry's hf_checkpointer save_interval)
+    export_hf_every: int | None = None
     wandb_project: str | None = None  # logs to Weights & Biases when set and wandb is installed
     wandb_mode: Literal["online", "offline", "disabled"] = "offline"
     # fault tolerance (docs/fault-tolerance.md)
@@ -479,6 +481,7 @@ class TrainConfig:
             ("eval_every", 0),
             ("eval_batches", 1),
             ("icl_subset_num_batches", 1),
+            ("export_hf_every", 1),
         ):
             if getattr(self, name) is not None and getattr(self, name) < least:
                 raise ConfigError(f"train.{name}: must be >= {least}, got {getattr(self, name)}")

@@ -249,7 +249,9 @@ def translate(
         train[key] = value
     if (subset := take("icl_subset_num_batches")) is not None:
         train["icl_subset_num_batches"] = subset
-    train.update(_callbacks(take("callbacks"), notes))
+    train.update(
+        _callbacks(take("callbacks"), notes, lambda v, key: _interval(v, key, steps, batch, seq))
+    )
     train.update(_loggers(take("loggers"), notes))
     progress_bar, log_to_console = take("progress_bar", False), take("log_to_console", True)
     train["progress"] = bool(progress_bar) and not log_to_console
@@ -532,7 +534,7 @@ def _scheduler(scheduler: Any) -> dict[str, Any]:
     return scheduler
 
 
-def _callbacks(callbacks: Any, notes: list[str]) -> dict[str, Any]:
+def _callbacks(callbacks: Any, notes: list[str], interval: Any) -> dict[str, Any]:
     train: dict[str, Any] = {}
     for name, options in _mapping(callbacks, "callbacks", none_ok=True).items():
         options = _mapping(options, f"callbacks.{name}", none_ok=True)
@@ -552,9 +554,13 @@ def _callbacks(callbacks: Any, notes: list[str]) -> dict[str, Any]:
             train["loss_spike"] = spike
         elif name == "hf_checkpointer":
             train["export_hf"] = True
+            if options.get("save_interval") is not None:
+                where = "callbacks.hf_checkpointer.save_interval"
+                train["export_hf_every"] = interval(options["save_interval"], where)
             notes.append(
-                "callbacks.hf_checkpointer: the HF folder is written at the end (RUN_DIR/hf); "
-                "any checkpoint converts with tools/convert_hf.py"
+                "callbacks.hf_checkpointer: RUN_DIR/hf-steps/ba<step> every save_interval and "
+                "RUN_DIR/hf at the end, in the parameters' dtype (precision and save_folder "
+                "dropped)"
             )
         elif name in CALLBACKS_HARMLESS:
             notes.append(f"callbacks.{name}: dropped ({CALLBACKS_HARMLESS[name]})")

@@ -435,6 +435,7 @@ RESUMABLE_KEYS = (
     "train.profile",
     "train.progress",
     "train.export_hf",
+    "train.export_hf_every",
     "train.wandb_project",
     "train.wandb_mode",
     "train.watchdog_minutes",
@@ -449,6 +450,7 @@ RESUMABLE_KEYS = (
 # writes) the folder is a run's, which --overwrite may replace. Not restarts.jsonl: the
 # supervisor writes it before any trainer has looked at the folder.
 RUN_MARKERS = ("checkpoints", "metrics.jsonl", "complete.json")
+HF_STEPS_DIR = "hf-steps"  # train.export_hf_every's folders: ba<step>
 
 
 def _holds_a_run(run_dir: Path) -> bool:
@@ -1144,6 +1146,11 @@ class _Trainer:
         resume_at = consumed + cfg.rollback_skip_batches
         skipped = resume_at - restored.meta["data"]["batches"]
         self.loader.restore({**restored.meta["data"], "batches": resume_at})
+        if self.is_main:  # exports of the abandoned steps: the steps will be trained again
+            for folder in (self.run_dir / HF_STEPS_DIR).glob("ba*"):
+                if folder.name[2:].isdigit() and int(folder.name[2:]) > restored.step:
+                    (folder / "config.json").unlink(missing_ok=True)  # first: no longer whole
+                    shutil.rmtree(folder)
         deleted = ""
         if discarded:  # which hold the spike's updates
             steps = ", ".join(map(str, sorted(discarded)))
@@ -1225,6 +1232,8 @@ class _Trainer:
             # run did
             self._evaluate_and_log(step)
             self.watchdog.disarm()  # the first step compiles: no hang
+        if step > 0 and self._export_due(step):  # stopped at an export step before exporting
+            self._export_hf(self._hf_step_dir(step))
         last_time = time.perf_counter()
 
         def finish(pending, force: bool = False) -> _Divergence | None:
@@ -1287,19 +1296,43 @@ class _Trainer:
             if evaluate_now and step < total:
                 self._evaluate_and_log(step)
                 last_time = time.perf_counter()  # evaluation time is not step time
+            if self._export_due(step):
+                self._export_hf(self._hf_step_dir(step))
+                last_time = time.perf_counter()
         jax.block_until_ready(self.state)
         final.update(self._evaluate_and_log(total), step=total)
         final.update(self.save_times)
         if cfg.train.export_hf:
-            model = nnx.merge(self.graphdef, self.state.params)  # fetched tensor by tensor
-            if self.is_main:
-                final["hf_dir"] = str(model.save_pretrained(self.run_dir / "hf", overwrite=True))
-            else:  # tensors sharded across processes are gathered by all of them, in order
-                for _ in model.hf_tensors():
-                    pass
+            final["hf_dir"] = str(self._export_hf(self.run_dir / "hf"))
         if self.is_main:  # launch scripts requeue a job until this file exists
             write_atomic(self.run_dir / "complete.json", json.dumps(final, indent=1) + "\n")
         return final
+
+    def _hf_step_dir(self, step: int) -> Path:
+        return self.run_dir / HF_STEPS_DIR / f"ba{step}"
+
+    def _export_due(self, step: int) -> bool:
+        """train.export_hf_every's step, not written yet (a resumed run may have written it: a
+        complete folder has its config.json, written last)."""
+        every = self.cfg.train.export_hf_every
+        if not every or step % every:
+            return False
+        done = (self._hf_step_dir(step) / "config.json").is_file()
+        if jax.process_count() > 1:  # process 0's view: all gather the tensors, or none
+            done = bool(multihost_utils.broadcast_one_to_all(np.int32(done)))
+        return not done
+
+    def _export_hf(self, out_dir: Path) -> Path:
+        """The current parameters as an HF MPT folder (written whole, then renamed)."""
+        self.watchdog.heartbeat()
+        model = nnx.merge(self.graphdef, self.state.params)  # fetched tensor by tensor
+        if self.is_main:
+            out_dir = model.save_pretrained(out_dir, overwrite=True)
+        else:  # tensors sharded across processes are gathered by all of them, in order
+            for _ in model.hf_tensors():
+                pass
+        self.watchdog.heartbeat()
+        return out_dir
 
     def _scrambled(self, batch: dict[str, jax.Array], batch_index: int) -> dict[str, jax.Array]:
         """The batch with uniformly random tokens: the spike drill's noise (`spike@A-B`)."""

@@ -243,7 +243,10 @@ def test_llm_foundry_defaults_fill_what_is_absent(small_dataset, tmp_path):
     data = yaml.safe_load(TINY)
     data["optimizer"] = {"name": "decoupled_adamw"}
     data["fsdp_config"] = {"mixed_precision": "pure", "activation_checkpointing": True}
-    data["callbacks"] = {"kill_loss_spike": {"loss_cap": 10, "window_size": 100}}
+    data["callbacks"] = {
+        "kill_loss_spike": {"loss_cap": 10, "window_size": 100},
+        "hf_checkpointer": {"save_interval": "500ba", "precision": "bfloat16"},
+    }
     data["save_folder"] = "s3://bucket/run"
     del data["save_interval"], data["save_num_checkpoints_to_keep"]
     data["eval_interval"] = "0.15dur"
@@ -263,6 +266,7 @@ def test_llm_foundry_defaults_fill_what_is_absent(small_dataset, tmp_path):
     assert out["train"]["mixed_precision"] == "PURE" and out["train"]["remat"] == "full"
     # kill_loss_spike's window and cap at their defaults mean "derive them"
     assert out["train"]["loss_spike"] == {"action": "log"}
+    assert out["train"]["export_hf"] and out["train"]["export_hf_every"] == 500
     # save_interval 1000ba, every checkpoint kept; composer's ceil for dur; every eval batch
     assert out["checkpoint"] == {"every": 1000, "keep_every": 1000}
     assert out["train"]["eval_every"] == 721 and out["train"]["eval_batches"] is None

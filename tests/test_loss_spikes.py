@@ -7,11 +7,13 @@ import shutil
 import sys
 
 import helpers
+import jax
 import numpy as np
 import pytest
 from helpers import config
 from test_checkpoint import assert_bitwise_equal, final_params, train_lines
 
+import mpt_jax
 from mpt_jax import checkpoint
 from mpt_jax.cli import main
 from mpt_jax.config import ConfigError, LossSpikeConfig, run_config_from_dict
@@ -145,6 +147,7 @@ def spike_sections(action):
             "log_every": 1,
             "eval_batches": 1,
             "loss_spike": {"action": action, "window": 20, "outlier_multiplier": 1.5},
+            "export_hf_every": 10,
         },
         checkpoint={"every": 5},
     )
@@ -167,6 +170,10 @@ def test_a_spike_rolls_back_before_it_and_resumes_as_the_uninterrupted_run(
     assert meta["data"]["batches"] == 38 and meta["rollbacks"] == 1
     assert max(loss for step, (loss, _, _) in train_lines(whole).items() if step > 25) < 3.0
     assert not list((whole / "checkpoints").glob("discarded-*"))
+    # the HF export of step 30, written inside the spike, was deleted and written again
+    exports = sorted(p.name for p in (whole / "hf-steps").iterdir())
+    assert exports == ["ba10", "ba20", "ba30", "ba40"]
+    assert_bitwise_equal(hf_params(whole / "hf-steps" / "ba30"), final_params(whole, step=30))
 
     # the same run stopped by SIGTERM inside the spike saves step 30, three outliers in
     cut = tmp_path / "cut"
@@ -201,6 +208,13 @@ def test_a_spike_rolls_back_before_it_and_resumes_as_the_uninterrupted_run(
     (cut / "complete.json").unlink()
     run(config(small_dataset, run_dir=str(cut), **spike_sections("rollback")))
     assert records(cut) == records(whole)
+
+
+def hf_params(folder):
+    from flax import nnx
+
+    model = mpt_jax.from_pretrained(folder)
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
 
 
 def records(run_dir):

@@ -13,9 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
+from flax import nnx
 from helpers import TINY_MODEL, config, lower_for_cuda
 from xla_flags import xla_flags
 
+import mpt_jax
 from mpt_jax import attention as attention_module
 from mpt_jax.config import ConfigError, MeshConfig, count_params
 from mpt_jax.data import DataError
@@ -288,6 +290,22 @@ def test_eval_first_evaluates_the_initial_model_once(small_dataset, tmp_path):
     # a resumed run does not evaluate the initial model again
     run(config(small_dataset, run_dir=str(tmp_path / "run"), train={**train, "steps": 6}))
     assert [step for step, _ in val_steps()] == [0, 4, 6]
+
+
+def test_hf_exports_every_n_steps_also_across_a_stop(small_dataset, tmp_path, monkeypatch):
+    from test_loss_spikes import hf_params
+
+    sections = dict(train={"steps": 4, "export_hf_every": 2}, checkpoint={"every": 2})
+    monkeypatch.setenv("MPT_JAX_FAULTS", "sigterm@1")  # stops after step 2, before its export
+    stopped = run(config(small_dataset, run_dir=str(tmp_path / "run"), **sections))
+    assert stopped["step"] == 2 and not (tmp_path / "run" / "hf-steps").exists()
+    monkeypatch.delenv("MPT_JAX_FAULTS")
+    run(config(small_dataset, run_dir=str(tmp_path / "run"), **sections))  # exports 2 first
+    for step in (2, 4):
+        folder = tmp_path / "run" / "hf-steps" / f"ba{step}"
+        saved = mpt_jax.from_pretrained(tmp_path / "run", step=step)
+        want = [np.asarray(x) for x in jax.tree.leaves(nnx.state(saved, nnx.Param))]
+        assert all(np.array_equal(a, b) for a, b in zip(hf_params(folder), want, strict=True))
 
 
 def test_end_to_end_run_writes_run_folder(small_dataset, tmp_path):
