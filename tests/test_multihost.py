@@ -131,18 +131,20 @@ def test_two_processes_match_one_and_checkpoints_move_between_counts(small_datas
     # each run continues with the other process count from its step-5 checkpoint
     ((_, err_one),) = train(two, 1, 8, "train.steps=7", "mesh.dcn_data=1")
     # fsdp over both processes' 8 devices: the export gathers the sharded tensors from both
-    over_both = ("mesh.data=1", "mesh.fsdp=8", "train.export_hf=true")
+    over_both = ("mesh.data=1", "mesh.fsdp=8", "train.export_hf=true", "train.export_hf_every=7")
     results = train(one, 2, 4, "train.steps=7", *over_both)
     assert f"resuming from {tmp_path / 'two' / 'checkpoints' / '5'}" in err_one
     assert f"resuming from {tmp_path / 'one' / 'checkpoints' / '5'}" in results[0][1]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6, 7]
     np.testing.assert_allclose([b[s] for s in (6, 7)], [a[s] for s in (6, 7)], atol=1e-4)
-    exported, saved = (from_pretrained(tmp_path / "one" / d) for d in ("hf", ""))
-    for x, y in zip(
-        *(jax.tree.leaves(nnx.state(m, nnx.Param)) for m in (exported, saved)), strict=True
-    ):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    saved = from_pretrained(tmp_path / "one")
+    for folder in ("hf", "hf-steps/ba7"):  # the end's export and export_hf_every's
+        exported = from_pretrained(tmp_path / "one" / folder)
+        for x, y in zip(
+            *(jax.tree.leaves(nnx.state(m, nnx.Param)) for m in (exported, saved)), strict=True
+        ):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def error_line(stderr: str) -> str:
