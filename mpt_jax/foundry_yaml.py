@@ -120,6 +120,7 @@ OPTIMIZER_DEFAULTS = {  # composer's DecoupledAdamW and llm-foundry's DecoupledL
 }
 LOSS_SPIKE_UNSET = {"window_size": 100, "loss_cap": 10}  # llm-foundry's "not set" values
 _REFERENCE_ROOT = re.compile(r"\$\{\s*([A-Za-z_][\w-]*)")
+_ENV_REFERENCE = re.compile(r"\$\{\s*oc\.env\s*:")
 
 
 @dataclasses.dataclass
@@ -142,21 +143,22 @@ def load_foundry_yaml(path: str | Path) -> dict[str, Any]:
             "omegaconf is not installed: pip install 'mpt_jax[foundry]' (llm-foundry reads its "
             "YAMLs with it)"
         ) from None
-    path = Path(path)
+    import yaml
+
     try:
-        text = path.read_text()
+        text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read ({e})") from None
-    if "oc.env" in text:
+        raise ConfigError(f"cannot read ({e})") from None
+    if _ENV_REFERENCE.search(text):
         raise ConfigError("${oc.env:...}: llm-foundry clears that resolver; write the value")
     try:
         data = OmegaConf.to_container(OmegaConf.create(text), resolve=True)
-    except (OmegaConfBaseException, ValueError) as e:
-        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
+    except (OmegaConfBaseException, ValueError, yaml.YAMLError) as e:
+        raise ConfigError(" ".join(str(e).split("\n")[0].split())) from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+        raise ConfigError("expected a mapping at the top level")
     referenced = set(_REFERENCE_ROOT.findall(text))
-    variables = data.setdefault("variables", {}) or {}
+    variables = dict(_mapping(data.get("variables"), "variables", none_ok=True))
     for key in sorted(referenced - KNOWN_TOP_KEYS):
         if key in data:
             variables[key] = data.pop(key)
@@ -235,7 +237,7 @@ def translate(
         if value is not None:
             train[ours] = _interval(value, key, steps, batch, seq)
     if "eval_first" in src:
-        train["eval_first"] = bool(take("eval_first"))
+        train["eval_first"] = _bool(take("eval_first"), "eval_first")
     subset = take("eval_subset_num_batches", -1)
     train["eval_batches"] = None if subset == -1 else subset
     for key in ("icl_tasks", "eval_gauntlet"):
@@ -253,8 +255,9 @@ def translate(
         _callbacks(take("callbacks"), notes, lambda v, key: _interval(v, key, steps, batch, seq))
     )
     train.update(_loggers(take("loggers"), notes))
-    progress_bar, log_to_console = take("progress_bar", False), take("log_to_console", True)
-    train["progress"] = bool(progress_bar) and not log_to_console
+    progress_bar = _bool(take("progress_bar", False), "progress_bar")
+    log_to_console = _bool(take("log_to_console", True), "log_to_console")
+    train["progress"] = progress_bar and not log_to_console
     if take("accumulate_train_batch_on_tokens", True) is not True:
         raise ConfigError(
             "accumulate_train_batch_on_tokens: false weighs microbatches by samples; mpt_jax "
@@ -285,6 +288,15 @@ def translate(
         )
     run_config_from_dict(out, where="the translated config")  # whole, or the error names the key
     return Translation(out, notes)
+
+
+def _bool(value: Any, where: str) -> bool:
+    """A YAML boolean, or the strings true / false (llm-foundry's structured config reads them)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ConfigError(f"{where}: expected true or false, got {value!r}")
 
 
 def _mapping(value: Any, where: str, *, none_ok: bool = False) -> Mapping[str, Any]:
@@ -416,6 +428,8 @@ def _interval(value: Any, key: str, steps: int | None, batch: int, seq: int) -> 
 
 
 def _microbatch(micro: Any, batch: int, devices: int | None, notes: list[str]) -> int | str:
+    if devices is not None and devices < 1:
+        raise ConfigError(f"--devices: must be >= 1, got {devices}")
     if micro == "auto":
         return "auto"
     if not isinstance(micro, int) or isinstance(micro, bool) or micro <= 0:
@@ -487,6 +501,8 @@ def _optimizer(optimizer: Any, notes: list[str]) -> dict[str, Any]:
             f"optimizer.name: {name!r} is not supported (decoupled_adamw, decoupled_lionw)"
         )
     defaults = OPTIMIZER_DEFAULTS[name]
+    if name == "decoupled_adamw" and optimizer.pop("amsgrad", False) is not False:
+        raise ConfigError("optimizer.amsgrad: true is not supported (it changes the update)")
     extra = sorted(set(optimizer) - set(defaults))
     if extra:
         raise ConfigError(f"optimizer.{extra[0]}: not an argument of llm-foundry's {name}")
@@ -597,16 +613,19 @@ def _checkpoints(
     folder = src.pop("save_folder", None)
     # llm-foundry's defaults: every 1000 batches, every checkpoint kept
     interval = src.pop("save_interval", "1000ba")
-    keep = src.pop("save_num_checkpoints_to_keep", -1)
+    keep = src.pop("save_num_checkpoints_to_keep", None)
     if folder is None:
         notes.append(
             "save_folder: absent, so llm-foundry would save nothing; checkpoints go to "
-            "RUN_DIR/checkpoints all the same"
+            "RUN_DIR/checkpoints all the same, the latest checkpoint.keep (3) kept"
         )
     else:
         notes.append(f"save_folder: {folder} dropped (checkpoints go to RUN_DIR/checkpoints)")
+        keep = -1 if keep is None else keep
     out["every"] = _interval(interval, "save_interval", steps, batch, seq)
-    if keep == -1:  # every checkpoint
+    if keep is None:
+        pass
+    elif keep == -1:  # every checkpoint
         out["keep_every"] = out["every"]
     elif isinstance(keep, int) and not isinstance(keep, bool) and keep > 0:
         out["keep"] = keep

@@ -64,6 +64,7 @@ class _Divergence:
 
     where: str
     step: int  # the step that revealed it
+    handed_out: int  # data batches handed out through that step: the skip ends there
     first_step: int | None
     error: type[Exception]
 
@@ -983,6 +984,7 @@ class _Trainer:
             else None
         )
         self.rollbacks = 0
+        self.save_waiting = False  # a scheduled save put off by an open outlier streak
         self.spikes = LossSpikeMonitor(cfg.train.loss_spike, cfg.total_steps)
         self.start_step = self._restore_or_init()
         self.logger = metrics_lib.MetricsLogger(
@@ -1128,7 +1130,6 @@ class _Trainer:
                 f"checkpoints {'on' if self.saving else 'off'})"
             )
         self.checkpointer.wait()
-        consumed = self.loader.state()["batches"]
         restored = self.checkpointer.restore_latest(_items(self.abstract), before=cause.first_step)
         if restored is None:
             before = "" if cause.first_step is None else f" before step {cause.first_step}"
@@ -1138,12 +1139,13 @@ class _Trainer:
             [] if cause.first_step is None else self.checkpointer.discard_after(restored.step)
         )
         done = self.rollbacks  # the checkpoint's count may be lower: this session's counts
+        self.save_waiting = False  # the checkpoint rolled back to is the newest
         self._adopt(restored)
         self.state.bad_streak = jax.device_put(
             jnp.zeros((), jnp.int32), self.abstract.bad_streak.sharding
         )
         self.rollbacks = max(done, self.rollbacks) + 1
-        resume_at = consumed + cfg.rollback_skip_batches
+        resume_at = cause.handed_out + cfg.rollback_skip_batches
         skipped = resume_at - restored.meta["data"]["batches"]
         self.loader.restore({**restored.meta["data"], "batches": resume_at})
         if self.is_main:  # exports of the abandoned steps: the steps will be trained again
@@ -1170,13 +1172,13 @@ class _Trainer:
         self.bar.update(restored.step)
         return restored.step
 
-    def _divergence(self, finished: dict[str, Any]) -> _Divergence | None:
+    def _divergence(self, finished: dict[str, Any], handed_out: int) -> _Divergence | None:
         """What a finished step's metrics call for: a rollback (returned), a stop (raised), a
-        warning or nothing."""
+        warning or nothing. `handed_out`: the data batches handed out through that step."""
         step, streak = finished["step"], finished["bad_streak"]
         if streak >= self.cfg.train.nonfinite_patience:
             where = f"steps {step - streak + 1}..{step} had non-finite losses"
-            return _Divergence(where, step, None, NonFiniteLossError)
+            return _Divergence(where, step, handed_out, None, NonFiniteLossError)
         if streak:  # a skipped update: not the loss window's business
             return None
         # watched with action off too, so that switching it on when resuming finds a window
@@ -1204,7 +1206,7 @@ class _Trainer:
                 f"{event.describe()}; stopped (train.loss_spike.action: stop). To go on from the "
                 "newest checkpoint before it, past its data: train.loss_spike.action=rollback"
             )
-        return _Divergence(event.describe(), step, event.first_step, LossSpikeError)
+        return _Divergence(event.describe(), step, handed_out, event.first_step, LossSpikeError)
 
     def _stopped(self, final: dict[str, Any], step: int, *, saved: bool) -> dict[str, Any]:
         """What a preempted run returns, standing at `step`."""
@@ -1215,7 +1217,8 @@ class _Trainer:
 
     def _spike_open(self) -> bool:
         """An outlier streak is open that may end in a stop or rollback: a scheduled save now
-        could push the newest checkpoint before it out of `checkpoint.keep`."""
+        would hold the spike's updates, and could push the newest checkpoint before it out of
+        `checkpoint.keep`. The save waits for the first step after the streak closes."""
         acting = self.cfg.train.loss_spike.action in ("stop", "rollback")
         return acting and self.spikes.streak > 0
 
@@ -1238,11 +1241,11 @@ class _Trainer:
 
         def finish(pending, force: bool = False) -> _Divergence | None:
             """Read and log a dispatched step's metrics; what to roll back, if anything."""
-            final.update(_log_step(pending, cfg, self.logger, self.throughput, self.bar, force))
+            final.update(_log_step(pending[:4], cfg, self.logger, self.throughput, self.bar, force))
             if pending[0] == self.start_step:
                 self.throughput.reset()  # the first step's time is mostly compilation
             self.watchdog.heartbeat()
-            return self._divergence(final)
+            return self._divergence(final, handed_out=pending[4])
 
         while step < total:
             self.faults.before_step(step)
@@ -1261,7 +1264,9 @@ class _Trainer:
             # read step n-1's metrics only after step n is dispatched: the host never stalls
             rollback_due = None if pending is None else finish(pending)
             now = time.perf_counter()
-            pending = (step, out, now - last_time, data_wait)
+            # with the batches handed out through this step: where a rollback's skip ends,
+            # whether its metrics are read at once or one step later
+            pending = (step, out, now - last_time, data_wait, batch_index + 1)
             last_time = now
             step += 1
             # before any rollback: with several processes only this step is the agreed one
@@ -1272,12 +1277,11 @@ class _Trainer:
                 if preempted:  # the checkpoint rolled back to is this state (less the skip)
                     return self._stopped(final, step, saved=True)
                 continue
-            # a scheduled save waits while an outlier streak is open (see _spike_open)
-            save_now = self.saving and (
-                preempted
-                or step == total
-                or (self.checkpointer.due(step) and not self._spike_open())
-            )
+            finishing = preempted or step == total
+            # due() first, on every process alike: with several it is a collective now and then
+            due = self.saving and not finishing and self.checkpointer.due(step)
+            scheduled = due or (self.saving and not finishing and self.save_waiting)
+            save_now = (self.saving and finishing) or scheduled
             evaluate_now = _evaluates_at(cfg, step)
             if save_now or preempted or evaluate_now:
                 rollback_due = finish(pending, force=True)
@@ -1287,7 +1291,10 @@ class _Trainer:
                     if preempted:
                         return self._stopped(final, step, saved=True)
                     continue
+            if scheduled and self._spike_open():  # this step's loss read: see _spike_open
+                save_now, self.save_waiting = False, True
             if save_now:
+                self.save_waiting = False
                 self._save(step, wait=preempted or step == total)
             elif self.saving:
                 self._log_saves(step)

@@ -231,11 +231,16 @@ def _with(tmp_path, path, value):
         (("accumulate_train_batch_on_tokens",), False, "accumulate_train_batch_on_tokens"),
         (("train_loader",), {"name": "finetuning"}, "train_loader.name: 'finetuning'"),
         (("my_key",), 1, "my_key: a key this translation does not handle"),
+        (("eval_first",), "maybe", "eval_first: expected true or false"),
+        (("optimizer", "name"), "decoupled_adamw", "optimizer.amsgrad: true is not supported"),
     ],
 )
 def test_what_would_train_differently_is_refused(small_dataset, tmp_path, path, value, message):
+    changed = _with(tmp_path, path, value)
+    if "amsgrad" in message:
+        changed.write_text(changed.read_text().replace("optimizer:", "optimizer:\n  amsgrad: true"))
     with pytest.raises(ConfigError, match=message):
-        foundry = load_foundry_yaml(_with(tmp_path, path, value))
+        foundry = load_foundry_yaml(changed)
         translate(foundry, data=str(small_dataset / "ds"), devices=2)
 
 
@@ -248,6 +253,8 @@ def test_llm_foundry_defaults_fill_what_is_absent(small_dataset, tmp_path):
         "hf_checkpointer": {"save_interval": "500ba", "precision": "bfloat16"},
     }
     data["save_folder"] = "s3://bucket/run"
+    data["eval_first"] = "False"  # a string llm-foundry's structured config reads as false
+    data["optimizer"]["amsgrad"] = False
     del data["save_interval"], data["save_num_checkpoints_to_keep"]
     data["eval_interval"] = "0.15dur"
     data["max_duration"] = "4801ba"
@@ -271,6 +278,12 @@ def test_llm_foundry_defaults_fill_what_is_absent(small_dataset, tmp_path):
     assert out["checkpoint"] == {"every": 1000, "keep_every": 1000}
     assert out["train"]["eval_every"] == 721 and out["train"]["eval_batches"] is None
     assert out["train"]["log_every"] == 1 and out["train"]["progress"] is False
+    assert out["train"]["eval_first"] is False
+    # without save_folder llm-foundry saves nothing, and its keep-all default never applies
+    del data["save_folder"]
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(data))
+    bare = translate(load_foundry_yaml(tmp_path / "run.yaml"), data=str(small_dataset / "ds"))
+    assert bare.config["checkpoint"] == {"every": 1000}
     # on one device llm-foundry drops FSDP: autocast only
     one = translate(foundry, data=str(small_dataset / "ds"), devices=1)
     assert one.config["train"]["mixed_precision"] == "FULL" and one.config["mesh"]["fsdp"] == 1
@@ -289,6 +302,14 @@ def test_references_resolve_as_omegaconf_does(tmp_path):
     (tmp_path / "env.yaml").write_text("a: ${oc.env:HOME}\n")
     with pytest.raises(ConfigError, match="llm-foundry clears that resolver"):
         load_foundry_yaml(tmp_path / "env.yaml")
+    (tmp_path / "text.yaml").write_text("a: not oc.env here\n")
+    assert load_foundry_yaml(tmp_path / "text.yaml")["a"] == "not oc.env here"
+    (tmp_path / "vars.yaml").write_text("variables: [1]\nseed: 3\n")
+    with pytest.raises(ConfigError, match="variables: expected a mapping"):
+        load_foundry_yaml(tmp_path / "vars.yaml")
+    (tmp_path / "broken.yaml").write_text("a: [\n")
+    with pytest.raises(ConfigError, match="while parsing"):
+        load_foundry_yaml(tmp_path / "broken.yaml")
 
 
 def test_the_tool_exits_2_with_one_line(tmp_path, small_dataset, capsys):
@@ -297,3 +318,7 @@ def test_the_tool_exits_2_with_one_line(tmp_path, small_dataset, capsys):
     assert from_foundry.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "max_duration: 1ep is in epochs" in err
+    (tmp_path / "good.yaml").write_text(FOUNDRY_125M)
+    argv = [str(tmp_path / "good.yaml"), "--data", str(small_dataset / "ds"), "--devices", "0"]
+    assert from_foundry.main(argv) == 2
+    assert "--devices: must be >= 1, got 0" in capsys.readouterr().err

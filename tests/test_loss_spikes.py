@@ -161,13 +161,14 @@ def test_a_spike_rolls_back_before_it_and_resumes_as_the_uninterrupted_run(
     run(config(small_dataset, run_dir=str(whole), **spike_sections("rollback")))
     err = capfd.readouterr().err
     assert "steps 28..32 were a loss spike: 5 losses in a row at least 1.5 x the mean" in err
-    # the save due at step 30 waited, the streak being open: no checkpoint holds the spike
-    assert "rolled back to step 25, skipping 8 data batches (25..32); rollback 1 of 3" in err
+    # the save due at step 30 waited, the streak being open: no checkpoint holds the spike;
+    # waiting, each step's loss is read at once, so nothing past step 32 was handed out
+    assert "rolled back to step 25, skipping 7 data batches (25..31); rollback 1 of 3" in err
     lines = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
     assert [x["loss_spike_from_step"] for x in lines if "loss_spike_from_step" in x] == [28]
     assert [x["rollback_to_step"] for x in lines if "rollback_to_step" in x] == [25]
     meta = checkpoint.read_meta(whole / "checkpoints" / "30")
-    assert meta["data"]["batches"] == 38 and meta["rollbacks"] == 1
+    assert meta["data"]["batches"] == 37 and meta["rollbacks"] == 1
     assert max(loss for step, (loss, _, _) in train_lines(whole).items() if step > 25) < 3.0
     assert not list((whole / "checkpoints").glob("discarded-*"))
     # the HF export of step 30, written inside the spike, was deleted and written again
@@ -195,7 +196,7 @@ def test_a_spike_rolls_back_before_it_and_resumes_as_the_uninterrupted_run(
     # resumed with rollbacks, it deletes the checkpoint of step 30 (three of the spike's
     # updates) and ends bit for bit as the uninterrupted run, metrics.jsonl line for line
     run(config(small_dataset, run_dir=str(cut), **spike_sections("rollback")))
-    assert "rolled back to step 25, skipping 8 data batches (25..32), deleting the " in (
+    assert "rolled back to step 25, skipping 7 data batches (25..31), deleting the " in (
         capfd.readouterr().err
     )
     assert_bitwise_equal(final_params(cut), final_params(whole))
@@ -222,6 +223,19 @@ def records(run_dir):
     keys = ("loss", "val_loss", "loss_spike_from_step", "rollback_to_step", "skipped_steps")
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [(x["step"], {k: x[k] for k in keys if k in x}) for x in lines if set(keys) & set(x)]
+
+
+def test_saves_wait_while_a_streak_is_open(small_dataset, tmp_path, monkeypatch, capfd):
+    # a spike over steps 30..34 (the save due at 30 waits: checkpoint.keep 1 still holds 25),
+    # then after the rollback a two-outlier blip over steps 30 and 31: the save waits to 32
+    monkeypatch.setenv("MPT_JAX_FAULTS", "spike@29-33,spike@38-39")
+    sections = spike_sections("rollback")
+    sections["checkpoint"] = {"every": 5, "keep": 1}
+    run(config(small_dataset, run_dir=str(tmp_path / "run"), **sections))
+    assert "rolled back to step 25, skipping 9 data batches (25..33)" in capfd.readouterr().err
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    saved = sorted({int(x["checkpoint_step"]) for x in lines if "checkpoint_step" in x})
+    assert saved == [5, 10, 15, 20, 25, 32, 35, 40]
 
 
 def test_every_rollback_counts_against_max_rollbacks(small_dataset, tmp_path, monkeypatch, capfd):

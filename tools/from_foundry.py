@@ -47,14 +47,19 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         tokenizer = args.tokenizer or _dataset_tokenizer(args.data, open_dataset)
+    except DataError as e:
+        print(f"error: --data: {e}", file=sys.stderr)
+        return 2
+    try:
+        foundry = load_foundry_yaml(args.foundry_yaml)
         translation = translate(
-            load_foundry_yaml(args.foundry_yaml),
+            foundry,
             data=args.data,
             tokenizer=tokenizer,
             run_dir=args.run_dir,
             devices=args.devices,
         )
-    except (ConfigError, DataError) as e:
+    except ConfigError as e:
         print(f"error: {args.foundry_yaml}: {e}", file=sys.stderr)
         return 2
     header = [f"# Translated from {args.foundry_yaml} by tools/from_foundry.py."]
