@@ -1159,7 +1159,8 @@ class _Trainer:
             plural = "s" if len(discarded) > 1 else ""
             deleted = f", deleting the checkpoint{plural} of step{plural} {steps}"
         message = (
-            f"{cause.where}: rolled back to step {restored.step}, skipping {skipped} data batches "
+            f"{cause.where}: rolled back to step {restored.step}, skipping {skipped} data "
+            f"batch{'' if skipped == 1 else 'es'} "
             f"({restored.meta['data']['batches']}..{resume_at - 1}){deleted}; "
             f"rollback {self.rollbacks} of {cfg.max_rollbacks}"
         )

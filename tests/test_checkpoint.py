@@ -130,7 +130,7 @@ def test_nan_streak_rolls_back_and_skips_the_bad_data(small_dataset, tmp_path, m
     assert [x["rollback_to_step"] for x in lines if "rollback_to_step" in x] == [8]
     meta = checkpoint.read_meta(tmp_path / "run" / "checkpoints" / "14")
     # the data goes on after step 9's batch (8): batches 8..8 skipped, the bad one left
-    assert "rolled back to step 8, skipping 1 data batches (8..8)" in err
+    assert "rolled back to step 8, skipping 1 data batch (8..8)" in err
     assert meta["data"]["batches"] == 15 and meta["rollbacks"] == 1
     monkeypatch.setenv("MPT_JAX_FAULTS", "nan@0-20")
     with pytest.raises(NonFiniteLossError, match="no checkpoint to roll back to"):
