@@ -20,19 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from mpt_jax.config import ConfigError, ModelConfig, run_config_from_dict, split_time
+from mpt_jax.hf_checkpoint import UNSUPPORTED_FEATURES
 
 # model keys llm-foundry has and mpt_jax does not, with the value that leaves them off
 MODEL_FEATURES_OFF = {
-    "prefix_lm": False,
-    "qk_gn": False,
-    "rope": False,
-    "sliding_window_size": -1,
-    "attn_logit_softcapping": None,
-    "kv_dim": None,
-    "fused_qkv": True,
-    "final_logit_softcapping": None,
-    "head_dim": None,
-    "block_overrides": None,
+    **UNSUPPORTED_FEATURES["attn_config"],
+    **UNSUPPORTED_FEATURES["top"],
     "z_loss": 0.0,
 }
 # model keys that change nothing here: why

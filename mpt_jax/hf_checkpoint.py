@@ -57,7 +57,7 @@ _ATTN_FIELDS = (
     "attn_uses_sequence_id",
 )
 # attn_config / top-level features llm-foundry has and mpt_jax does not: (key, value when off)
-_UNSUPPORTED = {
+UNSUPPORTED_FEATURES = {
     "attn_config": {
         "prefix_lm": False,
         "qk_gn": False,
@@ -110,7 +110,7 @@ def config_from_hf(
     for name, sub in (("attn_config", attn), ("ffn_config", ffn), ("init_config", init)):
         if not isinstance(sub, Mapping):
             raise CheckpointError(f"{source}: {name} must be an object, got {sub!r}")
-    for key, off in _UNSUPPORTED["attn_config"].items():
+    for key, off in UNSUPPORTED_FEATURES["attn_config"].items():
         if attn.get(key, off) != off:
             raise CheckpointError(
                 f"{source}: attn_config.{key}={attn[key]!r} is not supported by mpt_jax"
@@ -120,7 +120,7 @@ def config_from_hf(
         raise CheckpointError(
             f"{source}: attn_config.attn_temperature_tuning={tuning!r} is not supported by mpt_jax"
         )
-    for key, off in _UNSUPPORTED["top"].items():
+    for key, off in UNSUPPORTED_FEATURES["top"].items():
         if data.get(key, off) not in (off, None):
             raise CheckpointError(f"{source}: {key}={data[key]!r} is not supported by mpt_jax")
 
