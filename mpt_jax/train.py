@@ -1122,7 +1122,7 @@ class _Trainer:
 
     def _rollback(self, cause: _Divergence) -> int:
         """Back to the newest checkpoint before `cause.first_step` (any, for non-finite losses,
-        whose updates were skipped), and on with the data after every batch handed out."""
+        whose updates were skipped), and on with the data after the revealing step's batch."""
         cfg = self.cfg.train
         if not self.saving or self.rollbacks >= cfg.max_rollbacks:
             raise cause.error(
