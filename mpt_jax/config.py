@@ -455,6 +455,11 @@ class TrainConfig:
     max_rollbacks: int = 3
     loss_spike: LossSpikeConfig = dataclasses.field(default_factory=LossSpikeConfig)
 
+    @property
+    def fixed_microbatch(self) -> int | None:
+        """`microbatch` when a number (None: the whole batch, or `auto` not chosen yet)."""
+        return self.microbatch if isinstance(self.microbatch, int) else None
+
     def __post_init__(self) -> None:
         if self.global_batch <= 0:
             raise ConfigError(f"train.global_batch: must be > 0, got {self.global_batch}")

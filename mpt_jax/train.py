@@ -371,7 +371,7 @@ def make_eval_step(graphdef, cfg: RunConfig, data_shards: int = 1) -> Callable:
     of `data_shards`, data x fsdp) and with `train.loss_chunk`, so that evaluation fits where
     training does.
     """
-    micro = cfg.train.microbatch if isinstance(cfg.train.microbatch, int) else None
+    micro = cfg.train.fixed_microbatch
 
     def loss_sums(params, ids, seg):
         return _loss_sums(graphdef, cfg, params, ids, shift_targets(ids), seg)
@@ -765,7 +765,7 @@ def _icl_during_training(cfg: RunConfig, meta, data_shards: int) -> IclDuringTra
     """train.icl_tasks in the first dataset's tokens, batched as the eval step is."""
     if cfg.train.icl_tasks is None:
         return None
-    micro = cfg.train.microbatch if isinstance(cfg.train.microbatch, int) else None
+    micro = cfg.train.fixed_microbatch
     try:
         return IclDuringTraining(
             cfg.train.icl_tasks,
@@ -898,7 +898,7 @@ class _Trainer:
                 f"train.global_batch: {cfg.train.global_batch} is not a multiple of data*fsdp "
                 f"({shards})"
             )
-        if isinstance(cfg.train.microbatch, int) and cfg.train.microbatch % shards:
+        if cfg.train.fixed_microbatch and cfg.train.fixed_microbatch % shards:
             raise ConfigError(
                 f"train.microbatch: {cfg.train.microbatch} is not a multiple of data*fsdp"
             )
