@@ -86,7 +86,7 @@ def _train(args: argparse.Namespace) -> int:
         saved = (
             "checkpoint saved; run the same command to resume"
             if final.get("checkpoint_saved")
-            else "nothing saved (checkpoint.enabled is false)"
+            else f"nothing saved ({final.get('not_saved', 'checkpoint.enabled is false')})"
         )
         print(f"stopped by {final['preempted']} at step {final['step']}: {saved}")
         print(f"run folder: {final['run_dir']}")

@@ -658,14 +658,10 @@ def _check_checkpoint_meta(
 
 
 def _meta(
-    cfg: RunConfig,
-    raw: dict,
-    step: int,
-    loader: BatchLoader,
-    rollbacks: int,
-    spikes: LossSpikeMonitor,
-    metrics_lines: int,
+    cfg: RunConfig, raw: dict, step: int, loader: BatchLoader, rollbacks: int, loop: dict
 ) -> dict:
+    """A checkpoint's JSON item; `loop`: the host loop's state (loss window, metrics.jsonl's
+    lines, why it was saved)."""
     key = jax.random.key_data(jax.random.key(cfg.train.seed))
     return {
         "step": step,
@@ -673,8 +669,7 @@ def _meta(
         "data": loader.state(),
         "rng": {"seed": cfg.train.seed, "key_data": [int(x) for x in jax.device_get(key)]},
         "rollbacks": rollbacks,
-        "loss_spike": spikes.state(),
-        "metrics_lines": metrics_lines,  # process 0's, which writes metrics.jsonl and this
+        **loop,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": {"jax": jax.__version__},
         "config": raw,
@@ -978,6 +973,9 @@ class _Trainer:
             has_steps = bool(multihost_utils.broadcast_one_to_all(np.int32(has_steps)))
         # after the broadcast: process 0 has set up the folder (--overwrite empties it)
         run_log.attach(self.run_dir, jax.process_index())
+        if self.is_main:  # HF exports a kill cut short (write_folder's temporary names)
+            for leftover in (self.run_dir / HF_STEPS_DIR).glob(".ba*.*-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
         self.checkpointer = (
             checkpoint.Checkpointer(checkpoints, cfg.checkpoint)
             if self.saving or has_steps
@@ -1100,13 +1098,16 @@ class _Trainer:
         self.rollbacks = int(restored.meta.get("rollbacks", 0))
         self.spikes.restore(restored.meta.get("loss_spike"), restored.step)
 
-    def _save(self, step: int, *, wait: bool = False) -> None:
+    def _save(self, step: int, reason: str, *, wait: bool = False) -> None:
         if not self.saving:
             return
         self.watchdog.heartbeat()
-        meta = _meta(
-            self.cfg, self.raw, step, self.loader, self.rollbacks, self.spikes, self.logger.lines
-        )
+        loop = {
+            "loss_spike": self.spikes.state(),
+            "metrics_lines": self.logger.lines,  # process 0's, which writes metrics.jsonl and this
+            "reason": reason,
+        }
+        meta = _meta(self.cfg, self.raw, step, self.loader, self.rollbacks, loop)
         self.checkpointer.save(step, **_items(self.state), meta=meta, wait=wait)
         self.watchdog.heartbeat()
         self._log_saves(step)
@@ -1130,14 +1131,19 @@ class _Trainer:
                 f"checkpoints {'on' if self.saving else 'off'})"
             )
         self.checkpointer.wait()
-        restored = self.checkpointer.restore_latest(_items(self.abstract), before=cause.first_step)
+        before = self._rollback_bound(cause.first_step)
+        restored = self.checkpointer.restore_latest(_items(self.abstract), before=before)
         if restored is None:
-            before = "" if cause.first_step is None else f" before step {cause.first_step}"
-            raise cause.error(f"{cause.where}; there is no checkpoint to roll back to{before}")
-        # the updates since were applied: their checkpoints must not be resumed from
-        discarded = (
-            [] if cause.first_step is None else self.checkpointer.discard_after(restored.step)
-        )
+            where = "" if cause.first_step is None else f" before step {cause.first_step}"
+            raise cause.error(f"{cause.where}; there is no checkpoint to roll back to{where}")
+        if self.is_main:  # exports of the abandoned steps: the steps will be trained again
+            for folder in (self.run_dir / HF_STEPS_DIR).glob("ba*"):
+                if folder.name[2:].isdigit() and int(folder.name[2:]) > restored.step:
+                    (folder / "config.json").unlink(missing_ok=True)  # first: no longer whole
+                    shutil.rmtree(folder)
+        # the later ones hold the spike's updates, or are preemption saves the uninterrupted
+        # run did not make: they must not be resumed from
+        discarded = self.checkpointer.discard_after(restored.step)
         done = self.rollbacks  # the checkpoint's count may be lower: this session's counts
         self.save_waiting = False  # the checkpoint rolled back to is the newest
         self._adopt(restored)
@@ -1148,13 +1154,8 @@ class _Trainer:
         resume_at = cause.handed_out + cfg.rollback_skip_batches
         skipped = resume_at - restored.meta["data"]["batches"]
         self.loader.restore({**restored.meta["data"], "batches": resume_at})
-        if self.is_main:  # exports of the abandoned steps: the steps will be trained again
-            for folder in (self.run_dir / HF_STEPS_DIR).glob("ba*"):
-                if folder.name[2:].isdigit() and int(folder.name[2:]) > restored.step:
-                    (folder / "config.json").unlink(missing_ok=True)  # first: no longer whole
-                    shutil.rmtree(folder)
         deleted = ""
-        if discarded:  # which hold the spike's updates
+        if discarded:
             steps = ", ".join(map(str, sorted(discarded)))
             plural = "s" if len(discarded) > 1 else ""
             deleted = f", deleting the checkpoint{plural} of step{plural} {steps}"
@@ -1172,6 +1173,19 @@ class _Trainer:
         self.bar.reset(total=self.cfg.total_steps)
         self.bar.update(restored.step)
         return restored.step
+
+    def _rollback_bound(self, first_step: int | None) -> int | None:
+        """`before` for restore_latest: past the newest scheduled (not preemption) save before
+        `first_step`, which the uninterrupted run also has; any save when there is none."""
+        steps = checkpoint.committed_steps(self.checkpointer.directory)
+        for step in reversed([s for s in steps if first_step is None or s < first_step]):
+            try:
+                reason = checkpoint.read_meta(self.checkpointer.directory / str(step)).get("reason")
+            except checkpoint.CheckpointError:
+                reason = None  # unreadable: restore_latest reports it and goes further back
+            if reason != "preemption":
+                return step + 1
+        return first_step
 
     def _divergence(self, finished: dict[str, Any], handed_out: int) -> _Divergence | None:
         """What a finished step's metrics call for: a rollback (returned), a stop (raised), a
@@ -1209,12 +1223,21 @@ class _Trainer:
             )
         return _Divergence(event.describe(), step, handed_out, event.first_step, LossSpikeError)
 
-    def _stopped(self, final: dict[str, Any], step: int, *, saved: bool) -> dict[str, Any]:
-        """What a preempted run returns, standing at `step`."""
+    def _stopped(
+        self, final: dict[str, Any], step: int, *, saved: bool, why: str | None = None
+    ) -> dict[str, Any]:
+        """What a preempted run returns, standing at `step` (`why` nothing was saved)."""
         final["preempted"] = self.preemption.signal_name
         final["step"] = step
         final["checkpoint_saved"] = saved
+        if not saved and self.saving and why:
+            final["not_saved"] = why
         return final
+
+    def _kept_for_good(self, step: int) -> bool:
+        """checkpoint.keep_every's steps are not put off: a later step would not be kept."""
+        every = self.cfg.checkpoint.keep_every
+        return bool(every) and step % every == 0
 
     def _spike_open(self) -> bool:
         """An outlier streak is open that may end in a stop or rollback: a scheduled save now
@@ -1278,11 +1301,14 @@ class _Trainer:
                 if preempted:  # the checkpoint rolled back to is this state (less the skip)
                     return self._stopped(final, step, saved=True)
                 continue
-            finishing = preempted or step == total
-            # due() first, on every process alike: with several it is a collective now and then
-            due = self.saving and not finishing and self.checkpointer.due(step)
-            scheduled = due or (self.saving and not finishing and self.save_waiting)
-            save_now = (self.saving and finishing) or scheduled
+            last_step = step == total
+            # due() first, on every process alike (preempted too: all processes are at the
+            # agreed step): with several processes it is a collective now and then
+            due = self.saving and not last_step and self.checkpointer.due(step)
+            scheduled = self.saving and not last_step and (due or self.save_waiting)
+            save_now = self.saving and (preempted or last_step or scheduled)
+            # why: a rollback goes back to scheduled saves, as the uninterrupted run does
+            reason = "scheduled" if scheduled else ("final" if last_step else "preemption")
             evaluate_now = _evaluates_at(cfg, step)
             if save_now or preempted or evaluate_now:
                 rollback_due = finish(pending, force=True)
@@ -1292,15 +1318,20 @@ class _Trainer:
                     if preempted:
                         return self._stopped(final, step, saved=True)
                     continue
-            if scheduled and self._spike_open():  # this step's loss read: see _spike_open
+            # this step's loss is read: see _spike_open
+            if scheduled and self._spike_open() and not self._kept_for_good(step):
                 save_now, self.save_waiting = False, True
+            if preempted and self._spike_open():
+                # nothing saved: the resumed run replays the streak from the checkpoint before
+                save_now = False
             if save_now:
                 self.save_waiting = False
-                self._save(step, wait=preempted or step == total)
+                self._save(step, reason, wait=preempted or last_step)
             elif self.saving:
                 self._log_saves(step)
             if preempted:
-                return self._stopped(final, step, saved=save_now)
+                why = "a loss streak is open: it resumes from the checkpoint before it"
+                return self._stopped(final, step, saved=save_now, why=None if save_now else why)
             if evaluate_now and step < total:
                 self._evaluate_and_log(step)
                 last_time = time.perf_counter()  # evaluation time is not step time

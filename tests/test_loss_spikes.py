@@ -176,12 +176,18 @@ def test_a_spike_rolls_back_before_it_and_resumes_as_the_uninterrupted_run(
     assert exports == ["ba10", "ba20", "ba30", "ba40"]
     assert_bitwise_equal(hf_params(whole / "hf-steps" / "ba30"), final_params(whole, step=30))
 
-    # the same run stopped by SIGTERM inside the spike saves step 30, three outliers in
+    # the same run, only logging spikes, stopped by SIGTERM inside the spike: it saves step 30,
+    # three outliers in (with stop or rollback it would not save inside an open streak)
     cut = tmp_path / "cut"
     monkeypatch.setenv("MPT_JAX_FAULTS", f"{SPIKE},sigterm@29")
-    stopped = run(config(small_dataset, run_dir=str(cut), **spike_sections("rollback")))
+    stopped = run(config(small_dataset, run_dir=str(cut), **spike_sections("log")))
     assert stopped["step"] == 30 and stopped["checkpoint_saved"]
     assert checkpoint.read_meta(cut / "checkpoints" / "30")["loss_spike"]["streak"] == 3
+    # resumed with rollbacks and stopped again at step 31: the streak is open, nothing is saved
+    monkeypatch.setenv("MPT_JAX_FAULTS", f"{SPIKE},sigterm@30")
+    stopped = run(config(small_dataset, run_dir=str(cut), **spike_sections("rollback")))
+    assert stopped["step"] == 31 and not stopped["checkpoint_saved"]
+    assert "a loss streak is open" in stopped["not_saved"]
     # told to stop at a spike, the resumed run exits 3 and leaves its checkpoints as they were
     monkeypatch.setenv("MPT_JAX_FAULTS", SPIKE)
     path = helpers.write_config(
@@ -236,6 +242,27 @@ def test_saves_wait_while_a_streak_is_open(small_dataset, tmp_path, monkeypatch,
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     saved = sorted({int(x["checkpoint_step"]) for x in lines if "checkpoint_step" in x})
     assert saved == [5, 10, 15, 20, 25, 32, 35, 40]
+
+
+def test_a_preemption_save_is_no_rollback_target(small_dataset, tmp_path, monkeypatch, capfd):
+    # non-finite steps 7..11 (patience 5) roll back to the scheduled checkpoint of step 8; a
+    # SIGTERM save of step 9 inside the streak must not become the target when resumed
+    sections = dict(
+        train={"steps": 14, "log_every": 1, "nonfinite_patience": 5, "eval_batches": 1},
+        checkpoint={"every": 4},
+    )
+    monkeypatch.setenv("MPT_JAX_FAULTS", "nan@6-10")
+    run(config(small_dataset, run_dir=str(tmp_path / "whole"), **sections))
+    monkeypatch.setenv("MPT_JAX_FAULTS", "nan@6-10,sigterm@8")
+    assert run(config(small_dataset, run_dir=str(tmp_path / "cut"), **sections))["step"] == 9
+    monkeypatch.setenv("MPT_JAX_FAULTS", "nan@6-10")
+    capfd.readouterr()
+    run(config(small_dataset, run_dir=str(tmp_path / "cut"), **sections))
+    assert "rolled back to step 8, skipping 3 data batches (8..10), deleting the checkpoint " in (
+        capfd.readouterr().err
+    )
+    assert_bitwise_equal(final_params(tmp_path / "cut"), final_params(tmp_path / "whole"))
+    assert records(tmp_path / "cut") == records(tmp_path / "whole")
 
 
 def test_every_rollback_counts_against_max_rollbacks(small_dataset, tmp_path, monkeypatch, capfd):
