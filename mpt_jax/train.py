@@ -605,6 +605,19 @@ def _model_changes(saved: Any, ours: Any, prefix: str = "") -> list[str]:
     return [k for k in _diff_keys(saved, ours, prefix) if k not in kernels]
 
 
+def _finish_hf_exports(folder: Path) -> None:
+    """HF exports a kill cut short (write_folder's temporary names): a whole one whose folder is
+    missing (killed between its two renames) is put in place, the rest removed."""
+    for tmp in sorted(folder.glob(".ba*.tmp-*")):
+        target = folder / tmp.name[1:].split(".tmp-")[0]
+        if (tmp / "config.json").is_file() and not target.exists():
+            tmp.rename(target)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    for old in folder.glob(".ba*.old-*"):
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _truncate_metrics(
     run_dir: Path, last_step: int, *, evaluates: bool = False, lines: int | None = None
 ) -> None:
@@ -973,9 +986,8 @@ class _Trainer:
             has_steps = bool(multihost_utils.broadcast_one_to_all(np.int32(has_steps)))
         # after the broadcast: process 0 has set up the folder (--overwrite empties it)
         run_log.attach(self.run_dir, jax.process_index())
-        if self.is_main:  # HF exports a kill cut short (write_folder's temporary names)
-            for leftover in (self.run_dir / HF_STEPS_DIR).glob(".ba*.*-*"):
-                shutil.rmtree(leftover, ignore_errors=True)
+        if self.is_main:
+            _finish_hf_exports(self.run_dir / HF_STEPS_DIR)
         self.checkpointer = (
             checkpoint.Checkpointer(checkpoints, cfg.checkpoint)
             if self.saving or has_steps
@@ -1132,7 +1144,16 @@ class _Trainer:
             )
         self.checkpointer.wait()
         before = self._rollback_bound(cause.first_step)
-        restored = self.checkpointer.restore_latest(_items(self.abstract), before=before)
+        try:
+            restored = self.checkpointer.restore_latest(_items(self.abstract), before=before)
+        except checkpoint.CheckpointError:
+            if before == cause.first_step:
+                raise
+            restored = None
+        if restored is None and before != cause.first_step:  # none scheduled is readable
+            restored = self.checkpointer.restore_latest(
+                _items(self.abstract), before=cause.first_step
+            )
         if restored is None:
             where = "" if cause.first_step is None else f" before step {cause.first_step}"
             raise cause.error(f"{cause.where}; there is no checkpoint to roll back to{where}")
@@ -1177,15 +1198,20 @@ class _Trainer:
     def _rollback_bound(self, first_step: int | None) -> int | None:
         """`before` for restore_latest: past the newest scheduled (not preemption) save before
         `first_step`, which the uninterrupted run also has; any save when there is none."""
+        bound = first_step
         steps = checkpoint.committed_steps(self.checkpointer.directory)
         for step in reversed([s for s in steps if first_step is None or s < first_step]):
             try:
                 reason = checkpoint.read_meta(self.checkpointer.directory / str(step)).get("reason")
             except checkpoint.CheckpointError:
-                reason = None  # unreadable: restore_latest reports it and goes further back
+                reason = None  # unreadable: restore_latest reports it (then any save counts)
             if reason != "preemption":
-                return step + 1
-        return first_step
+                bound = step + 1
+                break
+        if jax.process_count() > 1:  # process 0's reading, so that all restore the same step
+            agreed = multihost_utils.broadcast_one_to_all(np.int32(-1 if bound is None else bound))
+            bound = None if int(agreed) < 0 else int(agreed)
+        return bound
 
     def _divergence(self, finished: dict[str, Any], handed_out: int) -> _Divergence | None:
         """What a finished step's metrics call for: a rollback (returned), a stop (raised), a
@@ -1233,11 +1259,6 @@ class _Trainer:
         if not saved and self.saving and why:
             final["not_saved"] = why
         return final
-
-    def _kept_for_good(self, step: int) -> bool:
-        """checkpoint.keep_every's steps are not put off: a later step would not be kept."""
-        every = self.cfg.checkpoint.keep_every
-        return bool(every) and step % every == 0
 
     def _spike_open(self) -> bool:
         """An outlier streak is open that may end in a stop or rollback: a scheduled save now
@@ -1319,7 +1340,7 @@ class _Trainer:
                         return self._stopped(final, step, saved=True)
                     continue
             # this step's loss is read: see _spike_open
-            if scheduled and self._spike_open() and not self._kept_for_good(step):
+            if scheduled and self._spike_open():
                 save_now, self.save_waiting = False, True
             if preempted and self._spike_open():
                 # nothing saved: the resumed run replays the streak from the checkpoint before

@@ -308,6 +308,21 @@ def test_hf_exports_every_n_steps_also_across_a_stop(small_dataset, tmp_path, mo
         assert all(np.array_equal(a, b) for a, b in zip(hf_params(folder), want, strict=True))
 
 
+def test_hf_exports_a_kill_cut_short_are_finished_or_removed(tmp_path):
+    from mpt_jax.train import _finish_hf_exports
+
+    # killed between write_folder's renames (ba2 moved aside, the whole new one not yet in
+    # place); killed while writing ba4 (no config.json); ba6 whole and in place
+    for name, whole in ((".ba2.tmp-x1", True), (".ba2.old-x1", True), (".ba4.tmp-x2", False)):
+        (tmp_path / name).mkdir()
+        if whole:
+            (tmp_path / name / "config.json").write_text("{}")
+    (tmp_path / "ba6").mkdir()
+    _finish_hf_exports(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ba2", "ba6"]
+    assert (tmp_path / "ba2" / "config.json").is_file()
+
+
 def test_end_to_end_run_writes_run_folder(small_dataset, tmp_path):
     cfg = config(
         small_dataset,
