@@ -115,23 +115,38 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
 
 
 def test_nan_streak_rolls_back_and_skips_the_bad_data(small_dataset, tmp_path, monkeypatch, capfd):
-    monkeypatch.setenv("MPT_JAX_FAULTS", "nan@6-8")  # data batches 6, 7 and 8 are poison
-    cfg = config(
-        small_dataset,
-        run_dir=str(tmp_path / "run"),
-        train={"steps": 14, "log_every": 1, "nonfinite_patience": 3, "eval_batches": 1},
+    # data batches 6..10 are poison: steps 7..11 skip their updates, and the fifth in a row
+    # rolls back to the scheduled checkpoint of step 8
+    sections = dict(
+        train={"steps": 14, "log_every": 1, "nonfinite_patience": 5, "eval_batches": 1},
         checkpoint={"every": 4},
     )
-    final = run(cfg)
+    monkeypatch.setenv("MPT_JAX_FAULTS", "nan@6-10")
+    final = run(config(small_dataset, run_dir=str(tmp_path / "run"), **sections))
     err = capfd.readouterr().err
-    assert "steps 7..9 had non-finite losses: rolled back to step 8" in err
+    # the data goes on after step 11's batch (10): batches 8..10 skipped
+    assert (
+        "steps 7..11 had non-finite losses: rolled back to step 8, skipping 3 data batches (8..10)"
+    ) in err
     assert np.isfinite(final["loss"]) and final["step"] == 14
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["rollback_to_step"] for x in lines if "rollback_to_step" in x] == [8]
     meta = checkpoint.read_meta(tmp_path / "run" / "checkpoints" / "14")
-    # the data goes on after step 9's batch (8): batches 8..8 skipped, the bad one left
-    assert "rolled back to step 8, skipping 1 data batch (8..8)" in err
-    assert meta["data"]["batches"] == 15 and meta["rollbacks"] == 1
+    assert meta["data"]["batches"] == 17 and meta["rollbacks"] == 1
+
+    # stopped by SIGTERM inside the streak, at step 9: resumed, it does not roll back to that
+    # preemption save (which it deletes) but to step 8, as the uninterrupted run
+    monkeypatch.setenv("MPT_JAX_FAULTS", "nan@6-10,sigterm@8")
+    assert run(config(small_dataset, run_dir=str(tmp_path / "cut"), **sections))["step"] == 9
+    monkeypatch.setenv("MPT_JAX_FAULTS", "nan@6-10")
+    capfd.readouterr()
+    run(config(small_dataset, run_dir=str(tmp_path / "cut"), **sections))
+    assert "rolled back to step 8, skipping 3 data batches (8..10), deleting the checkpoint " in (
+        capfd.readouterr().err
+    )
+    assert_bitwise_equal(final_params(tmp_path / "cut"), final_params(tmp_path / "run"))
+    assert train_lines(tmp_path / "cut") == train_lines(tmp_path / "run")
+
     monkeypatch.setenv("MPT_JAX_FAULTS", "nan@0-20")
     with pytest.raises(NonFiniteLossError, match="no checkpoint to roll back to"):
         run(config(small_dataset, run_dir=str(tmp_path / "bad"), train={"steps": 8}))

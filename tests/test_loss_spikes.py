@@ -244,27 +244,6 @@ def test_saves_wait_while_a_streak_is_open(small_dataset, tmp_path, monkeypatch,
     assert saved == [5, 10, 15, 20, 25, 32, 35, 40]
 
 
-def test_a_preemption_save_is_no_rollback_target(small_dataset, tmp_path, monkeypatch, capfd):
-    # non-finite steps 7..11 (patience 5) roll back to the scheduled checkpoint of step 8; a
-    # SIGTERM save of step 9 inside the streak must not become the target when resumed
-    sections = dict(
-        train={"steps": 14, "log_every": 1, "nonfinite_patience": 5, "eval_batches": 1},
-        checkpoint={"every": 4},
-    )
-    monkeypatch.setenv("MPT_JAX_FAULTS", "nan@6-10")
-    run(config(small_dataset, run_dir=str(tmp_path / "whole"), **sections))
-    monkeypatch.setenv("MPT_JAX_FAULTS", "nan@6-10,sigterm@8")
-    assert run(config(small_dataset, run_dir=str(tmp_path / "cut"), **sections))["step"] == 9
-    monkeypatch.setenv("MPT_JAX_FAULTS", "nan@6-10")
-    capfd.readouterr()
-    run(config(small_dataset, run_dir=str(tmp_path / "cut"), **sections))
-    assert "rolled back to step 8, skipping 3 data batches (8..10), deleting the checkpoint " in (
-        capfd.readouterr().err
-    )
-    assert_bitwise_equal(final_params(tmp_path / "cut"), final_params(tmp_path / "whole"))
-    assert records(tmp_path / "cut") == records(tmp_path / "whole")
-
-
 def test_every_rollback_counts_against_max_rollbacks(small_dataset, tmp_path, monkeypatch, capfd):
     # three spikes, each rolled back to the checkpoint of step 25, whose meta counts none
     monkeypatch.setenv("MPT_JAX_FAULTS", "spike@27-31,spike@33-37,spike@41-45")
