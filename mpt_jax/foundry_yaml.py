@@ -133,7 +133,7 @@ def load_foundry_yaml(path: str | Path) -> dict[str, Any]:
         from omegaconf.errors import OmegaConfBaseException
     except ImportError:
         raise ConfigError(
-            "omegaconf is not installed: pip install 'mpt_jax[foundry]' (llm-foundry reads its "
+            "omegaconf is not installed: pip install -e '.[foundry]' (llm-foundry reads its "
             "YAMLs with it)"
         ) from None
     import yaml

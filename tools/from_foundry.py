@@ -2,7 +2,7 @@
 
     python tools/from_foundry.py FOUNDRY.yaml --data DIR [--run-dir DIR] [--devices N] [-o OUT]
 
-The YAML is read as llm-foundry reads it (OmegaConf: pip install 'mpt_jax[foundry]'). The model,
+The YAML is read as llm-foundry reads it (OmegaConf: pip install -e '.[foundry]'). The model,
 batch, duration, optimizer, scheduler, clipping, precision, FSDP, evaluation, checkpoint, ICL and
 logging keys are translated, with llm-foundry's defaults where one is absent; keys that change
 nothing here are dropped with a note (comments at the top of the output); a key that would train
