@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import warnings
@@ -179,6 +180,12 @@ def config_from_hf(
         raise CheckpointError(str(e)) from e
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _act_from_hf(act: Any, source: str) -> str:
     if isinstance(act, Mapping):
         name = act.get("name")
@@ -332,6 +339,7 @@ def write_folder(
         write_checkpoint(tmp, list(entries), fetch, dtype=dtype, max_shard_size=max_shard_size)
         config = config_to_hf(cfg, dtype=stored)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would keep other users out
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{tmp.name[-8:]}")
             out_dir.rename(old)

@@ -610,7 +610,12 @@ def _finish_hf_exports(folder: Path) -> None:
     missing (killed between its two renames) is put in place, the rest removed."""
     for tmp in sorted(folder.glob(".ba*.tmp-*")):
         target = folder / tmp.name[1:].split(".tmp-")[0]
-        if (tmp / "config.json").is_file() and not target.exists():
+        try:  # config.json is written last: whole if it parses
+            json.loads((tmp / "config.json").read_text())
+            whole = True
+        except (OSError, ValueError):
+            whole = False
+        if whole and not target.exists():
             tmp.rename(target)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -1154,6 +1159,14 @@ class _Trainer:
             restored = self.checkpointer.restore_latest(
                 _items(self.abstract), before=cause.first_step
             )
+        if jax.process_count() > 1:  # each process read for itself: all must hold one step
+            mine = -1 if restored is None else restored.step
+            steps = {int(x) for x in multihost_utils.process_allgather(np.int32(mine))}
+            if len(steps) > 1:
+                raise checkpoint.CheckpointError(
+                    f"{cause.where}; the processes rolled back to different checkpoints "
+                    f"(steps {sorted(steps)}): a checkpoint is unreadable on some of them"
+                )
         if restored is None:
             where = "" if cause.first_step is None else f" before step {cause.first_step}"
             raise cause.error(f"{cause.where}; there is no checkpoint to roll back to{where}")

@@ -306,6 +306,9 @@ def test_hf_exports_every_n_steps_also_across_a_stop(small_dataset, tmp_path, mo
         saved = mpt_jax.from_pretrained(tmp_path / "run", step=step)
         want = [np.asarray(x) for x in jax.tree.leaves(nnx.state(saved, nnx.Param))]
         assert all(np.array_equal(a, b) for a, b in zip(hf_params(folder), want, strict=True))
+        mask = os.umask(0)
+        os.umask(mask)
+        assert folder.stat().st_mode & 0o777 == 0o777 & ~mask  # not mkdtemp's 0700
 
 
 def test_hf_exports_a_kill_cut_short_are_finished_or_removed(tmp_path):
@@ -313,10 +316,12 @@ def test_hf_exports_a_kill_cut_short_are_finished_or_removed(tmp_path):
 
     # killed between write_folder's renames (ba2 moved aside, the whole new one not yet in
     # place); killed while writing ba4 (no config.json); ba6 whole and in place
-    for name, whole in ((".ba2.tmp-x1", True), (".ba2.old-x1", True), (".ba4.tmp-x2", False)):
+    # and killed while writing ba8's config.json (empty)
+    leftovers = (".ba2.tmp-x1", True), (".ba2.old-x1", True), (".ba4.tmp-x2", False)
+    for name, whole in (*leftovers, (".ba8.tmp-x3", None)):
         (tmp_path / name).mkdir()
-        if whole:
-            (tmp_path / name / "config.json").write_text("{}")
+        if whole is not False:
+            (tmp_path / name / "config.json").write_text("{}" if whole else "")
     (tmp_path / "ba6").mkdir()
     _finish_hf_exports(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ba2", "ba6"]
