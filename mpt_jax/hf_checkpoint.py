@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
+import secrets
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -180,12 +179,6 @@ def config_from_hf(
         raise CheckpointError(str(e)) from e
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _act_from_hf(act: Any, source: str) -> str:
     if isinstance(act, Mapping):
         name = act.get("name")
@@ -334,12 +327,14 @@ def write_folder(
             stacklevel=3,
         )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    # mkdir, not mkdtemp, as prepare_dataset does: mkdtemp's mode 0700 would survive the rename
+    # and keep other users of a shared run folder out
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()
     try:
         write_checkpoint(tmp, list(entries), fetch, dtype=dtype, max_shard_size=max_shard_size)
         config = config_to_hf(cfg, dtype=stored)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would keep other users out
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{tmp.name[-8:]}")
             out_dir.rename(old)
