@@ -1352,12 +1352,11 @@ class _Trainer:
                     if preempted:
                         return self._stopped(final, step, saved=True)
                     continue
-            # this step's loss is read: see _spike_open
-            if scheduled and self._spike_open():
-                save_now, self.save_waiting = False, True
-            if preempted and self._spike_open():
-                # nothing saved: the resumed run replays the streak from the checkpoint before
+            # this step's loss is read: see _spike_open. A scheduled save waits; a preemption
+            # saves nothing (the resumed run replays the streak from the checkpoint before)
+            if (scheduled or preempted) and self._spike_open():
                 save_now = False
+                self.save_waiting |= scheduled
             if save_now:
                 self.save_waiting = False
                 self._save(step, reason, wait=preempted or last_step)
@@ -1366,7 +1365,7 @@ class _Trainer:
             if preempted:
                 why = "a loss streak is open: it resumes from the checkpoint before it"
                 return self._stopped(final, step, saved=save_now, why=None if save_now else why)
-            if evaluate_now and step < total:
+            if evaluate_now and not last_step:
                 self._evaluate_and_log(step)
                 last_time = time.perf_counter()  # evaluation time is not step time
             if self._export_due(step):
