@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
-	$(MAKE) aot-plugin nvidia-tools VENV=$(VENV)
+	$(MAKE) aot-plugin nvidia-tools mds-writer VENV=$(VENV)
 	touch $(STAMP)
 
 # jax's CUDA PJRT plugin for `bench_train.py --aot` (compiling for a GPU on a host without one),
@@ -32,7 +32,14 @@ nvidia-tools:
 	$(VENV)/bin/python -m pip install -q --no-deps --upgrade --target $(VENV)/nvidia-tools \
 		$$($(VENV)/bin/python -c 'from mpt_jax.sass import TOOL_PACKAGES; print(TOOL_PACKAGES)')
 
-.PHONY: setup quickstart test test-gpu-stack lint format aot-plugin nvidia-tools
+# MosaicML streaming's MDSWriter, which the MDS tests write their shards with (tests/mds_writer.py
+# loads it), and python-zstd for its zstd; without dependencies, which would pin transformers<5
+# and pull torchvision, and in a folder of its own, off the venv's path
+mds-writer:
+	$(VENV)/bin/python -m pip install -q --no-deps --upgrade --target $(VENV)/mds-writer \
+		mosaicml-streaming==0.13.0 zstd==1.5.7.2
+
+.PHONY: setup quickstart test test-gpu-stack lint format aot-plugin nvidia-tools mds-writer
 setup: $(STAMP)
 
 # the main job: prepare the built-in corpus (once), train experiments/quickstart.yaml, export to HF

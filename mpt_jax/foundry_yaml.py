@@ -189,7 +189,8 @@ def translate(
         raise ConfigError(f"max_seq_len: {top_seq!r} differs from model.max_seq_len {seq}")
 
     out["data"] = {"path": data, "tokenizer": tokenizer}
-    out["data"].update(_train_loader(take("train_loader"), seq, out["model"], notes))
+    loader = _train_loader(take("train_loader"), seq, out["model"], src.get("eval_loader"), notes)
+    out["data"].update(loader)
     tok = take("tokenizer")
     if tok is not None:
         name = tok.get("name") if isinstance(tok, Mapping) else tok
@@ -344,8 +345,20 @@ def _model_key(where: str, key: str, value: Any, flat: dict[str, Any], notes: li
         flat[key] = value
 
 
+def _mds_folder(loader: Any) -> str | None:
+    """The MDS folder a text loader's StreamingDataset reads: local (else remote) plus split."""
+    if not isinstance(loader, Mapping) or not isinstance(loader.get("dataset"), Mapping):
+        return None
+    dataset = loader["dataset"]
+    root = dataset.get("local") or dataset.get("remote")
+    if not isinstance(root, str):
+        return None
+    split = dataset.get("split")
+    return f"{root.rstrip('/')}/{split}" if isinstance(split, str) and split else root
+
+
 def _train_loader(
-    loader: Any, seq: int, model: Mapping[str, Any], notes: list[str]
+    loader: Any, seq: int, model: Mapping[str, Any], eval_loader: Any, notes: list[str]
 ) -> dict[str, Any]:
     if loader is None:
         return {}
@@ -363,11 +376,15 @@ def _train_loader(
             f"train_loader.dataset.max_seq_len: {dataset_seq!r} differs from model.max_seq_len "
             f"{seq}"
         )
-    where = dataset.get("remote") or dataset.get("local")
+    train_mds, val_mds = _mds_folder(loader), _mds_folder(eval_loader)
+    command = f"python tools/prepare_data.py {train_mds or 'MDS_FOLDER'}"
+    if val_mds:
+        command += f" --val-input {val_mds}"
     notes.append(
-        f"train_loader: the StreamingDataset at {where} is not read here; data.path names a "
-        "prepared dataset (tools/prepare_data.py); its order comes from train.seed, not "
-        "shuffle_seed, and documents end at the dataset's EOS"
+        f"train_loader: data.path names a dataset prepared from the StreamingDataset's MDS "
+        f"folders ({command} --tokenizer TOKENIZER --seq-len {seq} --out DIR; a remote one "
+        "copied to a local folder first); its order comes from train.seed, not shuffle_seed, "
+        "and documents end at the dataset's EOS"
     )
     if model.get("attn_uses_sequence_id"):
         notes.append(

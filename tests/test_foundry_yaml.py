@@ -118,6 +118,9 @@ def test_the_125m_pretraining_yaml_becomes_our_125m_recipe(small_dataset, tmp_pa
     assert "# callbacks.speed_monitor: dropped (built in: tokens_per_s, mfu)" in header
     assert "# model.attn_config.attn_impl: 'flash' dropped" in header
     assert "device_train_microbatch_size: 16 per device" in header
+    # the data: how to prepare it from the StreamingDataset's MDS folders
+    command = "python tools/prepare_data.py ./my-copy-c4/train --val-input ./my-copy-c4/val"
+    assert f"{command} --tokenizer TOKENIZER --seq-len 2048 --out DIR" in header
     # per device x 8 devices, and the byte tokenizer of the dataset
     assert from_foundry.main([*argv, "--devices", "8"]) == 0
     assert load_run_config(out).train.microbatch == 128

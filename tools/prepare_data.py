@@ -2,10 +2,12 @@
 
     python tools/prepare_data.py INPUT [INPUT ...] --out DIR [--seq-len 2048] [--tokenizer byte]
         [--train-bpe VOCAB] [--val-fraction 0.01 | --val-input FILE ...] [--text-field text]
-        [--column text] [--workers N] [--overwrite]
+        [--column text] [--token-encoding-type int64] [--workers N] [--overwrite]
 
 INPUT: text files (one document each), JSON Lines (one document per line, field --text-field),
-Parquet (one per row, column --column), folders and globs of these, or builtin:python-stdlib.
+Parquet (one per row, column --column), folders and globs of these, builtin:python-stdlib, or
+an MDS folder (llm-foundry's convert_dataset_hf.py output: a text column is tokenized and packed,
+a tokens column is taken one sample per row).
 --tokenizer: 'byte' (built in), a tokenizer.json, or a transformers tokenizer folder.
 """
 
@@ -32,7 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-fraction", type=float, default=None, help="default 0.01")
     parser.add_argument("--val-input", nargs="+", default=(), help="separate validation input")
     parser.add_argument("--text-field", default="text", help="JSON Lines field")
-    parser.add_argument("--column", default="text", help="Parquet column")
+    parser.add_argument(
+        "--column",
+        default=None,
+        help="Parquet or MDS column (default text; MDS: text, else tokens)",
+    )
+    parser.add_argument(
+        "--token-encoding-type",
+        default="int64",
+        help="dtype of an MDS bytes column of token ids (llm-foundry's token_encoding_type)",
+    )
     parser.add_argument("--workers", type=int, default=None, help="default: all cores")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
@@ -67,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             val_inputs=args.val_input,
             text_field=args.text_field,
             column=args.column,
+            token_encoding_type=args.token_encoding_type,
             workers=args.workers,
             progress=not args.no_progress,
             overwrite=args.overwrite,

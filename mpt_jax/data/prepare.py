@@ -2,7 +2,9 @@
 
 Packing follows llm-foundry's concatenating dataset: every document is followed by EOS, the token
 stream is cut into rows of seq_len tokens (documents span rows), and the incomplete tail is
-dropped. Output is byte-identical for the same inputs and options.
+dropped. MDS folders of token ids (llm-foundry's `convert_dataset_hf.py --concat_tokens`) are
+taken as they are: each sample is one row, cut to seq_len as llm-foundry's StreamingTextDataset
+cuts it. Output is byte-identical for the same inputs and options.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from mpt_jax.data import sources
+from mpt_jax.data import mds, sources
 from mpt_jax.data.errors import DataError
 from mpt_jax.data.tokenizer import ByteTokenizer, JsonTokenizer, load_tokenizer, train_bpe
 
@@ -29,6 +31,7 @@ FORMAT_VERSION = 1
 # alone, the first hashed the input's path as given, so one corpus in two folders split apart
 VAL_DRAW = "sha1 of the document's UTF-8 text"
 VAL_DRAW_VERSION = 2
+VAL_DRAW_TOKENS = "sha1 of the sample's token ids as little-endian int64"
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
 _BATCH_CHARS = 1 << 21  # documents are sent to workers in batches of about 2M characters
@@ -46,7 +49,8 @@ def prepare_dataset(
     val_fraction: float = 0.01,
     val_inputs: Sequence[str] = (),
     text_field: str = "text",
-    column: str = "text",
+    column: str | None = None,
+    token_encoding_type: str = "int64",
     workers: int | None = None,
     shard_bytes: int = _SHARD_BYTES,
     progress: bool = True,
@@ -58,6 +62,11 @@ def prepare_dataset(
         raise DataError(f"seq_len: must be at least 2, got {seq_len}")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction: must be in [0, 1), got {val_fraction}")
+    if token_encoding_type not in mds.TOKEN_ENCODING_TYPES:
+        raise DataError(
+            f"token_encoding_type: {token_encoding_type!r} is not one of "
+            f"{', '.join(mds.TOKEN_ENCODING_TYPES)}"
+        )
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise DataError(
             f"{out_dir}: already exists and is not empty (overwrite=True; --overwrite in "
@@ -67,7 +76,8 @@ def prepare_dataset(
     val_files = sources.resolve_inputs(val_inputs) if val_inputs else []
     out_resolved = out_dir.resolve()
     for f in files + val_files:
-        if out_resolved in f.path.resolve().parents:  # replacing out_dir would delete it
+        resolved = f.path.resolve()
+        if out_resolved == resolved or out_resolved in resolved.parents:  # it would be deleted
             raise DataError(f"--out: {out_dir} holds the input {f.path}; choose another folder")
     # a validation file is validation only, however its path was spelled or wherever it sits
     val_paths = {f.path.resolve() for f in val_files}
@@ -76,6 +86,7 @@ def prepare_dataset(
     if not files:
         raise DataError("input: every training input is also a validation input (val inputs)")
     read = dict(text_field=text_field, column=column)
+    token_column = _token_column(files + val_files, column, train_bpe_vocab)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # mkdir, not mkdtemp: mkdtemp's mode 0700 would survive the rename, and a shared dataset
@@ -100,10 +111,7 @@ def prepare_dataset(
         dtype = np.dtype("<u2") if tok.vocab_size <= 1 << 16 else np.dtype("<u4")
 
         writers = {s: _SplitWriter(tmp, s, seq_len, dtype, shard_bytes) for s in SPLITS}
-        docs = sources.iter_documents(files, **read)
-        if val_files:
-            docs = _chain(docs, sources.iter_documents(val_files, **read))
-        total_bytes = sum(f.path.stat().st_size for f in files + val_files)
+        total_bytes = sum(sources.source_bytes(f) for f in files + val_files)
         bar = tqdm(
             total=total_bytes,
             unit="B",
@@ -112,17 +120,30 @@ def prepare_dataset(
             disable=not progress,
             smoothing=0.1,
         )
-        for batch, token_lists in _tokenize(docs, spec, tmp, workers):
-            for doc, tokens in zip(batch, token_lists, strict=True):
-                if tokens.size and int(tokens.max()) >= tok.vocab_size:
-                    raise DataError(
-                        f"{doc.source.name} record {doc.record}: token id {int(tokens.max())} "
-                        f"is beyond the vocabulary ({tok.vocab_size})"
-                    )
-                # the training files exclude the val files: a val file's documents are val
-                is_val = doc.source in val_sources if val_files else _is_val(doc, val_fraction)
-                writers["val" if is_val else "train"].add(tokens, tok.eos_id)
-            bar.update(sum(len(d.text.encode("utf-8")) for d in batch))
+        if token_column is not None:
+            for sample in sources.iter_token_samples(
+                files + val_files, column=column, token_encoding_type=token_encoding_type
+            ):
+                where = f"{sample.source.name} sample {sample.record}"
+                _check_vocab(sample.tokens, tok.vocab_size, tokenizer, where)
+                if val_files:
+                    is_val = sample.source in val_sources
+                else:
+                    is_val = _is_val_tokens(sample.tokens, val_fraction)
+                writers["val" if is_val else "train"].add_row(sample.tokens, where)
+                bar.update(sample.tokens.nbytes)
+        else:
+            docs = sources.iter_documents(files, **read)
+            if val_files:
+                docs = _chain(docs, sources.iter_documents(val_files, **read))
+            for batch, token_lists in _tokenize(docs, spec, tmp, workers):
+                for doc, tokens in zip(batch, token_lists, strict=True):
+                    where = f"{doc.source.name} record {doc.record}"
+                    _check_vocab(tokens, tok.vocab_size, None, where)
+                    # the training files exclude the val files: a val file's documents are val
+                    is_val = doc.source in val_sources if val_files else _is_val(doc, val_fraction)
+                    writers["val" if is_val else "train"].add(tokens, tok.eos_id)
+                bar.update(sum(len(d.text.encode("utf-8")) for d in batch))
         bar.close()
         counts = {s: w.close() for s, w in writers.items()}
         _check_counts(counts, files, val_fraction, bool(val_files), seq_len)
@@ -133,22 +154,81 @@ def prepare_dataset(
             "vocab_size": tok.vocab_size,
             "eos_id": tok.eos_id,
             "tokenizer": spec,
-            "packing": "concat: EOS after each document, rows of seq_len, tail dropped",
+            "packing": (
+                "concat: EOS after each document, rows of seq_len, tail dropped"
+                if token_column is None
+                else "mds tokens: each sample one row, cut to seq_len"
+            ),
             "val": (
                 {"inputs": list(val_inputs)}
                 if val_files
-                else {"fraction": val_fraction, "draw": VAL_DRAW}
+                else {
+                    "fraction": val_fraction,
+                    "draw": VAL_DRAW if token_column is None else VAL_DRAW_TOKENS,
+                }
             ),
             "splits": counts,
             "sources": sources.describe(files),
             "val_sources": sources.describe(val_files),
         }
+        if token_column is not None:
+            meta["mds_tokens"] = {"column": token_column.name, "encoding": token_column.encoding}
+            if token_column.encoding == "bytes":
+                meta["mds_tokens"]["token_encoding_type"] = token_encoding_type
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         _install(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _token_column(inputs, column: str | None, train_bpe_vocab: int | None) -> mds.Column | None:
+    """The MDS token column when the inputs are token ids; text and token ids do not mix."""
+    kinds = {
+        f: sources.mds_column(f, column) if f.kind == "mds" else mds.Column("", "str")
+        for f in inputs
+    }
+    tokens = [f for f, c in kinds.items() if c.kind == "tokens"]
+    if not tokens:
+        return None
+    text = [f for f, c in kinds.items() if c.kind != "tokens"]
+    if text:
+        raise DataError(
+            f"input: {tokens[0].name} holds token ids (column {kinds[tokens[0]].name}) and "
+            f"{text[0].name} holds text; prepare them as separate datasets"
+        )
+    if train_bpe_vocab is not None:
+        raise DataError(
+            f"train_bpe: {tokens[0].name} holds token ids already; give the tokenizer they were "
+            "made with (--tokenizer)"
+        )
+    first = kinds[tokens[0]]
+    for f in tokens[1:]:
+        if kinds[f] != first:
+            raise DataError(
+                f"input: {f.name}'s token column {kinds[f].name} ({kinds[f].encoding}) differs "
+                f"from {tokens[0].name}'s {first.name} ({first.encoding})"
+            )
+    return first
+
+
+def _check_vocab(tokens: np.ndarray, vocab_size: int, tokenizer: str | None, where: str) -> None:
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        hint = ""
+        if tokenizer is not None:  # ids read from MDS: the tokenizer given is not theirs
+            hint = f" of --tokenizer {tokenizer}; give the tokenizer the MDS was made with"
+        raise DataError(
+            f"{where}: token id {int(tokens.max())} is beyond the vocabulary ({vocab_size}){hint}"
+        )
+
+
+def _is_val_tokens(tokens: np.ndarray, fraction: float) -> bool:
+    """A draw from the sample's token ids alone, as _is_val draws from a document's text."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha1(tokens.astype("<i8").tobytes()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < fraction
 
 
 def _chain(*iterators: Iterator) -> Iterator:
@@ -296,6 +376,21 @@ class _SplitWriter:
             rest = stream[n_rows * self.seq_len :]
             self.pending, self.pending_len = [rest], rest.size
 
+    def add_row(self, tokens: np.ndarray, where: str) -> None:
+        """One MDS sample as one row: llm-foundry reads `tokens[:max_seq_len]`."""
+        if tokens.size < self.seq_len:
+            raise DataError(
+                f"{where}: {tokens.size} tokens, fewer than seq_len {self.seq_len}; a sample of "
+                "token ids is one row (prepare with a --seq-len no longer than the samples)"
+            )
+        if int(tokens.max()) > np.iinfo(self.dtype).max:
+            raise DataError(
+                f"{where}: token id {int(tokens.max())} does not fit the stored {self.dtype.name}"
+            )
+        self.documents += 1
+        self.dropped += tokens.size - self.seq_len
+        self._write(tokens[: self.seq_len].astype(self.dtype))
+
     def _write(self, row: np.ndarray) -> None:
         from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -322,7 +417,8 @@ class _SplitWriter:
             "rows": rows,
             "tokens": rows * self.seq_len,
             "documents": self.documents,
-            "dropped_tail_tokens": self.pending_len,
+            # text: the stream's incomplete last row; MDS token ids: what seq_len cut off
+            "dropped_tail_tokens": self.pending_len + self.dropped,
             "shards": self.shards,
             "rows_sha256": self.rows_digest.hexdigest(),
         }

@@ -1,4 +1,4 @@
-"""Input documents for data preparation: text, JSON Lines and Parquet files, the built-in corpus."""
+"""Inputs for data preparation: text, JSON Lines, Parquet and MDS, the built-in corpus."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from mpt_jax.data import mds
 from mpt_jax.data.errors import DataError
 
 BUILTIN_PREFIX = "builtin:"
@@ -23,19 +26,28 @@ _SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 
 @dataclass(frozen=True)
 class SourceFile:
-    """One input file; `name` is how meta.json and errors refer to it."""
+    """One input file, or MDS folder; `name` is how meta.json and errors refer to it."""
 
     path: Path
     name: str
-    kind: str  # text | jsonl | parquet
+    kind: str  # text | jsonl | parquet | mds (path is the folder)
     skip_invalid: bool = False  # only for the built-in corpus: skip files that are not UTF-8
 
 
 @dataclass(frozen=True)
 class Document:
     source: SourceFile
-    record: int  # line (JSON Lines, 1-based), row (Parquet, 0-based) or 0 for a text file
+    record: int  # line (JSON Lines, 1-based), row (Parquet) or sample (MDS, 0-based); text file: 0
     text: str
+
+
+@dataclass(frozen=True)
+class TokenSample:
+    """A pre-tokenized sample of an MDS folder (llm-foundry's `tokens` column)."""
+
+    source: SourceFile
+    record: int  # the sample's number across the folder, 0-based
+    tokens: np.ndarray
 
 
 def _kind(path: Path) -> str:
@@ -74,20 +86,33 @@ def resolve_inputs(inputs: Sequence[str]) -> list[SourceFile]:
         if item.startswith(BUILTIN_PREFIX):
             files.extend(builtin_files(item[len(BUILTIN_PREFIX) :]))
             continue
+        path = Path(item)
+        if path.name == mds.INDEX_FILE and mds.is_mds_folder(path.parent):
+            path, item = path.parent, str(path.parent)
+        if path.is_dir() and mds.is_mds_folder(path):
+            files.append(SourceFile(path, item, "mds"))
+            continue
         if any(c in item for c in "*?["):
             matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
             if not matches:
                 raise DataError(f"{item}: the pattern matches no file")
-        elif Path(item).is_dir():
+        elif path.is_dir():
             matches = sorted(
-                p for p in Path(item).rglob("*") if p.is_file() and p.suffix.lower() in _SUFFIXES
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _SUFFIXES
             )
             if not matches:
                 raise DataError(f"{item}: the folder holds no .txt, .jsonl or .parquet file")
-        elif Path(item).is_file():
+        elif path.is_file():
             matches = [Path(item)]
         else:
             raise DataError(f"{item}: no such file or folder")
+        for p in matches:
+            if p.name == mds.INDEX_FILE and mds.is_mds_folder(p.parent):
+                # read as JSON Lines it would fail on its first line, far from the cause
+                raise DataError(
+                    f"{item}: holds the MDS dataset {p.parent}; give MDS folders as inputs of "
+                    "their own (a training split, and its validation split by --val-input)"
+                )
         files.extend(SourceFile(p, str(p), _kind(p)) for p in matches)
     seen: set[Path] = set()
     unique = []
@@ -100,21 +125,54 @@ def resolve_inputs(inputs: Sequence[str]) -> list[SourceFile]:
 
 
 def describe(files: Sequence[SourceFile]) -> list[dict]:
-    """Name, size and sha256 of each input file, for meta.json."""
+    """Name, size and sha256 of each input, for meta.json; an MDS folder's cover its index.json
+    and then its shard files, in the index's order."""
     out = []
     for f in files:
-        digest = hashlib.sha256()
-        with open(f.path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-        out.append({"name": f.name, "bytes": f.path.stat().st_size, "sha256": digest.hexdigest()})
+        digest, size = hashlib.sha256(), 0
+        for path in _files_of(f):
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+            size += path.stat().st_size
+        out.append({"name": f.name, "bytes": size, "sha256": digest.hexdigest()})
     return out
 
 
+def source_bytes(f: SourceFile) -> int:
+    """The input's size for the progress bar: an MDS folder's uncompressed shards."""
+    return _mds(f).raw_bytes() if f.kind == "mds" else f.path.stat().st_size
+
+
+def _files_of(f: SourceFile) -> list[Path]:
+    return _mds(f).files() if f.kind == "mds" else [f.path]
+
+
+def _mds(f: SourceFile) -> mds.MdsDataset:
+    return mds.MdsDataset(f.path, f.name)
+
+
+def mds_column(f: SourceFile, column: str | None) -> mds.Column:
+    """The MDS column read: `column`, else text, else tokens (llm-foundry's order)."""
+    dataset = _mds(f)
+    if column is None:
+        column = (
+            "text" if dataset.has_column("text") or not dataset.has_column("tokens") else "tokens"
+        )
+    found = dataset.column(column)
+    if found.kind == "other":
+        raise DataError(
+            f"{f.name}: column {column!r} is {found.encoding}; text is a str column and token "
+            "ids a bytes or ndarray column"
+        )
+    return found
+
+
 def iter_documents(
-    files: Sequence[SourceFile], *, text_field: str = "text", column: str = "text"
+    files: Sequence[SourceFile], *, text_field: str = "text", column: str | None = None
 ) -> Iterator[Document]:
-    """Documents in file order: a text file is one document, a JSON line or Parquet row one each."""
+    """Documents in file order: a text file is one document, a JSON line, Parquet row or MDS
+    sample one each. `column` (Parquet and MDS) defaults to text."""
     for f in files:
         if f.kind == "text":
             doc = _read_text(f)
@@ -122,8 +180,27 @@ def iter_documents(
                 yield doc
         elif f.kind == "jsonl":
             yield from _read_jsonl(f, text_field)
+        elif f.kind == "mds":
+            yield from _read_mds_text(f, mds_column(f, column).name)
         else:
-            yield from _read_parquet(f, column)
+            yield from _read_parquet(f, column or "text")
+
+
+def iter_token_samples(
+    files: Sequence[SourceFile], *, column: str | None, token_encoding_type: str
+) -> Iterator[TokenSample]:
+    """The token ids of each sample of MDS folders with a token column, in order."""
+    for f in files:
+        found = mds_column(f, column)
+        for record, value in _mds(f).iter_values(found.name):
+            where = f"{f.name} sample {record}"
+            tokens = mds.decode_tokens(value, found.encoding, token_encoding_type, where)
+            yield TokenSample(f, record, tokens)
+
+
+def _read_mds_text(f: SourceFile, column: str) -> Iterator[Document]:
+    for record, value in _mds(f).iter_values(column):
+        yield Document(f, record, mds.decode_text(value, f"{f.name} sample {record}"))
 
 
 def _read_text(f: SourceFile) -> Document | None:
