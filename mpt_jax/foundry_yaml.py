@@ -6,8 +6,9 @@ optimizer, scheduler, gradient clipping, precision and FSDP settings, evaluation
 ICL tasks, loggers, the loss-spike callback), with llm-foundry's defaults where a key is absent;
 drops with a note what changes nothing here (monitors, loader workers, timeouts, file names);
 and refuses in one line what would train differently (epochs, fp16, other algorithms, callbacks
-that change the training, composer checkpoints). The data is not translated: StreamingDataset
-(MDS) shards are not read here, so the caller names a prepared dataset.
+that change the training, composer checkpoints). The caller names the prepared datasets
+(tools/prepare_data.py reads the MDS folders): one, or one per StreamingDataset stream, which
+become a weighted data.mixture.
 """
 
 from __future__ import annotations
@@ -40,6 +41,39 @@ MODEL_KEYS_DROPPED = {
     "use_train_metrics": "the training loss is logged at every logged step",
     "use_pad_tok_in_ffn": "rows are packed without padding",
 }
+# train_loader keys (torch DataLoader settings) that change nothing here: why
+LOADER_KEYS_DROPPED = {
+    "drop_last": "batches run on across epochs: the order repeats endlessly, reshuffled each pass",
+    "num_workers": "grain reads with data.num_threads",
+    "pin_memory": "no torch DataLoader",
+    "prefetch_factor": "data.prefetch",
+    "persistent_workers": "no torch DataLoader",
+    "timeout": "no torch DataLoader",
+}
+# StreamingDataset keys that change nothing here: why ("" where the data note says it)
+DATASET_KEYS_DROPPED = {
+    "shuffle_seed": "",
+    "shuffle_algo": "the order is the loader's seeded permutation per pass",
+    "shuffle_block_size": "the order is the loader's seeded permutation per pass",
+    "num_canonical_nodes": "the order does not depend on the device count here",
+    "partition_algo": "the order does not depend on the device count here",
+    "sampling_method": "mixture weights draw every batch's rows",
+    "sampling_granularity": "mixture weights draw every batch's rows",
+    "epoch_size": "a pass is over the prepared rows",
+    "replication": "tensor parallelism (mesh.tensor) shares batch rows by itself",
+    "eos_token_id": "documents end at the dataset's EOS",
+    "bos_token_id": "documents end at the dataset's EOS",
+    "predownload": "the data is local",
+    "download_retry": "the data is local",
+    "download_timeout": "the data is local",
+    "cache_limit": "the data is local",
+    "keep_zip": "the data is local",
+    "validate_hash": "prepare_data.py checks the index's hashes",
+    "allow_unsafe_types": "prepare_data.py reads no pickled column",
+    "batch_size": "batches are train.global_batch",
+}
+# a stream's keys that change nothing here (its folder, split and amount are read)
+STREAM_KEYS_DROPPED = ("download_retry", "download_timeout", "validate_hash", "keep_zip")
 # top-level keys of llm-foundry's TrainConfig that change nothing here: why
 TOP_KEYS_DROPPED = {
     "python_log_level": "logging",
@@ -162,7 +196,7 @@ def load_foundry_yaml(path: str | Path) -> dict[str, Any]:
 def translate(
     foundry: Mapping[str, Any],
     *,
-    data: str,
+    data: str | Mapping[str, str],
     tokenizer: str = "byte",
     run_dir: str | None = None,
     devices: int | None = None,
@@ -188,9 +222,9 @@ def translate(
     if top_seq is not None and top_seq != seq:
         raise ConfigError(f"max_seq_len: {top_seq!r} differs from model.max_seq_len {seq}")
 
-    out["data"] = {"path": data, "tokenizer": tokenizer}
-    loader = _train_loader(take("train_loader"), seq, out["model"], src.get("eval_loader"), notes)
-    out["data"].update(loader)
+    loader = take("train_loader")
+    out["data"] = _train_loader(loader, data, seq, out["model"], src.get("eval_loader"), notes)
+    out["data"]["tokenizer"] = tokenizer
     tok = take("tokenizer")
     if tok is not None:
         name = tok.get("name") if isinstance(tok, Mapping) else tok
@@ -345,53 +379,174 @@ def _model_key(where: str, key: str, value: Any, flat: dict[str, Any], notes: li
         flat[key] = value
 
 
-def _mds_folder(loader: Any) -> str | None:
-    """The MDS folder a text loader's StreamingDataset reads: local (else remote) plus split."""
-    if not isinstance(loader, Mapping) or not isinstance(loader.get("dataset"), Mapping):
+def _mds_folder(dataset: Any, default: Mapping[str, Any] | None = None) -> str | None:
+    """The MDS folder a StreamingDataset (or one of its streams) reads: local, else remote, plus
+    split; a stream takes what it lacks from its dataset, as streaming's Stream.apply_default."""
+    if not isinstance(dataset, Mapping):
         return None
-    dataset = loader["dataset"]
-    root = dataset.get("local") or dataset.get("remote")
+    default = default or {}
+    root = dataset.get("local") or dataset.get("remote") or default.get("local")
+    root = root or default.get("remote")
     if not isinstance(root, str):
         return None
-    split = dataset.get("split")
+    split = dataset.get("split", default.get("split"))
     return f"{root.rstrip('/')}/{split}" if isinstance(split, str) and split else root
 
 
 def _train_loader(
-    loader: Any, seq: int, model: Mapping[str, Any], eval_loader: Any, notes: list[str]
+    loader: Any,
+    data: str | Mapping[str, str],
+    seq: int,
+    model: Mapping[str, Any],
+    eval_loader: Any,
+    notes: list[str],
 ) -> dict[str, Any]:
+    """data.path (data.mixture for `streams`) and data.shuffle, with notes."""
     if loader is None:
-        return {}
-    loader = _mapping(loader, "train_loader")
-    kind = loader.get("name", "text")
+        if not isinstance(data, str):
+            raise ConfigError("--data NAME=DIR: the YAML has no train_loader streams")
+        return {"path": data}
+    loader = dict(_mapping(loader, "train_loader"))
+    kind = loader.pop("name", "text")
     if kind != "text":
         raise ConfigError(f"train_loader.name: {kind!r} is not supported (text: pretraining)")
-    dataset = _mapping(loader.get("dataset"), "train_loader.dataset", none_ok=True)
-    out = {}
+    dataset = dict(_mapping(loader.pop("dataset", None), "train_loader.dataset", none_ok=True))
+    for key in list(loader):
+        if key in LOADER_KEYS_DROPPED:
+            notes.append(f"train_loader.{key}: dropped ({LOADER_KEYS_DROPPED[key]})")
+            loader.pop(key)
+    if loader:
+        raise ConfigError(f"train_loader.{sorted(loader)[0]}: a key this translation does not know")
+    out: dict[str, Any] = {}
     if "shuffle" in dataset:
-        out["shuffle"] = bool(dataset["shuffle"])
-    dataset_seq = dataset.get("max_seq_len")
+        out["shuffle"] = _bool(dataset.pop("shuffle"), "train_loader.dataset.shuffle")
+    dataset_seq = dataset.pop("max_seq_len", None)
     if dataset_seq is not None and dataset_seq != seq:
         raise ConfigError(
             f"train_loader.dataset.max_seq_len: {dataset_seq!r} differs from model.max_seq_len "
             f"{seq}"
         )
-    train_mds, val_mds = _mds_folder(loader), _mds_folder(eval_loader)
-    command = f"python tools/prepare_data.py {train_mds or 'MDS_FOLDER'}"
-    if val_mds:
-        command += f" --val-input {val_mds}"
-    notes.append(
-        f"train_loader: data.path names a dataset prepared from the StreamingDataset's MDS "
-        f"folders ({command} --tokenizer TOKENIZER --seq-len {seq} --out DIR; a remote one "
-        "copied to a local folder first); its order comes from train.seed, not shuffle_seed, "
-        "and documents end at the dataset's EOS"
-    )
+    batching = dataset.pop("batching_method", "random")
+    if batching != "random":
+        raise ConfigError(
+            f"train_loader.dataset.batching_method: {batching!r} draws each batch from one "
+            "stream; mpt_jax mixes streams within every batch (random)"
+        )
+    encoding = dataset.pop("token_encoding_type", None)
+    options = f" --token-encoding-type {encoding}" if encoding else ""
+    options += f" --tokenizer TOKENIZER --seq-len {seq} --out DIR"
+    streams = dataset.pop("streams", None)
+    where = {key: dataset.pop(key) for key in ("local", "remote", "split") if key in dataset}
+    for key in list(dataset):
+        if key in DATASET_KEYS_DROPPED:
+            why = DATASET_KEYS_DROPPED[key]
+            if why:  # shuffle_seed's is in the data note below
+                notes.append(f"train_loader.dataset.{key}: dropped ({why})")
+            dataset.pop(key)
+    if dataset:
+        raise ConfigError(
+            f"train_loader.dataset.{sorted(dataset)[0]}: a key this translation does not know"
+        )
+    order = "its order comes from train.seed, not shuffle_seed, and documents end at the EOS"
+    if streams is not None:
+        out["mixture"] = _streams(streams, where, data, options, order, notes)
+    else:
+        if not isinstance(data, str):
+            raise ConfigError(
+                f"--data NAME=DIR: the YAML's train_loader has no streams, so give one --data "
+                f"DIR (not {', '.join(sorted(data))})"
+            )
+        out["path"] = data
+        command = f"python tools/prepare_data.py {_mds_folder(where) or 'MDS_FOLDER'}"
+        if isinstance(eval_loader, Mapping) and (val := _mds_folder(eval_loader.get("dataset"))):
+            command += f" --val-input {val}"
+        notes.append(
+            f"train_loader: data.path names a dataset prepared from the StreamingDataset's MDS "
+            f"folders ({command}{options}; a remote one copied to a local folder first); "
+            f"{order}"
+        )
     if model.get("attn_uses_sequence_id"):
         notes.append(
             "model.attn_config.attn_uses_sequence_id: documents are told apart by the dataset's "
             "EOS (llm-foundry needs train_loader.dataset.eos_token_id for it)"
         )
     return out
+
+
+def _streams(
+    streams: Any,
+    default: Mapping[str, Any],
+    data: str | Mapping[str, str],
+    options: str,
+    order: str,
+    notes: list[str],
+) -> list[dict[str, Any]]:
+    """StreamingDataset streams as a weighted mixture of prepared datasets, one per stream."""
+    streams = _mapping(streams, "train_loader.dataset.streams")
+    names = list(streams)
+    if not names:
+        raise ConfigError("train_loader.dataset.streams: empty")
+    if isinstance(data, str):
+        raise ConfigError(
+            f"train_loader.dataset.streams: the data mixes {len(names)} streams "
+            f"({', '.join(names)}); give --data NAME=DIR for each"
+        )
+    missing = [n for n in names if n not in data]
+    extra = sorted(set(data) - set(names))
+    if missing or extra:
+        fault = f"missing {', '.join(missing)}" if missing else f"no stream is named {extra[0]}"
+        raise ConfigError(f"--data: streams {', '.join(names)} need one NAME=DIR each ({fault})")
+    parsed = {}
+    for name in names:
+        where = f"train_loader.dataset.streams.{name}"
+        stream = dict(_mapping(streams[name], where))
+        for key in STREAM_KEYS_DROPPED:
+            stream.pop(key, None)
+        amount = {k: stream.pop(k) for k in ("proportion", "repeat", "choose") if k in stream}
+        folder = _mds_folder(stream, default)
+        for key in ("local", "remote", "split"):
+            stream.pop(key, None)
+        if stream:
+            raise ConfigError(f"{where}.{sorted(stream)[0]}: a key this translation does not know")
+        if len(amount) > 1:
+            raise ConfigError(f"{where}: give one of proportion, repeat and choose")
+        for key, value in amount.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ConfigError(f"{where}.{key}: expected a positive number, got {value!r}")
+        parsed[name] = (amount, folder)
+    relative = [n for n, (amount, _) in parsed.items() if "proportion" in amount]
+    if relative and len(relative) != len(names):
+        absolute = next(n for n in names if n not in relative)
+        raise ConfigError(
+            f"train_loader.dataset.streams.{absolute}: every stream needs a proportion when one "
+            f"has one ({relative[0]}), as in streaming"
+        )
+    mixture = []
+    for name in names:
+        amount, folder = parsed[name]
+        if relative:
+            weight, how = float(amount["proportion"]), "its proportion"
+        elif "choose" in amount:
+            weight, how = float(amount["choose"]), "the samples it chooses per pass"
+        else:
+            weight = float(amount.get("repeat", 1)) * _train_rows(name, data[name])
+            how = "repeat x its prepared training rows (a row is a sample of token ids)"
+        mixture.append({"path": data[name], "weight": weight})
+        notes.append(
+            f"train_loader.dataset.streams.{name}: data.mixture weight {weight:g} ({how}); "
+            f"prepare it with python tools/prepare_data.py {folder or 'MDS_FOLDER'}{options}"
+        )
+    notes.append(f"train_loader.dataset.streams: {order}")
+    return mixture
+
+
+def _train_rows(name: str, path: str) -> int:
+    from mpt_jax.data import DataError, open_dataset
+
+    try:
+        return int(open_dataset(path).splits["train"]["rows"])
+    except DataError as e:
+        raise ConfigError(f"--data {name}={path}: {e}") from None
 
 
 def _duration(value: Any, batch: int, seq: int) -> dict[str, int]:

@@ -233,6 +233,19 @@ def _with(tmp_path, path, value):
         (("train_loader",), {"dataset": 5}, "train_loader.dataset: expected a mapping"),
         (("accumulate_train_batch_on_tokens",), False, "accumulate_train_batch_on_tokens"),
         (("train_loader",), {"name": "finetuning"}, "train_loader.name: 'finetuning'"),
+        (("train_loader", "collate"), 1, "train_loader.collate: a key this translation does not"),
+        (("train_loader", "dataset", "bogus"), 1, "train_loader.dataset.bogus: a key this"),
+        (("train_loader", "dataset", "shuffle"), "maybe", "dataset.shuffle: expected true or"),
+        (
+            ("train_loader", "dataset", "batching_method"),
+            "per_stream",
+            "batching_method: 'per_stream' draws each batch from one stream",
+        ),
+        (
+            ("train_loader", "dataset", "streams"),
+            {"c4": {"local": "/c4"}, "code": {"local": "/code"}},
+            r"mixes 2 streams \(c4, code\); give --data NAME=DIR for each",
+        ),
         (("my_key",), 1, "my_key: a key this translation does not handle"),
         (("eval_first",), "maybe", "eval_first: expected true or false"),
         (("optimizer", "name"), "decoupled_adamw", "optimizer.amsgrad: true is not supported"),
@@ -325,3 +338,76 @@ def test_the_tool_exits_2_with_one_line(tmp_path, small_dataset, capsys):
     argv = [str(tmp_path / "good.yaml"), "--data", str(small_dataset / "ds"), "--devices", "0"]
     assert from_foundry.main(argv) == 2
     assert "--devices: must be >= 1, got 0" in capsys.readouterr().err
+
+
+STREAMS = {
+    "local": "/data",
+    "split": "train",
+    "token_encoding_type": "int32",
+    "shuffle_seed": 17,
+    "num_canonical_nodes": 2,
+    "streams": {
+        "c4": {"local": "/data/c4", "proportion": 0.75, "download_retry": 3},
+        "code": {"remote": "s3://bucket/code", "split": "train_small", "proportion": 0.25},
+    },
+}
+
+
+def _prepared(root, name, n_docs):
+    """A small prepared dataset of n_docs documents; returns its folder."""
+    from mpt_jax.data import prepare_dataset
+
+    with open(root / f"{name}.jsonl", "w") as f:
+        for i in range(n_docs):
+            f.write(f'{{"text": "document {i} of {name}, in words and words"}}\n')
+    out = root / name
+    prepare_dataset(
+        [str(root / f"{name}.jsonl")], out, seq_len=32, val_fraction=0.2, progress=False
+    )
+    return out
+
+
+def test_streams_become_a_weighted_mixture(tmp_path, capsys):
+    a, b = _prepared(tmp_path, "a", 60), _prepared(tmp_path, "b", 200)
+    data = yaml.safe_load(TINY)
+    data["train_loader"] = {"name": "text", "drop_last": True, "dataset": dict(STREAMS)}
+    (tmp_path / "streams.yaml").write_text(yaml.safe_dump(data))
+    out = tmp_path / "run.yaml"
+    argv = [str(tmp_path / "streams.yaml"), "--data", f"c4={a}", "--data", f"code={b}"]
+    assert from_foundry.main([*argv, "-o", str(out)]) == 0
+    cfg = load_run_config(out)
+    assert [(s.path, s.weight) for s in cfg.data.mixture] == [(str(a), 0.75), (str(b), 0.25)]
+    header = out.read_text()
+    # each stream's folder: its own local, or its remote plus its own split
+    assert "python tools/prepare_data.py /data/c4/train --token-encoding-type int32" in header
+    assert "python tools/prepare_data.py s3://bucket/code/train_small --token" in header
+    assert "# train_loader.dataset.num_canonical_nodes: dropped" in header
+    assert "# train_loader.drop_last: dropped" in header
+    # without proportions each stream weighs its samples: repeat x its prepared rows
+    for stream in data["train_loader"]["dataset"]["streams"].values():
+        del stream["proportion"]
+    data["train_loader"]["dataset"]["streams"]["code"]["repeat"] = 2
+    (tmp_path / "streams.yaml").write_text(yaml.safe_dump(data))
+    assert from_foundry.main([*argv, "-o", str(out)]) == 0
+    from mpt_jax.data import open_dataset
+
+    rows = [open_dataset(folder).splits["train"]["rows"] for folder in (a, b)]
+    weights = [s.weight for s in load_run_config(out).data.mixture]
+    assert weights == [rows[0], 2 * rows[1]] and rows[0] != rows[1]
+    # refusals, one line each, exit 2
+    cases = [
+        ([f"c4={a}"], "streams c4, code need one NAME=DIR each (missing code)"),
+        ([f"c4={a}", f"code={b}", f"web={a}"], "(no stream is named web)"),
+        ([f"c4={a}", f"c4={b}"], "stream c4 is given twice"),
+        ([str(a), str(b)], "with several --data, each is NAME=DIR"),
+    ]
+    for values, message in cases:
+        capsys.readouterr()
+        args = [str(tmp_path / "streams.yaml")] + [x for v in values for x in ("--data", v)]
+        assert from_foundry.main(args) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    data["train_loader"]["dataset"]["streams"]["c4"]["proportion"] = 0.5
+    (tmp_path / "streams.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"streams\.code: every stream needs a proportion"):
+        translate(load_foundry_yaml(tmp_path / "streams.yaml"), data={"c4": str(a), "code": str(b)})
