@@ -150,6 +150,43 @@ def test_text_mds_equals_the_same_text_as_json_lines(corpus, tmp_path):
     assert source["bytes"] == sum(p.stat().st_size for p in files)
 
 
+@pytest.mark.parametrize("compression", [None, "bz2", "br:5", "snappy", "zstd:7"])
+def test_every_compression_and_a_column_with_its_dtype_in_each_sample(tmp_path, compression):
+    samples = concat_tokens(make_docs(40, 2), SEQ)
+    # a bare ndarray column: each sample carries its dtype and shape; int16 and int64 mixed
+    values = [s.astype(np.int16 if i % 2 else np.int64) for i, s in enumerate(samples)]
+    folder = write_mds(
+        tmp_path / "in", {"tokens": "ndarray"}, values, compression=compression, size_limit=2048
+    )
+    out = prepare_dataset(
+        [str(folder)], tmp_path / "ds", seq_len=SEQ, val_fraction=0.0, progress=False
+    )
+    np.testing.assert_array_equal(rows(out, "train"), np.stack(samples))
+
+
+def test_text_is_read_before_tokens_as_llm_foundry_does(tmp_path):
+    docs = make_docs(60, 3)
+    with mds_writer()(out=str(tmp_path / "in"), columns={"text": "str", "tokens": "bytes"}) as w:
+        for d in docs:  # token ids that would not even fit the vocabulary
+            w.write({"text": d, "tokens": np.full(SEQ, 9999, np.int64).tobytes()})
+    a = prepare_dataset(
+        [str(tmp_path / "in")], tmp_path / "a", seq_len=SEQ, val_fraction=0.0, progress=False
+    )
+    with open(tmp_path / "docs.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    b = prepare_dataset(
+        [str(tmp_path / "docs.jsonl")],
+        tmp_path / "b",
+        seq_len=SEQ,
+        val_fraction=0.0,
+        progress=False,
+    )
+    assert (
+        open_dataset(a).splits["train"]["rows_sha256"]
+        == open_dataset(b).splits["train"]["rows_sha256"]
+    )
+
+
 def _copy(src: Path, dst: Path) -> Path:
     import shutil
 
@@ -170,11 +207,17 @@ def _copy(src: Path, dst: Path) -> Path:
         "column",
         "int-column",
         "dtype",
+        "dtype-unused",
+        "columns-differ",
+        "shard-file",
+        "out-in-merged",
+        "nested-val",
     ],
 )
 def test_bad_mds_inputs_name_the_fault_and_leave_nothing(corpus, tmp_path, case):
     tokens = corpus / "tokens" / "train"
     inputs, kw = [str(tokens)], dict(seq_len=SEQ, val_fraction=0.2, progress=False)
+    out = None
     if case == "corrupt":
         folder = _copy(tokens, tmp_path / "in")
         shard = folder / "shard.00001.mds.zstd"
@@ -220,14 +263,49 @@ def test_bad_mds_inputs_name_the_fault_and_leave_nothing(corpus, tmp_path, case)
     elif case == "int-column":
         kw["column"] = "id"
         match = r"train: column 'id' is int; text is a str column"
-    else:
+    elif case == "dtype":
         inputs = [str(corpus / "bytes" / "train")]
         kw["token_encoding_type"] = "float32"
         match = r"token_encoding_type: 'float32' is not one of int8"
+    elif case == "dtype-unused":
+        kw["token_encoding_type"] = "int32"  # the input's column is ndarray:int32, not bytes
+        match = r"token_encoding_type: int32 is for an MDS bytes column"
+    elif case == "columns-differ":
+        folder = _copy(tokens, tmp_path / "in")
+        index = json.loads((folder / "index.json").read_text())
+        index["shards"][1]["column_encodings"] = ["int", "bytes"]
+        (folder / "index.json").write_text(json.dumps(index))
+        inputs = [str(folder)]
+        match = r"^\S+in/index\.json shard 1: columns id \(int\), tokens \(bytes\) differ"
+    elif case == "shard-file":
+        inputs = [str(corpus / "bytes" / "train" / "shard.00000.mds")]
+        match = r"shard\.00000\.mds: holds the MDS dataset \S+/bytes/train; give MDS folders"
+    elif case == "out-in-merged":
+        # a merged index (streaming's merge_index) lists shards in its subfolders
+        merged = tmp_path / "merged"
+        _copy(tokens, merged / "part")
+        index = json.loads((merged / "part" / "index.json").read_text())
+        for shard in index["shards"]:
+            for entry in (shard["raw_data"], shard["zip_data"]):
+                entry["basename"] = "part/" + entry["basename"]
+        (merged / "index.json").write_text(json.dumps(index))
+        (merged / "part" / "index.json").unlink()
+        inputs, out = [str(merged)], merged / "part"
+        kw["overwrite"] = True
+        match = r"--out: \S+/merged/part holds the input \S+/merged/part/shard\.00000\.mds\.zstd"
+    else:
+        _copy(tokens, tmp_path / "whole")
+        _copy(tokens, tmp_path / "whole" / "val")
+        inputs, kw["val_fraction"] = [str(tmp_path / "whole")], 0.0
+        kw["val_inputs"] = [str(tmp_path / "whole" / "val")]
+        match = r"the MDS folder \S+whole/val is inside the MDS folder \S+whole, whose index"
+    out = out if case == "out-in-merged" else tmp_path / "out"
     with pytest.raises(DataError, match=match) as err:
-        prepare_dataset(inputs, tmp_path / "out", **kw)
+        prepare_dataset(inputs, out, **kw)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()
+    if case == "out-in-merged":  # the input is whole
+        assert len(list((tmp_path / "merged" / "part").glob("shard.*"))) == len(index["shards"])
     assert not list(tmp_path.glob(".out.tmp-*"))
 
 

@@ -103,6 +103,8 @@ class MdsDataset:
             where = f"{name}/{INDEX_FILE} shard {i}"
             try:
                 self.shards.append(self._shard(shard, where))
+            except DataError:
+                raise
             except (KeyError, TypeError, ValueError) as e:
                 raise DataError(f"{where}: malformed ({type(e).__name__}: {e})") from None
         if not self.shards:
@@ -111,6 +113,8 @@ class MdsDataset:
     def _shard(self, shard: Any, where: str) -> _Shard:
         if not isinstance(shard, dict):
             raise DataError(f"{where}: not a JSON object")
+        if shard.get("version", 2) != 2:
+            raise DataError(f"{where}: shard version {shard.get('version')!r}; only 2 is read")
         if shard.get("format") != "mds":
             raise DataError(
                 f"{where}: format {shard.get('format')!r}; only MDS shards are read (json, csv "

@@ -76,9 +76,12 @@ def prepare_dataset(
     val_files = sources.resolve_inputs(val_inputs) if val_inputs else []
     out_resolved = out_dir.resolve()
     for f in files + val_files:
-        resolved = f.path.resolve()
-        if out_resolved == resolved or out_resolved in resolved.parents:  # it would be deleted
-            raise DataError(f"--out: {out_dir} holds the input {f.path}; choose another folder")
+        # an MDS folder's shards may sit in subfolders (a merged index): each file counts
+        for path in [f.path, *sources.files_of(f)]:
+            resolved = path.resolve()
+            if out_resolved == resolved or out_resolved in resolved.parents:  # to be deleted
+                raise DataError(f"--out: {out_dir} holds the input {path}; choose another folder")
+    _check_mds_nesting(files, val_files)
     # a validation file is validation only, however its path was spelled or wherever it sits
     val_paths = {f.path.resolve() for f in val_files}
     files = [f for f in files if f.path.resolve() not in val_paths]
@@ -87,6 +90,13 @@ def prepare_dataset(
         raise DataError("input: every training input is also a validation input (val inputs)")
     read = dict(text_field=text_field, column=column)
     token_column = _token_column(files + val_files, column, train_bpe_vocab)
+    if token_encoding_type != "int64" and (
+        token_column is None or token_column.encoding != "bytes"
+    ):
+        raise DataError(
+            f"token_encoding_type: {token_encoding_type} is for an MDS bytes column of token "
+            "ids, and no input has one"
+        )
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # mkdir, not mkdtemp: mkdtemp's mode 0700 would survive the rename, and a shared dataset
@@ -211,6 +221,18 @@ def _token_column(inputs, column: str | None, train_bpe_vocab: int | None) -> md
                 f"from {tokens[0].name}'s {first.name} ({first.encoding})"
             )
     return first
+
+
+def _check_mds_nesting(files, val_files) -> None:
+    """An MDS folder inside another (a merged index's part) is one input's samples twice."""
+    folders = [f for f in files + val_files if f.kind == "mds"]
+    for a in folders:
+        for b in folders:
+            if a is not b and a.path.resolve() in b.path.resolve().parents:
+                raise DataError(
+                    f"input: the MDS folder {b.name} is inside the MDS folder {a.name}, whose "
+                    "index may list its samples too; give the parts, or the whole, not both"
+                )
 
 
 def _check_vocab(tokens: np.ndarray, vocab_size: int, tokenizer: str | None, where: str) -> None:

@@ -96,6 +96,10 @@ def resolve_inputs(inputs: Sequence[str]) -> list[SourceFile]:
             matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
             if not matches:
                 raise DataError(f"{item}: the pattern matches no file")
+            # a pattern's index.json of an MDS folder is that folder, as when given by itself
+            found = [p for p in matches if p.name == mds.INDEX_FILE and mds.is_mds_folder(p.parent)]
+            files.extend(SourceFile(p.parent, str(p.parent), "mds") for p in found)
+            matches = [p for p in matches if p not in found]
         elif path.is_dir():
             matches = sorted(
                 p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _SUFFIXES
@@ -107,8 +111,8 @@ def resolve_inputs(inputs: Sequence[str]) -> list[SourceFile]:
         else:
             raise DataError(f"{item}: no such file or folder")
         for p in matches:
-            if p.name == mds.INDEX_FILE and mds.is_mds_folder(p.parent):
-                # read as JSON Lines it would fail on its first line, far from the cause
+            if mds.is_mds_folder(p.parent):
+                # read as text or JSON Lines it would fail far from the cause, or not at all
                 raise DataError(
                     f"{item}: holds the MDS dataset {p.parent}; give MDS folders as inputs of "
                     "their own (a training split, and its validation split by --val-input)"
@@ -130,7 +134,7 @@ def describe(files: Sequence[SourceFile]) -> list[dict]:
     out = []
     for f in files:
         digest, size = hashlib.sha256(), 0
-        for path in _files_of(f):
+        for path in files_of(f):
             with open(path, "rb") as fh:
                 for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
                     digest.update(chunk)
@@ -144,7 +148,7 @@ def source_bytes(f: SourceFile) -> int:
     return _mds(f).raw_bytes() if f.kind == "mds" else f.path.stat().st_size
 
 
-def _files_of(f: SourceFile) -> list[Path]:
+def files_of(f: SourceFile) -> list[Path]:
     return _mds(f).files() if f.kind == "mds" else [f.path]
 
 
