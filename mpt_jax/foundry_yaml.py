@@ -14,6 +14,7 @@ become a weighted data.mixture.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -60,9 +61,6 @@ DATASET_KEYS_DROPPED = {
     "sampling_method": "mixture weights draw every batch's rows",
     "sampling_granularity": "mixture weights draw every batch's rows",
     "epoch_size": "a pass is over the prepared rows",
-    "replication": "tensor parallelism (mesh.tensor) shares batch rows by itself",
-    "eos_token_id": "documents end at the dataset's EOS",
-    "bos_token_id": "documents end at the dataset's EOS",
     "predownload": "the data is local",
     "download_retry": "the data is local",
     "download_timeout": "the data is local",
@@ -70,10 +68,14 @@ DATASET_KEYS_DROPPED = {
     "keep_zip": "the data is local",
     "validate_hash": "prepare_data.py checks the index's hashes",
     "allow_unsafe_types": "prepare_data.py reads no pickled column",
-    "batch_size": "batches are train.global_batch",
 }
-# a stream's keys that change nothing here (its folder, split and amount are read)
-STREAM_KEYS_DROPPED = ("download_retry", "download_timeout", "validate_hash", "keep_zip")
+# a stream's keys that change nothing here (its folder, split and amount are read): why
+STREAM_KEYS_DROPPED = {
+    "download_retry": "the data is local",
+    "download_timeout": "the data is local",
+    "validate_hash": "prepare_data.py checks the index's hashes",
+    "keep_zip": "the data is local",
+}
 # top-level keys of llm-foundry's TrainConfig that change nothing here: why
 TOP_KEYS_DROPPED = {
     "python_log_level": "logging",
@@ -379,17 +381,15 @@ def _model_key(where: str, key: str, value: Any, flat: dict[str, Any], notes: li
         flat[key] = value
 
 
-def _mds_folder(dataset: Any, default: Mapping[str, Any] | None = None) -> str | None:
+def _mds_folder(dataset: Any, default_split: Any = None) -> str | None:
     """The MDS folder a StreamingDataset (or one of its streams) reads: local, else remote, plus
-    split; a stream takes what it lacks from its dataset, as streaming's Stream.apply_default."""
+    split; a stream without a split takes its dataset's, as streaming's Stream.apply_default."""
     if not isinstance(dataset, Mapping):
         return None
-    default = default or {}
-    root = dataset.get("local") or dataset.get("remote") or default.get("local")
-    root = root or default.get("remote")
+    root = dataset.get("local") or dataset.get("remote")
     if not isinstance(root, str):
         return None
-    split = dataset.get("split", default.get("split"))
+    split = dataset.get("split") or default_split
     return f"{root.rstrip('/')}/{split}" if isinstance(split, str) and split else root
 
 
@@ -426,17 +426,37 @@ def _train_loader(
             f"train_loader.dataset.max_seq_len: {dataset_seq!r} differs from model.max_seq_len "
             f"{seq}"
         )
-    batching = dataset.pop("batching_method", "random")
-    if batching != "random":
+    if "batch_size" in dataset:
         raise ConfigError(
-            f"train_loader.dataset.batching_method: {batching!r} draws each batch from one "
-            "stream; mpt_jax mixes streams within every batch (random)"
+            "train_loader.dataset.batch_size: llm-foundry passes StreamingDataset its batch size "
+            "itself and fails on this key"
         )
+    replication = dataset.pop("replication", None)
+    if replication not in (None, 1):
+        raise ConfigError(
+            f"train_loader.dataset.replication: {replication!r} ranks share each sample, so a "
+            f"step sees global_train_batch_size / {replication} distinct samples; give "
+            "global_train_batch_size that count and drop replication (tensor parallelism "
+            "shares rows here by itself)"
+        )
+    eos, bos = dataset.pop("eos_token_id", None), dataset.pop("bos_token_id", None)
     encoding = dataset.pop("token_encoding_type", None)
-    options = f" --token-encoding-type {encoding}" if encoding else ""
-    options += f" --tokenizer TOKENIZER --seq-len {seq} --out DIR"
+    batching = dataset.pop("batching_method", None)
     streams = dataset.pop("streams", None)
     where = {key: dataset.pop(key) for key in ("local", "remote", "split") if key in dataset}
+    if streams is not None and (where.get("local") or where.get("remote")):
+        raise ConfigError(
+            "train_loader.dataset: streams beside the dataset's own local or remote, which "
+            "streaming refuses; give each stream its folder"
+        )
+    if batching not in (None, "random"):
+        if streams is not None:
+            raise ConfigError(
+                f"train_loader.dataset.batching_method: {batching!r} composes each batch by "
+                "stream; mpt_jax draws every row by the mixture weights (random)"
+            )
+        notes.append(f"train_loader.dataset.batching_method: dropped (one stream: {batching!r})")
+    epoch_size = dataset.get("epoch_size")
     for key in list(dataset):
         if key in DATASET_KEYS_DROPPED:
             why = DATASET_KEYS_DROPPED[key]
@@ -447,9 +467,16 @@ def _train_loader(
         raise ConfigError(
             f"train_loader.dataset.{sorted(dataset)[0]}: a key this translation does not know"
         )
-    order = "its order comes from train.seed, not shuffle_seed, and documents end at the EOS"
+    options = f" --tokenizer TOKENIZER --seq-len {seq} --out DIR"
+    if encoding not in (None, "int64"):
+        options += f" (and --token-encoding-type {encoding} for a bytes tokens column)"
+    order = (
+        "a remote folder copied to a local one first; the order comes from train.seed, not "
+        "shuffle_seed, and documents end at the dataset's EOS"
+    )
     if streams is not None:
-        out["mixture"] = _streams(streams, where, data, options, order, notes)
+        out["mixture"] = _streams(streams, where.get("split"), data, epoch_size, options, notes)
+        notes.append(f"train_loader.dataset.streams: {order}")
     else:
         if not isinstance(data, str):
             raise ConfigError(
@@ -462,28 +489,67 @@ def _train_loader(
             command += f" --val-input {val}"
         notes.append(
             f"train_loader: data.path names a dataset prepared from the StreamingDataset's MDS "
-            f"folders ({command}{options}; a remote one copied to a local folder first); "
-            f"{order}"
+            f"folders: {command}{options}; {order}"
         )
-    if model.get("attn_uses_sequence_id"):
-        notes.append(
-            "model.attn_config.attn_uses_sequence_id: documents are told apart by the dataset's "
-            "EOS (llm-foundry needs train_loader.dataset.eos_token_id for it)"
-        )
+    paths = [out["path"]] if "path" in out else [source["path"] for source in out["mixture"]]
+    _sequence_ids(model, eos, bos, paths, notes)
     return out
+
+
+def _sequence_ids(
+    model: Mapping[str, Any], eos: Any, bos: Any, paths: list[str], notes: list[str]
+) -> None:
+    """eos_token_id / bos_token_id: what llm-foundry tells documents apart by."""
+    if not model.get("attn_uses_sequence_id"):
+        for key, value in (("eos_token_id", eos), ("bos_token_id", bos)):
+            if value is not None:
+                notes.append(
+                    f"train_loader.dataset.{key}: dropped (only attn_uses_sequence_id reads it)"
+                )
+        return
+    if bos is not None:
+        raise ConfigError(
+            "train_loader.dataset.bos_token_id: with attn_uses_sequence_id llm-foundry starts "
+            "documents at it; mpt_jax ends them at the dataset's EOS (prepare the data with EOS "
+            "after each document and drop bos_token_id)"
+        )
+    for path in paths:
+        dataset_eos = _dataset_eos(path)
+        if eos is not None and dataset_eos is not None and eos != dataset_eos:
+            raise ConfigError(
+                f"train_loader.dataset.eos_token_id: {eos!r} differs from the EOS of {path} "
+                f"({dataset_eos}), which ends documents here"
+            )
+    notes.append(
+        "model.attn_config.attn_uses_sequence_id: documents are told apart by the dataset's "
+        "EOS (llm-foundry needs train_loader.dataset.eos_token_id for it)"
+    )
+
+
+def _dataset_eos(path: str) -> int | None:
+    """A prepared dataset's EOS id; None for a built-in corpus (prepared at training time)."""
+    if path.startswith("builtin:"):
+        return None
+    from mpt_jax.data import DataError, open_dataset
+
+    try:
+        return open_dataset(path).eos_id
+    except DataError as e:
+        raise ConfigError(f"--data {path}: {e}") from None
 
 
 def _streams(
     streams: Any,
-    default: Mapping[str, Any],
+    default_split: Any,
     data: str | Mapping[str, str],
+    epoch_size: Any,
     options: str,
-    order: str,
     notes: list[str],
 ) -> list[dict[str, Any]]:
-    """StreamingDataset streams as a weighted mixture of prepared datasets, one per stream."""
+    """StreamingDataset streams as a weighted mixture of prepared datasets, one per stream;
+    the weights follow streaming's Stream.apply_weights."""
     streams = _mapping(streams, "train_loader.dataset.streams")
-    names = list(streams)
+    names = [str(name) for name in streams]
     if not names:
         raise ConfigError("train_loader.dataset.streams: empty")
     if isinstance(data, str):
@@ -497,13 +563,17 @@ def _streams(
         fault = f"missing {', '.join(missing)}" if missing else f"no stream is named {extra[0]}"
         raise ConfigError(f"--data: streams {', '.join(names)} need one NAME=DIR each ({fault})")
     parsed = {}
-    for name in names:
+    for name, raw in zip(names, streams.values(), strict=True):
         where = f"train_loader.dataset.streams.{name}"
-        stream = dict(_mapping(streams[name], where))
-        for key in STREAM_KEYS_DROPPED:
-            stream.pop(key, None)
+        stream = dict(_mapping(raw, where))
+        for key, why in STREAM_KEYS_DROPPED.items():
+            if key in stream:
+                stream.pop(key)
+                notes.append(f"{where}.{key}: dropped ({why})")
         amount = {k: stream.pop(k) for k in ("proportion", "repeat", "choose") if k in stream}
-        folder = _mds_folder(stream, default)
+        if not (stream.get("local") or stream.get("remote")):
+            raise ConfigError(f"{where}: no local or remote (streaming needs one)")
+        folder = _mds_folder(stream, default_split)
         for key in ("local", "remote", "split"):
             stream.pop(key, None)
         if stream:
@@ -511,8 +581,8 @@ def _streams(
         if len(amount) > 1:
             raise ConfigError(f"{where}: give one of proportion, repeat and choose")
         for key, value in amount.items():
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise ConfigError(f"{where}.{key}: expected a positive number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ConfigError(f"{where}.{key}: expected a number >= 0, got {value!r}")
         parsed[name] = (amount, folder)
     relative = [n for n, (amount, _) in parsed.items() if "proportion" in amount]
     if relative and len(relative) != len(names):
@@ -520,6 +590,11 @@ def _streams(
         raise ConfigError(
             f"train_loader.dataset.streams.{absolute}: every stream needs a proportion when one "
             f"has one ({relative[0]}), as in streaming"
+        )
+    if epoch_size and any("repeat" in a or "choose" in a for a, _ in parsed.values()):
+        raise ConfigError(
+            "train_loader.dataset.epoch_size: only with proportions or no weights; streaming "
+            "refuses it beside repeat and choose"
         )
     mixture = []
     for name in names:
@@ -529,24 +604,41 @@ def _streams(
         elif "choose" in amount:
             weight, how = float(amount["choose"]), "the samples it chooses per pass"
         else:
-            weight = float(amount.get("repeat", 1)) * _train_rows(name, data[name])
-            how = "repeat x its prepared training rows (a row is a sample of token ids)"
+            weight = float(amount.get("repeat", 1)) * _stream_samples(name, data[name])
+            how = "repeat x its samples, the prepared dataset's documents"
+        if weight == 0:
+            notes.append(f"train_loader.dataset.streams.{name}: left out (weight 0)")
+            continue
         mixture.append({"path": data[name], "weight": weight})
         notes.append(
             f"train_loader.dataset.streams.{name}: data.mixture weight {weight:g} ({how}); "
-            f"prepare it with python tools/prepare_data.py {folder or 'MDS_FOLDER'}{options}"
+            f"prepare it with python tools/prepare_data.py {folder}{options}"
         )
-    notes.append(f"train_loader.dataset.streams: {order}")
+    if not mixture:
+        raise ConfigError("train_loader.dataset.streams: every stream weighs 0")
     return mixture
 
 
-def _train_rows(name: str, path: str) -> int:
+def _stream_samples(name: str, path: str) -> int:
+    """A stream's samples as streaming counts them: one per document of its MDS folder, which
+    prepare_data keeps as the documents of the training split, plus validation's when drawn
+    from the same input."""
+    if path.startswith("builtin:"):
+        raise ConfigError(
+            f"--data {name}={path}: a built-in corpus has no sample count to weigh it by; give "
+            "the streams proportions, or a prepared folder"
+        )
     from mpt_jax.data import DataError, open_dataset
 
     try:
-        return int(open_dataset(path).splits["train"]["rows"])
-    except DataError as e:
+        meta = open_dataset(path)
+        val = json.loads((Path(path) / "meta.json").read_text()).get("val", {})
+    except (DataError, OSError, ValueError) as e:
         raise ConfigError(f"--data {name}={path}: {e}") from None
+    samples = int(meta.splits["train"]["documents"])
+    if "fraction" in val and "val" in meta.splits:
+        samples += int(meta.splits["val"]["documents"])
+    return samples
 
 
 def _duration(value: Any, batch: int, seq: int) -> dict[str, int]:

@@ -1,5 +1,7 @@
 """llm-foundry training YAMLs translated into run configs: the recipe, a run, refusals."""
 
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -237,11 +239,6 @@ def _with(tmp_path, path, value):
         (("train_loader", "dataset", "bogus"), 1, "train_loader.dataset.bogus: a key this"),
         (("train_loader", "dataset", "shuffle"), "maybe", "dataset.shuffle: expected true or"),
         (
-            ("train_loader", "dataset", "batching_method"),
-            "per_stream",
-            "batching_method: 'per_stream' draws each batch from one stream",
-        ),
-        (
             ("train_loader", "dataset", "streams"),
             {"c4": {"local": "/c4"}, "code": {"local": "/code"}},
             r"mixes 2 streams \(c4, code\); give --data NAME=DIR for each",
@@ -341,19 +338,18 @@ def test_the_tool_exits_2_with_one_line(tmp_path, small_dataset, capsys):
 
 
 STREAMS = {
-    "local": "/data",
     "split": "train",
     "token_encoding_type": "int32",
     "shuffle_seed": 17,
     "num_canonical_nodes": 2,
     "streams": {
-        "c4": {"local": "/data/c4", "proportion": 0.75, "download_retry": 3},
+        "c4": {"local": "/data/c4", "split": "", "proportion": 0.75, "download_retry": 3},
         "code": {"remote": "s3://bucket/code", "split": "train_small", "proportion": 0.25},
     },
 }
 
 
-def _prepared(root, name, n_docs):
+def _prepared(root, name, n_docs, **kw):
     """A small prepared dataset of n_docs documents; returns its folder."""
     from mpt_jax.data import prepare_dataset
 
@@ -361,53 +357,129 @@ def _prepared(root, name, n_docs):
         for i in range(n_docs):
             f.write(f'{{"text": "document {i} of {name}, in words and words"}}\n')
     out = root / name
-    prepare_dataset(
-        [str(root / f"{name}.jsonl")], out, seq_len=32, val_fraction=0.2, progress=False
-    )
+    kw = {"seq_len": 32, "val_fraction": 0.2, "progress": False, **kw}
+    prepare_dataset([str(root / f"{name}.jsonl")], out, **kw)
     return out
+
+
+def _streams_yaml(tmp_path, dataset, **top):
+    data = {**yaml.safe_load(TINY), **top}
+    data["train_loader"] = {"name": "text", "drop_last": True, "dataset": dataset}
+    (tmp_path / "streams.yaml").write_text(yaml.safe_dump(data))
+    return tmp_path / "streams.yaml"
+
+
+def _refused(capsys, yaml_path, data_args, message):
+    capsys.readouterr()
+    args = [str(yaml_path)] + [x for v in data_args for x in ("--data", str(v))]
+    assert from_foundry.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
 
 
 def test_streams_become_a_weighted_mixture(tmp_path, capsys):
     a, b = _prepared(tmp_path, "a", 60), _prepared(tmp_path, "b", 200)
-    data = yaml.safe_load(TINY)
-    data["train_loader"] = {"name": "text", "drop_last": True, "dataset": dict(STREAMS)}
-    (tmp_path / "streams.yaml").write_text(yaml.safe_dump(data))
     out = tmp_path / "run.yaml"
-    argv = [str(tmp_path / "streams.yaml"), "--data", f"c4={a}", "--data", f"code={b}"]
-    assert from_foundry.main([*argv, "-o", str(out)]) == 0
+    path = _streams_yaml(tmp_path, json.loads(json.dumps(STREAMS)))
+    argv = [str(path), "--data", f"c4={a}", "--data", f"code={b}", "-o", str(out)]
+    assert from_foundry.main(argv) == 0
     cfg = load_run_config(out)
     assert [(s.path, s.weight) for s in cfg.data.mixture] == [(str(a), 0.75), (str(b), 0.25)]
     header = out.read_text()
-    # each stream's folder: its own local, or its remote plus its own split
-    assert "python tools/prepare_data.py /data/c4/train --token-encoding-type int32" in header
-    assert "python tools/prepare_data.py s3://bucket/code/train_small --token" in header
+    # each stream's own folder, and the dataset's split where its own is empty (as streaming)
+    assert "prepare it with python tools/prepare_data.py /data/c4/train --tokenizer" in header
+    assert "python tools/prepare_data.py s3://bucket/code/train_small --tokenizer" in header
+    assert "(and --token-encoding-type int32 for a bytes tokens column)" in header
     assert "# train_loader.dataset.num_canonical_nodes: dropped" in header
+    assert "# train_loader.dataset.streams.c4.download_retry: dropped" in header
     assert "# train_loader.drop_last: dropped" in header
-    # without proportions each stream weighs its samples: repeat x its prepared rows
-    for stream in data["train_loader"]["dataset"]["streams"].values():
-        del stream["proportion"]
-    data["train_loader"]["dataset"]["streams"]["code"]["repeat"] = 2
-    (tmp_path / "streams.yaml").write_text(yaml.safe_dump(data))
-    assert from_foundry.main([*argv, "-o", str(out)]) == 0
-    from mpt_jax.data import open_dataset
+    # without proportions a stream weighs its samples (streaming's, one per document) x repeat,
+    # or what it chooses; a weight of 0 leaves it out
+    for amount, weights in (
+        ({"code": {"repeat": 2}}, [60, 400]),
+        ({"c4": {"choose": 500}}, [500, 200]),
+        ({"c4": {"choose": 0}}, [200]),
+    ):
+        dataset = json.loads(json.dumps(STREAMS))
+        for name, stream in dataset["streams"].items():
+            del stream["proportion"]
+            stream.update(amount.get(name, {}))
+        _streams_yaml(tmp_path, dataset)
+        assert from_foundry.main(argv) == 0
+        assert [s.weight for s in load_run_config(out).data.mixture] == weights
+    # --data refusals, one line each, exit 2
+    _refused(capsys, path, [f"c4={a}"], "streams c4, code need one NAME=DIR each (missing code)")
+    _refused(capsys, path, [f"c4={a}", f"code={b}", f"web={a}"], "(no stream is named web)")
+    _refused(capsys, path, [f"c4={a}", f"c4={b}"], "stream c4 is given twice")
+    _refused(capsys, path, [a, b], "with several --data, each is NAME=DIR")
+    _refused(capsys, path, [f"c4={a}", f"code={tmp_path}/none"], f"code={tmp_path}/none: ")
+    # streams prepared with other tokenizers, or not the one named
+    bpe = _prepared(tmp_path, "bpe", 200, train_bpe_vocab=300)
+    _refused(capsys, path, [f"c4={a}", f"code={bpe}"], "was prepared with another tokenizer")
+    capsys.readouterr()
+    args = [str(path), "--data", f"c4={bpe}", "--data", f"code={bpe}", "--tokenizer", "byte"]
+    assert from_foundry.main(args) == 2
+    assert "was prepared with" in capsys.readouterr().err
+    # a built-in corpus is prepared with data.tokenizer at training time: not compared
+    _streams_yaml(tmp_path, json.loads(json.dumps(STREAMS)))
+    argv_builtin = [str(path), "--data", f"c4={bpe}", "--data", "code=builtin:python-stdlib"]
+    assert from_foundry.main([*argv_builtin, "-o", str(out)]) == 0
+    assert load_run_config(out).data.tokenizer == str(bpe / "tokenizer.json")
 
-    rows = [open_dataset(folder).splits["train"]["rows"] for folder in (a, b)]
-    weights = [s.weight for s in load_run_config(out).data.mixture]
-    assert weights == [rows[0], 2 * rows[1]] and rows[0] != rows[1]
-    # refusals, one line each, exit 2
-    cases = [
-        ([f"c4={a}"], "streams c4, code need one NAME=DIR each (missing code)"),
-        ([f"c4={a}", f"code={b}", f"web={a}"], "(no stream is named web)"),
-        ([f"c4={a}", f"c4={b}"], "stream c4 is given twice"),
-        ([str(a), str(b)], "with several --data, each is NAME=DIR"),
-    ]
-    for values, message in cases:
-        capsys.readouterr()
-        args = [str(tmp_path / "streams.yaml")] + [x for v in values for x in ("--data", v)]
-        assert from_foundry.main(args) == 2
-        err = capsys.readouterr().err
-        assert message in err and err.count("\n") == 1, err
-    data["train_loader"]["dataset"]["streams"]["c4"]["proportion"] = 0.5
-    (tmp_path / "streams.yaml").write_text(yaml.safe_dump(data))
-    with pytest.raises(ConfigError, match=r"streams\.code: every stream needs a proportion"):
-        translate(load_foundry_yaml(tmp_path / "streams.yaml"), data={"c4": str(a), "code": str(b)})
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"local": "/data"}, "streams beside the dataset's own local or remote"),
+        ({"streams": {"c4": {"split": "x"}, "code": {"local": "/c"}}}, "c4: no local or remote"),
+        (
+            {"streams": {"c4": {"local": "/c4", "proportion": 1}, "code": {"local": "/c"}}},
+            "streams.code: every stream needs a proportion when one has one (c4)",
+        ),
+        (
+            {"streams": {"c4": {"local": "/c4", "proportion": 1, "repeat": 2}, "code": {}}},
+            "streams.c4: give one of proportion, repeat and choose",
+        ),
+        (
+            {"epoch_size": 1000, "streams": {"c4": {"local": "/c4", "repeat": 2}, "code": {}}},
+            "epoch_size: only with proportions or no weights",
+        ),
+        ({"replication": 2}, "replication: 2 ranks share each sample"),
+        ({"batch_size": 8}, "dataset.batch_size: llm-foundry passes StreamingDataset"),
+        ({"batching_method": "stratified"}, "'stratified' composes each batch by stream"),
+        ({"bos_token_id": 0}, "bos_token_id: with attn_uses_sequence_id llm-foundry starts"),
+        ({"eos_token_id": 0}, "eos_token_id: 0 differs from the EOS of"),
+        ({"streams": {"c4": {"local": "/c4"}, "code": {"local": "/c", "bogus": 1}}}, "code.bogus"),
+    ],
+)
+def test_what_streams_cannot_express_is_refused(tmp_path, change, message):
+    a = _prepared(tmp_path, "a", 60)
+    dataset = json.loads(json.dumps(STREAMS))
+    for stream in dataset["streams"].values():
+        stream.pop("proportion")
+    for key, value in change.items():
+        if key == "streams":
+            for name, stream in value.items():
+                dataset["streams"][name] = stream or {"local": "/code"}
+        else:
+            dataset[key] = value
+    path = _streams_yaml(tmp_path, dataset)
+    foundry = load_foundry_yaml(path)
+    foundry["model"]["attn_config"]["attn_uses_sequence_id"] = True
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        translate(foundry, data={"c4": str(a), "code": str(a)})
+
+
+def test_integer_stream_names_and_a_builtin_stream_without_a_count(tmp_path):
+    a = _prepared(tmp_path, "a", 60)
+    dataset = {
+        "streams": {0: {"local": "/c4", "proportion": 1}, 1: {"local": "/c", "proportion": 3}}
+    }
+    config = translate(
+        load_foundry_yaml(_streams_yaml(tmp_path, dataset)), data={"0": str(a), "1": str(a)}
+    )
+    assert [s["weight"] for s in config.config["data"]["mixture"]] == [1.0, 3.0]
+    dataset = {"streams": {"c4": {"local": "/c4"}, "code": {"local": "/code"}}}
+    foundry = load_foundry_yaml(_streams_yaml(tmp_path, dataset))
+    with pytest.raises(ConfigError, match="code=builtin:python-stdlib: a built-in corpus has no"):
+        translate(foundry, data={"c4": str(a), "code": "builtin:python-stdlib"})

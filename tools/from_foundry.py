@@ -54,21 +54,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         data = _parse_data(args.data)
-        folders = [data] if isinstance(data, str) else list(data.values())
-        tokenizers = [_dataset_tokenizer(folder, open_dataset) for folder in folders]
-    except DataError as e:
+        tokenizer = _tokenizer(data, args.tokenizer, open_dataset)
+    except (DataError, OSError) as e:
         print(f"error: --data: {e}", file=sys.stderr)
         return 2
-    # each dataset keeps its own copy of the tokenizer: the copies' contents must agree
-    contents = {t if t == "byte" else Path(t).read_bytes() for t in tokenizers}
-    if len(contents) > 1 and args.tokenizer is None:
-        print(
-            f"error: --data: the streams' datasets were prepared with different tokenizers "
-            f"({', '.join(tokenizers)}); prepare them with one",
-            file=sys.stderr,
-        )
-        return 2
-    tokenizer = args.tokenizer or tokenizers[0]
     try:
         foundry = load_foundry_yaml(args.foundry_yaml)
         translation = translate(
@@ -109,11 +98,45 @@ def _parse_data(values: list[str]) -> str | dict[str, str]:
     return pairs
 
 
-def _dataset_tokenizer(data: str, open_dataset) -> str:
-    """The dataset's own tokenizer.json, or byte (built-in corpora: byte unless told)."""
-    if data.startswith("builtin:"):
-        return "byte"
-    meta = open_dataset(data)
+def _tokenizer(data: str | dict[str, str], given: str | None, open_dataset) -> str:
+    """The tokenizer the datasets were prepared with, the same for every stream (by content and
+    EOS: each dataset keeps its own copy); `given` (--tokenizer) must be theirs too."""
+    from mpt_jax.data import DataError
+
+    named = {"": data} if isinstance(data, str) else data
+    found: list[tuple[str, str, tuple]] = []  # (the --data argument, tokenizer, identity)
+    for name, folder in named.items():
+        argument = f"{name}={folder}" if name else folder
+        if folder.startswith("builtin:"):
+            continue  # prepared at training time with data.tokenizer, whatever it is
+        try:
+            meta = open_dataset(folder)
+        except DataError as e:
+            raise DataError(f"{argument}: {e}") from None
+        tokenizer = _dataset_tokenizer(folder, meta)
+        found.append((argument, tokenizer, (_content(tokenizer), meta.eos_id)))
+    for argument, tokenizer, identity in found[1:]:
+        if identity != found[0][2]:
+            raise DataError(
+                f"{argument} was prepared with another tokenizer or EOS than {found[0][0]} "
+                f"({tokenizer}, {found[0][1]}); prepare the streams with one"
+            )
+    if given is not None:
+        for argument, tokenizer, identity in found:
+            if _content(given) != identity[0]:
+                raise DataError(
+                    f"{argument} was prepared with {tokenizer}, not --tokenizer {given}"
+                )
+        return given
+    return found[0][1] if found else "byte"
+
+
+def _content(tokenizer: str) -> bytes | str:
+    return tokenizer if tokenizer == "byte" else Path(tokenizer).read_bytes()
+
+
+def _dataset_tokenizer(data: str, meta) -> str:
+    """The dataset's own tokenizer.json, or byte."""
     if meta.tokenizer.get("kind") == "byte":
         return "byte"
     return str(Path(data) / meta.tokenizer.get("path", "tokenizer.json"))
