@@ -110,13 +110,8 @@ def test_token_mds_rows_are_the_samples_and_equal_packing_the_text(corpus, tmp_p
 
 
 def test_token_mds_cut_to_a_shorter_seq_len_and_drawn_for_validation(corpus, tmp_path):
-    out = prepare_dataset(
-        [str(corpus / "tokens" / "train")],
-        tmp_path / "ds",
-        seq_len=48,
-        val_fraction=0.3,
-        progress=False,
-    )
+    kw = dict(seq_len=48, val_fraction=0.3, progress=False)
+    out = prepare_dataset([str(corpus / "tokens" / "train")], tmp_path / "ds", **kw)
     meta = json.loads((out / "meta.json").read_text())
     samples = concat_tokens(make_docs(150, 0), SEQ)
     train, val = rows(out, "train"), rows(out, "val")
@@ -125,13 +120,7 @@ def test_token_mds_cut_to_a_shorter_seq_len_and_drawn_for_validation(corpus, tmp
     assert got == {s[:48].astype(np.uint16).tobytes() for s in samples}
     assert meta["splits"]["train"]["dropped_tail_tokens"] == 16 * len(train)
     assert meta["val"]["draw"].startswith("sha1 of the sample's token ids")
-    again = prepare_dataset(
-        [str(corpus / "bytes" / "train")],
-        tmp_path / "again",
-        seq_len=48,
-        val_fraction=0.3,
-        progress=False,
-    )
+    again = prepare_dataset([str(corpus / "bytes" / "train")], tmp_path / "again", **kw)
     # the draw follows the token ids, not the column's encoding
     assert open_dataset(again).splits == open_dataset(out).splits
 
