@@ -71,10 +71,8 @@ DATASET_KEYS_DROPPED = {
 }
 # a stream's keys that change nothing here (its folder, split and amount are read): why
 STREAM_KEYS_DROPPED = {
-    "download_retry": "the data is local",
-    "download_timeout": "the data is local",
-    "validate_hash": "prepare_data.py checks the index's hashes",
-    "keep_zip": "the data is local",
+    key: DATASET_KEYS_DROPPED[key]
+    for key in ("download_retry", "download_timeout", "validate_hash", "keep_zip")
 }
 # top-level keys of llm-foundry's TrainConfig that change nothing here: why
 TOP_KEYS_DROPPED = {
@@ -411,12 +409,7 @@ def _train_loader(
     if kind != "text":
         raise ConfigError(f"train_loader.name: {kind!r} is not supported (text: pretraining)")
     dataset = dict(_mapping(loader.pop("dataset", None), "train_loader.dataset", none_ok=True))
-    for key in list(loader):
-        if key in LOADER_KEYS_DROPPED:
-            notes.append(f"train_loader.{key}: dropped ({LOADER_KEYS_DROPPED[key]})")
-            loader.pop(key)
-    if loader:
-        raise ConfigError(f"train_loader.{sorted(loader)[0]}: a key this translation does not know")
+    _drop_keys(loader, LOADER_KEYS_DROPPED, "train_loader", notes)
     out: dict[str, Any] = {}
     if "shuffle" in dataset:
         out["shuffle"] = _bool(dataset.pop("shuffle"), "train_loader.dataset.shuffle")
@@ -457,16 +450,7 @@ def _train_loader(
             )
         notes.append(f"train_loader.dataset.batching_method: dropped (one stream: {batching!r})")
     epoch_size = dataset.get("epoch_size")
-    for key in list(dataset):
-        if key in DATASET_KEYS_DROPPED:
-            why = DATASET_KEYS_DROPPED[key]
-            if why:  # shuffle_seed's is in the data note below
-                notes.append(f"train_loader.dataset.{key}: dropped ({why})")
-            dataset.pop(key)
-    if dataset:
-        raise ConfigError(
-            f"train_loader.dataset.{sorted(dataset)[0]}: a key this translation does not know"
-        )
+    _drop_keys(dataset, DATASET_KEYS_DROPPED, "train_loader.dataset", notes)
     options = f" --tokenizer TOKENIZER --seq-len {seq} --out DIR"
     if encoding not in (None, "int64"):
         options += f" (and --token-encoding-type {encoding} for a bytes tokens column)"
@@ -538,6 +522,17 @@ def _dataset_eos(path: str) -> int | None:
         raise ConfigError(f"--data {path}: {e}") from None
 
 
+def _drop_keys(section: dict, dropped: Mapping[str, str], where: str, notes: list[str]) -> None:
+    """Takes from `section` the keys that change nothing here, each with a note of why (none
+    where the why is ""), and refuses the first key left: every other key was read already."""
+    for key in [key for key in section if key in dropped]:
+        section.pop(key)
+        if dropped[key]:
+            notes.append(f"{where}.{key}: dropped ({dropped[key]})")
+    if section:
+        raise ConfigError(f"{where}.{sorted(section)[0]}: a key this translation does not know")
+
+
 def _streams(
     streams: Any,
     default_split: Any,
@@ -566,18 +561,13 @@ def _streams(
     for name, raw in zip(names, streams.values(), strict=True):
         where = f"train_loader.dataset.streams.{name}"
         stream = dict(_mapping(raw, where))
-        for key, why in STREAM_KEYS_DROPPED.items():
-            if key in stream:
-                stream.pop(key)
-                notes.append(f"{where}.{key}: dropped ({why})")
         amount = {k: stream.pop(k) for k in ("proportion", "repeat", "choose") if k in stream}
         if not (stream.get("local") or stream.get("remote")):
             raise ConfigError(f"{where}: no local or remote (streaming needs one)")
         folder = _mds_folder(stream, default_split)
         for key in ("local", "remote", "split"):
             stream.pop(key, None)
-        if stream:
-            raise ConfigError(f"{where}.{sorted(stream)[0]}: a key this translation does not know")
+        _drop_keys(stream, STREAM_KEYS_DROPPED, where, notes)
         if len(amount) > 1:
             raise ConfigError(f"{where}: give one of proportion, repeat and choose")
         for key, value in amount.items():

@@ -122,8 +122,9 @@ def _tokenizer(data: str | dict[str, str], given: str | None, open_dataset) -> s
                 f"({tokenizer}, {found[0][1]}); prepare the streams with one"
             )
     if given is not None:
+        content = _content(given)
         for argument, tokenizer, identity in found:
-            if _content(given) != identity[0]:
+            if content != identity[0]:
                 raise DataError(
                     f"{argument} was prepared with {tokenizer}, not --tokenizer {given}"
                 )

@@ -76,8 +76,9 @@ def prepare_dataset(
     val_files = sources.resolve_inputs(val_inputs) if val_inputs else []
     out_resolved = out_dir.resolve()
     for f in files + val_files:
-        # an MDS folder's shards may sit in subfolders (a merged index): each file counts
-        for path in [f.path, *sources.files_of(f)]:
+        # an MDS folder's files: its index.json, and shards that may sit in subfolders (a
+        # merged index)
+        for path in sources.files_of(f):
             resolved = path.resolve()
             if out_resolved == resolved or out_resolved in resolved.parents:  # to be deleted
                 raise DataError(f"--out: {out_dir} holds the input {path}; choose another folder")
@@ -245,14 +246,6 @@ def _check_vocab(tokens: np.ndarray, vocab_size: int, tokenizer: str | None, whe
         )
 
 
-def _is_val_tokens(tokens: np.ndarray, fraction: float) -> bool:
-    """A draw from the sample's token ids alone, as _is_val draws from a document's text."""
-    if fraction <= 0:
-        return False
-    digest = hashlib.sha1(tokens.astype("<i8").tobytes()).digest()
-    return int.from_bytes(digest[:8], "little") / 2**64 < fraction
-
-
 def _chain(*iterators: Iterator) -> Iterator:
     for it in iterators:
         yield from it
@@ -260,9 +253,19 @@ def _chain(*iterators: Iterator) -> Iterator:
 
 def _is_val(doc: sources.Document, fraction: float) -> bool:
     """A draw from the document's text alone: paths, file names and order do not move it."""
+    return _drawn(doc.text.encode(), fraction)
+
+
+def _is_val_tokens(tokens: np.ndarray, fraction: float) -> bool:
+    """A draw from the sample's token ids alone, as _is_val draws from a document's text."""
+    return _drawn(tokens.astype("<i8").tobytes(), fraction)
+
+
+def _drawn(content: bytes, fraction: float) -> bool:
+    """True for `fraction` of all contents, by their SHA-1."""
     if fraction <= 0:
         return False
-    digest = hashlib.sha1(doc.text.encode()).digest()
+    digest = hashlib.sha1(content).digest()
     return int.from_bytes(digest[:8], "little") / 2**64 < fraction
 
 
@@ -380,12 +383,7 @@ class _SplitWriter:
         self.rows_digest = hashlib.sha256()  # identifies the rows wherever the folder goes
 
     def add(self, tokens: np.ndarray, eos_id: int) -> None:
-        limit = np.iinfo(self.dtype).max
-        if tokens.size and int(tokens.max()) > limit:
-            raise DataError(
-                f"{self.split}: token id {int(tokens.max())} does not fit the stored "
-                f"{self.dtype.name}"
-            )
+        self._check_fits(tokens, self.split)
         self.documents += 1
         self.pending.append(tokens.astype(self.dtype, copy=False))
         self.pending.append(np.asarray([eos_id], self.dtype))
@@ -405,13 +403,16 @@ class _SplitWriter:
                 f"{where}: {tokens.size} tokens, fewer than seq_len {self.seq_len}; a sample of "
                 "token ids is one row (prepare with a --seq-len no longer than the samples)"
             )
-        if int(tokens.max()) > np.iinfo(self.dtype).max:
-            raise DataError(
-                f"{where}: token id {int(tokens.max())} does not fit the stored {self.dtype.name}"
-            )
+        self._check_fits(tokens, where)
         self.documents += 1
         self.dropped += tokens.size - self.seq_len
         self._write(tokens[: self.seq_len].astype(self.dtype))
+
+    def _check_fits(self, tokens: np.ndarray, where: str) -> None:
+        if tokens.size and int(tokens.max()) > np.iinfo(self.dtype).max:
+            raise DataError(
+                f"{where}: token id {int(tokens.max())} does not fit the stored {self.dtype.name}"
+            )
 
     def _write(self, row: np.ndarray) -> None:
         from array_record.python.array_record_module import ArrayRecordWriter

@@ -110,11 +110,11 @@ def resolve_inputs(inputs: Sequence[str]) -> list[SourceFile]:
             matches = [Path(item)]
         else:
             raise DataError(f"{item}: no such file or folder")
-        for p in matches:
-            if mds.is_mds_folder(p.parent):
+        for parent in sorted({p.parent for p in matches}):
+            if mds.is_mds_folder(parent):
                 # read as text or JSON Lines it would fail far from the cause, or not at all
                 raise DataError(
-                    f"{item}: holds the MDS dataset {p.parent}; give MDS folders as inputs of "
+                    f"{item}: holds the MDS dataset {parent}; give MDS folders as inputs of "
                     "their own (a training split, and its validation split by --val-input)"
                 )
         files.extend(SourceFile(p, str(p), _kind(p)) for p in matches)
