@@ -1,6 +1,7 @@
 """MDS inputs to prepare_dataset, written by MosaicML streaming's own MDSWriter."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -137,6 +138,15 @@ def test_text_mds_equals_the_same_text_as_json_lines(corpus, tmp_path):
     folder = corpus / "text" / "train"
     files = [folder / "index.json", *sorted(folder.glob("shard.*"))]
     assert source["bytes"] == sum(p.stat().st_size for p in files)
+
+
+@pytest.mark.parametrize("inputs", [("text/train", "train.jsonl"), ("tokens/train", "tokens/val")])
+def test_the_progress_bar_ends_at_the_inputs_bytes(corpus, tmp_path, capsys, inputs):
+    """What is read (text, ids) is fewer bytes than an input holds: the bar still ends whole."""
+    paths = [str(corpus / name) for name in inputs]
+    prepare_dataset(paths, tmp_path / "ds", seq_len=SEQ, val_fraction=0.1, progress=True)
+    shown = [int(p) for p in re.findall(r"(\d+)%\|", capsys.readouterr().err)]
+    assert shown[-1] == 100 and shown == sorted(shown)
 
 
 @pytest.mark.parametrize("compression", [None, "bz2", "br:5", "snappy", "zstd:7"])

@@ -122,15 +122,7 @@ def prepare_dataset(
         dtype = np.dtype("<u2") if tok.vocab_size <= 1 << 16 else np.dtype("<u4")
 
         writers = {s: _SplitWriter(tmp, s, seq_len, dtype, shard_bytes) for s in SPLITS}
-        total_bytes = sum(sources.source_bytes(f) for f in files + val_files)
-        bar = tqdm(
-            total=total_bytes,
-            unit="B",
-            unit_scale=True,
-            desc="prepare",
-            disable=not progress,
-            smoothing=0.1,
-        )
+        bar = _InputProgress(files + val_files, disable=not progress)
         if token_column is not None:
             for sample in sources.iter_token_samples(
                 files + val_files, column=column, token_encoding_type=token_encoding_type
@@ -142,7 +134,7 @@ def prepare_dataset(
                 else:
                     is_val = _is_val_tokens(sample.tokens, val_fraction)
                 writers["val" if is_val else "train"].add_row(sample.tokens, where)
-                bar.update(sample.tokens.nbytes)
+                bar.advance(sample.source, sample.tokens.nbytes)
         else:
             docs = sources.iter_documents(files, **read)
             if val_files:
@@ -154,7 +146,7 @@ def prepare_dataset(
                     # the training files exclude the val files: a val file's documents are val
                     is_val = doc.source in val_sources if val_files else _is_val(doc, val_fraction)
                     writers["val" if is_val else "train"].add(tokens, tok.eos_id)
-                bar.update(sum(len(d.text.encode("utf-8")) for d in batch))
+                    bar.advance(doc.source, len(doc.text.encode("utf-8")))
         bar.close()
         counts = {s: w.close() for s, w in writers.items()}
         _check_counts(counts, files, val_fraction, bool(val_files), seq_len)
@@ -192,6 +184,34 @@ def prepare_dataset(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+class _InputProgress:
+    """A bar over the inputs' bytes that reaches each input's end when the next one starts.
+
+    What is read (a document's text, a sample's ids) is fewer bytes than the file holds (JSON
+    keys and quoting, MDS headers and other columns), so within an input the bar advances by
+    what was read, capped at the input's end, and jumps to where the next input starts.
+    """
+
+    def __init__(self, inputs: list[sources.SourceFile], *, disable: bool):
+        self._span: dict[sources.SourceFile, tuple[int, int]] = {}
+        offset = 0
+        for f in inputs:
+            size = sources.source_bytes(f)
+            self._span[f] = (offset, offset + size)
+            offset += size
+        self._bar = tqdm(
+            total=offset, unit="B", unit_scale=True, desc="prepare", disable=disable, smoothing=0.1
+        )
+
+    def advance(self, source: sources.SourceFile, nbytes: int) -> None:
+        start, end = self._span[source]
+        self._bar.update(max(0, min(max(self._bar.n, start) + nbytes, end) - self._bar.n))
+
+    def close(self) -> None:
+        self._bar.update(self._bar.total - self._bar.n)
+        self._bar.close()
 
 
 def _token_column(inputs, column: str | None, train_bpe_vocab: int | None) -> mds.Column | None:
