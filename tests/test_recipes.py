@@ -54,3 +54,4 @@ def test_released_and_long_context_recipes():
     long = load_run_config(RECIPES / "mpt-7b-long-context-8k.yaml")
     assert long.seq_len == 8192 and long.model.alibi and long.init_from
     assert long.train.global_batch * 8192 * long.total_steps == 52_428_800_000
+    assert released.train.mixed_precision == long.train.mixed_precision == "PURE"
