@@ -307,14 +307,22 @@ def write_folder(
 ) -> Path:
     """Write config.json and safetensors into a temporary folder, then rename it to out_dir."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())) and not overwrite:
-        raise CheckpointError(
-            f"{out_dir}: already exists and is not empty (overwrite=True; --overwrite in "
-            "tools/convert_hf.py)"
-        )
-    if (out_dir / "checkpoints").is_dir() or (out_dir / "config.yaml").is_file():
-        # overwrite replaces an exported folder, never a training run's
-        raise CheckpointError(f"{out_dir}: holds an mpt_jax run; export to another folder")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"{out_dir}: is a file; the model is written as a folder")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise CheckpointError(
+                f"{out_dir}: already exists and is not empty (overwrite=True; --overwrite in "
+                "tools/convert_hf.py)"
+            )
+        if (out_dir / "checkpoints").is_dir() or (out_dir / "config.yaml").is_file():
+            # overwrite replaces an exported folder, never a training run's
+            raise CheckpointError(f"{out_dir}: holds an mpt_jax run; export to another folder")
+        if not (out_dir / "config.json").is_file():  # a dataset, say, or anything else
+            raise CheckpointError(
+                f"{out_dir}: holds no HF model (no config.json); overwrite replaces HF model "
+                "folders only: export to another folder"
+            )
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype: must be float32, bfloat16 or float16, got {dtype!r}")
     stored = dtype if dtype is not None else str(np.dtype(entries[0][2]))

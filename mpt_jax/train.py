@@ -475,13 +475,14 @@ def check_run_dir(cfg: RunConfig, raw: dict[str, Any], *, overwrite: bool) -> No
     if cfg.init_from and (overwrite or not steps):  # a fresh start reads it
         _check_init_from_exists(cfg)
     if overwrite:
-        if cfg.init_from and run_dir.exists():
-            source = Path(cfg.init_from).resolve()
-            if source == run_dir.resolve() or run_dir.resolve() in source.parents:
-                raise ConfigError(
-                    f"init_from: {cfg.init_from} is inside run_dir, which --overwrite deletes "
-                    "before it is read: copy it elsewhere first"
-                )
+        if run_dir.exists():
+            for key, path in _inputs(cfg):
+                source = Path(path).resolve()
+                if source == run_dir.resolve() or run_dir.resolve() in source.parents:
+                    raise ConfigError(
+                        f"{key}: {path} is inside run_dir, which --overwrite deletes before it "
+                        "is read: move it elsewhere first"
+                    )
         if run_dir.is_symlink():
             raise ConfigError(
                 f"run_dir: {run_dir} is a symbolic link; --overwrite replaces a real run folder: "
@@ -547,6 +548,21 @@ def retire_stale_completion(run_dir: Path, total_steps: int, *, overwrite: bool)
         step = None  # unreadable: no proof of a finished run
     if overwrite or not isinstance(step, int) or step < total_steps:
         path.unlink(missing_ok=True)
+
+
+def _inputs(cfg: RunConfig) -> list[tuple[str, str]]:
+    """The files and folders a run reads, by config key."""
+    data = cfg.data
+    found = [("init_from", cfg.init_from), ("data.path", data.path)]
+    found += [(f"data.mixture[{i}].path", source.path) for i, source in enumerate(data.mixture)]
+    found += [(f"data.eval[{i}].path", source.path) for i, source in enumerate(data.eval)]
+    found += [
+        ("data.tokenizer", data.tokenizer),
+        ("train.icl_tasks", cfg.train.icl_tasks),
+        ("train.eval_gauntlet", cfg.train.eval_gauntlet),
+    ]
+    # "byte" and builtin:NAME are no paths (a built-in corpus is cached outside the run)
+    return [(k, p) for k, p in found if p and p != "byte" and not p.startswith("builtin:")]
 
 
 def _check_init_from_exists(cfg: RunConfig) -> None:

@@ -552,6 +552,19 @@ def test_existing_output_refused(tmp_path):
                 [str(tmp_path / "in")], out, seq_len=8, val_fraction=0.0, overwrite=True
             )
     assert (tmp_path / "in" / "b.txt").read_text() == "z" * 100
+    # nor a folder that is no dataset (a training run, say), nor a file
+    with pytest.raises(DataError, match=r"--out: \S+out holds no prepared dataset \(no meta"):
+        prepare_dataset(
+            [str(tmp_path / "a.txt")], tmp_path / "out", seq_len=8, val_fraction=0.0, overwrite=True
+        )
+    assert (tmp_path / "out" / "x").read_text() == "keep"
+    with pytest.raises(DataError, match=r"--out: \S+a\.txt is a file; the dataset is written"):
+        prepare_dataset([str(tmp_path / "a.txt")], tmp_path / "a.txt", seq_len=8, val_fraction=0.0)
+    # a dataset is replaced
+    kw = dict(val_fraction=0.0, progress=False)
+    prepare_dataset([str(tmp_path / "a.txt")], tmp_path / "ds", seq_len=8, **kw)
+    prepare_dataset([str(tmp_path / "a.txt")], tmp_path / "ds", seq_len=4, overwrite=True, **kw)
+    assert open_dataset(tmp_path / "ds").seq_len == 4
 
 
 def test_prepare_command_line(tmp_path):

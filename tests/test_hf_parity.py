@@ -235,9 +235,19 @@ def test_export_refuses_non_empty_folder_and_leaves_nothing_on_failure(tmp_path)
     with pytest.raises(CheckpointError, match=r"busy: already exists and is not empty"):
         model.save_pretrained(tmp_path / "busy")
     assert (tmp_path / "busy" / "keep.txt").read_text() == "x"
-    model.save_pretrained(tmp_path / "busy", overwrite=True)
-    assert not (tmp_path / "busy" / "keep.txt").exists()
-    assert read_config(tmp_path / "busy") == cfg
+    # overwrite replaces an HF folder (an earlier export), never other files or a file
+    with pytest.raises(CheckpointError, match=r"busy: holds no HF model \(no config\.json\)"):
+        model.save_pretrained(tmp_path / "busy", overwrite=True)
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "x"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match=r"file: is a file; the model is written as a"):
+        model.save_pretrained(tmp_path / "file", overwrite=True)
+    assert (tmp_path / "file").read_text() == "x"
+    model.save_pretrained(tmp_path / "export")
+    (tmp_path / "export" / "keep.txt").write_text("x")
+    model.save_pretrained(tmp_path / "export", overwrite=True)
+    assert not (tmp_path / "export" / "keep.txt").exists()
+    assert read_config(tmp_path / "export") == cfg
 
     entries = [(n, t.shape, t.dtype) for n, t in model.hf_tensors()]
 
@@ -248,7 +258,7 @@ def test_export_refuses_non_empty_folder_and_leaves_nothing_on_failure(tmp_path)
 
     with pytest.raises(OSError, match="disk full"):
         write_folder(cfg, entries, failing_fetch, tmp_path / "new")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "m"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "export", "file", "m"]
 
     # overwrite replaces exports, never a training run
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)

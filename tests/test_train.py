@@ -443,6 +443,18 @@ def test_the_run_folder_changes_only_once_the_run_is_known_to_start(small_datase
     inside = dict(run_dir=str(run_dir), train={"steps": 2}, init_from=str(run_dir / "checkpoints"))
     with pytest.raises(ConfigError, match=r"init_from: .* is inside run_dir, which --overwrite"):
         run(config(small_dataset, **inside), overwrite=True)
+    # nor is any other input: a dataset or a tokenizer kept in the run folder
+    shutil.copytree(small_dataset / "ds", run_dir / "data")
+    data_inside = dict(run_dir=str(run_dir), train={"steps": 2})
+    with pytest.raises(ConfigError, match=r"data\.path: .* is inside run_dir, which --overwrite"):
+        run(
+            config(small_dataset, **data_inside, data={"path": str(run_dir / "data")}),
+            overwrite=True,
+        )
+    evals = {"path": str(small_dataset / "ds"), "eval": [{"label": "x", "path": str(run_dir)}]}
+    with pytest.raises(ConfigError, match=r"data\.eval\[0\]\.path: .* is inside run_dir"):
+        run(config(small_dataset, **data_inside, data=evals), overwrite=True)
+    shutil.rmtree(run_dir / "data")
     link = tmp_path / "link"
     link.symlink_to(run_dir)
     with pytest.raises(ConfigError, match=r"link is a symbolic link; --overwrite replaces a real"):

@@ -67,7 +67,10 @@ def prepare_dataset(
             f"token_encoding_type: {token_encoding_type!r} is not one of "
             f"{', '.join(mds.TOKEN_ENCODING_TYPES)}"
         )
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"--out: {out_dir} is a file; the dataset is written as a folder")
+    replaces = out_dir.exists() and any(out_dir.iterdir())
+    if replaces and not overwrite:
         raise DataError(
             f"{out_dir}: already exists and is not empty (overwrite=True; --overwrite in "
             "tools/prepare_data.py)"
@@ -82,6 +85,11 @@ def prepare_dataset(
             resolved = path.resolve()
             if out_resolved == resolved or out_resolved in resolved.parents:  # to be deleted
                 raise DataError(f"--out: {out_dir} holds the input {path}; choose another folder")
+    if replaces and not _is_dataset(out_dir):  # a training run, say: never deleted for data
+        raise DataError(
+            f"--out: {out_dir} holds no prepared dataset (no meta.json of one); overwrite "
+            "replaces datasets only: choose another folder"
+        )
     _check_mds_nesting(files, val_files)
     # a validation file is validation only, however its path was spelled or wherever it sits
     val_paths = {f.path.resolve() for f in val_files}
@@ -310,6 +318,14 @@ def _check_counts(counts, files, val_fraction, separate_val, seq_len) -> None:
             f"({counts['val']['documents']} documents, drawn whole: a text file is one "
             "document); raise val_fraction or give val inputs"
         )
+
+
+def _is_dataset(folder: Path) -> bool:
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(meta, dict) and {"format_version", "splits"} <= meta.keys()
 
 
 def _install(tmp: Path, out_dir: Path, overwrite: bool) -> None:
