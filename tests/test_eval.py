@@ -682,10 +682,21 @@ def test_command_line_on_a_run_folder(small_dataset, tmp_path, capsys, monkeypat
         (["--out", str(out.parent)], f"--out: {out.parent} is a folder; name a file"),
         (["--out", str(tasks / "r.json")], f"--out: {tasks} is a file, not a folder"),
         (["--data", str(small_dataset / "ds"), "--max-tokens", "-5"], "--max-tokens: must be >= 1"),
+        # nor is any of its inputs replaced: the task list, a task's data, the run's files
+        (["--out", str(tasks)], f"--out: {tasks} is an input of this evaluation"),
+        (["--out", str(tmp_path / entries[0]["dataset_uri"])], "is an input of this evaluation"),
+        (["--out", str(tmp_path / "run" / "config.yaml")], "config.yaml is a file of"),
     ]:
+        before = {p: p.read_bytes() for p in (tasks, tmp_path / "run" / "config.yaml")}
         assert main(run_tasks_args + extra) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+        assert before == {p: p.read_bytes() for p in before}
+    # an earlier result in the run folder is replaced (as a sweep's eval.json)
+    (tmp_path / "run" / "eval.json").write_text(out.read_text())
+    assert main([*run_tasks_args, "--out", str(tmp_path / "run" / "eval.json")]) == 0
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["icl"]
+    capsys.readouterr()
 
     # a run on the built-in corpus is evaluated on the rows it held out: the corpus prepared
     # now when it holds the run's rows, else the folder the run trained on, else refused

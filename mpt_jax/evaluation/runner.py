@@ -213,6 +213,28 @@ def _check_writable(path: Path, option: str) -> None:
         raise EvalError(f"{option}: {reason}")
 
 
+def _check_out_is_no_input(out: Path, files: list[str | Path], folders: list[str | Path]) -> None:
+    """Refuse an --out that would replace what the command reads: an input file, or a file in
+    the model's or dataset's folder other than an earlier result (a JSON object with `model`)."""
+    target = out.resolve()
+    for f in files:
+        if target == Path(f).resolve():
+            raise EvalError(f"--out: {out} is an input of this evaluation; name another file")
+    for folder in folders:
+        root = Path(folder).resolve()
+        inside = target == root or root in target.parents
+        if not inside or not target.exists():
+            continue
+        try:
+            earlier = json.loads(target.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            earlier = None
+        if not (isinstance(earlier, dict) and "model" in earlier):
+            raise EvalError(
+                f"--out: {out} is a file of {folder}, not an earlier result; name another file"
+            )
+
+
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON atomically (a temporary sibling renamed into place)."""
     write_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
@@ -277,6 +299,14 @@ def run_cli(args) -> dict[str, Any]:
         if not args.tasks:
             raise EvalError("--gauntlet: needs --tasks")
         gauntlet = load_gauntlet(args.gauntlet)
+    if args.out:
+        files = [args.tasks, args.gauntlet, args.tokenizer, *(t.dataset_uri for t in tasks)]
+        folders = [args.model, args.data]
+        _check_out_is_no_input(
+            Path(args.out),
+            [f for f in files if f and Path(f).exists()],
+            [f for f in folders if f and not str(f).startswith(BUILTIN_PREFIX)],
+        )
     model, tokenizer, info = load_for_eval(
         args.model, step=args.step, tokenizer=args.tokenizer, dtype=args.dtype
     )
