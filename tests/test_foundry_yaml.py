@@ -102,10 +102,16 @@ save_interval: 500ba
 """
 
 
-def test_the_125m_pretraining_yaml_becomes_our_125m_recipe(small_dataset, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def rows_of_2048(tmp_path_factory):
+    """A dataset of the 125m YAML's seq_len (byte tokens), as the tool checks."""
+    return _prepared(tmp_path_factory.mktemp("seq2048"), "c4", 1500, seq_len=2048)
+
+
+def test_the_125m_pretraining_yaml_becomes_our_125m_recipe(rows_of_2048, tmp_path, capsys):
     (tmp_path / "mpt-125m.yaml").write_text(FOUNDRY_125M)
     out = tmp_path / "run.yaml"
-    argv = [str(tmp_path / "mpt-125m.yaml"), "--data", str(small_dataset / "ds"), "-o", str(out)]
+    argv = [str(tmp_path / "mpt-125m.yaml"), "--data", str(rows_of_2048), "-o", str(out)]
     assert from_foundry.main(argv) == 0
     ours = load_run_config(out)
     recipe = load_run_config(REPO / "experiments" / "recipes" / "mpt-125m.yaml")
@@ -132,7 +138,7 @@ def test_the_125m_pretraining_yaml_becomes_our_125m_recipe(small_dataset, tmp_pa
     old = top + FOUNDRY_125M.split("run_name: ${variables.run_name}\n")[1]
     (tmp_path / "old.yaml").write_text(old.replace("${variables.", "${"))
     translations = [
-        translate(load_foundry_yaml(tmp_path / name), data=str(small_dataset / "ds")).config
+        translate(load_foundry_yaml(tmp_path / name), data=str(rows_of_2048)).config
         for name in ("old.yaml", "mpt-125m.yaml")
     ]
     assert translations[0] == translations[1]
@@ -148,7 +154,7 @@ model:
   n_heads: 4
   n_layers: 2
   max_seq_len: ${variables.seq}
-  vocab_size: 258
+  vocab_size: 320   # the byte tokenizer's 258 and the streams' BPE of 300
   no_bias: true
   attn_config:
     attn_impl: triton
@@ -335,6 +341,28 @@ def test_the_tool_exits_2_with_one_line(tmp_path, small_dataset, capsys):
     argv = [str(tmp_path / "good.yaml"), "--data", str(small_dataset / "ds"), "--devices", "0"]
     assert from_foundry.main(argv) == 2
     assert "--devices: must be >= 1, got 0" in capsys.readouterr().err
+    # -o never replaces an input, and -o, --tokenizer and a dataset the model cannot read are
+    # each named
+    good = [str(tmp_path / "good.yaml"), "--data", str(small_dataset / "ds")]
+    meta_before = (small_dataset / "ds" / "meta.json").read_bytes()
+    for extra, message in [
+        (["-o", str(tmp_path / "good.yaml")], "-o: " + str(tmp_path / "good.yaml") + " is the"),
+        (["-o", str(small_dataset / "ds" / "meta.json")], "is inside the dataset"),
+        (["-o", str(tmp_path)], "is a folder; name the YAML file to write"),
+        (["-o", str(tmp_path / "good.yaml" / "x.yaml")], "good.yaml is a file, not a folder"),
+        (["--tokenizer", str(tmp_path / "nope.json")], "--tokenizer: " + str(tmp_path)),
+    ]:
+        assert from_foundry.main([*good, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert (tmp_path / "good.yaml").read_text() == FOUNDRY_125M
+    assert (small_dataset / "ds" / "meta.json").read_bytes() == meta_before
+    (tmp_path / "short.yaml").write_text(
+        FOUNDRY_125M.replace("max_seq_len: 2048", "max_seq_len: 64")
+    )
+    assert from_foundry.main([str(tmp_path / "short.yaml"), *good[1:]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "seq_len 32 differs from the training seq_len 64" in err, err
 
 
 STREAMS = {

@@ -48,15 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
 
     from mpt_jax.atomic_write import write_atomic
-    from mpt_jax.config import ConfigError
-    from mpt_jax.data import DataError, open_dataset
+    from mpt_jax.config import ConfigError, run_config_from_dict
+    from mpt_jax.data import DataError, check_compatible, open_dataset
     from mpt_jax.foundry_yaml import load_foundry_yaml, translate
 
     try:
         data = _parse_data(args.data)
+        _check_out(args.out, args.foundry_yaml, data)
         tokenizer = _tokenizer(data, args.tokenizer, open_dataset)
-    except (DataError, OSError) as e:
-        print(f"error: --data: {e}", file=sys.stderr)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         foundry = load_foundry_yaml(args.foundry_yaml)
@@ -70,13 +71,26 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {args.foundry_yaml}: {e}", file=sys.stderr)
         return 2
+    cfg = run_config_from_dict(translation.config)
+    for name, folder in _folders(data).items():
+        try:  # the trainer's own check, now rather than at its start
+            check_compatible(
+                open_dataset(folder), seq_len=cfg.seq_len, vocab_size=cfg.model.vocab_size
+            )
+        except DataError as e:
+            print(f"error: {args.foundry_yaml} with --data {name or folder}: {e}", file=sys.stderr)
+            return 2
     header = [f"# Translated from {args.foundry_yaml} by tools/from_foundry.py."]
     header += [f"# {note}" for note in translation.notes]
     text = "\n".join(header) + "\n" + yaml.safe_dump(translation.config, sort_keys=False)
     if args.out is None:
         print(text, end="")
     else:
-        write_atomic(Path(args.out), text)
+        try:
+            write_atomic(Path(args.out), text)
+        except OSError as e:
+            print(f"error: -o: {args.out}: {e.strerror or e}", file=sys.stderr)
+            return 2
         print(f"wrote {args.out} ({len(translation.notes)} notes at its top)")
     return 0
 
@@ -91,11 +105,38 @@ def _parse_data(values: list[str]) -> str | dict[str, str]:
     for value in values:
         name, sep, folder = value.partition("=")
         if not sep or not name or not folder:
-            raise DataError(f"{value}: with several --data, each is NAME=DIR (a stream's name)")
+            raise DataError(
+                f"--data: {value}: with several --data, each is NAME=DIR (a stream's name)"
+            )
         if name in pairs:
-            raise DataError(f"stream {name} is given twice")
+            raise DataError(f"--data: stream {name} is given twice")
         pairs[name] = folder
     return pairs
+
+
+def _folders(data: str | dict[str, str]) -> dict[str, str]:
+    """The prepared folders by stream name ("" for a single --data), built-in corpora aside."""
+    named = {"": data} if isinstance(data, str) else data
+    return {name: folder for name, folder in named.items() if not folder.startswith("builtin:")}
+
+
+def _check_out(out: str | None, foundry_yaml: str, data: str | dict[str, str]) -> None:
+    """Refuse an -o that is a folder, lies under a file, or would replace an input."""
+    from mpt_jax.atomic_write import unwritable_reason
+    from mpt_jax.data import DataError
+
+    if out is None:
+        return
+    target = Path(out).resolve()
+    if target.is_dir():
+        raise DataError(f"-o: {out} is a folder; name the YAML file to write")
+    if reason := unwritable_reason(target.parent):
+        raise DataError(f"-o: {reason}")
+    if target == Path(foundry_yaml).resolve():
+        raise DataError(f"-o: {out} is the llm-foundry YAML read; name another file")
+    for folder in _folders(data).values():
+        if Path(folder).resolve() in target.parents:
+            raise DataError(f"-o: {out} is inside the dataset {folder}; name another file")
 
 
 def _tokenizer(data: str | dict[str, str], given: str | None, open_dataset) -> str:
@@ -103,18 +144,16 @@ def _tokenizer(data: str | dict[str, str], given: str | None, open_dataset) -> s
     EOS: each dataset keeps its own copy); `given` (--tokenizer) must be theirs too."""
     from mpt_jax.data import DataError
 
-    named = {"": data} if isinstance(data, str) else data
     found: list[tuple[str, str, tuple]] = []  # (the --data argument, tokenizer, identity)
-    for name, folder in named.items():
-        argument = f"{name}={folder}" if name else folder
-        if folder.startswith("builtin:"):
-            continue  # prepared at training time with data.tokenizer, whatever it is
+    # built-in corpora are prepared at training time with data.tokenizer, whatever it is
+    for name, folder in _folders(data).items():
+        argument = f"--data {name}={folder}" if name else f"--data {folder}"
         try:
             meta = open_dataset(folder)
-        except DataError as e:
+            tokenizer = _dataset_tokenizer(folder, meta)
+            found.append((argument, tokenizer, (_content(tokenizer), meta.eos_id)))
+        except (DataError, OSError) as e:
             raise DataError(f"{argument}: {e}") from None
-        tokenizer = _dataset_tokenizer(folder, meta)
-        found.append((argument, tokenizer, (_content(tokenizer), meta.eos_id)))
     for argument, tokenizer, identity in found[1:]:
         if identity != found[0][2]:
             raise DataError(
@@ -122,7 +161,10 @@ def _tokenizer(data: str | dict[str, str], given: str | None, open_dataset) -> s
                 f"({tokenizer}, {found[0][1]}); prepare the streams with one"
             )
     if given is not None:
-        content = _content(given)
+        try:
+            content = _content(given)
+        except OSError as e:
+            raise DataError(f"--tokenizer: {given}: {e.strerror or e}") from None
         for argument, tokenizer, identity in found:
             if content != identity[0]:
                 raise DataError(
