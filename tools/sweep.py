@@ -51,6 +51,17 @@ def main(argv: list[str] | None = None) -> int:
             if args.list or args.slurm or args.report_only
             else (runner.device_groups(args.parallel, gpus))
         )
+        slurm_options = (
+            runner.SlurmOptions(
+                gpus_per_member=args.gpus_per_member,
+                cpus_per_member=args.cpus_per_member,
+                time=args.time,
+                max_concurrent=args.max_concurrent,
+                partition=args.partition,
+            )
+            if args.slurm
+            else None
+        )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -63,16 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m.name}\t{state}\t{m.run_dir}")
         return 0
     if args.slurm:
-        commands, sbatch, indices = runner.write_slurm(
-            sweep,
-            runner.SlurmOptions(
-                gpus_per_member=args.gpus_per_member,
-                cpus_per_member=args.cpus_per_member,
-                time=args.time,
-                max_concurrent=args.max_concurrent,
-                partition=args.partition,
-            ),
-        )
+        commands, sbatch, indices = runner.write_slurm(sweep, slurm_options)
         print(f"{len(sweep.members)} members, {len(indices)} to run; launch commands: {commands}")
         print(f"submit with: sbatch {sbatch}")
         print(f"then collect: {runner.report_command(sweep)}")
