@@ -429,3 +429,17 @@ def test_slurm_time_takes_the_formats_sbatch_reads_only(tmp_path):
     for time_limit in ["1h", "1:2:3:4", "1-2-3", "1:", ""]:
         with pytest.raises(ConfigError, match=f"--time: '{time_limit}' is not a SLURM time"):
             runner.SlurmOptions(time=time_limit)
+
+
+def test_out_dir_under_a_file_is_one_line_naming_where_it_was_given(tmp_path, capsys):
+    write_base(tmp_path, tmp_path / "ds")
+    path = write_sweep(tmp_path, grid={"optim.lr": [1e-3, 2e-3]})
+    (tmp_path / "file").write_text("")
+    reason = f"{tmp_path / 'file'} is a file, not a folder"
+    for mode in ([], ["--slurm"], ["--report-only"]):
+        code, err = _sweep_tool_main([path, *mode, "--out-dir", tmp_path / "file" / "x"], capsys)
+        assert code == 2 and err == [f"error: --out-dir: {reason}"]
+    in_file = write_sweep(tmp_path, "in_file.yaml", seeds=[1], out_dir=str(tmp_path / "file" / "x"))
+    code, err = _sweep_tool_main([in_file, "--report-only"], capsys)
+    assert code == 2 and err == [f"error: {in_file}: out_dir: {reason}"]
+    assert _sweep_tool_main([in_file, "--list"], capsys)[0] == 0  # --list writes nothing

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     slurm.add_argument("--partition", default=None)
     args = parser.parse_args(argv)
 
+    from mpt_jax.atomic_write import unwritable_reason
     from mpt_jax.config import ConfigError
     from mpt_jax.sweep import report, runner
     from mpt_jax.sweep.spec import load_sweep
@@ -45,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         sweep = load_sweep(args.sweep, args.out_dir)
+        # every mode but --list writes there: refused now, not by a traceback at the first file
+        if not args.list and (reason := unwritable_reason(sweep.out_dir)):
+            given = "--out-dir" if args.out_dir else f"{args.sweep}: out_dir"
+            raise ConfigError(f"{given}: {reason}")
         gpus = _ints(args.gpus, "--gpus")
         groups = (
             None
