@@ -270,6 +270,9 @@ def test_command_line_on_run_and_hf_folders(tmp_path, capsys):
         (["--prompt", "x", "--top-p", "2"], r"top_p: must be in \(0, 1\]"),
         (["--prompt", "x", "--step", "9"], r"no checkpoint at step 9"),
         (["--prompt", "x", "--tokenizer", "nope.json"], r"nope\.json: tokenizer file not found"),
+        # the run's byte tokenizer, or one named: as tools/prepare_data.py refuses it
+        (["--prompt", "x", "--eos-token", "XYZ"], r"--eos-token: only with a --tokenizer file"),
+        (["--prompt", "x", "--eos-token", "XYZ", "--tokenizer", "byte"], r"the byte tokenizer"),
     ],
 )
 def test_command_line_bad_input_is_one_line(tmp_path, capsys, args, message):
