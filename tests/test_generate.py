@@ -294,6 +294,41 @@ def test_damaged_checkpoint_exits_1_as_for_train_and_eval(tmp_path, capsys):
     assert err.startswith("error: ") and "cannot restore the parameters" in err
 
 
+def test_an_unreadable_step_names_it_and_the_earlier_steps_for_generate_eval_and_export(
+    tmp_path, capsys
+):
+    import importlib.util
+    import shutil
+
+    cfg = ModelConfig(**{**SMALL, "vocab_size": 258})
+    run = Path(_run_folder(tmp_path, MPTForCausalLM(cfg, rngs=nnx.Rngs(0))))
+    latest = shutil.copytree(run / "checkpoints" / "3", run / "checkpoints" / "5")
+    data = max((p for p in latest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    hint = "step 5 is unreadable: try an earlier one, --step 3 (earlier steps: 3)"
+    assert main(["generate", str(run), "--prompt", "x"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    # the cause, not Orbax's wrapper whose first line ends in "TensorStore({"
+    assert len(err) == 1 and err[0].endswith(hint) and "TensorStore" not in err[0], err
+    (tmp_path / "lm.jsonl").write_text(json.dumps({"context": "a", "continuation": "b"}) + "\n")
+    task = {"label": "lm", "dataset_uri": "lm.jsonl", "num_fewshot": [0]}
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(json.dumps({"icl_tasks": [{**task, "icl_task_type": "language_modeling"}]}))
+    assert main(["eval", str(run), "--tasks", str(tasks), "--no-progress"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].endswith(hint), err
+    spec = importlib.util.spec_from_file_location(
+        "convert_hf", Path(__file__).parents[1] / "tools" / "convert_hf.py"
+    )
+    convert_hf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert_hf)
+    assert convert_hf.main([str(run), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].endswith(hint), err
+    earlier = ["generate", str(run), "--prompt", "x", "--max-new-tokens", "4", "--step", "3"]
+    assert main(earlier) == 0
+
+
 def test_hf_folder_without_tokenizer_is_named(tmp_path, capsys):
     _, folder = _model(tmp_path)
     assert main(["generate", str(folder), "--prompt", "x"]) == 2
