@@ -61,6 +61,11 @@ def _log(message: str) -> None:
 def _error_line(error: BaseException) -> str:
     """The first line of an exception, shortened: Orbax and TensorStore errors run long."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    # Orbax wraps a failed TensorStore read in an error whose first line ends in the opening of
+    # a multi-line spec ("See full TensorStore details: <bound method ... TensorStore({"); the
+    # cause it chains is the line that says what went wrong
+    if "See full TensorStore details" in text and error.__cause__ is not None:
+        return _error_line(error.__cause__)
     # TensorStore appends the spec it was opening, a JSON object of a kilobyte or more, after
     # the cause ("... File too large [tensorstore_spec='{...}'] [os_error_code='27']"): without
     # it the cause is at the end, which the shortened line keeps
@@ -322,11 +327,44 @@ def read_meta(step_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_params(step_dir: str | Path, abstract_params: Any) -> Any:
-    """Restore only the params item of a step folder into `abstract_params` (shapes, shardings)."""
+def load_params(step_dir: str | Path, abstract_params: Any, *, step_option: str = "") -> Any:
+    """Restore only the params item of a step folder into `abstract_params` (shapes, shardings).
+
+    `step_option` (`--step`): the option that picks a step; the error suggests an earlier one.
+    """
     path = Path(step_dir).absolute() / "params"
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             return checkpointer.restore(path, abstract_params)
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot restore the parameters ({_error_line(e)})") from e
+        hint = _earlier_step_hint(path.parent, step_option) if step_option else ""
+        raise CheckpointError(
+            f"{path}: cannot restore the parameters ({_error_line(e)}){hint}"
+        ) from e
+
+
+def _earlier_step_hint(step_dir: Path, step_option: str) -> str:
+    """Where to turn when a step is unreadable: the steps saved before it (as resuming does)."""
+    step = int(step_dir.name)
+    earlier = [s for s in committed_steps(step_dir.parent) if s < step]
+    if not earlier:
+        return f"; step {step} is unreadable and no earlier step is saved"
+    return (
+        f"; step {step} is unreadable: try an earlier one, {step_option} {earlier[-1]} "
+        f"(earlier steps: {', '.join(map(str, earlier))})"
+    )
+
+
+def quiet_abandoned_writes() -> None:
+    """Silence what Orbax's abandoned futures report at exit after a checkpoint error.
+
+    A failed save or restore leaves its other futures unretrieved and their coroutines
+    unawaited; asyncio's logs, the warnings and the "Exception ignored in" reports (a hundred
+    lines and more) would bury the one error line the command prints last.
+    """
+    import logging
+    import warnings
+
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    warnings.simplefilter("ignore")
+    sys.unraisablehook = lambda unraisable: None

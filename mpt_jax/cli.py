@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from mpt_jax.checkpoint import CheckpointError
+    from mpt_jax.checkpoint import CheckpointError, quiet_abandoned_writes
     from mpt_jax.config import ConfigError
     from mpt_jax.data import DataError
     from mpt_jax.loss_spikes import LOSS_SPIKE_EXIT_CODE, LossSpikeError
@@ -73,13 +73,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return LOSS_SPIKE_EXIT_CODE
     except (CheckpointError, NonFiniteLossError) as e:
-        import logging
-        import warnings
-
-        # a failed save leaves Orbax's other write futures unretrieved and their coroutines
-        # unawaited; their reports at exit would bury this line
-        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-        warnings.simplefilter("ignore")
+        quiet_abandoned_writes()
         print(f"error: {e}", file=sys.stderr)
         return 1
     if final.get("preempted"):
@@ -147,7 +141,7 @@ def _add_eval_parser(sub) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from mpt_jax.checkpoint import CheckpointError
+    from mpt_jax.checkpoint import CheckpointError, quiet_abandoned_writes
     from mpt_jax.config import ConfigError
     from mpt_jax.data import DataError
     from mpt_jax.evaluation.runner import run_cli
@@ -159,6 +153,7 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except CheckpointError as e:
+        quiet_abandoned_writes()
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
@@ -181,7 +176,7 @@ def _add_generate_parser(sub) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from mpt_jax.checkpoint import CheckpointError
+    from mpt_jax.checkpoint import CheckpointError, quiet_abandoned_writes
     from mpt_jax.config import ConfigError
     from mpt_jax.data import DataError
     from mpt_jax.generate import GenerationError, run_cli
@@ -193,6 +188,7 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except CheckpointError as e:  # an unreadable run folder, as for train and eval
+        quiet_abandoned_writes()
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -718,6 +718,10 @@ def from_dict(cls: type, data: Mapping[str, Any], *, where: str) -> Any:
         raise ConfigError(
             f"{prefix}{unknown[0]}: unknown key; allowed keys are {', '.join(sorted(fields))}"
         )
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.init and required and f.name not in data:  # not the constructor's TypeError
+            raise ConfigError(f"{where or 'config'}: missing required key {f.name!r}")
     kwargs = {key: _convert(hints[key], value, f"{prefix}{key}") for key, value in data.items()}
     try:
         return cls(**kwargs)

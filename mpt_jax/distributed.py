@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import socket
 import sys
 import time
@@ -46,6 +47,8 @@ def settings(cfg: DistributedConfig, env: Mapping[str, str] = os.environ) -> dic
             "distributed: give coordinator_address, num_processes and process_id together "
             f"(or {ENV_PREFIX}COORDINATOR, {ENV_PREFIX}NUM_PROCESSES, {ENV_PREFIX}PROCESS_ID)"
         )
+    if explicit:
+        _check_explicit(cfg, address, count, index)
     if explicit and count == 1:
         return None
     return {
@@ -55,6 +58,33 @@ def settings(cfg: DistributedConfig, env: Mapping[str, str] = os.environ) -> dic
         "local_device_ids": list(local) if local is not None else None,
         "initialization_timeout": cfg.initialization_timeout_s,
     }
+
+
+def _check_explicit(cfg: DistributedConfig, address: str | None, count: int, index: int) -> None:
+    """Refuse what JAX fails on late (a timeout) or with a traceback, naming the value's source."""
+    count_from = "distributed.num_processes" if cfg.num_processes else f"{ENV_PREFIX}NUM_PROCESSES"
+    if count < 1:
+        raise ConfigError(f"{count_from}: must be >= 1, got {count}")
+    if not 0 <= index < count:
+        index_from = (
+            "distributed.process_id" if cfg.process_id is not None else f"{ENV_PREFIX}PROCESS_ID"
+        )
+        raise ConfigError(
+            f"{index_from}: must be in 0..{count - 1} for {count} processes ({count_from}), "
+            f"got {index}"
+        )
+    if address is None:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not re.fullmatch("[0-9]{1,5}", port) or not 1 <= int(port) <= 65535:
+        address_from = (
+            "distributed.coordinator_address"
+            if cfg.coordinator_address
+            else f"{ENV_PREFIX}COORDINATOR"
+        )
+        raise ConfigError(
+            f"{address_from}: expected host:port (process 0's, a port in 1..65535), got {address!r}"
+        )
 
 
 def initialize(cfg: DistributedConfig) -> bool:

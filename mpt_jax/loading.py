@@ -55,7 +55,10 @@ def from_pretrained(
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params
     )
-    params = checkpoint.load_params(step_dir, target)
+    # a step folder named directly: its siblings are the earlier steps, --step picks none
+    params = checkpoint.load_params(
+        step_dir, target, step_option="--step" if step_dir != Path(path) else ""
+    )
     if _step_saw_bf16_params(meta["config"]) and jnp.dtype(dtype) == jnp.bfloat16:
         param_dtype = dtype  # evaluated as it trained: a bf16 stream, bf16 norms and embeddings
     params = jax.tree.map(lambda x: x.astype(param_dtype), params)

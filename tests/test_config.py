@@ -325,6 +325,14 @@ def test_run_config_presets_budgets_and_defaults():
             r"checkpoint\.every_minutes: expected a finite number, got inf",
         ),
         (dict(data={"num_threads": -1}), r"data\.num_threads: must be >= 0, got -1"),
+        (
+            dict(data={"eval": [{"path": "ds"}]}),
+            r"^data\.eval\[0\]: missing required key 'label'$",
+        ),
+        (
+            dict(data={"path": None, "mixture": [{"weight": 1.0}]}),
+            r"^data\.mixture\[0\]: missing required key 'path'$",
+        ),
     ],
 )
 def test_run_config_errors_name_the_field(changes, message):

@@ -323,6 +323,35 @@ def test_content_id_tells_apart_fields_of_one_file_with_equal_counts(tmp_path):
         verify_dataset(metas[1].folder)
 
 
+def test_verify_checks_the_tokenizer_file_meta_names(tmp_path, capsys):
+    inputs = write_inputs(tmp_path / "in", make_docs(60, seed=4))
+    folder = prepare_dataset(
+        inputs,
+        tmp_path / "ds",
+        seq_len=16,
+        val_fraction=0.0,
+        column="content",
+        train_bpe_vocab=300,
+        workers=1,  # a process pool costs seconds
+        progress=False,
+    )
+    sys.path.insert(0, str(REPO / "tools"))
+    from verify_data import main as verify_main
+
+    verify_dataset(folder)
+    tokenizer = folder / "tokenizer.json"
+    tokenizer.write_bytes(tokenizer.read_bytes()[:100])
+    with pytest.raises(
+        DataError, match=r"tokenizer\.json: sha256 \w{12}, meta\.json records \w{12} \(truncated"
+    ):
+        verify_dataset(folder)
+    tokenizer.unlink()
+    capsys.readouterr()
+    assert verify_main([str(folder), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tokenizer.json: missing, meta.json names it" in err[0], err
+
+
 @pytest.mark.parametrize("processes", [2, 4])
 def test_process_shares_tile_each_global_batch(dataset, processes):
     meta = dataset[0]

@@ -502,6 +502,23 @@ def test_perplexity_on_a_builtin_corpus_reads_the_folder_training_prepares(
     assert got["perplexity"][0]["dataset"] == str(trained_on)
 
 
+def test_perplexity_refuses_data_prepared_with_another_tokenizer(tiny, small_dataset, tmp_path):
+    from mpt_jax.data import ByteTokenizer, DataError
+    from mpt_jax.evaluation import evaluate
+
+    corpus = [" ".join(["cat", "dog", "bird"] * 50)] * 20
+    bpe = JsonTokenizer(train_bpe(corpus, 300, tmp_path / "tokenizer.json"))
+    ds = small_dataset / "ds"  # prepared with bytes
+    kw = dict(data=ds, max_tokens=64, batch_size=8)
+    with pytest.raises(
+        DataError,
+        match=r"ds/meta\.json: prepared with tokenizer 'byte', the model's tokenizer "
+        r".*tokenizer\.json is 'tokenizer_json'; prepare it with the model's tokenizer",
+    ):
+        evaluate(tiny.model, bpe, **kw)
+    assert evaluate(tiny.model, ByteTokenizer(), **kw)["perplexity"][0]["windows"] == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: one clear error each, naming the file (and line)
 

@@ -270,6 +270,9 @@ def test_command_line_on_run_and_hf_folders(tmp_path, capsys):
         (["--prompt", "x", "--top-p", "2"], r"top_p: must be in \(0, 1\]"),
         (["--prompt", "x", "--step", "9"], r"no checkpoint at step 9"),
         (["--prompt", "x", "--tokenizer", "nope.json"], r"nope\.json: tokenizer file not found"),
+        # the run's byte tokenizer, or one named: as tools/prepare_data.py refuses it
+        (["--prompt", "x", "--eos-token", "XYZ"], r"--eos-token: only with a --tokenizer file"),
+        (["--prompt", "x", "--eos-token", "XYZ", "--tokenizer", "byte"], r"the byte tokenizer"),
     ],
 )
 def test_command_line_bad_input_is_one_line(tmp_path, capsys, args, message):
@@ -289,6 +292,41 @@ def test_damaged_checkpoint_exits_1_as_for_train_and_eval(tmp_path, capsys):
     assert main(["generate", run, "--prompt", "x"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "cannot restore the parameters" in err
+
+
+def test_an_unreadable_step_names_it_and_the_earlier_steps_for_generate_eval_and_export(
+    tmp_path, capsys
+):
+    import importlib.util
+    import shutil
+
+    cfg = ModelConfig(**{**SMALL, "vocab_size": 258})
+    run = Path(_run_folder(tmp_path, MPTForCausalLM(cfg, rngs=nnx.Rngs(0))))
+    latest = shutil.copytree(run / "checkpoints" / "3", run / "checkpoints" / "5")
+    data = max((p for p in latest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    hint = "step 5 is unreadable: try an earlier one, --step 3 (earlier steps: 3)"
+    assert main(["generate", str(run), "--prompt", "x"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    # the cause, not Orbax's wrapper whose first line ends in "TensorStore({"
+    assert len(err) == 1 and err[0].endswith(hint) and "TensorStore" not in err[0], err
+    (tmp_path / "lm.jsonl").write_text(json.dumps({"context": "a", "continuation": "b"}) + "\n")
+    task = {"label": "lm", "dataset_uri": "lm.jsonl", "num_fewshot": [0]}
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(json.dumps({"icl_tasks": [{**task, "icl_task_type": "language_modeling"}]}))
+    assert main(["eval", str(run), "--tasks", str(tasks), "--no-progress"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].endswith(hint), err
+    spec = importlib.util.spec_from_file_location(
+        "convert_hf", Path(__file__).parents[1] / "tools" / "convert_hf.py"
+    )
+    convert_hf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert_hf)
+    assert convert_hf.main([str(run), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].endswith(hint), err
+    earlier = ["generate", str(run), "--prompt", "x", "--max-new-tokens", "4", "--step", "3"]
+    assert main(earlier) == 0
 
 
 def test_hf_folder_without_tokenizer_is_named(tmp_path, capsys):

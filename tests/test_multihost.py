@@ -288,6 +288,51 @@ def test_launcher_detection_and_explicit_settings():
         settings(cfg, {**env, "MPT_JAX_PROCESS_ID": "one"})
 
 
+ENV = {"MPT_JAX_COORDINATOR": "h:1234", "MPT_JAX_NUM_PROCESSES": "2", "MPT_JAX_PROCESS_ID": "1"}
+
+
+@pytest.mark.parametrize(
+    "fields, env, message",
+    [
+        ({}, {"MPT_JAX_COORDINATOR": "localhost"}, r"MPT_JAX_COORDINATOR: expected host:port"),
+        ({}, {"MPT_JAX_COORDINATOR": ":1234"}, r"MPT_JAX_COORDINATOR: expected host:port"),
+        ({}, {"MPT_JAX_COORDINATOR": "h:0"}, r"a port in 1\.\.65535\), got 'h:0'"),
+        ({}, {"MPT_JAX_COORDINATOR": "h:70000"}, r"MPT_JAX_COORDINATOR: .* got 'h:70000'"),
+        ({}, {"MPT_JAX_COORDINATOR": "h:http"}, r"MPT_JAX_COORDINATOR: expected host:port"),
+        (
+            {"coordinator_address": "h", "num_processes": 2, "process_id": 1},
+            {},
+            r"distributed\.coordinator_address: expected host:port",
+        ),
+        (
+            {},
+            {"MPT_JAX_PROCESS_ID": "5"},
+            r"MPT_JAX_PROCESS_ID: must be in 0\.\.1 for 2 processes \(MPT_JAX_NUM_PROCESSES\), "
+            "got 5",
+        ),
+        ({}, {"MPT_JAX_PROCESS_ID": "-1"}, r"MPT_JAX_PROCESS_ID: must be in 0\.\.1 .* got -1"),
+        (
+            {"process_id": 2},
+            {},
+            r"distributed\.process_id: must be in 0\.\.1 for 2 processes \(MPT_JAX_NUM",
+        ),
+        (
+            {"num_processes": 1},
+            {},
+            r"MPT_JAX_PROCESS_ID: must be in 0\.\.0 .*\(distributed\.num_processes\), got 1",
+        ),
+        ({}, {"MPT_JAX_NUM_PROCESSES": "0"}, r"MPT_JAX_NUM_PROCESSES: must be >= 1, got 0"),
+    ],
+)
+def test_bad_distributed_settings_name_the_key_or_variable(fields, env, message):
+    from mpt_jax.config import DistributedConfig
+    from mpt_jax.distributed import settings
+
+    with pytest.raises(ConfigError, match=message) as info:
+        settings(DistributedConfig(**fields), {**ENV, **env})
+    assert "\n" not in str(info.value)
+
+
 def test_tensor_groups_must_sit_within_one_process():
     def grid(processes, shape):
         devices = [SimpleNamespace(process_index=p) for p in processes]

@@ -2,6 +2,7 @@
 sweep (trainer and eval processes) that is preempted, resumed, reported and skipped."""
 
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -387,3 +388,58 @@ def test_visible_gpus_reads_indices_not_lines(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a,GPU-c")
     with pytest.raises(ConfigError, match=r"CUDA_VISIBLE_DEVICES='GPU-a,GPU-c': --parallel"):
         runner.device_groups(2)
+
+
+def _sweep_tool_main(argv, capsys) -> tuple[int, list[str]]:
+    """tools/sweep.py in this process (no interpreter start): its exit status and stderr lines."""
+    spec = importlib.util.spec_from_file_location("sweep_tool", SWEEP_TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    capsys.readouterr()
+    code = tool.main([str(a) for a in argv])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--gpus-per-member", "-1"], "--gpus-per-member: must be >= 1, got -1"),
+        (["--cpus-per-member", "0"], "--cpus-per-member: must be >= 1, got 0"),
+        (["--max-concurrent", "0"], "--max-concurrent: must be >= 1, got 0"),
+        (["--time", "banana"], "--time: 'banana' is not a SLURM time (minutes, MM:SS,"),
+        (["--time", "1:2:3:4"], "--time: '1:2:3:4' is not a SLURM time"),
+        (["--time", "-5"], "--time: '-5' is not a SLURM time"),
+    ],
+)
+def test_slurm_flags_out_of_range_are_one_line_and_write_nothing(tmp_path, capsys, flags, message):
+    write_base(tmp_path, tmp_path / "ds")
+    path = write_sweep(tmp_path, grid={"optim.lr": [1e-3, 2e-3]})
+    out = tmp_path / "out"
+    code, err = _sweep_tool_main([path, "--slurm", "--out-dir", out, *flags], capsys)
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+def test_slurm_time_takes_the_formats_sbatch_reads_only(tmp_path):
+    write_base(tmp_path, tmp_path / "ds")
+    sweep = load_sweep(write_sweep(tmp_path, seeds=[1]), tmp_path / "out")
+    for time_limit in ["90", "30:00", "24:00:00", "2-0", "1-12:30", "1-00:00:00"]:
+        _, sbatch, _ = runner.write_slurm(sweep, runner.SlurmOptions(time=time_limit))
+        assert f"#SBATCH --time={time_limit}\n" in sbatch.read_text()
+    for time_limit in ["1h", "1:2:3:4", "1-2-3", "1:", ""]:
+        with pytest.raises(ConfigError, match=f"--time: '{time_limit}' is not a SLURM time"):
+            runner.SlurmOptions(time=time_limit)
+
+
+def test_out_dir_under_a_file_is_one_line_naming_where_it_was_given(tmp_path, capsys):
+    write_base(tmp_path, tmp_path / "ds")
+    path = write_sweep(tmp_path, grid={"optim.lr": [1e-3, 2e-3]})
+    (tmp_path / "file").write_text("")
+    reason = f"{tmp_path / 'file'} is a file, not a folder"
+    for mode in ([], ["--slurm"], ["--report-only"]):
+        code, err = _sweep_tool_main([path, *mode, "--out-dir", tmp_path / "file" / "x"], capsys)
+        assert code == 2 and err == [f"error: --out-dir: {reason}"]
+    in_file = write_sweep(tmp_path, "in_file.yaml", seeds=[1], out_dir=str(tmp_path / "file" / "x"))
+    code, err = _sweep_tool_main([in_file, "--report-only"], capsys)
+    assert code == 2 and err == [f"error: {in_file}: out_dir: {reason}"]
+    assert _sweep_tool_main([in_file, "--list"], capsys)[0] == 0  # --list writes nothing

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
 
     from mpt_jax import count_params, from_pretrained
-    from mpt_jax.checkpoint import CheckpointError
+    from mpt_jax.checkpoint import CheckpointError, quiet_abandoned_writes
     from mpt_jax.config import ConfigError
     from mpt_jax.hf_checkpoint import transformers_incompatibilities
 
@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite
         )
     except (ConfigError, CheckpointError, OSError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            quiet_abandoned_writes()
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg = model.config

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     slurm.add_argument("--partition", default=None)
     args = parser.parse_args(argv)
 
+    from mpt_jax.atomic_write import unwritable_reason
     from mpt_jax.config import ConfigError
     from mpt_jax.sweep import report, runner
     from mpt_jax.sweep.spec import load_sweep
@@ -45,11 +46,26 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         sweep = load_sweep(args.sweep, args.out_dir)
+        # every mode but --list writes there: refused now, not by a traceback at the first file
+        if not args.list and (reason := unwritable_reason(sweep.out_dir)):
+            given = "--out-dir" if args.out_dir else f"{args.sweep}: out_dir"
+            raise ConfigError(f"{given}: {reason}")
         gpus = _ints(args.gpus, "--gpus")
         groups = (
             None
             if args.list or args.slurm or args.report_only
             else (runner.device_groups(args.parallel, gpus))
+        )
+        slurm_options = (
+            runner.SlurmOptions(
+                gpus_per_member=args.gpus_per_member,
+                cpus_per_member=args.cpus_per_member,
+                time=args.time,
+                max_concurrent=args.max_concurrent,
+                partition=args.partition,
+            )
+            if args.slurm
+            else None
         )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -63,16 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m.name}\t{state}\t{m.run_dir}")
         return 0
     if args.slurm:
-        commands, sbatch, indices = runner.write_slurm(
-            sweep,
-            runner.SlurmOptions(
-                gpus_per_member=args.gpus_per_member,
-                cpus_per_member=args.cpus_per_member,
-                time=args.time,
-                max_concurrent=args.max_concurrent,
-                partition=args.partition,
-            ),
-        )
+        commands, sbatch, indices = runner.write_slurm(sweep, slurm_options)
         print(f"{len(sweep.members)} members, {len(indices)} to run; launch commands: {commands}")
         print(f"submit with: sbatch {sbatch}")
         print(f"then collect: {runner.report_command(sweep)}")

@@ -2,8 +2,8 @@
 
     python tools/verify_data.py DIR [DIR ...] [--no-progress]
 
-Reads every row of every split and compares it with the SHA-256 that tools/prepare_data.py
-recorded; exits 2 naming the folder and split at fault.
+Reads every row of every split, and the dataset's tokenizer.json, and compares them with the
+SHA-256s that tools/prepare_data.py recorded; exits 2 naming the folder and split or file at fault.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from mpt_jax.data.loader import (
     BatchLoader,
     DatasetMeta,
     check_compatible,
+    check_tokenizer,
     open_dataset,
     sequence_ids,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "DataError",
     "DatasetMeta",
     "check_compatible",
+    "check_tokenizer",
     "load_tokenizer",
     "open_dataset",
     "prepare_dataset",

@@ -24,7 +24,7 @@ import numpy as np
 
 from mpt_jax.data.errors import DataError
 from mpt_jax.data.prepare import FORMAT_VERSION, META_FILE
-from mpt_jax.data.tokenizer import JsonTokenizer
+from mpt_jax.data.tokenizer import ByteTokenizer, JsonTokenizer
 
 
 @dataclass(frozen=True)
@@ -134,15 +134,32 @@ def check_compatible(
             raise DataError(
                 f"{where}: prepared with tokenizer {kind!r}, the config asks for {tokenizer!r}"
             )
-        if tokenizer != "byte":  # another tokenizer.json would read the ids as other text
-            theirs = meta.tokenizer.get("sha256", "")
-            ours = JsonTokenizer(tokenizer, meta.tokenizer.get("eos_token")).sha256
-            if ours != theirs:
-                raise DataError(
-                    f"{where}: prepared with a tokenizer.json of sha256 {theirs[:12]}, "
-                    f"data.tokenizer {tokenizer} is {ours[:12]}; name the tokenizer it was "
-                    "prepared with (the dataset keeps a copy: tokenizer.json)"
-                )
+        if tokenizer != "byte":
+            check_tokenizer(
+                meta,
+                JsonTokenizer(tokenizer, meta.tokenizer.get("eos_token")),
+                named=f"data.tokenizer {tokenizer}",
+                remedy="name the tokenizer it was prepared with (the dataset keeps a copy: "
+                "tokenizer.json)",
+            )
+
+
+def check_tokenizer(
+    meta: DatasetMeta, tokenizer: ByteTokenizer | JsonTokenizer, *, named: str, remedy: str
+) -> None:
+    """Refuse a dataset whose ids `tokenizer` (`named` says whose) would read as other text."""
+    where = meta.folder / META_FILE
+    kind = meta.tokenizer.get("kind")
+    if (kind == "byte") != (tokenizer.kind == "byte"):
+        raise DataError(
+            f"{where}: prepared with tokenizer {kind!r}, {named} is {tokenizer.kind!r}; {remedy}"
+        )
+    theirs = meta.tokenizer.get("sha256", "")
+    if tokenizer.kind != "byte" and tokenizer.sha256 != theirs:
+        raise DataError(
+            f"{where}: prepared with a tokenizer.json of sha256 {theirs[:12]}, "
+            f"{named} is {tokenizer.sha256[:12]}; {remedy}"
+        )
 
 
 class RowSource(grain.sources.RandomAccessDataSource):

@@ -126,6 +126,11 @@ def declared_eos_token(folder: Path) -> str | None:
 def load_tokenizer(name: str, eos_token: str | None = None) -> ByteTokenizer | JsonTokenizer:
     """'byte', a tokenizer.json path, or a transformers tokenizer folder."""
     if name == "byte":
+        if eos_token is not None:  # ignored, it would let a mistaken EOS pass unseen
+            raise DataError(
+                "--eos-token: only with a --tokenizer file or folder (the byte tokenizer knows "
+                "its EOS)"
+            )
         return ByteTokenizer()
     return JsonTokenizer(name, eos_token)
 

@@ -1,4 +1,4 @@
-"""Read a prepared dataset's every row and check it against the digests its meta.json records."""
+"""Read a prepared dataset's every row and tokenizer.json; check them against its meta.json."""
 
 from __future__ import annotations
 
@@ -14,12 +14,15 @@ from mpt_jax.data.prepare import META_FILE
 def verify_dataset(folder: str | Path, on_rows: Callable[[int], None] | None = None) -> DatasetMeta:
     """Check every split's rows, in order, against `rows_sha256`; `on_rows(n)` after each shard.
 
+    The tokenizer.json meta.json names is checked first, against its recorded sha256.
+
     Catches what open_dataset's size check cannot: shards that were altered, swapped or copied
     wrongly but kept their sizes (a per-host copy gone bad keeps the content id of its meta.json).
     """
     from array_record.python.array_record_module import ArrayRecordReader
 
     meta = open_dataset(folder)
+    _verify_tokenizer_file(meta)
     row_bytes = meta.seq_len * meta.dtype.itemsize
     for split, counts in meta.splits.items():
         if "rows_sha256" not in counts:
@@ -53,3 +56,29 @@ def verify_dataset(folder: str | Path, on_rows: Callable[[int], None] | None = N
                 "a shard was altered or replaced; copy or prepare the dataset again"
             )
     return meta
+
+
+def _verify_tokenizer_file(meta: DatasetMeta) -> None:
+    """The tokenizer.json meta.json names, against the sha256 it records."""
+    spec = meta.tokenizer
+    if spec.get("kind") == "byte" or "path" not in spec:
+        return
+    path = Path(spec["path"])
+    if not path.is_absolute():
+        path = meta.folder / path
+    recorded = spec.get("sha256", "")
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        raise DataError(
+            f"{path}: missing, meta.json names it (sha256 {recorded[:12]}); "
+            "copy or prepare the dataset again"
+        ) from None
+    except OSError as e:
+        raise DataError(f"{path}: unreadable ({e})") from e
+    # the rows are ids of this file: another one reads them as other text
+    if recorded and digest != recorded:
+        raise DataError(
+            f"{path}: sha256 {digest[:12]}, meta.json records {recorded[:12]} (truncated or "
+            "altered); copy or prepare the dataset again"
+        )

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from mpt_jax.data import open_dataset, sequence_ids, tokenizer_from_spec
+from mpt_jax.data import check_tokenizer, open_dataset, sequence_ids, tokenizer_from_spec
 from mpt_jax.data.loader import RowSource
 from mpt_jax.data.tokenizer import ByteTokenizer, JsonTokenizer
 from mpt_jax.evaluation.errors import EvalError
@@ -74,8 +74,12 @@ def evaluate_perplexity(
     max_tokens: int | None = None,
     position_buckets: int = 8,
     progress: bool = False,
+    tokenizer: ByteTokenizer | JsonTokenizer | None = None,
 ) -> list[dict[str, Any]]:
-    """One result per sequence length: loss, perplexity, bits per byte, loss by position."""
+    """One result per sequence length: loss, perplexity, bits per byte, loss by position.
+
+    `tokenizer`, the model's, refuses a dataset prepared with another (as training does).
+    """
     from tqdm import tqdm
 
     if max_tokens is not None and max_tokens < 1:
@@ -86,6 +90,14 @@ def evaluate_perplexity(
         raise EvalError(
             f"{meta.folder}: tokenizer vocabulary {meta.vocab_size} exceeds the model's "
             f"vocab_size {cfg.vocab_size}"
+        )
+    if tokenizer is not None:
+        # the model would read the ids as other text: a perplexity that means nothing
+        check_tokenizer(
+            meta,
+            tokenizer,
+            named=f"the model's tokenizer {getattr(tokenizer, 'path', 'byte')}",
+            remedy="prepare it with the model's tokenizer, or name that one (--tokenizer)",
         )
     source = RowSource(meta, split)
     total = len(source) * meta.seq_len

@@ -51,7 +51,13 @@ def evaluate(
         if str(data).startswith(BUILTIN_PREFIX):
             data = _builtin_dataset(str(data), tokenizer, model.config.max_seq_len, progress).folder
         out["perplexity"] = evaluate_perplexity(
-            scorer, data, split=split, seq_lens=seq_lens, max_tokens=max_tokens, progress=progress
+            scorer,
+            data,
+            split=split,
+            seq_lens=seq_lens,
+            max_tokens=max_tokens,
+            progress=progress,
+            tokenizer=tokenizer,
         )
     if tasks:
         icl = run_tasks(

@@ -110,13 +110,34 @@ def report_command(sweep: Sweep) -> str:
 # SLURM
 
 
+# sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS
+SLURM_TIME = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SlurmOptions:
+    """The array's resources; bad values are refused here, not by sbatch after submission."""
+
     gpus_per_member: int = 1
     cpus_per_member: int = 8
     time: str = "24:00:00"
     max_concurrent: int | None = None  # the array's %N throttle
     partition: str | None = None
+
+    def __post_init__(self) -> None:
+        counts = {
+            "--gpus-per-member": self.gpus_per_member,
+            "--cpus-per-member": self.cpus_per_member,
+            "--max-concurrent": self.max_concurrent,
+        }
+        for flag, count in counts.items():
+            if count is not None and count < 1:
+                raise ConfigError(f"{flag}: must be >= 1, got {count}")
+        if not SLURM_TIME.fullmatch(self.time):
+            raise ConfigError(
+                f"--time: {self.time!r} is not a SLURM time (minutes, MM:SS, HH:MM:SS, D-HH, "
+                "D-HH:MM or D-HH:MM:SS)"
+            )
 
 
 def write_slurm(sweep: Sweep, options: SlurmOptions) -> tuple[Path, Path, list[int]]:
@@ -133,7 +154,7 @@ def write_slurm(sweep: Sweep, options: SlurmOptions) -> tuple[Path, Path, list[i
     write_atomic(commands, "".join(shell_line(sweep, m) + "\n" for m in members))
     write_atomic(sweep.out_dir / "run_dirs.txt", "".join(f"{m.run_dir}\n" for m in members))
     array = ",".join(map(str, todo)) or "0"
-    if options.max_concurrent:
+    if options.max_concurrent is not None:
         array += f"%{options.max_concurrent}"
     evaluated = "" if sweep.eval is None else f' && -f "$RUN_DIR/{EVAL_FILE}"'
     partition = f"#SBATCH --partition={options.partition}\n" if options.partition else ""
