@@ -31,12 +31,23 @@ Multiplier = Callable[[Step], jax.Array]
 
 
 def time_to_steps(
-    value: str, *, total_steps: int, tokens_per_step: int, global_batch: int
+    value: str,
+    *,
+    total_steps: int,
+    tokens_per_step: int,
+    global_batch: int,
+    total_tokens: int | None = None,
 ) -> float:
-    """A composer time string (`100ba`, `2e9tok`, `512sp`, `0.05dur`) in optimizer steps."""
+    """A composer time string (`100ba`, `2e9tok`, `512sp`, `0.05dur`) in optimizer steps.
+
+    `total_tokens`: the run's length when given in tokens (`train.tokens`), else None.
+    """
     number, unit = split_time(value, "time")
     if unit == "dur":
-        # composer converts a duration fraction to whole batches, rounding down
+        # composer takes a duration fraction in the unit of the run's length, rounding down:
+        # whole batches, or whole tokens of a token budget (which may fall between steps)
+        if total_tokens is not None:
+            return int(number * total_tokens) / tokens_per_step
         return float(int(number * total_steps))
     per_step = {"ba": 1, "tok": tokens_per_step, "sp": global_batch}[unit]
     if per_step <= 0:
@@ -97,7 +108,12 @@ def _inv_sqrt(
 
 
 def lr_multiplier(
-    cfg: ScheduleConfig, *, total_steps: int, tokens_per_step: int, global_batch: int
+    cfg: ScheduleConfig,
+    *,
+    total_steps: int,
+    tokens_per_step: int,
+    global_batch: int,
+    total_tokens: int | None = None,
 ) -> Multiplier:
     """alpha(t) for the update at 0-based step t (scalar or array), in float32, jit-friendly."""
     steps = functools.partial(
@@ -105,6 +121,7 @@ def lr_multiplier(
         total_steps=total_steps,
         tokens_per_step=tokens_per_step,
         global_batch=global_batch,
+        total_tokens=total_tokens,
     )
     tw, tm = steps(cfg.t_warmup), steps(cfg.t_max)
     if cfg.name == "cosine_with_warmup":
@@ -248,6 +265,7 @@ def make_optimizer(
     total_steps: int,
     tokens_per_step: int,
     global_batch: int,
+    total_tokens: int | None = None,
 ) -> optax.GradientTransformation:
     """Global-norm clipping (if set), then the optimizer at lr_t; the state holds the step count."""
     alpha = lr_multiplier(
@@ -255,6 +273,7 @@ def make_optimizer(
         total_steps=total_steps,
         tokens_per_step=tokens_per_step,
         global_batch=global_batch,
+        total_tokens=total_tokens,
     )
     lr_fn = lambda t: optim.lr * alpha(t)
     wd = optim.weight_decay

@@ -115,12 +115,13 @@ def build_model(cfg: RunConfig) -> MPTForCausalLM:
     )
 
 
-def _durations(cfg: RunConfig) -> dict[str, int]:
+def _durations(cfg: RunConfig) -> dict[str, int | None]:
     """What composer time strings are resolved against."""
     return dict(
         total_steps=cfg.total_steps,
         tokens_per_step=cfg.train.global_batch * cfg.seq_len,
         global_batch=cfg.train.global_batch,
+        total_tokens=cfg.train.tokens,
     )
 
 

@@ -178,6 +178,26 @@ def test_schedule_matches_closed_form(case):
     np.testing.assert_allclose(jax.jit(alpha)(jnp.asarray(steps)), got, rtol=3e-7, atol=1e-7)
 
 
+def test_a_token_budget_takes_dur_in_tokens_as_composer():
+    # max_duration 1000tok at 256 tokens per step: composer's 0.5dur is 500tok and 1dur 1000tok,
+    # and the schedule reads the tokens seen before each update (4 updates, the last partial)
+    cfg = ScheduleConfig(t_warmup="0.5dur", alpha_f=0.1)
+    budget = dict(total_steps=4, tokens_per_step=256, global_batch=8, total_tokens=1000)
+    alpha = lr_multiplier(cfg, **budget)
+
+    def composer(tokens_seen):
+        if tokens_seen < 500:
+            return tokens_seen / 500
+        x = min(1.0, (tokens_seen - 500) / (1000 - 500))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * x))
+
+    for step in range(4):
+        assert float(alpha(step)) == pytest.approx(composer(256 * step), rel=1e-6)
+    # in batches, the run's length in steps: 0.5dur of 4 steps is 2
+    by_steps = lr_multiplier(cfg, **{**budget, "total_tokens": None})
+    assert [float(by_steps(t)) for t in (1, 2)] == [0.5, 1.0]
+
+
 def test_warmup_starts_at_zero_and_ends_at_peak():
     alpha = lr_multiplier(ScheduleConfig(t_warmup="10ba", alpha_f=0.1), **KW)
     assert float(alpha(0)) == 0.0
