@@ -204,7 +204,7 @@ def test_sweep_preempted_on_slurm_resumes_locally_reports_and_skips(tmp_path, sm
     lines = (out / "commands.txt").read_text().splitlines()
     assert len(lines) == 2 and "train.seed=1" in lines[0] and "train.seed=2" in lines[1]
     sbatch = (out / "sweep.sbatch").read_text()
-    assert "#SBATCH --array=0,1\n" in sbatch
+    assert "#SBATCH --array=0,1\n" in sbatch and "--gpus-per-task" not in sbatch  # a CPU array
 
     # array task 0 on a "cluster": scontrol is a stub that records the requeue
     stub = tmp_path / "bin"
@@ -403,7 +403,7 @@ def _sweep_tool_main(argv, capsys) -> tuple[int, list[str]]:
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--gpus-per-member", "-1"], "--gpus-per-member: must be >= 1, got -1"),
+        (["--gpus-per-member", "-1"], "--gpus-per-member: must be >= 0, got -1"),
         (["--cpus-per-member", "0"], "--cpus-per-member: must be >= 1, got 0"),
         (["--max-concurrent", "0"], "--max-concurrent: must be >= 1, got 0"),
         (["--time", "banana"], "--time: 'banana' is not a SLURM time (minutes, MM:SS,"),

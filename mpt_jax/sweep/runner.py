@@ -125,8 +125,9 @@ class SlurmOptions:
     partition: str | None = None
 
     def __post_init__(self) -> None:
+        if self.gpus_per_member < 0:  # 0: a CPU cluster's array
+            raise ConfigError(f"--gpus-per-member: must be >= 0, got {self.gpus_per_member}")
         counts = {
-            "--gpus-per-member": self.gpus_per_member,
             "--cpus-per-member": self.cpus_per_member,
             "--max-concurrent": self.max_concurrent,
         }
@@ -158,6 +159,7 @@ def write_slurm(sweep: Sweep, options: SlurmOptions) -> tuple[Path, Path, list[i
         array += f"%{options.max_concurrent}"
     evaluated = "" if sweep.eval is None else f' && -f "$RUN_DIR/{EVAL_FILE}"'
     partition = f"#SBATCH --partition={options.partition}\n" if options.partition else ""
+    gpus = f"#SBATCH --gpus-per-task={options.gpus_per_member}\n" if options.gpus_per_member else ""
     script = f"""#!/bin/bash
 # Sweep {sweep.name} ({sweep.path}): {len(members)} members, one array task each, written by
 # tools/sweep.py. Task i runs line i+1 of commands.txt; a task whose member is finished exits at
@@ -168,8 +170,7 @@ def write_slurm(sweep: Sweep, options: SlurmOptions) -> tuple[Path, Path, list[i
 #SBATCH --array={array}
 #SBATCH --nodes=1
 #SBATCH --ntasks=1
-#SBATCH --gpus-per-task={options.gpus_per_member}
-#SBATCH --cpus-per-task={options.cpus_per_member}
+{gpus}#SBATCH --cpus-per-task={options.cpus_per_member}
 #SBATCH --time={options.time}
 {partition}#SBATCH --requeue
 #SBATCH --signal=B:TERM@300
