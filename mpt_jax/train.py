@@ -512,17 +512,19 @@ def check_run_dir(cfg: RunConfig, raw: dict[str, Any], *, overwrite: bool) -> No
                 f"{config_path}: unreadable ({reason}); pass --overwrite to replace the run "
                 "or choose another run_dir"
             ) from None
-        previous = with_defaults(previous)
-        changed = [
-            key
-            for key in _diff_keys(_without_dataset_paths(previous), _without_dataset_paths(raw))
-            if not key.startswith(RESUMABLE_KEYS)
-        ]
+        changed = _non_resumable_changes(with_defaults(previous), raw)
         if changed:
             raise ConfigError(
                 f"{run_dir}: holds a run with a different config ({', '.join(changed[:5])}); "
                 "pass --overwrite to replace it or choose another run_dir"
             )
+    elif steps:  # checkpoints copied without their config.yaml: theirs stands in for it
+        try:
+            meta = checkpoint.read_meta(run_dir / "checkpoints" / str(steps[-1]))
+        except checkpoint.CheckpointError:
+            meta = None  # the restore falls back to an earlier step, checked as it is read
+        if meta is not None:
+            _check_checkpoint_meta(cfg, raw, steps[-1], meta)
     if steps:
         _check_not_past_end(cfg, steps[-1])
     elif (run_dir / "complete.json").is_file():
@@ -609,6 +611,13 @@ def _without_dataset_paths(raw: dict[str, Any]) -> dict[str, Any]:
     return {**raw, "data": data}
 
 
+def _non_resumable_changes(previous: dict[str, Any], raw: dict[str, Any]) -> list[str]:
+    """The keys a resumed run may not change (not RESUMABLE_KEYS) that differ; datasets and
+    tokenizer files by what they are, not where."""
+    keys = _diff_keys(_without_dataset_paths(previous), _without_dataset_paths(raw))
+    return [key for key in keys if not key.startswith(RESUMABLE_KEYS)]
+
+
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         keys = sorted(set(a) | set(b))
@@ -681,11 +690,10 @@ def _evaluates_at(cfg: RunConfig, step: int) -> bool:
 def _check_checkpoint_meta(
     cfg: RunConfig, raw: dict[str, Any], step: int, meta: dict[str, Any]
 ) -> None:
-    """Refuse a checkpoint written for another model or sample order, or beyond this run."""
+    """Refuse a checkpoint written for another config (as config.yaml is, for a checkpoint
+    copied without it) or beyond this run."""
     _check_not_past_end(cfg, step)
-    saved = with_defaults(meta["config"])
-    changed = _model_changes(saved.get("model"), raw["model"], prefix="model.")
-    changed += _diff_keys(saved.get("optim"), raw["optim"], "optim.")
+    changed = _non_resumable_changes(with_defaults(meta["config"]), raw)
     if changed:
         raise ConfigError(
             f"checkpoint step {step}: written for a different config ({', '.join(changed[:5])})"
@@ -936,6 +944,12 @@ class _Trainer:
         problem = None
         try:
             self.datasets = _datasets(cfg, progress=self.show)
+            # the run evaluates on the first dataset's val split, at least at its end: an empty
+            # or too small split is refused now, not after the training it would cost
+            processes = jax.process_count()
+            eval_batch_size(
+                self.datasets[0][0], cfg.train.global_batch, data_shards=shards, processes=processes
+            )
             self.eval_datasets = _eval_datasets(cfg, self.show, shards)
         except (DataError, ConfigError, OSError) as e:  # a per-host copy missing, say
             problem = e

@@ -331,6 +331,17 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(small_dataset, tmp
     other_run = {**other, "init_from": None, "run_dir": str(copied)}
     with pytest.raises(ConfigError, match=r"checkpoint step 8: written for a different config"):
         run(run_config_from_dict(other_run))
+    # the checkpoint alone refuses what config.yaml would: precision, schedule, data order
+    same_model = {**to_dict(cfg8), "run_dir": str(copied)}
+    for section, change, key in [
+        ("train", {"precision": "pure_bf16"}, "train.precision"),
+        ("schedule", {"alpha_f": 0.5}, "schedule.alpha_f"),
+        ("data", {"shuffle": False}, "data.shuffle"),
+    ]:
+        changed = {**same_model, section: {**same_model[section], **change}}
+        with pytest.raises(ConfigError, match=rf"step 8: written for a different config \({key}"):
+            run(run_config_from_dict(changed))
+    assert sorted(p.name for p in copied.iterdir()) == ["checkpoints"]  # refused before a write
 
 
 # ---------------------------------------------------------------------------------------------

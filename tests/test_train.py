@@ -960,6 +960,8 @@ def test_data_eval_adds_val_losses_of_other_datasets(small_dataset, tmp_path):
             DataError,
             r"data\.eval\[0\] \(gone\): .*gone",
         ),
+        # the training data's own val split too, which the run's last step evaluates
+        ({"path": str(empty)}, DataError, r"empty: the val split is empty"),
     ]:
         with pytest.raises(error, match=message):
             run(config(small_dataset, run_dir=str(tmp_path / "bad"), data=data, train=train))
