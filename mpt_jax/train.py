@@ -25,7 +25,14 @@ from jax.experimental import multihost_utils
 from mpt_jax import checkpoint, distributed, resilience, run_log, sharding
 from mpt_jax import metrics as metrics_lib
 from mpt_jax.atomic_write import unwritable_reason, write_atomic
-from mpt_jax.config import ConfigError, RunConfig, run_config_from_dict, to_dict, with_defaults
+from mpt_jax.config import (
+    ConfigError,
+    RunConfig,
+    param_shapes,
+    run_config_from_dict,
+    to_dict,
+    with_defaults,
+)
 from mpt_jax.data import (
     BatchLoader,
     DataError,
@@ -35,6 +42,7 @@ from mpt_jax.data import (
 )
 from mpt_jax.evaluation.during_training import IclDuringTraining
 from mpt_jax.evaluation.errors import EvalError
+from mpt_jax.hf_checkpoint import read_config
 from mpt_jax.loss import chunked_cross_entropy_sum, counted, cross_entropy_sum, shift_targets
 from mpt_jax.loss_spikes import LossSpikeError, LossSpikeMonitor
 from mpt_jax.memory import (
@@ -473,7 +481,8 @@ def check_run_dir(cfg: RunConfig, raw: dict[str, Any], *, overwrite: bool) -> No
     if reason := unwritable_reason(run_dir):
         raise ConfigError(f"run_dir: {reason}")
     steps = checkpoint.committed_steps(run_dir.absolute() / "checkpoints")
-    if cfg.init_from and (overwrite or not steps):  # a fresh start reads it
+    fresh_init = bool(cfg.init_from) and (overwrite or not steps)  # a fresh start reads it
+    if fresh_init:
         _check_init_from_exists(cfg)
     if overwrite:
         if run_dir.exists():
@@ -501,6 +510,9 @@ def check_run_dir(cfg: RunConfig, raw: dict[str, Any], *, overwrite: bool) -> No
                 "checkpoints or metrics); --overwrite replaces run folders only: choose another "
                 "run_dir"
             )
+    if fresh_init:  # its model, now: --overwrite deletes the folder before the weights are read
+        _check_init_from_model(cfg)
+    if overwrite:
         return
     config_path = run_dir / "config.yaml"
     if config_path.exists():
@@ -733,16 +745,35 @@ def _initial_params(cfg: RunConfig, abstract_params) -> Any:
         _check_same_shapes(params, abstract_params, source)
         return jax.device_put(params, jax.tree.map(lambda a: a.sharding, abstract_params))
     _check_init_from_exists(cfg)
-    step_dir = checkpoint.find_step_dir(source)
-    meta = checkpoint.read_meta(step_dir)
-    saved_model = with_defaults(meta["config"]).get("model", {})
-    ours = to_dict(cfg.model)
-    changed = _model_changes(saved_model, ours)
+    return checkpoint.load_params(_init_from_step_dir(cfg), abstract_params)
+
+
+def _init_from_step_dir(cfg: RunConfig) -> Path:
+    """init_from's step folder (a run folder's latest), refused if it holds another model."""
+    step_dir = checkpoint.find_step_dir(Path(cfg.init_from))
+    saved_model = with_defaults(checkpoint.read_meta(step_dir)["config"]).get("model", {})
+    changed = _model_changes(saved_model, to_dict(cfg.model))
     if changed:
         raise ConfigError(
             f"init_from: {step_dir} holds a different model ({', '.join(changed[:5])})"
         )
-    return checkpoint.load_params(step_dir, abstract_params)
+    return step_dir
+
+
+def _check_init_from_model(cfg: RunConfig) -> None:
+    """init_from's model against the run's from its config alone, before --overwrite deletes
+    anything: the weights are read once the run folder is set up."""
+    source = Path(cfg.init_from)
+    if not (source / "config.json").is_file():
+        _init_from_step_dir(cfg)
+        return
+    theirs, ours = param_shapes(read_config(source)), param_shapes(cfg.model)
+    for name in sorted(theirs.keys() | ours.keys()):
+        if theirs.get(name) != ours.get(name):
+            raise ConfigError(
+                f"init_from: {source} tensor {name} has shape {theirs.get(name)}, the run's "
+                f"model needs {ours.get(name)}"
+            )
 
 
 def _check_same_shapes(params, abstract_params, source: Path) -> None:

@@ -455,6 +455,17 @@ def test_the_run_folder_changes_only_once_the_run_is_known_to_start(small_datase
     with pytest.raises(ConfigError, match=r"data\.eval\[0\]\.path: .* is inside run_dir"):
         run(config(small_dataset, **data_inside, data=evals), overwrite=True)
     shutil.rmtree(run_dir / "data")
+    # and an init_from of another model is refused before the folder goes, not after
+    other = shutil.copytree(run_dir, tmp_path / "other_model")
+    narrower = dict(run_dir=str(run_dir), train={"steps": 2}, init_from=str(other))
+    with pytest.raises(ConfigError, match=r"init_from: .* holds a different model \(d_model"):
+        run(config(small_dataset, **narrower, model={**TINY_MODEL, "d_model": 32}), overwrite=True)
+    mpt_jax.from_pretrained(run_dir).save_pretrained(tmp_path / "hf_other")
+    narrower["init_from"] = str(tmp_path / "hf_other")
+    with pytest.raises(
+        ConfigError, match=r"hf_other tensor transformer\.\S+ has shape \(\d+, 64\), the run's"
+    ):
+        run(config(small_dataset, **narrower, model={**TINY_MODEL, "d_model": 32}), overwrite=True)
     link = tmp_path / "link"
     link.symlink_to(run_dir)
     with pytest.raises(ConfigError, match=r"link is a symbolic link; --overwrite replaces a real"):
