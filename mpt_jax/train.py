@@ -530,6 +530,7 @@ def check_run_dir(cfg: RunConfig, raw: dict[str, Any], *, overwrite: bool) -> No
                 f"{run_dir}: holds a run with a different config ({', '.join(changed[:5])}); "
                 "pass --overwrite to replace it or choose another run_dir"
             )
+        _check_kept_for_good(cfg, previous, steps)
     elif steps:  # checkpoints copied without their config.yaml: theirs stands in for it
         try:
             meta = checkpoint.read_meta(run_dir / "checkpoints" / str(steps[-1]))
@@ -544,6 +545,23 @@ def check_run_dir(cfg: RunConfig, raw: dict[str, Any], *, overwrite: bool) -> No
         raise ConfigError(
             f"{run_dir}: holds a finished run without checkpoints (checkpoint.enabled false?); "
             "pass --overwrite to train it again or choose another run_dir"
+        )
+
+
+def _check_kept_for_good(cfg: RunConfig, previous: Any, steps: list[int]) -> None:
+    """Refuse a checkpoint.keep_every change that would let the retention delete the steps the
+    earlier value kept for good (Orbax applies the new one to every step in the folder)."""
+    saved = previous.get("checkpoint") if isinstance(previous, dict) else None
+    period = saved.get("keep_every") if isinstance(saved, dict) else None
+    new = cfg.checkpoint.keep_every
+    if not cfg.checkpoint.enabled or not isinstance(period, int) or period <= 0 or period == new:
+        return
+    recent = set(steps[-cfg.checkpoint.keep :])
+    lost = [s for s in steps if s % period == 0 and s not in recent and not (new and s % new == 0)]
+    if lost:
+        raise ConfigError(
+            f"checkpoint.keep_every: {new} would delete steps {', '.join(map(str, lost[:8]))}, "
+            f"kept for good with keep_every {period}; keep {period}, or move them out first"
         )
 
 

@@ -538,6 +538,34 @@ def test_stale_completion_and_the_working_directory(tmp_path, monkeypatch):
         check_run_dir(cfg, to_dict(cfg), overwrite=True)
 
 
+def test_a_keep_every_change_that_would_delete_kept_steps_is_refused(tmp_path):
+    from mpt_jax.config import to_dict
+    from mpt_jax.train import check_run_dir
+
+    run_dir = tmp_path / "run"
+    kept = {"every": 1, "keep": 1, "keep_every": 2}
+    saved = config(tmp_path, run_dir=str(run_dir), checkpoint=kept, train={"steps": 7})
+    for step in (2, 4, 6, 7):  # what keep 1 and keep_every 2 leave of 7 steps
+        (run_dir / "checkpoints" / str(step)).mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(saved)))
+    for change, lost in [
+        ({"keep_every": None}, "steps 2, 4, 6"),
+        ({"keep_every": 4}, "steps 2, 6"),
+        ({"keep_every": 3}, "steps 2, 4"),  # 6 is a multiple of 3: kept all the same
+    ]:
+        cfg = config(
+            tmp_path, run_dir=str(run_dir), checkpoint={**kept, **change}, train={"steps": 9}
+        )
+        with pytest.raises(ConfigError, match=rf"checkpoint\.keep_every: .* would delete {lost},"):
+            check_run_dir(cfg, to_dict(cfg), overwrite=False)
+    # the same period, or as many latest steps kept as hold them, deletes none of them
+    for change in ({}, {"keep_every": None, "keep": 4}):
+        cfg = config(
+            tmp_path, run_dir=str(run_dir), checkpoint={**kept, **change}, train={"steps": 9}
+        )
+        check_run_dir(cfg, to_dict(cfg), overwrite=False)
+
+
 def test_bad_inputs(small_dataset, tmp_path):
     with pytest.raises(
         ConfigError, match=r"mesh: data\*fsdp\*tensor = 27 .* but there are 8 devices"
