@@ -17,11 +17,11 @@ ENV_PREFIX = "MPT_JAX_"  # MPT_JAX_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID, _LO
 
 def detected_cluster(env: Mapping[str, str] = os.environ) -> str | None:
     """The multi-process launcher JAX can read its settings from, if the run spans processes."""
-    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_STEP_NODELIST" in env:
+    if _env_count(env, "SLURM_NTASKS") > 1 and "SLURM_STEP_NODELIST" in env:
         return "SLURM"
-    if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+    if _env_count(env, "OMPI_COMM_WORLD_SIZE") > 1:
         return "Open MPI"
-    if "," in env.get("TPU_WORKER_HOSTNAMES", "") or int(env.get("MEGASCALE_NUM_SLICES", "1")) > 1:
+    if "," in env.get("TPU_WORKER_HOSTNAMES", "") or _env_count(env, "MEGASCALE_NUM_SLICES") > 1:
         return "TPU pod"
     # an Indexed Job / JobSet pod; JAX reads its peers only through the kubernetes package
     # (jax[k8s]); without it the pod is one process (a Job of independent runs, say)
@@ -29,6 +29,17 @@ def detected_cluster(env: Mapping[str, str] = os.environ) -> str | None:
     if pod and importlib.util.find_spec("kubernetes") is not None:
         return "Kubernetes"
     return None
+
+
+def _env_count(env: Mapping[str, str], name: str) -> int:
+    """A launcher's process or slice count (1 when unset or empty)."""
+    text = env.get(name, "").strip()
+    if not text:
+        return 1
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{name}: expected an integer, got {text!r}") from None
 
 
 def settings(cfg: DistributedConfig, env: Mapping[str, str] = os.environ) -> dict | None:

@@ -262,6 +262,9 @@ def test_launcher_detection_and_explicit_settings():
     assert settings(cfg, slurm)["coordinator_address"] is None  # JAX reads SLURM's variables
     assert detected_cluster({"OMPI_COMM_WORLD_SIZE": "4"}) == "Open MPI"
     assert detected_cluster({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}) == "TPU pod"
+    for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "MEGASCALE_NUM_SLICES"):
+        with pytest.raises(ConfigError, match=rf"^{name}: expected an integer, got 'x2'$"):
+            settings(cfg, {name: "x2", "SLURM_STEP_NODELIST": "n1"})
     k8s = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "JOB_COMPLETION_INDEX": "3"}
     # JAX finds the other pods only through the kubernetes package (jax[k8s]); without it a
     # pod of an Indexed Job runs as one process
