@@ -214,6 +214,8 @@ def transformers_incompatibilities(cfg: ModelConfig) -> list[str]:
         problems.append(f"ffn {cfg.ffn_type}/{cfg.ffn_act_fn}")
     if cfg.norm_type.endswith("rmsnorm"):
         problems.append(f"norm_type {cfg.norm_type}")
+    if cfg.attn_pdrop != 0:  # transformers 5.x types attn_pdrop as an int
+        problems.append(f"attn_pdrop {cfg.attn_pdrop}")
     return problems
 
 

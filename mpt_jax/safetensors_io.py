@@ -298,10 +298,11 @@ class CheckpointReader:
     def _open(self, allow_pickle: bool) -> None:
         """Find and open the weight files of the folder."""
         d = self.folder
-        if (d / INDEX_FILE).is_file():
-            return self._open_index(d / INDEX_FILE, _SafetensorsFile)
+        # transformers' order: the single file wins over an index beside it
         if (d / SINGLE_FILE).is_file():
             return self._add(_SafetensorsFile(d / SINGLE_FILE))
+        if (d / INDEX_FILE).is_file():
+            return self._open_index(d / INDEX_FILE, _SafetensorsFile)
         others = sorted(p for p in d.glob("*.safetensors") if p.is_file())
         if others:
             for p in others:

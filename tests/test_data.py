@@ -193,7 +193,14 @@ def test_tokenizer_json_input_and_transformers_folder(tmp_path):
     folder = tmp_path / "tok_folder"
     folder.mkdir()
     (folder / "tokenizer.json").write_bytes((first / "tokenizer.json").read_bytes())
-    for source in (str(first / "tokenizer.json"), str(folder)):
+    # a file saved with truncation and padding on (a hub tokenizer's max_length) cuts nothing
+    from tokenizers import Tokenizer
+
+    cutting = Tokenizer.from_file(str(first / "tokenizer.json"))
+    cutting.enable_truncation(8)
+    cutting.enable_padding(length=64)
+    cutting.save(str(tmp_path / "cutting.json"))
+    for source in (str(first / "tokenizer.json"), str(folder), str(tmp_path / "cutting.json")):
         out = prepare_dataset(
             inputs,
             tmp_path / f"x{len(source)}",
@@ -481,6 +488,20 @@ def _bad_input(tmp_path: Path, case: str) -> tuple[list[str], dict, str]:
     if case == "no_column":
         pq.write_table(pa.table({"body": ["a" * 100]}), tmp_path / "p.parquet")
         return [str(tmp_path / "p.parquet")], {}, r"p\.parquet: no column 'text' \(columns: body\)"
+    if case == "parquet_null":
+        pq.write_table(pa.table({"text": ["a" * 100, None]}), tmp_path / "n.parquet")
+        return [str(tmp_path / "n.parquet")], {}, r"n\.parquet row 1: column 'text' is null"
+    if case == "utf8_parquet":  # a string column whose bytes are no UTF-8
+        offsets = pa.py_buffer(np.array([0, 100, 101], np.int32).tobytes())
+        utf8 = pa.Array.from_buffers(
+            pa.string(), 2, [None, offsets, pa.py_buffer(b"a" * 100 + b"\xff")]
+        )
+        pq.write_table(pa.table({"text": utf8}), tmp_path / "u.parquet")
+        return (
+            [str(tmp_path / "u.parquet")],
+            {},
+            r"u\.parquet rows 0\.\.1: column 'text' has invalid",
+        )
     if case == "glob":
         return [str(tmp_path / "*.none")], {}, r"the pattern matches no file"
     if case == "too_short":
@@ -504,6 +525,8 @@ def _bad_input(tmp_path: Path, case: str) -> tuple[list[str], dict, str]:
         "bad_json",
         "surrogate",
         "no_column",
+        "parquet_null",
+        "utf8_parquet",
         "glob",
         "too_short",
         "only_val",

@@ -112,6 +112,33 @@ def test_transformers_parity_and_bit_exact_round_trip(name, tmp_path):
     assert isinstance(exported_config["attn_config"]["attn_pdrop"], int)
 
 
+def test_attention_dropout_is_exported_in_llm_foundry_keys(tmp_path):
+    # transformers 5.x types attn_pdrop as an int: a nonzero one fails its load, so the export
+    # is llm-foundry's (with a warning), which keeps the dropout for further training
+    released = dict(alibi=True, no_bias=True, learned_pos_emb=False)  # else transformers' MPT
+    cfg = ModelConfig(
+        d_model=64,
+        n_heads=4,
+        n_layers=2,
+        max_seq_len=32,
+        vocab_size=150,
+        attn_pdrop=0.1,
+        **released,
+    )
+    from mpt_jax.hf_checkpoint import write_folder
+
+    tensors = random_hf_tensors(cfg)
+    entries = [(n, t.shape, t.dtype) for n, t in tensors.items()]
+    with pytest.warns(UserWarning, match=r"cannot express this config \(attn_pdrop 0\.1\)"):
+        out = write_folder(cfg, entries, tensors.__getitem__, tmp_path / "hf")
+    exported = json.loads((out / "config.json").read_text())
+    assert exported["architectures"] == ["MPTForCausalLM"]
+    assert exported["attn_config"]["attn_pdrop"] == 0.1
+    assert read_config(out) == cfg
+    with pytest.raises(Exception, match="attn_pdrop"):
+        transformers.MptForCausalLM.from_pretrained(out)
+
+
 def test_bf16_and_sharded_export_load_in_transformers(tmp_path):
     hf_model = make_hf_model(d_model=64, n_heads=8, n_layers=2)
     hf_model.save_pretrained(tmp_path / "hf")

@@ -146,6 +146,18 @@ def test_sharding(tmp_path):
         assert r.file_of("t4") == str(tmp_path / shards[2])
 
 
+def test_a_single_file_beside_an_index_wins_as_in_transformers(tmp_path):
+    shards = {f"t{i}": np.full((10 + i,), i, np.float32) for i in range(5)}
+    _write(tmp_path, shards, max_shard_size=100)
+    single = {name: -t for name, t in shards.items()}
+    (tmp_path / "single").mkdir()
+    _write(tmp_path / "single", single)
+    (tmp_path / "single" / "model.safetensors").rename(tmp_path / "model.safetensors")
+    with CheckpointReader(tmp_path) as r:  # transformers loads model.safetensors first
+        _assert_same(r, single)
+        assert r.files == [str(tmp_path / "model.safetensors")]
+
+
 def test_oversized_tensor_gets_own_shard(tmp_path):
     tensors = {"a": np.ones(2, np.int8), "big": np.ones(50, np.int8), "c": np.ones(3, np.int8)}
     files = _write(tmp_path, tensors, max_shard_size="10B")

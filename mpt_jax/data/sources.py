@@ -260,9 +260,16 @@ def _read_parquet(f: SourceFile, column: str) -> Iterator[Document]:
         raise DataError(f"{f.name}: no column {column!r} (columns: {', '.join(names)})")
     row = 0
     for batch in pf.iter_batches(columns=[column], batch_size=4096):
-        for text in batch.column(0).to_pylist():
-            if text is not None and not isinstance(text, str):
-                raise DataError(f"{f.name} row {row}: column {column!r} is not a string")
-            if text is not None:
-                yield Document(f, row, text)
+        try:
+            texts = batch.column(0).to_pylist()
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f"{f.name} rows {row}..{row + batch.num_rows - 1}: column {column!r} has invalid "
+                f"UTF-8 ({e.reason})"
+            ) from None
+        for text in texts:
+            if not isinstance(text, str):  # a null too, as in JSON Lines: no silent gaps
+                kind = "null" if text is None else "not a string"
+                raise DataError(f"{f.name} row {row}: column {column!r} is {kind}")
+            yield Document(f, row, text)
             row += 1

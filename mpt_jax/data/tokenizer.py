@@ -63,6 +63,10 @@ class JsonTokenizer:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as e:  # the Rust library raises plain Exceptions
             raise DataError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from e
+        # a file saved with truncation or padding (a hub tokenizer's max_length, say) would cut
+        # or pad every document: the ids are the text's own, whole
+        self._tok.no_truncation()
+        self._tok.no_padding()
         # ids need not be dense: the largest id, not the count, bounds the stored dtype
         ids_in_vocab = self._tok.get_vocab(with_added_tokens=True).values()
         self.vocab_size = max(
