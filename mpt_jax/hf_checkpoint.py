@@ -219,6 +219,21 @@ def transformers_incompatibilities(cfg: ModelConfig) -> list[str]:
     return problems
 
 
+# transformers' generic special-token ids: generate() stops at eos_token_id
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def read_token_ids(folder: str | Path) -> dict[str, int]:
+    """The special-token ids an HF folder's config.json records (none where it has no file)."""
+    try:
+        data = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: data[k] for k in TOKEN_ID_KEYS if type(data.get(k)) is int}
+
+
 def config_to_hf(cfg: ModelConfig, *, dtype: str = "float32") -> dict[str, Any]:
     """config.json for transformers' MptForCausalLM, or llm-foundry's keys where it cannot load."""
     # transformers 5.x rejects a float attn_pdrop (its dataclass field is an int)
@@ -306,8 +321,12 @@ def write_folder(
     dtype: str | None = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    token_ids: Mapping[str, int] | None = None,
 ) -> Path:
-    """Write config.json and safetensors into a temporary folder, then rename it to out_dir."""
+    """Write config.json and safetensors into a temporary folder, then rename it to out_dir.
+
+    `token_ids`: any of TOKEN_ID_KEYS, written into config.json for transformers' generate().
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise CheckpointError(f"{out_dir}: is a file; the model is written as a folder")
@@ -325,6 +344,9 @@ def write_folder(
                 f"{out_dir}: holds no HF model (no config.json); overwrite replaces HF model "
                 "folders only: export to another folder"
             )
+    unknown = set(token_ids or {}) - set(TOKEN_ID_KEYS)
+    if unknown:
+        raise ValueError(f"token_ids: {', '.join(sorted(unknown))} not in {TOKEN_ID_KEYS}")
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype: must be float32, bfloat16 or float16, got {dtype!r}")
     stored = dtype if dtype is not None else str(np.dtype(entries[0][2]))
@@ -343,7 +365,7 @@ def write_folder(
     tmp.mkdir()
     try:
         write_checkpoint(tmp, list(entries), fetch, dtype=dtype, max_shard_size=max_shard_size)
-        config = config_to_hf(cfg, dtype=stored)
+        config = {**config_to_hf(cfg, dtype=stored), **(token_ids or {})}
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{tmp.name[-8:]}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -857,10 +857,13 @@ class MPTForCausalLM(nnx.Module):
         dtype: str | None = None,
         max_shard_size: int | str = "5GB",
         overwrite: bool = False,
+        token_ids: Mapping[str, int] | None = None,
     ) -> Path:
         """Write an HF MPT folder (config.json + safetensors), streaming one tensor at a time.
 
         dtype: 'float32', 'bfloat16' or 'float16' for the stored weights (default: as held).
+        token_ids: `eos_token_id` and friends for config.json (transformers' generate() stops
+        at the EOS); `hf_checkpoint.read_token_ids(folder)` reads an HF folder's.
         """
         entries, fetch = self._hf_export()
         return hf_checkpoint.write_folder(
@@ -871,6 +874,7 @@ class MPTForCausalLM(nnx.Module):
             dtype=dtype,
             max_shard_size=max_shard_size,
             overwrite=overwrite,
+            token_ids=token_ids,
         )
 
     def hf_tensors(self) -> Iterator[tuple[str, np.ndarray]]:

@@ -1478,8 +1478,9 @@ class _Trainer:
         """The current parameters as an HF MPT folder (written whole, then renamed)."""
         self.watchdog.heartbeat()
         model = nnx.merge(self.graphdef, self.state.params)  # fetched tensor by tensor
-        if self.is_main:
-            out_dir = model.save_pretrained(out_dir, overwrite=True)
+        if self.is_main:  # with its data's EOS, at which transformers' generate() stops
+            eos = {"eos_token_id": self.datasets[0][0].eos_id}
+            out_dir = model.save_pretrained(out_dir, overwrite=True, token_ids=eos)
         else:  # tensors sharded across processes are gathered by all of them, in order
             for _ in model.hf_tensors():
                 pass

@@ -365,6 +365,8 @@ def test_unsupported_llm_foundry_features_are_named(tmp_path):
 
 def test_convert_hf_command_line(tmp_path):
     hf_model = make_hf_model(d_model=32, n_heads=4, n_layers=2)
+    ids = {"bos_token_id": 5, "eos_token_id": 7, "pad_token_id": 3}
+    hf_model.config.update(ids)
     hf_model.save_pretrained(tmp_path / "hf")
     result = subprocess.run(
         [
@@ -389,6 +391,8 @@ def test_convert_hf_command_line(tmp_path):
         warnings.simplefilter("ignore")
         reloaded = transformers.MptForCausalLM.from_pretrained(tmp_path / "out")
     assert reloaded.dtype == torch.bfloat16
+    # the special-token ids come along: generate() still stops at the model's EOS
+    assert {k: getattr(reloaded.config, k) for k in ids} == ids
     bad = subprocess.run(
         [
             sys.executable,

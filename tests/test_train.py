@@ -370,6 +370,7 @@ def test_end_to_end_run_writes_run_folder(small_dataset, tmp_path):
     transformers = pytest.importorskip("transformers")
     model = transformers.MptForCausalLM.from_pretrained(final["hf_dir"])
     assert model.config.n_layers == 2
+    assert model.config.eos_token_id == 256  # the byte tokenizer's, which the data ends with
 
     # the same folder with another config is refused, unless overwritten
     other = config(small_dataset, run_dir=str(run_dir), optim={"lr": 5e-4}, train={"steps": 2})

@@ -55,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         extra = {"allow_pickle": True} if args.allow_pickle else {}
         model = from_pretrained(args.src, step=args.step, **extra)
         out = model.save_pretrained(
-            args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite
+            args.dst,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            token_ids=_token_ids(args.src, args.step),
         )
     except (ConfigError, CheckpointError, OSError, ValueError) as e:
         if isinstance(e, CheckpointError):
@@ -75,6 +79,20 @@ def main(argv: list[str] | None = None) -> int:
         after = np.asarray(from_pretrained(out)(jnp.asarray(ids)), np.float64)
         print(f"max |logits diff| SRC vs DST (mpt_jax): {np.abs(before - after).max():.3g}")
     return 0
+
+
+def _token_ids(src: str, step: int | None) -> dict[str, int]:
+    """SRC's special-token ids: an HF folder's config.json, or a run's EOS (its dataset's)."""
+    from mpt_jax.data import DataError
+    from mpt_jax.hf_checkpoint import read_token_ids
+    from mpt_jax.loading import is_run_folder, load_tokenizer_for
+
+    if not is_run_folder(Path(src)):
+        return read_token_ids(src)
+    try:
+        return {"eos_token_id": load_tokenizer_for(src, step=step).eos_id}
+    except DataError:  # no tokenizer to be found: the export goes on without the ids
+        return {}
 
 
 if __name__ == "__main__":
