@@ -84,13 +84,15 @@ def sample_next(logits_BV: jax.Array, key: jax.Array, sampling: SamplingConfig) 
         # ties with the k-th logit stay in, as in transformers' TopKLogitsWarper
         logits_BV = jnp.where(logits_BV < kth_B1, neg_inf, logits_BV)
     if sampling.top_p is not None and sampling.top_p < 1:
-        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-        mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-        # the smallest set of most likely tokens whose mass reaches top_p (never empty)
-        keep_BV = mass_before_BV < sampling.top_p
-        cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
-        logits_BV = jnp.where(logits_BV < cutoff_B1, neg_inf, logits_BV)
+        # transformers' TopPLogitsWarper: in ascending order, drop the tokens whose cumulative
+        # probability stays within 1 - top_p (never the most likely); by position, so of tokens
+        # tied at the cut only as many stay as the mass needs
+        order_BV = jnp.argsort(logits_BV, axis=-1)
+        ascending_BV = jnp.take_along_axis(logits_BV, order_BV, axis=-1)
+        mass_BV = jnp.cumsum(jax.nn.softmax(ascending_BV, axis=-1), axis=-1)
+        drop_sorted_BV = (mass_BV <= 1 - sampling.top_p).at[:, -1].set(False)
+        drop_BV = jnp.take_along_axis(drop_sorted_BV, jnp.argsort(order_BV, axis=-1), axis=-1)
+        logits_BV = jnp.where(drop_BV, neg_inf, logits_BV)
     return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 

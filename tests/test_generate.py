@@ -175,6 +175,27 @@ def test_top_k_and_top_p_restrict_the_support():
     for top_p, support in [(0.5, {1}), (0.75, {1, 3}), (0.85, {1, 2, 3})]:
         sampling = SamplingConfig(temperature=1.0, top_p=top_p)
         assert set(np.asarray(sample_next(probs_BV, key, sampling)).tolist()) == support
+    # tokens tied at the cut stay only as far as the mass needs, as transformers' warper keeps
+    # them (by position in the sorted order), and a boundary reached exactly keeps no more
+    for probs, top_p, kept, surely in [
+        ([0.5, 0.1, 0.1, 0.1, 0.1, 0.1], 0.55, 2, {0}),
+        ([0.25] * 4, 0.5, 2, set()),
+        ([0.5, 0.3, 0.15, 0.05], 0.8, 2, {0, 1}),
+    ]:
+        tied_BV = jnp.tile(jnp.log(jnp.asarray(probs))[None], (n, 1))
+        drawn = set(
+            np.asarray(
+                sample_next(tied_BV, key, SamplingConfig(temperature=1.0, top_p=top_p))
+            ).tolist()
+        )
+        assert len(drawn) == kept and surely <= drawn, (probs, top_p, drawn)
+    torch = pytest.importorskip("torch")
+    warper = pytest.importorskip("transformers").TopPLogitsWarper
+    for top_p in (0.3, 0.6, 0.9):
+        theirs = warper(top_p)(None, torch.tensor(np.asarray(logits_V))[None])[0]
+        support = set(np.flatnonzero(np.isfinite(theirs.numpy())).tolist())
+        sampling = SamplingConfig(temperature=1.0, top_p=top_p)
+        assert set(np.asarray(sample_next(logits_BV, key, sampling)).tolist()) == support
     # both together: top-k first, then top-p renormalized over the k survivors
     both = SamplingConfig(temperature=1.0, top_k=2, top_p=0.6)
     assert set(np.asarray(sample_next(probs_BV, key, both)).tolist()) == {1}

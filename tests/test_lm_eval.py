@@ -210,9 +210,18 @@ def test_sampling_without_a_temperature_samples_at_one(setup):
     tok = ByteTokenizer()
     ids = [tok.encode(p).tolist() for p in prompts]
     # lm-eval's HF and vLLM models sample at temperature 1.0 when the task names none
-    sampled = generate(model, ids, max_new_tokens=8, temperature=1.0, seed=5, eos_id=EOS)
+    seed = MPTJaxLM(path=str(model_dir), tokenizer="byte", seed=5)._next_batch_seed()
+    sampled = generate(model, ids, max_new_tokens=8, temperature=1.0, seed=seed, eos_id=EOS)
     greedy = generate(model, ids, max_new_tokens=8, temperature=0.0, eos_id=EOS)
     assert got == [tok.decode(r) for r in sampled] != [tok.decode(r) for r in greedy]
+    # each batch draws afresh: repeats of one request (lm-eval's `repeats`) are distinct
+    # samples, and the same seed gives them again
+    repeats = [Instance("generate_until", {}, (prompts[0], dict(kwargs)), i) for i in range(8)]
+    drawn = lm.generate_until(repeats)
+    assert len(set(drawn)) > 2  # one seed for every batch gave at most batch_size (2)
+    again = MPTJaxLM(path=str(model_dir), tokenizer="byte", batch_size=2, max_length=32, seed=5)
+    again.generate_until(requests)
+    assert again.generate_until(repeats) == drawn
 
 
 def test_default_max_gen_toks_leaves_a_small_model_room_for_prompts(setup):

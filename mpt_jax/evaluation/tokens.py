@@ -21,6 +21,9 @@ class IclTokenizer:
             # a private handle: mpt_jax's JsonTokenizer never adds special tokens, HF's
             # `tokenizer(text)` (used by llm-foundry for the preamble) does
             self._tok = Tokenizer.from_file(str(tokenizer.path))
+            # as JsonTokenizer: a file's saved truncation or padding would cut every prompt
+            self._tok.no_truncation()
+            self._tok.no_padding()
         # llm-foundry's tokenizer_needs_prefix_space: ' a' is one token for GPT-2 style BPE
         self.needs_prefix_space = len(self.encode(" a")) == 1
 

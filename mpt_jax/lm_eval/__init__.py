@@ -94,6 +94,7 @@ class MPTJaxLM(TemplateLM):
                 f"{self.max_length}), got {max_gen_toks}"
             )
         self.seed = int(seed)
+        self._generate_calls = 0  # each batch samples with its own key: (seed, this count)
         self._name = f"{path}" + ("" if step is None else f"@{step}")
 
     # -- tokenization ---------------------------------------------------------------------------
@@ -222,12 +223,19 @@ class MPTJaxLM(TemplateLM):
             temperature=float(kwargs.get("temperature", 1.0)) if sample else 0.0,
             top_k=kwargs.get("top_k") if sample else None,
             top_p=kwargs.get("top_p") if sample else None,
-            seed=self.seed,
+            seed=self._next_batch_seed(),
             eos_id=self.eot_token_id,
         )[:n_real]
         return [
             postprocess_generated_text(self.tok_decode(t), kwargs["until"], None) for t in tokens
         ]
+
+    def _next_batch_seed(self) -> int:
+        """A seed of its own for each generation batch, (seed, batches so far): with one seed,
+        row b of every batch drew the same sample (HF's RNG advances between batches)."""
+        seed = int(np.random.SeedSequence([self.seed, self._generate_calls]).generate_state(1)[0])
+        self._generate_calls += 1
+        return seed
 
     def get_model_info(self) -> dict[str, Any]:
         return {"model_name": self._name, "max_length": self.max_length}
