@@ -1,4 +1,4 @@
-"""Test setup: 8 host devices for mesh tests, strict rank promotion, GPU-only markers."""
+"""Test setup: 8 host devices for mesh tests, strict rank promotion, GPU-only and slow markers."""
 
 import os
 import tempfile
@@ -24,13 +24,28 @@ from mpt_jax.data import prepare_dataset
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--run-slow",
+        action="store_true",
+        default=os.environ.get("MPT_JAX_RUN_SLOW") == "1",
+        help="also run the tests marked slow (on by default where a GPU is present)",
+    )
+
+
 def pytest_collection_modifyitems(config, items):
+    # the longest tests first, so that the two xdist workers finish together instead of one
+    # waiting out a drill started last (sort is stable: the rest keep their order)
+    items.sort(key=lambda item: "long" not in item.keywords)
     if jax.default_backend() == "gpu":
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    needs_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    slow = pytest.mark.skip(reason="slow GPU compile or benchmark check: pytest --run-slow")
     for item in items:
         if "gpu" in item.keywords:
-            item.add_marker(skip)
+            item.add_marker(needs_gpu)
+        elif "slow" in item.keywords and not config.getoption("--run-slow"):
+            item.add_marker(slow)
 
 
 @pytest.fixture(scope="session")

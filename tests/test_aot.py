@@ -34,6 +34,7 @@ def _specs(*extra: str, overrides=ALIBI) -> list[dict]:
     return bench_train.plan_rows(bench_train.build_parser().parse_args([*argv, *extra]))
 
 
+@pytest.mark.long
 def test_the_step_compiled_for_an_h200_does_the_model_flops_in_bf16_matmuls_and_our_kernels():
     spec = _specs("--loss-chunk", "none,16")
     results = [bench_train.run_isolated(s, timeout=300) for s in spec]
@@ -58,6 +59,7 @@ def test_the_step_compiled_for_an_h200_does_the_model_flops_in_bf16_matmuls_and_
         assert work["seconds"]["total"] > 0
 
 
+@pytest.mark.slow
 def test_scanned_layers_store_activations_with_copies_that_unrolled_layers_avoid():
     scanned, unrolled = (
         bench_train.run_isolated(_specs(overrides=[*ALIBI, f"scan_layers={v}"])[0], timeout=300)
@@ -70,6 +72,7 @@ def test_scanned_layers_store_activations_with_copies_that_unrolled_layers_avoid
     assert scanned["aot"]["copies_bytes"] > unrolled["aot"]["copies_bytes"]
 
 
+@pytest.mark.slow
 def test_pallas_norms_move_fewer_bytes_than_xla_norms_for_the_same_flops():
     rows = {
         impl: bench_train.run_isolated(
@@ -86,6 +89,7 @@ def test_pallas_norms_move_fewer_bytes_than_xla_norms_for_the_same_flops():
     assert fused["elementwise_bytes"] < 0.8 * xla["elementwise_bytes"]
 
 
+@pytest.mark.slow
 def test_the_tool_writes_the_table_and_a_report_per_row(tmp_path):
     argv = [
         *("--aot", "h200", "--models", "tiny", "--seq-lens", "64", "--global-batch", "4"),

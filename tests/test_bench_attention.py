@@ -106,6 +106,7 @@ def test_once_runs_each_program_a_single_time_with_finite_gradients():
     ]
 
 
+@pytest.mark.slow
 def test_hopper_sweep_candidates_lower_for_an_h200():
     """Every tiling `--tune-hopper` tries at head dim 128 lowers for CUDA, fwd+bwd: the lowering
     checks shared memory against the H200's, so a ring too deep fails here, not on the GPU."""

@@ -109,6 +109,7 @@ def test_our_triton_kernels_compile_to_hoppers_warpgroup_mma_with_the_tilings_sh
     assert shapes == {"64x32x16", "64x64x16"}
 
 
+@pytest.mark.slow
 @needs_tools
 def test_the_tool_writes_its_table(tmp_path):
     out = tmp_path / "sass.md"
@@ -144,6 +145,7 @@ def test_bad_arguments_are_refused_in_one_line(capsys):
     assert "HopperTiling.bwd_launches: must be 1 or 2" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @needs_tools
 @pytest.mark.parametrize(
     ("launches", "backward"),

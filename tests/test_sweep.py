@@ -170,6 +170,7 @@ def _run_tool(*args, env=None, check_rc=0):
     return result.stdout
 
 
+@pytest.mark.long
 def test_sweep_preempted_on_slurm_resumes_locally_reports_and_skips(tmp_path, small_dataset):
     """One member runs through the SLURM array script and is preempted (it requeues itself);
     the local runner then resumes it and trains the other beside it on its own CPU core, both
