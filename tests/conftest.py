@@ -34,9 +34,6 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    # the longest tests first, so that the two xdist workers finish together instead of one
-    # waiting out a drill started last (sort is stable: the rest keep their order)
-    items.sort(key=lambda item: "long" not in item.keywords)
     if jax.default_backend() == "gpu":
         return
     needs_gpu = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -54,7 +54,6 @@ def assert_bitwise_equal(a, b):
         assert x.dtype == y.dtype and np.array_equal(x, y)
 
 
-@pytest.mark.long
 @pytest.mark.parametrize("precision", ["fp32", "amp_bf16"])
 def test_sigterm_then_resume_is_bitwise_exact(small_dataset, tmp_path, monkeypatch, precision):
     sections = dict(
@@ -115,7 +114,6 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
     )
 
 
-@pytest.mark.long
 def test_nan_streak_rolls_back_and_skips_the_bad_data(small_dataset, tmp_path, monkeypatch, capfd):
     # data batches 6..10 are poison: steps 7..11 skip their updates, and the fifth in a row
     # rolls back to the scheduled checkpoint of step 8
@@ -159,7 +157,6 @@ def val_lines(run_dir):
     return [(x["step"], x["val_loss"]) for x in lines if "val_loss" in x]
 
 
-@pytest.mark.long
 def test_resume_keeps_metrics_whole_and_refuses_what_it_cannot_continue(
     small_dataset, tmp_path, monkeypatch
 ):
@@ -260,7 +257,6 @@ def _corrupt_latest(run_dir, how):
     return int(step_dir.name)
 
 
-@pytest.mark.long
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(small_dataset, tmp_path, capfd):
     run_dir = tmp_path / "run"
     cfg8 = config(
@@ -389,7 +385,6 @@ def newest_save(checkpoints):
     return max(steps, default=-1)
 
 
-@pytest.mark.long
 def test_sigterm_and_ten_sigkills_under_the_supervisor(small_dataset, tmp_path):
     steps = 90
     reference = write_config(tmp_path, small_dataset, tmp_path / "ref", steps=steps)
@@ -578,7 +573,6 @@ def test_error_line_keeps_tensorstores_cause_and_drops_its_spec():
     assert checkpoint._error_line(OSError()) == "OSError"
 
 
-@pytest.mark.long
 def test_disk_full_during_a_save_keeps_earlier_checkpoints(small_dataset, tmp_path):
     import resource
 
@@ -614,7 +608,6 @@ print(f"preempted={final.get('preempted')} step={final['step']}", flush=True)
 """
 
 
-@pytest.mark.long
 def test_two_processes_agree_on_the_preemption_step(small_dataset, tmp_path):
     import socket
 

@@ -638,7 +638,6 @@ def test_bad_task_files_and_lists(tiny, tmp_path):
 # Command line
 
 
-@pytest.mark.long
 def test_command_line_on_a_run_folder(small_dataset, tmp_path, capsys, monkeypatch):
     from mpt_jax.train import run
 

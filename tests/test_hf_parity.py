@@ -363,7 +363,6 @@ def test_unsupported_llm_foundry_features_are_named(tmp_path):
         from_pretrained(folder)
 
 
-@pytest.mark.long
 def test_convert_hf_command_line(tmp_path):
     hf_model = make_hf_model(d_model=32, n_heads=4, n_layers=2)
     ids = {"bos_token_id": 5, "eos_token_id": 7, "pad_token_id": 3}

@@ -153,7 +153,6 @@ def spike_sections(action):
     )
 
 
-@pytest.mark.long
 def test_a_spike_rolls_back_before_it_and_resumes_as_the_uninterrupted_run(
     small_dataset, tmp_path, monkeypatch, capfd
 ):

@@ -86,7 +86,6 @@ def losses(run_dir):
     return {x["step"]: x["loss"] for x in lines if "loss" in x}
 
 
-@pytest.mark.long
 def test_two_processes_match_one_and_checkpoints_move_between_counts(small_dataset, tmp_path):
     one = write_config(tmp_path, small_dataset, "one")
     two = write_config(tmp_path, small_dataset, "two", dcn_data=2)  # hybrid: data across processes
@@ -155,7 +154,6 @@ def error_line(stderr: str) -> str:
     return lines[0].removeprefix("error: ")
 
 
-@pytest.mark.long
 def test_processes_whose_dataset_copies_differ_all_refuse(small_dataset, tmp_path):
     cfg = write_config(tmp_path, small_dataset, "copies")
     other = prepare_dataset(  # per-host copies gone wrong: other rows on process 1

@@ -170,7 +170,6 @@ def _run_tool(*args, env=None, check_rc=0):
     return result.stdout
 
 
-@pytest.mark.long
 def test_sweep_preempted_on_slurm_resumes_locally_reports_and_skips(tmp_path, small_dataset):
     """One member runs through the SLURM array script and is preempted (it requeues itself);
     the local runner then resumes it and trains the other beside it on its own CPU core, both
@@ -410,6 +409,9 @@ def _sweep_tool_main(argv, capsys) -> tuple[int, list[str]]:
         (["--time", "banana"], "--time: 'banana' is not a SLURM time (minutes, MM:SS,"),
         (["--time", "1:2:3:4"], "--time: '1:2:3:4' is not a SLURM time"),
         (["--time", "-5"], "--time: '-5' is not a SLURM time"),
+        # the local runner's flags would be ignored: SLURM places the tasks
+        (["--parallel", "4"], "--parallel: only for a local run; with --slurm use --max-concurrent"),
+        (["--gpus", "0,1"], "--gpus: only for a local run; with --slurm use --max-concurrent"),
     ],
 )
 def test_slurm_flags_out_of_range_are_one_line_and_write_nothing(tmp_path, capsys, flags, message):

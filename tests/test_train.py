@@ -230,7 +230,6 @@ def test_mixed_precision_pure_computes_with_bf16_parameters_and_keeps_fp32_maste
     assert {x.dtype for x in leaves if x.ndim} == {jnp.dtype(jnp.float32)}
 
 
-@pytest.mark.long
 def test_a_pure_run_loads_for_bf16_evaluation_as_it_trained(small_dataset, tmp_path):
     from flax import nnx
 
@@ -601,7 +600,6 @@ def test_bad_inputs(small_dataset, tmp_path):
         )
 
 
-@pytest.mark.long
 def test_command_line_with_overrides(small_dataset, tmp_path):
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(

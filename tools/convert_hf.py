@@ -61,9 +61,11 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             token_ids=_token_ids(args.src, args.step),
         )
-    except (ConfigError, CheckpointError, OSError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            quiet_abandoned_writes()
+    except CheckpointError as e:  # an unreadable run folder: exit 1, as eval and generate
+        quiet_abandoned_writes()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ConfigError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg = model.config

@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
             given = "--out-dir" if args.out_dir else f"{args.sweep}: out_dir"
             raise ConfigError(f"{given}: {reason}")
         gpus = _ints(args.gpus, "--gpus")
+        if args.slurm and (args.parallel != 1 or gpus is not None):
+            # SLURM places the array tasks; a throttle is --max-concurrent
+            flag = "--parallel" if args.parallel != 1 else "--gpus"
+            raise ConfigError(f"{flag}: only for a local run; with --slurm use --max-concurrent")
         groups = (
             None
             if args.list or args.slurm or args.report_only
