@@ -410,8 +410,8 @@ def _sweep_tool_main(argv, capsys) -> tuple[int, list[str]]:
         (["--time", "1:2:3:4"], "--time: '1:2:3:4' is not a SLURM time"),
         (["--time", "-5"], "--time: '-5' is not a SLURM time"),
         # the local runner's flags would be ignored: SLURM places the tasks
-        (["--parallel", "4"], "--parallel: only for a local run; with --slurm use --max-concurrent"),
-        (["--gpus", "0,1"], "--gpus: only for a local run; with --slurm use --max-concurrent"),
+        (["--parallel", "4"], "--parallel: only for a local run; with --slurm use --max-conc"),
+        (["--gpus", "0,1"], "--gpus: only for a local run; with --slurm use --max-conc"),
     ],
 )
 def test_slurm_flags_out_of_range_are_one_line_and_write_nothing(tmp_path, capsys, flags, message):
