@@ -238,6 +238,11 @@ def split_time(value: str, where: str, *, allow_dur: bool = True) -> tuple[float
         )
     if unit == "dur" and not allow_dur:
         raise ConfigError(f"{where}: {value!r} cannot be in units of dur")
+    if unit != "dur" and not number.is_integer():
+        # composer's Time refuses a fractional count of batches, samples or tokens
+        raise ConfigError(
+            f"{where}: {value!r} is not a whole number of {unit} (only dur is a fraction)"
+        )
     return number, unit
 
 

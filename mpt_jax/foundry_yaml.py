@@ -238,7 +238,8 @@ def translate(
     if not isinstance(batch, int) or isinstance(batch, bool) or batch <= 0:
         raise ConfigError(f"global_train_batch_size: expected a positive integer, got {batch!r}")
     train["global_batch"] = batch
-    train.update(_duration(take("max_duration"), batch, seq))
+    max_duration = take("max_duration")
+    train.update(_duration(max_duration, batch, seq))
     steps = train.get("steps")
     micro = take("device_train_microbatch_size", "auto")
     train["microbatch"] = _microbatch(micro, batch, devices, notes)
@@ -294,7 +295,10 @@ def translate(
 
     out["optim"] = _optimizer(take("optimizer"), notes)
     out["optim"]["clipping_threshold"] = _clipping(take("algorithms"), notes)
-    out["schedule"] = _scheduler(take("scheduler"))
+    # composer takes a scheduler's Xdur in max_duration's unit, rounded down: samples for a run
+    # given in samples, which train.steps does not keep (0.1dur of 96sp is 9sp, not 1 step)
+    samples = int(float(max_duration[:-2])) if max_duration.endswith("sp") else None
+    out["schedule"] = _scheduler(take("scheduler"), samples)
     out["mesh"] = mesh
     out["train"] = train
     out["checkpoint"] = _checkpoints(src, steps, batch, seq, notes)
@@ -786,7 +790,7 @@ def _clipping(algorithms: Any, notes: list[str]) -> float | None:
     return clipping["clipping_threshold"]
 
 
-def _scheduler(scheduler: Any) -> dict[str, Any]:
+def _scheduler(scheduler: Any, samples: int | None) -> dict[str, Any]:
     scheduler = dict(_mapping(scheduler, "scheduler"))
     if "name" not in scheduler:
         raise ConfigError("scheduler.name: required (cosine_with_warmup, ...)")
@@ -794,6 +798,11 @@ def _scheduler(scheduler: Any) -> dict[str, Any]:
         raise ConfigError("scheduler.t_warmup: required by composer's warmup schedulers")
     if scheduler.pop("scale_warmup", False):
         raise ConfigError("scheduler.scale_warmup: true is not supported")
+    if samples is not None:
+        for key, value in scheduler.items():
+            if isinstance(value, str) and value.endswith("dur"):
+                number, _ = split_time(value, f"scheduler.{key}")
+                scheduler[key] = f"{int(number * samples)}sp"
     return scheduler
 
 

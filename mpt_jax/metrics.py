@@ -66,7 +66,7 @@ def hardware_flops_per_sequence(cfg: ModelConfig, seq_len: int, remat: str) -> i
 PEAK_FLOPS: dict[str, dict[str, float]] = {
     "a100": {"bf16": 312e12, "fp32": 19.5e12},
     "h100-sxm": {"bf16": 1.979e15 / 2, "fp32": 67e12},
-    "h100-pcie": {"bf16": 1.513e15 / 2},
+    "h100-pcie": {"bf16": 1.513e15 / 2, "fp32": 51e12},
     "h200": {"bf16": 1.979e15 / 2, "fp32": 67e12},
     "tpu-v4": {"bf16": 275e12},
     "tpu-v5e": {"bf16": 197e12},

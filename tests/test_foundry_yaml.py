@@ -11,6 +11,7 @@ import yaml
 
 from mpt_jax.config import ConfigError, load_run_config, to_dict
 from mpt_jax.foundry_yaml import load_foundry_yaml, translate
+from mpt_jax.optim import lr_multiplier
 from mpt_jax.train import run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -203,6 +204,27 @@ def test_a_translated_yaml_trains(small_dataset, tmp_path):
     assert final["step"] == 6 and "val_loss" in final
     steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert steps == [2, 4, 6]  # -1: every checkpoint kept
+
+
+def test_dur_of_a_run_in_samples_is_taken_in_samples(small_dataset, tmp_path):
+    # composer: 0.3dur of 96sp is int(28.8) = 28 samples, 1.75 steps of 16, so the update at
+    # step 1 (16 samples in) has 16/28 of the warmup; in whole steps it would be 1 of 1
+    data = yaml.safe_load(TINY)
+    data["scheduler"]["t_warmup"] = "0.3dur"
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(data))
+    config = translate(
+        load_foundry_yaml(tmp_path / "tiny.yaml"), data=str(small_dataset / "ds"), devices=1
+    )
+    assert config.config["schedule"]["t_warmup"] == "28sp"
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config.config))
+    cfg = load_run_config(tmp_path / "run.yaml")
+    alpha = lr_multiplier(
+        cfg.schedule,
+        total_steps=cfg.train.steps,
+        tokens_per_step=16 * 32,
+        global_batch=cfg.train.global_batch,
+    )
+    assert float(alpha(1)) == pytest.approx(16 / 28)  # warming up to alpha_i 1
 
 
 def _with(tmp_path, path, value):

@@ -113,7 +113,7 @@ def test_peak_flops_bf16(kind, bf16):
 def test_peak_flops_fp32_and_unknown():
     assert peak_flops(A100, "fp32") == 19.5e12
     assert peak_flops(H100, "fp32") == 67e12
-    assert peak_flops("NVIDIA H100 PCIe", "fp32") is None
+    assert peak_flops("NVIDIA H100 PCIe", "fp32") == 51e12  # composer's h100-pcie fp32
     assert peak_flops("TPU v4", "fp32") is None
     for kind in ("cpu", "Tesla V100-SXM2-16GB", "NVIDIA H100 NVL", "TPU v3", "TPU v4 lite"):
         assert peak_flops(kind, "amp_bf16") is None, kind

@@ -49,6 +49,13 @@ def test_time_to_steps_rejects_bad_strings(value):
         time_to_steps(value, **KW)
 
 
+@pytest.mark.parametrize("value", ["2.5ba", "100.5tok", "1e-3ba", "1.5sp"])
+def test_fractional_counts_are_refused_as_composer_does(value):
+    # composer's Time: batches, samples and tokens are integers; only dur is a fraction
+    with pytest.raises(ConfigError, match=rf"'{value}' is not a whole number of"):
+        time_to_steps(value, **KW)
+
+
 # ---------------------------------------------------------------------------------------------
 # Schedules: closed forms in plain Python, t and all times in (fractional) steps
 

@@ -11,10 +11,12 @@ Scores, softmax statistics and accumulators are float32 whatever the input dtype
 Per element of a score block the kernels do as little as the math allows, since past the two
 matmuls the exponentials and masks bound FlashAttention on Hopper:
 - scores are kept in log2 units (the scale carries log2 e), so the softmax is one exp2;
-- causal ALiBi enters as the key-only row slope * (j - q0), q0 the block's first query: it
-  differs from -slope * |i - j| by the per-row constant slope * (i - q0), which the softmax
-  removes; the log-sum-exp leaves the kernel with that constant restored, so kernels with other
-  tilings agree on it;
+- causal ALiBi enters as the key-only row slope * (j - a), a = q0 + bq // 2 the block's middle
+  query: it differs from -slope * |i - j| by the per-row constant slope * (i - a), which the
+  softmax removes; the log-sum-exp leaves the kernel with that constant restored, so kernels
+  with other tilings agree on it. The middle, not the first query, halves the scores' size near
+  the diagonal (up to slope * bq / 2), and with it their float32 rounding, which reaches the
+  gradients (MPT-30B's slopes at 128-query blocks: 1.3e-5 relative from the first query);
 - causal blocks wholly below the diagonal are computed without masks (only segment ids, when
   given, still mask): a padded key there implies a padded query, whose output is dropped and
   whose zero output gradient adds nothing to dk and dv;
@@ -185,15 +187,16 @@ class _Block:
     seq_len: int
 
 
-def _scores2(qk, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk: _Block, *, masked: bool):
-    """Scores in log2 units from the raw product qk, ALiBi relative to query q0, masks if `masked`.
+def _scores2(qk, q_pos, k_pos, anchor, q_seg, k_seg, slope2, blk: _Block, *, masked: bool):
+    """Scores in log2 units from the raw product qk, ALiBi relative to query `anchor` (the
+    block's middle, `_anchor`), masks if `masked`.
 
     qk is q k^T (bq, bk) with query positions and segment ids a column and keys' a row, or its
     transpose k q^T (bk, bq) with them the other way round: every term broadcasts either way.
     """
     s = qk * blk.scale2
     if blk.alibi and blk.causal:
-        s = s + slope2 * (k_pos - q0).astype(jnp.float32)
+        s = s + slope2 * (k_pos - anchor).astype(jnp.float32)
     elif blk.alibi:
         s = s - slope2 * jnp.abs(q_pos - k_pos).astype(jnp.float32)
     keep = None
@@ -208,7 +211,7 @@ def _scores2(qk, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk: _Block, *, masked:
 
 
 def _backward_block2(
-    q, k, v, do, lse2, delta, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk, *, masked, keys_first
+    q, k, v, do, lse2, delta, q_pos, k_pos, anchor, q_seg, k_seg, slope2, blk, *, masked, keys_first
 ):
     """Probabilities p and score gradients ds: common.backward_block in log2 units.
 
@@ -222,20 +225,26 @@ def _backward_block2(
     else:
         qk = lax.dot_general(q, k, NT_DIMS, preferred_element_type=jnp.float32)
         dp = lax.dot_general(do, v, NT_DIMS, preferred_element_type=jnp.float32)
-    s = _scores2(qk, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk, masked=masked)
+    s = _scores2(qk, q_pos, k_pos, anchor, q_seg, k_seg, slope2, blk, masked=masked)
     p = jnp.exp2(s - lse2)
     return p, p * (dp - delta)
+
+
+def _anchor(q0, bq):
+    """The query the key-only causal ALiBi of a block starting at q0 is relative to."""
+    return q0 + bq // 2
 
 
 def _row_shift2(shape, slope2, blk: _Block, *, axis=0):
     """Log2-unit offset, per query of a block, of true -slope * |i - j| scores from _scores2's.
 
     shape: (bq,), (bq, 1) or, with axis 1, (1, bq): queries along `axis`; the offset is
-    -slope * (i - q0).
+    -slope * (i - anchor).
     """
     if not (blk.alibi and blk.causal):
         return jnp.zeros(shape, jnp.float32)
-    return -slope2 * lax.broadcasted_iota(jnp.int32, shape, axis).astype(jnp.float32)
+    rows = lax.broadcasted_iota(jnp.int32, shape, axis) - _anchor(0, shape[axis])
+    return -slope2 * rows.astype(jnp.float32)
 
 
 def _fwd_kernel(*refs, blk: _Block, order: _Order, bq, bk, n_k, has_seg):
@@ -255,7 +264,7 @@ def _fwd_kernel(*refs, blk: _Block, order: _Order, bq, bk, n_k, has_seg):
         k_pos = kb * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         k_seg = ks_ref[ks][None, :] if has_seg else None
         qk = lax.dot_general(q, k_ref[ks, :], NT_DIMS, preferred_element_type=jnp.float32)
-        s = _scores2(qk, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk, masked=masked)
+        s = _scores2(qk, q_pos, k_pos, _anchor(q0, bq), q_seg, k_seg, slope2, blk, masked=masked)
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.exp2(s - m_new[:, None])
         corr = jnp.exp2(m - m_new)
@@ -303,7 +312,7 @@ def _dq_kernel(*refs, blk: _Block, order: _Order, bq, bk, n_k, has_seg):
         k, v = k_ref[ks, :], v_ref[ks, :]
         k_seg = ks_ref[ks][None, :] if has_seg else None
         _, ds = _backward_block2(
-            *(q, k, v, do, lse2, delta, q_pos, k_pos, q0, q_seg, k_seg, slope2, blk),
+            *(q, k, v, do, lse2, delta, q_pos, k_pos, _anchor(q0, bq), q_seg, k_seg, slope2, blk),
             masked=masked,
             keys_first=False,
         )
@@ -351,7 +360,8 @@ def _dkdv_kernel(
         q_seg = qs_ref[qs][None, :] if has_seg else None
         lse2 = lse[None, :] - _row_shift2((1, bq), slope2, blk, axis=1)
         p_t, ds_t = _backward_block2(
-            *(q, k, v, do, lse2, delta[None, :], q_pos, k_pos, q0, q_seg, k_seg, slope2, blk),
+            *(q, k, v, do, lse2, delta[None, :], q_pos, k_pos, _anchor(q0, bq), q_seg, k_seg),
+            *(slope2, blk),
             masked=masked,
             keys_first=True,
         )
