@@ -33,6 +33,30 @@ def alibi_slopes(n_heads: int, alibi_bias_max: float = 8) -> np.ndarray:
     return slopes.astype(np.float32)
 
 
+def _check_shapes(q_BSHK, k_BTGK, v_BTGK, alibi_slopes, segment_ids) -> None:
+    """One line naming the argument at fault (the kernels would pad or clamp what they get)."""
+    shapes = f"q {tuple(q_BSHK.shape)}, k {tuple(k_BTGK.shape)}, v {tuple(v_BTGK.shape)}"
+    if not q_BSHK.ndim == k_BTGK.ndim == v_BTGK.ndim == 4:
+        raise ValueError(f"attention: q, k and v must be (batch, seq, heads, head_dim): {shapes}")
+    if k_BTGK.shape != v_BTGK.shape:
+        raise ValueError(f"attention: k and v must have one shape: {shapes}")
+    B, S, H, K = q_BSHK.shape
+    if (k_BTGK.shape[0], k_BTGK.shape[3]) != (B, K):
+        raise ValueError(f"attention: k and v must have q's batch and head dim: {shapes}")
+    for name, x in (("q", q_BSHK), ("k", k_BTGK), ("v", v_BTGK)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"attention: {name} must be floating point, got {x.dtype}")
+    if alibi_slopes is not None and np.shape(alibi_slopes) != (H,):
+        raise ValueError(
+            f"attention: alibi_slopes must have shape ({H},), one per query head, got "
+            f"{np.shape(alibi_slopes)}"
+        )
+    if segment_ids is not None and tuple(segment_ids.shape) != (B, S):
+        raise ValueError(
+            f"attention: segment_ids must have shape ({B}, {S}), got {tuple(segment_ids.shape)}"
+        )
+
+
 def attention(
     q_BSHK: jax.Array,
     k_BTGK: jax.Array,
@@ -64,6 +88,7 @@ def attention(
     decoding = query_offset is not None or kv_mask is not None
     if decoding and impl not in ("auto", "xla"):
         raise ValueError(f"attention impl {impl!r}: query_offset and kv_mask need impl 'xla'")
+    _check_shapes(q_BSHK, k_BTGK, v_BTGK, alibi_slopes, segment_ids)
     _, S, H, K = q_BSHK.shape
     G = k_BTGK.shape[2]
     if H % G:
@@ -386,6 +411,12 @@ def _tokamax_attention(q, k, v, slopes, segment_ids, causal, scale):
     """
     if slopes is not None and not causal:
         raise ValueError("attention impl 'tokamax' supports ALiBi only with causal attention")
+    if q.dtype == jnp.float16 and backend() not in _TOKAMAX_IMPLEMENTATIONS:
+        # its XLA reference asks for fp16 products with fp32 results, which XLA's CPU lacks
+        raise ValueError(
+            f"attention impl 'tokamax': float16 runs on a GPU only (here {backend()}: its XLA "
+            "reference); use bfloat16 or float32"
+        )
     try:
         from tokamax._src.ops.attention import api as tokamax_api
         from tokamax._src.ops.attention import base as tokamax_base

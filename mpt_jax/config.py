@@ -46,6 +46,7 @@ class InitConfig:
     init_gain: float = 0.0  # kaiming's `a` (leaky_relu slope)
 
     def __post_init__(self) -> None:
+        check_choices(self, "init_config")
         if self.name == "baseline_" and self.init_std is None:
             raise ConfigError("init_config.init_std: baseline_ init needs init_std (a float > 0)")
         for field in ("init_std", "emb_init_std"):
@@ -98,6 +99,7 @@ class ModelConfig:
     scan_layers: bool = False
 
     def __post_init__(self) -> None:
+        check_choices(self, "model")
         for field in ("d_model", "n_heads", "n_layers", "max_seq_len", "vocab_size"):
             if getattr(self, field) <= 0:
                 raise ConfigError(f"model.{field}: must be > 0, got {getattr(self, field)}")
@@ -697,6 +699,18 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     else:  # pragma: no cover - a programming error in a config class
         raise TypeError(f"unsupported annotation {tp!r} at {where}")
     raise _mismatch(where, tp, value)
+
+
+def check_choices(obj: Any, where: str) -> None:
+    """Fields of dataclass `obj` whose type names choices (a Literal) hold one of them: a config
+    built in Python, not from a mapping, is held to what from_dict checks (a misspelt norm type
+    would otherwise fall through to another one's math)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        tp = hints[f.name]
+        parts = (tp, *typing.get_args(tp))
+        if any(typing.get_origin(part) is Literal for part in parts):
+            _convert(tp, getattr(obj, f.name), f"{where}.{f.name}")
 
 
 def _mismatch(where: str, tp: Any, value: Any) -> ConfigError:

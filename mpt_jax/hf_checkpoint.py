@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from mpt_jax.config import ConfigError, InitConfig, ModelConfig, param_shapes
+from mpt_jax.config import ConfigError, InitConfig, ModelConfig, from_dict, param_shapes
 from mpt_jax.safetensors_io import CheckpointError, CheckpointReader, write_checkpoint
 
 __all__ = [
@@ -140,8 +140,26 @@ def config_from_hf(
             fields["ffn_act_fn"] = repr(ffn["ffn_act_fn"])  # transformers ignores it: a warning
     known_init = {f for f in InitConfig.__dataclass_fields__}
     init_fields = {k: v for k, v in init.items() if k in known_init}
+    try:
+        from_dict(InitConfig, init_fields, where="init_config")
+    except ConfigError as e:
+        # how llm-foundry initialized the weights does not change the weights loaded here
+        warnings.warn(
+            f"{source}: {e}: init_config left at mpt_jax's defaults (the weights are loaded, not "
+            "initialized; an export writes those defaults)",
+            stacklevel=2,
+        )
+        init_fields = {}
     if init_fields:
         fields["init_config"] = init_fields
+    # llm-foundry's attention_bias (None: not no_bias) gives Wqkv a bias of its own choosing
+    attention_bias = data.get("attention_bias")
+    no_bias = fields.get("no_bias", False)
+    if not _is_transformers_format(data) and attention_bias not in (None, not no_bias):
+        raise CheckpointError(
+            f"{source}: attention_bias={attention_bias!r} with no_bias={no_bias!r} (a Wqkv bias "
+            "unlike the other layers') is not supported by mpt_jax"
+        )
 
     if _is_transformers_format(data):
         # transformers' MptForCausalLM always uses ALiBi with max 8, no positions, no biases,

@@ -107,6 +107,25 @@ def test_default_scale_and_argument_errors():
         attention(q, k, v, dropout_rate=0.1)
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas_gpu", "pallas_tpu"])
+def test_inconsistent_arguments_are_one_line_naming_them(impl):
+    # the kernels would pad or clamp them: a missing slope read from a neighbouring head,
+    # segment ids or a head dim padded with zeros
+    q, k, v = _qkv(H=4, G=2, K=16)
+    B, S = q.shape[:2]
+    for kwargs, message in [
+        (dict(alibi_slopes=alibi_slopes(3)), r"alibi_slopes must have shape \(4,\), one per"),
+        (dict(segment_ids=jnp.ones((B, S - 1), jnp.int32)), r"segment_ids must have shape"),
+        (dict(k_BTGK=k[..., :8], v_BTGK=v[..., :8]), "k and v must have q's batch and head dim"),
+        (dict(v_BTGK=v[:, :-1]), "k and v must have one shape"),
+        (dict(q_BSHK=q[0]), r"q, k and v must be \(batch, seq, heads, head_dim\)"),
+        (dict(q_BSHK=q.astype(jnp.int32)), "q must be floating point, got int32"),
+    ]:
+        args = {"q_BSHK": q, "k_BTGK": k, "v_BTGK": v, **kwargs}
+        with pytest.raises(ValueError, match=f"attention: {message}"):
+            attention(args.pop("q_BSHK"), args.pop("k_BTGK"), args.pop("v_BTGK"), impl=impl, **args)
+
+
 def test_auto_is_the_xla_reference_on_cpu():
     from mpt_jax.attention import auto_impl
 
@@ -182,6 +201,10 @@ def test_tokamax_argument_errors(monkeypatch):
         attention(q, k, v, impl="tokamax", dropout_rate=0.1, dropout_key=jax.random.key(0))
     with pytest.raises(ValueError, match="query_offset and kv_mask need impl 'xla'"):
         attention(q, k, v, impl="tokamax", query_offset=0)
+    # its XLA reference wants fp16 products with fp32 results, which XLA's CPU lacks
+    half = [x.astype(jnp.float16) for x in (q, k, v)]
+    with pytest.raises(ValueError, match="'tokamax': float16 runs on a GPU only"):
+        attention(*half, impl="tokamax")
 
 
 def test_tokamax_falls_back_when_a_gpu_kernel_does_not_trace(monkeypatch):

@@ -361,6 +361,49 @@ def test_unsupported_llm_foundry_features_are_named(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"attn_config\.rope=True is not supported"):
         from_pretrained(folder)
+    # attention_bias (None: not no_bias) is Wqkv's bias alone: only the other layers' choice
+    del config["attn_config"]["rope"]
+    for attention_bias, loads in ((None, True), (True, True), (False, False)):
+        (folder / "config.json").write_text(
+            json.dumps({**config, "attention_bias": attention_bias})
+        )
+        if loads:
+            assert not from_pretrained(folder).config.no_bias
+        else:
+            with pytest.raises(CheckpointError, match="attention_bias=False with no_bias=False"):
+                from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    "init",
+    [
+        {"name": "xavier_uniform_"},  # llm-foundry's, not mpt_jax's
+        {"init_nonlinearity": "tanh"},
+        {"emb_init_std": 0.0},
+    ],
+)
+def test_an_init_config_mpt_jax_lacks_loads_the_weights_with_a_warning(tmp_path, init):
+    cfg = ModelConfig(**TINY)
+    tensors = random_hf_tensors(cfg)
+    folder = write_hf_folder(cfg, tensors, tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "init_config": init}))
+    with pytest.warns(UserWarning, match="init_config left at mpt_jax's defaults"):
+        model = from_pretrained(folder)
+    assert model.config.init_config == ModelConfig().init_config
+    np.testing.assert_array_equal(
+        np.asarray(dict(model.hf_tensors())["transformer.wte.weight"]),
+        tensors["transformer.wte.weight"],
+    )
+
+
+def test_a_config_built_in_python_is_held_to_its_choices():
+    from mpt_jax.config import ConfigError, InitConfig
+
+    with pytest.raises(ConfigError, match=r"model\.norm_type: must be one of"):
+        ModelConfig(**TINY, norm_type="rms_norm")  # would have been a LayerNorm
+    with pytest.raises(ConfigError, match=r"init_config\.name: must be one of"):
+        InitConfig(name="xavier_uniform_")  # would have been small_init_
 
 
 def test_convert_hf_command_line(tmp_path):
