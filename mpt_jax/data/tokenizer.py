@@ -6,11 +6,14 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mpt_jax.data.errors import DataError
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "[EOS]", "<|end_of_text|>")
 
@@ -43,8 +46,6 @@ class JsonTokenizer:
     kind = "tokenizer_json"
 
     def __init__(self, path: str | Path, eos_token: str | None = None):
-        from tokenizers import Tokenizer
-
         path = Path(path)
         if path.is_dir():
             if not (path / "tokenizer.json").is_file():
@@ -60,13 +61,9 @@ class JsonTokenizer:
         self.path = path
         self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
         try:
-            self._tok = Tokenizer.from_file(str(path))
+            self._tok = open_whole_text(path)
         except Exception as e:  # the Rust library raises plain Exceptions
             raise DataError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from e
-        # a file saved with truncation or padding (a hub tokenizer's max_length, say) would cut
-        # or pad every document: the ids are the text's own, whole
-        self._tok.no_truncation()
-        self._tok.no_padding()
         # ids need not be dense: the largest id, not the count, bounds the stored dtype
         ids_in_vocab = self._tok.get_vocab(with_added_tokens=True).values()
         self.vocab_size = max(
@@ -125,6 +122,17 @@ def declared_eos_token(folder: Path) -> str | None:
         if isinstance(eos, str) and eos:
             return eos
     return None
+
+
+def open_whole_text(path: str | Path) -> Tokenizer:
+    """A tokenizer.json's Tokenizer with truncation and padding off: a file saved with them (a
+    hub tokenizer's max_length, say) would cut or pad every document and prompt."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
 
 
 def load_tokenizer(name: str, eos_token: str | None = None) -> ByteTokenizer | JsonTokenizer:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mpt_jax.data.tokenizer import ByteTokenizer, JsonTokenizer
+from mpt_jax.data.tokenizer import ByteTokenizer, JsonTokenizer, open_whole_text
 
 
 class IclTokenizer:
@@ -16,14 +16,9 @@ class IclTokenizer:
         self.vocab_size = int(tokenizer.vocab_size)
         self._tok = None
         if isinstance(tokenizer, JsonTokenizer):
-            from tokenizers import Tokenizer
-
             # a private handle: mpt_jax's JsonTokenizer never adds special tokens, HF's
             # `tokenizer(text)` (used by llm-foundry for the preamble) does
-            self._tok = Tokenizer.from_file(str(tokenizer.path))
-            # as JsonTokenizer: a file's saved truncation or padding would cut every prompt
-            self._tok.no_truncation()
-            self._tok.no_padding()
+            self._tok = open_whole_text(tokenizer.path)
         # llm-foundry's tokenizer_needs_prefix_space: ' a' is one token for GPT-2 style BPE
         self.needs_prefix_space = len(self.encode(" a")) == 1
 
