@@ -21,7 +21,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mpt_jax.config import ConfigError, ModelConfig, run_config_from_dict, split_time
+from mpt_jax.config import (
+    ConfigError,
+    ModelConfig,
+    RunConfig,
+    run_config_from_dict,
+    split_time,
+)
 from mpt_jax.hf_checkpoint import UNSUPPORTED_FEATURES
 
 # model keys llm-foundry has and mpt_jax does not, with the value that leaves them off
@@ -152,10 +158,12 @@ _ENV_REFERENCE = re.compile(r"\$\{\s*oc\.env\s*:")
 
 @dataclasses.dataclass
 class Translation:
-    """The run config (as YAML would hold it) and a note per key dropped or approximated."""
+    """The run config (as YAML would hold it, and validated) and a note per key dropped or
+    approximated."""
 
     config: dict[str, Any]
     notes: list[str]
+    run_config: RunConfig
 
 
 def load_foundry_yaml(path: str | Path) -> dict[str, Any]:
@@ -318,8 +326,8 @@ def translate(
             f"{sorted(src)[0]}: a key this translation does not handle (llm-foundry's "
             "TrainConfig keys; a variable belongs under variables:)"
         )
-    run_config_from_dict(out, where="the translated config")  # whole, or the error names the key
-    return Translation(out, notes)
+    # whole, or the error names the key
+    return Translation(out, notes, run_config_from_dict(out, where="the translated config"))
 
 
 def _bool(value: Any, where: str) -> bool:

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
 
     from mpt_jax.atomic_write import write_atomic
-    from mpt_jax.config import ConfigError, run_config_from_dict
+    from mpt_jax.config import ConfigError
     from mpt_jax.data import DataError, check_compatible, open_dataset
     from mpt_jax.foundry_yaml import load_foundry_yaml, translate
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {args.foundry_yaml}: {e}", file=sys.stderr)
         return 2
-    cfg = run_config_from_dict(translation.config)
+    cfg = translation.run_config
     for name, folder in _folders(data).items():
         try:  # the trainer's own check, now rather than at its start
             check_compatible(
