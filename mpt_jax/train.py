@@ -1379,9 +1379,13 @@ class _Trainer:
 
         def finish(pending, force: bool = False) -> _Divergence | None:
             """Read and log a dispatched step's metrics; what to roll back, if anything."""
-            final.update(_log_step(pending[:4], cfg, self.logger, self.throughput, self.bar, force))
-            if pending[0] == self.start_step:
-                self.throughput.reset()  # the first step's time is mostly compilation
+            compiling = pending[0] == self.start_step  # the first step's time is mostly that
+            logged = _log_step(
+                pending[:4], cfg, self.logger, self.throughput, self.bar, force, compiling
+            )
+            final.update(logged)
+            if compiling:
+                self.throughput.reset()
             self.watchdog.heartbeat()
             return self._divergence(final, handed_out=pending[4])
 
@@ -1540,12 +1544,18 @@ class _Trainer:
                 getattr(part, method)()
 
 
-def _log_step(pending, cfg: RunConfig, logger, throughput, bar, force=False) -> dict:
+def _log_step(
+    pending, cfg: RunConfig, logger, throughput, bar, force=False, compiling=False
+) -> dict:
+    """Log one step's metrics. `compiling`: the first step of a start, whose time is mostly
+    compilation: its rates are unknown (null), as before composer's speed window fills."""
     step, out, step_time, data_wait = pending
     values = {k: v.item() for k, v in jax.device_get(out).items()}
     batch_tokens = cfg.train.global_batch * cfg.seq_len
     throughput.update(max(step_time, 1e-9), cfg.train.global_batch, batch_tokens)
     rates = throughput.compute()
+    if compiling:
+        rates = {key: None for key in rates}
     metrics = {
         "step": step + 1,
         "tokens": (step + 1) * batch_tokens,
@@ -1560,7 +1570,7 @@ def _log_step(pending, cfg: RunConfig, logger, throughput, bar, force=False) -> 
         "skipped_steps": values["skipped_steps"],
         # the steps left at the window's pace; evaluations and saves not counted (composer's
         # runtime_estimator)
-        "remaining_s": (cfg.total_steps - step - 1) * rates["step_time_s"],
+        "remaining_s": None if compiling else (cfg.total_steps - step - 1) * rates["step_time_s"],
     }
     if cfg.train.remat == "full":
         metrics["hfu"] = rates.get("hfu")  # null with mfu where the peak is unknown (CPU)

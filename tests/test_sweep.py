@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -101,6 +102,14 @@ def test_grid_zip_members_and_seeds_expand_to_their_product(tmp_path):
         ({"seeds": [1], "reference": 1e-3}, r"reference: 0\.001 is not a string; quote the"),
         ({"members": [{"name": 8, "optim.lr": 1e-3}]}, r"members\[0\]\.name: 8 is not a string"),
         ({"members": [{"name": True, "optim.lr": 1e-3}]}, r"\.name: True is not a string; quote"),
+        (
+            {"grid": {"optim": {"lr": [1e-3, 2e-3]}, "optim.lr": [5e-3]}},
+            r"grid: 'optim\.lr' is given twice \(nested and dotted\)",
+        ),
+        (
+            {"grid": {"data.path": ["/data/" + "x" * 250, "/data/y"]}},
+            r"member path=_data_xxx.*: its name \(\d+ bytes\) is too long for its log file's",
+        ),
     ],
 )
 def test_bad_sweep_files_give_one_line_naming_the_fault(tmp_path, spec, message):
@@ -156,6 +165,12 @@ def test_seed_means_and_best_member_in_the_markdown(tmp_path):
     paths = report.plot(sweep, rows, logs, tmp_path / "plots")  # no curves, no error
     assert [p.name for p in paths] == ["loss_curves.png", "metrics_vs_optim_lr.png"]
     assert all(p.read_bytes()[:8] == PNG for p in paths)
+
+
+def compiling_steps(run_dir: Path) -> set[int]:
+    """The logged steps without a throughput rate: the first of each start."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    return {r["step"] for r in rows if "loss" in r and r["tokens_per_s"] is None}
 
 
 def _run_tool(*args, env=None, check_rc=0):
@@ -263,6 +278,14 @@ def test_sweep_preempted_on_slurm_resumes_locally_reports_and_skips(tmp_path, sm
         assert float(row["best_train_loss"]) == min(train)
         assert float(row["val_loss"]) == [r["val_loss"] for r in logged if "val_loss" in r][-1]
         assert 0.0 <= float(row["icl/close_paren/0-shot"]) <= 1.0
+        # each start's first step compiles: no rate, and the median leaves it out
+        log = (out / "logs" / f"{member.name}.train.log").read_text()
+        resumed = {int(n) for n in re.findall(r"resuming from \S+/checkpoints/(\d+)", log)}
+        compiling = compiling_steps(member.run_dir)
+        assert 1 in compiling and compiling <= {1} | {n + 1 for n in resumed}, (compiling, resumed)
+        rates = [r["tokens_per_s"] for r in logged if r.get("tokens_per_s") is not None]
+        assert float(row["tokens_per_s"]) == pytest.approx(statistics.median(rates), rel=1e-6)
+    assert len(compiling_steps(first.run_dir)) >= 2  # preempted on the "cluster", resumed
     reference = {
         r["step"]: r["loss"]
         for r in map(json.loads, first.run_dir.joinpath("metrics.jsonl").open())
@@ -334,7 +357,7 @@ def test_named_members_keep_their_names_and_slurm_redoes_changed_ones(tmp_path):
     assert [m.name for m in sweep.members][:2] == ["baseline,seed=1", "baseline,seed=2"]
     # a member finished under an older sweep file (its folder holds another config)
     member = sweep.members[0]
-    member.run_dir.mkdir(parents=True)
+    (member.run_dir / "checkpoints" / "5").mkdir(parents=True)  # something to resume from
     (member.run_dir / "config.yaml").write_text(yaml.safe_dump({**member.config, "old": 1}))
     (member.run_dir / "complete.json").write_text("{}")
     _, sbatch, todo = runner.write_slurm(sweep, runner.SlurmOptions())
@@ -354,6 +377,57 @@ def test_named_members_keep_their_names_and_slurm_redoes_changed_ones(tmp_path):
     assert kept.read_text() == '{"icl": []}'
     assert not (member.run_dir / "complete.json").exists()
     assert (member.run_dir / "complete.json.before-sweep-change").read_text() == '{"step": 5}'
+
+
+def test_a_changed_member_without_checkpoints_is_refused_not_trained_anew(tmp_path):
+    write_base(tmp_path, tmp_path / "ds")
+    sweep = load_sweep(write_sweep(tmp_path, grid={"optim.lr": [1e-3, 2e-3]}), tmp_path / "out")
+    member = sweep.members[0]
+    member.run_dir.mkdir(parents=True)
+    # finished with checkpoint.enabled false under an older sweep file (fewer steps)
+    saved = {**member.config, "train": {**member.config["train"], "steps": 3}}
+    (member.run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    (member.run_dir / "complete.json").write_text('{"step": 3}')
+    (member.run_dir / "metrics.jsonl").write_text('{"step": 3, "loss": 2.0}\n')
+    with pytest.raises(ConfigError, match=rf"member {member.name}: its config changed and its "):
+        runner.write_slurm(sweep, runner.SlurmOptions())
+    lines = []
+    local = runner.LocalRunner(sweep, runner.device_groups(1, []), log=lines.append)
+    status = local.run([member])
+    assert status[member.name].startswith("failed: its config changed") and "saved no" in lines[0]
+    assert not any("training on" in line for line in lines)  # the trainer never started
+    assert (member.run_dir / "complete.json").read_text() == '{"step": 3}'  # its results stay
+    assert (member.run_dir / "metrics.jsonl").read_text() == '{"step": 3, "loss": 2.0}\n'
+
+
+def test_a_member_that_breaks_its_worker_fails_and_the_others_still_run(tmp_path, monkeypatch):
+    write_base(tmp_path, tmp_path / "ds")
+    sweep = load_sweep(write_sweep(tmp_path, grid={"optim.lr": [1e-3, 2e-3]}), tmp_path / "out")
+    first, second = sweep.members
+
+    def run_member(self, member, group):
+        if member is first:
+            raise OSError(36, "File name too long")
+        return "finished"
+
+    monkeypatch.setattr(runner.LocalRunner, "_run_member", run_member)
+    local = runner.LocalRunner(sweep, runner.device_groups(1, []), log=lambda line: None)
+    status = local.run(sweep.members)
+    assert status == {first.name: "failed: [Errno 36] File name too long", second.name: "finished"}
+
+
+def test_seed_cells_say_how_many_seeds_logged_the_metric(tmp_path):
+    write_base(tmp_path, tmp_path / "ds")
+    sweep = load_sweep(write_sweep(tmp_path, seeds=[1, 2, 3]), tmp_path / "out")
+    values = [0.5, None, 0.75]  # the second seed stopped before any evaluation
+    rows = [
+        {"member": m.name, **m.params, "status": "finished", "val_loss": v, "train_loss": 1.0}
+        for m, v in zip(sweep.members, values, strict=True)
+    ]
+    text = report.markdown(sweep, report.columns(sweep, rows), rows)
+    assert f"| 3 | 0.625 ± {statistics.stdev([0.5, 0.75]):.4g} (n=2) | 1 ± 0 |" in text
+    rows[2]["val_loss"] = None
+    assert "| 3 | 0.5 (n=1) | 1 ± 0 |" in report.markdown(sweep, report.columns(sweep, rows), rows)
 
 
 def test_a_member_finished_before_a_config_field_existed_stays_finished(tmp_path):

@@ -360,6 +360,10 @@ def test_end_to_end_run_writes_run_folder(small_dataset, tmp_path):
     }
     assert keys <= set(train_lines[-1]) and train_lines[-1]["step"] == 6
     assert train_lines[-1]["remaining_s"] == 0 < train_lines[-2]["remaining_s"]
+    # the first step compiles: no rate (nor a time left at its pace), the next ones have one
+    assert train_lines[0]["step"] == 1 and train_lines[0]["tokens_per_s"] is None
+    assert train_lines[0]["remaining_s"] is None and train_lines[0]["step_time"] > 0
+    assert train_lines[1]["tokens_per_s"] > 0
     assert train_lines[-1]["tokens"] == 6 * 8 * 32
     assert [x["step"] for x in lines if "val_loss" in x] == [3, 6]
     assert final["val_loss"] < 5.6  # below ln(258): it learned something

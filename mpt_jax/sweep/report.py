@@ -76,8 +76,9 @@ def member_metrics(
     losses = _finite([r["loss"] for r in train])
     logged = curves(rows)["loss"]
     val = _finite([r["val_loss"] for r in rows if "val_loss" in r])
-    rates = _finite([r.get("tokens_per_s") for r in train[1:] or train])
-    mfus = _finite([r.get("mfu") for r in train[1:] or train])
+    # the first step of each start (compilation) has null rates: left out with the NaNs
+    rates = _finite([r.get("tokens_per_s") for r in train])
+    mfus = _finite([r.get("mfu") for r in train])
     out: dict[str, Any] = {
         "steps": max((int(r["step"]) for r in rows if "step" in r), default=0),
         # the last one logged, NaN or infinite included: a member that diverged says so
@@ -227,8 +228,12 @@ def _seed_table(sweep: Sweep, rows: Sequence[Mapping[str, Any]]) -> str:
             if not values:
                 cells.append("-")
                 continue
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{_fmt(statistics.mean(values), m)} ± {_fmt(spread, m)}")
+            cell = _fmt(statistics.mean(values), m)
+            if len(values) > 1:  # one value has no spread
+                cell += f" ± {_fmt(statistics.stdev(values), m)}"
+            if len(values) < len(members):  # seeds without this metric (unfinished, failed)
+                cell += f" (n={len(values)})"
+            cells.append(cell)
         lines.append(f"| {' | '.join(cells)} |")
     return "\n".join(lines)
 

@@ -53,12 +53,29 @@ def _config_changed(member: Member) -> bool:
     return with_defaults(saved) != member.config
 
 
+def unresumable_change(member: Member) -> str | None:
+    """Why a finished member whose config the sweep file changed cannot run again, if so: it
+    saved no checkpoints to resume from, and training it anew would replace its results."""
+    finished = (member.run_dir / "complete.json").is_file()
+    if not finished or not _config_changed(member):
+        return None
+    from mpt_jax.checkpoint import committed_steps  # jax and Orbax: only when needed
+
+    if committed_steps(member.run_dir / "checkpoints"):
+        return None
+    return (
+        f"its config changed and its finished run ({member.run_dir}) saved no checkpoints to "
+        "resume from; restore the sweep file, or delete the run folder to train it anew"
+    )
+
+
 def _set_aside_stale_results(member: Member) -> None:
     """Rename, not delete, what a member about to run again left: its eval.json (an earlier
     config's or checkpoint's), and complete.json too when the sweep file changed its config.
 
-    The trainer then resumes from the checkpoints, trains anew one that saved none, or refuses
-    a change it cannot resume; the old results stay readable beside the new ones.
+    The trainer then resumes from the checkpoints or refuses a change it cannot resume; the
+    old results stay readable beside the new ones. (A finished member without checkpoints is
+    not run again: `unresumable_change`.)
     """
     names = ("complete.json", EVAL_FILE) if _config_changed(member) else (EVAL_FILE,)
     for name in names:
@@ -146,6 +163,9 @@ def write_slurm(sweep: Sweep, options: SlurmOptions) -> tuple[Path, Path, list[i
     unfinished members); returns both paths and the array indices."""
     members = sweep.members
     todo = [i for i, m in enumerate(members) if not is_finished(sweep, m)]
+    for i in todo:
+        if (reason := unresumable_change(members[i])) is not None:
+            raise ConfigError(f"member {members[i].name}: {reason}")
     for i in todo:
         # the array task's shell test sees only these files
         _set_aside_stale_results(members[i])
@@ -338,11 +358,19 @@ class LocalRunner:
                 member = todo.get_nowait()
             except queue.Empty:
                 return
-            status[member.name] = self._run_member(member, group)
+            try:
+                status[member.name] = self._run_member(member, group)
+            except Exception as error:  # the queue's other members still run
+                message = str(error).splitlines()[0] if str(error) else type(error).__name__
+                self.log(f"[{member.name}] failed: {message}")
+                status[member.name] = f"failed: {message}"
 
     def _run_member(self, member: Member, group: DeviceGroup) -> str:
         sweep = self.sweep
         start = time.perf_counter()
+        if (reason := unresumable_change(member)) is not None:
+            self.log(f"[{member.name}] {reason}")
+            return f"failed: {reason}"
         self.log(f"[{member.name}] training on {group}")
         _set_aside_stale_results(member)
         rc = self._call(train_command(sweep, member, sys.executable), member, "train", group)

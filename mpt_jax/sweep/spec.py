@@ -37,6 +37,7 @@ SWEEP_KEYS = (
 )
 EVAL_KEYS = ("tasks", "gauntlet", "batch_size", "data", "seq_lens")
 SEED_KEY = "train.seed"
+MAX_FILE_NAME_BYTES = 255  # NAME_MAX of Linux file systems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +118,12 @@ def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
                 "remove the duplicate or give the member a distinct `name`"
             )
         seen.add(member_name)
+        if len(f"{member_name}.train.log".encode()) > MAX_FILE_NAME_BYTES:
+            raise ConfigError(
+                f"{where}: member {member_name[:60]}...: its name ({len(member_name.encode())} "
+                "bytes) is too long for its log file's name; set the long values in a `members:` "
+                "entry with a short `name`"
+            )
         run_dir = out_dir / "runs" / member_name
         overrides = {**common, **params, "run_dir": str(run_dir)}
         config = _resolve_member(base, base_raw, overrides, member_name)
@@ -203,11 +210,15 @@ def _dotted_mapping(value: Any, where: str) -> dict[str, Any]:
     for key, item in value.items():
         if not isinstance(key, str) or not key:
             raise ConfigError(f"{where}: key {key!r} is not a config key")
-        if isinstance(item, Mapping):
-            for sub, v in _dotted_mapping(item, where).items():
-                flat[f"{key}.{sub}"] = v
-        else:
-            flat[key] = item
+        entries = (
+            {f"{key}.{sub}": v for sub, v in _dotted_mapping(item, where).items()}
+            if isinstance(item, Mapping)
+            else {key: item}
+        )
+        for dotted, v in entries.items():
+            if dotted in flat:  # `optim: {lr: ..}` beside `optim.lr: ..`: one would be lost
+                raise ConfigError(f"{where}: {dotted!r} is given twice (nested and dotted)")
+            flat[dotted] = v
     return flat
 
 
