@@ -8,6 +8,7 @@ name and renames it when complete, so a killed save never looks like a checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -222,20 +223,24 @@ class Checkpointer:
         failed: list[tuple[int, BaseException]] = []
         steps = [s for s in self._manager.all_steps() if before is None or s < before]
         for step in sorted(steps, reverse=True):
+            error: BaseException | None = None
             try:
                 meta = read_meta(self.directory / str(step))
             except Exception as e:
-                failed.append(self._unreadable(step, e))
-                continue
-            if check_meta is not None:
-                check_meta(step, meta)
-            args = ocp.args.Composite(
-                **{k: ocp.args.StandardRestore(v) for k, v in abstract.items()}
-            )
-            try:
-                out = self._manager.restore(step, args=args)
-            except Exception as e:
-                failed.append(self._unreadable(step, e))
+                error = e
+            if error is None:
+                if check_meta is not None:
+                    check_meta(step, meta)
+                args = ocp.args.Composite(
+                    **{k: ocp.args.StandardRestore(v) for k, v in abstract.items()}
+                )
+                try:
+                    out = self._manager.restore(step, args=args)
+                except Exception as e:
+                    error = e
+            error = _agreed_error(step, error)
+            if error is not None:
+                failed.append(self._unreadable(step, error))
                 continue
             for bad, error in failed:
                 self._quarantine(bad, error)
@@ -270,10 +275,15 @@ class Checkpointer:
         return doomed
 
     def _unreadable(self, step: int, error: BaseException) -> tuple[int, BaseException]:
-        _log(
+        message = (
             f"checkpoint {self.directory / str(step)} is unreadable ({_error_line(error)}); "
             "trying the previous one"
         )
+        if jax.process_count() == 1:
+            _log(message)
+        elif not isinstance(error, _UnreadableElsewhere) or jax.process_index() == 0:
+            # each process that failed says why (it may be the only one that did)
+            print(f"process {jax.process_index()}: {message}", file=sys.stderr, flush=True)
         return step, error
 
     def _quarantine(self, step: int, error: BaseException) -> None:
@@ -287,6 +297,36 @@ class Checkpointer:
 
             multihost_utils.sync_global_devices(f"mpt_jax quarantine {step}")
         self._manager.reload()
+
+
+_BARRIER_MISMATCH = "sync_global_devices name mismatch"
+
+
+class _UnreadableElsewhere(CheckpointError):
+    """A step this process read but another could not (its own shards, its own filesystem)."""
+
+
+def _agreed_error(step: int, error: BaseException | None) -> BaseException | None:
+    """A step is restored only if every process read it: one that restores a step the others
+    cannot would train alone and hang at its first collective."""
+    if jax.process_count() == 1:
+        return error
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    # a process that read its shards waits in Orbax's closing barrier (a name-checked
+    # all-gather): one that failed to read meets it with a barrier of another name, which ends
+    # both with a name mismatch error instead of a hang
+    met_barrier = isinstance(error, AssertionError) and _BARRIER_MISMATCH in str(error)
+    read_failed = error is not None and not met_barrier
+    if read_failed:  # an AssertionError: it met Orbax's barrier, whose wait fails too
+        with contextlib.suppress(AssertionError):
+            multihost_utils.sync_global_devices(f"mpt_jax unreadable {step}")
+    failed = multihost_utils.process_allgather(np.int32(read_failed))
+    if read_failed or not failed.any():
+        return error
+    others = ", ".join(str(i) for i in np.flatnonzero(failed))
+    return _UnreadableElsewhere(f"process {others} could not read it")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,8 +22,9 @@ class Preemption:
     """Notices SIGTERM / SIGINT and says at which step every process should stop.
 
     With several processes (jax.distributed) JAX's preemption sync point makes all of them agree
-    on the step (SIGTERM); a single process installs its own SIGTERM and SIGINT handlers (the
-    sync point is inactive there), and a second SIGINT interrupts at once.
+    on the step (SIGTERM; a SIGINT is turned into a SIGTERM to the process itself); a single
+    process installs its own SIGTERM and SIGINT handlers (the sync point is inactive there). A
+    second SIGINT interrupts at once.
     """
 
     def __init__(self) -> None:
@@ -33,14 +34,24 @@ class Preemption:
         self._previous: dict[int, object] = {}
         # jax.distributed's preemption service owns SIGTERM there; never shadow its handler
         self._distributed = jax.process_count() > 1
-        if not self._distributed and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+        if threading.current_thread() is threading.main_thread():
+            ours = (signal.SIGINT,) if self._distributed else (signal.SIGTERM, signal.SIGINT)
+            for sig in ours:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
         if self.signal_name is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
+        if self._distributed:  # a notice the preemption service passes to every process
+            print(
+                "SIGINT received: passing it on as SIGTERM, so that every process stops at the "
+                "same step and saves (a second SIGINT interrupts at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         print(
             f"{self.signal_name} received: finishing the step in flight and saving a checkpoint",
             file=sys.stderr,

@@ -41,11 +41,11 @@ def supervise(
     """Run `python -m mpt_jax <child_argv>` until it succeeds or has failed `max_restarts` times.
 
     The wait before a restart doubles after each failure without progress (a new checkpoint)
-    and resets after one with progress; SIGTERM / SIGINT are passed on to the child and end
-    supervision (a child still running `stop_grace_s` later is killed; a stop during the wait
-    before a restart ends it at once). `first_extra` (e.g. --overwrite) is added to every attempt
-    until one has written the run folder's config.yaml. Each failure is printed and appended to
-    RUN_DIR/restarts.jsonl.
+    and resets after one with progress; SIGTERM / SIGINT are passed on to the child (as SIGTERM)
+    and end supervision (a child still running `stop_grace_s` later is killed; a stop during the
+    wait before a restart ends it at once). `first_extra` (e.g. --overwrite) is added to every
+    attempt until one has written the run folder's config.yaml. Each failure is printed and
+    appended to RUN_DIR/restarts.jsonl.
     """
     checkpoints = Path(run_dir) / "checkpoints"
     log_path = Path(run_dir) / "restarts.jsonl"
@@ -56,7 +56,9 @@ def supervise(
         nonlocal stopping
         stopping = stopping or time.monotonic()
         if child is not None and child.poll() is None:
-            child.send_signal(signum)
+            # SIGTERM whatever came: a terminal's Ctrl-C has reached the child already (same
+            # process group), and a second SIGINT would interrupt it before it saves
+            child.send_signal(signal.SIGTERM)
 
     def wait_for_child() -> int:
         while True:

@@ -461,7 +461,13 @@ import sys
 from mpt_jax.supervisor import supervise
 child = {"stubborn": "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
          "print('up', flush=True); time.sleep(120)",
-         "crash": "print('up', flush=True); raise SystemExit(1)"}[sys.argv[1]]
+         "crash": "print('up', flush=True); raise SystemExit(1)",
+         # prints each signal it gets, exits 0 a second after the first (a save's time)
+         "saving": "import signal, time; seen = []; "
+         "[signal.signal(s, lambda n, f: seen.append(signal.Signals(n).name)) "
+         "for s in (signal.SIGINT, signal.SIGTERM)]; print('up', flush=True); "
+         "exec('while not seen: time.sleep(0.01)'); time.sleep(1); print(*seen, flush=True)",
+         }[sys.argv[1]]
 code = supervise(["-c", child], run_dir=sys.argv[2], max_restarts=3, backoff_s=60,
                  stop_grace_s=1.0, launcher=[sys.executable])
 print("returned", code, flush=True)
@@ -485,6 +491,22 @@ def test_supervisor_stops_promptly(tmp_path, child, code):
     out, err = proc.communicate(timeout=30)
     assert time.monotonic() - started < 10, err
     assert f"returned {code}" in out, out + err
+
+
+def test_a_terminals_ctrl_c_reaches_the_supervised_trainer_once_as_an_interrupt(tmp_path):
+    # Ctrl-C signals the terminal's whole process group: the child gets the SIGINT itself, and
+    # the supervisor passes on a SIGTERM, not a second SIGINT (which would interrupt the save)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SUPERVISED, "saving", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert proc.stdout.readline().strip() == "up"
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert out.splitlines() == ["SIGINT SIGTERM", "returned 0"], out + err
 
 
 def test_supervisor_passes_overwrite_until_an_attempt_has_set_up_the_run(tmp_path):
@@ -608,12 +630,22 @@ print(f"preempted={final.get('preempted')} step={final['step']}", flush=True)
 """
 
 
-def test_two_processes_agree_on_the_preemption_step(small_dataset, tmp_path):
+def test_two_processes_agree_on_the_preemption_step_and_on_a_readable_checkpoint(
+    small_dataset, tmp_path
+):
     import socket
 
     script = tmp_path / "trainer.py"
     script.write_text(TWO_PROCESS_TRAINER)
-    cfg = write_config(tmp_path, small_dataset, tmp_path / "mp", steps=40)
+    cfg = helpers.write_config(  # parameters sharded over both processes' devices
+        tmp_path / "mp.yaml",
+        small_dataset,
+        schedule={"t_warmup": "100ba"},
+        train={"eval_batches": 1, "log_every": 1, "steps": 40},
+        checkpoint={"every": 3},
+        mesh={"data": 1, "fsdp": 4, "dcn_fsdp": 2},
+        run_dir=str(tmp_path / "mp"),
+    )
     env = {**ONE_DEVICE, "XLA_FLAGS": xla_flags()}  # its devices come from the script
 
     def launch():
@@ -636,14 +668,27 @@ def test_two_processes_agree_on_the_preemption_step(small_dataset, tmp_path):
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
         assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-2000:]
         time.sleep(0.01)
-    procs[1].send_signal(signal.SIGTERM)  # only one process gets the notice
+    # only one process gets the notice, a Ctrl-C (passed on as the SIGTERM the others hear of)
+    procs[1].send_signal(signal.SIGINT)
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[1][1][-2000:]
+    assert "SIGINT received: passing it on as SIGTERM" in outs[1][1]
     steps = {out.split("step=")[-1].strip() for out, _ in outs}
     assert all("preempted=SIGTERM" in out for out, _ in outs) and len(steps) == 1
     stopped = int(steps.pop())
-    assert 5 <= stopped < 40 and stopped in checkpoint.committed_steps(
-        tmp_path / "mp" / "checkpoints"
-    )
+    checkpoints = tmp_path / "mp" / "checkpoints"
+    assert 5 <= stopped < 40 and stopped in checkpoint.committed_steps(checkpoints)
+
+    # that checkpoint's largest shard file of process 1 is damaged: process 0 alone could read
+    # the step, and would train on alone; both fall back to the previous checkpoint instead
+    shards = (checkpoints / str(stopped) / "params" / "ocdbt.process_1" / "d").iterdir()
+    damaged = max(shards, key=lambda p: p.stat().st_size)
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    previous = max(s for s in checkpoint.committed_steps(checkpoints) if s < stopped)
     outs = [p.communicate(timeout=300) for p in launch()]  # both resume and finish
     assert all("preempted=None step=40" in out for out, _ in outs), outs[0][1][-2000:]
+    unreadable = f"checkpoint {checkpoints / str(stopped)} is unreadable ("
+    assert f"process 1: {unreadable}" in outs[1][1], outs[1][1][-2000:]
+    assert f"process 0: {unreadable}process 1 could not read it)" in outs[0][1]
+    assert f"resuming from {checkpoints / str(previous)}" in outs[0][1]  # process 0 says it
+    assert [p.name.split("-")[0] for p in (checkpoints / "corrupt").iterdir()] == [str(stopped)]
