@@ -10,7 +10,8 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -893,6 +894,58 @@ def _check_same_everywhere(digest: str, field: str, what: str, here: str = "") -
         )
 
 
+# settings that may differ between processes: paths (per-host copies, mounts), host resources,
+# what only process 0 shows or logs, and the process's own identity
+PER_PROCESS_KEYS = {
+    "data.path",
+    "data.mixture",
+    "data.tokenizer",
+    "data.eval",
+    "data.num_threads",
+    "data.prefetch",
+    "train.icl_tasks",
+    "train.eval_gauntlet",
+    "train.progress",
+    "train.wandb_project",
+    "train.wandb_mode",
+    "init_from",
+    "run_dir",
+}
+
+
+def _check_same_config(raw: Mapping[str, Any]) -> None:
+    """Refuse processes started with other settings than process 0's, naming the keys: they
+    would wait for each other in collectives that never match (paths aside, which per-host
+    copies change; the data and tasks' contents are compared once read)."""
+    flat = {}
+    for section, value in raw.items():
+        fields = value.items() if isinstance(value, Mapping) else [(None, value)]
+        for name, item in fields:
+            flat[section if name is None else f"{section}.{name}"] = item
+    keys = sorted(k for k in flat if k not in PER_PROCESS_KEYS and not k.startswith("distributed"))
+
+    def crc(text: str) -> int:
+        return zlib.crc32(text.encode()) & 0x7FFFFFFF
+
+    # the key list first: the value digests line up only if it is the same (same mpt_jax)
+    names = multihost_utils.process_allgather(np.int32(crc(" ".join(keys))))
+    if (names != names[0]).any():
+        raise ConfigError(
+            f"config: process {int(np.argmax(names != names[0]))} has other config fields than "
+            "process 0 (another mpt_jax version?); every process must run the same"
+        )
+    ours = np.array([crc(json.dumps(flat[k], sort_keys=True, default=str)) for k in keys], np.int32)
+    everyone = multihost_utils.process_allgather(ours)  # (processes, keys)
+    differs = (everyone != everyone[0]).any(axis=0)
+    if differs.any():
+        process = int(np.argmax((everyone != everyone[0]).any(axis=1)))
+        changed = [k for k, d in zip(keys, differs, strict=True) if d]
+        raise ConfigError(
+            f"config: process {process} runs with other settings than process 0 "
+            f"({', '.join(changed[:5])}); every process must run the same config"
+        )
+
+
 def eval_batch_size(meta, global_batch: int, *, data_shards: int, processes: int) -> int:
     """The evaluation batch: at most global_batch rows of the val split, split evenly over the
     data-parallel devices (data x fsdp) and the processes feeding them."""
@@ -973,6 +1026,8 @@ class _Trainer:
     def start(self, *, overwrite: bool) -> None:
         """Set up the run folder, mesh, data, state (restored or fresh) and the loop's helpers."""
         cfg, raw = self.cfg, self.raw
+        if jax.process_count() > 1:
+            _check_same_config(raw)
         # every process checks (the folder is shared), so that all refuse together
         check_run_dir(cfg, raw, overwrite=overwrite)
         if self.is_main:

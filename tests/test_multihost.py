@@ -166,6 +166,13 @@ def test_processes_whose_dataset_copies_differ_all_refuse(small_dataset, tmp_pat
     results = train(cfg, 2, 4, per_process=[(), (f"data.path={other}",)], code=2)
     for _, err in results:  # the same line from both
         assert error_line(err).startswith("data: process 1 reads other rows than process 0"), err
+    # other settings on one host (a stale launch script): named, before anything is written
+    results = train(cfg, 2, 4, per_process=[(), ("checkpoint.every=7", "optim.lr=0.002")], code=2)
+    for _, err in results:
+        assert error_line(err) == (
+            "config: process 1 runs with other settings than process 0 (checkpoint.every, "
+            "optim.lr); every process must run the same config"
+        ), err
     # a dataset or ICL task file missing on one host: that process says where, the other that
     # it stopped
     for missing, stopped, reason in [
