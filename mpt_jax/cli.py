@@ -60,6 +60,7 @@ def _train(args: argparse.Namespace) -> int:
     from mpt_jax.checkpoint import CheckpointError, quiet_abandoned_writes
     from mpt_jax.config import ConfigError
     from mpt_jax.data import DataError
+    from mpt_jax.distributed import JoinError
     from mpt_jax.loss_spikes import LOSS_SPIKE_EXIT_CODE, LossSpikeError
     from mpt_jax.safetensors_io import CheckpointError as HFFolderError
     from mpt_jax.train import NonFiniteLossError, load_and_run
@@ -72,7 +73,7 @@ def _train(args: argparse.Namespace) -> int:
     except LossSpikeError as e:  # the data and state are as before: a restart would repeat it
         print(f"error: {e}", file=sys.stderr)
         return LOSS_SPIKE_EXIT_CODE
-    except (CheckpointError, NonFiniteLossError) as e:
+    except (CheckpointError, NonFiniteLossError, JoinError) as e:
         quiet_abandoned_writes()
         print(f"error: {e}", file=sys.stderr)
         return 1

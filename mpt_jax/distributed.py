@@ -12,6 +12,12 @@ from collections.abc import Mapping
 
 from mpt_jax.config import ConfigError, DistributedConfig
 
+
+class JoinError(RuntimeError):
+    """The processes could not join (no coordinator, its port taken): worth a retry (exit 1),
+    unlike a bad setting (ConfigError, exit 2)."""
+
+
 ENV_PREFIX = "MPT_JAX_"  # MPT_JAX_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID, _LOCAL_DEVICE_IDS
 
 
@@ -110,6 +116,8 @@ def initialize(cfg: DistributedConfig) -> bool:
     if address and kwargs["process_id"] != 0:
         # JAX aborts the process (no exception) when registration times out: check first
         _wait_for_coordinator(address, kwargs["initialization_timeout"], kwargs)
+    elif address:
+        _check_port_free(address, kwargs)
     print(
         f"joining {where} as process {kwargs['process_id']} of {kwargs['num_processes']}",
         file=sys.stderr,
@@ -118,7 +126,7 @@ def initialize(cfg: DistributedConfig) -> bool:
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # JAX raises plain RuntimeErrors / XlaRuntimeErrors here
-        raise ConfigError(
+        raise JoinError(
             f"distributed: could not join {where} as process {kwargs['process_id']} of "
             f"{kwargs['num_processes']} within {kwargs['initialization_timeout']} s "
             f"(distributed.initialization_timeout_s): {str(e).strip().splitlines()[0][:200]}"
@@ -135,12 +143,29 @@ def _wait_for_coordinator(address: str, timeout_s: float, kwargs: dict) -> None:
                 return
         except OSError:
             if time.monotonic() >= deadline:
-                raise ConfigError(
+                raise JoinError(
                     f"distributed: could not join {address} as process {kwargs['process_id']} "
                     f"of {kwargs['num_processes']}: no coordinator answered within {timeout_s} s "
                     "(distributed.initialization_timeout_s; is process 0 running?)"
                 ) from None
             time.sleep(0.5)
+
+
+def _check_port_free(address: str, kwargs: dict) -> None:
+    """Process 0 runs the coordinator on the address's port, on every interface: a port taken
+    would otherwise cost the whole timeout and end in a message that does not say so."""
+    port = int(address.rpartition(":")[2])
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # as the coordinator binds: a port in TIME_WAIT is free, one with a listener is not
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError as e:
+            raise JoinError(
+                f"distributed: cannot run the coordinator of {address} as process 0 of "
+                f"{kwargs['num_processes']}: port {port} is in use on this host ({e.strerror}; "
+                "another run's coordinator, or a process of an earlier attempt still running?)"
+            ) from None
 
 
 def _int_env(env: Mapping[str, str], name: str) -> int | None:

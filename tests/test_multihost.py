@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
@@ -230,7 +231,7 @@ def test_process_slices_form_the_single_process_batches(small_dataset, tmp_path)
     whole.close()
 
 
-def test_unreachable_coordinator_is_one_clear_error(small_dataset, tmp_path):
+def test_an_unreachable_or_taken_coordinator_is_one_clear_error(small_dataset, tmp_path):
     cfg = write_config(tmp_path, small_dataset, "lonely")
     address = f"127.0.0.1:{free_port()}"  # nobody listens: process 0 never starts
     result = subprocess.run(
@@ -250,9 +251,39 @@ def test_unreachable_coordinator_is_one_clear_error(small_dataset, tmp_path):
         text=True,
         timeout=300,
     )
-    assert result.returncode == 2
+    assert result.returncode == 1  # worth a retry: the coordinator may be up by then
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: distributed: could not join {address} as process 1 of 2")
+
+    # process 0 whose coordinator port is taken says so at once, not after the timeout
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mpt_jax",
+                "train",
+                str(cfg),
+                f"distributed.coordinator_address=127.0.0.1:{port}",
+                "distributed.num_processes=2",
+                "distributed.process_id=0",
+                "distributed.initialization_timeout_s=60",
+            ],
+            env=environment(4),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert result.returncode == 1 and time.monotonic() - started < 30
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: distributed: cannot run the coordinator of 127.0.0.1:{port} as process 0 of 2: "
+        f"port {port} is in use on this host (Address already in use; another run's "
+        "coordinator, or a process of an earlier attempt still running?)"
+    )
 
 
 def test_launcher_detection_and_explicit_settings():
