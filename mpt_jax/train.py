@@ -153,7 +153,10 @@ def abstract_state(cfg: RunConfig, mesh: jax.sharding.Mesh):
     """(graphdef, TrainState of jax.ShapeDtypeStruct with shardings, state shardings)."""
     graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: build_model(cfg)))
     param_shardings = sharding.state_shardings(abstract_params, mesh)
-    shapes = jax.eval_shape(_creator(cfg))
+    # what _creator makes, from the shapes above (building the model again costs a trace)
+    zero = jax.ShapeDtypeStruct((), jnp.int32)
+    opt_shapes = jax.eval_shape(make_optimizer_for(cfg).init, abstract_params)
+    shapes = TrainState(abstract_params, opt_shapes, zero, zero, zero)
     shardings = _state_shardings(shapes, param_shardings, mesh)
     # shardings is a prefix of the state (one sharding per Param): expand it leaf by leaf
     abstract = jax.tree.map(
@@ -167,9 +170,11 @@ def abstract_state(cfg: RunConfig, mesh: jax.sharding.Mesh):
     return graphdef, abstract, shardings
 
 
-def init_state(cfg: RunConfig, mesh: jax.sharding.Mesh):
-    """(graphdef, state, state shardings), the state created sharded by jit (never replicated)."""
-    graphdef, _, shardings = abstract_state(cfg, mesh)
+def init_state(cfg: RunConfig, mesh: jax.sharding.Mesh, *, known=None):
+    """(graphdef, state, state shardings), the state created sharded by jit (never replicated).
+
+    `known`: abstract_state(cfg, mesh), when the caller has it already."""
+    graphdef, _, shardings = known or abstract_state(cfg, mesh)
     state = jax.jit(_creator(cfg), out_shardings=shardings)()
     return graphdef, state, shardings
 
@@ -1065,6 +1070,7 @@ class _Trainer:
             _check_same_everywhere(" ".join(ids), "data", "reads other rows", f" ({here})")
         self.batch_sharding = sharding.batch_sharding(mesh)
         self.graphdef, self.abstract, shardings = abstract_state(cfg, mesh)
+        self.shardings = shardings
         share = sharding.replicated_share(self.abstract.params)
         if share > 0.5 and mesh.shape["fsdp"] * mesh.shape["tensor"] > 1 and self.is_main:
             # a dimension the mesh axes do not divide stays whole: warn, as it costs memory
@@ -1217,7 +1223,8 @@ class _Trainer:
                 check_meta=functools.partial(_check_checkpoint_meta, self.cfg, self.raw),
             )
         if restored is None:
-            _, self.state, _ = init_state(self.cfg, self.mesh)
+            known = (self.graphdef, self.abstract, self.shardings)
+            _, self.state, _ = init_state(self.cfg, self.mesh, known=known)
             if self.cfg.init_from:
                 self.state.params = _initial_params(self.cfg, self.abstract.params)
             if self.is_main:

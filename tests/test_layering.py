@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,7 @@ def _imported_parts(path: Path) -> set[str]:
     return parts
 
 
+@functools.cache  # one parse of the package for all the rules
 def _imports_by_part() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for path in PACKAGE_DIR.rglob("*.py"):
