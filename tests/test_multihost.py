@@ -233,24 +233,24 @@ def test_process_slices_form_the_single_process_batches(small_dataset, tmp_path)
 
 def test_an_unreachable_or_taken_coordinator_is_one_clear_error(small_dataset, tmp_path):
     cfg = write_config(tmp_path, small_dataset, "lonely")
-    address = f"127.0.0.1:{free_port()}"  # nobody listens: process 0 never starts
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mpt_jax",
-            "train",
-            str(cfg),
+
+    def join(address: str, process_id: int, timeout_s: int) -> subprocess.CompletedProcess:
+        settings = [
             f"distributed.coordinator_address={address}",
             "distributed.num_processes=2",
-            "distributed.process_id=1",
-            "distributed.initialization_timeout_s=3",
-        ],
-        env=environment(4),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+            f"distributed.process_id={process_id}",
+            f"distributed.initialization_timeout_s={timeout_s}",
+        ]
+        return subprocess.run(
+            [sys.executable, "-m", "mpt_jax", "train", str(cfg), *settings],
+            env=environment(4),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    address = f"127.0.0.1:{free_port()}"  # nobody listens: process 0 never starts
+    result = join(address, 1, 3)
     assert result.returncode == 1  # worth a retry: the coordinator may be up by then
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: distributed: could not join {address} as process 1 of 2")
@@ -261,23 +261,7 @@ def test_an_unreachable_or_taken_coordinator_is_one_clear_error(small_dataset, t
         taken.listen()
         port = taken.getsockname()[1]
         started = time.monotonic()
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "mpt_jax",
-                "train",
-                str(cfg),
-                f"distributed.coordinator_address=127.0.0.1:{port}",
-                "distributed.num_processes=2",
-                "distributed.process_id=0",
-                "distributed.initialization_timeout_s=60",
-            ],
-            env=environment(4),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        result = join(f"127.0.0.1:{port}", 0, 60)
     assert result.returncode == 1 and time.monotonic() - started < 30
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: distributed: cannot run the coordinator of 127.0.0.1:{port} as process 0 of 2: "
