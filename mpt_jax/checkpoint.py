@@ -314,9 +314,9 @@ def _agreed_error(step: int, error: BaseException | None) -> BaseException | Non
     import numpy as np
     from jax.experimental import multihost_utils
 
-    # a process that read its shards waits in Orbax's closing barrier (a name-checked
-    # all-gather): one that failed to read meets it with a barrier of another name, which ends
-    # both with a name mismatch error instead of a hang
+    # a process that read its shards waits in Orbax's closing barrier (by default jax's
+    # sync_global_devices, a name-checked all-gather): one that failed to read meets it with a
+    # barrier of another name, which ends both with a name mismatch error instead of a hang
     met_barrier = isinstance(error, AssertionError) and _BARRIER_MISMATCH in str(error)
     read_failed = error is not None and not met_barrier
     if read_failed:  # an AssertionError: it met Orbax's barrier, whose wait fails too
