@@ -305,7 +305,8 @@ def translate(
     out["optim"]["clipping_threshold"] = _clipping(take("algorithms"), notes)
     # composer takes a scheduler's Xdur in max_duration's unit, rounded down: samples for a run
     # given in samples, which train.steps does not keep (0.1dur of 96sp is 9sp, not 1 step)
-    samples = int(float(max_duration[:-2])) if max_duration.endswith("sp") else None
+    number, unit = split_time(max_duration, "max_duration", allow_dur=False)  # _duration's
+    samples = int(number) if unit == "sp" else None
     out["schedule"] = _scheduler(take("scheduler"), samples)
     out["mesh"] = mesh
     out["train"] = train

@@ -10,8 +10,7 @@ import math
 import shutil
 import sys
 import time
-import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -888,13 +887,22 @@ def _stop_together(problem: BaseException | None, field: str, what: str) -> None
         raise problem
 
 
+def _differences(texts: Sequence[str]) -> tuple[int, list[int]] | None:
+    """(the first process whose `texts` differ from process 0's, the indices that differ), or
+    None when every process gave the same; the texts are compared by digest."""
+    ours = np.array([int(hashlib.sha256(t.encode()).hexdigest()[:7], 16) for t in texts], np.int32)
+    differs = multihost_utils.process_allgather(ours).reshape(-1, len(texts))
+    differs = differs != differs[0]  # (processes, texts)
+    if not differs.any():
+        return None
+    return int(np.argmax(differs.any(axis=1))), np.flatnonzero(differs.any(axis=0)).tolist()
+
+
 def _check_same_everywhere(digest: str, field: str, what: str, here: str = "") -> None:
     """Refuse processes whose `digest` differs from process 0's (per-host copies that differ)."""
-    ours = np.int32(int(hashlib.sha256(digest.encode()).hexdigest()[:7], 16))
-    everyone = multihost_utils.process_allgather(ours)
-    if (everyone != everyone[0]).any():
+    if (found := _differences([digest])) is not None:
         raise ConfigError(
-            f"{field}: process {int(np.argmax(everyone != everyone[0]))} {what} than process 0"
+            f"{field}: process {found[0]} {what} than process 0"
             f"{here}; every process's copy must hold the same"
         )
 
@@ -928,26 +936,18 @@ def _check_same_config(raw: Mapping[str, Any]) -> None:
         for name, item in fields:
             flat[section if name is None else f"{section}.{name}"] = item
     keys = sorted(k for k in flat if k not in PER_PROCESS_KEYS and not k.startswith("distributed"))
-
-    def crc(text: str) -> int:
-        return zlib.crc32(text.encode()) & 0x7FFFFFFF
-
-    # the key list first: the value digests line up only if it is the same (same mpt_jax)
-    names = multihost_utils.process_allgather(np.int32(crc(" ".join(keys))))
-    if (names != names[0]).any():
+    # the key list first: the values line up only if it is the same (same mpt_jax)
+    if (found := _differences([" ".join(keys)])) is not None:
         raise ConfigError(
-            f"config: process {int(np.argmax(names != names[0]))} has other config fields than "
-            "process 0 (another mpt_jax version?); every process must run the same"
+            f"config: process {found[0]} has other config fields than process 0 (another "
+            "mpt_jax version?); every process must run the same"
         )
-    ours = np.array([crc(json.dumps(flat[k], sort_keys=True, default=str)) for k in keys], np.int32)
-    everyone = multihost_utils.process_allgather(ours)  # (processes, keys)
-    differs = (everyone != everyone[0]).any(axis=0)
-    if differs.any():
-        process = int(np.argmax((everyone != everyone[0]).any(axis=1)))
-        changed = [k for k, d in zip(keys, differs, strict=True) if d]
+    values = [json.dumps(flat[k], sort_keys=True, default=str) for k in keys]
+    if (found := _differences(values)) is not None:
+        process, changed = found
         raise ConfigError(
             f"config: process {process} runs with other settings than process 0 "
-            f"({', '.join(changed[:5])}); every process must run the same config"
+            f"({', '.join(keys[i] for i in changed[:5])}); every process must run the same config"
         )
 
 

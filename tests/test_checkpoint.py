@@ -350,7 +350,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(small_dataset, tmp
 ONE_DEVICE = {**os.environ, "XLA_FLAGS": xla_flags(1)}
 
 
-def write_config(tmp_path, small_dataset, run_dir, **train):
+def write_config(tmp_path, small_dataset, run_dir, *, mesh=None, **train):
     return helpers.write_config(
         tmp_path / f"{Path(run_dir).name}.yaml",
         small_dataset,
@@ -358,6 +358,7 @@ def write_config(tmp_path, small_dataset, run_dir, **train):
         train={"eval_batches": 1, "log_every": 1, **train},
         checkpoint={"every": 3},
         run_dir=str(run_dir),
+        **({} if mesh is None else {"mesh": mesh}),
     )
 
 
@@ -637,15 +638,9 @@ def test_two_processes_agree_on_the_preemption_step_and_on_a_readable_checkpoint
 
     script = tmp_path / "trainer.py"
     script.write_text(TWO_PROCESS_TRAINER)
-    cfg = helpers.write_config(  # parameters sharded over both processes' devices
-        tmp_path / "mp.yaml",
-        small_dataset,
-        schedule={"t_warmup": "100ba"},
-        train={"eval_batches": 1, "log_every": 1, "steps": 40},
-        checkpoint={"every": 3},
-        mesh={"data": 1, "fsdp": 4, "dcn_fsdp": 2},
-        run_dir=str(tmp_path / "mp"),
-    )
+    # parameters sharded over both processes' devices
+    mesh = {"data": 1, "fsdp": 4, "dcn_fsdp": 2}
+    cfg = write_config(tmp_path, small_dataset, tmp_path / "mp", mesh=mesh, steps=40)
     env = {**ONE_DEVICE, "XLA_FLAGS": xla_flags()}  # its devices come from the script
 
     def launch():
