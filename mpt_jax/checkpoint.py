@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from mpt_jax.config import CheckpointConfig, ConfigError
@@ -28,7 +29,11 @@ from mpt_jax.config import CheckpointConfig, ConfigError
 ITEMS = ("params", "opt_state", "counters", "meta")
 CORRUPT_DIR = "corrupt"  # unreadable steps are moved here (outside Orbax's step names)
 DISCARDED_PREFIX = "discarded-"  # a step being deleted after a rollback past it
-TIME_CHECK_STEPS = 10  # with several processes, the time backstop is checked every 10 steps
+# With several processes the time backstop's decision is a collective, taken at steps process 0
+# picks: about every 10 s or 1/20 of every_minutes, whichever is shorter, at the measured pace
+TIME_CHECK_S = 10.0
+TIME_CHECKS_PER_PERIOD = 20
+MAX_TIME_CHECK_STEPS = 1000
 
 
 class CheckpointError(RuntimeError):
@@ -98,27 +103,52 @@ class Checkpointer:
             for leftover in self.directory.glob(f"{DISCARDED_PREFIX}*"):
                 shutil.rmtree(leftover, ignore_errors=True)
         self._last_save = time.monotonic()
+        self._checked: tuple[int, float] | None = None  # step and time of the last time check
+        self._next_check = 0  # with several processes: the step of the next time check
         self._in_flight: tuple[int, float, float] | None = None  # step, start, blocked seconds
         # per finished save: its step, seconds the caller was blocked, seconds until on disk
         self.completed: list[dict[str, float]] = []
 
     # -- decisions -------------------------------------------------------------------------------
 
+    def start_clock(self) -> None:
+        """Count `every_minutes` from now: a start's restore and compile are no training time."""
+        self._last_save = time.monotonic()
+
     def due(self, step: int) -> bool:
-        """Whether `step` should be saved: every N steps, or M minutes since the last save."""
+        """Whether `step` should be saved: every N steps, or M minutes since the last save.
+
+        Call on every step, on every process (with several processes some steps are collectives).
+        """
         if self.cfg.every is not None and step % self.cfg.every == 0:
             return True
         if self.cfg.every_minutes is None:
             return False
-        multiprocess = jax.process_count() > 1
-        if multiprocess and step % TIME_CHECK_STEPS:
-            return False  # the decision below is a collective: not on every step
-        late = time.monotonic() - self._last_save >= 60.0 * self.cfg.every_minutes
-        if multiprocess:  # clocks differ: process 0 decides for everyone
-            from jax.experimental import multihost_utils
+        now = time.monotonic()
+        period_s = 60.0 * self.cfg.every_minutes
+        late = now - self._last_save >= period_s
+        if jax.process_count() == 1:
+            return late
+        checked_step = -1 if self._checked is None else self._checked[0]
+        if checked_step < step < self._next_check:  # (a rollback goes back: check at once)
+            return False
+        # clocks differ: process 0 decides for everyone, and when to look again
+        from jax.experimental import multihost_utils
 
-            late = bool(multihost_utils.broadcast_one_to_all(late))
-        return late
+        gap = self._steps_to_next_check(step, now, period_s)
+        decided = multihost_utils.broadcast_one_to_all(np.array([late, gap], np.int32))
+        self._next_check = step + int(decided[1])
+        return bool(decided[0])
+
+    def _steps_to_next_check(self, step: int, now: float, period_s: float) -> int:
+        """Steps for about min(TIME_CHECK_S, period / TIME_CHECKS_PER_PERIOD) at the pace since
+        the last check (process 0's is the one used)."""
+        previous, self._checked = self._checked, (step, now)
+        if previous is None or step <= previous[0]:
+            return 1
+        step_s = max((now - previous[1]) / (step - previous[0]), 1e-6)
+        target_s = min(TIME_CHECK_S, period_s / TIME_CHECKS_PER_PERIOD)
+        return int(min(MAX_TIME_CHECK_STEPS, max(1, target_s // step_s)))
 
     # -- saving ----------------------------------------------------------------------------------
 
@@ -311,7 +341,6 @@ def _agreed_error(step: int, error: BaseException | None) -> BaseException | Non
     cannot would train alone and hang at its first collective."""
     if jax.process_count() == 1:
         return error
-    import numpy as np
     from jax.experimental import multihost_utils
 
     # a process that read its shards waits in Orbax's closing barrier (by default jax's

@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="S",
         help="seconds before the first restart, doubled after each failure without progress",
     )
+    train.add_argument(
+        "--print-run-dir",
+        action="store_true",
+        help="print the run folder the config and overrides give, and exit (for launch scripts)",
+    )
     _add_eval_parser(sub)
     _add_generate_parser(sub)
     args, extra = parser.parse_known_args(argv)
@@ -47,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "generate":
         return _generate(args)
 
+    if args.print_run_dir:
+        return _print_run_dir(args)
     if args.max_restarts is not None:
         return _supervise(args)
 
@@ -100,8 +107,20 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_run_dir(args: argparse.Namespace) -> int:
+    from mpt_jax.config import ConfigError, load_run_config
+
+    try:
+        print(load_run_config(args.config, args.overrides).run_dir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _supervise(args: argparse.Namespace) -> int:
     from mpt_jax.config import ConfigError, load_run_config
+    from mpt_jax.distributed import is_process_zero
     from mpt_jax.supervisor import supervise
 
     if args.max_restarts < 0:
@@ -109,6 +128,8 @@ def _supervise(args: argparse.Namespace) -> int:
         return 2
     try:
         cfg = load_run_config(args.config, args.overrides)
+        # every process of a multi-process run has a supervisor; process 0's keeps the record
+        keep_record = is_process_zero(cfg.distributed)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -118,6 +139,7 @@ def _supervise(args: argparse.Namespace) -> int:
         max_restarts=args.max_restarts,
         backoff_s=args.restart_backoff,
         first_extra=["--overwrite"] if args.overwrite else [],
+        keep_record=keep_record,
     )
 
 

@@ -77,6 +77,26 @@ def settings(cfg: DistributedConfig, env: Mapping[str, str] = os.environ) -> dic
     }
 
 
+# where each launcher JAX detects gives a process its index (TPU pods: the worker's in its slice)
+_LAUNCHER_INDEX = {
+    "SLURM": ("SLURM_PROCID",),
+    "Open MPI": ("OMPI_COMM_WORLD_RANK",),
+    "TPU pod": ("TPU_WORKER_ID", "MEGASCALE_SLICE_ID"),
+    "Kubernetes": ("JOB_COMPLETION_INDEX",),
+}
+
+
+def is_process_zero(cfg: DistributedConfig, env: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process will be process 0 (or the only one), known before joining."""
+    kwargs = settings(cfg, env)
+    if kwargs is None:
+        return True
+    if kwargs["process_id"] is not None:
+        return kwargs["process_id"] == 0
+    names = _LAUNCHER_INDEX.get(detected_cluster(env), ())
+    return all(env.get(name, "0").strip() in ("", "0") for name in names)
+
+
 def _check_explicit(cfg: DistributedConfig, address: str | None, count: int, index: int) -> None:
     """Refuse what JAX fails on late (a timeout) or with a traceback, naming the value's source."""
     count_from = "distributed.num_processes" if cfg.num_processes else f"{ENV_PREFIX}NUM_PROCESSES"

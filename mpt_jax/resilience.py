@@ -78,7 +78,7 @@ class Preemption:
 class Watchdog:
     """Exits the process with WATCHDOG_EXIT_CODE and all Python stacks when heartbeats stop.
 
-    Armed by the first heartbeat, after the first step is dispatched (compiling is no hang).
+    Armed by a heartbeat; `disarm` leaves it unarmed until the next (compiling is no hang).
     """
 
     def __init__(self, timeout_s: float | None):

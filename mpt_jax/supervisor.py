@@ -37,6 +37,7 @@ def supervise(
     first_extra: Sequence[str] = (),
     stop_grace_s: float = STOP_GRACE_S,
     launcher: Sequence[str] = (sys.executable, "-m", "mpt_jax"),
+    keep_record: bool = True,
 ) -> int:
     """Run `python -m mpt_jax <child_argv>` until it succeeds or has failed `max_restarts` times.
 
@@ -44,8 +45,9 @@ def supervise(
     and resets after one with progress; SIGTERM / SIGINT are passed on to the child (as SIGTERM)
     and end supervision (a child still running `stop_grace_s` later is killed; a stop during the
     wait before a restart ends it at once). `first_extra` (e.g. --overwrite) is added to every
-    attempt until one has written the run folder's config.yaml. Each failure is printed and
-    appended to RUN_DIR/restarts.jsonl.
+    attempt until one has written the run folder's config.yaml. Each failure is printed and,
+    with `keep_record` (process 0's supervisor, or the only one), appended to
+    RUN_DIR/restarts.jsonl.
     """
     checkpoints = Path(run_dir) / "checkpoints"
     log_path = Path(run_dir) / "restarts.jsonl"
@@ -96,7 +98,7 @@ def supervise(
             after = committed_steps(checkpoints)
             progressed = bool(after) and (not before or after[-1] > before[-1])
             delay = backoff_s if progressed else delay
-            record = {
+            failure = {
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "attempt": restarts + 1,
                 "failure": _describe(code),
@@ -105,22 +107,24 @@ def supervise(
             }
             if restarts >= max_restarts:
                 print(
-                    f"supervisor: trainer {record['failure']}; giving up after {max_restarts} "
+                    f"supervisor: trainer {failure['failure']}; giving up after {max_restarts} "
                     "restarts",
                     file=sys.stderr,
                     flush=True,
                 )
-                _append(log_path, {**record, "action": "gave up"})
+                if keep_record:
+                    _append(log_path, {**failure, "action": "gave up"})
                 return code if code > 0 else 1
             restarts += 1
             print(
-                f"supervisor: trainer {record['failure']} after {record['seconds']} s; "
+                f"supervisor: trainer {failure['failure']} after {failure['seconds']} s; "
                 f"restart {restarts} of {max_restarts} in {delay:.0f} s from checkpoint "
-                f"{record['latest_checkpoint']}",
+                f"{failure['latest_checkpoint']}",
                 file=sys.stderr,
                 flush=True,
             )
-            _append(log_path, {**record, "action": f"restart in {delay:.1f} s"})
+            if keep_record:
+                _append(log_path, {**failure, "action": f"restart in {delay:.1f} s"})
             deadline = time.monotonic() + delay
             while stopping is None and time.monotonic() < deadline:
                 time.sleep(min(0.2, max(deadline - time.monotonic(), 0.0)))

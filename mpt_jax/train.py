@@ -561,8 +561,8 @@ def _check_kept_for_good(cfg: RunConfig, previous: Any, steps: list[int]) -> Non
     new = cfg.checkpoint.keep_every
     if not cfg.checkpoint.enabled or not isinstance(period, int) or period <= 0 or period == new:
         return
-    recent = set(steps[-cfg.checkpoint.keep :])
-    lost = [s for s in steps if s % period == 0 and s not in recent and not (new and s % new == 0)]
+    # the latest `keep` steps are no exception: later saves rotate them out too
+    lost = [s for s in steps if s % period == 0 and not (new and s % new == 0)]
     if lost:
         raise ConfigError(
             f"checkpoint.keep_every: {new} would delete steps {', '.join(map(str, lost[:8]))}, "
@@ -1142,6 +1142,11 @@ class _Trainer:
         self.rollbacks = 0
         self.save_waiting = False  # a scheduled save put off by an open outlier streak
         self.spikes = LossSpikeMonitor(cfg.train.loss_spike, cfg.total_steps)
+        # armed from here: a restore (Orbax's barriers wait for every process) or a first batch
+        # that hangs is caught as a hung step is; only the first step's compile goes unwatched
+        minutes = cfg.train.watchdog_minutes
+        self.watchdog = resilience.Watchdog(None if minutes is None else 60.0 * minutes)
+        self.watchdog.heartbeat()
         self.start_step = self._restore_or_init()
         self.logger = metrics_lib.MetricsLogger(
             self.run_dir,
@@ -1157,8 +1162,6 @@ class _Trainer:
             cfg.model, cfg.seq_len, n_devices=jax.device_count(), peak=peak, remat=cfg.train.remat
         )
         self.preemption = resilience.Preemption()
-        minutes = cfg.train.watchdog_minutes
-        self.watchdog = resilience.Watchdog(None if minutes is None else 60.0 * minutes)
         self.bar = _progress(cfg.total_steps, self.show, initial=self.start_step)
         self.profiler = _Profiler(cfg.train.profile, self.run_dir / "profile")
         self.save_times = {"checkpoint_blocked_s": 0.0, "checkpoint_save_s": 0.0, "saves": 0}
@@ -1434,9 +1437,10 @@ class _Trainer:
             # evaluating (or was killed between the two): evaluate here, as the uninterrupted
             # run did
             self._evaluate_and_log(step)
-            self.watchdog.disarm()  # the first step compiles: no hang
         if step > 0 and self._export_due(step):  # stopped at an export step before exporting
             self._export_hf(self._hf_step_dir(step))
+        if self.checkpointer is not None:
+            self.checkpointer.start_clock()
         last_time = time.perf_counter()
 
         def finish(pending, force: bool = False) -> _Divergence | None:
@@ -1462,6 +1466,8 @@ class _Trainer:
             if self.faults.scrambles(batch_index):
                 batch = self._scrambled(batch, batch_index)
             step_fn = self.poisoned_step_fn if poisoned else self.step_fn
+            if step == self.start_step:
+                self.watchdog.disarm()  # the first step compiles: no hang
             self.state, out = step_fn(self.state, batch)
             # dispatch returns once compiled; a hung device blocks reading metrics, below
             self.watchdog.heartbeat()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import helpers
 import jax
@@ -239,6 +240,43 @@ def test_checkpointer_retention_and_time_backstop(tmp_path):
     assert checkpoint.committed_steps(tmp_path / "c") == [4, 8, 9, 10]
     assert [d["checkpoint_step"] for d in ckpt.completed] == list(range(1, 11))
     assert all(d["checkpoint_blocked_s"] > 0 < d["checkpoint_save_s"] for d in ckpt.completed)
+    ckpt.close()
+
+
+def test_time_backstop_with_several_processes_checks_at_the_pace_of_the_steps(tmp_path):
+    # process 0's view of the collective: its own decision comes back from the broadcast
+    from jax.experimental import multihost_utils
+
+    from mpt_jax.config import CheckpointConfig
+
+    clock = [1000.0]
+    ckpt = checkpoint.Checkpointer(tmp_path / "c", CheckpointConfig(every=None, every_minutes=1))
+    decisions = []
+
+    def broadcast(x):
+        decisions.append(int(x[1]))
+        return x
+
+    with (
+        mock.patch.object(jax, "process_count", return_value=2),
+        mock.patch.object(multihost_utils, "broadcast_one_to_all", side_effect=broadcast),
+        mock.patch.object(checkpoint.time, "monotonic", side_effect=lambda: clock[0]),
+    ):
+        ckpt.start_clock()
+        due = []
+        for step in range(1, 61):  # 1.5 s a step: a check about every 3 s (1/20 of a minute)
+            due.append(ckpt.due(step))
+            clock[0] += 1.5
+        # the first check knows no pace (the next step checks again), then every second step;
+        # the minute is up at step 41, seen at 42 (nothing saves here, so it stays up)
+        assert decisions[:3] == [1, 2, 2] and len(decisions) == 31  # steps 1, 2, 4, ..., 60
+        assert [step for step, d in enumerate(due, 1) if d] == list(range(42, 61, 2))
+        decisions.clear()
+        clock[0] += 600.0  # two slow steps: from then on, a check on every step
+        assert not ckpt.due(61) and ckpt.due(62) and decisions == [1]
+        clock[0] += 300.0
+        assert ckpt.due(63) and decisions == [1, 1]
+        assert ckpt.due(5)  # back at step 5 (a rollback): checked at once
     ckpt.close()
 
 
@@ -569,6 +607,15 @@ def test_watchdog_exits_on_a_hang_and_the_supervisor_gives_up(small_dataset, tmp
     ]
     assert [r["action"] for r in records] == ["restart in 0.0 s", "gave up"]
     assert records[0]["failure"] == "exit code 75"
+
+
+def test_watchdog_watches_a_start_before_its_first_step(small_dataset, tmp_path):
+    # a restore stuck at a barrier or a first batch that never comes hangs before any step
+    cfg = write_config(tmp_path, small_dataset, tmp_path / "hung", steps=5, watchdog_minutes=0.02)
+    proc = trainer(cfg, env={**ONE_DEVICE, "MPT_JAX_FAULTS": "hang@0"})
+    _out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-2000:]
+    assert "hanging before step 0" in err and "watchdog: no training step completed" in err
 
 
 def test_error_line_keeps_tensorstores_cause_and_drops_its_spec():

@@ -313,6 +313,36 @@ def test_launcher_detection_and_explicit_settings():
         settings(cfg, {**env, "MPT_JAX_PROCESS_ID": "one"})
 
 
+def test_process_zero_is_known_before_joining():
+    # each process's supervisor asks, before the trainer joins, whether it keeps restarts.jsonl
+    from mpt_jax.config import DistributedConfig
+    from mpt_jax.distributed import is_process_zero
+
+    cfg = DistributedConfig()
+    explicit = {"MPT_JAX_COORDINATOR": "h:1", "MPT_JAX_NUM_PROCESSES": "2"}
+    slurm = {"SLURM_NTASKS": "2", "SLURM_STEP_NODELIST": "n[1-2]"}
+    pod = {"TPU_WORKER_HOSTNAMES": "w0,w1"}
+    cases = [
+        ({}, True),  # one process
+        ({"SLURM_NTASKS": "1", "SLURM_STEP_NODELIST": "n1", "SLURM_PROCID": "0"}, True),
+        ({**explicit, "MPT_JAX_PROCESS_ID": "0"}, True),
+        ({**explicit, "MPT_JAX_PROCESS_ID": "1"}, False),
+        ({**slurm, "SLURM_PROCID": "0"}, True),
+        ({**slurm, "SLURM_PROCID": "1"}, False),
+        ({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "3"}, False),
+        ({**pod, "TPU_WORKER_ID": "0"}, True),
+        ({**pod, "TPU_WORKER_ID": "1"}, False),
+        (
+            {**pod, "TPU_WORKER_ID": "0", "MEGASCALE_NUM_SLICES": "2", "MEGASCALE_SLICE_ID": "1"},
+            False,
+        ),
+    ]
+    for env, zero in cases:
+        assert is_process_zero(cfg, env) == zero, env
+    fields = DistributedConfig(coordinator_address="h:1", num_processes=2, process_id=1)
+    assert not is_process_zero(fields, {})
+
+
 ENV = {"MPT_JAX_COORDINATOR": "h:1234", "MPT_JAX_NUM_PROCESSES": "2", "MPT_JAX_PROCESS_ID": "1"}
 
 
@@ -380,6 +410,14 @@ def _fake_tools(folder: Path, **scripts: str) -> dict:
     return {**os.environ, "PATH": f"{folder}:{os.environ['PATH']}"}
 
 
+SLURM_SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "launch" / "slurm.sbatch"
+
+
+def _fake_tools_with_trainer(folder: Path, **scripts: str) -> dict:
+    """`_fake_tools` plus `mpt-jax` run by this interpreter (the script reads RUN_DIR with it)."""
+    return _fake_tools(folder, mpt_jax=f'exec {sys.executable} -m mpt_jax "$@"', **scripts)
+
+
 @pytest.mark.parametrize(
     "exit_code, complete, requeued, status",
     [
@@ -395,19 +433,19 @@ def _fake_tools(folder: Path, **scripts: str) -> dict:
 def test_slurm_script_requeues_all_but_config_errors_and_loss_spikes(
     small_dataset, tmp_path, exit_code, complete, requeued, status
 ):
-    cfg = helpers.write_config(tmp_path / "run.yaml", small_dataset, run_dir=str(tmp_path / "r"))
+    cfg = helpers.write_config(tmp_path / "run.yaml", small_dataset, run_dir=str(tmp_path / "x"))
     if complete:
         (tmp_path / "r").mkdir()
         (tmp_path / "r" / "complete.json").write_text("{}")
-    env = _fake_tools(
+    env = _fake_tools_with_trainer(
         tmp_path / "bin",
-        python=f'exec {sys.executable} "$@"',  # the script reads RUN_DIR with mpt_jax
         srun=f"exit {exit_code}",
         scontrol=f'echo "$@" >> {tmp_path / "requeued"}',
     )
-    script = Path(__file__).resolve().parents[1] / "tools" / "launch" / "slurm.sbatch"
+    # the run folder comes from an override given among the trainer's flags
+    args = [str(cfg), "--max-restarts", "2", f"run_dir={tmp_path / 'r'}", "--overwrite"]
     done = subprocess.run(
-        ["bash", str(script), str(cfg)],
+        ["bash", str(SLURM_SCRIPT), *args],
         env={**env, "SLURM_JOB_ID": "42"},
         capture_output=True,
         text=True,
@@ -417,6 +455,52 @@ def test_slurm_script_requeues_all_but_config_errors_and_loss_spikes(
     assert (tmp_path / "requeued").exists() == requeued
     if requeued:
         assert (tmp_path / "requeued").read_text() == "requeue 42\n"
+
+
+def test_tpu_pod_script_keeps_each_argument_whole_on_the_workers(tmp_path):
+    (tmp_path / "repo" / ".venv" / "bin").mkdir(parents=True)
+    trainer = tmp_path / "repo" / ".venv" / "bin" / "mpt-jax"
+    trainer.write_text('#!/bin/sh\nfor x in "$@"; do echo "<$x>"; done\n')
+    trainer.chmod(0o755)
+    # gcloud's ssh --worker=all runs --command in a shell on each worker: here, once, locally
+    env = _fake_tools(
+        tmp_path / "bin",
+        gcloud='for a in "$@"; do case "$a" in --command=*) exec sh -c "${a#--command=}";; '
+        "esac; done",
+    )
+    script = SLURM_SCRIPT.parent / "tpu_pod.sh"
+    done = subprocess.run(
+        ["bash", str(script), "my run.yaml", "optim.betas=[0.9, 0.95]", "run_dir=/r"],
+        env={**env, "TPU_NAME": "t", "ZONE": "z", "REPO": str(tmp_path / "repo")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:-1] == [
+        "<train>", "<my run.yaml>", "<optim.betas=[0.9, 0.95]>", "<run_dir=/r>",
+        "<--max-restarts>", "<5>",
+    ]  # fmt: skip
+
+
+def test_slurm_script_with_a_bad_config_stops_before_training(small_dataset, tmp_path):
+    cfg = helpers.write_config(tmp_path / "run.yaml", small_dataset, run_dir=str(tmp_path / "r"))
+    env = _fake_tools_with_trainer(
+        tmp_path / "bin",
+        srun=f"touch {tmp_path / 'trained'}",
+        scontrol=f"touch {tmp_path / 'requeued'}",
+    )
+    done = subprocess.run(
+        ["bash", str(SLURM_SCRIPT), str(cfg), "optim.lrr=1"],
+        env={**env, "SLURM_JOB_ID": "42"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "optim.lrr" in done.stderr and "Traceback" not in done.stderr
+    assert "not requeued" in done.stdout
+    assert not (tmp_path / "trained").exists() and not (tmp_path / "requeued").exists()
 
 
 @pytest.mark.parametrize(

@@ -557,14 +557,16 @@ def test_a_keep_every_change_that_would_delete_kept_steps_is_refused(tmp_path):
         ({"keep_every": None}, "steps 2, 4, 6"),
         ({"keep_every": 4}, "steps 2, 6"),
         ({"keep_every": 3}, "steps 2, 4"),  # 6 is a multiple of 3: kept all the same
+        # the latest `keep` hold them only until the next saves rotate them out
+        ({"keep_every": None, "keep": 4}, "steps 2, 4, 6"),
     ]:
         cfg = config(
             tmp_path, run_dir=str(run_dir), checkpoint={**kept, **change}, train={"steps": 9}
         )
         with pytest.raises(ConfigError, match=rf"checkpoint\.keep_every: .* would delete {lost},"):
             check_run_dir(cfg, to_dict(cfg), overwrite=False)
-    # the same period, or as many latest steps kept as hold them, deletes none of them
-    for change in ({}, {"keep_every": None, "keep": 4}):
+    # the same period, or one that divides it, deletes none of them
+    for change in ({}, {"keep_every": 1}):
         cfg = config(
             tmp_path, run_dir=str(run_dir), checkpoint={**kept, **change}, train={"steps": 9}
         )

@@ -13,6 +13,8 @@ shift
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 REPO=${REPO:-mpt_jax}
 
+# quoted for the workers' shell: an override such as 'optim.betas=[0.9, 0.95]' stays one argument
+ARGS=$(printf ' %q' "$CONFIG" "$@")
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command="
-  cd $REPO && .venv/bin/mpt-jax train $CONFIG $* --max-restarts 5
+  cd $REPO && .venv/bin/mpt-jax train$ARGS --max-restarts 5
 "
