@@ -34,6 +34,7 @@ def _specs(*extra: str, overrides=ALIBI) -> list[dict]:
     return bench_train.plan_rows(bench_train.build_parser().parse_args([*argv, *extra]))
 
 
+@pytest.mark.slow
 def test_the_step_compiled_for_an_h200_does_the_model_flops_in_bf16_matmuls_and_our_kernels():
     spec = _specs("--loss-chunk", "none,16")
     results = [bench_train.run_isolated(s, timeout=300) for s in spec]
