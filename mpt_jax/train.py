@@ -1143,7 +1143,7 @@ class _Trainer:
         self.save_waiting = False  # a scheduled save put off by an open outlier streak
         self.spikes = LossSpikeMonitor(cfg.train.loss_spike, cfg.total_steps)
         # armed from here: a restore (Orbax's barriers wait for every process) or a first batch
-        # that hangs is caught as a hung step is; only the first step's compile goes unwatched
+        # that hangs is caught as a hung step is; compiles (a fresh init, the first step) are not
         minutes = cfg.train.watchdog_minutes
         self.watchdog = resilience.Watchdog(None if minutes is None else 60.0 * minutes)
         self.watchdog.heartbeat()
@@ -1227,7 +1227,9 @@ class _Trainer:
             )
         if restored is None:
             known = (self.graphdef, self.abstract, self.shardings)
+            self.watchdog.disarm()  # the init compiles: no hang
             _, self.state, _ = init_state(self.cfg, self.mesh, known=known)
+            self.watchdog.heartbeat()
             if self.cfg.init_from:
                 self.state.params = _initial_params(self.cfg, self.abstract.params)
             if self.is_main:

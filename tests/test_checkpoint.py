@@ -593,7 +593,7 @@ def test_a_disarmed_watchdog_waits_for_the_next_heartbeat(disarm, code):
 
 
 def test_watchdog_exits_on_a_hang_and_the_supervisor_gives_up(small_dataset, tmp_path):
-    cfg = write_config(tmp_path, small_dataset, tmp_path / "hung", steps=20, watchdog_minutes=0.02)
+    cfg = write_config(tmp_path, small_dataset, tmp_path / "hung", steps=20, watchdog_minutes=0.05)
     env = {**ONE_DEVICE, "MPT_JAX_FAULTS": "hang@4"}
     proc = trainer(cfg, "--max-restarts", "1", "--restart-backoff", "0", env=env)
     _out, err = proc.communicate(timeout=600)
@@ -615,7 +615,7 @@ def test_watchdog_exits_on_a_hang_and_the_supervisor_gives_up(small_dataset, tmp
 
 def test_watchdog_watches_a_start_before_its_first_step(small_dataset, tmp_path):
     # a restore stuck at a barrier or a first batch that never comes hangs before any step
-    cfg = write_config(tmp_path, small_dataset, tmp_path / "hung", steps=5, watchdog_minutes=0.02)
+    cfg = write_config(tmp_path, small_dataset, tmp_path / "hung", steps=5, watchdog_minutes=0.05)
     proc = trainer(cfg, env={**ONE_DEVICE, "MPT_JAX_FAULTS": "hang@0"})
     _out, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-2000:]
