@@ -52,7 +52,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q --durations=15
 
 # the suite plus the tests marked slow (GPU compiles for an H200 through the AOT plugin, the
-# SASS reads, the Hopper tuning sweep's lowering): 7 tests, 88 s more on 2 cores
+# SASS reads, the Hopper tuning sweep's lowering): 8 tests
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q --run-slow --durations=15
 
