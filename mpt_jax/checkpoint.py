@@ -112,7 +112,7 @@ class Checkpointer:
     # -- decisions -------------------------------------------------------------------------------
 
     def start_clock(self) -> None:
-        """Count `every_minutes` from now: a start's restore and compile are no training time."""
+        """Count `every_minutes` from now: a restore or an init is no training time."""
         self._last_save = time.monotonic()
 
     def due(self, step: int) -> bool:
