@@ -97,8 +97,11 @@ def _train(args: argparse.Namespace) -> int:
         print(f"stopped by {final['preempted']} at step {final['step']}: {saved}")
         print(f"run folder: {final['run_dir']}")
         return 0
+    # a start whose only step was its first knows no rate (null, as its metrics line)
     summary = ", ".join(
-        f"{k} {final[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s") if k in final
+        f"{k} {final[k]:.4g}"
+        for k in ("loss", "val_loss", "tokens_per_s")
+        if final.get(k) is not None
     )
     print(f"done: {summary}")
     print(f"run folder: {final['run_dir']}")

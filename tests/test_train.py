@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 from flax import nnx
-from helpers import TINY_MODEL, config, lower_for_cuda
+from helpers import TINY_MODEL, config, lower_for_cuda, write_config
 from xla_flags import xla_flags
 
 import mpt_jax
@@ -604,6 +604,26 @@ def test_bad_inputs(small_dataset, tmp_path):
                 run_dir=str(tmp_path / "d"),
             )
         )
+
+
+def test_a_resume_with_one_step_left_ends_with_its_summary(
+    small_dataset, tmp_path, monkeypatch, capsys
+):
+    # the resumed start's one step is its first, whose rates are unknown (a sweep member
+    # preempted one step before its end crashed here once, after saving its final checkpoint)
+    from mpt_jax.cli import main
+
+    run_dir = str(tmp_path / "run")
+    path = write_config(tmp_path / "run.yaml", small_dataset, train={"steps": 3}, run_dir=run_dir)
+    monkeypatch.setenv("MPT_JAX_FAULTS", "sigterm@1")  # stops after step 2, saved
+    assert main(["train", str(path)]) == 0
+    assert "stopped by SIGTERM at step 2" in capsys.readouterr().out
+    monkeypatch.delenv("MPT_JAX_FAULTS")
+    assert main(["train", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^done: loss [\d.]+, val_loss [\d.]+$", out, re.M), out
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads([x for x in lines if '"loss"' in x][-1])["tokens_per_s"] is None
 
 
 def test_command_line_with_overrides(small_dataset, tmp_path):

@@ -24,7 +24,7 @@ BASE_METRICS = (
     ("best_train_loss", "lowest logged training loss"),
     ("val_loss", "validation loss at the end"),
     ("best_val_loss", "lowest validation loss of the run"),
-    ("tokens_per_s", "median training throughput (first logged window left out)"),
+    ("tokens_per_s", "median training throughput (the first step of each start left out)"),
     ("mfu", "median model FLOPs utilization (llm-foundry's formula; none on CPU)"),
     ("loss_diff_max", "largest |train loss - the reference member's| at a common step"),
     ("loss_diff_last", "the same at the last common step"),
