@@ -410,7 +410,8 @@ def _fake_tools(folder: Path, **scripts: str) -> dict:
     return {**os.environ, "PATH": f"{folder}:{os.environ['PATH']}"}
 
 
-SLURM_SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "launch" / "slurm.sbatch"
+LAUNCH = Path(__file__).resolve().parents[1] / "tools" / "launch"
+SLURM_SCRIPT = LAUNCH / "slurm.sbatch"
 
 
 def _fake_tools_with_trainer(folder: Path, **scripts: str) -> dict:
@@ -468,7 +469,7 @@ def test_tpu_pod_script_keeps_each_argument_whole_on_the_workers(tmp_path):
         gcloud='for a in "$@"; do case "$a" in --command=*) exec sh -c "${a#--command=}";; '
         "esac; done",
     )
-    script = SLURM_SCRIPT.parent / "tpu_pod.sh"
+    script = LAUNCH / "tpu_pod.sh"
     done = subprocess.run(
         ["bash", str(script), "my run.yaml", "optim.betas=[0.9, 0.95]", "run_dir=/r"],
         env={**env, "TPU_NAME": "t", "ZONE": "z", "REPO": str(tmp_path / "repo")},
@@ -507,12 +508,7 @@ def test_slurm_script_with_a_bad_config_stops_before_training(small_dataset, tmp
     "exit_code, complete, status", [(0, False, 143), (0, True, 0), (2, False, 2), (1, True, 0)]
 )
 def test_kubernetes_command_retries_a_stopped_trainer(tmp_path, exit_code, complete, status):
-    import yaml
-
-    path = Path(__file__).resolve().parents[1] / "tools" / "launch" / "k8s-indexed-job.yaml"
-    job = list(yaml.safe_load_all(path.read_text()))[1]
-    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
-    command = [part.replace("/runs/my-run", str(tmp_path / "r")) for part in command]
+    command = _kubernetes_command(tmp_path / "r")
     (tmp_path / "r").mkdir()
     if complete:
         (tmp_path / "r" / "complete.json").write_text("{}")
@@ -524,8 +520,7 @@ def test_kubernetes_command_retries_a_stopped_trainer(tmp_path, exit_code, compl
 def _kubernetes_command(run_dir: Path) -> list[str]:
     import yaml
 
-    path = Path(__file__).resolve().parents[1] / "tools" / "launch" / "k8s-indexed-job.yaml"
-    job = list(yaml.safe_load_all(path.read_text()))[1]
+    job = list(yaml.safe_load_all((LAUNCH / "k8s-indexed-job.yaml").read_text()))[1]
     command = job["spec"]["template"]["spec"]["containers"][0]["command"]
     return [part.replace("/runs/my-run", str(run_dir)) for part in command]
 
