@@ -3,7 +3,12 @@ half a file under the real name."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import os
+import secrets
+import shutil
 from pathlib import Path
 
 
@@ -32,3 +37,66 @@ def unwritable_reason(folder: str | Path) -> str | None:
     if not os.access(existing, os.W_OK):
         return f"{existing} is not writable"
     return None
+
+
+def replace_folder(new: str | Path, dest: str | Path) -> Path:
+    """Put the whole folder `new` at `dest`, deleting what `dest` held.
+
+    An existing `dest` is exchanged with `new` in one step where the system can (Linux's
+    renameat2 RENAME_EXCHANGE), so that a kill never leaves `dest` missing; elsewhere it is moved
+    aside to `.NAME.old-*` first. What it held is deleted last: a kill before that leaves it in
+    a hidden sibling (see `stale_siblings`).
+    """
+    new, dest = Path(new), Path(dest)
+    if not dest.exists():
+        new.rename(dest)
+        return dest
+    if _exchange(new, dest):
+        shutil.rmtree(new)  # now the old contents
+        return dest
+    old = dest.with_name(f".{dest.name}.old-{secrets.token_hex(4)}")
+    dest.rename(old)
+    new.rename(dest)
+    shutil.rmtree(old)
+    return dest
+
+
+def stale_siblings(dest: str | Path) -> list[Path]:
+    """Hidden `.NAME.tmp-*` and `.NAME.old-*` folders beside `dest`: writes of it that a kill
+    cut short, or that are still running elsewhere."""
+    dest = Path(dest)
+    found = [*dest.parent.glob(f".{dest.name}.tmp-*"), *dest.parent.glob(f".{dest.name}.old-*")]
+    return sorted(p for p in found if p.is_dir())
+
+
+def stale_notes(dest: str | Path) -> list[str]:
+    """One line for each of `stale_siblings(dest)`, for a command line to print."""
+    return [
+        f"note: {stale} was left by a write of {dest} that was cut short (a kill, a full disk); "
+        "delete it unless that write still runs"
+        for stale in stale_siblings(dest)
+    ]
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically; False where the system or file system cannot."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_cwd, rename_exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE from linux/fcntl.h and fs.h
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EXDEV, errno.ENOTSUP):  # not here: rename twice
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if hasattr(libc, "renameat2"):
+        path_at = [ctypes.c_int, ctypes.c_char_p]  # a folder's descriptor, a path in it
+        libc.renameat2.argtypes = [*path_at, *path_at, ctypes.c_uint]
+        libc.renameat2.restype = ctypes.c_int
+    return libc

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from mpt_jax.atomic_write import replace_folder
 from mpt_jax.config import ConfigError, InitConfig, ModelConfig, from_dict, param_shapes
 from mpt_jax.safetensors_io import CheckpointError, CheckpointReader, write_checkpoint
 
@@ -385,13 +386,7 @@ def write_folder(
         write_checkpoint(tmp, list(entries), fetch, dtype=dtype, max_shard_size=max_shard_size)
         config = {**config_to_hf(cfg, dtype=stored), **(token_ids or {})}
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{tmp.name[-8:]}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
+        replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

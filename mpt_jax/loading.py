@@ -38,6 +38,11 @@ def from_pretrained(
     MPTForCausalLM.from_pretrained (`kwargs`: allow_pickle, config overrides).
     """
     if not is_run_folder(path):
+        if (Path(path) / "config.yaml").is_file() and not (Path(path) / "config.json").exists():
+            raise ConfigError(
+                f"{path}: a run folder without checkpoints/ (checkpoint.enabled false, or stopped "
+                "before its first save): no model to load"
+            )
         if step is not None:
             raise ConfigError(f"{path}: step= applies to run folders only")
         return MPTForCausalLM.from_pretrained(path, dtype=dtype, param_dtype=param_dtype, **kwargs)

@@ -666,10 +666,11 @@ def _model_changes(saved: Any, ours: Any, prefix: str = "") -> list[str]:
     return [k for k in _diff_keys(saved, ours, prefix) if k not in kernels]
 
 
-def _finish_hf_exports(folder: Path) -> None:
-    """HF exports a kill cut short (write_folder's temporary names): a whole one whose folder is
-    missing (killed between its two renames) is put in place, the rest removed."""
-    for tmp in sorted(folder.glob(".ba*.tmp-*")):
+def _finish_hf_exports(folder: Path, names: str = "ba*") -> None:
+    """HF exports named `names` in `folder` that a kill cut short (write_folder's temporary
+    names): a whole one whose folder is missing (killed between its two renames) is put in place,
+    the rest removed."""
+    for tmp in sorted(folder.glob(f".{names}.tmp-*")):
         target = folder / tmp.name[1:].split(".tmp-")[0]
         try:  # config.json is written last: whole if it parses
             json.loads((tmp / "config.json").read_text())
@@ -680,7 +681,7 @@ def _finish_hf_exports(folder: Path) -> None:
             tmp.rename(target)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    for old in folder.glob(".ba*.old-*"):
+    for old in folder.glob(f".{names}.old-*"):
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -1134,6 +1135,7 @@ class _Trainer:
         run_log.attach(self.run_dir, jax.process_index())
         if self.is_main:
             _finish_hf_exports(self.run_dir / HF_STEPS_DIR)
+            _finish_hf_exports(self.run_dir, names="hf")  # train.export_hf's, at the end
         self.checkpointer = (
             checkpoint.Checkpointer(checkpoints, cfg.checkpoint)
             if self.saving or has_steps
@@ -1148,6 +1150,9 @@ class _Trainer:
         self.watchdog = resilience.Watchdog(None if minutes is None else 60.0 * minutes)
         self.watchdog.heartbeat()
         self.start_step = self._restore_or_init()
+        # a killed attempt's exports past its last checkpoint: a resumed run may train those steps
+        # differently (train.steps and schedule, rollback settings may change on resume)
+        self._discard_exports_after(self.start_step)
         self.logger = metrics_lib.MetricsLogger(
             self.run_dir,
             enabled=self.is_main,
@@ -1317,11 +1322,7 @@ class _Trainer:
         if restored is None:
             where = "" if cause.first_step is None else f" before step {cause.first_step}"
             raise cause.error(f"{cause.where}; there is no checkpoint to roll back to{where}")
-        if self.is_main:  # exports of the abandoned steps: the steps will be trained again
-            for folder in (self.run_dir / HF_STEPS_DIR).glob("ba*"):
-                if folder.name[2:].isdigit() and int(folder.name[2:]) > restored.step:
-                    (folder / "config.json").unlink(missing_ok=True)  # first: no longer whole
-                    shutil.rmtree(folder)
+        self._discard_exports_after(restored.step)
         # the later ones hold the spike's updates, or are preemption saves the uninterrupted
         # run did not make: they must not be resumed from
         discarded = self.checkpointer.discard_after(restored.step)
@@ -1533,6 +1534,15 @@ class _Trainer:
         if self.is_main:  # launch scripts requeue a job until this file exists
             write_atomic(self.run_dir / "complete.json", json.dumps(final, indent=1) + "\n")
         return final
+
+    def _discard_exports_after(self, step: int) -> None:
+        """Remove train.export_hf_every's exports past `step`: those steps are trained again."""
+        if not self.is_main:
+            return
+        for folder in (self.run_dir / HF_STEPS_DIR).glob("ba*"):
+            if folder.name[2:].isdigit() and int(folder.name[2:]) > step:
+                (folder / "config.json").unlink(missing_ok=True)  # first: no longer whole
+                shutil.rmtree(folder)
 
     def _hf_step_dir(self, step: int) -> Path:
         return self.run_dir / HF_STEPS_DIR / f"ba{step}"

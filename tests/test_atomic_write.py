@@ -1,6 +1,7 @@
 """write_atomic: whole files or none under the real name, and no temporary left behind."""
 
 import os
+import shutil
 
 import pytest
 
@@ -36,3 +37,45 @@ def test_unwritable_reason_names_the_nearest_existing_ancestor(tmp_path):
     if os.access(locked, os.W_OK):  # root may write anywhere
         pytest.skip("running as root: permissions are not enforced")
     assert unwritable_reason(locked / "run") == f"{locked} is not writable"
+
+
+def _folder(path, text):
+    path.mkdir()
+    (path / "x").write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two_renames"])
+def test_replace_folder_puts_the_new_one_in_place_and_deletes_the_old(
+    tmp_path, monkeypatch, exchange
+):
+    from mpt_jax import atomic_write
+
+    if not exchange:  # a system or file system without RENAME_EXCHANGE
+        monkeypatch.setattr(atomic_write, "_exchange", lambda a, b: False)
+    elif not atomic_write._exchange(_folder(tmp_path / "a", "a"), _folder(tmp_path / "b", "b")):
+        pytest.skip("no renameat2 RENAME_EXCHANGE here")
+    else:
+        assert (tmp_path / "a" / "x").read_text() == "b" and (
+            tmp_path / "b" / "x"
+        ).read_text() == "a"
+        shutil.rmtree(tmp_path / "a")
+        shutil.rmtree(tmp_path / "b")
+    atomic_write.replace_folder(_folder(tmp_path / ".ds.tmp-1", "new"), tmp_path / "ds")
+    assert (tmp_path / "ds" / "x").read_text() == "new"  # nothing there before
+    atomic_write.replace_folder(_folder(tmp_path / ".ds.tmp-2", "newer"), tmp_path / "ds")
+    assert (tmp_path / "ds" / "x").read_text() == "newer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+    # killed before the old contents are deleted: the new folder is in place all the same, the
+    # old one in a hidden sibling that stale_siblings names
+    monkeypatch.setattr(atomic_write.shutil, "rmtree", _killed)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write.replace_folder(_folder(tmp_path / ".ds.tmp-3", "newest"), tmp_path / "ds")
+    monkeypatch.undo()
+    assert (tmp_path / "ds" / "x").read_text() == "newest"
+    (stale,) = atomic_write.stale_siblings(tmp_path / "ds")
+    assert (stale / "x").read_text() == "newer" and stale.name.startswith(".ds.")
+
+
+def _killed(path, *args, **kwargs):
+    raise KeyboardInterrupt

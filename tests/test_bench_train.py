@@ -222,3 +222,28 @@ def test_judge_reads_perf_rows_and_the_anchor_and_gives_a_verdict_each(tmp_path,
     lines = bench_train.judge(tmp_path)
     assert lines[0] == "anchor: none (FileNotFoundError), so no speedup verdict"
     assert "the anchor" not in lines[1] and "MFU 44.06%" in lines[1]
+    # a folder mistyped, or without rows, or a table cut short: one line and exit 2, so that
+    # perf.sh's report never reads as "no target missed"
+    table = tmp_path / "scan_8192" / "bench_train.csv"
+    table.write_text(table.read_text().splitlines()[0] + "\n8192,x\n")
+    for folder, message in (
+        (tmp_path / "nowhere", "nowhere is not a folder: nothing to judge"),
+        (tmp_path / "scan_2048", "scan_2048 holds no DIR/*/bench_train.csv: nothing to judge"),
+        (tmp_path, "scan_8192/bench_train.csv line 2: "),
+    ):
+        assert bench_train.main(["--judge", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --judge: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("tool", ["bench_data", "bench_checkpoint"])
+def test_the_data_and_checkpoint_benchmarks_refuse_a_workdir_under_a_file(tool, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(tool, REPO / "tools" / f"{tool}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (tmp_path / "notes").write_text("x")
+    for workdir in (tmp_path / "notes", tmp_path / "notes" / "bench"):
+        assert module.main(["--workdir", str(workdir)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: --workdir: {tmp_path / 'notes'} is a file, not a folder\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -579,11 +580,27 @@ def test_truncated_and_corrupted_shards(tmp_path):
     with pytest.raises(DataError, match=r"train-00000\.arrayrecord record \d+: unreadable"):
         next(batches)
     batches.close()
-    meta = json.loads((out / "meta.json").read_text())
-    del meta["splits"]["train"]["shards"][0]["bytes"]
-    (out / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(DataError, match=r"meta\.json: malformed \(KeyError: 'bytes'\)"):
-        open_dataset(out)
+    good = json.loads((out / "meta.json").read_text())
+    shard_0 = "splits.train.shards[0]"
+    for change, message in (
+        (lambda m: m["splits"]["train"]["shards"][0].pop("bytes"), f"{shard_0}.bytes is None"),
+        (lambda m: m["splits"]["train"]["shards"][0].pop("rows"), f"{shard_0}.rows is None"),
+        (lambda m: m["splits"]["train"].update(rows="many"), "splits.train.rows is 'many'"),
+        (lambda m: m["splits"]["train"]["shards"][0].update(rows=-1), f"{shard_0}.rows is -1"),
+        (lambda m: m["splits"]["train"]["shards"][0].pop("file"), f"{shard_0} names no file"),
+        (lambda m: m["splits"]["train"].pop("shards"), "splits.train has no list of shards"),
+        (lambda m: m.update(splits=[]), "splits is a list, not a mapping"),
+        (
+            lambda m: m["splits"]["train"].update(rows=m["splits"]["train"]["rows"] + 1),
+            "the rows of splits.train's shards do not add up to its",
+        ),
+        (lambda m: m.pop("vocab_size"), "KeyError: 'vocab_size'"),
+    ):
+        meta = json.loads(json.dumps(good))
+        change(meta)
+        (out / "meta.json").write_text(json.dumps(meta))
+        with pytest.raises(DataError, match=rf"meta\.json: malformed \({re.escape(message)}"):
+            open_dataset(out)
     (out / "meta.json").unlink()
     with pytest.raises(DataError, match=r"meta\.json: missing"):
         open_dataset(out)
@@ -595,6 +612,10 @@ def test_existing_output_refused(tmp_path):
     (tmp_path / "a.txt").write_text("y" * 100)
     with pytest.raises(DataError, match=r"out: already exists and is not empty"):
         prepare_dataset([str(tmp_path / "a.txt")], tmp_path / "out", seq_len=8, val_fraction=0.0)
+    with pytest.raises(DataError, match=r"^workers: must be >= 1, got 0$"):
+        prepare_dataset([str(tmp_path / "a.txt")], tmp_path / "new", seq_len=8, workers=0)
+    with pytest.raises(DataError, match=r"^--out: .*a\.txt is a file, not a folder$"):
+        prepare_dataset([str(tmp_path / "a.txt")], tmp_path / "a.txt" / "ds", seq_len=8)
     assert (tmp_path / "out" / "x").read_text() == "keep"
     # with overwrite, a folder that holds the inputs is not replaced: they would go with it
     for out in (tmp_path, tmp_path / "in"):
@@ -622,6 +643,7 @@ def test_existing_output_refused(tmp_path):
 
 def test_prepare_command_line(tmp_path):
     inputs = write_inputs(tmp_path / "in", make_docs(50))
+    (tmp_path / ".ds.tmp-0badc0de").mkdir()  # what a killed prepare leaves
     result = subprocess.run(
         [
             sys.executable,
@@ -644,6 +666,8 @@ def test_prepare_command_line(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "train:" in result.stdout and "val:" in result.stdout
+    stale = tmp_path / ".ds.tmp-0badc0de"
+    assert f"note: {stale} was left by a write of {tmp_path / 'ds'} that was cut" in result.stderr
     bad = subprocess.run(
         [
             sys.executable,

@@ -131,7 +131,10 @@ def test_the_125m_pretraining_yaml_becomes_our_125m_recipe(rows_of_2048, tmp_pat
     command = "python tools/prepare_data.py ./my-copy-c4/train --val-input ./my-copy-c4/val"
     assert f"{command} --tokenizer TOKENIZER --seq-len 2048 --out DIR" in header
     # per device x 8 devices, and the byte tokenizer of the dataset
-    assert from_foundry.main([*argv, "--devices", "8"]) == 0
+    assert from_foundry.main([*argv, "--devices", "8"]) == 2  # -o exists
+    assert "run.yaml already exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert load_run_config(out).train.microbatch == "auto"  # untouched
+    assert from_foundry.main([*argv, "--devices", "8", "--overwrite"]) == 0
     assert load_run_config(out).train.microbatch == 128
     assert load_run_config(out).data.tokenizer == "byte"
     # the older layout, variables at the top level, translates the same
@@ -431,7 +434,7 @@ def test_streams_become_a_weighted_mixture(tmp_path, capsys):
     a, b = _prepared(tmp_path, "a", 60), _prepared(tmp_path, "b", 200)
     out = tmp_path / "run.yaml"
     path = _streams_yaml(tmp_path, json.loads(json.dumps(STREAMS)))
-    argv = [str(path), "--data", f"c4={a}", "--data", f"code={b}", "-o", str(out)]
+    argv = [str(path), "--data", f"c4={a}", "--data", f"code={b}", "-o", str(out), "--overwrite"]
     assert from_foundry.main(argv) == 0
     cfg = load_run_config(out)
     assert [(s.path, s.weight) for s in cfg.data.mixture] == [(str(a), 0.75), (str(b), 0.25)]
@@ -473,7 +476,7 @@ def test_streams_become_a_weighted_mixture(tmp_path, capsys):
     # a built-in corpus is prepared with data.tokenizer at training time: not compared
     _streams_yaml(tmp_path, json.loads(json.dumps(STREAMS)))
     argv_builtin = [str(path), "--data", f"c4={bpe}", "--data", "code=builtin:python-stdlib"]
-    assert from_foundry.main([*argv_builtin, "-o", str(out)]) == 0
+    assert from_foundry.main([*argv_builtin, "-o", str(out), "--overwrite"]) == 0
     assert load_run_config(out).data.tokenizer == str(bpe / "tokenizer.json")
 
 

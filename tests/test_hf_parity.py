@@ -13,7 +13,7 @@ import pytest
 from helpers import forward, random_hf_tensors, write_hf_folder
 
 from mpt_jax import MPTForCausalLM, from_pretrained
-from mpt_jax.config import ModelConfig
+from mpt_jax.config import ConfigError, ModelConfig
 from mpt_jax.hf_checkpoint import CheckpointError, read_config
 from mpt_jax.safetensors_io import CheckpointReader
 
@@ -333,6 +333,10 @@ def test_bad_hf_folders_give_one_clear_error(tmp_path, how, message):
 def test_missing_folder_and_wrong_tensors(tmp_path):
     with pytest.raises(CheckpointError, match=r"nope: not a directory"):
         from_pretrained(tmp_path / "nope")
+    (tmp_path / "run").mkdir()  # a run that saved nothing: named as a run, not an HF folder
+    (tmp_path / "run" / "config.yaml").write_text("run_dir: run\n")
+    with pytest.raises(ConfigError, match=r"run: a run folder without checkpoints/ \("):
+        from_pretrained(tmp_path / "run")
     cfg = ModelConfig(**TINY)
     tensors = random_hf_tensors(cfg)
     bad_shape = dict(tensors)

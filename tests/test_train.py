@@ -299,6 +299,11 @@ def test_hf_exports_every_n_steps_also_across_a_stop(small_dataset, tmp_path, mo
     monkeypatch.setenv("MPT_JAX_FAULTS", "sigterm@1")  # stops after step 2, before its export
     stopped = run(config(small_dataset, run_dir=str(tmp_path / "run"), **sections))
     assert stopped["step"] == 2 and not (tmp_path / "run" / "hf-steps").exists()
+    # what a killed attempt leaves past its last checkpoint: an export of a step the resumed run
+    # trains again, perhaps otherwise (train.steps and the schedule may change on resume)
+    stale = tmp_path / "run" / "hf-steps" / "ba4"
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text("{}")
     monkeypatch.delenv("MPT_JAX_FAULTS")
     run(config(small_dataset, run_dir=str(tmp_path / "run"), **sections))  # exports 2 first
     for step in (2, 4):
@@ -323,9 +328,13 @@ def test_hf_exports_a_kill_cut_short_are_finished_or_removed(tmp_path):
         if whole is not False:
             (tmp_path / name / "config.json").write_text("{}" if whole else "")
     (tmp_path / "ba6").mkdir()
+    (tmp_path / ".hf.tmp-x4").mkdir()  # train.export_hf's, killed between its renames
+    (tmp_path / ".hf.tmp-x4" / "config.json").write_text("{}")
     _finish_hf_exports(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ba2", "ba6"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hf.tmp-x4", "ba2", "ba6"]
     assert (tmp_path / "ba2" / "config.json").is_file()
+    _finish_hf_exports(tmp_path, names="hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ba2", "ba6", "hf"]
 
 
 def test_end_to_end_run_writes_run_folder(small_dataset, tmp_path):

@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.saves < 1:
         parser.error(f"--saves: must be >= 1, got {args.saves}")
+    from mpt_jax.atomic_write import unwritable_reason
+
+    if args.workdir is not None and (reason := unwritable_reason(args.workdir)):
+        print(f"error: --workdir: {reason}", file=sys.stderr)
+        return 2
 
     import jax
 
@@ -63,23 +68,25 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
     # a folder of its own, also inside --workdir: only that is removed afterwards
     work = Path(tempfile.mkdtemp(prefix="bench_checkpoint-", dir=args.workdir))
-    checkpointer = Checkpointer(work / "checkpoints", CheckpointConfig(keep=2))
-    rows = []
-    for step in range(1, args.saves + 1):
-        start = time.perf_counter()
-        checkpointer.save(
-            step,
-            params=state.params,
-            opt_state=state.opt_state,
-            counters=state.counters(),
-            meta={"step": step, "config": {}},
-        )
-        returned = time.perf_counter() - start
-        checkpointer.wait()
-        done = checkpointer.completed.pop()
-        rows.append((step, returned, done["checkpoint_save_s"]))
-    checkpointer.close()
-    shutil.rmtree(work, ignore_errors=True)
+    try:
+        checkpointer = Checkpointer(work / "checkpoints", CheckpointConfig(keep=2))
+        rows = []
+        for step in range(1, args.saves + 1):
+            start = time.perf_counter()
+            checkpointer.save(
+                step,
+                params=state.params,
+                opt_state=state.opt_state,
+                counters=state.counters(),
+                meta={"step": step, "config": {}},
+            )
+            returned = time.perf_counter() - start
+            checkpointer.wait()
+            done = checkpointer.completed.pop()
+            rows.append((step, returned, done["checkpoint_save_s"]))
+        checkpointer.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
     device = jax.devices()[0]
     print(

@@ -33,23 +33,30 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
 
+    from mpt_jax.atomic_write import unwritable_reason
     from mpt_jax.data import DataError
 
-    try:
-        return _bench(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+    if args.workdir is not None and (reason := unwritable_reason(args.workdir)):
+        print(f"error: --workdir: {reason}", file=sys.stderr)
         return 2
-
-
-def _bench(args) -> int:
-    from mpt_jax.data import BatchLoader, open_dataset, prepare_dataset
-    from mpt_jax.data.sources import builtin_files
-
     if args.workdir is not None:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
     # a new folder of its own, also inside --workdir: nothing already there is replaced
     work = Path(tempfile.mkdtemp(prefix="bench_data-", dir=args.workdir))
+    try:
+        return _bench(args, work)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if args.workdir is None:  # kept inside --workdir, as the table says
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _bench(args, work: Path) -> int:
+    from mpt_jax.data import BatchLoader, open_dataset, prepare_dataset
+    from mpt_jax.data.sources import builtin_files
+
     corpus_mb = sum(f.path.stat().st_size for f in builtin_files("python-stdlib")) / 1e6
     rows = []
     common = dict(seq_len=args.seq_len, val_fraction=0.01, progress=False, overwrite=True)
@@ -114,8 +121,6 @@ def _bench(args) -> int:
     print("| what | throughput | detail |\n|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
-    if args.workdir is None:
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

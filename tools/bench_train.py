@@ -290,10 +290,15 @@ ANCHOR_SPEEDUP = 1.3
 
 def judge(perf_dir: Path) -> list[str]:
     """A line per row under perf_dir (its bench_train.csv) against PERF_TARGETS and the anchor
-    (perf_dir/anchor_jax_plain_mpt1b.json, if there)."""
+    (perf_dir/anchor_jax_plain_mpt1b.json, if there); ArgError if it holds no row to judge."""
 
     def verdict(ok: bool) -> str:
         return "met" if ok else "MISSED"
+
+    tables = sorted(perf_dir.glob("*/bench_train.csv"))
+    if not tables:
+        what = "holds no DIR/*/bench_train.csv" if perf_dir.is_dir() else "is not a folder"
+        raise ArgError("--judge", f"{perf_dir} {what}: nothing to judge")
 
     anchor = None
     try:
@@ -303,13 +308,17 @@ def judge(perf_dir: Path) -> list[str]:
         lines = [f"anchor: none ({type(e).__name__}), so no speedup verdict"]
     else:
         lines = [f"anchor jax_plain_mpt1b: {anchor:,.0f} tokens/s"]
-    for csv_path in sorted(perf_dir.glob("*/bench_train.csv")):
-        for row in csv.DictReader(csv_path.open()):
-            name, seq = csv_path.parent.name, int(row["SeqLen (T)"])
-            if not row["MFU"] or not row["Throughput (T/s)"]:
-                lines.append(f"target {name}: no result ({row['Status']})")
-                continue
-            mfu, tokens = float(row["MFU"]), float(row["Throughput (T/s)"])
+    for csv_path in tables:
+        for number, row in enumerate(csv.DictReader(csv_path.open()), 2):
+            try:
+                name, seq = csv_path.parent.name, int(row["SeqLen (T)"])
+                if not row["MFU"] or not row["Throughput (T/s)"]:
+                    lines.append(f"target {name}: no result ({row['Status']})")
+                    continue
+                mfu, tokens = float(row["MFU"]), float(row["Throughput (T/s)"])
+            except (KeyError, TypeError, ValueError) as e:
+                problem = f"no column {e}" if isinstance(e, KeyError) else str(e)
+                raise ArgError("--judge", f"{csv_path} line {number}: {problem}") from None
             parts = [f"{tokens:,.0f} tokens/s"]
             if seq in PERF_TARGETS:
                 goal = PERF_TARGETS[seq]
@@ -872,7 +881,11 @@ def _output_dir(path: str, argument: str = "--out") -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.judge is not None:
-        print("\n".join(judge(Path(args.judge))))
+        try:
+            print("\n".join(judge(Path(args.judge))))
+        except ArgError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     if args._row is not None:  # the row subprocess
         result = run_row(json.loads(args._row))

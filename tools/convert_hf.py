@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
 
     from mpt_jax import count_params, from_pretrained
+    from mpt_jax.atomic_write import stale_notes
     from mpt_jax.checkpoint import CheckpointError, quiet_abandoned_writes
     from mpt_jax.config import ConfigError
     from mpt_jax.hf_checkpoint import transformers_incompatibilities
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg = model.config
     print(f"wrote {out} ({count_params(cfg):,} parameters)")
+    for note in stale_notes(out):
+        print(note, file=sys.stderr)
     problems = transformers_incompatibilities(cfg)
     if problems:
         print(f"transformers: needs llm-foundry's MPT code (lacks {', '.join(problems)})")

@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         "(default: microbatch auto)",
     )
     parser.add_argument("-o", "--out", default=None, help="the run config YAML to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
     args = parser.parse_args(argv)
 
     import yaml
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         data = _parse_data(args.data)
-        _check_out(args.out, args.foundry_yaml, data)
+        _check_out(args.out, args.foundry_yaml, data, overwrite=args.overwrite)
         tokenizer = _tokenizer(data, args.tokenizer, open_dataset)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -120,8 +121,11 @@ def _folders(data: str | dict[str, str]) -> dict[str, str]:
     return {name: folder for name, folder in named.items() if not folder.startswith("builtin:")}
 
 
-def _check_out(out: str | None, foundry_yaml: str, data: str | dict[str, str]) -> None:
-    """Refuse an -o that is a folder, lies under a file, or would replace an input."""
+def _check_out(
+    out: str | None, foundry_yaml: str, data: str | dict[str, str], *, overwrite: bool
+) -> None:
+    """Refuse an -o that is a folder, lies under a file, would replace an input, or exists
+    (without --overwrite)."""
     from mpt_jax.atomic_write import unwritable_reason
     from mpt_jax.data import DataError
 
@@ -137,6 +141,8 @@ def _check_out(out: str | None, foundry_yaml: str, data: str | dict[str, str]) -
     for folder in _folders(data).values():
         if Path(folder).resolve() in target.parents:
             raise DataError(f"-o: {out} is inside the dataset {folder}; name another file")
+    if target.exists() and not overwrite:
+        raise DataError(f"-o: {out} already exists; pass --overwrite to replace it")
 
 
 def _tokenizer(data: str | dict[str, str], given: str | None, open_dataset) -> str:

@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
+    from mpt_jax.atomic_write import stale_notes
     from mpt_jax.data import DataError, open_dataset, prepare_dataset
 
     # options that would be ignored are refused: the dataset must be what was asked for
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{counts['documents']:,} documents, {len(counts['shards'])} shards"
         )
     print(f"wrote {out} (vocab {meta.vocab_size}, eos {meta.eos_id}, {meta.dtype.name})")
+    for note in stale_notes(out):
+        print(note, file=sys.stderr)
     return 0
 
 

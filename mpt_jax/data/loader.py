@@ -68,11 +68,11 @@ def open_dataset(folder: str | Path) -> DatasetMeta:
             int(meta["vocab_size"]),
             int(meta["eos_id"]),
             dict(meta["tokenizer"]),
-            dict(meta["splits"]),
+            _checked_splits(meta["splits"], path),
             content_id(meta),
         )
         shards = {
-            split: [(folder / shard["file"], int(shard["bytes"])) for shard in counts["shards"]]
+            split: [(folder / shard["file"], shard["bytes"]) for shard in counts["shards"]]
             for split, counts in info.splits.items()
         }
     except (KeyError, TypeError, ValueError) as e:
@@ -90,6 +90,34 @@ def open_dataset(folder: str | Path) -> DatasetMeta:
                     "(truncated or corrupted)"
                 )
     return info
+
+
+def _checked_splits(splits: Any, path: Path) -> dict[str, dict[str, Any]]:
+    """meta.json's splits (read from `path`), their shard files and counts checked."""
+
+    def malformed(what: str) -> DataError:
+        return DataError(f"{path}: malformed ({what})")
+
+    def count(value: Any, where: str) -> int:
+        if type(value) is not int or value < 0:
+            raise malformed(f"{where} is {value!r}, not a count")
+        return value
+
+    if not isinstance(splits, dict):
+        raise malformed(f"splits is a {type(splits).__name__}, not a mapping")
+    for name, split in splits.items():
+        if not isinstance(split, dict) or not isinstance(split.get("shards"), list):
+            raise malformed(f"splits.{name} has no list of shards")
+        rows = count(split.get("rows"), f"splits.{name}.rows")
+        for i, shard in enumerate(split["shards"]):
+            where = f"splits.{name}.shards[{i}]"
+            if not isinstance(shard, dict) or not isinstance(shard.get("file"), str):
+                raise malformed(f"{where} names no file")
+            count(shard.get("rows"), f"{where}.rows")
+            count(shard.get("bytes"), f"{where}.bytes")
+        if sum(shard["rows"] for shard in split["shards"]) != rows:
+            raise malformed(f"the rows of splits.{name}'s shards do not add up to its {rows}")
+    return dict(splits)
 
 
 def content_id(meta: dict[str, Any]) -> str:

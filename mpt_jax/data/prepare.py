@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from mpt_jax.atomic_write import replace_folder, unwritable_reason
 from mpt_jax.data import mds, sources
 from mpt_jax.data.errors import DataError
 from mpt_jax.data.tokenizer import ByteTokenizer, JsonTokenizer, load_tokenizer, train_bpe
@@ -62,6 +63,8 @@ def prepare_dataset(
         raise DataError(f"seq_len: must be at least 2, got {seq_len}")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction: must be in [0, 1), got {val_fraction}")
+    if workers is not None and workers < 1:
+        raise DataError(f"workers: must be >= 1, got {workers}")
     if token_encoding_type not in mds.TOKEN_ENCODING_TYPES:
         raise DataError(
             f"token_encoding_type: {token_encoding_type!r} is not one of "
@@ -69,6 +72,8 @@ def prepare_dataset(
         )
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"--out: {out_dir} is a file; the dataset is written as a folder")
+    if reason := unwritable_reason(out_dir.parent):
+        raise DataError(f"--out: {reason}")
     replaces = out_dir.exists() and any(out_dir.iterdir())
     if replaces and not overwrite:
         raise DataError(
@@ -329,15 +334,9 @@ def _is_dataset(folder: Path) -> bool:
 
 
 def _install(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists():
-        if not overwrite and any(out_dir.iterdir()):
-            raise DataError(f"{out_dir}: appeared while preparing; not replaced")
-        old = out_dir.with_name(f".{out_dir.name}.old-{tmp.name[-8:]}")
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out_dir)
+    if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
+        raise DataError(f"{out_dir}: appeared while preparing; not replaced")
+    replace_folder(tmp, out_dir)
 
 
 # ---------------------------------------------------------------------------------------------
