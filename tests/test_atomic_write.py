@@ -56,9 +56,8 @@ def test_replace_folder_puts_the_new_one_in_place_and_deletes_the_old(
     elif not atomic_write._exchange(_folder(tmp_path / "a", "a"), _folder(tmp_path / "b", "b")):
         pytest.skip("no renameat2 RENAME_EXCHANGE here")
     else:
-        assert (tmp_path / "a" / "x").read_text() == "b" and (
-            tmp_path / "b" / "x"
-        ).read_text() == "a"
+        assert (tmp_path / "a" / "x").read_text() == "b"  # swapped
+        assert (tmp_path / "b" / "x").read_text() == "a"
         shutil.rmtree(tmp_path / "a")
         shutil.rmtree(tmp_path / "b")
     atomic_write.replace_folder(_folder(tmp_path / ".ds.tmp-1", "new"), tmp_path / "ds")

@@ -5,10 +5,10 @@ from importlib.metadata import version
 # The suite compiles far more than it computes: XLA's CPU backend at -O0 compiles about 40% faster
 # (tests/test_train.py + test_model.py from a cold cache: 173 s -> 107 s on 2 cores).
 FAST_CPU_COMPILE = "--xla_backend_optimization_level=0"
-# And without jaxlib 0.10's MLIR fusion emitters (the older LLVM ones) and the concurrency
-# scheduler, 44% less again: 4 tests/test_train.py tests and 17 interpreted-kernel cases of
-# tests/test_flash_attention.py from a cold cache, 161 s -> 91 s of CPU time (jaxlib 0.10.2, 2
-# cores). jaxlib 0.11 has no such switch (an unknown flag stops XLA).
+# And without jaxlib 0.10's MLIR fusion emitters (XLA falls back to its older LLVM ones) and the
+# concurrency-optimized scheduler, 44% less again: 4 tests/test_train.py tests and 17
+# interpreted-kernel cases of tests/test_flash_attention.py from a cold cache, 161 s -> 91 s of
+# CPU time (jaxlib 0.10.2, 2 cores). jaxlib 0.11 has no such switch (an unknown flag stops XLA).
 SIMPLER_CPU_COMPILE = "--xla_cpu_enable_concurrency_optimized_scheduler=false" + (
     " --xla_cpu_use_fusion_emitters=false" if version("jaxlib").startswith("0.10.") else ""
 )
