@@ -28,7 +28,6 @@ from mpt_jax.atomic_write import unwritable_reason, write_atomic
 from mpt_jax.config import (
     ConfigError,
     RunConfig,
-    param_shapes,
     run_config_from_dict,
     to_dict,
     with_defaults,
@@ -764,7 +763,10 @@ def _initial_params(cfg: RunConfig, abstract_params) -> Any:
     source = Path(cfg.init_from)
     if (source / "config.json").is_file():
         param_dtype, _ = PRECISIONS[cfg.train.precision]
-        loaded = MPTForCausalLM.from_pretrained(source, param_dtype=param_dtype)
+        # in the run's layout of the layers (HF folders hold each block's tensors apart)
+        loaded = MPTForCausalLM.from_pretrained(
+            source, param_dtype=param_dtype, scan_layers=cfg.model.scan_layers
+        )
         params = nnx.state(loaded, nnx.Param)
         _check_same_shapes(params, abstract_params, source)
         return jax.device_put(params, jax.tree.map(lambda a: a.sharding, abstract_params))
@@ -772,15 +774,29 @@ def _initial_params(cfg: RunConfig, abstract_params) -> Any:
     return checkpoint.load_params(_init_from_step_dir(cfg), abstract_params)
 
 
+# init_from takes the weights only: how a fresh model would be initialized and the dropout and
+# embedding-gradient scale of training may differ from the source's (the kernels too)
+_INIT_FROM_FREE = ("init_config", "resid_pdrop", "emb_pdrop", "attn_pdrop", "embedding_fraction")
+
+
+def _init_from_changes(source_model: dict[str, Any], cfg: RunConfig, *, layout: bool) -> str:
+    """The model fields init_from's source and the run differ in, as `holds a different model
+    (...)`, or ""; `layout`: scan_layers may differ too (an HF folder is loaded in either)."""
+    free = _INIT_FROM_FREE + (("scan_layers",) if layout else ())
+    changed = _model_changes(source_model, to_dict(cfg.model))
+    changed = [key for key in changed if key.split(".")[0] not in free]
+    return f"holds a different model ({', '.join(changed[:5])})" if changed else ""
+
+
 def _init_from_step_dir(cfg: RunConfig) -> Path:
     """init_from's step folder (a run folder's latest), refused if it holds another model."""
-    step_dir = checkpoint.find_step_dir(Path(cfg.init_from))
+    try:
+        step_dir = checkpoint.find_step_dir(Path(cfg.init_from))
+    except ConfigError as e:
+        raise ConfigError(f"init_from: {e} (nor an HF MPT folder: no config.json)") from None
     saved_model = with_defaults(checkpoint.read_meta(step_dir)["config"]).get("model", {})
-    changed = _model_changes(saved_model, to_dict(cfg.model))
-    if changed:
-        raise ConfigError(
-            f"init_from: {step_dir} holds a different model ({', '.join(changed[:5])})"
-        )
+    if changed := _init_from_changes(saved_model, cfg, layout=False):
+        raise ConfigError(f"init_from: {step_dir} {changed}")
     return step_dir
 
 
@@ -791,13 +807,8 @@ def _check_init_from_model(cfg: RunConfig) -> None:
     if not (source / "config.json").is_file():
         _init_from_step_dir(cfg)
         return
-    theirs, ours = param_shapes(read_config(source)), param_shapes(cfg.model)
-    for name in sorted(theirs.keys() | ours.keys()):
-        if theirs.get(name) != ours.get(name):
-            raise ConfigError(
-                f"init_from: {source} tensor {name} has shape {theirs.get(name)}, the run's "
-                f"model needs {ours.get(name)}"
-            )
+    if changed := _init_from_changes(to_dict(read_config(source)), cfg, layout=True):
+        raise ConfigError(f"init_from: {source} {changed}")
 
 
 def _check_same_shapes(params, abstract_params, source: Path) -> None:
@@ -1520,12 +1531,15 @@ class _Trainer:
             if preempted:
                 why = "a loss streak is open: it resumes from the checkpoint before it"
                 return self._stopped(final, step, saved=save_now, why=None if save_now else why)
+            # evaluations and exports are no step time: their span is taken out of the clock,
+            # not the clock restarted after them, which would drop the step finished before
+            # them (its execution ends in the wait above) from the next step's time
+            paused = time.perf_counter()
             if evaluate_now and not last_step:
                 self._evaluate_and_log(step)
-                last_time = time.perf_counter()  # evaluation time is not step time
             if self._export_due(step):
                 self._export_hf(self._hf_step_dir(step))
-                last_time = time.perf_counter()
+            last_time += time.perf_counter() - paused
         jax.block_until_ready(self.state)
         final.update(self._evaluate_and_log(total), step=total)
         final.update(self.save_times)

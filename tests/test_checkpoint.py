@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from helpers import TINY_MODEL, config
 from xla_flags import xla_flags
 
@@ -353,6 +354,14 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(small_dataset, tmp
     np.testing.assert_allclose(
         mpt_jax.from_pretrained(run_dir)(ids), mpt_jax.from_pretrained(out)(ids), atol=1e-6
     )
+    # an HF folder into a run whose layers are scanned (the large presets'): the same weights,
+    # stacked, and so the same logits but for the scan's rounding (the dropout of training may
+    # differ)
+    model = {**to_dict(cfg8)["model"], "scan_layers": True, "resid_pdrop": 0.1}
+    scanned = run_config_from_dict({**to_dict(cfg8), "model": model, "init_from": str(out)})
+    graphdef, abstract = abstract_state(scanned, make_mesh(scanned.mesh))[:2]
+    stacked = nnx.merge(graphdef, _initial_params(scanned, abstract.params))
+    np.testing.assert_allclose(stacked(ids), mpt_jax.from_pretrained(out)(ids), atol=1e-5)
 
     # bad input: another model's checkpoint, a foreign folder
     other = {**to_dict(cfg8), "model": {**TINY_MODEL, "d_model": 32}, "init_from": str(run_dir)}

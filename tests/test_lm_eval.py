@@ -170,7 +170,7 @@ def test_simple_evaluate_agrees_with_direct_computation(setup):
     assert got == [text.split("\n")[0] for text in direct]
 
 
-def test_lm_eval_command_line_runs_the_model(setup, tmp_path, monkeypatch):
+def test_lm_eval_command_line_runs_the_model(setup, tmp_path, monkeypatch, capsys):
     model, model_dir, tasks = setup
     out = tmp_path / "out"
     argv = ["python -m mpt_jax.lm_eval", "--model", "mpt_jax"]
@@ -179,11 +179,24 @@ def test_lm_eval_command_line_runs_the_model(setup, tmp_path, monkeypatch):
     # `python -m mpt_jax.lm_eval` in this process: the same entry point, without paying for a
     # second start of lm-eval, torch and jax
     monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_module("mpt_jax.lm_eval", run_name="__main__", alter_sys=False)
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module("mpt_jax.lm_eval", run_name="__main__", alter_sys=False)
+    assert done.value.code == 0
     (path,) = glob.glob(str(out / "**" / "results_*.json"), recursive=True)
     acc = json.loads(Path(path).read_text())["results"]["mptjax_choice"]["acc,none"]
     expected = _choice_loglikelihoods(model)
     assert acc == pytest.approx(_accuracy(expected))
+    # bad input: one line (after lm-eval's log lines) and exit 2, no traceback
+    capsys.readouterr()
+    bad = list(argv)
+    bad[bad.index("--model_args") + 1] = f"path={tmp_path / 'nope'}"
+    monkeypatch.setattr(sys, "argv", bad)
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module("mpt_jax.lm_eval", run_name="__main__", alter_sys=False)
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert done.value.code == 2 and last == f"error: {tmp_path / 'nope'}: no such model folder"
+    assert "Traceback" not in err
 
 
 def test_entry_point_declared_for_lm_eval_plugin_discovery():

@@ -266,6 +266,20 @@ def test_overfits_one_batch(tmp_path):
     assert losses[0] > 3.5 and losses[-1] < 0.1, (losses[0], losses[-1])
 
 
+def test_the_step_finished_before_an_evaluation_keeps_its_time(small_dataset, tmp_path):
+    # the loop reads a step's metrics one step later; an evaluation waits for the step before it
+    # first, and that step's execution must still be charged (it was not: the step after each
+    # evaluation logged a dispatch's time, some 30x too short, and the rates rose by a tenth)
+    model = {**TINY_MODEL, "d_model": 128, "n_layers": 4}  # steps long beside their dispatch
+    train = {"steps": 9, "eval_every": 3, "eval_batches": 1, "log_every": 1}
+    sections = dict(model=model, train=train, checkpoint={"enabled": False})
+    run(config(small_dataset, run_dir=str(tmp_path / "run"), **sections))
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    times = {x["step"]: x["step_time"] for x in lines if "step_time" in x}
+    after_evaluations, others = [times[4], times[7]], [times[s] for s in (2, 3, 5, 6, 8, 9)]
+    assert min(after_evaluations) > 0.3 * float(np.median(others)), (after_evaluations, others)
+
+
 def test_eval_first_evaluates_the_initial_model_once(small_dataset, tmp_path):
     def val_steps():
         lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -478,10 +492,13 @@ def test_the_run_folder_changes_only_once_the_run_is_known_to_start(small_datase
         run(config(small_dataset, **narrower, model={**TINY_MODEL, "d_model": 32}), overwrite=True)
     mpt_jax.from_pretrained(run_dir).save_pretrained(tmp_path / "hf_other")
     narrower["init_from"] = str(tmp_path / "hf_other")
-    with pytest.raises(
-        ConfigError, match=r"hf_other tensor transformer\.\S+ has shape \(\d+, 64\), the run's"
-    ):
-        run(config(small_dataset, **narrower, model={**TINY_MODEL, "d_model": 32}), overwrite=True)
+    # from an HF folder too: by its config, also where the tensors' shapes agree (heads, ALiBi)
+    for change, field in (({"d_model": 32}, "d_model"), ({"n_heads": 2}, "n_heads")):
+        with pytest.raises(ConfigError, match=rf"hf_other holds a different model \({field}\)"):
+            run(config(small_dataset, **narrower, model={**TINY_MODEL, **change}), overwrite=True)
+    with pytest.raises(ConfigError, match=r"hf_other holds a different model \(alibi, clip_qkv\)"):
+        no_alibi = {**TINY_MODEL, "alibi": False, "clip_qkv": 0.5}  # no positions at all
+        run(config(small_dataset, **narrower, model=no_alibi), overwrite=True)
     link = tmp_path / "link"
     link.symlink_to(run_dir)
     with pytest.raises(ConfigError, match=r"link is a symbolic link; --overwrite replaces a real"):
