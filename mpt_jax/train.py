@@ -783,6 +783,8 @@ def _init_from_changes(source_model: dict[str, Any], cfg: RunConfig, *, layout: 
     """The model fields init_from's source and the run differ in, as `holds a different model
     (...)`, or ""; `layout`: scan_layers may differ too (an HF folder is loaded in either)."""
     free = _INIT_FROM_FREE + (("scan_layers",) if layout else ())
+    if not cfg.model.learned_pos_emb:  # no tensor holds the length: a longer context (ALiBi)
+        free += ("max_seq_len",)
     changed = _model_changes(source_model, to_dict(cfg.model))
     changed = [key for key in changed if key.split(".")[0] not in free]
     return f"holds a different model ({', '.join(changed[:5])})" if changed else ""
