@@ -39,6 +39,29 @@ def unwritable_reason(folder: str | Path) -> str | None:
     return None
 
 
+TEMPORARY, ASIDE = ".tmp-", ".old-"  # hidden siblings .NAME.tmp-* (being written), .NAME.old-*
+
+
+def temporary_sibling(dest: str | Path) -> Path:
+    """A new empty folder `.NAME.tmp-*` beside `dest`, to write a whole folder in and then move
+    to `dest` with `replace_folder`."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # mkdir, not mkdtemp: mkdtemp's mode 0700 would survive the rename, and a shared dataset or
+    # run folder must get the umask's permissions like any folder
+    tmp = dest.with_name(f".{dest.name}{TEMPORARY}{secrets.token_hex(4)}")
+    tmp.mkdir()
+    return tmp
+
+
+def sibling_target(sibling: Path) -> Path:
+    """The folder a `.NAME.tmp-*` or `.NAME.old-*` sibling was written for or moved aside from."""
+    name = sibling.name[1:]
+    for mark in (TEMPORARY, ASIDE):
+        name = name.split(mark)[0]
+    return sibling.with_name(name)
+
+
 def replace_folder(new: str | Path, dest: str | Path) -> Path:
     """Put the whole folder `new` at `dest`, deleting what `dest` held.
 
@@ -54,7 +77,7 @@ def replace_folder(new: str | Path, dest: str | Path) -> Path:
     if _exchange(new, dest):
         shutil.rmtree(new)  # now the old contents
         return dest
-    old = dest.with_name(f".{dest.name}.old-{secrets.token_hex(4)}")
+    old = dest.with_name(f".{dest.name}{ASIDE}{secrets.token_hex(4)}")
     dest.rename(old)
     new.rename(dest)
     shutil.rmtree(old)
@@ -65,7 +88,7 @@ def stale_siblings(dest: str | Path) -> list[Path]:
     """Hidden `.NAME.tmp-*` and `.NAME.old-*` folders beside `dest`: writes of it that a kill
     cut short, or that are still running elsewhere."""
     dest = Path(dest)
-    found = [*dest.parent.glob(f".{dest.name}.tmp-*"), *dest.parent.glob(f".{dest.name}.old-*")]
+    found = [p for mark in (TEMPORARY, ASIDE) for p in dest.parent.glob(f".{dest.name}{mark}*")]
     return sorted(p for p in found if p.is_dir())
 
 

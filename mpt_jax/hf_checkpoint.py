@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import secrets
 import shutil
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -12,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from mpt_jax.atomic_write import replace_folder
+from mpt_jax.atomic_write import replace_folder, temporary_sibling
 from mpt_jax.config import ConfigError, InitConfig, ModelConfig, from_dict, param_shapes
 from mpt_jax.safetensors_io import CheckpointError, CheckpointReader, write_checkpoint
 
@@ -377,11 +376,7 @@ def write_folder(
             "llm-foundry's MPT code (trust_remote_code) to load",
             stacklevel=3,
         )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # mkdir, not mkdtemp, as prepare_dataset does: mkdtemp's mode 0700 would survive the rename
-    # and keep other users of a shared run folder out
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    tmp = temporary_sibling(out_dir)
     try:
         write_checkpoint(tmp, list(entries), fetch, dtype=dtype, max_shard_size=max_shard_size)
         config = {**config_to_hf(cfg, dtype=stored), **(token_ids or {})}

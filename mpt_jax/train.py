@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 
 from mpt_jax import checkpoint, distributed, resilience, run_log, sharding
 from mpt_jax import metrics as metrics_lib
-from mpt_jax.atomic_write import unwritable_reason, write_atomic
+from mpt_jax.atomic_write import ASIDE, TEMPORARY, sibling_target, unwritable_reason, write_atomic
 from mpt_jax.config import (
     ConfigError,
     RunConfig,
@@ -669,8 +669,8 @@ def _finish_hf_exports(folder: Path, names: str = "ba*") -> None:
     """HF exports named `names` in `folder` that a kill cut short (write_folder's temporary
     names): a whole one whose folder is missing (killed between its two renames) is put in place,
     the rest removed."""
-    for tmp in sorted(folder.glob(f".{names}.tmp-*")):
-        target = folder / tmp.name[1:].split(".tmp-")[0]
+    for tmp in sorted(folder.glob(f".{names}{TEMPORARY}*")):
+        target = sibling_target(tmp)
         try:  # config.json is written last: whole if it parses
             json.loads((tmp / "config.json").read_text())
             whole = True
@@ -680,7 +680,7 @@ def _finish_hf_exports(folder: Path, names: str = "ba*") -> None:
             tmp.rename(target)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    for old in folder.glob(f".{names}.old-*"):
+    for old in folder.glob(f".{names}{ASIDE}*"):
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -78,3 +78,19 @@ def test_replace_folder_puts_the_new_one_in_place_and_deletes_the_old(
 
 def _killed(path, *args, **kwargs):
     raise KeyboardInterrupt
+
+
+def test_temporary_siblings_get_the_umask_and_map_back_to_their_folder(tmp_path):
+    from mpt_jax.atomic_write import sibling_target, stale_siblings, temporary_sibling
+
+    old_umask = os.umask(0o022)
+    try:
+        tmp = temporary_sibling(tmp_path / "runs" / "hf")
+    finally:
+        os.umask(old_umask)
+    # mkdtemp's 0700 would survive the rename and shut other users out of a shared folder
+    assert tmp.is_dir() and tmp.stat().st_mode & 0o777 == 0o755
+    assert tmp.name.startswith(".hf.tmp-") and sibling_target(tmp) == tmp_path / "runs" / "hf"
+    assert stale_siblings(tmp_path / "runs" / "hf") == [tmp]
+    assert sibling_target(tmp_path / ".ba12.old-0a1b") == tmp_path / "ba12"
+    assert temporary_sibling(tmp_path / "runs" / "hf") != tmp  # each write its own

@@ -13,7 +13,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import secrets
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from mpt_jax.atomic_write import replace_folder, unwritable_reason
+from mpt_jax.atomic_write import replace_folder, temporary_sibling, unwritable_reason
 from mpt_jax.data import mds, sources
 from mpt_jax.data.errors import DataError
 from mpt_jax.data.tokenizer import ByteTokenizer, JsonTokenizer, load_tokenizer, train_bpe
@@ -112,11 +111,7 @@ def prepare_dataset(
             "ids, and no input has one"
         )
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # mkdir, not mkdtemp: mkdtemp's mode 0700 would survive the rename, and a shared dataset
-    # (or the builtin: cache) must get the umask's permissions like any folder
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    tmp = temporary_sibling(out_dir)
     try:
         if train_bpe_vocab is not None:
             train_docs = (
