@@ -226,10 +226,16 @@ class Throughput:
 # Logging
 
 
-def _as_float(key: str, value: Any) -> float:
+def _as_number(key: str, value: Any) -> int | float:
+    """A float, or an int for integer values (counts: tokens, skipped steps, a checkpoint's
+    step), which metrics.jsonl then writes as `256`, not `256.0`."""
     # Strings are refused even when numeric: a str metric is a caller bug, not a number.
     if isinstance(value, str | bytes):
         raise TypeError(f"metric {key!r}: expected a number, got {value!r}")
+    try:
+        return operator.index(value)  # ints, also numpy/jax integer scalars
+    except TypeError:
+        pass
     try:
         return float(value)  # also numpy/jax scalars and size-1 arrays
     except (TypeError, ValueError) as e:
@@ -327,7 +333,7 @@ class MetricsLogger:
         if self._closed:
             raise RuntimeError(f"MetricsLogger for {self.run_dir} is closed")
         step = operator.index(step)
-        values: dict[str, float] = {}
+        values: dict[str, int | float] = {}
         record: dict[str, Any] = {"step": step}
         for key, value in metrics.items():
             if key in ("step", "nonfinite"):
@@ -335,7 +341,7 @@ class MetricsLogger:
             if value is None:  # unknown (e.g. mfu on CPU): null in the JSON line, nothing elsewhere
                 record[key] = None
             else:
-                values[key] = _as_float(key, value)
+                values[key] = _as_number(key, value)
         nonfinite: dict[str, str] = {}
         for key, x in values.items():
             if math.isfinite(x):

@@ -188,15 +188,17 @@ def test_logger_writes_jsonl_and_tensorboard(tmp_path):
     pytest.importorskip("tensorboardX")
     run_dir = tmp_path / "run"
     with MetricsLogger(run_dir) as logger:
-        logger.log(10, {"loss": 2.5, "lr": 1e-4, "tokens_per_s": 1234})
+        logger.log(10, {"loss": 2.5, "lr": 1e-4, "tokens_per_s": 1234.0, "tokens": 2048})
         # Flushed per call: readable before close.
         assert _read_lines(run_dir / "metrics.jsonl") == [
-            {"step": 10, "loss": 2.5, "lr": 1e-4, "tokens_per_s": 1234.0}
+            {"step": 10, "loss": 2.5, "lr": 1e-4, "tokens_per_s": 1234.0, "tokens": 2048}
         ]
         logger.log(20, {"loss": 2.0, "lr": 2e-4})
     lines = _read_lines(run_dir / "metrics.jsonl")
     assert [line["step"] for line in lines] == [10, 20]
-    assert all(isinstance(v, float) for line in lines for k, v in line.items() if k != "step")
+    # each value keeps its kind: counts are integers, the rest floats
+    kinds = {k: type(v) for line in lines for k, v in line.items()}
+    assert kinds == {"step": int, "tokens": int, "loss": float, "lr": float, "tokens_per_s": float}
     scalars = _read_tb_scalars(run_dir / "tensorboard")
     assert [s for s, _ in scalars["loss"]] == [10, 20]
     assert [v for _, v in scalars["loss"]] == pytest.approx([2.5, 2.0])
@@ -243,8 +245,10 @@ def test_logger_accepts_numpy_writes_unknown_as_null_and_rejects_bad_values(tmp_
         with pytest.raises(ValueError, match="reserved"):
             logger.log(4, {"step": 1.0})
     assert _read_lines(tmp_path / "metrics.jsonl") == [
-        {"step": 3, "loss": 1.5, "n": 2.0, "mfu": None}
+        {"step": 3, "loss": 1.5, "n": 2, "mfu": None}
     ]
+    # counts stay integers in the file: `2`, not `2.0`
+    assert '"n": 2}' in (tmp_path / "metrics.jsonl").read_text()
     with pytest.raises(RuntimeError, match="closed"):
         logger.log(5, {"loss": 1.0})
 

@@ -389,7 +389,8 @@ def test_end_to_end_run_writes_run_folder(small_dataset, tmp_path):
     assert train_lines[0]["step"] == 1 and train_lines[0]["tokens_per_s"] is None
     assert train_lines[0]["remaining_s"] is None and train_lines[0]["step_time"] > 0
     assert train_lines[1]["tokens_per_s"] > 0
-    assert train_lines[-1]["tokens"] == 6 * 8 * 32
+    assert train_lines[-1]["tokens"] == 6 * 8 * 32 and type(train_lines[-1]["tokens"]) is int
+    assert type(train_lines[-1]["skipped_steps"]) is int  # counts are written as integers
     assert [x["step"] for x in lines if "val_loss" in x] == [3, 6]
     assert final["val_loss"] < 5.6  # below ln(258): it learned something
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
