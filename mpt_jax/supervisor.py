@@ -13,8 +13,11 @@ from pathlib import Path
 from mpt_jax.checkpoint import committed_steps
 from mpt_jax.loss_spikes import LOSS_SPIKE_EXIT_CODE
 
-# bad config or data, a stop for a loss spike: a restart cannot help
-NO_RETRY_EXIT_CODES = {2, LOSS_SPIKE_EXIT_CODE}
+# a restart cannot help these
+NO_RETRY_EXIT_CODES = {
+    2: "bad config or data",
+    LOSS_SPIKE_EXIT_CODE: "stopped for a loss spike or a lasting high loss",
+}
 MAX_BACKOFF_S = 300.0
 STOP_GRACE_S = 600.0  # after a forwarded SIGTERM / SIGINT, then SIGKILL (a save takes less)
 
@@ -93,7 +96,7 @@ def supervise(
             if stopping is not None:  # a stop that came while the child was starting
                 child.send_signal(signal.SIGTERM)
             code = wait_for_child()
-            if code == 0 or stopping is not None or code in NO_RETRY_EXIT_CODES:
+            if code == 0 or stopping is not None:
                 return code if code >= 0 else 128 - code
             after = committed_steps(checkpoints)
             progressed = bool(after) and (not before or after[-1] > before[-1])
@@ -105,6 +108,17 @@ def supervise(
                 "seconds": round(time.time() - started, 1),
                 "latest_checkpoint": after[-1] if after else None,
             }
+            if code in NO_RETRY_EXIT_CODES:
+                print(
+                    f"supervisor: trainer {failure['failure']} ({NO_RETRY_EXIT_CODES[code]}); "
+                    "not restarted: a restart would fail the same way",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                # a config refused before the run folder was made: nothing to record it in
+                if keep_record and Path(run_dir).is_dir():
+                    _append(log_path, {**failure, "action": "not restarted"})
+                return code
             if restarts >= max_restarts:
                 print(
                     f"supervisor: trainer {failure['failure']}; giving up after {max_restarts} "

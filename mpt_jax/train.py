@@ -1458,15 +1458,18 @@ class _Trainer:
         if self.checkpointer is not None:
             self.checkpointer.start_clock()
         last_time = time.perf_counter()
+        # the first step of a start (it compiles) or after a rollback (the clock restarts after
+        # the restore) has no rate, and the rate window starts afresh after it
+        fresh_step = step
 
         def finish(pending, force: bool = False) -> _Divergence | None:
             """Read and log a dispatched step's metrics; what to roll back, if anything."""
-            compiling = pending[0] == self.start_step  # the first step's time is mostly that
+            fresh = pending[0] == fresh_step
             logged = _log_step(
-                pending[:4], cfg, self.logger, self.throughput, self.bar, force, compiling
+                pending[:4], cfg, self.logger, self.throughput, self.bar, force, fresh
             )
             final.update(logged)
-            if compiling:
+            if fresh:
                 self.throughput.reset()
             self.watchdog.heartbeat()
             return self._divergence(final, handed_out=pending[4])
@@ -1498,8 +1501,8 @@ class _Trainer:
             # before any rollback: with several processes only this step is the agreed one
             preempted = self.preemption.reached(step)
             if rollback_due:
-                step = self._rollback(rollback_due)
-                pending = None
+                step = fresh_step = self._rollback(rollback_due)
+                pending, last_time = None, time.perf_counter()
                 if preempted:  # the checkpoint rolled back to is this state (less the skip)
                     return self._stopped(final, step, saved=True)
                 continue
@@ -1516,7 +1519,8 @@ class _Trainer:
                 rollback_due = finish(pending, force=True)
                 pending = None
                 if rollback_due:
-                    step = self._rollback(rollback_due)
+                    step = fresh_step = self._rollback(rollback_due)
+                    last_time = time.perf_counter()
                     if preempted:
                         return self._stopped(final, step, saved=True)
                     continue
@@ -1640,17 +1644,16 @@ class _Trainer:
                 getattr(part, method)()
 
 
-def _log_step(
-    pending, cfg: RunConfig, logger, throughput, bar, force=False, compiling=False
-) -> dict:
-    """Log one step's metrics. `compiling`: the first step of a start, whose time is mostly
-    compilation: its rates are unknown (null), as before composer's speed window fills."""
+def _log_step(pending, cfg: RunConfig, logger, throughput, bar, force=False, fresh=False) -> dict:
+    """Log one step's metrics. `fresh`: the first step of a start, whose time is mostly
+    compilation, or after a rollback, timed from the restore's end: its rates are unknown
+    (null), as before composer's speed window fills."""
     step, out, step_time, data_wait = pending
     values = {k: v.item() for k, v in jax.device_get(out).items()}
     batch_tokens = cfg.train.global_batch * cfg.seq_len
     throughput.update(max(step_time, 1e-9), cfg.train.global_batch, batch_tokens)
     rates = throughput.compute()
-    if compiling:
+    if fresh:
         rates = {key: None for key in rates}
     metrics = {
         "step": step + 1,
@@ -1666,7 +1669,7 @@ def _log_step(
         "skipped_steps": values["skipped_steps"],
         # the steps left at the window's pace; evaluations and saves not counted (composer's
         # runtime_estimator)
-        "remaining_s": None if compiling else (cfg.total_steps - step - 1) * rates["step_time_s"],
+        "remaining_s": None if fresh else (cfg.total_steps - step - 1) * rates["step_time_s"],
     }
     if cfg.train.remat == "full":
         metrics["hfu"] = rates.get("hfu")  # null with mfu where the peak is unknown (CPU)

@@ -124,7 +124,15 @@ def test_nan_streak_rolls_back_and_skips_the_bad_data(small_dataset, tmp_path, m
         checkpoint={"every": 4},
     )
     monkeypatch.setenv("MPT_JAX_FAULTS", "nan@6-10")
-    final = run(config(small_dataset, run_dir=str(tmp_path / "run"), **sections))
+    restore = checkpoint.Checkpointer.restore_latest
+
+    def slow_restore(*args, **kwargs):  # a large model's restore: seconds, not milliseconds
+        time.sleep(1.0)
+        return restore(*args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(checkpoint.Checkpointer, "restore_latest", slow_restore)
+        final = run(config(small_dataset, run_dir=str(tmp_path / "run"), **sections))
     err = capfd.readouterr().err
     # the data goes on after step 11's batch (10): batches 8..10 skipped
     assert (
@@ -133,6 +141,12 @@ def test_nan_streak_rolls_back_and_skips_the_bad_data(small_dataset, tmp_path, m
     assert np.isfinite(final["loss"]) and final["step"] == 14
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["rollback_to_step"] for x in lines if "rollback_to_step" in x] == [8]
+    # the restore is no step's time: the clock starts again after it, and the first step after
+    # it has no rate, as the first step of a start
+    after = lines[next(i for i, x in enumerate(lines) if "rollback_to_step" in x) :]
+    after = [x for x in after if "loss" in x]
+    assert after[0]["step"] == 9 and after[0]["tokens_per_s"] is None
+    assert all(x["step_time"] < 1.0 for x in after) and after[1]["tokens_per_s"] > 0
     meta = checkpoint.read_meta(tmp_path / "run" / "checkpoints" / "14")
     assert meta["data"]["batches"] == 17 and meta["rollbacks"] == 1
 

@@ -271,10 +271,23 @@ def test_a_spike_that_is_only_logged_trains_on(small_dataset, tmp_path, monkeypa
     assert "rollback" not in "".join(lines)
 
 
-def test_the_supervisor_does_not_restart_a_stop_for_a_loss_spike(tmp_path):
+def test_the_supervisor_does_not_restart_a_stop_for_a_loss_spike(tmp_path, capfd):
     calls = tmp_path / "calls"
     child = f"open({str(calls)!r}, 'a').write('x'); raise SystemExit({LOSS_SPIKE_EXIT_CODE})"
     code = supervise(
         ["-c", child], run_dir=tmp_path, max_restarts=3, backoff_s=0, launcher=[sys.executable]
     )
     assert code == LOSS_SPIKE_EXIT_CODE and calls.read_text() == "x"
+    # said and recorded like every failure, with what was done about it
+    assert "exit code 3 (stopped for a loss spike or a lasting high loss); not restarted" in (
+        capfd.readouterr().err
+    )
+    (record,) = [json.loads(x) for x in (tmp_path / "restarts.jsonl").read_text().splitlines()]
+    assert record["failure"] == "exit code 3" and record["action"] == "not restarted"
+    # a config refused before its run folder exists: said, and no folder made to record it in
+    missing = tmp_path / "never-made"
+    code = supervise(
+        ["-c", "raise SystemExit(2)"], run_dir=missing, max_restarts=3, launcher=[sys.executable]
+    )
+    assert code == 2 and not missing.exists()
+    assert "(bad config or data); not restarted" in capfd.readouterr().err
