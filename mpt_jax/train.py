@@ -36,6 +36,7 @@ from mpt_jax.data import (
     BatchLoader,
     DataError,
     check_compatible,
+    check_same_eos,
     resolve_dataset,
     tokenizer_from_spec,
 )
@@ -848,12 +849,15 @@ def _open_dataset(cfg: RunConfig, path: str, progress: bool):
     return meta
 
 
-def _eval_datasets(cfg: RunConfig, progress: bool, data_shards: int) -> list[tuple[str, Any]]:
+def _eval_datasets(
+    cfg: RunConfig, first, progress: bool, data_shards: int
+) -> list[tuple[str, Any]]:
     """(label, dataset) of each data.eval entry, checked as the training datasets are."""
     out = []
     for i, source in enumerate(cfg.data.eval):
         try:
             meta = _open_dataset(cfg, source.path, progress)
+            check_same_eos(first, meta)
             # an empty or too small val split is refused now, not at the first evaluation
             eval_batch_size(
                 meta,
@@ -1067,13 +1071,15 @@ class _Trainer:
         problem = None
         try:
             self.datasets = _datasets(cfg, progress=self.show)
+            for meta, _ in self.datasets[1:]:
+                check_same_eos(self.datasets[0][0], meta)
             # the run evaluates on the first dataset's val split, at least at its end: an empty
             # or too small split is refused now, not after the training it would cost
             processes = jax.process_count()
             eval_batch_size(
                 self.datasets[0][0], cfg.train.global_batch, data_shards=shards, processes=processes
             )
-            self.eval_datasets = _eval_datasets(cfg, self.show, shards)
+            self.eval_datasets = _eval_datasets(cfg, self.datasets[0][0], self.show, shards)
         except (DataError, ConfigError, OSError) as e:  # a per-host copy missing, say
             problem = e
         _stop_together(problem, "data", "could not open its datasets")

@@ -1061,3 +1061,38 @@ def test_data_eval_adds_val_losses_of_other_datasets(small_dataset, tmp_path):
         with pytest.raises(error, match=message):
             run(config(small_dataset, run_dir=str(tmp_path / "bad"), data=data, train=train))
         assert not (tmp_path / "bad").exists()
+
+
+def test_datasets_whose_documents_end_in_other_tokens_are_refused(small_dataset, tmp_path):
+    from mpt_jax.data import prepare_dataset
+    from mpt_jax.data.tokenizer import train_bpe
+    from mpt_jax.train import run
+
+    docs = (small_dataset / "docs.jsonl").read_text().splitlines()
+    tok = train_bpe([json.loads(d)["text"] for d in docs], 300, tmp_path / "tokenizer.json")
+    # one tokenizer file, prepared with its own end-of-text token and with another
+    for name, eos in (("ds_eot", None), ("ds_x", "x")):
+        prepare_dataset(
+            [str(small_dataset / "docs.jsonl")],
+            tmp_path / name,
+            seq_len=32,
+            val_fraction=0.1,
+            tokenizer=str(tok),
+            eos_token=eos,
+            progress=False,
+        )
+    model = {**TINY_MODEL, "vocab_size": 300}
+    base = dict(model=model, run_dir=str(tmp_path / "run"))
+    mixture = {"path": None, "tokenizer": str(tok)}
+    mixture["mixture"] = [{"path": str(tmp_path / "ds_eot")}, {"path": str(tmp_path / "ds_x")}]
+    evaluated = {"path": str(tmp_path / "ds_eot"), "tokenizer": str(tok)}
+    evaluated["eval"] = [{"label": "x", "path": str(tmp_path / "ds_x")}]
+    for data, where in ((mixture, ""), (evaluated, r"data\.eval\[0\] \(x\): ")):
+        with pytest.raises(
+            DataError,
+            match=rf"^{where}\S*ds_x/meta\.json: documents end in token \d+, those of \S*ds_eot "
+            r"in \d+ \('x' and '<\|endoftext\|>'\); prepare every dataset of a run with the same "
+            r"end-of-text token \(tools/prepare_data\.py --eos-token\)$",
+        ):
+            run(config(tmp_path, data=data, **base))
+        assert not (tmp_path / "run").exists()

@@ -172,6 +172,21 @@ def check_compatible(
             )
 
 
+def check_same_eos(first: DatasetMeta, meta: DatasetMeta) -> None:
+    """Refuse a dataset whose documents end in another token than `first`'s (one tokenizer file
+    prepared with another --eos-token): a run would learn two ends of text, and its HF export
+    and evaluations know only the first."""
+    if meta.eos_id == first.eos_id:
+        return
+    tokens = [m.tokenizer.get("eos_token") for m in (meta, first)]
+    said = f" ({tokens[0]!r} and {tokens[1]!r})" if None not in tokens else ""
+    raise DataError(
+        f"{meta.folder / META_FILE}: documents end in token {meta.eos_id}, those of "
+        f"{first.folder} in {first.eos_id}{said}; prepare every dataset of a run with the same "
+        "end-of-text token (tools/prepare_data.py --eos-token)"
+    )
+
+
 def check_tokenizer(
     meta: DatasetMeta, tokenizer: ByteTokenizer | JsonTokenizer, *, named: str, remedy: str
 ) -> None:
