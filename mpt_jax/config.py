@@ -548,6 +548,12 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_schedule_covers_run(self.schedule, self.train)
+        if self.train.profile is not None and self.train.profile[1] > self.total_steps:
+            raise ConfigError(
+                f"train.profile: [{self.train.profile[0]}, {self.train.profile[1]}) ends past "
+                f"the run's {self.total_steps} steps (the trace would hold its final evaluation "
+                "and save)"
+            )
         if self.train.loss_spike.action == "rollback" and not self.checkpoint.enabled:
             raise ConfigError(
                 "train.loss_spike.action: rollback needs checkpoints to roll back to "

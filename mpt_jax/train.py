@@ -1482,7 +1482,7 @@ class _Trainer:
 
         while step < total:
             self.faults.before_step(step)
-            self.profiler.at_step(step)
+            self.profiler.at_step(step, self.state)
             t0 = time.perf_counter()
             batch = next(self.loader)
             data_wait = time.perf_counter() - t0
@@ -1553,6 +1553,7 @@ class _Trainer:
                 self._export_hf(self._hf_step_dir(step))
             last_time += time.perf_counter() - paused
         jax.block_until_ready(self.state)
+        self.profiler.at_step(total, self.state)  # a window ending with the run: not the eval
         final.update(self._evaluate_and_log(total), step=total)
         final.update(self.save_times)
         if cfg.train.export_hf:
@@ -1710,24 +1711,38 @@ def _progress(total: int, show: bool, initial: int = 0):
 
 
 class _Profiler:
-    """Traces steps [first, last) of train.profile with jax.profiler (TensorBoard / Perfetto)."""
+    """Traces steps [first, last) of train.profile with jax.profiler (TensorBoard / Perfetto).
+
+    The host runs a step ahead: the step before the window and the window's last step are
+    waited for at its edges, so that the trace holds the window's steps alone."""
 
     def __init__(self, window: tuple[int, int] | None, out_dir: Path):
-        self.window, self.out_dir, self.active = window, out_dir, False
+        self.window, self.out_dir = window, out_dir
+        self.active = self.done = False
 
-    def at_step(self, step: int) -> None:
-        if self.window is None:
+    def at_step(self, step: int, state: Any) -> None:
+        """Before step `step` (0-based) is dispatched; `state` holds the steps dispatched."""
+        if self.window is None or self.done:
             return
-        if step == self.window[0] and not self.active:
+        first, last = self.window
+        if not self.active and first <= step < last:
+            if step > first:
+                print(
+                    f"train.profile: tracing steps [{step}, {last}) only: the run resumed "
+                    f"inside the window [{first}, {last})",
+                    file=sys.stderr,
+                )
+            jax.block_until_ready(state)
             jax.profiler.start_trace(str(self.out_dir), create_perfetto_trace=True)
             self.active = True
-        elif step == self.window[1]:
+        elif self.active and step >= last:
+            jax.block_until_ready(state)
             self.stop()
 
     def stop(self) -> None:
         if self.active:
             jax.profiler.stop_trace()
-            self.active = False
+            self.active, self.done = False, True
 
 
 def load_and_run(config_path: str, overrides: list[str], *, overwrite: bool = False) -> dict:

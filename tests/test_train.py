@@ -1096,3 +1096,34 @@ def test_datasets_whose_documents_end_in_other_tokens_are_refused(small_dataset,
         ):
             run(config(tmp_path, data=data, **base))
         assert not (tmp_path / "run").exists()
+
+
+def test_the_profile_window_holds_its_steps_alone_also_when_resumed_inside_it(
+    small_dataset, tmp_path, monkeypatch, capfd
+):
+    from mpt_jax.profiling import summarize_trace
+    from mpt_jax.train import run
+
+    def kernel_runs(run_dir):
+        """How often each XLA kernel in the newest trace ran, per step's device: the traced
+        steps, if alone (on CPU the host's threads run every device's)."""
+        summary = summarize_trace(run_dir / "profile", top=100_000)
+        return {k.count / jax.device_count() for k in summary.top}
+
+    sections = dict(train={"steps": 6, "profile": [2, 5]}, checkpoint={"every": None})
+    monkeypatch.setenv("MPT_JAX_FAULTS", "sigterm@3")  # stops after steps 2 and 3, saved
+    assert run(config(small_dataset, run_dir=str(tmp_path / "run"), **sections))["step"] == 4
+    # the host runs a step ahead: without waiting at the window's edges the trace held the
+    # tail of the step before it (2.25 and 2.375 runs of some kernels)
+    assert kernel_runs(tmp_path / "run") == {2.0}
+    monkeypatch.delenv("MPT_JAX_FAULTS")
+    capfd.readouterr()
+    run(config(small_dataset, run_dir=str(tmp_path / "run"), **sections))
+    assert "train.profile: tracing steps [4, 5) only: the run resumed inside the window [2, 5)" in (
+        capfd.readouterr().err
+    )
+    # the resumed run's trace (the newest) ends with the window's last step, not the run
+    assert kernel_runs(tmp_path / "run") == {1.0}
+
+    with pytest.raises(ConfigError, match=r"train.profile: \[4, 7\) ends past the run's 6 steps"):
+        config(small_dataset, train={"steps": 6, "profile": [4, 7]})
