@@ -18,6 +18,7 @@ import operator
 import re
 import secrets
 import sys
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -268,7 +269,8 @@ class MetricsLogger:
     receive the raw non-finite floats, which both display. A `None` value (unknown, e.g. MFU on
     CPU) is left out of every sink. A readable line (`format_metrics`) goes to stdout with
     `console=True`, else to the run log only (`run_log.note`). With `enabled=False` (non-zero
-    processes) nothing is created or written.
+    processes) nothing is created or written. `resumed_at`: the step a run starts from (0 for a
+    fresh start), whose later steps an earlier attempt may have logged to TensorBoard.
     """
 
     def __init__(
@@ -281,6 +283,7 @@ class MetricsLogger:
         wandb_mode: str = "offline",
         config: dict[str, Any] | None = None,
         console: bool = False,
+        resumed_at: int | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.console = console
@@ -306,7 +309,17 @@ class MetricsLogger:
                     "tensorboardX is not installed; skipping TensorBoard logging", stacklevel=2
                 )
             else:
-                self._tb = SummaryWriter(logdir=str(self.run_dir / "tensorboard"))
+                # a run resumed at step N logs steps N+1.. again: TensorBoard hides the earlier
+                # attempts' events from there on (its SessionLog START purge), as
+                # metrics.jsonl is cut back; a fresh start (N = 0) hides every earlier one
+                self._tb = SummaryWriter(
+                    logdir=str(self.run_dir / "tensorboard"),
+                    purge_step=None if resumed_at is None else resumed_at + (resumed_at > 0),
+                    # the file is named by the second it was made in: another attempt started
+                    # within that second would truncate it; nanoseconds keep attempts apart,
+                    # and in order (TensorBoard reads a folder's event files by name)
+                    filename_suffix=f".{time.time_ns()}",
+                )
         if wandb_project:
             try:
                 import wandb

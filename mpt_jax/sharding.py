@@ -149,15 +149,14 @@ def _spec_entry(axes: tuple[str, ...]) -> str | tuple[str, ...]:
     return axes[0] if len(axes) == 1 else axes
 
 
-def replicated_share(abstract_params: Any) -> float:
-    """The fraction of parameters (by count) that no mesh axis splits, from arrays that carry
-    their sharding (jax.ShapeDtypeStruct or jax.Array); 0 on a one-device mesh."""
+def device_share(abstract_params: Any) -> float:
+    """The fraction of the parameters (by count) that each device holds, from arrays that carry
+    their sharding (jax.ShapeDtypeStruct or jax.Array): 1/(fsdp x tensor) where the mesh axes
+    divide every dimension they split, 1 where none does."""
     leaves = jax.tree.leaves(abstract_params)
     total = sum(math.prod(x.shape) for x in leaves)
-    whole = sum(math.prod(x.shape) for x in leaves if x.sharding.is_fully_replicated)
-    if len(leaves) == 0 or len(leaves[0].sharding.device_set) == 1:
-        return 0.0
-    return whole / max(total, 1)
+    held = sum(math.prod(x.sharding.shard_shape(x.shape)) for x in leaves)
+    return held / max(total, 1)
 
 
 def state_shardings(abstract_state: nnx.State, mesh: Mesh) -> nnx.State:

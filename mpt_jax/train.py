@@ -1065,7 +1065,8 @@ class _Trainer:
             )
         if cfg.train.fixed_microbatch and cfg.train.fixed_microbatch % shards:
             raise ConfigError(
-                f"train.microbatch: {cfg.train.microbatch} is not a multiple of data*fsdp"
+                f"train.microbatch: {cfg.train.microbatch} is not a multiple of data*fsdp "
+                f"({shards})"
             )
         self.show = cfg.train.progress and self.is_main
         problem = None
@@ -1091,13 +1092,16 @@ class _Trainer:
         self.batch_sharding = sharding.batch_sharding(mesh)
         self.graphdef, self.abstract, shardings = abstract_state(cfg, mesh)
         self.shardings = shardings
-        share = sharding.replicated_share(self.abstract.params)
-        if share > 0.5 and mesh.shape["fsdp"] * mesh.shape["tensor"] > 1 and self.is_main:
+        share = sharding.device_share(self.abstract.params)
+        splits = mesh.shape["fsdp"] * mesh.shape["tensor"]
+        if splits > 1 and share > 2 / splits and self.is_main:
             # a dimension the mesh axes do not divide stays whole: warn, as it costs memory
+            m = cfg.model
             print(
-                f"warning: {100 * share:.0f}% of the parameters are replicated on every device: "
-                f"mesh fsdp {mesh.shape['fsdp']} and tensor {mesh.shape['tensor']} divide too "
-                f"few of their dimensions (d_model {cfg.model.d_model}); choose sizes that do",
+                f"warning: each device holds {100 * share:.0f}% of the parameters, not about "
+                f"1/{splits}: mesh fsdp {mesh.shape['fsdp']} and tensor {mesh.shape['tensor']} "
+                f"divide too few of their dimensions (d_model {m.d_model}, n_heads {m.n_heads}, "
+                f"vocab_size {m.vocab_size}), which stay whole; choose sizes that do",
                 file=sys.stderr,
                 flush=True,
             )
@@ -1179,6 +1183,7 @@ class _Trainer:
             wandb_mode=cfg.train.wandb_mode,
             config=raw,
             console=not self.show,  # a line per logged step where no progress bar shows them
+            resumed_at=self.start_step,
         )
         peak = metrics_lib.peak_flops(jax.devices()[0].device_kind, cfg.train.precision)
         # a 10-step window, as llm-foundry's speed_monitor

@@ -133,3 +133,28 @@ def raw_config(tmp_path, **sections):
         merge = isinstance(value, dict) and key != "model"
         raw[key] = {**raw.get(key, {}), **value} if merge else value
     return raw
+
+
+def tensorboard_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Each tag's (step, value) points as TensorBoard shows them: the TFRecord-framed Event
+    protos of every event file under tb_dir, oldest file first, where a SessionLog START at
+    step N hides the points at N and later logged before it (its purge of a resumed run)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(tb_dir.rglob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack_from("<Q", data, pos)
+            record = data[pos + 12 : pos + 12 + length]  # skip length + its crc
+            pos += 12 + length + 4  # and the data crc
+            event = event_pb2.Event.FromString(record)
+            if event.HasField("session_log") and event.session_log.status == 1:  # START
+                for tag, points in scalars.items():
+                    scalars[tag] = [(step, v) for step, v in points if step < event.step]
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars

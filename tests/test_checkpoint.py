@@ -502,6 +502,10 @@ def test_sigterm_and_ten_sigkills_under_the_supervisor(small_dataset, tmp_path):
     assert err.count("resuming from") == 11  # the first attempt resumes the SIGTERM checkpoint
     assert_bitwise_equal(final_params(tmp_path / "faulty"), final_params(tmp_path / "ref"))
     assert train_lines(tmp_path / "faulty") == train_lines(tmp_path / "ref")
+    # TensorBoard shows each step once too: what a killed attempt logged past its checkpoint
+    # is hidden (the resumed attempt's SessionLog START)
+    shown = [helpers.tensorboard_scalars(tmp_path / r / "tensorboard") for r in ("faulty", "ref")]
+    assert shown[0]["loss"] == shown[1]["loss"] and len(shown[1]["loss"]) == steps
 
 
 def test_fault_drill_specs_parse_or_are_refused():

@@ -2,13 +2,13 @@
 
 import json
 import math
-import struct
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
+from helpers import tensorboard_scalars
 
 from mpt_jax import metrics
 from mpt_jax.config import count_params, load_model_config
@@ -167,23 +167,6 @@ def _read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _read_tb_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Parse TFRecord-framed Event protos from every event file under tb_dir."""
-    event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2")
-    scalars: dict[str, list[tuple[int, float]]] = {}
-    for path in sorted(tb_dir.rglob("events.out.tfevents.*")):
-        data = path.read_bytes()
-        pos = 0
-        while pos < len(data):
-            (length,) = struct.unpack_from("<Q", data, pos)
-            record = data[pos + 12 : pos + 12 + length]  # skip length + its crc
-            pos += 12 + length + 4  # and the data crc
-            event = event_pb2.Event.FromString(record)
-            for value in event.summary.value:
-                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
-    return scalars
-
-
 def test_logger_writes_jsonl_and_tensorboard(tmp_path):
     pytest.importorskip("tensorboardX")
     run_dir = tmp_path / "run"
@@ -199,7 +182,7 @@ def test_logger_writes_jsonl_and_tensorboard(tmp_path):
     # each value keeps its kind: counts are integers, the rest floats
     kinds = {k: type(v) for line in lines for k, v in line.items()}
     assert kinds == {"step": int, "tokens": int, "loss": float, "lr": float, "tokens_per_s": float}
-    scalars = _read_tb_scalars(run_dir / "tensorboard")
+    scalars = tensorboard_scalars(run_dir / "tensorboard")
     assert [s for s, _ in scalars["loss"]] == [10, 20]
     assert [v for _, v in scalars["loss"]] == pytest.approx([2.5, 2.0])
     assert scalars["tokens_per_s"] == [(10, 1234.0)]
@@ -213,6 +196,21 @@ def test_logger_appends_on_resume(tmp_path):
         logger.log(2, {"loss": 2.0})
     assert [line["step"] for line in _read_lines(tmp_path / "metrics.jsonl")] == [1, 2]
     assert not (tmp_path / "tensorboard").exists()
+
+
+def test_a_resumed_logger_hides_the_steps_an_earlier_attempt_logged_past_its_checkpoint(tmp_path):
+    pytest.importorskip("tensorboardX")
+    with MetricsLogger(tmp_path, resumed_at=0) as killed:  # killed after step 5
+        for step in range(1, 6):
+            killed.log(step, {"loss": 1.0})
+    with MetricsLogger(tmp_path, resumed_at=3) as resumed:  # from the checkpoint of step 3
+        for step in range(4, 8):
+            resumed.log(step, {"loss": 2.0})
+    expected = [(1, 1.0), (2, 1.0), (3, 1.0), (4, 2.0), (5, 2.0), (6, 2.0), (7, 2.0)]
+    assert tensorboard_scalars(tmp_path / "tensorboard")["loss"] == expected
+    with MetricsLogger(tmp_path, resumed_at=0) as fresh:  # no checkpoint: starts over
+        fresh.log(1, {"loss": 3.0})
+    assert tensorboard_scalars(tmp_path / "tensorboard")["loss"] == [(1, 3.0)]
 
 
 def test_logger_nonfinite_values(tmp_path):
@@ -231,7 +229,7 @@ def test_logger_nonfinite_values(tmp_path):
     }
     assert second == {"step": 6, "loss": None, "nonfinite": {"loss": "-inf"}}
     if (tmp_path / "tensorboard").exists():  # TensorBoard keeps the raw non-finite floats
-        scalars = _read_tb_scalars(tmp_path / "tensorboard")
+        scalars = tensorboard_scalars(tmp_path / "tensorboard")
         assert math.isnan(scalars["loss"][0][1]) and scalars["loss"][1] == (6, -math.inf)
         assert scalars["grad_norm"] == [(5, math.inf)]
 

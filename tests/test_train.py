@@ -69,15 +69,21 @@ def test_eight_device_mesh_matches_one_device(tmp_path):
     assert "fsdp" in str(wqkv.sharding.spec) and "tensor" in str(wqkv.sharding.spec)
 
 
-def test_replicated_share_of_the_parameters(tmp_path):
-    from mpt_jax.sharding import replicated_share
+def test_the_share_of_the_parameters_each_device_holds(tmp_path):
+    from mpt_jax.sharding import device_share
 
-    cfg = config(tmp_path)  # TINY_MODEL: d_model 64
-    share = lambda mesh: replicated_share(abstract_state(cfg, mesh)[1].params)
-    assert share(make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])) == 0.0
-    assert share(make_mesh(MeshConfig(data=1, fsdp=8, tensor=1))) < 0.05  # 8 divides 64
+    def share(mesh, **model):
+        cfg = config(tmp_path, model={**TINY_MODEL, **model})  # d_model 64, 4 heads, vocab 258
+        return device_share(abstract_state(cfg, mesh)[1].params)
+
+    assert share(make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])) == 1.0
+    assert share(make_mesh(MeshConfig(data=1, fsdp=8, tensor=1))) < 0.13  # 8 divides 64
     # fsdp 6 divides neither d_model nor the vocabulary: (almost) everything whole on each device
     assert share(make_mesh(MeshConfig(data=1, fsdp=6, tensor=1), jax.devices()[:6])) > 0.95
+    # d_model 42 over fsdp 4 stays whole while tensor 2 splits heads, FFN and vocabulary: half
+    # of the model on each device, where 1/8 was meant (no parameter is whole everywhere)
+    fsdp_4_tensor_2 = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+    assert 0.45 < share(fsdp_4_tensor_2, d_model=42, n_heads=2) < 0.55
 
 
 def test_accumulation_over_four_microbatches_equals_one_batch(tmp_path):
@@ -1127,3 +1133,16 @@ def test_the_profile_window_holds_its_steps_alone_also_when_resumed_inside_it(
 
     with pytest.raises(ConfigError, match=r"train.profile: \[4, 7\) ends past the run's 6 steps"):
         config(small_dataset, train={"steps": 6, "profile": [4, 7]})
+
+
+def test_batches_the_mesh_cannot_split_evenly_are_refused_naming_the_split(tmp_path):
+    from mpt_jax.train import run
+
+    mesh = {"data": 2, "fsdp": 4, "tensor": 1}
+    for train, message in (
+        ({"global_batch": 12}, r"train.global_batch: 12 is not a multiple of data\*fsdp \(8\)"),
+        ({"microbatch": 4}, r"train.microbatch: 4 is not a multiple of data\*fsdp \(8\)"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            run(config(tmp_path, mesh=mesh, train=train, run_dir=str(tmp_path / "run")))
+        assert not (tmp_path / "run").exists()
