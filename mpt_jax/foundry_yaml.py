@@ -104,6 +104,16 @@ TOP_KEYS_DROPPED = {
     "icl_seq_len": "ICL prompts are cut to model.max_seq_len",
     "tp_config": "tensor parallelism is mesh.tensor",
     "eval_gauntlet_callback": "train.eval_gauntlet",
+    "device_train_batch_size": "llm-foundry derives it from global_train_batch_size",
+    "device_train_grad_accum": "llm-foundry derives it from the microbatch",
+    "n_gpus": "llm-foundry derives it from the world size",
+    "load_strict_model_weights": "only with load_path",
+    "load_ignore_keys": "only with load_path",
+    "save_ignore_keys": "checkpoints hold the whole state",
+    "only_hf_checkpoint": "checkpoints hold the whole state; HF exports are train.export_hf",
+    "only_composer_checkpoint": "checkpoints hold the whole state",
+    "profiler": "composer's profiler: train.profile traces steps with jax.profiler",
+    "cuda_load_lazy": "a CUDA setting",
 }
 FSDP_KEYS_DROPPED = (
     "limit_all_gathers",
@@ -147,9 +157,44 @@ CALLBACKS_CHANGING = {
     "curriculum_learning": "changes the data",
     "dataset_swap": "changes the data",
 }
-OPTIMIZER_DEFAULTS = {  # composer's DecoupledAdamW and llm-foundry's DecoupledLionW
+OPTIMIZER_DEFAULTS = {  # composer's DecoupledAdamW, llm-foundry's DecoupledLionW, torch's AdamW
     "decoupled_adamw": {"lr": 1.0e-3, "betas": [0.9, 0.95], "eps": 1.0e-8, "weight_decay": 1.0e-5},
     "decoupled_lionw": {"lr": 1.0e-4, "betas": [0.9, 0.99], "weight_decay": 0.0},
+    "adamw": {"lr": 1.0e-3, "betas": [0.9, 0.999], "eps": 1.0e-8, "weight_decay": 1.0e-2},
+}
+# composer's scheduler arguments (llm-foundry's for inv_sqrt_with_warmup), and those required
+SCHEDULER_ARGUMENTS = {
+    "constant_with_warmup": {"t_warmup", "alpha", "t_max", "scale_warmup"},
+    "cosine_with_warmup": {"t_warmup", "t_max", "alpha_f", "scale_warmup"},
+    "linear_decay_with_warmup": {"t_warmup", "alpha_i", "alpha_f", "t_max", "scale_warmup"},
+    "inv_sqrt_with_warmup": {
+        "t_warmup",
+        "t_scale",
+        "t_cooldown",
+        "t_max",
+        "alpha_f_decay",
+        "alpha_f_cooldown",
+    },
+}
+SCHEDULER_REQUIRED = {"inv_sqrt_with_warmup": ("t_warmup", "t_scale", "t_cooldown")}
+# the keyword arguments of the callbacks and algorithm translated
+KILL_LOSS_SPIKE_ARGUMENTS = {
+    "log_only",
+    "patience",
+    "outlier_multiplier",
+    "window_size",
+    "loss_cap",
+}
+HF_CHECKPOINTER_DROPPED = {  # llm-foundry's HuggingFaceCheckpointer's other arguments
+    "save_folder",
+    "huggingface_folder_name",
+    "precision",
+    "overwrite",
+    "mlflow_registered_model_name",
+    "mlflow_logging_config",
+    "flatten_imports",
+    "final_register_only",
+    "register_wait_seconds",
 }
 LOSS_SPIKE_UNSET = {"window_size": 100, "loss_cap": 10}  # llm-foundry's "not set" values
 _REFERENCE_ROOT = re.compile(r"\$\{\s*([A-Za-z_][\w-]*)")
@@ -262,6 +307,11 @@ def translate(
     if fsdp is not None and devices == 1:
         notes.append("fsdp_config: dropped on one device, as llm-foundry does (DDP)")
         fsdp = None
+    elif fsdp is not None and devices is None:
+        notes.append(
+            "fsdp_config: kept (mesh.fsdp over every device); on one device llm-foundry drops it "
+            "and trains with FULL autocast: --devices 1 does the same"
+        )
     mesh, fsdp_train = _fsdp(fsdp, notes)
     train.update(fsdp_train)
     # llm-foundry's TrainConfig defaults: every eval batch, a console line per batch
@@ -295,7 +345,8 @@ def translate(
     progress_bar = _bool(take("progress_bar", False), "progress_bar")
     log_to_console = _bool(take("log_to_console", True), "log_to_console")
     train["progress"] = progress_bar and not log_to_console
-    if take("accumulate_train_batch_on_tokens", True) is not True:
+    on_tokens = take("accumulate_train_batch_on_tokens", True)
+    if not _bool(on_tokens, "accumulate_train_batch_on_tokens"):
         raise ConfigError(
             "accumulate_train_batch_on_tokens: false weighs microbatches by samples; mpt_jax "
             "takes the mean over the batch's tokens (llm-foundry's default, true)"
@@ -307,7 +358,7 @@ def translate(
     # given in samples, which train.steps does not keep (0.1dur of 96sp is 9sp, not 1 step)
     number, unit = split_time(max_duration, "max_duration", allow_dur=False)  # _duration's
     samples = int(number) if unit == "sp" else None
-    out["schedule"] = _scheduler(take("scheduler"), samples)
+    out["schedule"] = _scheduler(take("scheduler"), unit, samples)
     out["mesh"] = mesh
     out["train"] = train
     out["checkpoint"] = _checkpoints(src, steps, batch, seq, notes)
@@ -322,10 +373,11 @@ def translate(
     for key, why in TOP_KEYS_DROPPED.items():
         if key in src and src.pop(key) is not None:
             notes.append(f"{key}: dropped ({why})")
-    if src:
-        raise ConfigError(
-            f"{sorted(src)[0]}: a key this translation does not handle (llm-foundry's "
-            "TrainConfig keys; a variable belongs under variables:)"
+    # llm-foundry sets any other top-level key aside as a variable (a DeprecationWarning)
+    for key in sorted(src):
+        notes.append(
+            f"{key}: not a key of llm-foundry's TrainConfig, so a variable, as llm-foundry takes "
+            "it (with a DeprecationWarning); it changes nothing"
         )
     # whole, or the error names the key
     return Translation(out, notes, run_config_from_dict(out, where="the translated config"))
@@ -424,8 +476,8 @@ def _train_loader(
     dataset = dict(_mapping(loader.pop("dataset", None), "train_loader.dataset", none_ok=True))
     _drop_keys(loader, LOADER_KEYS_DROPPED, "train_loader", notes)
     out: dict[str, Any] = {}
-    if "shuffle" in dataset:
-        out["shuffle"] = _bool(dataset.pop("shuffle"), "train_loader.dataset.shuffle")
+    # StreamingTextDataset's default: in order
+    out["shuffle"] = _bool(dataset.pop("shuffle", False), "train_loader.dataset.shuffle")
     dataset_seq = dataset.pop("max_seq_len", None)
     if dataset_seq is not None and dataset_seq != seq:
         raise ConfigError(
@@ -690,6 +742,11 @@ def _interval(value: Any, key: str, steps: int | None, batch: int, seq: int) -> 
 def _microbatch(micro: Any, batch: int, devices: int | None, notes: list[str]) -> int | str:
     if devices is not None and devices < 1:
         raise ConfigError(f"--devices: must be >= 1, got {devices}")
+    if devices is not None and batch % devices:
+        raise ConfigError(
+            f"global_train_batch_size: {batch} is not divisible by --devices {devices}, which "
+            "llm-foundry refuses"
+        )
     if micro == "auto":
         return "auto"
     if not isinstance(micro, int) or isinstance(micro, bool) or micro <= 0:
@@ -758,10 +815,10 @@ def _optimizer(optimizer: Any, notes: list[str]) -> dict[str, Any]:
     name = optimizer.pop("name", None)
     if name not in OPTIMIZER_DEFAULTS:
         raise ConfigError(
-            f"optimizer.name: {name!r} is not supported (decoupled_adamw, decoupled_lionw)"
+            f"optimizer.name: {name!r} is not supported ({', '.join(OPTIMIZER_DEFAULTS)})"
         )
     defaults = OPTIMIZER_DEFAULTS[name]
-    if name == "decoupled_adamw" and optimizer.pop("amsgrad", False) is not False:
+    if name != "decoupled_lionw" and optimizer.pop("amsgrad", False) is not False:
         raise ConfigError("optimizer.amsgrad: true is not supported (it changes the update)")
     extra = sorted(set(optimizer) - set(defaults))
     if extra:
@@ -789,7 +846,15 @@ def _clipping(algorithms: Any, notes: list[str]) -> float | None:
         notes.append("algorithms.gradient_clipping: absent, so no clipping (as llm-foundry)")
         return None
     clipping = _mapping(algorithms["gradient_clipping"], "algorithms.gradient_clipping")
-    kind = clipping.get("clipping_type", "norm")
+    extra = sorted(set(clipping) - {"clipping_type", "clipping_threshold"})
+    if extra:
+        raise ConfigError(
+            f"algorithms.gradient_clipping.{extra[0]}: not an argument of composer's "
+            "GradientClipping (clipping_type, clipping_threshold)"
+        )
+    if "clipping_type" not in clipping:
+        raise ConfigError("algorithms.gradient_clipping.clipping_type: required (norm)")
+    kind = clipping["clipping_type"]
     if kind != "norm":
         raise ConfigError(
             f"algorithms.gradient_clipping.clipping_type: {kind!r} is not supported (norm)"
@@ -799,19 +864,47 @@ def _clipping(algorithms: Any, notes: list[str]) -> float | None:
     return clipping["clipping_threshold"]
 
 
-def _scheduler(scheduler: Any, samples: int | None) -> dict[str, Any]:
+def _scheduler(scheduler: Any, run_unit: str, samples: int | None) -> dict[str, Any]:
+    """`run_unit`: max_duration's unit (ba, tok or sp); `samples`: its count for sp."""
     scheduler = dict(_mapping(scheduler, "scheduler"))
-    if "name" not in scheduler:
+    name = scheduler.get("name")
+    if name is None:
         raise ConfigError("scheduler.name: required (cosine_with_warmup, ...)")
-    if "t_warmup" not in scheduler:
-        raise ConfigError("scheduler.t_warmup: required by composer's warmup schedulers")
+    if name not in SCHEDULER_ARGUMENTS:
+        raise ConfigError(
+            f"scheduler.name: {name!r} is not supported ({', '.join(SCHEDULER_ARGUMENTS)})"
+        )
+    extra = sorted(set(scheduler) - SCHEDULER_ARGUMENTS[name] - {"name"})
+    if extra:
+        raise ConfigError(f"scheduler.{extra[0]}: not an argument of {name}")
+    for key in SCHEDULER_REQUIRED.get(name, ("t_warmup",)):
+        if key not in scheduler:
+            raise ConfigError(f"scheduler.{key}: required by {name}")
     if scheduler.pop("scale_warmup", False):
         raise ConfigError("scheduler.scale_warmup: true is not supported")
+    times = {k: split_time(v, f"scheduler.{k}") for k, v in scheduler.items() if k.startswith("t_")}
+    if name == "inv_sqrt_with_warmup":
+        for key, (_, unit) in times.items():
+            if unit == "dur" and key != "t_max":
+                raise ConfigError(f"scheduler.{key}: in dur, which {name} refuses")
+    # composer takes dur in max_duration's unit, then wants warmup and t_max in one unit
+    warmup_unit = times["t_warmup"][1].replace("dur", run_unit)
+    t_max_unit = times.get("t_max", (1, "dur"))[1].replace("dur", run_unit)
+    if warmup_unit != t_max_unit:
+        raise ConfigError(
+            f"scheduler.t_warmup: {scheduler['t_warmup']} is in {warmup_unit} and t_max in "
+            f"{t_max_unit} (max_duration's unit unless given), which composer refuses"
+        )
     if samples is not None:
-        for key, value in scheduler.items():
-            if isinstance(value, str) and value.endswith("dur"):
-                number, _ = split_time(value, f"scheduler.{key}")
+        for key, (number, unit) in times.items():
+            if unit == "dur":
                 scheduler[key] = f"{int(number * samples)}sp"
+        t_max, unit = split_time(scheduler.get("t_max", f"{samples}sp"), "scheduler.t_max")
+        if unit == "sp" and t_max < samples:  # composer checks what the run cannot
+            raise ConfigError(
+                f"scheduler.t_max: {scheduler['t_max']} ends before max_duration "
+                f"({samples}sp), which composer refuses"
+            )
     return scheduler
 
 
@@ -820,7 +913,14 @@ def _callbacks(callbacks: Any, notes: list[str], interval: Any) -> dict[str, Any
     for name, options in _mapping(callbacks, "callbacks", none_ok=True).items():
         options = _mapping(options, f"callbacks.{name}", none_ok=True)
         if name == "kill_loss_spike":
-            spike: dict[str, Any] = {"action": "log" if options.get("log_only", True) else "stop"}
+            extra = sorted(set(options) - KILL_LOSS_SPIKE_ARGUMENTS)
+            if extra:
+                raise ConfigError(
+                    f"callbacks.kill_loss_spike.{extra[0]}: not an argument of llm-foundry's "
+                    f"KillLossSpike ({', '.join(sorted(KILL_LOSS_SPIKE_ARGUMENTS))})"
+                )
+            log_only = _bool(options.get("log_only", True), "callbacks.kill_loss_spike.log_only")
+            spike: dict[str, Any] = {"action": "log" if log_only else "stop"}
             for theirs, ours in (
                 ("patience", "patience"),
                 ("outlier_multiplier", "outlier_multiplier"),
@@ -834,14 +934,20 @@ def _callbacks(callbacks: Any, notes: list[str], interval: Any) -> dict[str, Any
                     spike[ours] = options[theirs]
             train["loss_spike"] = spike
         elif name == "hf_checkpointer":
+            extra = sorted(set(options) - HF_CHECKPOINTER_DROPPED - {"save_interval"})
+            if extra:
+                raise ConfigError(
+                    f"callbacks.hf_checkpointer.{extra[0]}: not an argument of llm-foundry's "
+                    "HuggingFaceCheckpointer"
+                )
             train["export_hf"] = True
             if options.get("save_interval") is not None:
                 where = "callbacks.hf_checkpointer.save_interval"
                 train["export_hf_every"] = interval(options["save_interval"], where)
             notes.append(
                 "callbacks.hf_checkpointer: RUN_DIR/hf-steps/ba<step> every save_interval and "
-                "RUN_DIR/hf at the end, in the parameters' dtype (precision and save_folder "
-                "dropped)"
+                "RUN_DIR/hf at the end, in the parameters' dtype (its other arguments dropped: "
+                f"{', '.join(sorted(set(options) & HF_CHECKPOINTER_DROPPED)) or 'none given'})"
             )
         elif name in CALLBACKS_HARMLESS:
             notes.append(f"callbacks.{name}: dropped ({CALLBACKS_HARMLESS[name]})")

@@ -169,7 +169,7 @@ model:
     ffn_act_fn:
       name: gelu
 optimizer: {name: decoupled_lionw, lr: 1.0e-4, betas: [0.9, 0.99], weight_decay: 0.0}
-scheduler: {name: linear_decay_with_warmup, t_warmup: 1ba, alpha_f: 0.1, scale_warmup: false}
+scheduler: {name: linear_decay_with_warmup, t_warmup: 16sp, alpha_f: 0.1, scale_warmup: false}
 max_duration: 96sp
 global_train_batch_size: 16
 device_train_microbatch_size: 1
@@ -274,7 +274,50 @@ def _with(tmp_path, path, value):
             {"c4": {"local": "/c4"}, "code": {"local": "/code"}},
             r"mixes 2 streams \(c4, code\); give --data NAME=DIR for each",
         ),
-        (("my_key",), 1, "my_key: a key this translation does not handle"),
+        (("algorithms", "gradient_clipping"), {"clipping_threshold": 1.0}, "type: required"),
+        (
+            ("algorithms", "gradient_clipping"),
+            {"clipping_type": "norm", "clipping_threshold": 1.0, "foo": 3},
+            "gradient_clipping.foo: not an argument of composer's GradientClipping",
+        ),
+        (
+            ("callbacks", "kill_loss_spike"),
+            {"patiance": 2},
+            "callbacks.kill_loss_spike.patiance: not an argument of llm-foundry's KillLossSpike",
+        ),
+        (("callbacks", "hf_checkpointer"), {"bogus": 1}, "hf_checkpointer.bogus: not an arg"),
+        (("scheduler", "alpha"), 0.5, "scheduler.alpha: not an argument of linear_decay_with"),
+        (
+            ("scheduler",),
+            {"name": "inv_sqrt_with_warmup", "t_warmup": "16sp"},
+            "scheduler.t_scale: required by inv_sqrt_with_warmup",
+        ),
+        (
+            ("scheduler",),
+            {
+                "name": "inv_sqrt_with_warmup",
+                "t_warmup": "0.1dur",
+                "t_scale": "16sp",
+                "t_cooldown": "0sp",
+            },
+            "scheduler.t_warmup: in dur, which inv_sqrt_with_warmup refuses",
+        ),
+        (
+            ("scheduler", "t_warmup"),
+            "1ba",
+            r"scheduler.t_warmup: 1ba is in ba and t_max in sp \(max_duration's unit unless "
+            r"given\), which composer refuses",
+        ),
+        (
+            ("scheduler", "t_max"),
+            "0.5dur",
+            r"scheduler.t_max: 48sp ends before max_duration \(96sp\), which composer refuses",
+        ),
+        (
+            ("global_train_batch_size",),
+            6,
+            "global_train_batch_size: 6 is not divisible by --devices 4, which llm-foundry",
+        ),
         (("eval_first",), "maybe", "eval_first: expected true or false"),
         (("optimizer", "name"), "decoupled_adamw", "optimizer.amsgrad: true is not supported"),
     ],
@@ -285,7 +328,7 @@ def test_what_would_train_differently_is_refused(small_dataset, tmp_path, path, 
         changed.write_text(changed.read_text().replace("optimizer:", "optimizer:\n  amsgrad: true"))
     with pytest.raises(ConfigError, match=message):
         foundry = load_foundry_yaml(changed)
-        translate(foundry, data=str(small_dataset / "ds"), devices=2)
+        translate(foundry, data=str(small_dataset / "ds"), devices=4)
 
 
 def test_llm_foundry_defaults_fill_what_is_absent(small_dataset, tmp_path):
@@ -302,6 +345,7 @@ def test_llm_foundry_defaults_fill_what_is_absent(small_dataset, tmp_path):
     del data["save_interval"], data["save_num_checkpoints_to_keep"]
     data["eval_interval"] = "0.15dur"
     data["max_duration"] = "4801ba"
+    data["scheduler"]["t_warmup"] = "1ba"
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(data))
     foundry = load_foundry_yaml(tmp_path / "run.yaml")
     out = translate(foundry, data=str(small_dataset / "ds"), devices=8).config
@@ -332,6 +376,32 @@ def test_llm_foundry_defaults_fill_what_is_absent(small_dataset, tmp_path):
     one = translate(foundry, data=str(small_dataset / "ds"), devices=1)
     assert one.config["train"]["mixed_precision"] == "FULL" and one.config["mesh"]["fsdp"] == 1
     assert "fsdp_config: dropped on one device, as llm-foundry does (DDP)" in one.notes
+    assert any(n.startswith("fsdp_config: kept (mesh.fsdp over every") for n in bare.notes)
+
+
+def test_absent_shuffle_reads_in_order_and_other_top_level_keys_are_variables(
+    small_dataset, tmp_path
+):
+    data = yaml.safe_load(TINY)
+    data["train_loader"] = {"name": "text", "dataset": {"local": "/c4", "split": "train"}}
+    data["optimizer"] = {"name": "adamw"}  # torch's AdamW, which llm-foundry registers
+    data["global_seed"] = 17  # an older layout's variable that nothing references
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(data))
+    out = translate(load_foundry_yaml(tmp_path / "run.yaml"), data=str(small_dataset / "ds"))
+    # StreamingTextDataset's shuffle defaults to false: in order, as llm-foundry reads it
+    assert out.config["data"]["shuffle"] is False
+    betas, decay = [0.9, 0.999], 1.0e-2  # torch's defaults
+    assert out.config["optim"] == {
+        "name": "adamw",
+        "lr": 1.0e-3,
+        "betas": betas,
+        "eps": 1.0e-8,
+        "weight_decay": decay,
+        "clipping_threshold": None,
+    }
+    assert any(
+        n.startswith("global_seed: not a key of llm-foundry's TrainConfig") for n in out.notes
+    )
 
 
 def test_references_resolve_as_omegaconf_does(tmp_path):
