@@ -115,17 +115,17 @@ TOP_KEYS_DROPPED = {
     "profiler": "composer's profiler: train.profile traces steps with jax.profiler",
     "cuda_load_lazy": "a CUDA setting",
 }
-FSDP_KEYS_DROPPED = (
-    "limit_all_gathers",
-    "activation_checkpointing_reentrant",
-    "use_orig_params",
-    "forward_prefetch",
-    "backward_prefetch",
-    "sync_module_states",
-    "state_dict_type",
-    "verbose",
-    "load_monolith_rank0_only",
-)
+FSDP_KEYS_DROPPED = {
+    "limit_all_gathers": "XLA schedules the collectives",
+    "activation_checkpointing_reentrant": "torch's checkpoint variant: remat is JAX's",
+    "use_orig_params": "a torch FSDP detail",
+    "forward_prefetch": "XLA schedules the collectives",
+    "backward_prefetch": "XLA schedules the collectives",
+    "sync_module_states": "parameters are created sharded on the devices",
+    "state_dict_type": "checkpoints are Orbax's, sharded",
+    "verbose": "logging",
+    "load_monolith_rank0_only": "checkpoints are Orbax's, sharded",
+}
 # callbacks that leave the training as it is: what stands for them here
 CALLBACKS_HARMLESS = {
     "speed_monitor": "built in: tokens_per_s, mfu",
@@ -281,10 +281,17 @@ def translate(
     tok = take("tokenizer")
     if tok is not None:
         name = tok.get("name") if isinstance(tok, Mapping) else tok
-        notes.append(
-            f"tokenizer: {name} is the one the dataset was prepared with (data.tokenizer: "
-            f"{tokenizer}); prepare it with tools/prepare_data.py --tokenizer TOKENIZER.json"
-        )
+        if tokenizer == "byte":
+            notes.append(
+                f"tokenizer: {name} dropped: the dataset was prepared with the byte tokenizer, so "
+                f"the run trains on bytes, not {name}'s tokens; for those, prepare the data with "
+                "tools/prepare_data.py --tokenizer TOKENIZER.json"
+            )
+        else:
+            notes.append(
+                f"tokenizer: {name} dropped: data.tokenizer is the dataset's, {tokenizer}, which "
+                f"must be {name}'s tokenizer.json"
+            )
 
     train: dict[str, Any] = {}
     batch = take("global_train_batch_size")
@@ -801,9 +808,9 @@ def _fsdp(fsdp: Any, notes: list[str]) -> tuple[dict[str, int], dict[str, Any]]:
     for key in ("activation_cpu_offload", "cpu_offload"):
         if fsdp.pop(key, False):
             raise ConfigError(f"fsdp_config.{key}: offloading to the CPU is not supported")
-    for key in FSDP_KEYS_DROPPED:
+    for key, why in FSDP_KEYS_DROPPED.items():
         if key in fsdp:
-            notes.append(f"fsdp_config.{key}: dropped (XLA schedules the collectives)")
+            notes.append(f"fsdp_config.{key}: dropped ({why})")
             fsdp.pop(key)
     if fsdp:
         raise ConfigError(f"fsdp_config.{sorted(fsdp)[0]}: a key this translation does not handle")
