@@ -386,6 +386,7 @@ def test_absent_shuffle_reads_in_order_and_other_top_level_keys_are_variables(
     data["train_loader"] = {"name": "text", "dataset": {"local": "/c4", "split": "train"}}
     data["optimizer"] = {"name": "adamw"}  # torch's AdamW, which llm-foundry registers
     data["global_seed"] = 17  # an older layout's variable that nothing references
+    data["tokenizer"] = {"name": "EleutherAI/gpt-neox-20b"}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(data))
     out = translate(load_foundry_yaml(tmp_path / "run.yaml"), data=str(small_dataset / "ds"))
     # StreamingTextDataset's shuffle defaults to false: in order, as llm-foundry reads it
