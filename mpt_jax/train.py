@@ -736,6 +736,28 @@ def _check_checkpoint_meta(
         )
 
 
+def _schedule_change(cfg: RunConfig, saved_raw: dict[str, Any], step: int) -> str | None:
+    """A warning where a changed train.steps or train.tokens moves the learning rate of the
+    update after `step`: schedules given in dur stretch with the run (a cosine restarts high)."""
+    try:
+        saved = run_config_from_dict(with_defaults(saved_raw))
+    except ConfigError:  # a checkpoint from an older layout: its check says what differs
+        return None
+    if saved.total_steps == cfg.total_steps:
+        return None
+    rates = [
+        float(c.optim.lr * lr_multiplier(c.schedule, **_durations(c))(step)) for c in (saved, cfg)
+    ]
+    if rates[0] == rates[1]:
+        return None
+    return (
+        f"warning: the run's length changed from {saved.total_steps} to {cfg.total_steps} steps, "
+        f"and its schedule ({cfg.schedule.name}, t_max {cfg.schedule.t_max}) with it: the "
+        f"learning rate of step {step + 1} is {rates[1]:.3g}, where the saved run's was "
+        f"{rates[0]:.3g}"
+    )
+
+
 def _meta(
     cfg: RunConfig, raw: dict, step: int, loader: BatchLoader, rollbacks: int, loop: dict
 ) -> dict:
@@ -1281,6 +1303,9 @@ class _Trainer:
                 file=sys.stderr,
                 flush=True,
             )
+            stretched = _schedule_change(self.cfg, restored.meta["config"], restored.step)
+            if stretched:
+                print(stretched, file=sys.stderr, flush=True)
         return restored.step
 
     def _adopt(self, restored: checkpoint.Restored) -> None:

@@ -1146,3 +1146,29 @@ def test_batches_the_mesh_cannot_split_evenly_are_refused_naming_the_split(tmp_p
         with pytest.raises(ConfigError, match=message):
             run(config(tmp_path, mesh=mesh, train=train, run_dir=str(tmp_path / "run")))
         assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_that_stretches_the_schedule_says_how_the_learning_rate_moves(tmp_path):
+    from helpers import raw_config
+
+    from mpt_jax.train import _schedule_change
+
+    def raw(steps, **schedule):
+        return raw_config(
+            tmp_path, train={"steps": steps}, schedule={"t_warmup": "10ba", **schedule}
+        )
+
+    extended = config(tmp_path, train={"steps": 500}, schedule={"t_warmup": "10ba"})
+    said = _schedule_change(extended, raw(400), 400)
+    # the cosine of 400 steps has ended (lr x alpha_f 0); over 500 steps, step 401 (composer's
+    # time 400) is well up: lr x (1 + cos(pi (400 - 10) / (500 - 10))) / 2
+    now = 1e-3 * (1 + math.cos(math.pi * 390 / 490)) / 2
+    assert said == (
+        "warning: the run's length changed from 400 to 500 steps, and its schedule "
+        f"(cosine_with_warmup, t_max 1dur) with it: the learning rate of step 401 is {now:.3g}, "
+        "where the saved run's was 0"
+    )
+    assert _schedule_change(extended, raw(500), 400) is None  # the same length
+    constant = {"name": "constant_with_warmup", "t_warmup": "10ba"}
+    stays = config(tmp_path, train={"steps": 500}, schedule=constant)
+    assert _schedule_change(stays, raw(400, name="constant_with_warmup"), 400) is None
