@@ -1214,7 +1214,7 @@ class _Trainer:
         )
         self.preemption = resilience.Preemption()
         self.bar = _progress(cfg.total_steps, self.show, initial=self.start_step)
-        self.profiler = _Profiler(cfg.train.profile, self.run_dir / "profile")
+        self.profiler = _Profiler(cfg.train.profile, self.run_dir / "profile", self.start_step)
         self.save_times = {"checkpoint_blocked_s": 0.0, "checkpoint_save_s": 0.0, "saves": 0}
 
     def _choose_microbatch(self, shardings) -> tuple[RunConfig, Callable]:
@@ -1743,12 +1743,23 @@ def _progress(total: int, show: bool, initial: int = 0):
 class _Profiler:
     """Traces steps [first, last) of train.profile with jax.profiler (TensorBoard / Perfetto).
 
-    The host runs a step ahead: the step before the window and the window's last step are
-    waited for at its edges, so that the trace holds the window's steps alone."""
+    The first step of a start compiles: a window holding it starts after it, as MaxText skips
+    its first steps. The host runs a step ahead: the step before the window and the window's
+    last step are waited for at its edges, so that the trace holds the window's steps alone."""
 
-    def __init__(self, window: tuple[int, int] | None, out_dir: Path):
+    def __init__(self, window: tuple[int, int] | None, out_dir: Path, start_step: int):
         self.window, self.out_dir = window, out_dir
         self.active = self.done = False
+        if window is not None and window[0] <= start_step:
+            begin = start_step + 1
+            why = "the run resumed inside the window and " if start_step > window[0] else ""
+            what = f"tracing steps [{begin}, {window[1]}) only" if begin < window[1] else "nothing"
+            print(
+                f"train.profile: {what} of [{window[0]}, {window[1]}): {why}step {start_step} "
+                "compiles",
+                file=sys.stderr,
+            )
+            self.window = (begin, window[1]) if begin < window[1] else None
 
     def at_step(self, step: int, state: Any) -> None:
         """Before step `step` (0-based) is dispatched; `state` holds the steps dispatched."""
@@ -1756,12 +1767,6 @@ class _Profiler:
             return
         first, last = self.window
         if not self.active and first <= step < last:
-            if step > first:
-                print(
-                    f"train.profile: tracing steps [{step}, {last}) only: the run resumed "
-                    f"inside the window [{first}, {last})",
-                    file=sys.stderr,
-                )
             jax.block_until_ready(state)
             jax.profiler.start_trace(str(self.out_dir), create_perfetto_trace=True)
             self.active = True

@@ -1116,7 +1116,7 @@ def test_the_profile_window_holds_its_steps_alone_also_when_resumed_inside_it(
         summary = summarize_trace(run_dir / "profile", top=100_000)
         return {k.count / jax.device_count() for k in summary.top}
 
-    sections = dict(train={"steps": 6, "profile": [2, 5]}, checkpoint={"every": None})
+    sections = dict(train={"steps": 7, "profile": [2, 6]}, checkpoint={"every": None})
     monkeypatch.setenv("MPT_JAX_FAULTS", "sigterm@3")  # stops after steps 2 and 3, saved
     assert run(config(small_dataset, run_dir=str(tmp_path / "run"), **sections))["step"] == 4
     # the host runs a step ahead: without waiting at the window's edges the trace held the
@@ -1125,14 +1125,17 @@ def test_the_profile_window_holds_its_steps_alone_also_when_resumed_inside_it(
     monkeypatch.delenv("MPT_JAX_FAULTS")
     capfd.readouterr()
     run(config(small_dataset, run_dir=str(tmp_path / "run"), **sections))
-    assert "train.profile: tracing steps [4, 5) only: the run resumed inside the window [2, 5)" in (
-        capfd.readouterr().err
-    )
-    # the resumed run's trace (the newest) ends with the window's last step, not the run
+    said = "train.profile: tracing steps [5, 6) only of [2, 6): the run resumed inside the window "
+    assert said + "and step 4 compiles" in capfd.readouterr().err
+    # the resumed run's trace (the newest) holds step 5 alone: not the compile, not the run's end
     assert kernel_runs(tmp_path / "run") == {1.0}
 
     with pytest.raises(ConfigError, match=r"train.profile: \[4, 7\) ends past the run's 6 steps"):
         config(small_dataset, train={"steps": 6, "profile": [4, 7]})
+    from mpt_jax.train import _Profiler
+
+    _Profiler((0, 1), tmp_path / "p", 0)  # a fresh run's window of its compiling step alone
+    assert "train.profile: nothing of [0, 1): step 0 compiles" in capfd.readouterr().err
 
 
 def test_batches_the_mesh_cannot_split_evenly_are_refused_naming_the_split(tmp_path):
