@@ -70,6 +70,17 @@ def write_tasks(path, entries, gauntlet=None):
     return path
 
 
+@pytest.fixture
+def small_builtin_corpus(monkeypatch, tmp_path):
+    """builtin:python-stdlib cut to its first 150 files (4 MB, 2 of them drawn for validation;
+    the whole, 31 MB, takes 15 s to prepare at seq 32), in this test's own cache."""
+    from mpt_jax.data import sources
+
+    whole = sources.builtin_files
+    monkeypatch.setattr(sources, "builtin_files", lambda corpus: whole(corpus)[:150])
+    monkeypatch.setenv("MPT_JAX_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random ALiBi model (max_seq_len 64) on the 8-device mesh, with its float64 oracle."""
@@ -486,12 +497,11 @@ def test_perplexity_and_bits_per_byte_equal_a_direct_computation(small_dataset, 
 
 
 def test_perplexity_on_a_builtin_corpus_reads_the_folder_training_prepares(
-    tiny, tmp_path, monkeypatch
+    tiny, tmp_path, small_builtin_corpus
 ):
     from mpt_jax.data import ByteTokenizer, resolve_dataset
     from mpt_jax.evaluation import evaluate
 
-    monkeypatch.setenv("MPT_JAX_CACHE", str(tmp_path / "cache"))
     kw = dict(max_tokens=64 * 8, batch_size=8)
     got = evaluate(tiny.model, ByteTokenizer(), data="builtin:python-stdlib", **kw)
     # what `mpt-jax train` prepares for this model: data.path builtin, seq_len = max_seq_len 64
@@ -638,7 +648,7 @@ def test_bad_task_files_and_lists(tiny, tmp_path):
 # Command line
 
 
-def test_command_line_on_a_run_folder(small_dataset, tmp_path, capsys, monkeypatch):
+def test_command_line_on_a_run_folder(small_dataset, tmp_path, capsys, small_builtin_corpus):
     from mpt_jax.train import run
 
     run(config(small_dataset, run_dir=str(tmp_path / "run"), train={"steps": 2}))
@@ -721,7 +731,6 @@ def test_command_line_on_a_run_folder(small_dataset, tmp_path, capsys, monkeypat
 
     from mpt_jax.data import resolve_dataset
 
-    monkeypatch.setenv("MPT_JAX_CACHE", str(tmp_path / "cache"))
     seq_len = TINY_MODEL["max_seq_len"]
     built = resolve_dataset("builtin:python-stdlib", seq_len=seq_len, progress=False)
     capsys.readouterr()  # its "preparing ... (once)"
