@@ -476,3 +476,28 @@ def test_tpu_kernel_in_the_tpu_simulator():
     assert relative_error(out, ref) < 1e-5
     for g, r in zip(grads, ref_grads, strict=True):
         assert relative_error(g, r) < 1e-5
+
+
+@pytest.mark.parametrize("kernel", ["triton", "tpu", "triton_qkv"])
+def test_arrays_the_kernels_would_pad_or_clamp_are_refused_naming_the_argument(kernel):
+    # the kernels pad every array to whole blocks: a short one would give wrong numbers, no error
+    q = jnp.zeros((1, 32, 4, 64))
+    kv = jnp.zeros((1, 32, 2, 64))
+    if kernel == "triton_qkv":
+        name = "flash_attention_qkv"
+        call = functools.partial(
+            fa.flash_attention_qkv, jnp.zeros((1, 32, 8, 64)), n_kv_heads=2, interpret=True
+        )
+    else:
+        name = "flash_attention" if kernel == "triton" else "flash_attention_tpu"
+        attend = flash_attention if kernel == "triton" else flash_attention_tpu
+        call = functools.partial(attend, q, kv, kv, interpret=True)
+    with pytest.raises(ValueError, match=rf"^{name}: alibi_slopes has shape \(3,\), not one per"):
+        call(alibi_slopes=jnp.ones(3))
+    with pytest.raises(ValueError, match=rf"^{name}: segment_ids has shape \(1, 16\), not \(b"):
+        call(segment_ids=jnp.zeros((1, 16), jnp.int32))
+    if kernel != "triton_qkv":
+        with pytest.raises(ValueError, match=rf"^{name}: v has shape \(1, 32, 2, 32\), q needs"):
+            attend(q, kv, kv[..., :32], interpret=True)
+        with pytest.raises(ValueError, match=rf"^{name}: q must be a 4-D float array, got int32"):
+            attend(q.astype(jnp.int32), kv, kv, interpret=True)

@@ -219,3 +219,12 @@ def test_pallas_kernels_on_a_mesh_split_by_batch_give_the_single_device_gradient
 def test_norm_impl_is_validated():
     with pytest.raises(ConfigError, match=r"model\.norm_impl"):
         ModelConfig.from_dict({"norm_impl": "triton"})
+
+
+def test_a_bias_on_an_rmsnorm_is_refused():
+    from mpt_jax.kernels.layer_norm import fused_norm
+
+    x, w = jnp.ones((2, 8)), jnp.ones(8)
+    # llm-foundry's RMSNorm has no bias, and the model drops one: the kernel added it
+    with pytest.raises(ValueError, match=r"^fused_norm: bias with rms=True; RMSNorm has no bias$"):
+        fused_norm(x, w, w, eps=1e-5, rms=True, interpret=True)

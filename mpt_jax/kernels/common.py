@@ -32,6 +32,40 @@ class Heads:
         return self.H + self.G if self.fused else 0
 
 
+def check_arrays(
+    name: str,
+    q_BSHK: jax.Array,
+    k_BSGK: jax.Array | None,
+    v_BSGK: jax.Array | None,
+    alibi_slopes: jax.Array | None,
+    segment_ids: jax.Array | None,
+    heads: Heads,
+) -> None:
+    """Refuse, in one line naming the argument, what the kernels would pad, clamp or misread
+    (their blocks are padded to whole tiles: a short array would not fail by itself)."""
+    B, S, _, K = q_BSHK.shape
+    for label, x in (("q", q_BSHK), ("k", k_BSGK), ("v", v_BSGK)):
+        if x is None:
+            continue
+        if x.ndim != 4 or not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name}: {label} must be a 4-D float array, got {x.dtype}{x.shape}")
+    if k_BSGK is not None:
+        want = (B, S, heads.G, K)
+        for label, x in (("k", k_BSGK), ("v", v_BSGK)):
+            if x.shape != want:
+                raise ValueError(f"{name}: {label} has shape {x.shape}, q needs {want}")
+    if alibi_slopes is not None and tuple(alibi_slopes.shape) != (heads.H,):
+        raise ValueError(
+            f"{name}: alibi_slopes has shape {tuple(alibi_slopes.shape)}, not one per query "
+            f"head ({heads.H},)"
+        )
+    if segment_ids is not None and tuple(segment_ids.shape) != (B, S):
+        raise ValueError(
+            f"{name}: segment_ids has shape {tuple(segment_ids.shape)}, not (batch, length) "
+            f"{(B, S)}"
+        )
+
+
 MASKED = -1e30  # finite: fully masked (padding) rows stay NaN-free
 
 # contract the last dim of both operands: q @ k.T without materializing k.T

@@ -41,7 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from mpt_jax.kernels.common import MASKED, NT_DIMS, Heads, pad_axis, poison
+from mpt_jax.kernels.common import MASKED, NT_DIMS, Heads, check_arrays, pad_axis, poison
 
 LOG2E = math.log2(math.e)
 
@@ -666,6 +666,7 @@ def flash_attention(
     if H % k_BSGK.shape[2]:
         raise ValueError(f"flash_attention: {H} heads are not a multiple of {k_BSGK.shape[2]}")
     heads = Heads(H, k_BSGK.shape[2], fused=False)
+    check_arrays("flash_attention", q_BSHK, k_BSGK, v_BSGK, alibi_slopes, segment_ids, heads)
     return _attend(
         heads,
         (q_BSHK, k_BSGK, v_BSGK),
@@ -707,8 +708,10 @@ def flash_attention_qkv(
             f"flash_attention_qkv: {N} fused heads are not H query heads, a multiple of "
             f"n_kv_heads={n_kv_heads}, plus 2 x {n_kv_heads} kv heads"
         )
+    heads = Heads(H, G, fused=True)
+    check_arrays("flash_attention_qkv", qkv_BSNK, None, None, alibi_slopes, segment_ids, heads)
     return _attend(
-        Heads(H, G, fused=True),
+        heads,
         (qkv_BSNK, None, None),
         alibi_slopes=alibi_slopes,
         segment_ids=segment_ids,

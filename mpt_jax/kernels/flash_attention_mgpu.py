@@ -39,7 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from mpt_jax.kernels.common import Heads
+from mpt_jax.kernels.common import Heads, check_arrays
 
 LOG2E = math.log2(math.e)
 HEAD_DIMS = (64, 128)
@@ -902,6 +902,7 @@ def flash_attention_mgpu(
         raise ValueError("flash_attention_mgpu: q, k and v must have one dtype")
     heads = Heads(q_BSHK.shape[2], k_BSGK.shape[2], fused=False)
     arrays = (q_BSHK, k_BSGK, v_BSGK)
+    check_arrays("flash_attention_mgpu", *arrays, alibi_slopes, segment_ids, heads)
     return _attend(
         heads, arrays, k_BSGK.shape, alibi_slopes, segment_ids, causal, softmax_scale, tiling
     )
@@ -931,6 +932,7 @@ def flash_attention_mgpu_qkv(
             f"n_kv_heads={n_kv_heads}, plus 2 x {n_kv_heads} kv heads"
         )
     heads = Heads(H, G, fused=True)
+    check_arrays("flash_attention_mgpu_qkv", qkv_BSNK, None, None, alibi_slopes, segment_ids, heads)
     return _attend(
         heads,
         (qkv_BSNK, None, None),

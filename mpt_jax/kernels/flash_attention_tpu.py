@@ -30,7 +30,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from mpt_jax.kernels.common import MASKED, TN_DIMS, backward_block, pad_axis, poison, scores
+from mpt_jax.kernels.common import (
+    MASKED,
+    TN_DIMS,
+    Heads,
+    backward_block,
+    check_arrays,
+    pad_axis,
+    poison,
+    scores,
+)
 
 _LANES = 128
 
@@ -388,6 +397,8 @@ def flash_attention_tpu(
         raise ValueError("flash_attention_tpu: queries and keys must have the same length")
     if H % G:
         raise ValueError(f"flash_attention_tpu: {H} heads are not a multiple of {G}")
+    heads = Heads(H, G, fused=False)
+    check_arrays("flash_attention_tpu", q_BSHK, k_BSGK, v_BSGK, alibi_slopes, segment_ids, heads)
     if not interpret and (block_q % 16 or block_k % _LANES):
         raise ValueError(
             "flash_attention_tpu: block_q must be a multiple of 16 and block_k of 128 on a TPU, "

@@ -298,6 +298,8 @@ def fused_norm(
         raise ValueError(f"fused_norm: {shapes} do not match x's last axis ({D})")
     if h is not None and h.shape != x.shape:
         raise ValueError(f"fused_norm: h {h.shape} does not match x {x.shape}")
+    if rms and bias is not None:  # llm-foundry's RMSNorm has none, and the model gives none
+        raise ValueError("fused_norm: bias with rms=True; RMSNorm has no bias")
     if _width(D) > MAX_WIDTH:
         raise ValueError(f"fused_norm: x's last axis {D} is wider than {MAX_WIDTH}")
     if rows_fwd < 1 or rows_bwd < 1:
