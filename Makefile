@@ -1,6 +1,7 @@
 # `make quickstart` and `make test` set everything up on a fresh machine in a virtualenv in .venv.
-# The tests need torch: its CPU build is installed first (an unpinned torch would pull a
-# multi-GB CUDA build), then mpt_jax with its test extra.
+# The tests need torch: 2.13.0 is installed first, a CPU build from this machine kind's local
+# wheel store (an unpinned torch would pull a multi-GB CUDA build; elsewhere set
+# PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu), then mpt_jax with its test extra.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

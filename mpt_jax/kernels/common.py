@@ -54,14 +54,14 @@ def check_arrays(
         for label, x in (("k", k_BSGK), ("v", v_BSGK)):
             if x.shape != want:
                 raise ValueError(f"{name}: {label} has shape {x.shape}, q needs {want}")
-    if alibi_slopes is not None and tuple(alibi_slopes.shape) != (heads.H,):
+    if alibi_slopes is not None and jnp.shape(alibi_slopes) != (heads.H,):
         raise ValueError(
-            f"{name}: alibi_slopes has shape {tuple(alibi_slopes.shape)}, not one per query "
+            f"{name}: alibi_slopes has shape {jnp.shape(alibi_slopes)}, not one per query "
             f"head ({heads.H},)"
         )
-    if segment_ids is not None and tuple(segment_ids.shape) != (B, S):
+    if segment_ids is not None and jnp.shape(segment_ids) != (B, S):
         raise ValueError(
-            f"{name}: segment_ids has shape {tuple(segment_ids.shape)}, not (batch, length) "
+            f"{name}: segment_ids has shape {jnp.shape(segment_ids)}, not (batch, length) "
             f"{(B, S)}"
         )
 
