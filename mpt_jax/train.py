@@ -693,9 +693,10 @@ def _truncate_metrics(
     The first `lines` lines (as many as the file held when the checkpoint was saved) stay
     whole: after a rollback they hold steps past `last_step` that the resumed run does not
     repeat, and its record. Of the lines after them (all of them for a checkpoint without the
-    count), those after `last_step` go, as does its evaluation when the resumed run `evaluates`
-    there again (at an evaluation step, whose result a stop may have cut off, or at the end),
-    and a line cut short by a crash.
+    count), those after `last_step` go (but for the record of a save of `last_step` or earlier
+    that finished later), as does its evaluation when the resumed run `evaluates` there again
+    (at an evaluation step, whose result a stop may have cut off, or at the end), and a line cut
+    short by a crash.
     """
     path = run_dir / "metrics.jsonl"
     if not path.exists():
@@ -709,7 +710,13 @@ def _truncate_metrics(
         except json.JSONDecodeError:
             continue  # a line cut short by a crash or a full disk, or an empty one
         step = record.get("step", 0) if isinstance(record, dict) else last_step + 1
-        if step < last_step or (step == last_step and not (evaluates and "val_loss" in record)):
+        # a save that finished later is still the record of a checkpoint the run goes on from
+        saved = isinstance(record, dict) and record.get("checkpoint_step", step) <= last_step
+        if (
+            step < last_step
+            or (step == last_step and not (evaluates and "val_loss" in record))
+            or saved
+        ):
             kept.append(line if line.endswith("\n") else line + "\n")
     write_atomic(path, "".join(kept))
 
@@ -736,9 +743,12 @@ def _check_checkpoint_meta(
         )
 
 
-def _schedule_change(cfg: RunConfig, saved_raw: dict[str, Any], step: int) -> str | None:
+def _schedule_change(
+    cfg: RunConfig, saved_raw: dict[str, Any], updates: int, step: int
+) -> str | None:
     """A warning where a changed train.steps or train.tokens moves the learning rate of the
-    update after `step`: schedules given in dur stretch with the run (a cosine restarts high)."""
+    update after `updates` applied, at step `step` + 1: schedules given in dur stretch with the
+    run (a cosine restarts high)."""
     try:
         saved = run_config_from_dict(with_defaults(saved_raw))
     except ConfigError:  # a checkpoint from an older layout: its check says what differs
@@ -746,7 +756,8 @@ def _schedule_change(cfg: RunConfig, saved_raw: dict[str, Any], step: int) -> st
     if saved.total_steps == cfg.total_steps:
         return None
     rates = [
-        float(c.optim.lr * lr_multiplier(c.schedule, **_durations(c))(step)) for c in (saved, cfg)
+        float(c.optim.lr * lr_multiplier(c.schedule, **_durations(c))(updates))
+        for c in (saved, cfg)
     ]
     if rates[0] == rates[1]:
         return None
@@ -1303,7 +1314,9 @@ class _Trainer:
                 file=sys.stderr,
                 flush=True,
             )
-            stretched = _schedule_change(self.cfg, restored.meta["config"], restored.step)
+            # the schedule runs on the updates applied: skipped (non-finite) steps are none
+            updates = int(update_count(restored.opt_state))
+            stretched = _schedule_change(self.cfg, restored.meta["config"], updates, restored.step)
             if stretched:
                 print(stretched, file=sys.stderr, flush=True)
         return restored.step

@@ -1162,7 +1162,7 @@ def test_a_resume_that_stretches_the_schedule_says_how_the_learning_rate_moves(t
         )
 
     extended = config(tmp_path, train={"steps": 500}, schedule={"t_warmup": "10ba"})
-    said = _schedule_change(extended, raw(400), 400)
+    said = _schedule_change(extended, raw(400), 400, 400)
     # the cosine of 400 steps has ended (lr x alpha_f 0); over 500 steps, step 401 (composer's
     # time 400) is well up: lr x (1 + cos(pi (400 - 10) / (500 - 10))) / 2
     now = 1e-3 * (1 + math.cos(math.pi * 390 / 490)) / 2
@@ -1171,7 +1171,26 @@ def test_a_resume_that_stretches_the_schedule_says_how_the_learning_rate_moves(t
         f"(cosine_with_warmup, t_max 1dur) with it: the learning rate of step 401 is {now:.3g}, "
         "where the saved run's was 0"
     )
-    assert _schedule_change(extended, raw(500), 400) is None  # the same length
+    assert _schedule_change(extended, raw(500), 400, 400) is None  # the same length
+    # two of the 400 steps skipped (non-finite): the schedule is 2 updates behind
+    behind = 1e-3 * (1 + math.cos(math.pi * 388 / 490)) / 2
+    assert f"the learning rate of step 401 is {behind:.3g}," in _schedule_change(
+        extended, raw(400), 398, 400
+    )
     constant = {"name": "constant_with_warmup", "t_warmup": "10ba"}
     stays = config(tmp_path, train={"steps": 500}, schedule=constant)
-    assert _schedule_change(stays, raw(400, name="constant_with_warmup"), 400) is None
+    assert _schedule_change(stays, raw(400, name="constant_with_warmup"), 400, 400) is None
+
+
+def test_a_resume_cuts_metrics_back_but_keeps_the_record_of_its_checkpoints_save(tmp_path):
+    from mpt_jax.train import _truncate_metrics
+
+    train = [{"step": s, "loss": 1.0 / s} for s in range(1, 7)]
+    saved_4 = {"step": 5, "checkpoint_step": 4, "checkpoint_save_s": 0.4}  # finished a step late
+    saved_6 = {"step": 6, "checkpoint_step": 6, "checkpoint_save_s": 0.4}
+    lines = [*train[:5], saved_4, train[5], saved_6]
+    text = "".join(json.dumps(x) + "\n" for x in lines) + '{"step": 7, "lo'  # cut by a kill
+    (tmp_path / "metrics.jsonl").write_text(text)
+    _truncate_metrics(tmp_path, 4, lines=4)  # checkpoint 4 was saved when the file had 4 lines
+    kept = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kept == [*train[:4], saved_4]

@@ -61,8 +61,7 @@ def check_arrays(
         )
     if segment_ids is not None and jnp.shape(segment_ids) != (B, S):
         raise ValueError(
-            f"{name}: segment_ids has shape {jnp.shape(segment_ids)}, not (batch, length) "
-            f"{(B, S)}"
+            f"{name}: segment_ids has shape {jnp.shape(segment_ids)}, not (batch, length) {(B, S)}"
         )
 
 
