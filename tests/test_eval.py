@@ -13,7 +13,7 @@ from mpt_numpy_reference import mpt_forward
 
 from mpt_jax import from_pretrained
 from mpt_jax.cli import main
-from mpt_jax.config import MeshConfig, ModelConfig
+from mpt_jax.config import ConfigError, MeshConfig, ModelConfig
 from mpt_jax.data import load_tokenizer, open_dataset
 from mpt_jax.data.loader import RowSource
 from mpt_jax.data.tokenizer import JsonTokenizer, train_bpe
@@ -879,6 +879,17 @@ def test_icl_subset_keeps_the_first_batches_with_the_whole_files_few_shot_draws(
     subset = prepare_tasks(tasks, tokenizer, 64, subset_num_batches=2, batch_size=5, row_multiple=2)
     assert [len(j.prompts) for j in whole] == [20, 20]
     assert [len(j.prompts) for j in subset] == [4, 12]
+    # the gauntlet weighs each benchmark by its dataset's size, as llm-foundry's num_samples,
+    # not by the subset scored (SAMPLE_SZ would weigh mc 4 against lm 12)
+    from mpt_jax.evaluation.icl import _summarize, benchmark_sizes
+
+    results = [_summarize([(j, [{"correct": True}] * len(j.prompts), 0.0)], False) for j in subset]
+    assert [r["samples"] for r in results] == [4, 12]
+    assert benchmark_sizes(results) == {"mc/2-shot": 20, "lm/0-shot": 20}
+    with pytest.raises(ConfigError, match=r"num_fewshot: 0 is given twice in \[0, 1, 0\]"):
+        TaskConfig(
+            label="lm", dataset_uri="x", num_fewshot=(0, 1, 0), icl_task_type="language_modeling"
+        )
     for part, full in zip(subset, whole, strict=True):
         assert part.prompts == full.prompts[: len(part.prompts)]  # the same few-shot draws
         seqs = full.sequences[: len(part.sequences)]

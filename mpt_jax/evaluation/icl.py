@@ -39,6 +39,9 @@ class IclJob:
     sequences: list[tuple[np.ndarray, int]] = dataclasses.field(default_factory=list)
     counts: list[int] = dataclasses.field(default_factory=list)  # sequences per prompt
     max_new: int = 0  # generation
+    # the (sub-)dataset's examples, subset or not: the gauntlet's weights (llm-foundry's
+    # num_samples, the dataset's length; its subset limit is the evaluator's)
+    dataset_size: int = 0
 
     @property
     def desc(self) -> str:
@@ -140,6 +143,7 @@ def _prepare(
     """The job of one few-shot count; `subset` (batches, rows each) keeps its first prompts."""
     task = builder.task
     prompts = builder.build(k)
+    dataset_size = len(prompts)
     if subset is not None:
         batches, rows = subset
         # scored sequences per prompt: one per choice (generation: one per prompt)
@@ -147,7 +151,7 @@ def _prepare(
         per_prompt = max(per_prompt, 1)
         prompts = prompts[: batches * max(1, rows // per_prompt)]
     if task.task_type != GENERATION:
-        job = IclJob(task, k, group, prompts, 0)
+        job = IclJob(task, k, group, prompts, 0, dataset_size=dataset_size)
         for prompt in prompts:
             seqs = tokenize(prompt, tokenizer, limit, task.path)
             job.sequences += [(s.tokens, s.start) for s in seqs]
@@ -161,7 +165,8 @@ def _prepare(
             f"the prompt in the model's {limit}-token context"
         )
     encoded = [tokenize_generation(p, tokenizer, limit - max_new, task.path) for p in prompts]
-    job = IclJob(task, k, group, prompts, sum(cut for _, cut in encoded), max_new=max_new)
+    truncated = sum(cut for _, cut in encoded)
+    job = IclJob(task, k, group, prompts, truncated, max_new=max_new, dataset_size=dataset_size)
     job.sequences = [(tokens, len(tokens)) for tokens, _ in encoded]
     return job
 
@@ -241,12 +246,18 @@ def _summarize(parts: list[tuple[IclJob, list[dict], float]], details: bool) -> 
         # with categories llm-foundry's gauntlet averages the per-category accuracies
         "accuracy": float(np.mean(list(accs.values()))),
         "samples": sum(len(rows) for _, rows, _ in parts),
+        "dataset_size": sum(job.dataset_size for job, _, _ in parts),
         "truncated": sum(job.truncated for job, _, _ in parts),
         "seconds": sum(seconds for _, _, seconds in parts),
     }
     if task.has_categories:
         out["categories"] = {
-            job.group: {"accuracy": accs[job.group], "samples": len(rows)} for job, rows, _ in parts
+            job.group: {
+                "accuracy": accs[job.group],
+                "samples": len(rows),
+                "dataset_size": job.dataset_size,
+            }
+            for job, rows, _ in parts
         }
     if details:
         out["details"] = {job.group: rows for job, rows, _ in parts}
@@ -259,14 +270,15 @@ def _summarize(parts: list[tuple[IclJob, list[dict], float]], details: bool) -> 
 
 
 def benchmark_sizes(results: Sequence[dict[str, Any]]) -> dict[str, int]:
-    """Example counts per evaluated (sub-)dataset label, as the gauntlet's weights want them."""
+    """Example counts per evaluated (sub-)dataset label, as the gauntlet's weights want them:
+    the whole dataset's, also where icl_subset_num_batches scored fewer (as llm-foundry's)."""
     sizes = {}
     for r in results:
         if "categories" in r:
             for name, c in r["categories"].items():
-                sizes[f"{r['key']}/{name}"] = c["samples"]
+                sizes[f"{r['key']}/{name}"] = c.get("dataset_size", c["samples"])
         else:
-            sizes[r["key"]] = r["samples"]
+            sizes[r["key"]] = r.get("dataset_size", r["samples"])
     return sizes
 
 

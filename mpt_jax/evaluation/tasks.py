@@ -65,6 +65,9 @@ class TaskConfig:
             raise ConfigError(
                 f"num_fewshot: expected a non-empty list of counts >= 0, got {self.num_fewshot}"
             )
+        twice = sorted({n for n in self.num_fewshot if self.num_fewshot.count(n) > 1})
+        if twice:  # one result per task and shot count: a second would merge into the first
+            raise ConfigError(f"num_fewshot: {twice[0]} is given twice in {list(self.num_fewshot)}")
         for name in ("batch_size", "max_seq_len"):
             value = getattr(self, name)
             if value is not None and value < 1:
