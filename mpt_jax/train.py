@@ -711,7 +711,9 @@ def _truncate_metrics(
             continue  # a line cut short by a crash or a full disk, or an empty one
         step = record.get("step", 0) if isinstance(record, dict) else last_step + 1
         # a save that finished later is still the record of a checkpoint the run goes on from
-        saved = isinstance(record, dict) and record.get("checkpoint_step", step) <= last_step
+        saved = (
+            isinstance(record, dict) and record.get("checkpoint_step", last_step + 1) <= last_step
+        )
         if (
             step < last_step
             or (step == last_step and not (evaluates and "val_loss" in record))
