@@ -1765,7 +1765,7 @@ class _Profiler:
     def __init__(self, window: tuple[int, int] | None, out_dir: Path, start_step: int):
         self.window, self.out_dir = window, out_dir
         self.active = self.done = False
-        if window is not None and window[0] <= start_step:
+        if window is not None and window[0] <= start_step < window[1]:
             begin = start_step + 1
             why = "the run resumed inside the window and " if start_step > window[0] else ""
             what = f"tracing steps [{begin}, {window[1]}) only" if begin < window[1] else "nothing"

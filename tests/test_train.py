@@ -1136,6 +1136,8 @@ def test_the_profile_window_holds_its_steps_alone_also_when_resumed_inside_it(
 
     _Profiler((0, 1), tmp_path / "p", 0)  # a fresh run's window of its compiling step alone
     assert "train.profile: nothing of [0, 1): step 0 compiles" in capfd.readouterr().err
+    _Profiler((2, 5), tmp_path / "p", 6)  # resumed past the window: nothing to say
+    assert "train.profile" not in capfd.readouterr().err
 
 
 def test_batches_the_mesh_cannot_split_evenly_are_refused_naming_the_split(tmp_path):
