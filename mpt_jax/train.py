@@ -709,16 +709,13 @@ def _truncate_metrics(
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a crash or a full disk, or an empty one
-        step = record.get("step", 0) if isinstance(record, dict) else last_step + 1
+        if not isinstance(record, dict):
+            continue
+        step = record.get("step", 0)
+        again = step > last_step or (step == last_step and evaluates and "val_loss" in record)
         # a save that finished later is still the record of a checkpoint the run goes on from
-        saved = (
-            isinstance(record, dict) and record.get("checkpoint_step", last_step + 1) <= last_step
-        )
-        if (
-            step < last_step
-            or (step == last_step and not (evaluates and "val_loss" in record))
-            or saved
-        ):
+        saved = record.get("checkpoint_step", last_step + 1) <= last_step
+        if saved or not again:
             kept.append(line if line.endswith("\n") else line + "\n")
     write_atomic(path, "".join(kept))
 
